@@ -1,0 +1,217 @@
+"""Pool entries: parse what a recipe writes, give each a stable label, a weight
+source and an ImageNet-overlap class.
+
+    resnet_18                                   built-in, torchvision ImageNet-1k weights
+    {model: resnet_18, pretrained: false}       built-in from scratch (label resnet_18-scratch)
+    vit_tiny.augreg_in21k                       built-in with one of its weight variants
+    timm/convnext_tiny.fb_in22k                 any timm model with its pretrained tag
+    {model: timm/vit_small_patch14_dinov2.lvd142m, resolution: 224}
+
+The source/overlap table follows the model specification: supervised
+ImageNet-1k overlaps fully, ImageNet-21k partially (superset labels), SSL/SWSL
+pretraining followed by an ImageNet-1k fine-tune is low, CLIP and DINOv2 none,
+and scratch none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from search.errors import SearchError, did_you_mean, one_of
+
+SOURCES = ("in1k", "in21k", "in21k_ft_in1k", "ssl", "swsl", "clip", "dinov2", "none")
+OVERLAPS = ("full", "partial", "low", "none")
+IMAGENET_SOURCES = ("in1k", "in21k", "in21k_ft_in1k")  # supervised on ImageNet labels
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """What a built-in architecture is: its default weights and input size."""
+
+    default_tag: str | None  # None: scratch only
+    tags: dict[str, str]  # weight tag -> source
+    resolution: int | None  # None: follows the data's resolution
+    resolutions: tuple[int, ...] | None  # accepted input sizes (None: any >= 8)
+    note: str = ""
+
+
+BUILTINS: dict[str, Builtin] = {
+    "mini_cnn": Builtin(None, {}, None, None, "3 conv blocks + global pooling, trained from scratch"),
+    "resnet_18": Builtin("tv_in1k", {"tv_in1k": "in1k"}, None, None,
+                         "3x3 stride-1 stem without max-pool at <= 32 px"),
+    "efficientnet_b0": Builtin("tv_in1k", {"tv_in1k": "in1k"}, 224, None),
+    "convnext_tiny": Builtin("tv_in1k", {"tv_in1k": "in1k"}, 224, None),
+    "vit_tiny": Builtin(
+        "augreg_in21k_ft_in1k",
+        {"augreg_in21k_ft_in1k": "in21k_ft_in1k", "augreg_in21k": "in21k"},
+        224, None,
+        "timm has no ImageNet-1k-only ViT-Tiny: the bare name is augreg_in21k_ft_in1k",
+    ),
+}
+
+# Overlap with ImageNet implied by each source.
+OVERLAP_OF = {
+    "in1k": "full",
+    "in21k": "partial",
+    "in21k_ft_in1k": "full",
+    "ssl": "low",
+    "swsl": "low",
+    "clip": "none",
+    "dinov2": "none",
+    "none": "none",
+}
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    label: str  # the categorical choice stored in the study
+    model: str  # as written, without the tag: 'resnet_18' or 'timm/convnext_tiny'
+    arch: str  # built-in name or timm architecture
+    tag: str | None  # weight tag (None: scratch)
+    builtin: bool
+    pretrained: bool
+    source: str  # one of SOURCES
+    overlap: str  # one of OVERLAPS
+    resolution: int | None  # input size override; None: the builder decides
+
+    @property
+    def timm_name(self) -> str:
+        """'arch.tag' for timm (vit_tiny maps to its timm architecture)."""
+        arch = "vit_tiny_patch16_224" if self.arch == "vit_tiny" else self.arch
+        return f"{arch}.{self.tag}" if self.tag else arch
+
+    def attrs(self) -> dict[str, Any]:
+        """What every trial records about its entry."""
+        return {
+            "pool_label": self.label,
+            "arch": self.arch,
+            "tag": self.tag or "",
+            "weight_source": self.source,
+            "imagenet_overlap": self.overlap,
+        }
+
+
+def classify_tag(arch: str, tag: str | None) -> tuple[str, str]:
+    """(weight source, ImageNet overlap) of a timm `arch.tag`.
+
+    Raises SearchError for tags whose pretraining data is not recognised, so a
+    trial is never mislabelled; such entries can state `source:` themselves.
+    """
+    if not tag:
+        return "none", "none"
+    t, a = tag.lower(), arch.lower()
+    if "dinov2" in a or "lvd142m" in t:
+        src = "dinov2"
+    elif "clip" in a or "siglip" in a or any(k in t for k in ("openai", "laion", "datacomp", "metaclip", "dfn", "webli")):
+        src = "clip"
+    elif "swsl" in t or "wsl" in t:
+        src = "swsl"
+    elif "ssl" in t or any(k in t for k in ("mae", "dino", "mim_", "beit", "ibot")):
+        src = "ssl"
+    elif any(k in t for k in ("in22k", "in21k", "in12k")):
+        src = "in21k_ft_in1k" if "in1k" in t else "in21k"  # pretrained on 21k, then tuned on 1k
+    elif "in1k" in t:
+        src = "in1k"
+    else:
+        raise SearchError(
+            f"cannot tell the weight source of '{arch}.{tag}'; write the entry as a mapping "
+            f"with source: one of {one_of(SOURCES)}"
+        )
+    overlap = OVERLAP_OF[src]
+    if src == "clip" and ("in1k" in t or "in12k" in t or "in22k" in t):
+        overlap = "low"  # contrastive pretraining, then an ImageNet fine-tune
+    return src, overlap
+
+
+def _split(model: str) -> tuple[str, str, str | None, bool]:
+    """'timm/convnext_tiny.fb_in22k' -> (model, arch, tag, is_builtin)."""
+    if model.startswith("timm/"):
+        name = model[len("timm/") :]
+        arch, _, tag = name.partition(".")
+        if not arch:
+            raise SearchError(f"'{model}': expected timm/<architecture>[.<tag>]")
+        return f"timm/{arch}", arch, tag or None, False
+    arch, _, tag = model.partition(".")
+    if arch not in BUILTINS:
+        raise SearchError(
+            f"unknown model '{model}'{did_you_mean(arch, BUILTINS)}; built-ins: {one_of(BUILTINS)}, "
+            "or any timm model as timm/<name>"
+        )
+    return arch, arch, tag or None, True
+
+
+def parse_entry(spec: Any) -> PoolEntry:
+    """A recipe's pool entry (string or mapping) -> PoolEntry."""
+    if hasattr(spec, "model_dump"):
+        spec = {k: v for k, v in spec.model_dump().items() if v is not None}
+    if isinstance(spec, str):
+        spec = {"model": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
+        raise SearchError(f"expected a model name or a mapping with 'model', got {spec!r}")
+    written = spec["model"].strip()
+    model, arch, tag, builtin = _split(written)
+    pretrained = spec.get("pretrained")
+    resolution = spec.get("resolution")
+    source = spec.get("source")
+
+    if builtin:
+        b = BUILTINS[arch]
+        if tag is not None and tag not in b.tags:
+            allowed = one_of(b.tags) or "none (scratch only)"
+            raise SearchError(f"'{written}': unknown weights '{tag}'{did_you_mean(tag, b.tags)}; allowed: {allowed}")
+        if pretrained is None:
+            pretrained = b.default_tag is not None
+        if pretrained and b.default_tag is None:
+            raise SearchError(f"'{arch}' has no pretrained weights; remove 'pretrained: true'")
+        tag = (tag or b.default_tag) if pretrained else None
+        source = source or (b.tags[tag] if tag else "none")
+    else:
+        if pretrained is None:
+            pretrained = tag is not None
+        if pretrained and tag is None:
+            raise SearchError(f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false")
+        if not pretrained:
+            tag = None
+        if source is None:
+            source = classify_tag(arch, tag)[0]
+    if source not in SOURCES:
+        raise SearchError(f"'{written}': source '{source}' is not one of {one_of(SOURCES)}")
+    if not pretrained and source != "none":
+        raise SearchError(f"'{written}': a model without pretrained weights has source 'none'")
+    overlap = OVERLAP_OF[source] if builtin or spec.get("source") else classify_tag(arch, tag)[1]
+
+    label = spec.get("label")
+    if label is None:
+        label = written
+        if builtin and not pretrained and BUILTINS[arch].default_tag is not None:
+            label = f"{arch}-scratch"
+        elif not builtin and not pretrained and "." not in written:
+            label = written
+        if resolution:
+            label += f"@{resolution}"
+    return PoolEntry(
+        label=label, model=model, arch=arch, tag=tag, builtin=builtin, pretrained=bool(pretrained),
+        source=source, overlap=overlap, resolution=resolution,
+    )
+
+
+def parse_pool(specs: Sequence[Any]) -> list[PoolEntry]:
+    """All entries with unique labels; errors name the entry's position (pool[i])."""
+    if not specs:
+        raise SearchError("pool: is empty; list at least one model, e.g. pool: [mini_cnn]")
+    entries, seen = [], {}
+    for i, spec in enumerate(specs):
+        try:
+            entry = parse_entry(spec)
+        except SearchError as e:
+            raise SearchError(f"pool[{i}]: {e}") from None
+        if entry.label in seen:
+            raise SearchError(
+                f"pool[{i}]: duplicate label '{entry.label}' (also pool[{seen[entry.label]}]); "
+                "give one of them a distinct 'label:'"
+            )
+        seen[entry.label] = i
+        entries.append(entry)
+    return entries

@@ -1,0 +1,340 @@
+"""Recipes: YAML -> a frozen, validated `Recipe`.
+
+Every section forbids unknown keys. Validation errors become one `SearchError`
+line naming the file, the key path, the bad value, the allowed values and a
+close match. `--set a.b=c` overrides are parsed as YAML scalars (numbers,
+bools, null, lists) and applied before validation, so they are checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search.errors import SearchError, did_you_mean, one_of
+
+# Monitor metrics and the direction each implies.
+METRICS = {
+    "accuracy": "maximize",
+    "balanced_accuracy": "maximize",
+    "f1": "maximize",
+    "auc": "maximize",
+    "loss": "minimize",
+}
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplerCfg(Section):
+    """Optuna sampler and its main options (unused options are ignored by samplers without them)."""
+
+    name: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
+    n_startup_trials: int = Field(10, ge=0)  # tpe, gp, cmaes: random trials before modelling
+    multivariate: bool = True  # tpe
+    group: bool = True  # tpe: separate models for conditional sub-spaces
+    constant_liar: bool = True  # tpe: spread parallel workers apart
+    qmc_type: Literal["sobol", "halton"] = "sobol"  # qmc
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class PrunerCfg(Section):
+    """Optuna pruner; epochs are the pruning steps."""
+
+    name: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
+    warmup_epochs: int = Field(1, ge=0)  # never prune before this many epochs were reported
+    min_trials: int = Field(3, ge=0)  # never prune until this many trials finished
+    percentile: float = Field(25.0, gt=0, lt=100)  # percentile pruner
+    reduction_factor: int = Field(3, ge=2)  # successive halving, hyperband
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class StudyCfg(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str | None = None  # default: sqlite:///studies/<name>.db
+    n_trials: int = Field(20, ge=1)  # the study's total, across all workers and runs
+    timeout: float | None = Field(None, gt=0)  # seconds per process
+    sampler: SamplerCfg = SamplerCfg()
+    pruner: PrunerCfg = PrunerCfg()
+    seed: int = 0
+    metric: Literal["accuracy", "balanced_accuracy", "f1", "auc", "loss"] = "accuracy"
+    direction: Literal["maximize", "minimize"] | None = None  # follows from metric
+    baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first
+    top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
+
+    @model_validator(mode="after")
+    def _direction(self) -> StudyCfg:
+        implied = METRICS[self.metric]
+        if self.direction is not None and self.direction != implied:
+            raise ValueError(
+                f"direction '{self.direction}' contradicts metric '{self.metric}', which is to "
+                f"{implied}; remove study.direction"
+            )
+        if self.direction is None:
+            object.__setattr__(self, "direction", implied)
+        return self
+
+
+class DataCfg(Section):
+    dataset: str = "digits"
+    root: str | None = None  # data cache; default $SEARCH_DATA or the user cache dir
+    resolution: int | None = Field(None, ge=8)  # size the data-following models see
+    val_split: float = Field(0.15, gt=0, lt=1)  # carved from train when there is no official val
+    test_split: float = Field(0.15, gt=0, lt=1)  # carved when there is no official test
+    max_samples: int | None = Field(None, ge=10)  # stratified subsample of train
+    flip: bool | None = None  # None: the dataset's default
+    crop: Literal["pad", "resized", "none"] | None = None
+    rotate: float | None = Field(None, ge=0, le=180)  # degrees
+    jitter: float | None = Field(None, ge=0, le=1)  # brightness/contrast strength
+
+
+class PoolEntryCfg(Section):
+    model: str
+    pretrained: bool | None = None  # None: the builder's default
+    resolution: int | None = Field(None, ge=8)
+    label: str | None = None
+    source: str | None = None  # weight source, for timm tags the classifier does not know
+
+
+PoolSpec = Annotated[str | PoolEntryCfg, Field(union_mode="left_to_right")]
+
+
+class ParamCfg(Section):
+    """One override: a range, a list of choices, or (outside this class) a fixed value / null."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamCfg:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} > high {self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log range needs low > 0, got {self.low}; raise low or set log: false")
+        return self
+
+
+Override = Annotated[ParamCfg | list[Any] | float | int | bool | str | None, Field(union_mode="left_to_right")]
+
+
+class SpaceCfg(Section):
+    preset: Literal["quick", "full"] = "quick"
+    overrides: dict[str, Override] = {}
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _lists_are_choices(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"choices": x} if isinstance(x, list) else x) for k, x in v.items()}
+        return v
+
+
+class TrainCfg(Section):
+    """Training defaults; sampled hyperparameters replace these per trial."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)  # per batch, not scaled with batch size
+    weight_decay: float = Field(5e-4, ge=0)  # not applied to norm and bias parameters
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = True  # sgd only
+    schedule: Literal["cosine", "step", "plateau", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(10, ge=1)  # step schedule: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # step / plateau decay factor
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a fraction of lr
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    mix_off_epochs: int = Field(0, ge=0)  # last epochs without mixup/cutmix
+    aug_scale: float = Field(1.0, ge=0, le=3)  # strength of the dataset's augmentations (1 = as set)
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0)
+    class_weights: bool = False  # inverse-frequency weighted loss
+    balanced_sampling: bool = False  # inverse-frequency weighted batch sampling
+    finetune: Literal["full", "linear_probe", "lp_ft"] = "full"
+    lp_epochs: int = Field(1, ge=0)  # lp_ft: epochs with the backbone frozen
+    backbone_lr_mult: float = Field(1.0, gt=0)
+    patience: int | None = Field(None, ge=1)  # early stopping on the monitor metric
+    channel_reduce: Literal["mean", "sum"] = "mean"  # 3 -> 1 channel stem weights
+    deterministic: bool = False
+
+
+class HardwareCfg(Section):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    amp: bool = True  # bf16 autocast on CUDA; always off on CPU
+    compile: bool = False  # torch.compile, once per architecture and input shape
+    workers: int = Field(1, ge=1)  # local worker processes for `run`
+    gpu_memory_share: float = Field(0.5, gt=0, le=1)  # keep data on GPU if it fits this share
+
+
+class Recipe(Section):
+    study: StudyCfg
+    data: DataCfg = DataCfg()
+    pool: list[PoolSpec] = Field(min_length=1)
+    space: SpaceCfg = SpaceCfg()
+    train: TrainCfg = TrainCfg()
+    hardware: HardwareCfg = HardwareCfg()
+
+    @model_validator(mode="after")
+    def _pool_and_space(self) -> Recipe:
+        from search.pool import parse_pool
+        from search.space import check_overrides
+
+        parse_pool(self.pool)
+        check_overrides(self)
+        return self
+
+    def normalized(self) -> dict[str, Any]:
+        """JSON-ready dict with every default filled in: what the study stores."""
+        return json.loads(self.model_dump_json())
+
+
+# ---------------------------------------------------------------------------
+# loading, overrides, error formatting
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 floats: `1e-3` is a number, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], typed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SearchError(f"--set '{text}': expected KEY.PATH=VALUE, e.g. --set train.epochs=5")
+    try:
+        value = parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SearchError(f"--set '{text}': value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SearchError(f"--set '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SearchError(f"recipe file not found: {path}")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SearchError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise SearchError(f"{path}: expected a mapping of sections (study, data, pool, ...)")
+    return recipe_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise SearchError(f"{source}: {format_error(e, raw)}") from None
+    except SearchError as e:
+        raise SearchError(f"{source}: {e}") from None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of loc (for listing allowed keys)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def format_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    """The first (most useful) pydantic error as one line."""
+    errors = err.errors()
+    # Union members produce one error each; prefer the one from the mapping form.
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(p for p in e["loc"] if p not in ("str", "PoolEntryCfg", "ParamCfg") and not str(p).startswith(("list[", "function-")))
+    where = _loc(loc) or "recipe"
+    bad = e.get("input")
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        allowed = sorted(model.model_fields) if model else []
+        hint = did_you_mean(loc[-1], allowed)
+        where = _loc(loc[:-1]) or "recipe"
+        return f"{where}: unknown key '{loc[-1]}'{hint}; allowed keys: {one_of(allowed)}"
+    if kind == "missing":
+        return f"{where}: required key is missing; add it to the recipe"
+    if kind == "literal_error":
+        expected = e["ctx"]["expected"].replace("'", "").replace(" or ", ", ").split(", ")
+        return f"{where}: '{bad}' is not allowed{did_you_mean(bad, expected)}; allowed: {one_of(expected)}"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
+    return f"{where}: {msg} (got {shown})"

@@ -1,0 +1,206 @@
+"""The search space: presets + recipe overrides -> `trial.suggest_*` calls.
+
+The pool is one categorical (`model`) over entry labels. Every other parameter
+names a `train` field; a parameter is sampled only when it takes effect
+(momentum only for SGD, the backbone multiplier only for pretrained entries
+that fine-tune their backbone, ...). Overrides in `space.overrides` replace a
+preset's range (`{low, high, log}`), give choices (a list), fix a value
+(a scalar) or remove the parameter (`null`: the `train` default is used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from search.errors import SearchError, did_you_mean, one_of
+from search.pool import PoolEntry, parse_pool
+from search.recipe import ParamCfg, TrainCfg
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.recipe import Recipe
+
+POOL_PARAM = "model"
+
+Cond = Callable[[dict[str, Any], PoolEntry], bool]
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: str  # 'float', 'int' or 'cat'
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    when: Cond | None = None  # sampled only when this holds
+
+    def describe(self) -> str:
+        if self.kind == "cat":
+            return "{" + ", ".join(map(str, self.choices or ())) + "}"
+        scale = " log" if self.log else ""
+        step = f" step {self.step:g}" if self.step else ""
+        return f"{self.kind} [{self.low:g}, {self.high:g}]{scale}{step}"
+
+
+def _sgd(p: dict[str, Any], e: PoolEntry) -> bool:
+    return p.get("optimizer", TrainCfg().optimizer) == "sgd"
+
+
+def _pretrained(p: dict[str, Any], e: PoolEntry) -> bool:
+    return e.pretrained
+
+
+def _tunes_backbone(p: dict[str, Any], e: PoolEntry) -> bool:
+    return e.pretrained and p.get("finetune", "full") != "linear_probe"
+
+
+def _lp_ft(p: dict[str, Any], e: PoolEntry) -> bool:
+    return e.pretrained and p.get("finetune") == "lp_ft"
+
+
+def _mixing(p: dict[str, Any], e: PoolEntry) -> bool:
+    return p.get("mixup_alpha", 0) > 0 or p.get("cutmix_alpha", 0) > 0
+
+
+def _step(p: dict[str, Any], e: PoolEntry) -> bool:
+    return p.get("schedule") == "step"
+
+
+# Every tunable parameter, in sampling order (conditions look at earlier ones).
+PARAMS: dict[str, Param] = {
+    "optimizer": Param("cat", choices=("sgd", "adamw")),
+    "lr": Param("float", 1e-4, 1e-1, log=True),
+    "weight_decay": Param("float", 1e-6, 1e-2, log=True),
+    "momentum": Param("float", 0.8, 0.99, when=_sgd),
+    "nesterov": Param("cat", choices=(True, False), when=_sgd),
+    "batch_size": Param("cat", choices=(64, 128, 256)),
+    "schedule": Param("cat", choices=("cosine", "step", "plateau", "constant")),
+    "step_size": Param("int", 2, 20, when=_step),
+    "warmup_epochs": Param("float", 0.0, 3.0),
+    "dropout": Param("float", 0.0, 0.5),
+    "label_smoothing": Param("float", 0.0, 0.2),
+    "mixup_alpha": Param("float", 0.0, 0.4),
+    "cutmix_alpha": Param("float", 0.0, 1.0),
+    "mix_prob": Param("float", 0.3, 1.0, when=_mixing),
+    "aug_scale": Param("float", 0.5, 1.5),
+    "grad_clip": Param("float", 0.5, 10.0, log=True),
+    "finetune": Param("cat", choices=("full", "linear_probe", "lp_ft"), when=_pretrained),
+    "lp_epochs": Param("int", 1, 5, when=_lp_ft),
+    "backbone_lr_mult": Param("float", 0.01, 1.0, log=True, when=_tunes_backbone),
+    "channel_reduce": Param("cat", choices=("mean", "sum")),
+    "focal_gamma": Param("float", 0.5, 3.0),
+}
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "quick": ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "dropout", "backbone_lr_mult"),
+    "full": ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "batch_size", "schedule", "warmup_epochs",
+             "dropout", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "aug_scale",
+             "finetune", "lp_epochs", "backbone_lr_mult"),
+}
+
+
+def _from_override(name: str, base: Param, o: ParamCfg) -> Param:
+    if o.choices is not None:
+        return Param("cat", choices=tuple(o.choices), when=base.when)
+    kind = base.kind if base.kind != "cat" else ("int" if float(o.low).is_integer() and float(o.high).is_integer() else "float")
+    if kind == "int" and not (float(o.low).is_integer() and float(o.high).is_integer()):
+        raise SearchError(f"space.overrides.{name}: an integer range needs whole numbers, got {o.low}..{o.high}")
+    cast = int if kind == "int" else float
+    return Param(kind, cast(o.low), cast(o.high), o.log, o.step, when=base.when)
+
+
+def resolve(recipe: Recipe) -> tuple[dict[str, Param], dict[str, Any]]:
+    """(sampled params in order, fixed values) after applying the overrides to the preset."""
+    names = list(PRESETS[recipe.space.preset])
+    sampled: dict[str, Param] = {n: PARAMS[n] for n in names}
+    fixed: dict[str, Any] = {}
+    for name, o in recipe.space.overrides.items():
+        if name not in PARAMS:
+            raise SearchError(
+                f"space.overrides: unknown parameter '{name}'{did_you_mean(name, PARAMS)}; tunable: {one_of(PARAMS)}"
+            )
+        sampled.pop(name, None)
+        if isinstance(o, ParamCfg):
+            sampled[name] = _from_override(name, PARAMS[name], o)
+        elif o is not None:
+            fixed[name] = o
+    order = list(PARAMS)
+    return dict(sorted(sampled.items(), key=lambda kv: order.index(kv[0]))), fixed
+
+
+def _check_value(recipe: Recipe, name: str, value: Any) -> None:
+    try:
+        TrainCfg.model_validate({**recipe.train.model_dump(), name: value})
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise SearchError(f"space.overrides.{name}: {value!r} is not a valid value: {msg}") from None
+
+
+def check_overrides(recipe: Recipe) -> None:
+    """Every override names a tunable parameter and only admits values `train` accepts."""
+    sampled, fixed = resolve(recipe)
+    for name, value in fixed.items():
+        _check_value(recipe, name, value)
+    for name, p in sampled.items():
+        for value in (p.choices or (p.low, p.high)):
+            _check_value(recipe, name, value)
+
+
+def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None = None) -> tuple[PoolEntry, TrainCfg]:
+    """Sample the pool entry and the hyperparameters that take effect for it."""
+    entries = entries or parse_pool(recipe.pool)
+    by_label = {e.label: e for e in entries}
+    label = trial.suggest_categorical(POOL_PARAM, list(by_label))
+    entry = by_label[label]
+    sampled, fixed = resolve(recipe)
+    values: dict[str, Any] = dict(fixed)
+    for name, p in sampled.items():
+        if p.when is not None and not p.when(values, entry):
+            continue
+        if p.kind == "cat":
+            values[name] = trial.suggest_categorical(name, list(p.choices or ()))
+        elif p.kind == "int":
+            values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            values[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    return entry, recipe.train.model_copy(update=values)
+
+
+def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
+    """The `train` defaults for one entry, as values of the sampled parameters (for enqueueing)."""
+    sampled, fixed = resolve(recipe)
+    defaults = recipe.train.model_dump()
+    values: dict[str, Any] = {POOL_PARAM: entry.label}
+    seen: dict[str, Any] = dict(fixed)
+    for name, p in sampled.items():
+        if p.when is not None and not p.when(seen, entry):
+            continue
+        v = defaults[name]
+        if p.kind == "cat":
+            v = v if v in (p.choices or ()) else (p.choices or (v,))[0]
+        elif v is None or not p.low <= v <= p.high:
+            v = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
+            v = int(round(v)) if p.kind == "int" else v
+        values[name] = seen[name] = v
+    return values
+
+
+def describe(recipe: Recipe) -> str:
+    """The resolved space, one line per parameter, for `validate`."""
+    sampled, fixed = resolve(recipe)
+    entries = parse_pool(recipe.pool)
+    lines = [f"  {POOL_PARAM:<18} {{{', '.join(e.label for e in entries)}}}"]
+    conds = {_sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
+             _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step"}
+    for name, p in sampled.items():
+        when = f"  ({conds.get(p.when, 'conditional')})" if p.when else ""
+        lines.append(f"  {name:<18} {p.describe()}{when}")
+    for name, v in fixed.items():
+        lines.append(f"  {name:<18} = {v!r} (fixed)")
+    return "\n".join(lines)

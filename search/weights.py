@@ -1,0 +1,163 @@
+"""Where pretrained weights come from, and what happens when they are missing.
+
+Weights go through the libraries' own caches so that a cache filled on one
+machine works on another:
+
+- torchvision: the weight enum's URL, cached as `$TORCH_HOME/hub/checkpoints/<file>`;
+- timm: the Hugging Face cache (`$HF_HUB_CACHE`, `models--timm--<name>/snapshots/...`),
+  or, for the few timm weights hosted elsewhere, the torch hub directory.
+
+`python -m search prefetch RECIPE` fills both on a connected machine. When a
+file is missing and the network is off (no route within a few seconds, or
+`HF_HUB_OFFLINE=1` / `SEARCH_OFFLINE=1`), loading fails with one line naming
+the model, the file, the cache and the prefetch command. Nothing ever falls
+back to random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from search.errors import SearchError
+from search.pool import PoolEntry
+
+# torchvision weight enums of the built-ins, by (arch, tag).
+TORCHVISION = {
+    ("resnet_18", "tv_in1k"): ("ResNet18_Weights", "IMAGENET1K_V1"),
+    ("efficientnet_b0", "tv_in1k"): ("EfficientNet_B0_Weights", "IMAGENET1K_V1"),
+    ("convnext_tiny", "tv_in1k"): ("ConvNeXt_Tiny_Weights", "IMAGENET1K_V1"),
+}
+HF_FILES = ("model.safetensors", "pytorch_model.bin")
+PROBE_SECONDS = 3.0
+
+
+def offline() -> bool:
+    truthy = ("1", "true", "yes", "on")
+    return any(os.environ.get(k, "").lower() in truthy for k in ("SEARCH_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def torch_checkpoints() -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def hf_cache() -> Path:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home) / "hub"
+
+
+def torchvision_weights(entry: PoolEntry) -> Any:
+    import torchvision.models as tvm
+
+    enum_name, member = TORCHVISION[(entry.arch, entry.tag)]
+    return getattr(getattr(tvm, enum_name), member)
+
+
+def timm_cfg(entry: PoolEntry) -> Any:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(entry.timm_name, allow_unregistered=False)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise SearchError(f"{entry.label}: timm lists no pretrained weights for '{entry.timm_name}'; "
+                          "pick a tag from `timm.list_pretrained()` or set pretrained: false")
+    return cfg
+
+
+def _location(entry: PoolEntry) -> tuple[str, str, Path, str]:
+    """(kind 'url'|'hf', URL or repo id, expected file, cache description) of an entry's weights."""
+    if (entry.arch, entry.tag) in TORCHVISION:
+        url = torchvision_weights(entry).url
+        return "url", url, torch_checkpoints() / Path(urlparse(url).path).name, "$TORCH_HOME/hub/checkpoints"
+    cfg = timm_cfg(entry)
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        folder = hf_cache() / f"models--{repo.replace('/', '--')}"
+        return "hf", repo, folder / "snapshots" / "<revision>" / HF_FILES[0], "$HF_HUB_CACHE"
+    return "url", cfg.url, torch_checkpoints() / Path(urlparse(cfg.url).path).name, "$TORCH_HOME/hub/checkpoints"
+
+
+def cached_file(entry: PoolEntry) -> Path | None:
+    """The weight file in its cache, or None."""
+    kind, where, path, _ = _location(entry)
+    if kind == "url":
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in HF_FILES:
+        found = try_to_load_from_cache(where, name, cache_dir=hf_cache())
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _network_up(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
+        return True
+    except OSError:
+        return False
+
+
+def weights_name(entry: PoolEntry) -> str:
+    return f"{entry.arch}.{entry.tag}" if (entry.arch, entry.tag) in TORCHVISION else entry.timm_name
+
+
+def missing_error(entry: PoolEntry, why: str) -> SearchError:
+    _, _, path, cache = _location(entry)
+    return SearchError(
+        f"{entry.label}: pretrained weights {weights_name(entry)} are not cached ({why}): "
+        f"expected {path} (cache {cache}); on a machine with internet run "
+        "`python -m search prefetch RECIPE` and copy the cache over, or set pretrained: false"
+    )
+
+
+def fetch(entry: PoolEntry) -> Path:
+    """Download an entry's weights into their cache (no-op when cached)."""
+    found = cached_file(entry)
+    if found:
+        return found
+    kind, where, path, _ = _location(entry)
+    host = "huggingface.co" if kind == "hf" else urlparse(where).hostname or ""
+    if offline():
+        raise missing_error(entry, "offline mode is on")
+    if not _network_up(host):
+        raise missing_error(entry, f"no network: {host} unreachable")
+    if kind == "hf":
+        from huggingface_hub import hf_hub_download
+
+        errors = []
+        for name in HF_FILES:
+            try:
+                return Path(hf_hub_download(where, name, cache_dir=hf_cache()))
+            except Exception as e:  # noqa: BLE001 - try the next file name, then report all
+                errors.append(f"{name}: {e}")
+        raise missing_error(entry, "download failed: " + "; ".join(errors))
+    from torch.hub import download_url_to_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    download_url_to_file(where, str(path), progress=True)  # writes a temp file, then renames
+    return path
+
+
+def source_state(entry: PoolEntry) -> dict[str, Any]:
+    """The pretrained state dict as published (3 channels, original head and size)."""
+    import torch
+
+    fetch(entry)
+    if (entry.arch, entry.tag) in TORCHVISION:
+        # The enum's own loader finds the cached file and never downloads it again.
+        return torchvision_weights(entry).get_state_dict(progress=False, check_hash=False)
+    import timm
+
+    path = cached_file(entry)
+    model = timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    with torch.no_grad():
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m search ARGS` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def tiny_recipe(name: str = "tiny", **over) -> dict:
+    """A digits study that runs in seconds on a CPU."""
+    r = {
+        "study": {"name": name, "n_trials": 3, "sampler": {"name": "random"}, "pruner": "none", "seed": 0},
+        "data": {"dataset": "digits", "max_samples": 300},
+        "pool": ["mini_cnn"],
+        "space": {"preset": "quick", "overrides": {"optimizer": "adamw", "lr": {"low": 0.002, "high": 0.005, "log": True},
+                                                  "batch_size": [32]}},
+        "train": {"epochs": 2},
+        "hardware": {"device": "cpu"},
+    }
+    for key, value in over.items():
+        r[key] = {**r.get(key, {}), **value} if isinstance(value, dict) else value
+    return r
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory) -> Path:
+    """A finished 3-trial study, run once through the CLI; returns its working directory."""
+    cwd = tmp_path_factory.mktemp("demo")
+    write_recipe(cwd / "tiny.yaml", tiny_recipe())
+    proc = run_cli("run", "tiny.yaml", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import io
+import json
+import sys
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+from optuna.trial import TrialState
+
+from search.study import open_storage
+from tests.conftest import run_cli
+
+ATTRS = {"pool_label", "params", "history", "epoch_seconds", "seed", "weight_source", "imagenet_overlap",
+         "input_resolution", "channel_reduce", "device"}
+
+
+def _study(cwd):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{cwd}/studies/tiny.db")
+
+
+def test_run_records_trials_with_attrs(demo_study):
+    study = _study(demo_study)
+    trials = study.get_trials()
+    assert len(trials) == 3
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    stored = study.user_attrs["recipe"]
+    assert stored["study"]["n_trials"] == 3 and stored["pool"] == ["mini_cnn"]
+    for t in trials:
+        assert ATTRS <= set(t.user_attrs), ATTRS - set(t.user_attrs)
+        assert t.user_attrs["pool_label"] == "mini_cnn"
+        assert len(t.user_attrs["history"]) == 2 == len(t.intermediate_values)
+        assert t.value == max(h["val_accuracy"] for h in t.user_attrs["history"])
+        assert 0.0 <= t.value <= 1.0
+    assert len({t.user_attrs["seed"] for t in trials}) == 3
+
+
+def test_second_run_keeps_total(demo_study):
+    proc = run_cli("run", "tiny.yaml", cwd=demo_study)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 of 3 trials to run" in proc.stdout
+    assert "mini_cnn" in proc.stdout  # the leaderboard
+    assert len(_study(demo_study).get_trials()) == 3
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{demo_study}/studies/tiny.db")) == 1
+
+
+def test_raising_the_total_continues_a_changed_recipe_is_refused(tmp_path):
+    from tests.conftest import tiny_recipe, write_recipe
+
+    write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"n_trials": 1}, train={"epochs": 1}))
+    assert run_cli("run", "r.yaml", cwd=tmp_path).returncode == 0
+    proc = run_cli("run", "r.yaml", "--set", "study.n_trials=2", "--set", "train.epochs=2", cwd=tmp_path)
+    assert proc.returncode == 2 and "different recipe" in proc.stderr and "train.epochs: 1 -> 2" in proc.stderr
+    proc = run_cli("run", "r.yaml", "--set", "study.n_trials=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/tiny.db")
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def _get(app, path):
+    env = {}
+    setup_testing_defaults(env)
+    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
+    status = []
+    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
+    return status[0], body
+
+
+def test_dashboard_serves_the_study(demo_study):
+    from optuna_dashboard import wsgi
+
+    app = wsgi(open_storage(f"sqlite:///{demo_study}/studies/tiny.db", heartbeat=None))
+    status, body = _get(app, "/api/studies")
+    assert status.startswith("200")
+    studies = json.loads(body)["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["tiny"]
+    status, body = _get(app, f"/api/studies/{studies[0]['study_id']}")
+    assert status.startswith("200")
+    detail = json.loads(body)
+    assert len(detail["trials"]) == 3
+    t0 = detail["trials"][0]
+    assert len(t0["intermediate_values"]) == 2
+    keys = {a["key"] for a in t0["user_attrs"]}
+    assert {"pool_label", "params", "history"} <= keys
