@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from search import morph, weights
-from search.errors import SearchError, did_you_mean
+from search.errors import SearchError
 from search.pool import BUILTINS, PoolEntry, parse_entry
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,6 @@ def _timm_arch(entry: PoolEntry) -> str:
     return entry.timm_name.split(".")[0]
 
 
-def check_timm_name(entry: PoolEntry) -> None:
-    import timm
-
-    arch = _timm_arch(entry)
-    if arch not in timm.list_models():
-        raise SearchError(f"'{entry.model}': timm has no model '{arch}'{did_you_mean(arch, timm.list_models())}")
-    if entry.tag and entry.timm_name not in timm.list_pretrained(f"{arch}.*"):
-        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
-        raise SearchError(
-            f"'{entry.model}.{entry.tag}': timm has no weights '{entry.tag}' for {arch}"
-            f"{did_you_mean(entry.tag, tags)}; available: {', '.join(tags) or 'none'}"
-        )
-
-
 def _timm_default_resolution(entry: PoolEntry) -> int:
     import timm
 
@@ -152,7 +138,6 @@ def input_resolution(entry: PoolEntry, data_resolution: int | None) -> int:
 def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...], Any]:
     import timm
 
-    check_timm_name(entry)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": p}
     try:  # models with fixed-size position embeddings take the input size
         m = timm.create_model(_timm_arch(entry), pretrained=False, img_size=res, **kwargs)

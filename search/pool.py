@@ -93,6 +93,21 @@ class PoolEntry:
         }
 
 
+def check_timm_name(entry: PoolEntry) -> None:
+    """The architecture and tag exist in timm's registry (else a close-match error)."""
+    import timm
+
+    arch = entry.timm_name.split(".")[0]
+    if arch not in timm.list_models():
+        raise SearchError(f"'{entry.model}': timm has no model '{arch}'{did_you_mean(arch, timm.list_models())}")
+    if entry.tag and entry.timm_name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise SearchError(
+            f"'{entry.model}.{entry.tag}': timm has no weights '{entry.tag}' for {arch}"
+            f"{did_you_mean(entry.tag, tags)}; available: {', '.join(tags) or 'none'}"
+        )
+
+
 def classify_tag(arch: str, tag: str | None) -> tuple[str, str]:
     """(weight source, ImageNet overlap) of a timm `arch.tag`.
 
@@ -102,7 +117,7 @@ def classify_tag(arch: str, tag: str | None) -> tuple[str, str]:
     if not tag:
         return "none", "none"
     t, a = tag.lower(), arch.lower()
-    if "dinov2" in a or "lvd142m" in t:
+    if "dinov2" in a or "lvd142m" in t or "dinov3" in t:  # DINO self-supervision on curated LVD data
         src = "dinov2"
     elif "clip" in a or "siglip" in a or any(k in t for k in ("openai", "laion", "datacomp", "metaclip", "dfn", "webli")):
         src = "clip"
@@ -174,6 +189,7 @@ def parse_entry(spec: Any) -> PoolEntry:
             raise SearchError(f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false")
         if not pretrained:
             tag = None
+        check_timm_name(PoolEntry(written, model, arch, tag, False, bool(pretrained), "none", "none", None))
         if source is None:
             source = classify_tag(arch, tag)[0]
     if source not in SOURCES:
