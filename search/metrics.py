@@ -20,16 +20,20 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tor
 
 
 def accuracy(cm: torch.Tensor) -> float:
-    return float(cm.diag().sum() / cm.sum().clamp(min=1))
+    """Fraction correct."""
+    return int(cm.diag().sum()) / max(1, int(cm.sum()))
 
 
 def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean recall over the classes present in the targets."""
+    cm = cm.double()  # float32 would round the ratios at the 8th digit
     support = cm.sum(1)
     present = support > 0
     return float((cm.diag()[present] / support[present]).mean())
 
 
 def macro_f1(cm: torch.Tensor) -> float:
+    """Mean F1 over the classes in the targets or the predictions (2 TP / (support + predicted))."""
     tp = cm.diag().double()
     support, predicted = cm.sum(1).double(), cm.sum(0).double()
     used = (support + predicted) > 0  # classes seen in targets or predictions
@@ -38,18 +42,10 @@ def macro_f1(cm: torch.Tensor) -> float:
 
 
 def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties get their average rank."""
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s))
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """Ranks 1..n of s; tied values share their average rank."""
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first occurrence
+    return (first + (counts + 1) / 2)[inverse]
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
