@@ -77,6 +77,7 @@ class StudyCfg(Section):
     direction: Literal["maximize", "minimize"] | None = None  # follows from metric
     baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first
     top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
+    origin: str | None = None  # study a `best` recipe was exported from; `retrain` records test metrics there
 
     @model_validator(mode="after")
     def _direction(self) -> StudyCfg:

@@ -1,22 +1,44 @@
-"""Results of a study: the leaderboard per pool entry (works while trials still run)."""
+"""Results of a study: leaderboard per pool entry, top-k trials, plots, the best recipe.
+
+Everything reads the trials as they are, so it works while trials still run.
+`write_report` puts `leaderboard.md`, `leaderboard.csv`, `trials.csv` and four
+PNG plots under `studies/<name>/report/`. matplotlib is imported only when
+plotting (Agg backend), so workers never pay for it.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 import statistics
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from search.errors import SearchError
 from search.recipe import Recipe
+
+POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
+STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+              TrialState.RUNNING: "running"}
+PLOTS = ("history.png", "per_entry.png", "curves.png", "importance.png")
+COLUMNS = ("entry", "best", "median", "complete", "pruned", "failed", "running", "sec_per_epoch", "params",
+           "source", "overlap")
+
+
+def _label(t: FrozenTrial) -> str | None:
+    return t.user_attrs.get("pool_label") or t.params.get(POOL_PARAM)
 
 
 def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
-    """One row per pool label, best entry first."""
+    """One row per pool label, best entry first: best/median value, state counts, s/epoch, params, source."""
     maximize = recipe.study.direction == "maximize"
     rows: dict[str, dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False):
-        label = t.user_attrs.get("pool_label") or t.params.get("model")
+        label = _label(t)
         if label is None:
             continue
         r = rows.setdefault(label, {
@@ -24,8 +46,7 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             "epoch_seconds": [], "params": None, "source": t.user_attrs.get("weight_source", ""),
             "overlap": t.user_attrs.get("imagenet_overlap", ""),
         })
-        key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-               TrialState.RUNNING: "running"}.get(t.state)
+        key = STATE_KEYS.get(t.state)
         if key:
             r[key] += 1
         if t.state == TrialState.COMPLETE and t.value is not None:
@@ -39,26 +60,316 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         r["best"] = (max(vals) if maximize else min(vals)) if vals else None
         r["median"] = statistics.median(vals) if vals else None
         r["sec_per_epoch"] = statistics.fmean(secs) if secs else None
-        out.append(r)
+        out.append({c: r[c] for c in COLUMNS})
     sign = -1 if maximize else 1
     out.sort(key=lambda r: (r["best"] is None, sign * (r["best"] or 0)))
     return out
+
+
+def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
+    """Complete trials, best first (ties: earlier trial first)."""
+    sign = -1 if recipe.study.direction == "maximize" else 1
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(done, key=lambda t: (sign * t.value, t.number))
+
+
+def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> list[dict[str, Any]]:
+    """The k best complete trials (k: the recipe's study.top_k, at least 1) with their hyperparameters."""
+    k = k if k is not None else max(1, recipe.study.top_k)
+    return [{"rank": i + 1, "trial": t.number, "value": t.value, "entry": _label(t),
+             "best_epoch": t.user_attrs.get("best_epoch"),
+             "hyperparameters": {n: v for n, v in t.params.items() if n != POOL_PARAM}}
+            for i, t in enumerate(complete_trials(study, recipe)[:k])]
 
 
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def leaderboard_text(study: optuna.Study, recipe: Recipe) -> str:
+def _hp_text(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format(v, '.4g') if isinstance(v, float) else v}" for k, v in hp.items())
+
+
+def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0) -> str:
+    """The leaderboard as a fixed-width table (and the `top` best trials when top > 0)."""
     rows = leaderboard(study, recipe)
     m = recipe.study.metric
     head = (f"{'pool entry':<28} {'best ' + m:>14} {'median':>8} {'done':>5} {'pruned':>6} {'failed':>6} "
             f"{'s/epoch':>8} {'params':>11}  {'source':<14} overlap")
-    lines = [f"study {study.study_name}: leaderboard (validation {m})", head, "-" * len(head)]
+    running = sum(r["running"] for r in rows)
+    note = f", {running} running" if running else ""
+    lines = [f"study {study.study_name}: leaderboard (validation {m}{note})", head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['entry']:<28} {_fmt(r['best'], '.4f'):>14} {_fmt(r['median'], '.4f'):>8} {r['complete']:>5} "
             f"{r['pruned']:>6} {r['failed']:>6} {_fmt(r['sec_per_epoch'], '.2f'):>8} {_fmt(r['params'], ','):>11}  "
             f"{r['source']:<14} {r['overlap']}"
         )
+    if top:
+        lines += ["", f"top {top} trials:"]
+        for r in top_trials(study, recipe, top):
+            lines.append(f"  #{r['rank']} trial {r['trial']:>3} {r['entry']:<24} {m} {r['value']:.4f} "
+                         f"(epoch {r['best_epoch']})  {_hp_text(r['hyperparameters'])}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# files
+
+
+def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(study: optuna.Study, recipe: Recipe) -> str:
+    m = recipe.study.metric
+    board = [[r["entry"], _fmt(r["best"], ".4f"), _fmt(r["median"], ".4f"), r["complete"], r["pruned"], r["failed"],
+              r["running"], _fmt(r["sec_per_epoch"], ".2f"), _fmt(r["params"], ","), r["source"], r["overlap"]]
+             for r in leaderboard(study, recipe)]
+    top = [[r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"], _hp_text(r["hyperparameters"])]
+           for r in top_trials(study, recipe)]
+    parts = [
+        f"# Study `{study.study_name}`",
+        f"Validation {m} ({recipe.study.direction}); {len(study.get_trials(deepcopy=False))} trials.",
+        "## Leaderboard per pool entry",
+        _md_table(["pool entry", f"best {m}", "median", "complete", "pruned", "failed", "running", "s/epoch",
+                   "params", "source", "ImageNet overlap"], board),
+        "## Top trials",
+        _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top),
+    ]
+    test = study.user_attrs.get("retrain")
+    if test:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in test["test_metrics"].items() if isinstance(v, float))
+        parts += ["## Test split (evaluated once, by `retrain`)",
+                  f"{test['pool_label']} trained on train+val for {test['epochs']} epochs: {metrics}."]
+    parts += ["## Plots", *[f"![{p[:-4]}]({p})" for p in PLOTS]]
+    return "\n\n".join(parts) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial as a flat row: number, state, value, entry, best epoch, reason, hyperparameters."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "entry": _label(t),
+                     "best_epoch": t.user_attrs.get("best_epoch"), "fail_reason": t.user_attrs.get("fail_reason"),
+                     **{n: v for n, v in t.params.items() if n != POOL_PARAM}})
+    return rows
+
+
+def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
+    """Markdown, CSVs and PNG plots under `directory`; returns the files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    md = directory / "leaderboard.md"
+    md.write_text(markdown(study, recipe))
+    board, trials = directory / "leaderboard.csv", directory / "trials.csv"
+    _write_csv(board, leaderboard(study, recipe) or [dict.fromkeys(COLUMNS)])
+    _write_csv(trials, trial_rows(study) or [{"trial": None}])
+    return [md, board, trials, *plot_all(study, recipe, directory)]
+
+
+# ---------------------------------------------------------------------------
+# plots
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    import matplotlib.pyplot as plt
+
+    cycle = plt.get_cmap("tab10").colors
+    return {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
+    """Each trial's value by trial number (pruned: its last reported value), best so far as a step line."""
+    m = recipe.study.metric
+    labels = [r["entry"] for r in leaderboard(study, recipe)]
+    colors = _colors(labels)
+    best, xs, ys = None, [], []
+    maximize = recipe.study.direction == "maximize"
+    shown = set()
+    for t in study.get_trials(deepcopy=False):
+        label = _label(t)
+        if t.state == TrialState.COMPLETE and t.value is not None:
+            ax.scatter(t.number, t.value, color=colors.get(label), label=None if label in shown else label, zorder=3)
+            shown.add(label)
+            best = t.value if best is None else (max if maximize else min)(best, t.value)
+        elif t.state == TrialState.PRUNED and t.intermediate_values:
+            last = t.intermediate_values[max(t.intermediate_values)]
+            ax.scatter(t.number, last, color=colors.get(label), marker="x", alpha=0.6, zorder=2)
+        if best is not None:
+            xs.append(t.number)
+            ys.append(best)
+    if not shown:
+        _empty(ax, "no complete trial yet")
+        return
+    ax.step(xs, ys, where="post", color="black", lw=1, label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel=f"val {m}", title="Optimization history (x: pruned, last value)")
+    ax.legend(fontsize=8)
+
+
+def plot_entries(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
+    """Box and jittered strip of complete values per pool entry."""
+    import numpy as np
+
+    rows = leaderboard(study, recipe)
+    values = {r["entry"]: [t.value for t in complete_trials(study, recipe) if _label(t) == r["entry"]] for r in rows}
+    values = {k: v for k, v in values.items() if v}
+    if not values:
+        _empty(ax, "no complete trial yet")
+        return
+    colors = _colors([r["entry"] for r in rows])
+    ax.boxplot(list(values.values()), positions=range(len(values)), widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, (label, v) in enumerate(values.items()):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, color=colors[label], alpha=0.8, zorder=3)
+    ax.set_xticks(range(len(values)), list(values), rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=f"val {recipe.study.metric}", title="Complete trials per pool entry")
+
+
+def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
+    """Per-epoch validation metric of every trial (dashed: pruned or still running)."""
+    m = recipe.study.metric
+    rows = leaderboard(study, recipe)
+    colors = _colors([r["entry"] for r in rows])
+    shown = set()
+    for t in study.get_trials(deepcopy=False):
+        hist = t.user_attrs.get("history") or []
+        pts = [(h["epoch"], h[f"val_{m}"]) for h in hist if f"val_{m}" in h]
+        if not pts:
+            continue
+        label = _label(t)
+        style = "-" if t.state == TrialState.COMPLETE else "--"
+        ax.plot(*zip(*pts, strict=True), style, color=colors.get(label), alpha=0.7, lw=1,
+                label=None if label in shown else label)
+        shown.add(label)
+    if not shown:
+        _empty(ax, "no epoch reported yet")
+        return
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="epoch", ylabel=f"val {m}", title="Validation curves (dashed: pruned or running)")
+    ax.legend(fontsize=8)
+
+
+def importances(study: optuna.Study) -> dict[str, float] | str:
+    """fANOVA parameter importances, or why they cannot be computed yet."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(done) < 2:
+        return f"parameter importances need at least 2 complete trials, found {len(done)}"
+    try:
+        return optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (RuntimeError, ValueError) as e:  # e.g. no parameter varies across the trials
+        return f"parameter importances unavailable: {e}"
+
+
+def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
+    imp = importances(study)
+    if isinstance(imp, str) or not imp:
+        _empty(ax, imp or "no sampled parameter")
+        return
+    names = list(imp)[::-1]
+    ax.barh(names, [imp[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (fANOVA, normalized)", title="Parameter importances")
+
+
+def plot_all(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for name, plot in zip(PLOTS, (plot_history, plot_entries, plot_curves, plot_importance), strict=True):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+        plot(study, recipe, ax)
+        fig.tight_layout()
+        fig.savefig(directory / name)
+        plt.close(fig)
+        out.append(directory / name)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# best recipe and progress
+
+
+def best_trial(study: optuna.Study, recipe: Recipe) -> FrozenTrial:
+    done = complete_trials(study, recipe)
+    if not done:
+        raise SearchError(f"study '{study.study_name}' has no complete trial yet; run or resume it first "
+                          f"(python -m search worker --storage URL --study {study.study_name})")
+    return done[0]
+
+
+def best_recipe(study: optuna.Study, recipe: Recipe) -> dict[str, Any]:
+    """A standalone recipe: the best trial's pool entry and hyperparameters fixed, nothing sampled.
+
+    Parameters that did not take effect in that trial are set to null (the
+    `train` default, as in the trial). `study.origin` names the study, so
+    `retrain` records its test metrics there.
+    """
+    from search import space
+    from search.artifacts import spec_of
+
+    t = best_trial(study, recipe)
+    d = recipe.normalized()
+    d["pool"] = [spec_of(recipe, _label(t))]
+    sampled, fixed = space.resolve(recipe)
+    removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
+    d["space"]["overrides"] = {**removed, **fixed, **{n: t.params.get(n) for n in sampled}}
+    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, origin=study.study_name)
+    return d
+
+
+def best_yaml(study: optuna.Study, recipe: Recipe) -> str:
+    """best_recipe as YAML with a header saying where it came from and what to do with it."""
+    import yaml
+
+    t = best_trial(study, recipe)
+    d = best_recipe(study, recipe)
+    head = (f"# Best trial {t.number} of study '{study.study_name}': {_label(t)}, "
+            f"val {recipe.study.metric} {t.value:.4f} (epoch {t.user_attrs.get('best_epoch')}).\n"
+            f"# Nothing is sampled. Train it once more: python -m search run FILE\n"
+            f"# Test it (train+val, one evaluation on the test split): python -m search retrain FILE\n")
+    return head + yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    filled = min(width, round(width * done / max(total, 1)))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, metric: str) -> str:
+    """One line when a trial ends: study progress bar, trial, entry, state, value, best so far, seconds."""
+    label = _label(trial)
+    if label is None:  # ended before sampling (e.g. the study total was already taken)
+        return ""
+    secs = sum(trial.user_attrs.get("epoch_seconds", []))
+    if trial.state == TrialState.COMPLETE:
+        what = f"val_{metric} {trial.value:.4f}"
+    elif trial.state == TrialState.PRUNED:
+        what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
+    else:
+        what = f"failed: {trial.user_attrs.get('fail_reason', 'error')}"
+    try:
+        b = study.best_trial
+        best = f"  best {b.value:.4f} (trial {b.number})"
+    except ValueError:
+        best = ""
+    return f"{bar(done, total)} {done}/{total}  trial {trial.number:>3} {label:<24} {what}{best}  {secs:.1f}s"

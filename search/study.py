@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search import space, weights
+from search import artifacts, report, space, weights
 from search.data import Data, load_data
 from search.errors import SearchError
 from search.models import build_model, input_resolution
@@ -286,10 +286,11 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
 
             result = fit(model, data, hp, device=dev, on_epoch=on_epoch, monitor=metric, seed=seed,
                          amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                         gpu_memory_share=recipe.hardware.gpu_memory_share)
+                         gpu_memory_share=recipe.hardware.gpu_memory_share, keep_best=recipe.study.top_k > 0)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
+        artifacts.after_fit(trial, recipe, model, hp, data, result)  # history; checkpoint while in the top-k
         trial.set_user_attr("status", result.status)
         trial.set_user_attr("peak_memory_mb", max((r["peak_memory_mb"] for r in result.history), default=0.0))
         if result.failed:
@@ -335,6 +336,9 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     before = len(study.get_trials(deepcopy=False))
 
     def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        line = report.trial_line(study, trial, finished(study), recipe.study.n_trials, recipe.study.metric)
+        if line:
+            say(line)
         if remaining(study, recipe.study.n_trials) == 0:
             study.stop()
 

@@ -1,0 +1,205 @@
+"""Trial artifacts: each trial's metrics history and the best-epoch checkpoints of the top-k.
+
+Files live in an Optuna `FileSystemArtifactStore` under `studies/<name>/artifacts/`
+(beside the study's SQLite or journal file), attached to their trials with
+`optuna.artifacts.upload_artifact`, so optuna-dashboard lists and serves them.
+Disk stays bounded: when a trial finishes, checkpoints of finished trials that
+are no longer among the study's top-k are deleted. Finished trials' attributes
+are read-only in Optuna, so a deleted checkpoint stays listed on its trial in
+the dashboard but no longer downloads; `live_checkpoint` tells them apart.
+
+A checkpoint is a `torch.save`d dict that `load_checkpoint` turns back into
+the `build_model` model it came from:
+`{"state_dict", "model": {spec, num_classes, in_chans, resolution, dropout,
+channel_reduce, mean, std}, "trial", "epoch", "metrics"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from search.data import Data
+    from search.recipe import Recipe, TrainCfg
+    from search.train import FitResult
+
+STUDIES = Path("studies")
+CHECKPOINT_SUFFIX = "-best.pt"
+HISTORY_SUFFIX = "-history.json"
+
+
+# ---------------------------------------------------------------------------
+# where a study's files live
+
+
+def storage_file(storage: Any) -> Path | None:
+    """The SQLite or journal file behind an Optuna storage (None for server storages)."""
+    backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache
+    url = getattr(backend, "url", None)
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
+    return Path(path) if path else None
+
+
+def url_file(url: str) -> Path | None:
+    """The SQLite or journal file of a storage URL (None for server storages)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :].removeprefix("//"))
+    return None
+
+
+def study_dir(name: str, file: Path | None) -> Path:
+    """`<dir of the study file>/<name>/`: `studies/<name>/` for the default storage.
+
+    Server storages (PostgreSQL, MySQL, Redis) keep files under ./studies/<name>/
+    of the machine that writes them.
+    """
+    return (file.parent if file else STUDIES) / name
+
+
+def dir_of(study: optuna.Study) -> Path:
+    return study_dir(study.study_name, storage_file(study._storage))
+
+
+def store_for(directory: Path) -> FileSystemArtifactStore:
+    """The artifact store of a study directory (created on first use)."""
+    (directory / "artifacts").mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(directory / "artifacts")
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+
+
+def spec_of(recipe: Recipe, label: str) -> str | dict[str, Any]:
+    """The pool entry with this label as the recipe writes it (for build_model and exported recipes)."""
+    from search.pool import parse_entry
+
+    for spec in recipe.normalized()["pool"]:
+        if parse_entry(spec).label == label:
+            return {k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
+    raise KeyError(label)
+
+
+def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> dict[str, Any]:
+    """What load_checkpoint needs to rebuild a `build_model` model (weights come from the checkpoint)."""
+    info = model.info
+    return {"spec": spec_of(recipe, info.label), "num_classes": data.num_classes, "in_chans": data.in_chans,
+            "resolution": info.resolution, "dropout": hp.dropout, "channel_reduce": info.channel_reduce,
+            "mean": list(info.mean), "std": list(info.std)}
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict[str, Any], **meta: Any) -> Path:
+    torch.save({"state_dict": state_dict, "model": model, **meta}, path)
+    return path
+
+
+def load_checkpoint(source: str | Path | bytes) -> tuple[nn.Module, dict[str, Any]]:
+    """(model with the checkpoint's weights, the checkpoint dict) from a file path or downloaded bytes."""
+    import io
+
+    from search.models import build_model
+
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    m = dict(ckpt["model"])
+    mean, std = tuple(m.pop("mean")), tuple(m.pop("std"))
+    # No pretrained download: every weight comes from the checkpoint.
+    model = build_model(m.pop("spec"), pretrained=False, **m)
+    model.load_state_dict(ckpt["state_dict"])
+    model.info = replace(model.info, mean=mean, std=std)
+    return model, ckpt
+
+
+# ---------------------------------------------------------------------------
+# the hook the objective calls after fit
+
+
+def _upload(trial: optuna.Trial, store: FileSystemArtifactStore, path: Path) -> str:
+    return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+
+
+def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = None) -> set[int]:
+    """Numbers of the k best complete trials (plus `extra`, a still-running (number, value))."""
+    scored = [(t.number, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.value is not None]
+    if extra is not None:
+        scored.append(extra)
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    scored.sort(key=lambda nv: (sign * nv[1], nv[0]))  # ties: the earlier trial stays
+    return {n for n, _ in scored[:k]}
+
+
+def checkpoint_meta(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """Artifact metadata of a trial's checkpoints (live or deleted)."""
+    metas = [json.loads(v) for key, v in trial.system_attrs.items() if key.startswith("artifacts:")]
+    return [m for m in metas if m and m["filename"].endswith(CHECKPOINT_SUFFIX)]
+
+
+def live_checkpoint(trial: optuna.trial.FrozenTrial, store: FileSystemArtifactStore) -> str | None:
+    """The artifact id of the trial's checkpoint if its file is still kept."""
+    for meta in checkpoint_meta(trial):
+        try:
+            store.open_reader(meta["artifact_id"]).close()
+        except ArtifactNotFound:
+            continue
+        return meta["artifact_id"]
+    return None
+
+
+def prune(study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tuple[int, float] | None = None) -> list[int]:
+    """Delete checkpoints of finished trials outside the top-k; returns their numbers.
+
+    Running trials are left alone: their own hook decides when they finish.
+    """
+    keep = top_numbers(study, k, extra)
+    removed = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in keep or t.state in (TrialState.RUNNING, TrialState.WAITING) or (extra and t.number == extra[0]):
+            continue
+        for meta in checkpoint_meta(t):
+            try:
+                store.remove(meta["artifact_id"])
+                removed.append(t.number)
+            except ArtifactNotFound:  # removed earlier, or by another worker
+                pass
+    return removed
+
+
+def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data,
+              result: FitResult) -> None:
+    """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k."""
+    directory = dir_of(trial.study)
+    store = store_for(directory)
+    metric = recipe.study.metric
+    with tempfile.TemporaryDirectory() as tmp:
+        hist = Path(tmp) / f"trial-{trial.number}{HISTORY_SUFFIX}"
+        hist.write_text(json.dumps({"trial": trial.number, "pool_label": model.info.label, "metric": metric,
+                                    "best_epoch": result.best_epoch, "history": result.history}, indent=1))
+        _upload(trial, store, hist)
+        k = recipe.study.top_k
+        if k == 0 or result.failed or result.best_state is None:
+            return
+        value = result.best[metric]
+        if trial.number not in top_numbers(trial.study, k, (trial.number, value)):
+            return
+        ckpt = save_checkpoint(Path(tmp) / f"trial-{trial.number}{CHECKPOINT_SUFFIX}", result.best_state,
+                               model_kwargs(recipe, model, hp, data),
+                               trial=trial.number, epoch=result.best_epoch, metrics=result.best)
+        trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
+    prune(trial.study, store, k, (trial.number, value))

@@ -1,0 +1,149 @@
+"""`retrain`: train a fixed configuration on train+val, evaluate once on the test split.
+
+The official test split is read in exactly one place, `evaluate_test`, after
+training has ended: nothing is selected on it. The recipe must fix everything
+(one pool entry, nothing sampled), as `python -m search best` writes it. The
+model trains for the full `train.epochs` (no early stopping: there is no
+held-out data left to stop on) and its final weights are the result. Test
+metrics (keys prefixed `test_`), a confusion-matrix PNG, the history and the
+final checkpoint go to `studies/<study>/retrain/` and onto the study
+(`user_attrs["retrain"]` plus study artifacts the dashboard serves).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from search import artifacts, metrics, space
+from search import data as datamod
+from search.data import Data, Split
+from search.errors import SearchError
+from search.models import build_model, input_resolution
+from search.pool import parse_pool
+from search.recipe import Recipe
+from search.train import fit, predict, resolve_device
+
+
+def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Study, str]:
+    """The study the results are recorded on (the exporting study, `study.origin`) and its storage URL."""
+    from search import study as st
+
+    name = recipe.study.origin or recipe.study.name
+    url = storage or recipe.study.storage or st.default_storage(name)
+    store = st.open_storage(url, heartbeat=None)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(store)}:
+        return optuna.load_study(study_name=name, storage=store), url
+    if recipe.study.origin:
+        raise SearchError(f"study.origin: no study '{name}' in {st.mask(url)} to record the test metrics on; "
+                          "pass --storage URL of that study, or remove study.origin to record on a new study")
+    return st.open_study(recipe, url), url
+
+
+def fixed_config(recipe: Recipe):
+    """(pool entry, train hyperparameters) of a recipe that searches nothing; SearchError otherwise."""
+    entries = parse_pool(recipe.pool)
+    sampled, fixed = space.resolve(recipe)
+    if len(entries) != 1 or sampled:
+        what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
+        raise SearchError(f"retrain needs a recipe that fixes everything, found {what}; export one with "
+                          "`python -m search best STUDY --out best.yaml`")
+    # No early stopping: with val merged into train there is nothing honest to stop on.
+    return entries[0], recipe.train.model_copy(update={**fixed, "patience": None})
+
+
+def merge_train_val(data: Data) -> Data:
+    """train+val as the training split; the test split is left out of the object entirely."""
+    train = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, data.val.y]))
+    none = Split(data.train.x[:0], data.train.y[:0])
+    return Data(data.name, train, data.val, none, data.classes, data.overlap, data.augment, data.resolution)
+
+
+def evaluate_test(model: torch.nn.Module, data: Data, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+    """The one evaluation on the official test split: (metrics, confusion matrix)."""
+    test = data.test  # the only read of the test split in the package
+    info = model.info
+    logits = predict(model, test.x, info.resolution, info.mean, info.std, device, None, False)
+    cm = metrics.confusion(logits.argmax(1), test.y, data.num_classes)
+    return metrics.evaluate(logits, test.y), cm
+
+
+def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5)), dpi=100)
+    im = ax.imshow(cm.numpy(), cmap="Blues")
+    if n <= 20:  # counts stay legible
+        vmax = int(cm.max())
+        for i in range(n):
+            for j in range(n):
+                v = int(cm[i, j])
+                ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v > vmax / 2 else "black")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train on train+val for train.epochs, test once, write and record the results; returns the record."""
+    entry, hp = fixed_config(recipe)
+    study, url = target_study(recipe, storage)
+    data = datamod.load_data(recipe.data, recipe.study.seed)
+    dev = resolve_device(recipe.hardware.device)
+    model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
+                        resolution=input_resolution(entry, data.resolution), dropout=hp.dropout,
+                        channel_reduce=hp.channel_reduce)
+    fit_data = merge_train_val(data)
+    say(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs")
+
+    def on_epoch(epoch: int, record: dict[str, float]) -> None:
+        say(f"retrain {entry.label:<24} epoch {epoch:>3}/{hp.epochs}  train_loss {record['train_loss']:.4f}  "
+            f"{record['seconds']:.1f}s")
+
+    result = fit(model, fit_data, hp, device=dev, on_epoch=on_epoch, monitor=recipe.study.metric,
+                 seed=recipe.study.seed, amp=recipe.hardware.amp, compile=recipe.hardware.compile,
+                 gpu_memory_share=recipe.hardware.gpu_memory_share)
+    if result.failed:
+        raise SearchError(f"retrain of {entry.label} failed: {result.reason}; lower train.lr or "
+                          "train.batch_size in the recipe and run it again")
+    values, cm = evaluate_test(model, data, dev)
+    test = {f"test_{k}": v for k, v in values.items()}
+
+    out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
+              "hyperparameters": space.resolve(recipe)[1], "seed": recipe.study.seed, "test_metrics": test,
+              "dir": str(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / "test_metrics.json").write_text(json.dumps(record, indent=1))
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']})"
+    plot_confusion(cm, data.classes, title, out / "confusion.png")
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    artifacts.save_checkpoint(out / "model.pt", state, artifacts.model_kwargs(recipe, model, hp, data),
+                              trial=None, epoch=len(result.history), metrics=test)
+
+    if study.user_attrs.get("retrain"):
+        say(f"note: study '{study.study_name}' already had a test evaluation "
+            f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one")
+    store = artifacts.store_for(out.parent)
+    for name in ("test_metrics.json", "confusion.png", "model.pt"):
+        optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(out / name), study_or_trial=study)
+    study.set_user_attr("retrain", record)
+    say("test (official split, evaluated once): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    say(f"wrote {out}/test_metrics.json, confusion.png, model.pt; recorded on study '{study.study_name}'")
+    return record
