@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,42 @@ def test_unknown_timm_name_suggests():
         build_model({"model": "timm/convnext_tiyn", "pretrained": False}, num_classes=2, in_chans=3)
     with pytest.raises(SearchError, match=r"timm has no weights 'fb_in23k' for convnext_tiny \(did you mean 'fb_in22k'\?\)"):
         build_model("timm/convnext_tiny.fb_in23k", num_classes=2, in_chans=3)
+
+
+def test_prefetch_downloads_into_the_real_caches(caches, monkeypatch, capsys):
+    """Only the network is mocked: the probe succeeds and the downloads write what the servers would."""
+    import socket
+
+    import huggingface_hub
+    import timm
+    import torch.hub
+
+    from search import cli
+    from tests.conftest import tiny_recipe, write_recipe
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda self: None})())
+    urls = []
+
+    def fake_url_download(url, dst, progress=True):
+        urls.append(url)
+        torch.save(tvm.resnet18().state_dict(), dst)
+
+    def fake_hf_download(repo_id, filename, cache_dir=None, **kw):
+        urls.append(f"hf:{repo_id}/{filename}")
+        hf_checkpoint(Path(cache_dir), repo_id, timm.create_model("vit_tiny_patch16_224"))
+        return str(Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40) / filename)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_url_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_download)
+    recipe = write_recipe(caches / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny", "mini_cnn"]))
+    assert cli.main(["prefetch", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                    "hf:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k/model.safetensors"]
+    assert f"resnet_18: {caches / 'torch' / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'}" in out
+    assert "mini_cnn: no pretrained weights" in out
+    # Now cached: a second prefetch downloads nothing, and building works offline.
+    assert cli.main(["prefetch", str(recipe)]) == 0 and len(urls) == 2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert build_model("vit_tiny", num_classes=3, in_chans=3).head.out_features == 3
