@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -45,27 +46,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     url = recipe.study.storage or st.default_storage(recipe.study.name)
     study = st.open_study(recipe, url, force=args.force)
-    return _work(recipe, study, url, args)
+    st.start_clock(study, recipe)
+    workers = recipe.hardware.workers if args.workers is None else args.workers
+    if workers == 0:
+        print(f"study {recipe.study.name} is ready in {st.mask(url)}; start workers with:\n  {st.resume_command(recipe, url)}")
+        return 0
+    return _work(recipe, study, url, args, workers)
+
+
+def _storage_arg(args: argparse.Namespace) -> str:
+    url = args.storage or os.environ.get("SEARCH_STORAGE")
+    if not url:
+        raise SearchError(f"{args.command}: no storage; give --storage URL or set SEARCH_STORAGE")
+    return url
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from search import study as st
 
-    recipe, study = st.load_stored(args.storage, args.study)
-    return _work(recipe, study, args.storage, args)
+    url = _storage_arg(args)
+    recipe, study = st.load_stored(url, args.study)
+    return _work(recipe, study, url, args)
 
 
-def _work(recipe, study, url: str, args: argparse.Namespace) -> int:
+def cmd_fail_stale(args: argparse.Namespace) -> int:
+    from search import study as st
+
+    url = _storage_arg(args)
+    _, study = st.load_stored(url, args.study)
+    failed = st.fail_stale(study, args.older_than)
+    print(f"failed {len(failed)} stale trial(s){': ' + ', '.join(map(str, failed)) if failed else ''}; "
+          "each is queued again for the next worker")
+    return 0
+
+
+def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -> int:
     from search import report
     from search import study as st
 
     try:
-        st.work(recipe, study, quiet=args.quiet)
+        if workers > 1:
+            if st.run_workers(recipe, url, workers, quiet=args.quiet):
+                return 1
+        else:
+            st.work(recipe, study, quiet=args.quiet)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'SIGINT'}): the running trial was marked FAIL 'interrupted'.\n"
               f"resume with: {st.resume_command(recipe, url)}", file=sys.stderr)
         return 130 if str(e) in ("", "SIGINT") else 143
-    if not args.quiet:
+    if not args.quiet and not getattr(args, "no_report", False):
         print(report.leaderboard_text(study, recipe))
         print(f"\nbrowse: optuna-dashboard {st.mask(url)}    (or: python -m search dashboard {recipe.study.name})")
     return 0
@@ -116,35 +145,69 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from search import report
+def _stored(args: argparse.Namespace):
+    from search import artifacts
     from search import study as st
 
     url = args.storage or st.default_storage(args.study)
     recipe, study = st.load_stored(url, args.study)
-    print(report.leaderboard_text(study, recipe))
+    return recipe, study, url, artifacts.study_dir(args.study, artifacts.url_file(url))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search import report
+
+    recipe, study, _, directory = _stored(args)
+    print(report.leaderboard_text(study, recipe, top=max(1, recipe.study.top_k)))
+    files = report.write_report(study, recipe, directory / "report")
+    print(f"\nwrote {directory / 'report'}/: {', '.join(f.name for f in files)}")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import report
+
+    recipe, study, _, _ = _stored(args)
+    Path(args.out).write_text(report.best_yaml(study, recipe))
+    t = report.best_trial(study, recipe)
+    print(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} {t.value:.4f}) "
+          f"-> {args.out}\nretrain and test it once: python -m search retrain {args.out}")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from search.retrain import retrain
+
+    retrain(_recipe(args), args.storage)
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from search import artifacts
     from search import study as st
 
-    url = args.storage or st.default_storage(args.study)
-    st.load_stored(url, args.study)  # the study exists
+    _, _, url, directory = _stored(args)
     from optuna_dashboard import run_server
 
-    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ (Ctrl-C to stop)")
-    run_server(st.open_storage(url, heartbeat=None), host=args.host, port=args.port)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from "
+          f"{directory / 'artifacts'} (Ctrl-C to stop)")
+    run_server(st.open_storage(url, heartbeat=None), host=args.host, port=args.port,
+               artifact_store=artifacts.store_for(directory))
     return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "worker": cmd_worker,
+    "fail-stale": cmd_fail_stale,
     "validate": cmd_validate,
     "models": cmd_models,
     "prefetch": cmd_prefetch,
     "report": cmd_report,
+    "best": cmd_best,
+    "retrain": cmd_retrain,
     "dashboard": cmd_dashboard,
 }
 
@@ -163,22 +226,36 @@ def parser() -> argparse.ArgumentParser:
     run = with_recipe("run", "run (or continue) the study of a recipe")
     run.add_argument("--force", action="store_true", help="continue a study even if its recipe changed")
     run.add_argument("-q", "--quiet", action="store_true")
+    run.add_argument("--workers", type=int, metavar="N", help="local worker processes (default hardware.workers; "
+                     "GPUs round-robin; 0: only create the study, start workers elsewhere)")
     with_recipe("validate", "check a recipe and print the resolved search space")
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     w = sub.add_parser("worker", help="join a study from this machine, using the recipe stored in it")
-    w.add_argument("--storage", required=True, help="storage URL of the study")
+    w.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
     w.add_argument("--study", required=True, help="study name")
     w.add_argument("-q", "--quiet", action="store_true")
+    w.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
+    fs = sub.add_parser("fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage")
+    fs.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
+    fs.add_argument("--study", required=True, help="study name")
+    fs.add_argument("--older-than", type=float, required=True, metavar="SECONDS",
+                    help="fail RUNNING trials with no heartbeat for this long")
     m = sub.add_parser("models", help="list built-in models, or classify a timm name")
     m.add_argument("name", nargs="?", help="e.g. timm/convnext_tiny.fb_in22k")
     m.add_argument("--json", action="store_true")
-    for name, help in (("report", "leaderboard of a study"), ("dashboard", "open optuna-dashboard on a study")):
+    for name, help in (("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
+                       ("best", "export the best trial as a recipe that searches nothing"),
+                       ("dashboard", "open optuna-dashboard on a study, with its artifacts")):
         sp = sub.add_parser(name, help=help)
         sp.add_argument("study", help="study name")
         sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
+        if name == "best":
+            sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
         if name == "dashboard":
             sp.add_argument("--host", default="127.0.0.1")
             sp.add_argument("--port", type=int, default=8080)
+    rt = with_recipe("retrain", "train a `best` recipe on train+val, evaluate once on the test split")
+    rt.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
     return p
 
 

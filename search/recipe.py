@@ -69,7 +69,8 @@ class StudyCfg(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str | None = None  # default: sqlite:///studies/<name>.db
     n_trials: int = Field(20, ge=1)  # the study's total, across all workers and runs
-    timeout: float | None = Field(None, gt=0)  # seconds per process
+    timeout: float | None = Field(None, gt=0)  # seconds, study-wide, from the start of the latest `run`
+    heartbeat: int = Field(60, ge=1)  # seconds between a running trial's signs of life; stale after 2x
     sampler: SamplerCfg = SamplerCfg()
     pruner: PrunerCfg = PrunerCfg()
     seed: int = 0

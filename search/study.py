@@ -6,20 +6,34 @@ total: a trial that starts when the total is already taken (by finished,
 running or waiting trials of lower number) ends at once as FAIL with reason
 "study total reached" and is not counted, so any number of workers, runs and
 resumes finish exactly `n_trials`.
+
+Dead workers: every running trial records a sign of life (Optuna's heartbeat on
+RDB storages, a `heartbeat_at` attr everywhere). A trial silent for twice the
+heartbeat is failed with reason "worker died (no heartbeat)" and queued again
+as a WAITING copy (same params and intermediate values); the copy holds the
+slot, so the dead trial does not count. Workers wait for the last running
+trials before they exit, so a retry is always picked up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import signal
+import subprocess
+import sys
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from search import artifacts, report, space, weights
@@ -35,8 +49,10 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STUDIES = Path("studies")
-NOT_COUNTED = ("interrupted", "study total reached")  # FAIL reasons that free their slot
 STALE_REASON = "worker died (no heartbeat)"
+NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reasons that free their slot
+HEARTBEAT_ATTR = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
+MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this
 
 
 class TrialFailed(Exception):
@@ -56,47 +72,109 @@ def default_storage(name: str) -> str:
 
 
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and the stored recipe."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+    """The URL with its password replaced by ***, for logs, messages and the stored recipe."""
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+
+
+def _scrub(text: str, url: str) -> str:
+    """Text (e.g. a driver's error) with the URL's password removed wherever it appears."""
+    m = re.search(r"://[^:/@]*:([^/]*)@", url)
+    return mask(text.replace(m.group(1), "***") if m and m.group(1) else text)
+
+
+def expand(url: str) -> str:
+    """${VAR} in a storage URL taken from the environment, so passwords stay out of recipes."""
+    out = os.path.expandvars(url)
+    missing = re.findall(r"\$\{?(\w+)", out)
+    if missing:
+        raise SearchError(f"study.storage: environment variable {missing[0]} in '{mask(url)}' is not set; "
+                          f"export {missing[0]}=... before starting the study or its workers")
+    return out
+
+
+# Plain schemes get the drivers this package installs (SQLAlchemy would pick psycopg2/MySQLdb).
+DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
+           "mariadb": "mysql+pymysql"}
+
+
+def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy's begin event issues BEGIN, not pysqlite
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # Every transaction takes the write lock up front: a deferred transaction that reads and then
+    # writes gets "database is locked" at once (no busy wait) when another process wrote meanwhile.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _rdb(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    scheme, rest = url.split("://", 1)
+    url = f"{DRIVERS.get(scheme, scheme)}://{rest}"
+    sqlite = scheme.startswith("sqlite")
+    if sqlite and rest.startswith("/") and rest != "/:memory:":
+        Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
+    engine: dict[str, Any] = ({"connect_args": {"timeout": 120}} if sqlite else  # busy timeout, seconds
+                              {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}})
+    kwargs: dict[str, Any] = {"engine_kwargs": engine}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)
+    storage = optuna.storages.RDBStorage(url, **kwargs)
+    if sqlite:
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_connect)
+        sqlalchemy.event.listen(storage.engine, "begin", _sqlite_begin)
+        storage.engine.dispose()  # connections opened while creating the schema predate the listeners
+    return storage
+
+
+def _journal_file(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    path = url[len("journal:") :].removeprefix("//")
+    if not path:
+        raise SearchError("study.storage: 'journal:' needs a file, e.g. journal:/shared/studies/NAME.log")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+def _redis(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    from optuna.storages.journal import JournalRedisBackend
+
+    # ?prefix=NAME keeps several users' (or tests') journals apart on one server.
+    base, _, query = url.partition("?")
+    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+    prefix = params.pop("prefix", "")
+    base += ("?" + "&".join(f"{k}={v}" for k, v in params.items())) if params else ""
+    import redis
+
+    redis.Redis.from_url(base, socket_connect_timeout=10).ping()  # fail now, clearly, not at the first write
+    return optuna.storages.JournalStorage(JournalRedisBackend(base, prefix=prefix))
+
+
+STORAGES: dict[str, Callable[[str, int | None], optuna.storages.BaseStorage]] = {
+    "sqlite": _rdb, "postgresql": _rdb, "postgres": _rdb, "mysql": _rdb, "mariadb": _rdb,
+    "journal": _journal_file, "redis": _redis, "rediss": _redis,
+}
 
 
 def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL; RDB storages beat and retry trials of dead workers."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    """An Optuna storage for a URL; RDB storages beat every `heartbeat` seconds and retry dead workers' trials."""
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+    if scheme not in STORAGES or (scheme != "journal" and "://" not in url):
+        raise SearchError(
+            f"study.storage: unsupported URL '{mask(url)}'; use sqlite:///PATH.db (one machine), "
+            "postgresql+psycopg://USER:PASS@HOST/DB or mysql+pymysql://... (many machines), "
+            "journal:PATH.log (shared filesystem) or redis://HOST:PORT"
+        )
+    full = expand(url)
     try:
-        if url.startswith(("sqlite:", "postgresql", "mysql")):
-            kwargs: dict[str, Any] = {}
-            if url.startswith("sqlite:"):
-                kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-            else:
-                kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-            if heartbeat:
-                kwargs.update(
-                    heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=3, inherit_intermediate_values=True),
-                )
-            return optuna.storages.RDBStorage(url, **kwargs)
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-
-            path = url[len("journal:") :].removeprefix("//")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
-        if url.startswith("redis://"):
-            from optuna.storages.journal import JournalRedisBackend
-
-            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        return STORAGES[scheme](full, heartbeat)
     except SearchError:
         raise
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SearchError(f"study.storage: cannot open {mask(url)}: {first}") from None
-    raise SearchError(
-        f"study.storage: unsupported URL '{mask(url)}'; use sqlite:///PATH.db, postgresql+psycopg://..., "
-        "mysql+pymysql://..., journal:PATH.log or redis://HOST:PORT"
-    )
+        text = " ".join(str(e).split()) or type(e).__name__
+        text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
+        raise SearchError(f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
+                          "check the URL, that the server runs, and that the database exists") from None
 
 
 def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
@@ -144,7 +222,7 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials"):
+    for key in ("storage", "timeout", "n_trials", "heartbeat"):
         d["study"].pop(key, None)
     d.pop("hardware", None)
     return d
@@ -164,7 +242,7 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str
 def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = False) -> optuna.Study:
     """Create the study (schema, recipe) or load it; a changed recipe is refused unless forced."""
     url = storage_url or recipe.study.storage or default_storage(recipe.study.name)
-    storage = open_storage(url)
+    storage = open_storage(url, recipe.study.heartbeat)
     study = optuna.create_study(
         study_name=recipe.study.name, storage=storage, load_if_exists=True,
         direction=recipe.study.direction, sampler=make_sampler(recipe), pruner=make_pruner(recipe),
@@ -185,7 +263,7 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
 
 def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     """The recipe stored in an existing study (for workers and resumes)."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat=None)
     try:
         summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
     except StopIteration:
@@ -195,28 +273,139 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     if stored is None:
         raise SearchError(f"study '{name}' has no stored recipe: it was not created by `search run`")
     recipe = recipe_from_dict(stored, source=f"recipe stored in study '{name}'")
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.engine.dispose()
+        storage = open_storage(storage_url, recipe.study.heartbeat)  # now with the study's heartbeat
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(recipe), pruner=make_pruner(recipe))
     return recipe, study
+
+
+# ---------------------------------------------------------------------------
+# dead workers: stale trials are failed with a reason and queued again
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a WAITING copy of a dead worker's trial: same params, its intermediate values kept.
+
+    The storage calls this for each trial it fails as stale (RDB heartbeats); `fail_stale` calls
+    it for journal storages. The copy records the original in the system attrs Optuna's
+    RetryHeartbeatStaleTrialCallback uses (`failed_trial`, `retry_history`), so its helpers work.
+    """
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRIES:
+        return
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", HEARTBEAT_ATTR)}
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={**user_attrs, "retry_of": trial.number},
+        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history},
+        intermediate_values=trial.intermediate_values,
+    ))
+
+
+def _beats(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the storage keeps Optuna's heartbeat (RDB storages opened with one)."""
+    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
+
+
+def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
+    """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
+    has one, else by our `heartbeat_at` attr (stale after 2x the heartbeat)."""
+    return fail_stale(study, None if _beats(study._storage) else 2 * heartbeat)
+
+
+def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
+    """Ids of RUNNING trials without a sign of life for `older_than` s (our heartbeat attr), or,
+    with None, those the RDB storage's heartbeat table calls stale."""
+    storage = study._storage
+    if older_than is None:
+        if not _beats(storage):
+            return []
+        return storage._get_stale_trial_ids(study._study_id)  # type: ignore[attr-defined]
+    now = time.time()
+    return [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if now - max(t.user_attrs.get(HEARTBEAT_ATTR, 0.0), t.datetime_start.timestamp()) > older_than]
+
+
+def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:
+    """Fail RUNNING trials whose worker stopped beating (for `older_than` s; None: as the RDB
+    storage's heartbeat says) with reason STALE_REASON, and queue their retries.
+
+    Returns the numbers of the trials this call failed.
+    """
+    storage = study._storage
+    failed = []
+    for trial_id in _stale_ids(study, older_than):
+        # A finished trial takes no attrs, so the reason goes on while it is still RUNNING.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        trial = storage.get_trial(trial_id)
+        retry(study, trial)
+        failed.append(trial.number)
+    if _beats(storage):
+        optuna.storages.fail_stale_trials(study)  # any that turned stale since (retried by the storage)
+    return failed
+
+
+@contextlib.contextmanager
+def beating(trial: optuna.Trial, interval: float) -> Iterator[None]:
+    """Record a sign of life on the trial every `interval` s (user attr `heartbeat_at`, epoch seconds).
+
+    Journal storages have no heartbeat of their own; on RDB storages this one lets `fail-stale`
+    judge any storage the same way.
+    """
+    stop = threading.Event()
+    storage, trial_id = trial.study._storage, trial._trial_id
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception as e:  # noqa: BLE001 - a missed beat is not worth killing the trial
+                log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------
 # counting towards the total
 
 
-def counts(t: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial takes one of the study's n_trials slots."""
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
-        return True
-    return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None, STALE_REASON)
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials that take one of the study's n_trials slots.
+
+    Finished, pruned, running and queued trials count; so do failures of the trial itself
+    (diverged, out of memory, invalid combination). A FAIL counts not when it says it frees its
+    slot (interrupted, total reached, worker died), has no reason (its process died before
+    writing one), or was retried: the retry holds the slot instead.
+    """
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return [t for t in trials if t.state in live or (
+        t.state == TrialState.FAIL and t.number not in retried
+        and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None))]
 
 
 def finished(study: optuna.Study) -> int:
-    done = (TrialState.COMPLETE, TrialState.PRUNED)
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in done or (t.state == TrialState.FAIL and counts(t)))
+    """Trials that ended and count towards the total."""
+    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished())
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
-    return max(0, n_trials - sum(1 for t in study.get_trials(deepcopy=False) if counts(t)))
+    return max(0, n_trials - len(counted(study.get_trials(deepcopy=False))))
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +440,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
     n_trials = recipe.study.n_trials
 
     def objective(trial: optuna.Trial) -> float:
-        earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number and counts(t)]
+        earlier = [t for t in counted(trial.study.get_trials(deepcopy=False)) if t.number < trial.number]
         if len(earlier) >= n_trials:
             trial.set_user_attr("fail_reason", "study total reached")
             trial.study.stop()
@@ -310,11 +499,26 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def start_clock(study: optuna.Study, recipe: Recipe) -> None:
+    """A `run` starts the study-wide timeout afresh (or clears it); workers share its deadline."""
+    study.set_user_attr("deadline", time.time() + recipe.study.timeout if recipe.study.timeout else None)
+
+
+def _deadline(study: optuna.Study, recipe: Recipe) -> float | None:
+    deadline = study.user_attrs.get("deadline")
+    if deadline is None and recipe.study.timeout:  # workers started without `run`: the first starts the clock
+        deadline = time.time() + recipe.study.timeout
+        study.set_user_attr("deadline", deadline)
+    return deadline if recipe.study.timeout else None
+
+
 def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
-    """Run trials in this process until the study's total (or the timeout) is reached.
+    """Run trials in this process until the study's total (or its deadline) is reached.
 
     Returns the number of trials this process ran. SIGTERM is turned into
-    KeyboardInterrupt, so the running trial ends as FAIL 'interrupted'.
+    KeyboardInterrupt, so the running trial ends as FAIL 'interrupted'. When the
+    total is taken but other workers' trials still run, this worker waits: if one
+    of them dies, its retry is run here, so the study still ends with n_trials.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     entries = parse_pool(recipe.pool)
@@ -327,13 +531,13 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         study.set_user_attr("baselines_enqueued", True)
         for e in entries:
             study.enqueue_trial(space.baseline_params(recipe, e), skip_if_exists=True)
-    left = remaining(study, recipe.study.n_trials)
+    hb = recipe.study.heartbeat
+    sweep(study, hb)
+    n_total = recipe.study.n_trials
     say = (lambda s: None) if quiet else print
-    say(f"{data.summary()}; {left} of {recipe.study.n_trials} trials to run")
-    if left == 0:
-        return 0
+    say(f"{data.summary()}; {remaining(study, n_total)} of {n_total} trials to run")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    before = len(study.get_trials(deepcopy=False))
+    deadline = _deadline(study, recipe)
 
     def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         line = report.trial_line(study, trial, finished(study), recipe.study.n_trials, recipe.study.metric)
@@ -342,12 +546,86 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         if remaining(study, recipe.study.n_trials) == 0:
             study.stop()
 
-    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say)
-    study.optimize(objective, timeout=recipe.study.timeout, callbacks=[stop_at_total],
-                   catch=(TrialFailed, TotalReached), gc_after_trial=True)
-    return len(study.get_trials(deepcopy=False)) - before
+    inner = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say)
+
+    def objective(trial: optuna.Trial) -> float:
+        with beating(trial, hb):
+            return inner(trial)
+
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        sweep(study, hb)
+        trials = study.get_trials(deepcopy=False)
+        if len(counted(trials)) < n_total or any(t.state == TrialState.WAITING for t in trials):
+            study.optimize(objective, n_trials=1, callbacks=[stop_at_total],
+                           catch=(TrialFailed, TotalReached), gc_after_trial=True)
+            ran += 1
+            continue
+        if not any(t.state == TrialState.RUNNING for t in trials):
+            break
+        time.sleep(min(hb, 5))  # another worker's trial is running: it may die and need a retry
+    if deadline is not None and time.time() >= deadline:
+        say(f"study timeout of {recipe.study.timeout:g} s reached")
+    return ran
 
 
 def resume_command(recipe: Recipe, storage_url: str) -> str:
-    return f"python -m search worker --storage '{mask(storage_url)}' --study {recipe.study.name}"
+    """The command that continues the study (the stored recipe, the same storage)."""
+    cmd = f"python -m search worker --storage '{mask(storage_url)}' --study {recipe.study.name}"
+    if mask(storage_url) != storage_url:
+        cmd += "   (password masked: write it in, or put it in an environment variable: ${PGPASSWORD}-style ${VAR})"
+    return cmd
 
+
+def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each local worker: GPUs round-robin (several workers may share one)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
+    return [ids[i % len(ids)] if ids else None for i in range(n_workers)]
+
+
+def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool = False) -> int:
+    """Start `n_workers` local `worker` processes on the study and wait for them.
+
+    The study (schema, stored recipe) exists before they start. The URL reaches them in the
+    environment (SEARCH_STORAGE), not on a command line others can read. SIGTERM is passed on
+    to every worker; the run then ends with KeyboardInterrupt. Returns 0, or 1 if a worker failed.
+    """
+    import torch
+
+    gpus = [None] * n_workers
+    if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = gpu_assignment(n_workers, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "search", "worker", "--study", recipe.study.name, "--no-report", *(["-q"] if quiet else [])]
+    procs = []
+    for gpu in gpus:
+        env = {**os.environ, "SEARCH_STORAGE": storage_url}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        procs.append(subprocess.Popen(cmd, env=env))
+    if not quiet:
+        where = ", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus)) if gpus[0] is not None else "CPU/auto"
+        print(f"started {n_workers} workers ({where}) on {mask(storage_url)}")
+    stopped: list[str] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too (same process group): let them finish
+        codes = [p.wait() for p in procs]
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if stopped:
+        raise KeyboardInterrupt(stopped[0])
+    bad = [f"worker {i} exited with {c}" for i, c in enumerate(codes) if c != 0]
+    if bad:
+        print(f"{'; '.join(bad)}; its trial is retried by the others or by: {resume_command(recipe, storage_url)}",
+              file=sys.stderr)
+        return 1
+    return 0
