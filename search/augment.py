@@ -1,11 +1,19 @@
 """Batched, on-device augmentation and input preparation.
 
-A training batch (uint8, on the training device) gets one random affine
-transform per sample -- crop offset (zero-padded crop) or scale/aspect/offset
-(random resized crop), horizontal flip, small rotation -- applied in a single
-`grid_sample` that also resamples to the model's input size. Then brightness and
-contrast jitter, normalisation with the weights' mean/std, and `channels_last`.
-No per-sample Python, no PIL.
+A training batch arrives as uint8 (B, C, H, W) on the training device and
+leaves as float (B, C, size, size), in three passes at most:
+
+1. geometry: a zero-padded random crop with optional flip is a pure uint8
+   gather (no float copy of the padded input, no interpolation); a random
+   resized crop and/or rotation is one `grid_sample` per batch that also
+   resamples to the model's input size;
+2. brightness/contrast jitter fused with the 1/255 scaling into one
+   multiply-add and a clamp;
+3. `normalize`: the weights' mean/std as one multiply-add that writes
+   `channels_last` directly.
+
+No per-sample Python, no PIL. `scripts/bench_pipeline.py` compares this with
+a per-sample PIL + torchvision.transforms.v2 + DataLoader pipeline.
 """
 
 from __future__ import annotations
@@ -16,74 +24,141 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+CROPS = ("pad", "resized", "none")
+
 
 @dataclass(frozen=True)
 class AugmentCfg:
-    crop: str = "pad"  # 'pad': shift by up to 1/8 of the size (zero fill); 'resized': scale 0.35-1; 'none'
-    flip: bool = True
+    """Which augmentations run and how strong; datasets give defaults, recipes override."""
+
+    crop: str = "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
+    flip: bool = True  # horizontal, p = 0.5
     rotate: float = 0.0  # max degrees either way
-    jitter: float = 0.0  # brightness/contrast strength (0.2 = +-20 %)
-    pad_fraction: float = 0.125
+    jitter: float = 0.0  # brightness and contrast factors in [1 - jitter, 1 + jitter]
+    pad_fraction: float = 0.125  # 4 px at 32 px
     min_scale: float = 0.35  # random resized crop: smallest area fraction
 
     def scaled(self, s: float) -> AugmentCfg:
-        """The same switches at strength `s` (1 = as configured)."""
+        """The same switches at strength `s` (1 = as configured, 0 = geometry only resamples)."""
         return AugmentCfg(
             self.crop, self.flip, self.rotate * s, min(self.jitter * s, 1.0),
             self.pad_fraction * s, 1 - (1 - self.min_scale) * min(s, 1 / (1 - self.min_scale)),
         )
 
 
-def _affine(n: int, cfg: AugmentCfg, in_size: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """(n, 2, 3) matrices mapping output to input coordinates (normalised to [-1, 1])."""
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=gen, device=device)
+def _rand(n: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device)
 
+
+def _flip_signs(n: int, cfg: AugmentCfg, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if not cfg.flip:
+        return torch.ones(n, device=device)
+    return torch.where(_rand(n, gen, device) < 0.5, -1.0, 1.0)
+
+
+def shift_flip(x: torch.Tensor, pad: int, cfg: AugmentCfg, gen: torch.Generator | None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> same shape: a random crop of the zero-padded image, optionally flipped.
+
+    Output pixel (i, j) is input pixel (i + dy, j + dx), zero outside the image,
+    with dy, dx uniform integers in [-pad, pad]; a flipped sample reads column
+    W - 1 - j of that window. One uint8 gather with clamped indices plus a
+    zero fill: padding the batch first (`F.pad`) costs more than both.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    dy = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev)
+    dx = torch.randint(-pad, pad + 1, (b,), generator=gen, device=dev)
+    rows = dy[:, None] + torch.arange(h, device=dev)
+    cols = dx[:, None] + torch.arange(w, device=dev)
+    if cfg.flip:
+        flipped = _rand(b, gen, dev) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    idx = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    out = x.reshape(b, c, h * w).gather(2, idx.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
+    if pad:
+        outside = ((rows < 0) | (rows >= h))[:, :, None] | ((cols < 0) | (cols >= w))[:, None, :]
+        out.masked_fill_(outside[:, None], 0)
+    return out
+
+
+def sampling_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (B, C, size, size), align_corners=False)` as one broadcast add.
+
+    affine_grid builds the grid with a batched matmul against a (size*size, 3)
+    base, which on a CPU costs about as much as the sampling itself.
+    """
+    base = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+    from_cols = base[None, :, None] * theta[:, None, :, 0]  # (B, size, 2): x-dependence
+    from_rows = base[None, :, None] * theta[:, None, :, 1] + theta[:, None, :, 2]  # (B, size, 2)
+    return from_cols[:, None, :, :] + from_rows[:, :, None, :]
+
+
+def affine(n: int, cfg: AugmentCfg, in_size: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(n, 2, 3) matrices mapping output to input coordinates (normalised to [-1, 1])."""
     sx = torch.ones(n, device=device)
     sy = torch.ones(n, device=device)
     tx = torch.zeros(n, device=device)
     ty = torch.zeros(n, device=device)
     if cfg.crop == "pad":
-        # Integer pixel shifts in [-pad, pad] like a zero-padded random crop.
-        pad = max(1, round(cfg.pad_fraction * in_size)) if cfg.pad_fraction > 0 else 0
+        # Integer pixel shifts in [-pad, pad], like a zero-padded random crop.
+        pad = pad_pixels(cfg, in_size)
         if pad:
             shift = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=device).float()
             tx, ty = shift * (2.0 / in_size)
     elif cfg.crop == "resized":
-        area = cfg.min_scale + (1 - cfg.min_scale) * rand(n)
-        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand(n)
+        # torchvision's RandomResizedCrop: area fraction and log-uniform aspect ratio 3/4..4/3.
+        area = cfg.min_scale + (1 - cfg.min_scale) * _rand(n, gen, device)
+        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * _rand(n, gen, device)
         ratio = torch.exp(log_r)
         sx = torch.sqrt(area * ratio).clamp(max=1.0)
         sy = torch.sqrt(area / ratio).clamp(max=1.0)
-        tx = (1 - sx) * (2 * rand(n) - 1)
-        ty = (1 - sy) * (2 * rand(n) - 1)
-    if cfg.flip:
-        sx = sx * torch.where(rand(n) < 0.5, -1.0, 1.0)
-    angle = (2 * rand(n) - 1) * math.radians(cfg.rotate) if cfg.rotate else torch.zeros(n, device=device)
+        tx = (1 - sx) * (2 * _rand(n, gen, device) - 1)
+        ty = (1 - sy) * (2 * _rand(n, gen, device) - 1)
+    sx = sx * _flip_signs(n, cfg, gen, device)
+    if cfg.rotate:
+        angle = (2 * _rand(n, gen, device) - 1) * math.radians(cfg.rotate)
+    else:
+        angle = torch.zeros(n, device=device)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
+    return torch.stack([
         torch.stack([sx * cos, -sy * sin, tx], dim=1),
         torch.stack([sx * sin, sy * cos, ty], dim=1),
     ], dim=1)
-    return theta
+
+
+def pad_pixels(cfg: AugmentCfg, in_size: int) -> int:
+    """Pixels of zero padding for the 'pad' crop at this input size (at least 1 when enabled)."""
+    return max(1, round(cfg.pad_fraction * in_size)) if cfg.pad_fraction > 0 else 0
 
 
 def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, size, size) in [0, 1], randomly augmented."""
-    xf = x.float().div_(255)
-    n = xf.shape[0]
-    if cfg.crop != "none" or cfg.flip or cfg.rotate:
-        theta = _affine(n, cfg, xf.shape[-1], gen, xf.device)
-        grid = F.affine_grid(theta, [n, xf.shape[1], size, size], align_corners=False)
-        xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    elif xf.shape[-1] != size:
+    """uint8 (B, C, H, W) -> float (B, C, size, size) in [0, 1], randomly augmented.
+
+    `gen` (a generator on x's device) makes the result reproducible; every call
+    draws new crops, flips, angles and jitter factors from it.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    if cfg.crop != "resized" and not cfg.rotate:
+        # Exact integer crop and flip on uint8; float only at the input size.
+        pad = pad_pixels(cfg, w) if cfg.crop == "pad" else 0
+        xf = (shift_flip(x, pad, cfg, gen) if pad or cfg.flip else x).float()
         xf = resize(xf, size)
+    else:
+        theta = affine(n, cfg, w, gen, dev)
+        xf = F.grid_sample(x.float(), sampling_grid(theta, size), mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    # xf holds 0..255 here: fold 1/255 into the jitter's multiply-add.
     if cfg.jitter:
-        b = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=xf.device) - 1)
-        c = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=xf.device) - 1)
+        # torchvision semantics: brightness x*b, then contrast around the (per-image) mean:
+        # b*(c*x + (1-c)*mean) = (b*c) * x + b*(1-c)*mean.
+        bright = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
+        contrast = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
         mean = xf.mean(dim=(1, 2, 3), keepdim=True)
-        xf = ((xf - mean) * c + mean * b).clamp_(0, 1)
-    return xf
+        scale = bright * contrast / 255
+        offset = bright * (1 - contrast) * mean / 255
+        return torch.addcmul(offset, xf, scale, out=xf).clamp_(0, 1)
+    return xf.mul_(1 / 255)
 
 
 def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
@@ -95,12 +170,17 @@ def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> torch.Tensor:
-    m = torch.tensor(mean, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=xf.device, dtype=xf.dtype).view(1, -1, 1, 1)
-    out = (xf - m) / s
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    """(x - mean) / std per channel, as one multiply-add into a fresh tensor (channels_last if asked)."""
+    c = xf.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"normalize: {c} channels but mean/std have {len(mean)}/{len(std)} values")
+    a = torch.tensor([1 / s for s in std], device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
+    b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty_like(xf, memory_format=fmt)
+    return torch.addcmul(b, xf, a, out=out)
 
 
 def eval_input(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1] at the model's size, no randomness."""
-    return resize(x.float().div_(255), size)
+    return resize(x.float().mul_(1 / 255), size)
