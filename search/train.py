@@ -1,34 +1,44 @@
 """One trial's training loop: `fit(model, data, hparams, device=...)`.
 
 Reads top to bottom: the data goes to the device once as uint8, each batch is
-augmented there, the model runs in `channels_last` with bf16 autocast on CUDA,
-the step never waits for the host (losses are summed on the device and read
-once per epoch), and evaluation runs under `inference_mode`. Failures
-(divergence, out of memory) end the fit with a reason instead of raising, so a
-study records them and goes on. `fit` knows nothing of Optuna: the study
-passes `on_epoch(epoch, record)`, which may raise to prune.
+augmented there, the model runs in `channels_last` with bf16 autocast on CUDA
+(fp16 with a grad scaler where bf16 is not native), the step never waits for
+the host (losses are summed on the device and read once per epoch; only the
+fp16 scaler checks for inf each step), and evaluation runs under
+`inference_mode`. Failures (divergence, out of memory) end the fit with a
+reason instead of raising, so a study records them and goes on. `fit` knows
+nothing of Optuna: the study passes `on_epoch(epoch, record)`, which may raise
+to prune.
+
+Speed (scripts/bench_train.py, 2 shared CPU cores): `fit` runs within a few
+per cent of a minimal hand-written loop doing the same work.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from search import augment, metrics
 from search.data import Data
+from search.errors import SearchError
 from search.recipe import METRICS, TrainCfg
 
-PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before decaying
-EVAL_BATCH = 512
+PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
+EVAL_BATCH = 512  # images per evaluation forward (no activations kept, so larger than training)
+RECOMPILE_LIMIT = 64  # torch.compile graphs kept per forward (architecture x shape x dropout x frozen)
 
 
 @dataclass
@@ -39,8 +49,10 @@ class FitResult:
     best: dict[str, float]  # validation metrics of the best epoch
     last: dict[str, float]  # validation metrics of the last finished epoch
     history: list[dict[str, float]] = field(default_factory=list)
-    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best)
+    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best / checkpoint)
     seconds: float = 0.0
+    seed: int = 0
+    checkpoint: str | None = None  # where the best epoch's weights were saved
 
     @property
     def failed(self) -> bool:
@@ -48,26 +60,66 @@ class FitResult:
 
 
 # ---------------------------------------------------------------------------
-# pure helpers
+# schedules: pure functions of the step
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, *, step_every: int = 1,
-              gamma: float = 0.1, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+              gamma: float = 0.1, min_ratio: float = 0.0, decays: int = 0) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`.
 
-    Linear warm-up from 1/warmup to 1 over `warmup` steps, then:
-    cosine: min + (1 - min) * (1 + cos(pi * t)) / 2 with t the post-warm-up progress;
-    step: gamma ** (steps since warm-up // step_every); constant and plateau: 1
-    (plateau decays are applied by the loop from validation results).
+    Linear warm-up from 1/warmup to 1 over the first `warmup` steps, then
+    cosine:   min + (1 - min) * (1 + cos(pi * t)) / 2, t = (step - warmup) / (total - warmup);
+    step:     gamma ** (step // step_every)  (decays at fixed epochs, warm-up or not);
+    plateau:  gamma ** decays  (`decays` counted by `plateau_decays` from validation results);
+    constant: 1.
     """
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine":
-        t = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        t = min((step - warmup) / max(1, total - warmup), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     if schedule == "step":
-        return gamma ** ((step - warmup) // max(1, step_every))
+        return gamma ** (step // max(1, step_every))
+    if schedule == "plateau":
+        return gamma**decays
     return 1.0
+
+
+def better(a: float, b: float, monitor: str) -> bool:
+    """Is monitor value `a` strictly better than `b`? NaN is never better, always beaten."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a < b if METRICS[monitor] == "minimize" else a > b
+
+
+def epochs_since_best(values: Sequence[float], monitor: str) -> int:
+    """Epochs since the best of `values` (the first one wins ties); 0 for an empty list."""
+    best, since = None, 0
+    for v in values:
+        if best is None or better(v, best, monitor):
+            best, since = v, 0
+        else:
+            since += 1
+    return since
+
+
+def plateau_decays(values: Sequence[float], monitor: str, patience: int = PLATEAU_EPOCHS) -> int:
+    """Learning-rate decays of the plateau schedule after these validation values.
+
+    One decay each time the run has gone `patience` more epochs without a new
+    best; a new best restarts the count (like ReduceLROnPlateau with cooldown 0).
+    """
+    decays = 0
+    for k in range(1, len(values) + 1):
+        since = epochs_since_best(values[:k], monitor)
+        decays += since > 0 and since % patience == 0
+    return decays
+
+
+# ---------------------------------------------------------------------------
+# optimizer, loss, mixing
 
 
 def in_head(name: str, head: tuple[str, ...]) -> bool:
@@ -78,7 +130,8 @@ def param_groups(model: nn.Module, hp: TrainCfg, head: tuple[str, ...], pretrain
     """Head and backbone groups, each split into decay / no decay (norms and biases: ndim <= 1).
 
     Backbone parameters of a pretrained model train at lr * backbone_lr_mult;
-    under `linear_probe` they are left out entirely (no optimizer state).
+    under `linear_probe` they are left out entirely (no optimizer state). A
+    scratch model is all "head": every parameter trains at the base rate.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -87,7 +140,7 @@ def param_groups(model: nn.Module, hp: TrainCfg, head: tuple[str, ...], pretrain
             continue
         groups.setdefault((is_head, p.ndim > 1), []).append(p)
     out = []
-    for (is_head, decay), params in sorted(groups.items(), reverse=True):
+    for (is_head, decay), params in sorted(groups.items(), reverse=True):  # head first: its lr is the record's
         mult = 1.0 if is_head else hp.backbone_lr_mult
         out.append({
             "params": params, "lr": hp.lr * mult, "base_lr": hp.lr * mult,
@@ -98,67 +151,110 @@ def param_groups(model: nn.Module, hp: TrainCfg, head: tuple[str, ...], pretrain
 
 
 def make_optimizer(groups: list[dict[str, Any]], hp: TrainCfg, fused: bool) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW over `groups`; fused kernels on CUDA."""
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
+                               fused=fused or None)
     return torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, hp: TrainCfg, gen: torch.Generator | None,
               rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Mixup or cutmix (chosen at random when both are on) -> (x, y_a, y_b, lam)."""
+    """Mixup or cutmix (chosen at random when both are on) -> (x, y_a, y_b, lam).
+
+    The target is lam * onehot(y_a) + (1 - lam) * onehot(y_b); `mixed_loss`
+    computes its cross-entropy. Randomness of the box and lam stays on the host
+    (Python `rng`), so no step waits for the device.
+    """
     modes = [m for m, a in (("mixup", hp.mixup_alpha), ("cutmix", hp.cutmix_alpha)) if a > 0]
     if not modes or rng.random() >= hp.mix_prob:
         return x, y, y, 1.0
     mode = rng.choice(modes)
     alpha = hp.mixup_alpha if mode == "mixup" else hp.cutmix_alpha
-    lam = float(np.random.default_rng(rng.getrandbits(32)).beta(alpha, alpha))
+    lam = rng.betavariate(alpha, alpha)
     perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
     if mode == "mixup":
-        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+        return x.lerp(x[perm], 1 - lam), y, y[perm], lam
     h, w = x.shape[-2:]
     ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     cy, cx = rng.randrange(h), rng.randrange(w)
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
     x = x.clone()
-    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept
+    x[..., y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept, after clipping at the border
     return x, y, y[perm], lam
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, hp: TrainCfg, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy (label smoothing, class weights) or focal loss, in float32."""
+    logits = logits.float()
     if hp.loss == "focal":
-        logp = F.log_softmax(logits.float(), dim=1)
-        logp_y = logp.gather(1, y[:, None]).squeeze(1)
-        focal = (1 - logp_y.exp()) ** hp.focal_gamma
-        ce = -logp_y if weight is None else -logp_y * weight[y]
-        return (focal * ce).mean()
-    return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=hp.label_smoothing)
+        logp_y = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+        focal = -((1 - logp_y.exp()) ** hp.focal_gamma) * logp_y
+        if weight is None:
+            return focal.mean()
+        w = weight[y]
+        return (w * focal).sum() / w.sum()  # the weighted mean, as cross_entropy's weight does
+    return F.cross_entropy(logits, y, weight=weight, label_smoothing=hp.label_smoothing)
+
+
+def mixed_loss(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, hp: TrainCfg,
+               weight: torch.Tensor | None) -> torch.Tensor:
+    """Loss against the mixed target lam * y_a + (1 - lam) * y_b (cross-entropy is linear in it)."""
+    loss = loss_fn(logits, ya, hp, weight)
+    if lam < 1.0:
+        loss = lam * loss + (1 - lam) * loss_fn(logits, yb, hp, weight)
+    return loss
 
 
 def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, normalised to mean 1 over the classes present."""
+    """Inverse class frequency, n / (K * count_c); classes absent from `y` get 0."""
     counts = torch.bincount(y, minlength=num_classes).float()
-    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return w
+    return torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+# ---------------------------------------------------------------------------
+# device, seeds, freezing
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when visible, else cpu; a named CUDA device that is not there is a user error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SearchError(f"hardware.device: '{device}' but no CUDA device is visible; use device: auto or cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SearchError(f"hardware.device: '{device}' but MPS is not available; use device: auto or cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextmanager
+def determinism(on: bool, cuda: bool) -> Iterator[None]:
+    """Deterministic kernels (`on`) or cuDNN autotuning (off, CUDA) for one fit; restores the previous state."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if on:
+        # cuBLAS needs a fixed workspace for reproducible GEMMs; read when its handle is created.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on ops without one
+    torch.backends.cudnn.deterministic = on or prev[3]
+    torch.backends.cudnn.benchmark = cuda and not on  # shapes are fixed (last partial batch dropped)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[2], prev[3]
 
 
 def set_backbone_frozen(model: nn.Module, head: tuple[str, ...], frozen: bool) -> None:
+    """requires_grad off for every non-head parameter: no gradient, hence no optimizer state."""
     for name, p in model.named_parameters():
         if not in_head(name, head):
             p.requires_grad_(not frozen)
@@ -173,12 +269,34 @@ def train_mode(model: nn.Module, head: tuple[str, ...], frozen: bool) -> None:
                 m.eval()
 
 
-def better(a: float, b: float, monitor: str) -> bool:
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a < b if METRICS[monitor] == "minimize" else a > b
+def compiled(model: nn.Module, backend: bool | str) -> nn.Module:
+    """torch.compile'd forward. Dynamo caches graphs on the forward's code, so every model of
+    one architecture, input shape, dropout and frozen state reuses one compilation per process."""
+    import torch._dynamo  # noqa: F401 - loaded lazily by torch; its config is needed first
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(model, backend="inductor" if backend is True else backend, dynamic=False)
+
+
+def free_memory(model: nn.Module, opt: torch.optim.Optimizer, cuda: bool) -> None:
+    """After an out-of-memory error: drop gradients and optimizer state, return cached blocks."""
+    opt.state.clear()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], epoch: int, best: dict[str, float],
+                    info: Any, seed: int) -> str:
+    """Best weights + what produced them; written to a temporary file, then renamed (no torn files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = asdict(info) if info is not None else {}
+    torch.save({"state_dict": state, "epoch": epoch, "metrics": best, "info": meta, "seed": seed}, tmp)
+    os.replace(tmp, path)
+    return str(path)
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +310,8 @@ def predict(model: nn.Module, x: torch.Tensor, size: int, mean: tuple[float, ...
     model.eval()
     out = []
     for i in range(0, len(x), EVAL_BATCH):
-        xb = augment.normalize(augment.eval_input(x[i : i + EVAL_BATCH].to(device, non_blocking=True), size), mean, std, channels_last)
+        xb = augment.normalize(augment.eval_input(x[i : i + EVAL_BATCH].to(device, non_blocking=True), size),
+                               mean, std, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out.append(model(xb).float())
     return torch.cat(out)
@@ -208,147 +327,151 @@ def fit(
     monitor: str = "accuracy",
     seed: int = 0,
     amp: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     keep_best: bool = False,
+    checkpoint: str | Path | None = None,
     gpu_memory_share: float = 0.5,
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
     `model.info` (set by build_model) gives the input size, normalisation and
-    head; a plain module is trained at the data's resolution with [0.5] stats.
-    The result's `best` is the epoch with the best `monitor` value.
+    head; a plain module is trained at the data's resolution with 0.5/0.25
+    stats, all of it as "head". The result's `best` is the epoch with the best
+    `monitor` value, `last` the final epoch. `compile`: True for torch.compile
+    (inductor) or a backend name. `keep_best` keeps a CPU copy of the best
+    weights in the result; `checkpoint` also saves them to that path when the
+    fit did not fail. Each epoch's record goes to `on_epoch`, which may raise
+    (pruning) to stop the fit.
     """
     hp = hparams
+    if monitor not in METRICS:
+        raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
     dev = resolve_device(device)
-    seed_everything(seed, hp.deterministic)
+    cuda = dev.type == "cuda"
+    seed_everything(seed)
     info = getattr(model, "info", None)
     size = info.resolution if info else data.resolution
     mean = info.mean if info else (0.5,) * data.in_chans
     std = info.std if info else (0.25,) * data.in_chans
     head = info.head if info else ()
     pretrained = bool(info and info.pretrained)
-    cuda = dev.type == "cuda"
-    channels_last = cuda
+    channels_last = cuda  # on CPU, oneDNN's default layout is as fast and skips the conversions
     amp_dtype = None
     if amp and cuda:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
 
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    net = torch.compile(model) if compile else model
+    net = compiled(model, compile) if compile else model
 
-    # Data: resident on the device when it fits the allowed share of its memory.
-    train_x, train_y = data.train.x, data.train.y
+    # Data: resident on the device as uint8 when it fits the allowed share of free memory.
+    train_x, train_y, val_x = data.train.x, data.train.y, data.val.x
     if cuda:
         free = torch.cuda.mem_get_info(dev)[0]
-        if train_x.numel() <= gpu_memory_share * free:
-            train_x = train_x.to(dev)
+        if train_x.numel() + val_x.numel() <= gpu_memory_share * free:
+            train_x, val_x = train_x.to(dev), val_x.to(dev)
         else:
             train_x = train_x.pin_memory()
     train_y = train_y.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    rng = random.Random(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)  # batch order, augmentation, mix permutations
+    rng = random.Random(seed)  # host-side draws (mix lam, cutmix box): no device sync
     weight = class_weights(data.train.y, data.num_classes).to(dev) if hp.class_weights else None
     sample_w = class_weights(data.train.y, data.num_classes)[data.train.y].to(dev) if hp.balanced_sampling else None
-    aug = data.augment
+    aug = data.augment.scaled(hp.aug_scale)
 
-    frozen = pretrained and hp.finetune in ("linear_probe", "lp_ft") and (hp.finetune == "linear_probe" or hp.lp_epochs > 0)
+    frozen = pretrained and (hp.finetune == "linear_probe" or (hp.finetune == "lp_ft" and hp.lp_epochs > 0))
     set_backbone_frozen(model, head, frozen)
-    groups = param_groups(model, hp, head, pretrained)
-    opt = make_optimizer(groups, hp, fused=cuda)
+    opt = make_optimizer(param_groups(model, hp, head, pretrained), hp, fused=cuda)
+    clip_params = [p for g in opt.param_groups for p in g["params"]]
 
     n = len(train_y)
     bs = min(hp.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch: constant shapes, no tiny noisy steps
     total = steps_per_epoch * hp.epochs
     warmup = round(hp.warmup_epochs * steps_per_epoch)
-    plateau_scale, since_best = 1.0, 0
+    step_every = hp.step_size * steps_per_epoch
 
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
     best_epoch, best_state, status, reason = 0, None, "ok", ""
+    keep = keep_best or checkpoint is not None
     t_start = time.perf_counter()
     step = 0
-    for epoch in range(1, hp.epochs + 1):
-        if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
-            frozen = False
-            set_backbone_frozen(model, head, False)
-        train_mode(model, head, frozen)
-        mixing = epoch <= hp.epochs - hp.mix_off_epochs
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        if sample_w is not None:
-            order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
-        else:
-            order = torch.randperm(n, generator=gen, device=dev)
-        loss_sum = torch.zeros((), device=dev)
-        try:
-            for i in range(steps_per_epoch):
-                f = lr_factor(step, total, warmup, hp.schedule, step_every=hp.step_size * steps_per_epoch,
-                              gamma=hp.gamma, min_ratio=hp.min_lr_ratio) * plateau_scale
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * f
-                idx = order[i * bs : (i + 1) * bs]
-                xb = train_x[idx.to(train_x.device)].to(dev, non_blocking=True)
-                yb = train_y[idx]
-                xb = augment.normalize(augment.augment(xb, aug.scaled(hp.aug_scale), size, gen), mean, std, channels_last)
-                if mixing:
-                    xb, ya, yb2, lam = mix_batch(xb, yb, hp, gen, rng)
-                else:
-                    ya, yb2, lam = yb, yb, 1.0
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = net(xb)
-                loss = loss_fn(logits, ya, hp, weight)
-                if lam < 1.0:
-                    loss = lam * loss + (1 - lam) * loss_fn(logits, yb2, hp, weight)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if hp.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], hp.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.detach()
-                step += 1
-        except torch.OutOfMemoryError:
-            status, reason = "oom", f"out of memory at batch size {bs}"
-            opt.zero_grad(set_to_none=True)
-            del opt
+    with determinism(hp.deterministic, cuda):
+        for epoch in range(1, hp.epochs + 1):
+            if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
+                frozen = False
+                set_backbone_frozen(model, head, False)
+            train_mode(model, head, frozen)
+            mixing = epoch <= hp.epochs - hp.mix_off_epochs
+            decays = plateau_decays([h[f"val_{monitor}"] for h in history], monitor) if hp.schedule == "plateau" else 0
             if cuda:
-                torch.cuda.empty_cache()
-            break
-        train_loss = float(loss_sum) / max(1, steps_per_epoch)  # the one sync per epoch
-        if not math.isfinite(train_loss):
-            status, reason = "diverged", f"diverged at epoch {epoch}"
-            break
-        seconds = time.perf_counter() - t0
-        logits = predict(net, data.val.x, size, mean, std, dev, amp_dtype, channels_last)
-        val = metrics.evaluate(logits, data.val.y)
-        if not math.isfinite(val["loss"]):
-            status, reason = "diverged", f"diverged at epoch {epoch}"
-            break
-        record = {
-            "epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
-            "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-            "images_per_s": steps_per_epoch * bs / max(seconds, 1e-9),
-            "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if cuda else 0) / 2**20,
-        }
-        history.append(record)
-        improved = not best or better(val[monitor], best[monitor], monitor)
-        if improved:
-            best, best_epoch, since_best = val, epoch, 0
-            if keep_best:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-            if hp.schedule == "plateau" and since_best % PLATEAU_EPOCHS == 0:
-                plateau_scale *= hp.gamma
-        if on_epoch is not None:
-            on_epoch(epoch, record)  # may raise (pruning): nothing after this needs cleanup
-        if hp.patience and since_best >= hp.patience:
-            status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
-            break
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            if sample_w is not None:
+                order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
+            else:
+                order = torch.randperm(n, generator=gen, device=dev)
+            loss_sum = torch.zeros((), device=dev)
+            xb = logits = loss = None
+            try:
+                for i in range(steps_per_epoch):
+                    f = lr_factor(step, total, warmup, hp.schedule, step_every=step_every, gamma=hp.gamma,
+                                  min_ratio=hp.min_lr_ratio, decays=decays)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * f
+                    idx = order[i * bs : (i + 1) * bs]
+                    xb = train_x[idx.to(train_x.device)].to(dev, non_blocking=True)
+                    yb = train_y[idx]
+                    xb = augment.normalize(augment.augment(xb, aug, size, gen), mean, std, channels_last)
+                    ya, yb2, lam = yb, yb, 1.0
+                    if mixing:
+                        xb, ya, yb2, lam = mix_batch(xb, yb, hp, gen, rng)
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = net(xb)
+                    loss = mixed_loss(logits, ya, yb2, lam, hp, weight)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if hp.grad_clip:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(clip_params, hp.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    loss_sum += loss.detach()
+                    step += 1
+                train_loss = float(loss_sum) / max(1, steps_per_epoch)  # the one sync of the epoch
+                seconds = time.perf_counter() - t0
+                val_logits = predict(model, val_x, size, mean, std, dev, amp_dtype, channels_last)
+            except torch.OutOfMemoryError:
+                status, reason = "oom", f"out of memory at batch size {bs}"
+            if status == "oom":  # outside the except: its traceback no longer pins the step's tensors
+                xb = logits = loss = None
+                free_memory(model, opt, cuda)
+                break
+            val = metrics.evaluate(val_logits, data.val.y)
+            if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
+                status, reason = "diverged", f"diverged at epoch {epoch}"
+                break
+            record = {
+                "epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
+                "lr": opt.param_groups[0]["lr"], "backbone_frozen": float(frozen), "seconds": seconds,
+                "images_per_s": steps_per_epoch * bs / max(seconds, 1e-9),
+                "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if cuda else 0) / 2**20,
+            }
+            history.append(record)
+            if not best or better(val[monitor], best[monitor], monitor):
+                best, best_epoch = val, epoch
+                if keep:
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if on_epoch is not None:
+                on_epoch(epoch, record)  # may raise (pruning): nothing after this needs cleanup
+            if hp.patience and epoch - best_epoch >= hp.patience:
+                status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
+                break
     last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-    return FitResult(status, reason, best_epoch, best, last, history, best_state, time.perf_counter() - t_start)
-
+    result = FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,
+                       time.perf_counter() - t_start, seed)
+    if checkpoint is not None and best_state is not None and not result.failed:
+        result.checkpoint = save_checkpoint(checkpoint, best_state, best_epoch, best, info, seed)
+    return result

@@ -1,0 +1,314 @@
+"""The training engine: schedules, parameter groups, transfer-learning modes,
+mixing, failures as results, early stopping, reproducibility, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search import train
+from search.augment import AugmentCfg
+from search.data import Data, Split, load_data
+from search.models import build_model
+from search.recipe import DataCfg, TrainCfg
+
+
+@pytest.fixture(scope="module")
+def digits() -> Data:
+    """~250 train / 50 val 8x8 gray digits: a few milliseconds per epoch for mini_cnn."""
+    return load_data(DataCfg(dataset="digits", max_samples=250), seed=0)
+
+
+def mini(data: Data, *, pretrained: bool = False) -> nn.Module:
+    """mini_cnn for the data; `pretrained=True` marks it so (features = backbone, fc = head)."""
+    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
+    model.info = dataclasses.replace(model.info, pretrained=pretrained)
+    return model
+
+
+def hp(**kw) -> TrainCfg:
+    return TrainCfg(**{"epochs": 2, "batch_size": 32, "lr": 3e-3, **kw})
+
+
+def backbone(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+# ---------------------------------------------------------------------------
+# schedules (pure)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "plateau", "constant"])
+def test_lr_factor_follows_formula(schedule):
+    total, warmup, every, gamma, floor = 40, 5, 10, 0.5, 0.1
+    for s in range(total):
+        got = train.lr_factor(s, total, warmup, schedule, step_every=every, gamma=gamma, min_ratio=floor, decays=2)
+        if s < warmup:
+            want = (s + 1) / warmup
+        elif schedule == "cosine":
+            want = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        elif schedule == "step":
+            want = gamma ** (s // every)
+        elif schedule == "plateau":
+            want = gamma**2
+        else:
+            want = 1.0
+        assert got == pytest.approx(want, abs=1e-12), (schedule, s)
+    if schedule == "cosine":  # no warm-up: starts at exactly 1, ends near the floor
+        assert train.lr_factor(0, total, 0, "cosine", min_ratio=floor) == 1.0
+        assert train.lr_factor(total - 1, total, 0, "cosine", min_ratio=floor) == pytest.approx(floor, abs=2e-3)
+
+
+def test_plateau_decays_and_epochs_since_best():
+    acc = [0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7, 0.7, 0.7]
+    # after epoch:          1  2  3  4  5  6  7  8  9 -> since best 0 0 1 2 0 1 2 3 4
+    assert [train.epochs_since_best(acc[:k], "accuracy") for k in range(1, 10)] == [0, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert [train.plateau_decays(acc[:k], "accuracy") for k in range(1, 10)] == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+    loss = [1.0, 0.9, 0.95, float("nan"), 0.8]
+    assert [train.epochs_since_best(loss[:k], "loss") for k in range(1, 6)] == [0, 0, 1, 2, 0]
+
+
+def test_fit_records_the_scheduled_lr(digits):
+    steps = len(digits.train) // 32
+    res = train.fit(mini(digits), digits, hp(epochs=3, schedule="cosine", warmup_epochs=1, min_lr_ratio=0.2),
+                    device="cpu")
+    for r in res.history:
+        last_step = r["epoch"] * steps - 1
+        assert r["lr"] == pytest.approx(3e-3 * train.lr_factor(last_step, 3 * steps, steps, "cosine", min_ratio=0.2))
+
+
+# ---------------------------------------------------------------------------
+# parameter groups
+
+
+def test_weight_decay_groups():
+    model = build_model("mini_cnn", num_classes=10, in_chans=1, resolution=8)
+    groups = train.param_groups(model, TrainCfg(weight_decay=0.05), model.info.head, pretrained=False)
+    names = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in names.items()}
+    got = {g["name"]: sorted(by_id[id(p)] for p in g["params"]) for g in groups}
+    assert set(got) == {"head", "head_no_decay"}  # scratch: everything trains at the base rate
+    assert all(names[n].ndim > 1 for n in got["head"]) and "fc.weight" in got["head"]
+    assert "fc.bias" in got["head_no_decay"] and "features.1.weight" in got["head_no_decay"]  # BN weight
+    assert all(names[n].ndim <= 1 for n in got["head_no_decay"])
+    assert sorted(got["head"] + got["head_no_decay"]) == sorted(names)  # each parameter exactly once
+    wd = {g["name"]: g["weight_decay"] for g in groups}
+    assert wd == {"head": 0.05, "head_no_decay": 0.0}
+
+
+def test_backbone_multiplier_in_optimizer_groups():
+    model = build_model({"model": "resnet_18", "pretrained": False}, num_classes=10, in_chans=3, resolution=32)
+    model.info = dataclasses.replace(model.info, pretrained=True)
+    cfg = TrainCfg(lr=0.01, backbone_lr_mult=0.1, optimizer="sgd", weight_decay=1e-4)
+    opt = train.make_optimizer(train.param_groups(model, cfg, model.info.head, True), cfg, fused=False)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"head": 0.01, "head_no_decay": 0.01, "backbone": 0.001, "backbone_no_decay": 0.001})
+    head_params = {id(p) for g in opt.param_groups if g["name"].startswith("head") for p in g["params"]}
+    assert head_params == {id(model.fc[1].weight), id(model.fc[1].bias)}
+    assert all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
+    lp = TrainCfg(finetune="linear_probe")
+    assert {g["name"] for g in train.param_groups(model, lp, model.info.head, True)} == {"head", "head_no_decay"}
+
+
+# ---------------------------------------------------------------------------
+# transfer-learning modes
+
+
+def test_linear_probe_keeps_backbone_bit_identical(digits):
+    model = mini(digits, pretrained=True)
+    before_backbone, before_head = backbone(model), model.fc.weight.detach().clone()
+    res = train.fit(model, digits, hp(finetune="linear_probe", lr=1e-2), device="cpu")
+    assert res.status == "ok"
+    after = backbone(model)
+    assert after.keys() == before_backbone.keys() and any("running_mean" in k for k in after)
+    for k, v in before_backbone.items():
+        assert torch.equal(after[k], v), k  # weights and BatchNorm statistics alike
+    assert not torch.equal(model.fc.weight, before_head)
+    assert all(r["backbone_frozen"] == 1.0 for r in res.history)
+
+
+def test_lp_ft_unfreezes_at_configured_epoch(digits):
+    model = mini(digits, pretrained=True)
+    snapshots = [backbone(model)]
+    res = train.fit(model, digits, hp(epochs=3, finetune="lp_ft", lp_epochs=2, backbone_lr_mult=0.5), device="cpu",
+                    on_epoch=lambda e, r: snapshots.append(backbone(model)))
+    assert [r["backbone_frozen"] for r in res.history] == [1.0, 1.0, 0.0]
+    unchanged = [all(torch.equal(s[k], snapshots[0][k]) for k in s) for s in snapshots[1:]]
+    assert unchanged == [True, True, False]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------
+# mixing and losses
+
+
+def test_mixup_mixes_images_and_labels():
+    x = torch.rand(8, 3, 6, 6)
+    y = torch.arange(8)  # label i = sample i, so y_b is the permutation
+    cfg = TrainCfg(mixup_alpha=0.4)
+    xm, ya, yb, lam = train.mix_batch(x, y, cfg, torch.Generator().manual_seed(0), random.Random(0))
+    assert 0 < lam < 1 and torch.equal(ya, y) and sorted(yb.tolist()) == list(range(8))
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[yb])
+
+
+def test_cutmix_pastes_a_box_and_lam_is_the_kept_area():
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 2, 16, 16).contiguous()  # constant images
+    y = torch.arange(4)
+    cfg = TrainCfg(cutmix_alpha=1.0)
+    rng = random.Random(3)
+    for _ in range(5):
+        xm, ya, yb, lam = train.mix_batch(x, y, cfg, torch.Generator().manual_seed(1), rng)
+        for i in range(4):
+            kept = (xm[i] == x[i]).float().mean().item()
+            pasted = (xm[i] == x[yb[i]]).float().mean().item()
+            if yb[i] != i:
+                assert kept == pytest.approx(lam) and pasted == pytest.approx(1 - lam)
+
+
+def test_mix_prob_zero_and_alphas_zero_leave_batch_alone():
+    x, y = torch.rand(4, 1, 4, 4), torch.arange(4)
+    for cfg in (TrainCfg(mixup_alpha=1.0, mix_prob=0.0), TrainCfg()):
+        xm, ya, yb, lam = train.mix_batch(x, y, cfg, None, random.Random(0))
+        assert xm is x and lam == 1.0 and torch.equal(yb, y)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_mixed_loss_is_cross_entropy_of_soft_targets(smoothing):
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    ya, yb, lam = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 1, 4, 0, 2, 3]), 0.3
+    cfg = TrainCfg(label_smoothing=smoothing)
+    soft = lam * F.one_hot(ya, 5).float() + (1 - lam) * F.one_hot(yb, 5).float()
+    want = F.cross_entropy(logits, soft, label_smoothing=smoothing)
+    torch.testing.assert_close(train.mixed_loss(logits, ya, yb, lam, cfg, None), want)
+
+
+def test_focal_loss_formula_and_class_weights():
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 2, 1])
+    p = logits.softmax(1)[torch.arange(5), y]
+    w = train.class_weights(torch.tensor([0, 0, 0, 1, 2, 2]), 3)
+    torch.testing.assert_close(w, torch.tensor([6 / 9, 6 / 3, 6 / 6]))
+    focal = -((1 - p) ** 2) * p.log()
+    cfg = TrainCfg(loss="focal", focal_gamma=2.0)
+    torch.testing.assert_close(train.loss_fn(logits, y, cfg, None), focal.mean())
+    torch.testing.assert_close(train.loss_fn(logits, y, cfg, w), (w[y] * focal).sum() / w[y].sum())
+    assert train.loss_fn(logits, y, TrainCfg(loss="focal", focal_gamma=0.0), w) == pytest.approx(
+        float(F.cross_entropy(logits, y, weight=w)))
+
+
+# ---------------------------------------------------------------------------
+# failures, early stopping, reproducibility, checkpoints
+
+
+def test_absurd_lr_diverges_as_a_result(digits):
+    res = train.fit(mini(digits), digits, hp(epochs=3, optimizer="sgd", lr=1e12, weight_decay=0.0), device="cpu")
+    assert res.failed and res.status == "diverged"
+    assert res.reason == f"diverged at epoch {len(res.history) + 1}"
+
+
+def test_planted_nan_diverges_at_that_epoch(digits):
+    model = mini(digits)
+
+    def plant(epoch: int, record: dict) -> None:
+        if epoch == 2:
+            with torch.no_grad():
+                model.fc.weight[0, 0] = float("nan")
+
+    res = train.fit(model, digits, hp(epochs=4), device="cpu", on_epoch=plant)
+    assert (res.status, res.reason, len(res.history)) == ("diverged", "diverged at epoch 3", 2)
+    assert res.best_epoch in (1, 2) and res.last == {k[4:]: v for k, v in res.history[-1].items() if k.startswith("val_")}
+
+
+class _OOM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.lin(x.flatten(1))
+
+
+def test_out_of_memory_is_a_result(digits):
+    res = train.fit(_OOM(), digits, hp(batch_size=16), device="cpu")
+    assert (res.status, res.reason, res.failed, res.history) == ("oom", "out of memory at batch size 16", True, [])
+
+
+def test_early_stopping_stops_at_the_right_epoch(digits):
+    # No BatchNorm and a negligible lr: the predictions never change, so epoch 1 stays the best.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    res = train.fit(model, digits, hp(epochs=10, lr=1e-12, patience=3, schedule="constant"), device="cpu")
+    assert (res.status, res.best_epoch, len(res.history)) == ("early_stopped", 1, 4)
+    assert res.reason == "no improvement of accuracy for 3 epochs"
+    assert not res.failed
+
+
+def test_same_seed_same_metrics(digits):
+    cfg = hp(epochs=2, mixup_alpha=0.2, cutmix_alpha=0.5, mix_prob=0.7, warmup_epochs=0.5)
+
+    def run(seed: int) -> list[dict]:
+        torch.manual_seed(123)  # the same initial weights: the model is built before fit seeds anything
+        res = train.fit(mini(digits), digits, cfg, device="cpu", seed=seed)
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in res.history]
+
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+
+
+def test_best_checkpoint_is_saved(digits, tmp_path):
+    model = mini(digits)
+    path = tmp_path / "ckpt" / "best.pt"
+    res = train.fit(model, digits, hp(epochs=3, lr=1e-2), device="cpu", keep_best=True, checkpoint=path, seed=5)
+    assert res.checkpoint == str(path) and res.best_state is not None
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == res.best_epoch and saved["seed"] == 5 and saved["info"]["label"] == "mini_cnn"
+    assert saved["metrics"] == res.best
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in res.best_state.items())
+    fresh = mini(digits)
+    fresh.load_state_dict(saved["state_dict"])  # loads into a fresh model of the entry
+
+
+def test_class_weights_and_balanced_sampling_and_focal_run(digits):
+    res = train.fit(mini(digits), digits, hp(epochs=1, class_weights=True, balanced_sampling=True, loss="focal",
+                                             grad_clip=1.0, optimizer="sgd"), device="cpu")
+    assert res.status == "ok" and math.isfinite(res.history[0]["train_loss"])
+
+
+def test_plain_module_on_random_uint8_data():
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: Split(torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g),  # noqa: E731
+                            torch.randint(0, 3, (n,), generator=g))
+    data = Data("rand", split(40), split(20), split(20), ("a", "b", "c"), "none", AugmentCfg(), 12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    res = train.fit(model, data, hp(batch_size=16, epochs=1), device="cpu", monitor="auc")
+    assert res.history[0]["images_per_s"] > 0 and set(res.best) == {"loss", "accuracy", "balanced_accuracy", "f1",
+                                                                     "auc"}
+
+
+def test_compile_once_per_architecture_and_shape(digits):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    cfg = hp(epochs=1)
+    train.fit(mini(digits), digits, cfg, device="cpu", compile="eager")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    res = train.fit(mini(digits), digits, cfg, device="cpu", compile="eager")  # a new model of the same architecture
+    assert counters["stats"]["unique_graphs"] == graphs and res.status == "ok"
+    torch._dynamo.reset()
+
+
+def test_deterministic_mode_is_restored(digits):
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    train.fit(mini(digits), digits, hp(epochs=1, deterministic=True), device="cpu",
+              on_epoch=lambda e, r: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
