@@ -10,7 +10,8 @@ preset's range (`{low, high, log}`), give choices (a list), fix a value
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,9 @@ class Param:
         return f"{self.kind} [{self.low:g}, {self.high:g}]{scale}{step}"
 
 
+# Conditions see every `train` value: the recipe's, replaced by those fixed or sampled so far.
 def _sgd(p: dict[str, Any], e: PoolEntry) -> bool:
-    return p.get("optimizer", TrainCfg().optimizer) == "sgd"
+    return p["optimizer"] == "sgd"
 
 
 def _pretrained(p: dict[str, Any], e: PoolEntry) -> bool:
@@ -57,19 +59,23 @@ def _pretrained(p: dict[str, Any], e: PoolEntry) -> bool:
 
 
 def _tunes_backbone(p: dict[str, Any], e: PoolEntry) -> bool:
-    return e.pretrained and p.get("finetune", "full") != "linear_probe"
+    return e.pretrained and p["finetune"] != "linear_probe"
 
 
 def _lp_ft(p: dict[str, Any], e: PoolEntry) -> bool:
-    return e.pretrained and p.get("finetune") == "lp_ft"
+    return e.pretrained and p["finetune"] == "lp_ft"
 
 
 def _mixing(p: dict[str, Any], e: PoolEntry) -> bool:
-    return p.get("mixup_alpha", 0) > 0 or p.get("cutmix_alpha", 0) > 0
+    return p["mixup_alpha"] > 0 or p["cutmix_alpha"] > 0
 
 
 def _step(p: dict[str, Any], e: PoolEntry) -> bool:
-    return p.get("schedule") == "step"
+    return p["schedule"] == "step"
+
+
+def _focal(p: dict[str, Any], e: PoolEntry) -> bool:
+    return p["loss"] == "focal"
 
 
 # Every tunable parameter, in sampling order (conditions look at earlier ones).
@@ -93,8 +99,9 @@ PARAMS: dict[str, Param] = {
     "finetune": Param("cat", choices=("full", "linear_probe", "lp_ft"), when=_pretrained),
     "lp_epochs": Param("int", 1, 5, when=_lp_ft),
     "backbone_lr_mult": Param("float", 0.01, 1.0, log=True, when=_tunes_backbone),
-    "channel_reduce": Param("cat", choices=("mean", "sum")),
-    "focal_gamma": Param("float", 0.5, 3.0),
+    "channel_reduce": Param("cat", choices=("mean", "sum"), when=_pretrained),
+    "loss": Param("cat", choices=("ce", "focal")),  # only pretrained stems are reduced
+    "focal_gamma": Param("float", 0.5, 3.0, when=_focal),
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -159,7 +166,7 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
     label = trial.suggest_categorical(POOL_PARAM, list(by_label))
     entry = by_label[label]
     sampled, fixed = resolve(recipe)
-    values: dict[str, Any] = dict(fixed)
+    values: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
     for name, p in sampled.items():
         if p.when is not None and not p.when(values, entry):
             continue
@@ -175,13 +182,12 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
 def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
     """The `train` defaults for one entry, as values of the sampled parameters (for enqueueing)."""
     sampled, fixed = resolve(recipe)
-    defaults = recipe.train.model_dump()
+    seen: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
     values: dict[str, Any] = {POOL_PARAM: entry.label}
-    seen: dict[str, Any] = dict(fixed)
     for name, p in sampled.items():
         if p.when is not None and not p.when(seen, entry):
             continue
-        v = defaults[name]
+        v = seen[name]
         if p.kind == "cat":
             v = v if v in (p.choices or ()) else (p.choices or (v,))[0]
         elif v is None or not p.low <= v <= p.high:
@@ -191,16 +197,62 @@ def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
     return values
 
 
+def _options(p: Param) -> tuple[Any, ...]:
+    """Values that stand for a parameter's range when asking whether a condition can hold
+    (conditions compare with a choice or a threshold, so the ends of a range suffice)."""
+    return p.choices if p.kind == "cat" else (p.low, p.high)
+
+
+def reachable(recipe: Recipe, entries: list[PoolEntry] | None = None) -> dict[str, Param]:
+    """The sampled params whose condition holds for some pool entry and some earlier values.
+
+    A condition reads the params before it; each is tried with its choices (or range ends)
+    when it is itself reachable, else with its fixed or `train` value.
+    """
+    entries = entries or parse_pool(recipe.pool)
+    sampled, fixed = resolve(recipe)
+    base = {**recipe.train.model_dump(), **fixed}
+    out: dict[str, Param] = {}
+    for e in entries:
+        options: dict[str, tuple[Any, ...]] = {}  # earlier params reachable for this entry
+        for name, p in sampled.items():
+            if p.when is None or any(p.when({**base, **combo}, e) for combo in _combos(options)):
+                options[name] = _options(p)
+                out.setdefault(name, p)
+    return {n: out[n] for n in sampled if n in out}
+
+
+def _combos(options: dict[str, tuple[Any, ...]]) -> Iterator[dict[str, Any]]:
+    """Every assignment of the options of the conditioning params (few: choices and range ends)."""
+    keys = [k for k in options if k in CONDITIONING]
+    for values in itertools.product(*(options[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+# The params conditions read (keep in step with the condition functions above).
+CONDITIONING = ("optimizer", "finetune", "mixup_alpha", "cutmix_alpha", "schedule", "loss")
+CONDITION_TEXT: dict[Cond, str] = {
+    _sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
+    _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step", _focal: "if loss=focal",
+}
+
+
 def describe(recipe: Recipe) -> str:
-    """The resolved space, one line per parameter, for `validate`."""
+    """The resolved space, one line per parameter, for `validate`.
+
+    Conditional params whose condition can never hold (given the fixed values and the pool)
+    are listed apart as never sampled.
+    """
     sampled, fixed = resolve(recipe)
     entries = parse_pool(recipe.pool)
+    live = reachable(recipe, entries)
     lines = [f"  {POOL_PARAM:<18} {{{', '.join(e.label for e in entries)}}}"]
-    conds = {_sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
-             _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step"}
-    for name, p in sampled.items():
-        when = f"  ({conds.get(p.when, 'conditional')})" if p.when else ""
+    for name, p in live.items():
+        when = f"  ({CONDITION_TEXT.get(p.when, 'conditional')})" if p.when else ""
         lines.append(f"  {name:<18} {p.describe()}{when}")
     for name, v in fixed.items():
         lines.append(f"  {name:<18} = {v!r} (fixed)")
+    never = [f"{n} ({CONDITION_TEXT.get(p.when, 'conditional')})" for n, p in sampled.items() if n not in live]
+    if never:
+        lines.append(f"  never sampled (condition cannot hold): {', '.join(never)}")
     return "\n".join(lines)

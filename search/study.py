@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +54,7 @@ STALE_REASON = "worker died (no heartbeat)"
 NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reasons that free their slot
 HEARTBEAT_ATTR = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
 MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: which process ran it
 
 
 class TrialFailed(Exception):
@@ -450,7 +452,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
         res = input_resolution(entry, data.resolution)
         dev = resolve_device(device)
         for k, v in {**entry.attrs(), "input_resolution": res, "channel_reduce": hp.channel_reduce,
-                     "seed": seed, "device": str(dev)}.items():
+                     "seed": seed, "device": str(dev), "worker": WORKER}.items():
             trial.set_user_attr(k, v)
         try:
             try:
