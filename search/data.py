@@ -8,11 +8,23 @@ the `max_samples` subsample and returns `Data`, which training consumes.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import pickle
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +32,8 @@ import torch
 from search.augment import AugmentCfg
 from search.errors import SearchError, did_you_mean, one_of
 from search.recipe import DataCfg
+
+log = logging.getLogger(__name__)
 
 OVERLAPS = ("semantic", "none", "unknown")  # a dataset's declared overlap with ImageNet
 
@@ -99,10 +113,155 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.nd
 
 
 # ---------------------------------------------------------------------------
-# loaders: (DataCfg, root) -> Raw
+# fetching: official URL, checksum, retries, atomic rename
+
+PROBE_SECONDS = 3.0
+RETRIES = 3
+CHUNK = 1 << 20
 
 
-def _digits(cfg: DataCfg, root: Path) -> Raw:
+@dataclass(frozen=True)
+class Remote:
+    """One official download: URL, the file name it gets under the data root, and its checksum."""
+
+    url: str
+    file: str
+    md5: str | None = None
+    sha256: str | None = None
+
+
+def _open_url(url: str, timeout: float = 60.0) -> Any:
+    """The network (tests replace this)."""
+    req = urllib.request.Request(url, headers={"User-Agent": "search-harness"})
+    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - fixed https URLs
+
+
+def _network_up(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("SEARCH_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksum(remote: Remote) -> tuple[str, str] | None:
+    if remote.sha256:
+        return "sha256", remote.sha256.lower()
+    if remote.md5:
+        return "md5", remote.md5.lower()
+    return None
+
+
+def missing_error(name: str, path: Path, why: str) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': {path} is missing ({why}); on a machine with internet run "
+        f"`python -m search prefetch RECIPE` and copy {path.parent} over, or point data.root / $SEARCH_DATA "
+        "at a directory that has it"
+    )
+
+
+def fetch(name: str, remote: Remote, root: Path) -> Path:
+    """The file under `root`, downloaded first if missing: checksum-verified, retried, renamed into place."""
+    path = root / remote.file
+    if path.is_file():
+        return path
+    host = urllib.parse.urlparse(remote.url).hostname or ""
+    if _offline():
+        raise missing_error(name, path, "offline mode: SEARCH_OFFLINE is set")
+    if not _network_up(host):
+        raise missing_error(name, path, f"no network: {host} unreachable")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    check = _checksum(remote)
+    last: Exception | None = None
+    for attempt in range(1, RETRIES + 1):
+        try:
+            h = hashlib.new(check[0]) if check else None
+            with _open_url(remote.url) as resp, open(tmp, "wb") as out:
+                for block in iter(lambda: resp.read(CHUNK), b""):
+                    out.write(block)
+                    if h:
+                        h.update(block)
+        except OSError as e:  # URLError, timeouts, resets: try again
+            last = e
+            tmp.unlink(missing_ok=True)
+            log.warning("download of %s failed (attempt %d/%d): %s", remote.url, attempt, RETRIES, e)
+            time.sleep(min(2**attempt, 10) if attempt < RETRIES else 0)
+            continue
+        if check and h is not None and h.hexdigest() != check[1]:
+            tmp.unlink(missing_ok=True)
+            raise SearchError(
+                f"data.dataset '{name}': {remote.url} has {check[0]} {h.hexdigest()}, expected {check[1]}; "
+                f"the download was discarded and {path} not written; retry `python -m search prefetch RECIPE`, "
+                "or place a good copy there"
+            )
+        os.replace(tmp, path)  # atomic: readers see no file or the whole verified file
+        return path
+    raise missing_error(name, path, f"download failed {RETRIES} times: {last}")
+
+
+def verify(name: str, remote: Remote, path: Path) -> None:
+    """Check a local archive before unpacking it; a bad one is renamed aside, never used."""
+    check = _checksum(remote)
+    if check is None:
+        return
+    got = file_digest(path, check[0])
+    if got != check[1]:
+        bad = path.with_name(path.name + ".corrupt")
+        os.replace(path, bad)
+        raise SearchError(
+            f"data.dataset '{name}': {path} has {check[0]} {got}, expected {check[1]}; moved it to {bad}; "
+            "run `python -m search prefetch RECIPE` to download it again"
+        )
+
+
+def _unreadable(name: str, path: Path, e: Exception) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': cannot read {path} ({type(e).__name__}: {e}); the file is damaged or not "
+        "the official one: delete it and run `python -m search prefetch RECIPE`"
+    )
+
+
+def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Build a directory under a temporary name, then rename it into place (concurrent workers: first wins)."""
+    if final.is_dir():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _mmap_tensor(path: Path) -> torch.Tensor:
+    """A .npy file as a tensor backed by the page cache: nothing is read until it is used."""
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: writable view, file untouched
+
+
+# ---------------------------------------------------------------------------
+# loaders: (name, root, resolution) -> Raw
+
+
+def _digits(name: str, root: Path, resolution: int | None) -> Raw:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): no network needed."""
     from sklearn.datasets import load_digits
 
@@ -113,16 +272,342 @@ def _digits(cfg: DataCfg, root: Path) -> Raw:
                AugmentCfg(crop="pad", flip=False, rotate=10.0, jitter=0.0))
 
 
-LOADERS: dict[str, Callable[[DataCfg, Path], Raw]] = {
+# CIFAR: the official python-format archives (what torchvision also downloads).
+CIFAR = {
+    "cifar10": (Remote("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                       md5="c58f30108f718f92721af3b95e74349a"),
+                "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", b"labels", b"label_names"),
+    "cifar100": (Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+                        md5="eb9058c3a382ffc7106e4002c42a8d85"),
+                 "cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+CIFAR_AUGMENT = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
+
+
+def _unpickle(name: str, path: Path) -> dict:
+    if not path.is_file():
+        raise SearchError(f"data.dataset '{name}': {path} is missing from {path.parent}; delete that folder and "
+                          "run `python -m search prefetch RECIPE` to unpack the archive again")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")  # noqa: S301 - the official CIFAR format is pickle
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise _unreadable(name, path, e) from None
+
+
+def _cifar_split(name: str, folder: Path, files: list[str], label_key: bytes) -> Split:
+    xs, ys = [], []
+    for f in files:
+        d = _unpickle(name, folder / f)
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+
+def _cifar(name: str, root: Path, resolution: int | None) -> Raw:
+    """CIFAR-10/100 from the official python batches; the official test split, val carved from train."""
+    remote, folder_name, train_files, test_files, meta_file, label_key, names_key = CIFAR[name]
+    folder = root / folder_name
+    if not folder.is_dir():
+        archive = fetch(name, remote, root)
+        verify(name, remote, archive)
+
+        def unpack(tmp: Path) -> None:
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(tmp / "archive", filter="data")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise _unreadable(name, archive, e) from None
+            inner = tmp / "archive" / folder_name
+            if not inner.is_dir():
+                raise _unreadable(name, archive, FileNotFoundError(f"no {folder_name}/ inside"))
+            for f in inner.iterdir():
+                os.replace(f, tmp / f.name)
+            shutil.rmtree(tmp / "archive")
+
+        _atomic_dir(folder, unpack)
+    meta = _unpickle(name, folder / meta_file)
+    classes = tuple(c.decode() for c in meta[names_key])
+    train = _cifar_split(name, folder, train_files, label_key)
+    test = _cifar_split(name, folder, test_files, label_key)
+    return Raw(train, None, test, classes, "semantic", CIFAR_AUGMENT)
+
+
+# MedMNIST 2-D (v3 record on Zenodo): per set, class names, md5 per size (28, 64, 128, 224), default flip.
+# Flips are off where left and right are anatomy (CT organs, chest X-rays) or the scan has an up.
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
+MEDMNIST_SIZES = (28, 64, 128, 224)
+MEDMNIST: dict[str, tuple[tuple[str, ...], tuple[str, str, str, str], bool]] = {
+    "pathmnist": (("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+                  ("a8b06965200029087d5bd730944a56c1", "55aa9c1e0525abe5a6b9d8343a507616",
+                   "ac42d08fb904d92c244187169d1fd1d9", "2c51a510bcdc9cf8ddb2af93af1eadec"), True),
+    "dermamnist": (("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                    "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                    "vascular lesions"),
+                   ("0744692d530f8e62ec473284d019b0c7", "b70a2f5635c6199aeaa28c31d7202e1f",
+                    "2defd784463fa5243564e855ed717de1", "8974907d8e169bef5f5b96bc506ae45d"), True),
+    "octmnist": (("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+                 ("c68d92d5b585d8d81f7112f81e2d0842", "e229e9440236b774d9f0dfef9d07bdaf",
+                  "0a97e76651ace45c5d943ee3f65b63ae", "abc493b6d529d5de7569faaef2773ba3"), False),
+    "pneumoniamnist": (("normal", "pneumonia"),
+                       ("28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6",
+                        "05b46931834c231683c68f40c47b2971", "d6a3c71de1b945ea11211b03746c1fe1"), False),
+    "retinamnist": (("0", "1", "2", "3", "4"),
+                    ("bd4c0672f1bba3e3a89f0e4e876791e4", "afda852cc34dcda56f86ad2b2457dbcc",
+                     "e48e916a24454daf90583d4e6efb1a18", "eae7e3b6f3fcbda4ae613ebdcbe35348"), False),
+    "breastmnist": (("malignant", "normal, benign"),
+                    ("750601b1f35ba3300ea97c75c52ff8f6", "742edef2a1fd1524b2efff4bd7ba9364",
+                     "363e4b3f8d712e9b5de15470a2aaadf1", "b56378a6eefa9fed602bb16d192d4c8b"), True),
+    "bloodmnist": (("basophil", "eosinophil", "erythroblast",
+                    "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte",
+                    "monocyte", "neutrophil", "platelet"),
+                   ("7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b",
+                    "adace1e0ed228fccda1f39692059dd4c", "b718ff6835fcbdb22ba9eacccd7b2601"), True),
+    "tissuemnist": (("Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
+                     "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes", "Podocytes",
+                     "Proximal Tubule Segments", "Thick Ascending Limb"),
+                    ("ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344",
+                     "61b955355d7425a89687b06cca3ce0c2", "b077128c4a949f0a4eb01517f9037b9c"), True),
+    "organamnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+                     "lung-left", "lung-right", "pancreas", "spleen"),
+                    ("68e3f8846a6bd62f0c9bf841c0d9eacc", "2dcccc29b88e6da5a01161ef20cda288",
+                     "eeae80d0a227a8d099027e1b3cfd3b60", "50747347e05c87dd3aaf92c49f9f3170"), False),
+    "organcmnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+                     "lung-left", "lung-right", "pancreas", "spleen"),
+                    ("b9ceb9546e10131b32923c5bbeaea2b1", "3ce34a8724ea6f548e6db4744d03b6a9",
+                     "773c1f009daa3fe5d9a2a201b2a7ed94", "050f5e875dc056f6768abf94ec9995d1"), False),
+    "organsmnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+                     "lung-left", "lung-right", "pancreas", "spleen"),
+                    ("9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3",
+                     "ded0c5fa01a95dc4978b956f613e9b8e", "b354719e553fbbb2513d5533f52a4cb1"), False),
+}
+MULTI_LABEL = {"chestmnist": "14 findings per chest X-ray"}
+
+
+def medmnist_file(name: str) -> str:
+    """'pathmnist' -> 'pathmnist.npz', 'pathmnist_224' -> 'pathmnist_224.npz' (the official names)."""
+    return f"{name}.npz"
+
+
+def _medmnist_parts(name: str) -> tuple[str, int]:
+    flag, _, size = name.partition("_")
+    return flag, int(size) if size else 28
+
+
+def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
+    """Stream every array of the .npz into an uncompressed (N, C, H, W) .npy, chunk by chunk.
+
+    The 224 px sets are ~16 GB decompressed: never hold one in memory.
+    """
+    try:
+        with zipfile.ZipFile(npz) as z:
+            for member in z.namelist():
+                key = member.removesuffix(".npy")
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                             else np.lib.format.read_array_header_2_0(f))
+                    if fortran:
+                        raise ValueError(f"{member} is Fortran-ordered")
+                    images = key.endswith("_images")
+                    target = (shape[0], 1, *shape[1:3]) if images and len(shape) == 3 else shape
+                    if images and len(shape) == 4:
+                        target = (shape[0], shape[3], shape[1], shape[2])
+                    dst = np.lib.format.open_memmap(out / f"{key}.npy", mode="w+", dtype=dtype, shape=target)
+                    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                    per = max(1, (64 << 20) // max(row, 1))
+                    for i in range(0, shape[0], per):
+                        k = min(per, shape[0] - i)
+                        buf = f.read(k * row)
+                        if len(buf) != k * row:
+                            raise EOFError(f"{member} ends after {i + len(buf) // row} of {shape[0]} rows")
+                        a = np.frombuffer(buf, dtype=dtype).reshape(k, *shape[1:])
+                        if images and len(shape) == 4:
+                            a = a.transpose(0, 3, 1, 2)
+                        elif images:
+                            a = a[:, None]
+                        dst[i : i + k] = a
+                    dst.flush()
+                    del dst
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
+        raise _unreadable(name, npz, e) from None
+
+
+def _medmnist(name: str, root: Path, resolution: int | None) -> Raw:
+    """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files."""
+    flag, size = _medmnist_parts(name)
+    classes, md5s, flip = MEDMNIST[flag]
+    remote = Remote(MEDMNIST_URL.format(file=medmnist_file(name)), medmnist_file(name),
+                    md5=md5s[MEDMNIST_SIZES.index(size)])
+    cache = root / f"{name}.npy"
+    if not cache.is_dir():
+        npz = fetch(name, remote, root)
+        _atomic_dir(cache, lambda tmp: _npz_to_npy(name, npz, tmp))
+    splits: dict[str, Split] = {}
+    for part in ("train", "val", "test"):
+        xi, yi = cache / f"{part}_images.npy", cache / f"{part}_labels.npy"
+        if not (xi.is_file() and yi.is_file()):
+            raise SearchError(f"data.dataset '{name}': {cache} has no {part}_images/{part}_labels; delete {cache} "
+                              "so that it is rebuilt from the .npz")
+        x = _mmap_tensor(xi)
+        labels = np.load(yi)
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            raise SearchError(f"data.dataset '{name}': labels are multi-label ({labels.shape[1]} per image); "
+                              "only single-label classification is supported")
+        splits[part] = Split(x, torch.from_numpy(labels.reshape(-1).astype(np.int64)))
+    aug = AugmentCfg(crop="pad", flip=flip, rotate=10.0, jitter=0.1)
+    return Raw(splits["train"], splits["val"], splits["test"], classes, "none", aug)
+
+
+def _multi_label(name: str, root: Path, resolution: int | None) -> Raw:
+    flag, _ = _medmnist_parts(name)
+    raise SearchError(
+        f"data.dataset '{name}': {flag} is multi-label ({MULTI_LABEL[flag]}), and this harness trains "
+        f"single-label classifiers; pick a single-label MedMNIST set ({one_of(MEDMNIST)}) or relabel it as "
+        "folder:PATH"
+    )
+
+
+# Galaxy10 DECals (astroNN): 17,736 RGB 256x256 galaxies in 10 classes, one file, no official split.
+GALAXY10 = Remote("https://www.astro.utoronto.ca/~hleung/shared/Galaxy10/Galaxy10_DECals.h5",
+                  "Galaxy10_DECals.h5",
+                  sha256="19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571")
+GALAXY10_CLASSES = ("Disturbed", "Merging", "Round Smooth", "In-between Round Smooth", "Cigar Shaped Smooth",
+                    "Barred Spiral", "Unbarred Tight Spiral", "Unbarred Loose Spiral", "Edge-on without Bulge",
+                    "Edge-on with Bulge")
+
+
+def _h5_to_npy(name: str, h5: Path, out: Path) -> None:
+    import h5py
+
+    try:
+        with h5py.File(h5, "r") as f:
+            images, ans = f["images"], f["ans"]
+            n = images.shape[0]
+            if images.ndim != 4 or images.shape[3] != 3 or len(ans) != n:
+                raise ValueError(f"expected images (N, H, W, 3) and ans (N,), got {images.shape} and {ans.shape}")
+            dst = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
+                                            shape=(n, 3, images.shape[1], images.shape[2]))
+            for i in range(0, n, 512):
+                dst[i : i + 512] = np.asarray(images[i : i + 512], dtype=np.uint8).transpose(0, 3, 1, 2)
+            dst.flush()
+            del dst
+            np.save(out / "labels.npy", np.asarray(ans[:], dtype=np.int64))
+    except (OSError, KeyError, ValueError) as e:
+        raise _unreadable(name, h5, e) from None
+
+
+def _galaxy10(name: str, root: Path, resolution: int | None) -> Raw:
+    """Galaxy10 DECals; train/val/test are stratified seeded carve-outs (load_data)."""
+    cache = root / "Galaxy10_DECals.npy"
+    if not cache.is_dir():
+        h5 = fetch(name, GALAXY10, root)
+        _atomic_dir(cache, lambda tmp: _h5_to_npy(name, h5, tmp))
+    x = _mmap_tensor(cache / "images.npy")
+    y = torch.from_numpy(np.load(cache / "labels.npy"))
+    # Galaxies have no up, left or right: flips and any rotation keep the class.
+    return Raw(Split(x, y), None, None, GALAXY10_CLASSES, "none",
+               AugmentCfg(crop="pad", flip=True, rotate=180.0, jitter=0.1))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _folder_split(name: str, folder: Path, classes: tuple[str, ...] | None,
+                  resolution: int | None) -> tuple[Split, tuple[str, ...]]:
+    from PIL import Image
+
+    found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise SearchError(f"data.dataset '{name}': {folder} has class folders {unknown} that train/ lacks; "
+                          f"classes are {one_of(classes)}")
+    if len(classes) < 2:
+        raise SearchError(f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), "
+                          f"found {len(classes)}")
+    images, labels, files = [], [], []
+    for k, c in enumerate(classes):
+        d = folder / c
+        for p in sorted(d.iterdir()) if d.is_dir() else []:
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                    images.append(im.copy())
+            except OSError as e:
+                raise _unreadable(name, p, e) from None
+            labels.append(k)
+            files.append(p)
+    if not images:
+        raise SearchError(f"data.dataset '{name}': no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
+    mode = "L" if gray else "RGB"
+    if resolution is None:
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            a, b = sorted(sizes)[:2]
+            raise SearchError(f"data.dataset '{name}': images under {folder} differ in size ({a[0]}x{a[1]}, "
+                              f"{b[0]}x{b[1]}, ...); set data.resolution to resize them to one square size")
+    arrays = []
+    for im in images:
+        im = im.convert(mode)
+        if resolution is not None:
+            # Shorter side to `resolution`, then a centre crop: square images without distortion.
+            w, h = im.size
+            s = resolution / min(w, h)
+            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(arrays))
+    return Split(x, torch.tensor(labels, dtype=torch.int64)), classes
+
+
+def _folder(name: str, root: Path, resolution: int | None) -> Raw:
+    """`folder:PATH`: one sub-folder per class, or train/ (val/, test/) each with class sub-folders."""
+    path = Path(name.removeprefix("folder:")).expanduser()
+    if not path.is_dir():
+        raise SearchError(f"data.dataset '{name}': {path} is not a directory; expected PATH/CLASS/IMAGE files "
+                          "or PATH/train/CLASS/IMAGE (optionally val/ and test/)")
+    if (path / "train").is_dir():
+        train, classes = _folder_split(name, path / "train", None, resolution)
+        val = _folder_split(name, path / "val", classes, resolution)[0] if (path / "val").is_dir() else None
+        test = _folder_split(name, path / "test", classes, resolution)[0] if (path / "test").is_dir() else None
+    else:
+        (train, classes), val, test = _folder_split(name, path, None, resolution), None, None
+    if val is not None and train.x.shape[1:] != val.x.shape[1:]:
+        raise SearchError(f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
+                          f"{tuple(val.x.shape[1:])}; set data.resolution to resize all to one size")
+    # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
+    return Raw(train, val, test, classes, "unknown", AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0))
+
+
+LOADERS: dict[str, Callable[[str, Path, int | None], Raw]] = {
     "digits": _digits,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "galaxy10": _galaxy10,
+    "folder": _folder,
+    **{flag if size == 28 else f"{flag}_{size}": _medmnist for flag in MEDMNIST for size in MEDMNIST_SIZES},
+    **{flag if size == 28 else f"{flag}_{size}": _multi_label for flag in MULTI_LABEL for size in MEDMNIST_SIZES},
 }
 
 
 def dataset_names() -> list[str]:
-    return [*LOADERS, "folder:PATH"]
+    """Every name `data.dataset` accepts, MedMNIST sizes folded (`pathmnist[_64|_128|_224]`)."""
+    sizes = "[" + "|".join(f"_{s}" for s in MEDMNIST_SIZES[1:]) + "]"
+    plain = [k for k in LOADERS if k != "folder" and _medmnist_parts(k)[0] not in {**MEDMNIST, **MULTI_LABEL}]
+    return [*plain, *(f"{flag}{sizes}" for flag in MEDMNIST), "folder:PATH"]
 
 
-def loader_for(name: str) -> Callable[[DataCfg, Path], Raw]:
+def loader_for(name: str) -> Callable[[str, Path, int | None], Raw]:
     key = "folder" if name.startswith("folder:") else name
     if key not in LOADERS:
         raise SearchError(
@@ -132,14 +617,21 @@ def loader_for(name: str) -> Callable[[DataCfg, Path], Raw]:
 
 
 @lru_cache(maxsize=4)
-def _raw(cfg: DataCfg) -> Raw:
+def _raw(name: str, root: Path, resolution: int | None) -> Raw:
     """Decode once per process: every trial of this worker reuses the tensors."""
-    return loader_for(cfg.dataset)(cfg, data_root(cfg))
+    return loader_for(name)(name, root, resolution)
+
+
+def load_raw(cfg: DataCfg) -> Raw:
+    """The loader's official splits, fetched and unpacked on first use (what `prefetch` calls)."""
+    folder = cfg.dataset.startswith("folder:")
+    # Only image folders are decoded at a chosen size; other sets ignore data.resolution here.
+    return _raw(cfg.dataset, data_root(cfg), cfg.resolution if folder else None)
 
 
 def load_data(cfg: DataCfg, seed: int = 0) -> Data:
     """The dataset with train/val/test splits: official ones where they exist, else stratified carve-outs."""
-    raw = _raw(cfg)
+    raw = load_raw(cfg)
     train, val, test = raw.train, raw.val, raw.test
     if test is None:
         keep, out = stratified_split(train.y, cfg.test_split, seed)

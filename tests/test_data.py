@@ -1,0 +1,312 @@
+"""Datasets in their real on-disk formats, written tiny, loaded through search.data; only the network is mocked."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import sqlite3
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from search import data
+from search.data import Remote, load_data
+from search.errors import SearchError
+from search.recipe import DataCfg
+from tests.conftest import run_cli, write_recipe
+
+# ---------------------------------------------------------------------------
+# writers of the official formats
+
+
+def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
+    """cifar-10-batches-py/ as in the official archive: pickled dicts with bytes keys."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    for i, n in enumerate([per_batch] * 5 + [test]):
+        d = {b"batch_label": b"x", b"labels": [int(v) for v in np.arange(n) % 10],
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"f.png"] * n}
+        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(pickle.dumps(d, protocol=2))
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in (("train", n_train), ("test", n_test)):
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"fine_labels": [int(v) for v in np.arange(n) % 100], b"coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    meta = {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": [b"x"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+def write_medmnist(path: Path, size: int, channels: int, classes: int, counts=(30, 10, 12)) -> dict:
+    """An official-style .npz: uint8 images (N, H, W[, 3]) and labels (N, 1)."""
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for part, n in zip(("train", "val", "test"), counts, strict=True):
+        shape = (n, size, size, 3) if channels == 3 else (n, size, size)
+        arrays[f"{part}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{part}_labels"] = (np.arange(n) % classes).astype(np.uint8)[:, None]
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def write_galaxy10(path: Path, per_class: int = 10, size: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    n = 10 * per_class
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        f["images"] = images
+        f["ans"] = (np.arange(n) % 10).astype(np.uint8)
+        f["ra"] = np.zeros(n)
+    return images
+
+
+def write_folder(root: Path, classes=("cat", "dog"), n=4, size=(12, 10), mode="RGB") -> None:
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            value = 40 * k + i
+            Image.new(mode, size, value if mode == "L" else (value, 0, 255 - value)).save(root / c / f"{i}.png")
+
+
+def cfg(name: str, root: Path, **kw) -> DataCfg:
+    return DataCfg(dataset=name, root=str(root), **kw)
+
+
+@pytest.fixture
+def offline_network(monkeypatch):
+    """No network at all: a download attempt is a test failure."""
+    monkeypatch.setattr(data, "_network_up", lambda host: False)
+    monkeypatch.setattr(data, "_open_url", lambda url, timeout=60.0: pytest.fail(f"tried to download {url}"))
+
+
+# ---------------------------------------------------------------------------
+# loaders
+
+
+def test_cifar10_official_batches(tmp_path, offline_network):
+    folder = write_cifar10(tmp_path)
+    d = load_data(cfg("cifar10", tmp_path, val_split=0.2), seed=0)
+    assert d.classes[:3] == ("airplane", "automobile", "bird") and d.num_classes == 10
+    assert d.overlap == "semantic"
+    assert d.train.x.dtype == torch.uint8 and d.train.x.shape[1:] == (3, 32, 32)
+    assert len(d.test) == 30  # the official test batch, untouched
+    assert len(d.train) + len(d.val) == 100 and len(d.val) == 20
+    assert torch.bincount(d.val.y, minlength=10).tolist() == [2] * 10  # stratified
+    batch = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    assert torch.equal(d.test.x[5], torch.from_numpy(batch[b"data"][5].reshape(3, 32, 32)))
+    assert d.test.y.tolist() == batch[b"labels"]
+    assert (d.augment.crop, d.augment.flip) == ("pad", True)
+
+
+def test_cifar100_fine_labels(tmp_path, offline_network):
+    write_cifar100(tmp_path)
+    d = load_data(cfg("cifar100", tmp_path), seed=0)
+    assert d.num_classes == 100 and d.classes[7] == "c7"
+    assert len(d.test) == 20 and d.test.y.tolist() == list(range(20))
+
+
+@pytest.mark.parametrize("name, size, channels, flip", [("pathmnist", 28, 3, True), ("organamnist_64", 64, 1, False)])
+def test_medmnist_npz_official_splits_and_mmap_cache(tmp_path, offline_network, name, size, channels, flip):
+    classes = 9 if name == "pathmnist" else 11
+    arrays = write_medmnist(tmp_path / f"{name}.npz", size, channels, classes)
+    d = load_data(cfg(name, tmp_path), seed=0)
+    assert (len(d.train), len(d.val), len(d.test)) == (30, 10, 12)
+    assert d.train.x.shape == (30, channels, size, size) and d.train.x.dtype == torch.uint8
+    want = arrays["val_images"].transpose(0, 3, 1, 2) if channels == 3 else arrays["val_images"][:, None]
+    assert np.array_equal(d.val.x.numpy(), want)
+    assert d.test.y.tolist() == arrays["test_labels"][:, 0].tolist()
+    assert d.num_classes == classes and d.overlap == "none" and d.augment.flip is flip
+    if name == "pathmnist":
+        assert d.classes[0] == "adipose"
+    # Unpacked once into uncompressed .npy files that later processes map instead of decompressing.
+    cache = tmp_path / f"{name}.npy"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{k}.npy" for k in arrays)
+    assert isinstance(np.load(cache / "train_images.npy", mmap_mode="r"), np.memmap)
+
+
+def test_medmnist_multi_label_is_refused(tmp_path):
+    with pytest.raises(SearchError, match=r"chestmnist_224'.*multi-label \(14 findings.*single-label.*pathmnist"):
+        load_data(cfg("chestmnist_224", tmp_path))
+
+
+def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network):
+    write_medmnist(tmp_path / "bloodmnist.npz", 28, 3, 8)
+    blob = (tmp_path / "bloodmnist.npz").read_bytes()
+    (tmp_path / "bloodmnist.npz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(SearchError, match=r"cannot read .*bloodmnist.npz.*delete it and run `python -m search prefetch"):
+        load_data(cfg("bloodmnist", tmp_path))
+    assert not (tmp_path / "bloodmnist.npy").exists()  # no half-built cache left behind
+
+
+def test_galaxy10_h5_stratified_seeded_splits(tmp_path, offline_network):
+    images = write_galaxy10(tmp_path / "Galaxy10_DECals.h5")
+    c = cfg("galaxy10", tmp_path, val_split=0.2, test_split=0.2)
+    a, b, other = load_data(c, seed=0), load_data(c, seed=0), load_data(c, seed=5)
+    assert a.classes[2] == "Round Smooth" and a.overlap == "none" and a.augment.rotate == 180.0
+    assert (len(a.train), len(a.val), len(a.test)) == (60, 20, 20)
+    for split in (a.train, a.val, a.test):
+        counts = torch.bincount(split.y, minlength=10)
+        assert counts.min() == counts.max()  # every class in the same share
+    assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, other.val.x)
+    # Pixels survive the (N, H, W, 3) -> (N, 3, H, W) cache: find a val image in the source.
+    src = torch.from_numpy(images).permute(0, 3, 1, 2)
+    assert any(torch.equal(a.val.x[0], s) for s in src)
+    assert not set(map(bytes, a.test.x.numpy())) & set(map(bytes, a.train.x.numpy()))
+
+
+def test_max_samples_subsamples_stratified(tmp_path, offline_network):
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=20)
+    d = load_data(cfg("galaxy10", tmp_path, max_samples=50), seed=0)
+    assert len(d.train) == 50 and torch.bincount(d.train.y).tolist() == [5] * 10
+
+
+def test_image_folder_with_splits(tmp_path):
+    write_folder(tmp_path / "train", n=5)
+    write_folder(tmp_path / "val", n=2)
+    write_folder(tmp_path / "test", n=1)
+    d = load_data(DataCfg(dataset=f"folder:{tmp_path}"), seed=0)
+    assert d.classes == ("cat", "dog") and d.overlap == "unknown"
+    assert d.train.x.shape == (10, 3, 10, 12) and (len(d.val), len(d.test)) == (4, 2)  # given splits kept
+    assert d.val.y.tolist() == [0, 0, 1, 1]
+    assert d.train.x[5, :, 0, 0].tolist() == [40, 0, 215]  # dog/0.png's colour
+
+
+def test_image_folder_flat_gray_and_resized(tmp_path):
+    write_folder(tmp_path, classes=("a", "b", "c"), n=6, size=(20, 16), mode="L")
+    d = load_data(DataCfg(dataset=f"folder:{tmp_path}", resolution=8), seed=0)
+    assert d.in_chans == 1 and d.train.x.shape[1:] == (1, 8, 8)
+    assert len(d.train) + len(d.val) + len(d.test) == 18
+
+
+def test_image_folder_mixed_sizes_need_a_resolution(tmp_path):
+    write_folder(tmp_path, classes=("a", "b"), n=2)
+    Image.new("RGB", (30, 30)).save(tmp_path / "a" / "big.png")
+    with pytest.raises(SearchError, match=r"differ in size.*set data.resolution"):
+        load_data(DataCfg(dataset=f"folder:{tmp_path}"))
+
+
+def test_unknown_dataset_suggests_a_name():
+    with pytest.raises(SearchError, match=r"unknown dataset 'cifar-10'.*allowed: .*pathmnist\[_64\|_128\|_224\].*folder:PATH"):
+        load_data(DataCfg(dataset="cifar-10"))
+
+
+# ---------------------------------------------------------------------------
+# fetching: missing, offline, checksums, retries
+
+
+def cifar_archive(tmp_path: Path) -> bytes:
+    src = tmp_path / "src"
+    write_cifar10(src, per_batch=10, test=10)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return buf.getvalue()
+
+
+def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCH_OFFLINE", "1")
+    monkeypatch.setattr(data, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("pathmnist_224", tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "pathmnist_224.npz") in msg and "python -m search prefetch RECIPE" in msg
+    assert "\n" not in msg
+
+
+def test_missing_dataset_without_network(tmp_path, offline_network):
+    with pytest.raises(SearchError, match=r"Galaxy10_DECals.h5 is missing \(no network: www.astro.utoronto.ca unreachable\)"):
+        load_data(cfg("galaxy10", tmp_path))
+
+
+def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
+    calls: list[str] = []
+
+    def open_url(url, timeout=60.0):
+        calls.append(url)
+        if len(calls) <= fail_first:
+            raise urllib.error.URLError("connection reset")
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(data, "_network_up", lambda host: True)
+    monkeypatch.setattr(data, "_open_url", open_url)
+    monkeypatch.setattr(data.time, "sleep", lambda s: None)
+    return calls
+
+
+def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
+    blob = cifar_archive(tmp_path)
+    remote = data.CIFAR["cifar10"][0]
+    good = Remote(remote.url, remote.file, md5=hashlib.md5(blob).hexdigest())
+    monkeypatch.setitem(data.CIFAR, "cifar10", (good, *data.CIFAR["cifar10"][1:]))
+    calls = fake_network(monkeypatch, blob, fail_first=2)
+    root = tmp_path / "root"
+    d = load_data(cfg("cifar10", root), seed=0)
+    assert calls == [remote.url] * 3  # two failures retried
+    assert len(d.test) == 10 and len(d.train) + len(d.val) == 50
+    assert (root / "cifar-10-python.tar.gz").read_bytes() == blob
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"not the archive")
+    root = tmp_path / "root"
+    with pytest.raises(SearchError, match=r"has md5 [0-9a-f]{32}, expected c58f30108f718f92721af3b95e74349a; the download was discarded"):
+        load_data(cfg("cifar10", root))
+    assert list(root.iterdir()) == []  # neither the file nor a .part
+
+
+def test_corrupt_local_archive_is_moved_aside(tmp_path, offline_network):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(SearchError, match=r"cifar-100-python.tar.gz has md5 .* expected eb9058c3a382ffc7106e4002c42a8d85; moved it to .*\.corrupt"):
+        load_data(cfg("cifar100", tmp_path))
+    assert not (tmp_path / "cifar-100-python.tar.gz").exists()
+    assert (tmp_path / "cifar-100-python.tar.gz.corrupt").exists()
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCH_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.data_root(DataCfg(root=str(tmp_path / "r"))) == tmp_path / "r"
+    assert data.data_root(DataCfg()) == tmp_path / "env"
+    monkeypatch.delenv("SEARCH_DATA")
+    assert data.data_root(DataCfg()) == tmp_path / "cache" / "search" / "data"
+
+
+# ---------------------------------------------------------------------------
+# end to end
+
+
+def test_one_trial_on_tiny_cifar10_through_the_cli(tmp_path):
+    write_cifar10(tmp_path / "data", per_batch=16, test=20)
+    recipe = {
+        "study": {"name": "tinycifar", "n_trials": 1, "sampler": {"name": "random"}, "pruner": "none"},
+        "data": {"dataset": "cifar10", "root": str(tmp_path / "data")},
+        "pool": ["mini_cnn"],
+        "space": {"overrides": {"batch_size": [16], "lr": 0.003, "optimizer": "adamw"}},
+        "train": {"epochs": 1},
+        "hardware": {"device": "cpu"},
+    }
+    write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cli("run", "r.yaml", cwd=tmp_path, env={"SEARCH_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "cifar10: " in proc.stdout
+    with sqlite3.connect(tmp_path / "studies" / "tinycifar.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+    assert states == ["COMPLETE"]
