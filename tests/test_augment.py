@@ -1,0 +1,125 @@
+"""Batched augmentation: what it must keep (order, labels, range, shapes, seeds) and what it must change."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search.augment import AugmentCfg, augment, eval_input, normalize, sampling_grid, shift_flip
+
+CFGS = {
+    "pad": AugmentCfg(crop="pad", flip=True),
+    "pad_rotate_jitter": AugmentCfg(crop="pad", flip=True, rotate=15, jitter=0.3),
+    "resized": AugmentCfg(crop="resized", flip=True, rotate=10, jitter=0.2),
+    "none": AugmentCfg(crop="none", flip=False),
+}
+
+
+def images(n: int = 16, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CFGS)
+@pytest.mark.parametrize("c, size, out", [(3, 32, 32), (1, 28, 64), (3, 40, 24)])
+def test_shapes_range_and_seeded_determinism(name, c, size, out):
+    x = images(c=c, size=size)
+    a = augment(x, CFGS[name], out, torch.Generator().manual_seed(1))
+    b = augment(x, CFGS[name], out, torch.Generator().manual_seed(1))
+    assert a.shape == (16, c, out, out) and a.dtype == torch.float32
+    assert 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b)
+    if name != "none":
+        assert not torch.equal(a, augment(x, CFGS[name], out, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("name", ["pad", "pad_rotate_jitter", "resized"])
+def test_two_epochs_see_different_crops(name):
+    x = images()
+    gen = torch.Generator().manual_seed(0)
+    first, second = augment(x, CFGS[name], 32, gen), augment(x, CFGS[name], 32, gen)
+    differs = (first - second).abs().flatten(1).amax(1) > 0
+    assert differs.float().mean() > 0.8
+
+
+def test_sample_order_and_so_labels_are_kept():
+    # Constant images whose value encodes the label: the centre pixel survives any crop, flip, small rotation.
+    labels = torch.arange(10)
+    x = (labels * 25).to(torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
+    for cfg in CFGS.values():
+        out = augment(x, AugmentCfg(cfg.crop, cfg.flip, cfg.rotate, 0.0), 32, torch.Generator().manual_seed(0))
+        centre = (out[:, 0, 16, 16] * 255).round().long()
+        assert centre.tolist() == (labels * 25).tolist()
+
+
+def test_pad_crop_is_an_exact_integer_shift():
+    x = images(n=6, size=16)
+    cfg = AugmentCfg(crop="pad", flip=False, pad_fraction=0.125)  # pad 2
+    out = shift_flip(x, 2, cfg, torch.Generator().manual_seed(3))
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        windows = [padded[i, :, dy : dy + 16, dx : dx + 16] for dy, dx in itertools.product(range(5), range(5))]
+        assert any(torch.equal(out[i], w) for w in windows)
+    # And through augment: the same pixels, scaled to [0, 1].
+    a = augment(x, cfg, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(a, out.float() / 255) or torch.allclose(a, out.float() / 255, atol=1e-7)
+
+
+def test_flip_mirrors_about_half_the_batch():
+    x = images(n=64, size=8)
+    out = shift_flip(x, 0, AugmentCfg(crop="none", flip=True), torch.Generator().manual_seed(0))
+    same = [torch.equal(o, i) for o, i in zip(out, x, strict=True)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 16 < sum(mirrored) < 48
+
+
+def test_no_flip_when_switched_off():
+    x = images(n=32, size=8)
+    out = augment(x, AugmentCfg(crop="none", flip=False), 8)
+    assert torch.allclose(out, x.float() / 255, atol=1e-7, rtol=0)
+
+
+def test_jitter_is_brightness_times_value_on_flat_images():
+    # On a constant image contrast has no effect: the output is brightness * value, brightness in [1-j, 1+j].
+    x = torch.full((200, 1, 4, 4), 100, dtype=torch.uint8)
+    out = augment(x, AugmentCfg(crop="none", flip=False, jitter=0.4), 4, torch.Generator().manual_seed(0))
+    factor = out * 255 / 100
+    assert torch.allclose(factor, factor[:, :, :1, :1].expand_as(factor), atol=1e-5)  # one factor per image
+    assert 0.6 - 1e-5 <= factor.min() < 0.7 and 1.3 < factor.max() <= 1.4 + 1e-5
+
+
+def test_sampling_grid_matches_affine_grid():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for size in (7, 32):
+        want = F.affine_grid(theta, [5, 3, size, size], align_corners=False)
+        assert torch.allclose(sampling_grid(theta, size), want, atol=1e-6)
+
+
+def test_normalize_formula_and_memory_format():
+    x = torch.rand(2, 3, 5, 5)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    out = normalize(x, mean, std, channels_last=True)
+    want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(out, want, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert normalize(x, mean, std, channels_last=False).is_contiguous()
+    with pytest.raises(ValueError, match="3 channels but mean/std have 1/1"):
+        normalize(x, (0.5,), (0.5,), channels_last=False)
+
+
+def test_eval_input_is_deterministic_and_resized():
+    x = images(n=4, size=28)
+    a = eval_input(x, 32)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, eval_input(x, 32))
+    assert torch.equal(eval_input(x, 28), x.float() / 255) or torch.allclose(eval_input(x, 28), x.float() / 255)
+
+
+def test_scaled_strength():
+    cfg = AugmentCfg(crop="resized", flip=True, rotate=20, jitter=0.4, min_scale=0.5)
+    zero = cfg.scaled(0)
+    assert (zero.rotate, zero.jitter, zero.pad_fraction, zero.min_scale) == (0, 0, 0, 1)
+    assert cfg.scaled(1) == cfg
+    assert cfg.scaled(2).rotate == 40 and cfg.scaled(2).min_scale == 0.0
