@@ -138,10 +138,9 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             print(f"{e.label}: {weights.fetch(e)}")
         else:
             print(f"{e.label}: no pretrained weights")
-    from search.data import load_data
+    from search.data import data_root, load_data
 
-    load_data(recipe.data, recipe.study.seed)
-    print(f"data {recipe.data.dataset}: ready")
+    print(f"data {load_data(recipe.data, recipe.study.seed).summary()}; cached under {data_root(recipe.data)}")
     return 0
 
 
