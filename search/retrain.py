@@ -26,8 +26,8 @@ from search import data as datamod
 from search.data import Data, Split
 from search.errors import SearchError
 from search.models import build_model, input_resolution
-from search.pool import parse_pool
-from search.recipe import Recipe
+from search.pool import PoolEntry, parse_pool
+from search.recipe import Recipe, TrainCfg
 from search.train import fit, predict, resolve_device
 
 
@@ -46,16 +46,19 @@ def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Stu
     return st.open_study(recipe, url), url
 
 
-def fixed_config(recipe: Recipe):
+def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     """(pool entry, train hyperparameters) of a recipe that searches nothing; SearchError otherwise."""
     entries = parse_pool(recipe.pool)
     sampled, fixed = space.resolve(recipe)
+    # A conditional parameter that does not take effect (momentum under adamw) is not a search.
+    sampled = [n for n, p in sampled.items() if p.when is None or p.when(fixed, entries[0])]
     if len(entries) != 1 or sampled:
         what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
         raise SearchError(f"retrain needs a recipe that fixes everything, found {what}; export one with "
                           "`python -m search best STUDY --out best.yaml`")
-    # No early stopping: with val merged into train there is nothing honest to stop on.
-    return entries[0], recipe.train.model_copy(update={**fixed, "patience": None})
+    # No early stopping: with val merged into train there is nothing honest to stop on. Validated, so
+    # integer fields get ints even where a fixed override was read as a float (batch_size 32.0).
+    return entries[0], TrainCfg.model_validate({**recipe.train.model_dump(), **fixed, "patience": None})
 
 
 def merge_train_val(data: Data) -> Data:

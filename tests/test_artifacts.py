@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import io
+import json
+import sys
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+import pytest
+import torch
+
+from search import artifacts
+from search.data import load_data
+from search.models import build_model
+from search.recipe import recipe_from_dict
+from search.study import load_stored, open_storage
+from search.train import FitResult, predict
+from tests.conftest import tiny_recipe
+
+
+def _get(app, path):
+    env = {}
+    setup_testing_defaults(env)
+    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
+    status = []
+    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
+    return status[0], body
+
+
+def test_study_dir_follows_the_storage_file(tmp_path):
+    assert artifacts.study_dir("x", artifacts.url_file("sqlite:///studies/x.db")) == artifacts.STUDIES / "x"
+    assert artifacts.study_dir("x", artifacts.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
+    assert artifacts.study_dir("x", artifacts.url_file("journal:///shared/j.log")) == artifacts.Path("/shared/x")
+    assert artifacts.study_dir("x", artifacts.url_file("postgresql+psycopg://u@h/db")) == artifacts.STUDIES / "x"
+    study = optuna.create_study(study_name="x", storage=open_storage(f"sqlite:///{tmp_path}/a/x.db", heartbeat=None))
+    assert artifacts.dir_of(study) == tmp_path / "a" / "x"
+
+
+def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
+    """Trials finish in an order where earlier leaders drop out; their checkpoint files are deleted."""
+    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 2}, data={"max_samples": 50}))
+    data = load_data(recipe.data, 0)
+    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    study = optuna.create_study(study_name="tiny", direction="maximize",
+                                storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None))
+    values = [0.5, 0.7, 0.6, 0.9, 0.4, 0.8]
+    for v in values:
+        trial = study.ask()
+        hist = [{"epoch": 1, "val_accuracy": v, "seconds": 0.1}]
+        res = FitResult("ok", "", 1, {"accuracy": v}, {"accuracy": v}, hist, state)
+        artifacts.after_fit(trial, recipe, model, recipe.train, data, res)
+        study.tell(trial, v)
+    store = artifacts.store_for(tmp_path / "tiny")
+    live = {t.number for t in study.get_trials() if artifacts.live_checkpoint(t, store)}
+    assert live == {3, 5}  # 0.9 and 0.8
+    # trial 4 (0.4) never entered the top 2: no checkpoint was written for it
+    assert [len(artifacts.checkpoint_meta(t)) for t in study.get_trials()] == [1, 1, 1, 1, 0, 1]
+    files = list((tmp_path / "tiny" / "artifacts").iterdir())
+    assert len(files) == len(values) + 2  # every history, two checkpoints
+    hist = [json.loads(store.open_reader(m.artifact_id).read()) for t in study.get_trials()
+            for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+            if m.filename.endswith(artifacts.HISTORY_SUFFIX)]
+    assert [h["history"][0]["val_accuracy"] for h in hist] == values
+
+
+def test_no_checkpoints_when_top_k_is_zero(tmp_path):
+    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 0}, data={"max_samples": 50}))
+    data = load_data(recipe.data, 0)
+    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
+    study = optuna.create_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None))
+    trial = study.ask()
+    artifacts.after_fit(trial, recipe, model, recipe.train, data,
+                        FitResult("ok", "", 1, {"accuracy": 1.0}, {"accuracy": 1.0}, [], model.state_dict()))
+    assert [p.suffix for p in (tmp_path / "tiny" / "artifacts").iterdir()] == [""]
+    assert artifacts.checkpoint_meta(study.get_trials()[0]) == []
+
+
+def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_study):
+    from optuna_dashboard import wsgi
+
+    url = f"sqlite:///{demo_study}/studies/tiny.db"
+    recipe, study = load_stored(url, "tiny")
+    best = study.best_trial
+    store = artifacts.store_for(demo_study / "studies" / "tiny")
+    app = wsgi(open_storage(url, heartbeat=None), artifact_store=store)
+    status, body = _get(app, f"/api/studies/{study._study_id}")
+    assert status.startswith("200")
+    trial = next(t for t in json.loads(body)["trials"] if t["number"] == best.number)
+    names = sorted(a["filename"] for a in trial["artifacts"])
+    assert names == [f"trial-{best.number}-best.pt", f"trial-{best.number}-history.json"]
+    ckpt_id = next(a["artifact_id"] for a in trial["artifacts"] if a["filename"].endswith(".pt"))
+    assert ckpt_id == best.user_attrs["checkpoint"]
+    status, body = _get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{ckpt_id}")
+    assert status.startswith("200") and len(body) > 10_000
+
+    model, ckpt = artifacts.load_checkpoint(body)
+    assert ckpt["trial"] == best.number and ckpt["epoch"] == best.user_attrs["best_epoch"]
+    assert ckpt["model"]["spec"] == "mini_cnn" and ckpt["model"]["dropout"] == best.params["dropout"]
+    # The served weights are the best epoch's: they score the trial's value on the validation split again.
+    data = load_data(recipe.data, recipe.study.seed)
+    info = model.info
+    logits = predict(model, data.val.x, info.resolution, info.mean, info.std, torch.device("cpu"), None, False)
+    acc = float((logits.argmax(1) == data.val.y).float().mean())
+    assert acc == pytest.approx(best.value, abs=1e-6)
+
+    status, body = _get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}")
+    assert status.startswith("404")

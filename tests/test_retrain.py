@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+import matplotlib.image
+import optuna
+import pytest
+import torch
+
+from search import artifacts, cli, retrain
+from search import data as datamod
+from search import study as st
+from search.data import Split
+from search.recipe import load_recipe, recipe_from_dict
+from search.train import predict
+from tests.conftest import tiny_recipe, write_recipe
+
+
+class SpySplit(Split):
+    """A split that records who reads its images or labels (file, function)."""
+
+    reads: list[tuple[str, str, str]] = []
+
+    def __getattribute__(self, name):
+        if name in ("x", "y"):
+            code = sys._getframe(1).f_code
+            SpySplit.reads.append((name, code.co_filename, code.co_name))
+        return object.__getattribute__(self, name)
+
+
+@pytest.fixture
+def spied_test_split(monkeypatch):
+    """Every Data the package loads carries a SpySplit as its test split."""
+    real = datamod.load_data
+    SpySplit.reads = []
+
+    def load_data(cfg, seed=0):
+        d = real(cfg, seed)
+        return replace(d, test=SpySplit(d.test.x, d.test.y))
+
+    monkeypatch.setattr(datamod, "load_data", load_data)
+    monkeypatch.setattr(st, "load_data", load_data)
+    return SpySplit.reads
+
+
+def test_best_then_retrain_reads_the_test_split_once(tmp_path, monkeypatch, spied_test_split, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 2}, data={"max_samples": 100}))
+    st.work(recipe, st.open_study(recipe), quiet=True)
+    assert [r for r in spied_test_split if r[2] != "__len__"] == []  # the search never read the test split
+
+    calls = []
+    real_eval = retrain.evaluate_test
+    monkeypatch.setattr(retrain, "evaluate_test", lambda *a: calls.append(1) or real_eval(*a))
+    assert cli.main(["best", "tiny", "--out", "best.yaml"]) == 0
+    assert cli.main(["retrain", "best.yaml"]) == 0
+    out = capsys.readouterr().out
+
+    assert len(calls) == 1
+    reads = [r for r in spied_test_split if r[2] != "__len__"]  # len() tells the size, not the data
+    assert reads and {(f, fn) for _, f, fn in reads} == {(retrain.__file__, "evaluate_test")}
+    assert {name for name, _, _ in reads} == {"x", "y"}
+
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    record = study.user_attrs["retrain"]
+    saved = json.loads((tmp_path / "studies/tiny/retrain/test_metrics.json").read_text())
+    assert record == saved
+    assert record["split"] == "test" and record["pool_label"] == "mini_cnn" and record["epochs"] == 2
+    assert set(record["test_metrics"]) == {"test_loss", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_auc"}
+    acc = record["test_metrics"]["test_accuracy"]
+    assert 0.0 <= acc <= 1.0 and f"test_accuracy {acc:.4f}" in out
+    best = study.best_trial
+    assert record["hyperparameters"]["lr"] == best.params["lr"]
+    png = tmp_path / "studies/tiny/retrain/confusion.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and matplotlib.image.imread(png).shape[0] > 100
+    names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(study)}
+    assert names == {"test_metrics.json", "confusion.png", "model.pt"}
+
+    # The final checkpoint is the evaluated model: it scores the recorded accuracy on the test split.
+    model, ckpt = artifacts.load_checkpoint(tmp_path / "studies/tiny/retrain/model.pt")
+    d = datamod.load_data(load_recipe(tmp_path / "best.yaml").data, 0)
+    info = model.info
+    logits = predict(model, d.test.x, info.resolution, info.mean, info.std, torch.device("cpu"), None, False)
+    assert float((logits.argmax(1) == d.test.y).float().mean()) == pytest.approx(acc, abs=1e-6)
+    assert len(d.test) == record["n_test"] == 269  # 15 % of 1,797 digits, stratified
+
+
+def test_retrain_refuses_a_recipe_that_still_searches(tmp_path):
+    f = write_recipe(tmp_path / "search.yaml", tiny_recipe(pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}]))
+    with pytest.raises(retrain.SearchError, match=r"found 2 pool entries; export one with `python -m search best"):
+        retrain.retrain(load_recipe(f))
+    with pytest.raises(retrain.SearchError, match=r"found sampled parameters lr, weight_decay, batch_size, dropout; export"):
+        retrain.retrain(load_recipe(write_recipe(tmp_path / "one.yaml", tiny_recipe())))
+
+
+def test_retrain_needs_its_origin_study(tmp_path):
+    f = write_recipe(tmp_path / "b.yaml", tiny_recipe(study={"name": "x-best", "origin": "x"}, space={
+        "preset": "quick", "overrides": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0, "batch_size": 32,
+                                         "dropout": 0.0, "momentum": None, "backbone_lr_mult": None}}))
+    with pytest.raises(retrain.SearchError, match="study.origin: no study 'x' in sqlite:///.*to record the test metrics on"):
+        retrain.retrain(load_recipe(f), storage=f"sqlite:///{tmp_path}/s.db")
