@@ -326,7 +326,7 @@ def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
         return storage._get_stale_trial_ids(study._study_id)  # type: ignore[attr-defined]
     now = time.time()
     return [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if now - max(t.user_attrs.get(HEARTBEAT_ATTR, 0.0), t.datetime_start.timestamp()) > older_than]
+            if now - (t.user_attrs.get(HEARTBEAT_ATTR) or t.datetime_start.timestamp()) > older_than]
 
 
 def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:

@@ -1,0 +1,204 @@
+"""Shared storages with real worker processes: PostgreSQL, MariaDB, SQLite, journal file, Redis.
+
+Each test gets a fresh database (or Redis key prefix), dropped afterwards. The servers come
+from SEARCH_TEST_POSTGRES_URL, SEARCH_TEST_MYSQL_URL and SEARCH_TEST_REDIS_URL (loopback
+defaults); without them the tests skip, except under CI (CI=true), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search import study as st
+from search.recipe import recipe_from_dict
+from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+
+SERVERS = {
+    "postgres": ("SEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "mysql": ("SEARCH_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+    "redis": ("SEARCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+}
+
+
+def _unavailable(kind: str, error: Exception) -> None:
+    var, default = SERVERS[kind]
+    msg = (f"no {kind} server at {st.mask(os.environ.get(var, default))} ({type(error).__name__}); "
+           f"set {var} to a URL of one")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI: storage test cannot run: {msg}")
+    pytest.skip(msg)
+
+
+@pytest.fixture(params=["postgres", "mysql"])
+def rdb_url(request):
+    """A fresh, empty database on the server; dropped afterwards."""
+    var, default = SERVERS[request.param]
+    admin = sqlalchemy.engine.make_url(os.environ.get(var, default))
+    name = f"search_test_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sqlalchemy.exc.OperationalError as e:
+        _unavailable(request.param, e)
+    yield admin.set(database=name).render_as_string(hide_password=False)
+    with engine.connect() as c:
+        force = " WITH (FORCE)" if request.param == "postgres" else ""
+        c.exec_driver_sql(f"DROP DATABASE {name}{force}")
+    engine.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    var, default = SERVERS["redis"]
+    url = os.environ.get(var, default)
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        _unavailable("redis", e)
+    prefix = f"search_test_{uuid.uuid4().hex[:10]}"
+    yield f"{url}?prefix={prefix}"
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def _workers(url: str, name: str, n: int, cwd) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_STORAGE": url}
+    return [subprocess.Popen([sys.executable, "-m", "search", "worker", "--study", name, "--no-report"], cwd=cwd,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+
+
+def _finish(procs, timeout=240) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout + stderr))
+    return out
+
+
+def _create(url: str, name: str, **over):
+    recipe = recipe_from_dict(tiny_recipe(name=name, **over))
+    return recipe, st.open_study(recipe, url)
+
+
+def _states(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_path):
+    n = 4
+    recipe, study = _create(rdb_url, "shared", study={"n_trials": n, "heartbeat": 1}, train={"epochs": 3})
+    procs = _workers(rdb_url, "shared", 3, tmp_path)
+    victim = None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline:  # a trial past its first epoch: kill its worker
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.intermediate_values and "worker" in t.user_attrs:
+                victim = t
+                break
+        time.sleep(0.2)
+    assert victim is not None, _finish(procs)
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    results = _finish(procs)
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [-signal.SIGKILL, 0, 0], results
+    trials = study.get_trials()
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].user_attrs["retry_of"] == victim.number
+    assert retries[0].params == dead.params
+    assert set(dead.intermediate_values.items()) <= set(retries[0].intermediate_values.items())
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n and len(st.counted(trials)) == n, _states(study)
+    assert retries[0] in complete or retries[0].user_attrs.get("fail_reason") == "study total reached"
+    assert all(t.user_attrs.get("fail_reason") == "study total reached" for t in trials
+               if t.state == TrialState.FAIL and t.number != victim.number)
+    assert not any("locked" in out or "Traceback" in out for rc, out in results if rc == 0), results
+    assert "password" not in str(study.user_attrs["recipe"])
+
+
+def test_sixteen_workers_on_one_sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path}/many.db"
+    write_recipe(tmp_path / "r.yaml", tiny_recipe(name="many", study={"n_trials": 16, "storage": url},
+                                                  data={"max_samples": 100}, train={"epochs": 1}))
+    proc = run_cli("run", "r.yaml", "--workers", "16", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "started 16 workers" in proc.stdout
+    assert "locked" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="many", storage=url)
+    trials = study.get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 16, _states(study)
+    assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) > 1
+    assert "leaderboard" in proc.stdout  # printed once, by the coordinator
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis"])
+def test_three_workers_on_journal_storage(kind, tmp_path, request):
+    url = f"journal:{tmp_path}/shared.log" if kind == "journal" else request.getfixturevalue("redis_url")
+    n = 4
+    recipe, study = _create(url, "journal", study={"n_trials": n}, train={"epochs": 1})
+    results = _finish(_workers(url, "journal", 3, tmp_path))
+    assert [rc for rc, _ in results] == [0, 0, 0], results
+    study = st.load_stored(url, "journal")[1]
+    trials = study.get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n, _states(study)
+    assert all(isinstance(t.user_attrs.get(st.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE)
+
+
+def test_fail_stale_command_fails_and_requeues_silent_trials(tmp_path, capsys):
+    from search.cli import main
+
+    url = f"journal:{tmp_path}/j.log"
+    recipe, study = _create(url, "stale", study={"n_trials": 2})
+    alive, dead = study.ask(), study.ask()
+    for t in (alive, dead):
+        t.suggest_float("lr", 0.002, 0.005)
+    storage = study._storage
+    storage.set_trial_user_attr(dead._trial_id, st.HEARTBEAT_ATTR, time.time() - 600)
+    storage.set_trial_user_attr(alive._trial_id, st.HEARTBEAT_ATTR, time.time())
+    assert main(["fail-stale", "--storage", url, "--study", "stale", "--older-than", "300"]) == 0
+    assert f"failed 1 stale trial(s): {dead.number}" in capsys.readouterr().out
+    trials = st.load_stored(url, "stale")[1].get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["fail_reason"] == st.STALE_REASON
+    assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == dead.number
+    assert len(st.counted(trials)) == 2  # the retry holds the dead trial's slot
+    assert main(["fail-stale", "--storage", url, "--study", "stale", "--older-than", "300"]) == 0
+    assert "failed 0 stale trial(s)" in capsys.readouterr().out
+
+
+def test_passwords_are_masked_and_never_stored(tmp_path, monkeypatch):
+    assert st.mask("postgresql+psycopg://u:s3cret@db:5432/x") == "postgresql+psycopg://u:***@db:5432/x"
+    assert st.mask("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert st.mask("mysql+pymysql://u:p@ss@h/x") == "mysql+pymysql://u:***@h/x"
+    assert st.mask("sqlite:///studies/a.db") == "sqlite:///studies/a.db"
+    from search.errors import SearchError
+
+    with pytest.raises(SearchError) as e:  # port 1: nothing listens
+        st.open_storage("postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
+    assert "s3cret" not in str(e.value) and "u:***@127.0.0.1:1" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("SEARCH_TEST_PW", "s3cret")
+    url = f"sqlite:///{tmp_path}/a.db?pw=${{SEARCH_TEST_PW}}"
+    assert st.expand(url).endswith("pw=s3cret")
+    recipe = recipe_from_dict(tiny_recipe(name="pw", study={"storage": "postgresql+psycopg://u:s3cret@h/x"}))
+    assert "s3cret" not in str(st.stored_form(recipe)) and "u:***@h" in str(st.stored_form(recipe))
+    assert "s3cret" not in st.resume_command(recipe, recipe.study.storage)
