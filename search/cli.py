@@ -45,9 +45,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     url = recipe.study.storage or st.default_storage(recipe.study.name)
+    workers = recipe.hardware.workers if args.workers is None else args.workers
+    if workers < 0:
+        raise SearchError(f"--workers {workers}: give 0 (only create the study) or more local worker processes")
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
-    workers = recipe.hardware.workers if args.workers is None else args.workers
     if workers == 0:
         print(f"study {recipe.study.name} is ready in {st.mask(url)}; start workers with:\n  {st.resume_command(recipe, url)}")
         return 0

@@ -319,7 +319,8 @@ def format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     """The first (most useful) pydantic error as one line."""
     errors = err.errors()
     # Union members produce one error each; prefer the one from the mapping form.
-    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), None) or next(
+        (x for x in errors if x["type"] != "string_type"), errors[0])  # a mapping's own error, not "not a string"
     loc = tuple(p for p in e["loc"] if p not in ("str", "PoolEntryCfg", "ParamCfg") and not str(p).startswith(("list[", "function-")))
     where = _loc(loc) or "recipe"
     bad = e.get("input")

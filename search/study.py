@@ -265,6 +265,9 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
 
 def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     """The recipe stored in an existing study (for workers and resumes)."""
+    path = storage_url.removeprefix("sqlite:///")
+    if storage_url.startswith("sqlite:///") and not Path(expand(path)).is_file():
+        raise SearchError(f"no study database at {path}; check --storage, or create the study with `search run RECIPE`")
     storage = open_storage(storage_url, heartbeat=None)
     try:
         summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
