@@ -1,0 +1,190 @@
+"""Seconds per epoch of `search.train.fit` against a minimal hand-written loop.
+
+Both loops get the same model (same initial weights), the same uint8 data
+already in memory (on the GPU when training there), the same batch size,
+AdamW at the same lr and weight decay, the same precision (bf16 autocast +
+channels_last on CUDA, float32 on CPU), the same batched augmentation
+(`search.augment.augment`, or none with --aug off) and one validation pass per
+epoch. `fit` additionally does what a trial needs: warm-up/cosine schedule,
+parameter groups, per-epoch metrics (accuracy, balanced accuracy, F1, AUC),
+records and the divergence check. Runs are interleaved (fit, minimal, fit,
+...) and the medians compared.
+
+    python scripts/bench_train.py                          # mini_cnn and resnet_18 at 32 px on the CPU
+    python scripts/bench_train.py --scale 4 --runs 5       # more images per epoch, more runs
+    python scripts/bench_train.py --device cuda --models resnet_18 --n 50000 --val 10000 --batch-size 512
+
+Acceptance: fit / minimal <= 1.10 for both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from search import augment  # noqa: E402
+from search.augment import AugmentCfg  # noqa: E402
+from search.data import Data, Split  # noqa: E402
+from search.models import build_model  # noqa: E402
+from search.recipe import TrainCfg  # noqa: E402
+from search.train import fit  # noqa: E402
+
+# images per epoch on the CPU: ResNet-18 at 32 px costs about 1 s per 64-image step on 2 cores
+DEFAULT_N = {"mini_cnn": 1024, "resnet_18": 256}
+NUM_CLASSES = 10
+RES = 32
+
+
+def random_data(n: int, n_val: int, aug: bool, seed: int = 0) -> Data:
+    """CIFAR-shaped random uint8 images (3 x 32 x 32) with 10 classes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k: int) -> Split:
+        return Split(torch.randint(0, 256, (k, 3, RES, RES), dtype=torch.uint8, generator=g),
+                     torch.randint(0, NUM_CLASSES, (k,), generator=g))
+
+    cfg = AugmentCfg(crop="pad", flip=True) if aug else AugmentCfg(crop="none", flip=False)
+    return Data("random", split(n), split(n_val), split(16), tuple(map(str, range(NUM_CLASSES))), "none", cfg, RES)
+
+
+def minimal_loop(model: nn.Module, data: Data, hp: TrainCfg, dev: torch.device) -> float:
+    """What one writes by hand: shuffle, augment, forward, cross-entropy, AdamW, then a validation pass.
+
+    Returns the validation accuracy of the last epoch (read once, like fit's single sync per epoch).
+    """
+    cuda = dev.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
+    fmt = torch.channels_last if cuda else torch.preserve_format
+    model.to(dev, memory_format=fmt)
+    info = model.info
+    x, y = data.train.x.to(dev), data.train.y.to(dev)
+    xv, yv = data.val.x.to(dev), data.val.y.to(dev)
+    amp = torch.bfloat16 if cuda else None
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=cuda or None)
+    bs = hp.batch_size
+    steps = len(y) // bs
+    plain = data.augment.crop == "none" and not data.augment.flip
+    acc = 0.0
+    for _ in range(hp.epochs):
+        model.train()
+        perm = torch.randperm(len(y), device=dev)
+        for i in range(steps):
+            idx = perm[i * bs : (i + 1) * bs]
+            xb = x[idx].float().div_(255) if plain else augment.augment(x[idx], data.augment, info.resolution)
+            xb = augment.normalize(xb, info.mean, info.std, cuda)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                out = model(xb)
+            loss = F.cross_entropy(out.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        with torch.inference_mode():
+            for i in range(0, len(yv), 512):
+                xb = augment.normalize(augment.eval_input(xv[i : i + 512], info.resolution), info.mean, info.std, cuda)
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                    correct += (model(xb).argmax(1) == yv[i : i + 512]).sum()
+        acc = correct.item() / len(yv)
+    return acc
+
+
+def timed(fn, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def bench(name: str, n: int, n_val: int, args: argparse.Namespace, dev: torch.device) -> float:
+    data = random_data(n, n_val, args.aug == "on")
+    if dev.type == "cuda":  # both loops start from data already on the device
+        data = Data(data.name, Split(data.train.x.to(dev), data.train.y.to(dev)),
+                    Split(data.val.x.to(dev), data.val.y.to(dev)), data.test, data.classes, data.overlap,
+                    data.augment, data.resolution)
+    torch.manual_seed(0)
+    proto = build_model({"model": name, "pretrained": False}, num_classes=NUM_CLASSES, in_chans=3, resolution=RES)
+    hp = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw", lr=1e-3, weight_decay=5e-4)
+
+    fit_ips: list[float] = []
+
+    def run_fit(cfg: TrainCfg) -> None:
+        res = fit(copy.deepcopy(proto), data, cfg, device=dev, seed=0, compile=args.compile)
+        fit_ips.append(statistics.mean(r["images_per_s"] for r in res.history))
+
+    def run_minimal(cfg: TrainCfg) -> None:
+        m = copy.deepcopy(proto)
+        if args.compile:
+            m = torch.compile(m, dynamic=False)
+            m.info = proto.info
+        minimal_loop(m, data, cfg, dev)
+
+    warm = hp.model_copy(update={"epochs": 1})  # kernels, allocator, autotuning (and compile) outside the timing
+    run_fit(warm)
+    run_minimal(warm)
+    fit_ips.clear()
+    t_fit, t_min = [], []
+    for _ in range(args.runs):
+        t_fit.append(timed(lambda: run_fit(hp), dev) / hp.epochs)
+        t_min.append(timed(lambda: run_minimal(hp), dev) / hp.epochs)
+    f, m = statistics.median(t_fit), statistics.median(t_min)
+    images = (n // min(args.batch_size, n)) * min(args.batch_size, n)
+    print(f"{name:<10} {n:>6} {args.batch_size:>5} {f:>10.3f} {m:>10.3f} {images / f:>9.0f} {images / m:>9.0f} "
+          f"{f / m:>6.3f}   runs fit {[round(t, 3) for t in t_fit]} minimal {[round(t, 3) for t in t_min]}; "
+          f"fit's own train-only images/s {statistics.median(fit_ips):.0f}", flush=True)
+    return f / m
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["mini_cnn", "resnet_18"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (cuda falls back to cpu with a warning)")
+    p.add_argument("--n", type=int, default=None, help=f"training images (default per model: {DEFAULT_N})")
+    p.add_argument("--val", type=int, default=None, help="validation images (default n / 4)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the default image counts")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs per loop (the median is reported)")
+    p.add_argument("--aug", choices=["on", "off"], default="on", help="batched pad-crop + flip in both loops")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-ratio", type=float, default=1.10, help="exit 1 when a ratio is above this")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn("no CUDA device visible: running on the CPU instead", stacklevel=1)
+        dev = torch.device("cpu")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; precision: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
+          f"augmentation: {args.aug}; compile: {args.compile}; epochs per run: {args.epochs}; runs: {args.runs}; "
+          f"load average: {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<10} {'images':>6} {'batch':>5} {'fit s/ep':>10} {'min s/ep':>10} {'fit im/s':>9} "
+          f"{'min im/s':>9} {'ratio':>6}")
+    worst = 0.0
+    for model in args.models:
+        n = args.n or math.ceil(DEFAULT_N.get(model, 512) * args.scale)
+        worst = max(worst, bench(model, n, args.val or max(16, n // 4), args, dev))
+    print(f"worst fit / minimal ratio {worst:.3f} (acceptance <= {args.max_ratio})")
+    return 0 if worst <= args.max_ratio else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
