@@ -10,8 +10,10 @@ reason instead of raising, so a study records them and goes on. `fit` knows
 nothing of Optuna: the study passes `on_epoch(epoch, record)`, which may raise
 to prune.
 
-Speed (scripts/bench_train.py, 2 shared CPU cores): `fit` runs within a few
-per cent of a minimal hand-written loop doing the same work.
+Speed (scripts/bench_train.py, 32 px, batch 64, 2 shared CPU cores, medians
+of 3 interleaved runs): fit / minimal hand-written loop = 0.96 for mini_cnn
+(1.39 s per 1,024-image epoch) and 0.94 for resnet_18 (10.8 s per 256 images),
+i.e. equal within noise.
 """
 
 from __future__ import annotations
