@@ -143,7 +143,8 @@ class ParamCfg(Section):
         return self
 
 
-Override = Annotated[ParamCfg | list[Any] | float | int | bool | str | None, Field(union_mode="left_to_right")]
+# Smart union: a YAML int stays an int and a bool a bool (left-to-right would turn 32 into 32.0).
+Override = ParamCfg | list[Any] | bool | int | float | str | None
 
 
 class SpaceCfg(Section):

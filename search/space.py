@@ -176,7 +176,7 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
             values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
         else:
             values[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
-    return entry, recipe.train.model_copy(update=values)
+    return entry, TrainCfg.model_validate({**recipe.train.model_dump(), **values})
 
 
 def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
