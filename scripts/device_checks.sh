@@ -13,6 +13,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 echo "== gpu_check: fit vs minimal loop, ResNet-18 at 32 px =="
-timeout 300 scripts/gpu_check.sh "$@"
+timeout 240 scripts/gpu_check.sh "$@"
 echo "== gpu_smoke: python -m search run on CUDA =="
-timeout 200 python3 scripts/gpu_smoke.py
+timeout 150 python3 scripts/gpu_smoke.py
