@@ -212,9 +212,11 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _pool_and_space(self) -> Recipe:
+        from search.data import loader_for
         from search.pool import parse_pool
         from search.space import check_overrides
 
+        loader_for(self.data.dataset)  # a misspelt dataset fails here, not at the first trial
         parse_pool(self.pool)
         check_overrides(self)
         return self

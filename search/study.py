@@ -540,7 +540,7 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     sweep(study, hb)
     n_total = recipe.study.n_trials
     say = (lambda s: None) if quiet else print
-    say(f"{data.summary()}; {remaining(study, n_total)} of {n_total} trials to run")
+    say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     deadline = _deadline(study, recipe)
 

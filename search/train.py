@@ -373,8 +373,6 @@ def fit(
         free = torch.cuda.mem_get_info(dev)[0]
         if train_x.numel() + val_x.numel() <= gpu_memory_share * free:
             train_x, val_x = train_x.to(dev), val_x.to(dev)
-        else:
-            train_x = train_x.pin_memory()
     train_y = train_y.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)  # batch order, augmentation, mix permutations
     rng = random.Random(seed)  # host-side draws (mix lam, cutmix box): no device sync
@@ -424,7 +422,10 @@ def fit(
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * f
                     idx = order[i * bs : (i + 1) * bs]
-                    xb = train_x[idx.to(train_x.device)].to(dev, non_blocking=True)
+                    xb = train_x[idx.to(train_x.device)]
+                    if xb.device != dev:  # host-resident data (too big for its GPU share): pin this batch only
+                        xb = xb.pin_memory()
+                    xb = xb.to(dev, non_blocking=True)
                     yb = train_y[idx]
                     xb = augment.normalize(augment.augment(xb, aug, size, gen), mean, std, channels_last)
                     ya, yb2, lam = yb, yb, 1.0

@@ -57,6 +57,7 @@ def test_overrides_apply_and_are_validated(tmp_path):
         ({"space": {"overrides": {"lr": {"low": 0, "high": 0.1, "log": True}}}}, r"log range needs low > 0"),
         ({"space": {"overrides": {"lrr": {"low": 0.1, "high": 1}}}}, r"unknown parameter 'lrr' \(did you mean 'lr'\?\)"),
         ({"space": {"overrides": {"optimizer": "adam"}}}, r"space.overrides.optimizer: 'adam' is not a valid value"),
+        ({"data": {"dataset": "cifar1O"}}, r"data.dataset: unknown dataset 'cifar1O' \(did you mean 'cifar10'\?\)"),
         ({"extra": 1}, r"recipe: unknown key 'extra'; allowed keys: data, hardware, pool, space, study, train"),
     ],
 )
