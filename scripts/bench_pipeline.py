@@ -37,6 +37,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CASES = {
     "32px crop+flip+jitter": (32, 32, AugmentCfg(crop="pad", flip=True, jitter=0.2)),
     "32px resized+flip+rot+jitter": (32, 32, AugmentCfg(crop="resized", flip=True, rotate=15, jitter=0.2)),
+    "224px from 32 crop+flip+jitter": (32, 224, AugmentCfg(crop="pad", flip=True, jitter=0.2)),
     "224px resized+flip+rot+jitter": (256, 224, AugmentCfg(crop="resized", flip=True, rotate=15, jitter=0.2)),
 }
 
