@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import tarfile
 import tempfile
 import time
@@ -31,6 +30,8 @@ import torch
 
 from search.augment import AugmentCfg
 from search.errors import SearchError, did_you_mean, one_of
+from search.net import network_up as _network_up
+from search.net import offline as _offline
 from search.recipe import DataCfg
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,6 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.nd
 # ---------------------------------------------------------------------------
 # fetching: official URL, checksum, retries, atomic rename
 
-PROBE_SECONDS = 3.0
 RETRIES = 3
 CHUNK = 1 << 20
 
@@ -134,18 +134,6 @@ def _open_url(url: str, timeout: float = 60.0) -> Any:
     """The network (tests replace this)."""
     req = urllib.request.Request(url, headers={"User-Agent": "search-harness"})
     return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - fixed https URLs
-
-
-def _network_up(host: str) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
-        return True
-    except OSError:
-        return False
-
-
-def _offline() -> bool:
-    return os.environ.get("SEARCH_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def file_digest(path: Path, algo: str) -> str:

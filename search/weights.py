@@ -17,12 +17,12 @@ back to random weights.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from search.errors import SearchError
+from search.net import network_up, offline
 from search.pool import PoolEntry
 
 # torchvision weight enums of the built-ins, by (arch, tag).
@@ -32,12 +32,6 @@ TORCHVISION = {
     ("convnext_tiny", "tv_in1k"): ("ConvNeXt_Tiny_Weights", "IMAGENET1K_V1"),
 }
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
-PROBE_SECONDS = 3.0
-
-
-def offline() -> bool:
-    truthy = ("1", "true", "yes", "on")
-    return any(os.environ.get(k, "").lower() in truthy for k in ("SEARCH_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def torch_checkpoints() -> Path:
@@ -98,14 +92,6 @@ def cached_file(entry: PoolEntry) -> Path | None:
     return None
 
 
-def _network_up(host: str) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
-        return True
-    except OSError:
-        return False
-
-
 def weights_name(entry: PoolEntry) -> str:
     return f"{entry.arch}.{entry.tag}" if (entry.arch, entry.tag) in TORCHVISION else entry.timm_name
 
@@ -128,7 +114,7 @@ def fetch(entry: PoolEntry) -> Path:
     host = "huggingface.co" if kind == "hf" else urlparse(where).hostname or ""
     if offline():
         raise missing_error(entry, "offline mode is on")
-    if not _network_up(host):
+    if not network_up(host):
         raise missing_error(entry, f"no network: {host} unreachable")
     if kind == "hf":
         from huggingface_hub import hf_hub_download

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 import yaml
@@ -16,6 +18,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def wsgi_get(app, path: str) -> tuple[str, bytes]:
+    """GET `path` from a WSGI app in-process: (status line, body)."""
+    env: dict = {}
+    setup_testing_defaults(env)
+    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
+    status = []
+    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
+    return status[0], body
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import io
 import json
-import sys
-from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
@@ -15,16 +12,7 @@ from search.models import build_model
 from search.recipe import recipe_from_dict
 from search.study import load_stored, open_storage
 from search.train import FitResult, predict
-from tests.conftest import tiny_recipe
-
-
-def _get(app, path):
-    env = {}
-    setup_testing_defaults(env)
-    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
-    status = []
-    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
-    return status[0], body
+from tests.conftest import tiny_recipe, wsgi_get
 
 
 def test_study_dir_follows_the_storage_file(tmp_path):
@@ -84,14 +72,14 @@ def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_st
     best = study.best_trial
     store = artifacts.store_for(demo_study / "studies" / "tiny")
     app = wsgi(open_storage(url, heartbeat=None), artifact_store=store)
-    status, body = _get(app, f"/api/studies/{study._study_id}")
+    status, body = wsgi_get(app, f"/api/studies/{study._study_id}")
     assert status.startswith("200")
     trial = next(t for t in json.loads(body)["trials"] if t["number"] == best.number)
     names = sorted(a["filename"] for a in trial["artifacts"])
     assert names == [f"trial-{best.number}-best.pt", f"trial-{best.number}-history.json"]
     ckpt_id = next(a["artifact_id"] for a in trial["artifacts"] if a["filename"].endswith(".pt"))
     assert ckpt_id == best.user_attrs["checkpoint"]
-    status, body = _get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{ckpt_id}")
+    status, body = wsgi_get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{ckpt_id}")
     assert status.startswith("200") and len(body) > 10_000
 
     model, ckpt = artifacts.load_checkpoint(body)
@@ -104,5 +92,5 @@ def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_st
     acc = float((logits.argmax(1) == data.val.y).float().mean())
     assert acc == pytest.approx(best.value, abs=1e-6)
 
-    status, body = _get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}")
+    status, body = wsgi_get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}")
     assert status.startswith("404")

@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-import io
 import json
-import sys
-from wsgiref.util import setup_testing_defaults
 
 import optuna
 from optuna.trial import TrialState
 
 from search.study import open_storage
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wsgi_get
 
 ATTRS = {"pool_label", "params", "history", "epoch_seconds", "seed", "weight_source", "imagenet_overlap",
          "input_resolution", "channel_reduce", "device"}
@@ -57,24 +54,15 @@ def test_raising_the_total_continues_a_changed_recipe_is_refused(tmp_path):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
-def _get(app, path):
-    env = {}
-    setup_testing_defaults(env)
-    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
-    status = []
-    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
-    return status[0], body
-
-
 def test_dashboard_serves_the_study(demo_study):
     from optuna_dashboard import wsgi
 
     app = wsgi(open_storage(f"sqlite:///{demo_study}/studies/tiny.db", heartbeat=None))
-    status, body = _get(app, "/api/studies")
+    status, body = wsgi_get(app, "/api/studies")
     assert status.startswith("200")
     studies = json.loads(body)["study_summaries"]
     assert [s["study_name"] for s in studies] == ["tiny"]
-    status, body = _get(app, f"/api/studies/{studies[0]['study_id']}")
+    status, body = wsgi_get(app, f"/api/studies/{studies[0]['study_id']}")
     assert status.startswith("200")
     detail = json.loads(body)
     assert len(detail["trials"]) == 3
