@@ -326,6 +326,9 @@ def _cifar(name: str, root: Path, resolution: int | None) -> Raw:
 # Flips are off where left and right are anatomy (CT organs, chest X-rays) or the scan has an up.
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
 MEDMNIST_SIZES = (28, 64, 128, 224)
+# The three organ sets (axial, coronal, sagittal CT views) share their classes.
+ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+          "lung-left", "lung-right", "pancreas", "spleen")
 MEDMNIST: dict[str, tuple[tuple[str, ...], tuple[str, str, str, str], bool]] = {
     "pathmnist": (("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                    "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
@@ -358,16 +361,13 @@ MEDMNIST: dict[str, tuple[tuple[str, ...], tuple[str, str, str, str], bool]] = {
                      "Proximal Tubule Segments", "Thick Ascending Limb"),
                     ("ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344",
                      "61b955355d7425a89687b06cca3ce0c2", "b077128c4a949f0a4eb01517f9037b9c"), True),
-    "organamnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
-                     "lung-left", "lung-right", "pancreas", "spleen"),
+    "organamnist": (ORGANS,
                     ("68e3f8846a6bd62f0c9bf841c0d9eacc", "2dcccc29b88e6da5a01161ef20cda288",
                      "eeae80d0a227a8d099027e1b3cfd3b60", "50747347e05c87dd3aaf92c49f9f3170"), False),
-    "organcmnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
-                     "lung-left", "lung-right", "pancreas", "spleen"),
+    "organcmnist": (ORGANS,
                     ("b9ceb9546e10131b32923c5bbeaea2b1", "3ce34a8724ea6f548e6db4744d03b6a9",
                      "773c1f009daa3fe5d9a2a201b2a7ed94", "050f5e875dc056f6768abf94ec9995d1"), False),
-    "organsmnist": (("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
-                     "lung-left", "lung-right", "pancreas", "spleen"),
+    "organsmnist": (ORGANS,
                     ("9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3",
                      "ded0c5fa01a95dc4978b956f613e9b8e", "b354719e553fbbb2513d5533f52a4cb1"), False),
 }
