@@ -17,6 +17,7 @@ channel_reduce, mean, std}, "trial", "epoch", "metrics"}`.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -105,7 +106,11 @@ def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> 
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict[str, Any], **meta: Any) -> Path:
-    torch.save({"state_dict": state_dict, "model": model, **meta}, path)
+    """Weights + how to rebuild the model (`model_kwargs`); written aside, then renamed (no torn files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": state_dict, "model": model, **meta}, tmp)
+    os.replace(tmp, path)
     return path
 
 

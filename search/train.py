@@ -25,8 +25,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,10 +50,9 @@ class FitResult:
     best: dict[str, float]  # validation metrics of the best epoch
     last: dict[str, float]  # validation metrics of the last finished epoch
     history: list[dict[str, float]] = field(default_factory=list)
-    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best / checkpoint)
+    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best)
     seconds: float = 0.0
     seed: int = 0
-    checkpoint: str | None = None  # where the best epoch's weights were saved
 
     @property
     def failed(self) -> bool:
@@ -289,18 +287,6 @@ def free_memory(model: nn.Module, opt: torch.optim.Optimizer, cuda: bool) -> Non
         torch.cuda.empty_cache()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], epoch: int, best: dict[str, float],
-                    info: Any, seed: int) -> str:
-    """Best weights + what produced them; written to a temporary file, then renamed (no torn files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    meta = asdict(info) if info is not None else {}
-    torch.save({"state_dict": state, "epoch": epoch, "metrics": best, "info": meta, "seed": seed}, tmp)
-    os.replace(tmp, path)
-    return str(path)
-
-
 # ---------------------------------------------------------------------------
 # the loop
 
@@ -331,7 +317,6 @@ def fit(
     amp: bool = True,
     compile: bool | str = False,
     keep_best: bool = False,
-    checkpoint: str | Path | None = None,
     gpu_memory_share: float = 0.5,
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
@@ -341,9 +326,9 @@ def fit(
     stats, all of it as "head". The result's `best` is the epoch with the best
     `monitor` value, `last` the final epoch. `compile`: True for torch.compile
     (inductor) or a backend name. `keep_best` keeps a CPU copy of the best
-    weights in the result; `checkpoint` also saves them to that path when the
-    fit did not fail. Each epoch's record goes to `on_epoch`, which may raise
-    (pruning) to stop the fit.
+    weights in the result (`search.artifacts.save_checkpoint` writes them).
+    Each epoch's record goes to `on_epoch`, which may raise (pruning) to stop
+    the fit.
     """
     hp = hparams
     if monitor not in METRICS:
@@ -395,7 +380,7 @@ def fit(
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
     best_epoch, best_state, status, reason = 0, None, "ok", ""
-    keep = keep_best or checkpoint is not None
+    keep = keep_best
     t_start = time.perf_counter()
     step = 0
     with determinism(hp.deterministic, cuda):
@@ -473,8 +458,5 @@ def fit(
                 status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
                 break
     last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-    result = FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,
-                       time.perf_counter() - t_start, seed)
-    if checkpoint is not None and best_state is not None and not result.failed:
-        result.checkpoint = save_checkpoint(checkpoint, best_state, best_epoch, best, info, seed)
-    return result
+    return FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,
+                     time.perf_counter() - t_start, seed)

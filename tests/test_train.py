@@ -263,17 +263,22 @@ def test_same_seed_same_metrics(digits):
     assert first != other
 
 
-def test_best_checkpoint_is_saved(digits, tmp_path):
+def test_keep_best_returns_the_best_epochs_weights(digits, tmp_path):
+    from search import artifacts
+
     model = mini(digits)
-    path = tmp_path / "ckpt" / "best.pt"
-    res = train.fit(model, digits, hp(epochs=3, lr=1e-2), device="cpu", keep_best=True, checkpoint=path, seed=5)
-    assert res.checkpoint == str(path) and res.best_state is not None
+    res = train.fit(model, digits, hp(epochs=3, lr=1e-2), device="cpu", keep_best=True, seed=5)
+    assert res.best_state is not None and res.seed == 5
+    assert all(v.device.type == "cpu" for v in res.best_state.values())
+    path = artifacts.save_checkpoint(tmp_path / "ckpt" / "best.pt", res.best_state, {"spec": "mini_cnn"},
+                                     epoch=res.best_epoch)
     saved = torch.load(path, weights_only=True)
-    assert saved["epoch"] == res.best_epoch and saved["seed"] == 5 and saved["info"]["label"] == "mini_cnn"
-    assert saved["metrics"] == res.best
+    assert saved["epoch"] == res.best_epoch and not path.with_name("best.pt.tmp").exists()
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in res.best_state.items())
     fresh = mini(digits)
     fresh.load_state_dict(saved["state_dict"])  # loads into a fresh model of the entry
+    if res.best_epoch < 3:  # the kept weights are the best epoch's, not the last
+        assert not all(torch.equal(res.best_state[k], v) for k, v in model.state_dict().items())
 
 
 def test_class_weights_and_balanced_sampling_and_focal_run(digits):
