@@ -380,7 +380,6 @@ def fit(
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
     best_epoch, best_state, status, reason = 0, None, "ok", ""
-    keep = keep_best
     t_start = time.perf_counter()
     step = 0
     with determinism(hp.deterministic, cuda):
@@ -450,7 +449,7 @@ def fit(
             history.append(record)
             if not best or better(val[monitor], best[monitor], monitor):
                 best, best_epoch = val, epoch
-                if keep:
+                if keep_best:
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if on_epoch is not None:
                 on_epoch(epoch, record)  # may raise (pruning): nothing after this needs cleanup
