@@ -13,14 +13,17 @@ then normalize:
   RandomRotation, ColorJitter, ToImage, ToDtype, Normalize) in a `DataLoader`
   with worker processes, as a typical training script does.
 
-The images are random uint8 arrays: both pipelines' costs do not depend on
-the pixel values. The ratio is what to read; absolute figures move with the
+On the CPU both run with `fit`'s allocator setting (`reuse_host_memory`:
+freed batch tensors are reused instead of page-faulted in again each batch);
+`--default-malloc` measures without it. The images are random uint8 arrays:
+both pipelines' costs do not depend on the pixel values. The ratio is what to read; absolute figures move with the
 machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -29,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from search.augment import AugmentCfg, augment, normalize
+from search.augment import AugmentCfg, augment
+from search.train import reuse_host_memory
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -99,7 +103,7 @@ def batched(x: np.ndarray, y: np.ndarray, cfg: AugmentCfg, size: int, batch: int
         n = 0
         for i in range(len(yt) // batch if limit is None else limit):
             idx = order[i * batch : (i + 1) * batch]
-            xb = normalize(augment(xt[idx], cfg, size, gen), MEAN, STD, channels_last)
+            xb = augment(xt.index_select(0, idx), cfg, size, gen, mean=MEAN, std=STD, channels_last=channels_last)
             _ = yt[idx]
             n += len(xb)
         return n
@@ -121,11 +125,18 @@ def main() -> None:
     p.add_argument("--n224", type=int, default=1536, help="images in the 224 px case")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the per-sample pipeline")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs per case; medians are printed")
     p.add_argument("--only", choices=list(CASES), action="append", help="run only these cases")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave the C allocator as it is (fit's CPU setting, reuse_host_memory, is off)")
     args = p.parse_args()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
-    print(f"device {device}, {torch.get_num_threads()} torch threads, per-sample pipeline with {args.workers} workers")
+    # As in fit on the CPU; set before the DataLoader workers fork, so both pipelines run with it.
+    reuse = device.type == "cpu" and not args.default_malloc and reuse_host_memory()
+    print(f"device {device}, {torch.get_num_threads()} torch threads, per-sample pipeline with {args.workers} workers, "
+          f"freed host memory {'reused' if reuse else 'returned to the system (default malloc)'}; "
+          f"medians of {args.repeat} interleaved runs")
     print(f"{'case':<32} {'images':>7} {'batched img/s':>14} {'per-sample img/s':>17} {'ratio':>7}")
     for name, (src, size, cfg) in CASES.items():
         if args.only and name not in args.only:
@@ -133,8 +144,9 @@ def main() -> None:
         n = args.n32 if size <= 64 else args.n224
         x = rng.integers(0, 256, (n, 3, src, src), dtype=np.uint8)
         y = rng.integers(0, 10, n).astype(np.int64)
-        fast = batched(x, y, cfg, size, args.batch, device)
-        slow = per_sample(x, y, cfg, size, args.batch, args.workers)
+        runs = [(batched(x, y, cfg, size, args.batch, device), per_sample(x, y, cfg, size, args.batch, args.workers))
+                for _ in range(args.repeat)]
+        fast, slow = (statistics.median(r) for r in zip(*runs, strict=True))
         print(f"{name:<32} {n:>7} {fast:>14,.0f} {slow:>17,.0f} {fast / slow:>6.1f}x", flush=True)
 
 

@@ -1,15 +1,14 @@
 """Batched, on-device augmentation and input preparation.
 
 A training batch arrives as uint8 (B, C, H, W) on the training device and
-leaves as float (B, C, size, size), in three passes at most:
+leaves as float (B, C, size, size), normalised, in two steps:
 
 1. geometry: a zero-padded random crop with optional flip is a pure uint8
    gather (no float copy of the padded input, no interpolation); a random
    resized crop and/or rotation is one `grid_sample` per batch that also
    resamples to the model's input size;
-2. brightness/contrast jitter fused with the 1/255 scaling into one
-   multiply-add and a clamp;
-3. `normalize`: the weights' mean/std as one multiply-add that writes
+2. values: brightness/contrast jitter, the 1/255 scaling and the weights'
+   mean/std as one multiply-add (plus a clamp when jittering) that writes
    `channels_last` directly.
 
 No per-sample Python, no PIL. `scripts/bench_pipeline.py` compares this with
@@ -131,11 +130,16 @@ def pad_pixels(cfg: AugmentCfg, in_size: int) -> int:
     return max(1, round(cfg.pad_fraction * in_size)) if cfg.pad_fraction > 0 else 0
 
 
-def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, size, size) in [0, 1], randomly augmented.
+def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | None = None, *,
+            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+            channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float (B, C, size, size), randomly augmented.
 
-    `gen` (a generator on x's device) makes the result reproducible; every call
-    draws new crops, flips, angles and jitter factors from it.
+    Values are in [0, 1], or `(v - mean) / std` per channel when the weights'
+    `mean` and `std` are given (one multiply-add for jitter, 1/255 and the
+    normalisation together). `gen` (a generator on x's device) makes the
+    result reproducible; every call draws new crops, flips, angles and jitter
+    factors from it.
     """
     n, _, h, w = x.shape
     dev = x.device
@@ -148,17 +152,41 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         theta = affine(n, cfg, w, gen, dev)
         xf = F.grid_sample(x.float(), sampling_grid(theta, size), mode="bilinear", padding_mode="zeros",
                            align_corners=False)
-    # xf holds 0..255 here: fold 1/255 into the jitter's multiply-add.
-    if cfg.jitter:
-        # torchvision semantics: brightness x*b, then contrast around the (per-image) mean:
-        # b*(c*x + (1-c)*mean) = (b*c) * x + b*(1-c)*mean.
-        bright = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
-        contrast = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
-        mean = xf.mean(dim=(1, 2, 3), keepdim=True)
-        scale = bright * contrast / 255
-        offset = bright * (1 - contrast) * mean / 255
-        return torch.addcmul(offset, xf, scale, out=xf).clamp_(0, 1)
-    return xf.mul_(1 / 255)
+    # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
+    if not cfg.jitter:
+        return scale_shift(xf, 1 / 255, 0.0, mean, std, clamp=False, channels_last=channels_last)
+    # torchvision semantics: brightness x*b, then contrast around the (per-image) mean:
+    # b*(c*x + (1-c)*mean) = (b*c) * x + b*(1-c)*mean.
+    bright = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
+    contrast = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
+    image_mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    return scale_shift(xf, bright * contrast / 255, bright * (1 - contrast) * image_mean / 255, mean, std,
+                       clamp=True, channels_last=channels_last)
+
+
+def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float,
+                mean: tuple[float, ...] | None, std: tuple[float, ...] | None, *, clamp: bool,
+                channels_last: bool) -> torch.Tensor:
+    """v = scale * xf + shift (clamped to [0, 1] if `clamp`), then (v - mean) / std per channel.
+
+    One multiply-add into a fresh tensor (`channels_last` if asked) plus, with
+    `clamp`, one clamp to the normalised images of 0 and 1: std > 0, so
+    clamping before normalising equals clamping after to those bounds.
+    `scale`/`shift` broadcast against (B, 1, 1, 1); mean/std None is (0, 1).
+    """
+    c = xf.shape[1]
+    mean = (0.0,) * c if mean is None else mean
+    std = (1.0,) * c if std is None else std
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"normalize: {c} channels but mean/std have {len(mean)}/{len(std)} values")
+    m = torch.tensor(mean, device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
+    s = torch.tensor(std, device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty_like(xf, memory_format=fmt)
+    torch.addcmul((shift - m) / s, xf, scale / s, out=out)
+    if clamp:
+        out.clamp_min_(-m / s).clamp_max_((1 - m) / s)
+    return out
 
 
 def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
@@ -170,17 +198,11 @@ def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> torch.Tensor:
-    """(x - mean) / std per channel, as one multiply-add into a fresh tensor (channels_last if asked)."""
-    c = xf.shape[1]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"normalize: {c} channels but mean/std have {len(mean)}/{len(std)} values")
-    a = torch.tensor([1 / s for s in std], device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
-    b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty_like(xf, memory_format=fmt)
-    return torch.addcmul(b, xf, a, out=out)
+    """(x - mean) / std per channel for float images in [0, 1]."""
+    return scale_shift(xf, 1.0, 0.0, mean, std, clamp=False, channels_last=channels_last)
 
 
-def eval_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float in [0, 1] at the model's size, no randomness."""
-    return resize(x.float().mul_(1 / 255), size)
+def eval_input(x: torch.Tensor, size: int, *, mean: tuple[float, ...] | None = None,
+               std: tuple[float, ...] | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float at the model's size, no randomness: in [0, 1], or normalised."""
+    return scale_shift(resize(x.float(), size), 1 / 255, 0.0, mean, std, clamp=False, channels_last=channels_last)

@@ -110,11 +110,36 @@ def test_normalize_formula_and_memory_format():
         normalize(x, (0.5,), (0.5,), channels_last=False)
 
 
+@pytest.mark.parametrize("name", CFGS)
+def test_normalising_in_augment_equals_normalize_after(name):
+    # One multiply-add (and clamp) for jitter, 1/255 and mean/std == augment to [0, 1], then normalize.
+    x = images(size=24)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    fused = augment(x, CFGS[name], 32, torch.Generator().manual_seed(4), mean=mean, std=std, channels_last=True)
+    want = normalize(augment(x, CFGS[name], 32, torch.Generator().manual_seed(4)), mean, std, channels_last=False)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fused, want, atol=1e-5, rtol=0)
+
+
+def test_jitter_clamps_before_normalising():
+    # A bright flat image pushed past 1 by the brightness factor is clamped to (1 - mean) / std, not beyond.
+    x = torch.full((64, 3, 4, 4), 250, dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 2.0)
+    out = augment(x, AugmentCfg(crop="none", flip=False, jitter=0.5), 4, torch.Generator().manual_seed(0),
+                  mean=mean, std=std)
+    hi = (1 - torch.tensor(mean)) / torch.tensor(std)
+    assert torch.allclose(out.amax(dim=(0, 2, 3)), hi, atol=1e-6)  # some images saturate ...
+    assert (out.amin(dim=(2, 3)) < hi - 0.1).any()  # ... and darker ones do not
+
+
 def test_eval_input_is_deterministic_and_resized():
     x = images(n=4, size=28)
     a = eval_input(x, 32)
     assert a.shape == (4, 3, 32, 32) and torch.equal(a, eval_input(x, 32))
     assert torch.equal(eval_input(x, 28), x.float() / 255) or torch.allclose(eval_input(x, 28), x.float() / 255)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 2.0)
+    assert torch.allclose(eval_input(x, 32, mean=mean, std=std), normalize(a, mean, std, channels_last=False),
+                          atol=1e-6)
 
 
 def test_scaled_strength():
