@@ -6,7 +6,8 @@ leaves as float (B, C, size, size), normalised, in two steps:
 1. geometry: a zero-padded random crop with optional flip is a pure uint8
    gather (no float copy of the padded input, no interpolation); a random
    resized crop and/or rotation is one `grid_sample` per batch that also
-   resamples to the model's input size;
+   resamples to the model's input size (after an antialiased shrink where
+   the images are over twice that size);
 2. values: brightness/contrast jitter, the 1/255 scaling and the weights'
    mean/std as one multiply-add (plus a clamp when jittering) that writes
    `channels_last` directly.
@@ -150,8 +151,10 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         xf = resize(xf, size)
     else:
         theta = affine(n, cfg, w, gen, dev)
-        xf = F.grid_sample(x.float(), sampling_grid(theta, size), mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+        xf = x.float()
+        if w > 2 * size:  # grid_sample does not antialias: shrink by all but 2x first, with a filter
+            xf = resize(xf, 2 * size)
+        xf = F.grid_sample(xf, sampling_grid(theta, size), mode="bilinear", padding_mode="zeros", align_corners=False)
     # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
     if not cfg.jitter:
         return scale_shift(xf, 1 / 255, 0.0, mean, std, clamp=False, channels_last=channels_last)

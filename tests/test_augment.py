@@ -91,6 +91,15 @@ def test_jitter_is_brightness_times_value_on_flat_images():
     assert 0.6 - 1e-5 <= factor.min() < 0.7 and 1.3 < factor.max() <= 1.4 + 1e-5
 
 
+def test_strong_downscale_is_antialiased():
+    # Noise at 128 px into a 16 px model: a filtered shrink averages it out, point sampling would keep it.
+    x = images(n=8, size=128)
+    cfg = AugmentCfg(crop="resized", flip=False, min_scale=1.0, rotate=1e-3)
+    out = augment(x, cfg, 16, torch.Generator().manual_seed(0))
+    assert out.std() < 0.1  # uniform noise has std 0.29; bilinear point sampling leaves about 0.2
+    assert abs(out.mean() - 0.5) < 0.02
+
+
 def test_sampling_grid_matches_affine_grid():
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     for size in (7, 32):
