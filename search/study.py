@@ -10,8 +10,9 @@ resumes finish exactly `n_trials`.
 Dead workers: every running trial records a sign of life (Optuna's heartbeat on
 RDB storages, a `heartbeat_at` attr everywhere). A trial silent for twice the
 heartbeat is failed with reason "worker died (no heartbeat)" and queued again
-as a WAITING copy (same params and intermediate values); the copy holds the
-slot, so the dead trial does not count. Workers wait for the last running
+as a WAITING copy (same params, seed and intermediate values); the copy holds
+the slot, so the dead trial does not count, and reruns the training, reporting
+only the epochs after those the dead run reported. Workers wait for the last running
 trials before they exit, so a retry is always picked up.
 """
 
@@ -63,6 +64,32 @@ class TrialFailed(Exception):
 
 class TotalReached(Exception):
     """The study's total is taken; this trial does not count."""
+
+
+class QuietExpectedEnds(logging.Filter):
+    """Drops Optuna's two warnings (traceback, then "failed with value None") for a trial that ended
+    with TrialFailed or TotalReached: the progress line already gives the reason, and a trial past
+    the total has nothing to report. Other failures keep their traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: set[str] = set()  # "Trial 4" heads whose second warning is still to come
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        head = msg.split(" failed with ", 1)[0]
+        if record.exc_info and isinstance(record.exc_info[1], (TrialFailed, TotalReached)):
+            self.ended.add(head)
+            return False
+        if head in self.ended and msg.endswith("failed with value None."):
+            self.ended.discard(head)
+            return False
+        return True
+
+
+_OPTIMIZE_LOG = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+if not any(isinstance(f, QuietExpectedEnds) for f in _OPTIMIZE_LOG.filters):
+    _OPTIMIZE_LOG.addFilter(QuietExpectedEnds())
 
 
 # ---------------------------------------------------------------------------
@@ -445,13 +472,19 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
     n_trials = recipe.study.n_trials
 
     def objective(trial: optuna.Trial) -> float:
-        earlier = [t for t in counted(trial.study.get_trials(deepcopy=False)) if t.number < trial.number]
+        trials = trial.study.get_trials(deepcopy=False)
+        earlier = [t for t in counted(trials) if t.number < trial.number]
         if len(earlier) >= n_trials:
             trial.set_user_attr("fail_reason", "study total reached")
             trial.study.stop()
             raise TotalReached(f"the study already has its {n_trials} trials")
         entry, hp = space.suggest(trial, recipe, entries)
-        seed = trial_seed(recipe.study.seed, trial.number)
+        # A retried trial reruns the dead one (same params and seed); the epochs that run reported
+        # stand (Optuna keeps a step's first value), so only later epochs are reported again.
+        retried = "retry_of" in trial.user_attrs
+        seed = trial.user_attrs.get("seed") if retried else None
+        seed = trial_seed(recipe.study.seed, trial.number) if seed is None else seed
+        reported = {s for t in trials if t.number == trial.number for s in t.intermediate_values} if retried else set()
         res = input_resolution(entry, data.resolution)
         dev = resolve_device(device)
         for k, v in {**entry.attrs(), "input_resolution": res, "channel_reduce": hp.channel_reduce,
@@ -469,7 +502,8 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
 
             def on_epoch(epoch: int, record: dict[str, float]) -> None:
                 history.append(record)
-                trial.report(record[f"val_{metric}"], epoch)
+                if epoch not in reported:
+                    trial.report(record[f"val_{metric}"], epoch)
                 trial.set_user_attr("history", history)
                 trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
                 on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "

@@ -132,7 +132,9 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     assert retries[0] in complete or retries[0].user_attrs.get("fail_reason") == "study total reached"
     assert all(t.user_attrs.get("fail_reason") == "study total reached" for t in trials
                if t.state == TrialState.FAIL and t.number != victim.number)
-    assert not any("locked" in out or "Traceback" in out for rc, out in results if rc == 0), results
+    assert not any("locked" in out or "Traceback" in out or "already reported" in out
+                   for rc, out in results if rc == 0), results
+    assert retries[0].user_attrs["seed"] == dead.user_attrs["seed"]  # the retry reruns the same training
     assert "password" not in str(study.user_attrs["recipe"])
 
 

@@ -70,3 +70,44 @@ def test_dashboard_serves_the_study(demo_study):
     assert len(t0["intermediate_values"]) == 2
     keys = {a["key"] for a in t0["user_attrs"]}
     assert {"pool_label", "params", "history"} <= keys
+
+
+def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_path, monkeypatch):
+    import warnings
+
+    from search import study as st
+    from search.pool import parse_pool
+    from search.recipe import recipe_from_dict
+    from search.space import suggest
+    from tests.conftest import tiny_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 1}, train={"epochs": 3}))
+    study = st.open_study(recipe, f"journal:{tmp_path}/j.log")
+    dead = study.ask()  # a worker that reported epoch 1 and died
+    suggest(dead, recipe, parse_pool(recipe.pool))
+    dead.set_user_attr("seed", 777)
+    dead.report(0.111, 1)
+    study.tell(dead, state=TrialState.FAIL)
+    st.retry(study, study.get_trials()[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert st.work(recipe, study, quiet=True) == 1
+    assert not [w for w in caught if "already reported" in str(w.message)]
+    rerun = study.get_trials()[1]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["retry_of"] == 0
+    assert rerun.params == study.get_trials()[0].params and rerun.user_attrs["seed"] == 777
+    assert len(rerun.user_attrs["history"]) == 3  # the training ran again from epoch 1 ...
+    assert sorted(rerun.intermediate_values) == [1, 2, 3] and rerun.intermediate_values[1] == 0.111  # ... epoch 1 stands
+    assert rerun.intermediate_values[3] == rerun.user_attrs["history"][2]["val_accuracy"]
+
+
+def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
+    from tests.conftest import tiny_recipe, write_recipe
+
+    space = {"preset": "quick", "overrides": {"optimizer": "sgd", "lr": 1e12, "weight_decay": 0.0, "batch_size": [32]}}
+    write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"n_trials": 1}, space=space))
+    proc = run_cli("run", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed: diverged at epoch" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr and "failed with value None" not in proc.stderr, proc.stderr
