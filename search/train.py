@@ -10,10 +10,11 @@ reason instead of raising, so a study records them and goes on. `fit` knows
 nothing of Optuna: the study passes `on_epoch(epoch, record)`, which may raise
 to prune.
 
-Speed (scripts/bench_train.py, 32 px, batch 64, 2 CPU cores, medians of 5
-interleaved runs): fit / minimal hand-written loop = 1.02 for mini_cnn (1.9 s
-per 1,024-image epoch) and 0.99 for resnet_18 (11.2 s per 256 images); on an
-H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900 images/s.
+Speed (scripts/bench_train.py, 32 px, batch 64, 2 AVX-512 CPU cores, medians
+of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
+(0.45 s per 1,024-image epoch) and 1.00 for resnet_18 (2.7 s per 256 images);
+on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
+images/s.
 """
 
 from __future__ import annotations
