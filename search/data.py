@@ -8,7 +8,9 @@ the `max_samples` subsample and returns `Data`, which training consumes.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -558,23 +560,74 @@ def _folder_split(name: str, folder: Path, classes: tuple[str, ...] | None,
     return Split(x, torch.tensor(labels, dtype=torch.int64)), classes
 
 
-def _folder(name: str, root: Path, resolution: int | None) -> Raw:
-    """`folder:PATH`: one sub-folder per class, or train/ (val/, test/) each with class sub-folders."""
-    path = Path(name.removeprefix("folder:")).expanduser()
+def _folder_parts(name: str, path: Path) -> dict[str, Path]:
     if not path.is_dir():
         raise SearchError(f"data.dataset '{name}': {path} is not a directory; expected PATH/CLASS/IMAGE files "
                           "or PATH/train/CLASS/IMAGE (optionally val/ and test/)")
-    if (path / "train").is_dir():
-        train, classes = _folder_split(name, path / "train", None, resolution)
-        val = _folder_split(name, path / "val", classes, resolution)[0] if (path / "val").is_dir() else None
-        test = _folder_split(name, path / "test", classes, resolution)[0] if (path / "test").is_dir() else None
-    else:
-        (train, classes), val, test = _folder_split(name, path, None, resolution), None, None
-    if val is not None and train.x.shape[1:] != val.x.shape[1:]:
-        raise SearchError(f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
-                          f"{tuple(val.x.shape[1:])}; set data.resolution to resize all to one size")
+    if not (path / "train").is_dir():
+        return {"train": path}
+    return {part: path / part for part in ("train", "val", "test") if (path / part).is_dir()}
+
+
+def folder_signature(parts: dict[str, Path], resolution: int | None) -> str:
+    """Digest of what decoding reads: each class folder's file names, sizes and mtimes, and the size asked."""
+    h = hashlib.sha256(f"v1 {resolution}".encode())
+    for part, folder in parts.items():
+        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for f in sorted(d.iterdir()):
+                st = f.stat()
+                h.update(f"{part}/{d.name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _write_folder_cache(splits: dict[str, Split], classes: tuple[str, ...], out: Path) -> None:
+    for part, split in splits.items():
+        np.save(out / f"{part}_images.npy", split.x.numpy())
+        np.save(out / f"{part}_labels.npy", split.y.numpy())
+    (out / "classes.json").write_text(json.dumps(list(classes)))
+
+
+def _folder(name: str, root: Path, resolution: int | None) -> Raw:
+    """`folder:PATH`: one sub-folder per class, or train/ (val/, test/) each with class sub-folders.
+
+    Decoded once into memory-mappable .npy files under the data root
+    (`folders/NAME-DIGEST.npy/`), so later processes and runs skip PIL; the
+    digest covers file names, sizes, mtimes and data.resolution, so an edited
+    folder is decoded afresh (and the stale copy removed).
+    """
+    path = Path(name.removeprefix("folder:")).expanduser().resolve()
+    parts = _folder_parts(name, path)
+    key = f"{path.name or 'root'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    cache = root / "folders" / f"{key}-{folder_signature(parts, resolution)}.npy"
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
-    return Raw(train, val, test, classes, "unknown", AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0))
+    aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
+    if cache.is_dir():
+        files = ["classes.json", *(f"{p}_{k}.npy" for p in parts for k in ("images", "labels"))]
+        if not all((cache / f).is_file() for f in files):
+            raise SearchError(f"data.dataset '{name}': the decoded copy {cache} lacks some of {', '.join(files)}; "
+                              "delete it and the folder is decoded again")
+        classes = tuple(json.loads((cache / "classes.json").read_text()))
+        splits = {part: Split(_mmap_tensor(cache / f"{part}_images.npy"),
+                              torch.from_numpy(np.load(cache / f"{part}_labels.npy"))) for part in parts}
+        return Raw(splits["train"], splits.get("val"), splits.get("test"), classes, "unknown", aug)
+    train, classes = _folder_split(name, parts["train"], None, resolution)
+    splits = {"train": train}
+    for part in ("val", "test"):
+        if part in parts:
+            splits[part] = _folder_split(name, parts[part], classes, resolution)[0]
+    if "val" in splits and train.x.shape[1:] != splits["val"].x.shape[1:]:
+        raise SearchError(f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
+                          f"{tuple(splits['val'].x.shape[1:])}; set data.resolution to resize all to one size")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_dir(cache, lambda tmp: _write_folder_cache(splits, classes, tmp))
+        for stale in cache.parent.glob(f"{glob.escape(key)}-*.npy"):
+            if stale != cache and len(stale.name) == len(cache.name):
+                shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        log.warning("data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
+                    name, cache.parent, e)
+    return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug)
 
 
 LOADERS: dict[str, Callable[[str, Path, int | None], Raw]] = {

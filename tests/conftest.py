@@ -13,6 +13,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_root_of_the_session(tmp_path_factory):
+    """$SEARCH_DATA in a temporary directory: nothing a test decodes or caches lands in the user's data root."""
+    before = os.environ.get("SEARCH_DATA")
+    os.environ["SEARCH_DATA"] = str(tmp_path_factory.mktemp("data-root"))
+    yield
+    if before is None:
+        os.environ.pop("SEARCH_DATA", None)
+    else:
+        os.environ["SEARCH_DATA"] = before
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m search ARGS` in a subprocess, as a user runs it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

@@ -310,3 +310,38 @@ def test_one_trial_on_tiny_cifar10_through_the_cli(tmp_path):
     with sqlite3.connect(tmp_path / "studies" / "tinycifar.db") as db:
         states = [s for (s,) in db.execute("select state from trials")]
     assert states == ["COMPLETE"]
+
+
+def test_image_folder_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
+    write_folder(tmp_path / "imgs" / "train", n=3)
+    write_folder(tmp_path / "imgs" / "val", n=2)
+    name, root = f"folder:{tmp_path / 'imgs'}", tmp_path / "root"
+    first = load_data(cfg(name, root), seed=0)
+    caches = list((root / "folders").iterdir())
+    assert len(caches) == 1 and caches[0].name.startswith("imgs-")
+    assert sorted(p.name for p in caches[0].iterdir()) == [
+        "classes.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
+
+    data._raw.cache_clear()  # a new process: PIL must not be needed any more
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("decoded the folder again"))
+    again = load_data(cfg(name, root), seed=0)
+    assert again.classes == first.classes and torch.equal(again.train.x, first.train.x)
+    assert torch.equal(again.val.y, first.val.y) and torch.equal(again.test.x, first.test.x)
+    monkeypatch.undo()
+
+    # An added image changes the digest: decoded afresh, the stale copy removed.
+    Image.new("RGB", (12, 10), (1, 2, 3)).save(tmp_path / "imgs" / "train" / "dog" / "new.png")
+    data._raw.cache_clear()
+    grown = load_data(cfg(name, root, val_split=0.1), seed=0)
+    assert len(grown.train) + len(grown.test) == 7
+    assert [p.name for p in (root / "folders").iterdir()] != [caches[0].name]
+    assert len(list((root / "folders").iterdir())) == 1
+
+
+def test_image_folder_loads_when_the_data_root_is_not_writable(tmp_path, caplog):
+    write_folder(tmp_path / "imgs", n=3)
+    blocker = tmp_path / "root"
+    blocker.write_text("a file where the data root should be")
+    d = load_data(cfg(f"folder:{tmp_path / 'imgs'}", blocker), seed=0)
+    assert len(d.train) + len(d.val) + len(d.test) == 6
+    assert "not cached" in caplog.text and "every process decodes them again" in caplog.text
