@@ -105,7 +105,7 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
 def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
     from tests.conftest import tiny_recipe, write_recipe
 
-    space = {"preset": "quick", "overrides": {"optimizer": "sgd", "lr": 1e12, "weight_decay": 0.0, "batch_size": [32]}}
+    space = {"preset": "quick", "overrides": {"optimizer": "sgd", "lr": 1e38, "weight_decay": 0.0, "batch_size": [32]}}
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"n_trials": 1}, space=space))
     proc = run_cli("run", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

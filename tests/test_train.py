@@ -207,7 +207,7 @@ def test_focal_loss_formula_and_class_weights():
 
 
 def test_absurd_lr_diverges_as_a_result(digits):
-    res = train.fit(mini(digits), digits, hp(epochs=3, optimizer="sgd", lr=1e12, weight_decay=0.0), device="cpu")
+    res = train.fit(mini(digits), digits, hp(epochs=3, optimizer="sgd", lr=1e38, weight_decay=0.0), device="cpu")
     assert res.failed and res.status == "diverged"
     assert res.reason == f"diverged at epoch {len(res.history) + 1}"
 
