@@ -320,6 +320,7 @@ def test_image_folder_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     caches = list((root / "folders").iterdir())
     assert len(caches) == 1 and caches[0].name.startswith("imgs-")
     assert sorted(p.name for p in caches[0].iterdir()) == [
+        "carved-seed0-val0.15-test0.15",  # no test/ folder: the test carve-out is kept beside the images
         "classes.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
 
     data._raw.cache_clear()  # a new process: PIL must not be needed any more
@@ -345,3 +346,19 @@ def test_image_folder_loads_when_the_data_root_is_not_writable(tmp_path, caplog)
     d = load_data(cfg(f"folder:{tmp_path / 'imgs'}", blocker), seed=0)
     assert len(d.train) + len(d.val) + len(d.test) == 6
     assert "not cached" in caplog.text and "every process decodes them again" in caplog.text
+
+
+def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offline_network):
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=20)
+    c = cfg("galaxy10", tmp_path)
+    first = load_data(c, seed=3)
+    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-seed3-val0.15-test0.15"
+    assert sorted(p.name for p in kept.iterdir()) == sorted(
+        f"{part}_{k}.npy" for part in ("train", "val", "test") for k in ("images", "labels"))
+    in_memory = data.carve(data.load_raw(c), c, 3)  # what the files must hold
+    for split, want in zip((first.train, first.val, first.test), in_memory, strict=True):
+        assert torch.equal(split.x, want.x) and torch.equal(split.y, want.y)
+    assert np.load(kept / "train_images.npy", mmap_mode="r").shape == tuple(first.train.x.shape)
+    data._raw.cache_clear()  # another process, another seed: its own directory
+    assert len(load_data(c, seed=4).test) == len(first.test)
+    assert (tmp_path / "Galaxy10_DECals.npy" / "carved-seed4-val0.15-test0.15").is_dir()
