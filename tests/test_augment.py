@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from search import augment as augment_module
 from search.augment import AugmentCfg, augment, eval_input, normalize, sampling_grid, shift_flip
 
 CFGS = {
@@ -33,6 +34,18 @@ def test_shapes_range_and_seeded_determinism(name, c, size, out):
     assert torch.equal(a, b)
     if name != "none":
         assert not torch.equal(a, augment(x, CFGS[name], out, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("name", CFGS)
+def test_cpu_slices_give_the_batch_result(name, monkeypatch):
+    # Every random draw is made for the whole batch first: slicing the pixel work changes nothing.
+    x = images(n=10, size=40)
+    whole = augment(x, CFGS[name], 24, torch.Generator().manual_seed(5), mean=(0.4,) * 3, std=(0.2,) * 3)
+    monkeypatch.setattr(augment_module, "CPU_CHUNK_BYTES", 3 * 4 * (3 * 40 * 40 + 2 * 24 * 24 + 3 * 24 * 24))
+    assert augment_module.chunk_size(10, 3, 40, 24, torch.device("cpu")) == 3  # slices of 3, 3, 3, 1
+    sliced = augment(x, CFGS[name], 24, torch.Generator().manual_seed(5), mean=(0.4,) * 3, std=(0.2,) * 3)
+    assert torch.equal(whole, sliced)
+    assert augment_module.chunk_size(10, 3, 40, 24, torch.device("cuda")) == 10  # one pass on a GPU
 
 
 @pytest.mark.parametrize("name", ["pad", "pad_rotate_jitter", "resized"])
@@ -157,3 +170,12 @@ def test_scaled_strength():
     assert (zero.rotate, zero.jitter, zero.pad_fraction, zero.min_scale) == (0, 0, 0, 1)
     assert cfg.scaled(1) == cfg
     assert cfg.scaled(2).rotate == 40 and cfg.scaled(2).min_scale == 0.0
+
+
+def test_inputs_are_never_written():
+    # The value pass works in place on the float copy it makes, never on a caller's float tensor.
+    x = images(size=32).float()
+    before = x.clone()
+    augment(x, CFGS["none"], 32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    eval_input(x, 32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert torch.equal(x, before)
