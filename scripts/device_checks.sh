@@ -16,3 +16,5 @@ echo "== gpu_check: fit vs minimal loop, ResNet-18 at 32 px =="
 timeout 240 scripts/gpu_check.sh "$@"
 echo "== gpu_smoke: python -m search run on CUDA =="
 timeout 150 python3 scripts/gpu_smoke.py
+echo "== bench_pipeline: batched augmentation on CUDA vs per-sample PIL pipeline (8 CPU workers) =="
+timeout 180 python3 scripts/bench_pipeline.py --device cuda --workers 8 --repeat 1
