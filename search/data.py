@@ -669,11 +669,19 @@ def load_raw(cfg: DataCfg) -> Raw:
     return _raw(cfg.dataset, data_root(cfg), cfg.resolution if folder else None)
 
 
+TEST_SEED = 0  # a carved test split is the same for every study of a dataset: results stay comparable
+
+
 def carve(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
-    """train/val/test: the official splits, and stratified seeded carve-outs of train for the missing ones."""
+    """train/val/test: the official splits, and stratified carve-outs of train for the missing ones.
+
+    A carved test split depends only on the data and `test_split` (TEST_SEED),
+    so studies with different seeds hold out the same images; val is carved
+    from the rest with the study's seed.
+    """
     train, val, test = raw.train, raw.val, raw.test
     if test is None:
-        keep, out = stratified_split(train.y, cfg.test_split, seed)
+        keep, out = stratified_split(train.y, cfg.test_split, TEST_SEED)
         train, test = train.take(keep), train.take(out)
     if val is None:
         keep, out = stratified_split(train.y, cfg.val_split, seed + 1)

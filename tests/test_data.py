@@ -165,6 +165,7 @@ def test_galaxy10_h5_stratified_seeded_splits(tmp_path, offline_network):
         counts = torch.bincount(split.y, minlength=10)
         assert counts.min() == counts.max()  # every class in the same share
     assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, other.val.x)
+    assert torch.equal(a.test.x, other.test.x)  # one held-out test set for every study of the dataset
     # Pixels survive the (N, H, W, 3) -> (N, 3, H, W) cache: find a val image in the source.
     src = torch.from_numpy(images).permute(0, 3, 1, 2)
     assert any(torch.equal(a.val.x[0], s) for s in src)
