@@ -423,6 +423,7 @@ def fit(
                 order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
             else:
                 order = torch.randperm(n, generator=gen, device=dev)
+            order_x = order.to(train_x.device)  # host-resident data: one copy per epoch, no per-step sync
             loss_sum = torch.zeros((), device=dev)
             xb = logits = loss = None
             try:
@@ -432,7 +433,7 @@ def fit(
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * f
                     idx = order[i * bs : (i + 1) * bs]
-                    xb = train_x.index_select(0, idx.to(train_x.device))  # a row copy; [idx] is far slower
+                    xb = train_x.index_select(0, order_x[i * bs : (i + 1) * bs])  # a row copy; [idx] is far slower
                     if xb.device != dev:  # host-resident data (too big for its GPU share): pin this batch only
                         xb = xb.pin_memory()
                     xb = xb.to(dev, non_blocking=True)
