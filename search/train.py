@@ -235,6 +235,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 _HOST_MEMORY_REUSED: bool | None = None
 
 
+def _libc(name: str) -> Callable[..., int] | None:
+    """A function of the process's C library, or None (no such function, or no C library handle: Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), name, None)
+    except (OSError, TypeError):
+        return None
+
+
 def reuse_host_memory() -> bool:
     """Keep freed host memory in this process for the next batch (glibc; True when in effect).
 
@@ -242,16 +250,35 @@ def reuse_host_memory() -> bool:
     on free, so each CPU batch tensor (a 256-image float batch at 224 px is
     154 MB) page-faults all its pages again: on a 2-core machine that costs
     more than the augmentation itself. With mmap off for the heap and a 2 GB
-    trim threshold, a freed batch is reused by the next. Process-wide and
-    one-way (resident memory stays at its peak); called by `fit` on the CPU.
+    trim threshold, a freed batch is reused by the next. Process-wide; `fit`
+    turns it on for the CPU (`host_memory`) and trims the heap when it ends.
     No effect (False) where the C library has no `mallopt`, such as macOS.
     """
     global _HOST_MEMORY_REUSED
     if _HOST_MEMORY_REUSED is None:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+        mallopt = _libc("mallopt")
         m_trim_threshold, m_mmap_max = -1, -4
         _HOST_MEMORY_REUSED = bool(mallopt and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1))
     return _HOST_MEMORY_REUSED
+
+
+@contextmanager
+def host_memory(device: torch.device) -> Iterator[None]:
+    """During a CPU fit, freed batches are reused; after it, the free heap goes back to the system.
+
+    Without the trim a worker's memory would grow trial by trial: blocks freed
+    under longer-lived small objects can only serve requests that fit them, and
+    searched batch sizes and resolutions differ from trial to trial.
+    """
+    if device.type != "cpu" or not reuse_host_memory():
+        yield
+        return
+    try:
+        yield
+    finally:
+        trim = _libc("malloc_trim")
+        if trim:
+            trim(0)
 
 
 def seed_everything(seed: int) -> None:
@@ -359,8 +386,6 @@ def fit(
         raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
-    if dev.type == "cpu":
-        reuse_host_memory()
     seed_everything(seed)
     info = getattr(model, "info", None)
     size = info.resolution if info else data.resolution
@@ -408,7 +433,7 @@ def fit(
     best_epoch, best_state, status, reason = 0, None, "ok", ""
     t_start = time.perf_counter()
     step = 0
-    with determinism(hp.deterministic, cuda):
+    with determinism(hp.deterministic, cuda), host_memory(dev):
         for epoch in range(1, hp.epochs + 1):
             if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
                 frozen = False

@@ -353,3 +353,38 @@ def test_reuse_host_memory_stops_page_faults_on_each_batch():
     assert min(default[-4:]) > 10
     # ... with reuse, from the third batch on nothing is faulted in again.
     assert max(reused[-4:]) <= min(default[-4:]) // 100
+
+
+GROWTH_SCRIPT = """
+import gc, torch
+from search.train import host_memory, reuse_host_memory
+if not reuse_host_memory():
+    print("unsupported")
+    raise SystemExit
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+keep, seen = [], []
+for mb in (150, 60, 200, 90, 250, 120):  # trials with different batch sizes, each leaving a small record
+    with host_memory(torch.device("cpu")):
+        state = [torch.ones(2**20) for _ in range(8)]
+        for _ in range(3):
+            a, b = torch.ones(mb * 2**18), torch.ones(mb * 2**18)
+            del a, b
+        keep.append(torch.ones(1000))
+        del state
+        gc.collect()
+    seen.append(rss_mb())
+print(" ".join(f"{v:.0f}" for v in seen))
+"""
+
+
+def test_a_workers_memory_does_not_grow_trial_by_trial():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split()
+    if out == ["unsupported"]:
+        pytest.skip("this C library has no mallopt (not glibc)")
+    rss = [float(v) for v in out]
+    assert max(rss) - rss[0] < 100, rss  # kept for reuse during a fit, trimmed after it (else ~1.3 GB more)
