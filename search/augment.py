@@ -7,7 +7,7 @@ leaves as float (B, C, size, size), normalised, in two steps:
    gather (no float copy of the padded input, no interpolation); a random
    resized crop and/or rotation is one `grid_sample` per batch that also
    resamples to the model's input size (after an antialiased shrink where
-   the images are over twice that size);
+   the images are much larger than that: `shrink_size`);
 2. values: brightness/contrast jitter, the 1/255 scaling and the weights'
    mean/std as one multiply-add (plus a clamp when jittering) that writes
    `channels_last` directly.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,17 @@ def chunk_size(n: int, c: int, in_size: int, size: int, device: torch.device) ->
     return max(1, min(n, CPU_CHUNK_BYTES // per_image))
 
 
+def shrink_size(cfg: AugmentCfg, size: int) -> int:
+    """Where to shrink (antialiased) images before grid_sample resamples them to `size`.
+
+    As small as possible, for antialiasing: grid_sample then shrinks any crop
+    by at most 2x. But never below size / (smallest crop side), so even the
+    smallest random resized crop keeps the detail of the original.
+    """
+    side = math.sqrt(cfg.min_scale * 3 / 4) if cfg.crop == "resized" else 1.0  # aspect ratios 3/4..4/3
+    return max(2 * size, math.ceil(size / max(side, 1e-6)))
+
+
 def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | None = None, *,
             mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
             channels_last: bool = False) -> torch.Tensor:
@@ -172,6 +184,7 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         x = shift_flip(x, pad, cfg, gen) if pad or cfg.flip else x
     else:
         theta = affine(n, cfg, w, gen, dev)
+        shrink = shrink_size(cfg, size)
     if cfg.jitter:
         # torchvision semantics: brightness x*b, then contrast around the (per-image) mean:
         # b*(c*x + (1-c)*mean) = (b*c) * x + b*(1-c)*mean.
@@ -186,8 +199,8 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         if exact:
             xf = resize(xf, size)
         else:
-            if w > 2 * size:  # grid_sample does not antialias: shrink by all but 2x first, with a filter
-                xf = resize(xf, 2 * size)
+            if shrink < w:  # grid_sample does not antialias: shrink first, with a filter
+                xf = resize(xf, shrink)
             xf = F.grid_sample(xf, sampling_grid(theta[i:j], size), mode="bilinear", padding_mode="zeros",
                                align_corners=False)
         # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
@@ -198,6 +211,15 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         else:
             scale_shift(xf, 1 / 255, 0.0, mean, std, clamp=False, out=out[i:j])
     return out
+
+
+@lru_cache(maxsize=32)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as (1, C, 1, 1) tensors on the device, made once: a copy to a GPU per batch would wait for it."""
+    c = len(mean)
+    return (torch.tensor(mean, dtype=dtype).view(1, c, 1, 1).to(device),
+            torch.tensor(std, dtype=dtype).view(1, c, 1, 1).to(device))
 
 
 def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float,
@@ -211,12 +233,11 @@ def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tens
     None is (0, 1). `out` may be xf itself.
     """
     c = xf.shape[1]
-    mean = (0.0,) * c if mean is None else mean
-    std = (1.0,) * c if std is None else std
+    mean = (0.0,) * c if mean is None else tuple(mean)
+    std = (1.0,) * c if std is None else tuple(std)
     if len(mean) != c or len(std) != c:
         raise ValueError(f"normalize: {c} channels but mean/std have {len(mean)}/{len(std)} values")
-    m = torch.tensor(mean, device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
-    s = torch.tensor(std, device=xf.device, dtype=xf.dtype).view(1, c, 1, 1)
+    m, s = _stats(mean, std, xf.device, xf.dtype)
     torch.addcmul((shift - m) / s, xf, scale / s, out=out)
     if clamp:
         out.clamp_min_(-m / s).clamp_max_((1 - m) / s)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from search import augment as augment_module
-from search.augment import AugmentCfg, augment, eval_input, normalize, sampling_grid, shift_flip
+from search.augment import (
+    AugmentCfg,
+    augment,
+    eval_input,
+    normalize,
+    sampling_grid,
+    shift_flip,
+    shrink_size,
+)
 
 CFGS = {
     "pad": AugmentCfg(crop="pad", flip=True),
@@ -111,6 +120,15 @@ def test_strong_downscale_is_antialiased():
     out = augment(x, cfg, 16, torch.Generator().manual_seed(0))
     assert out.std() < 0.1  # uniform noise has std 0.29; bilinear point sampling leaves about 0.2
     assert abs(out.mean() - 0.5) < 0.02
+
+
+def test_shrink_keeps_the_detail_of_the_smallest_crop():
+    # Shifted crops: down to 2x the output. Resized crops: never below size / (smallest side), where the
+    # smallest side is sqrt(min_scale * 3/4) (area min_scale at aspect ratio 3/4).
+    assert shrink_size(AugmentCfg(crop="pad"), 16) == 32
+    assert shrink_size(AugmentCfg(crop="resized", min_scale=0.35), 112) == max(224, math.ceil(112 / math.sqrt(0.35 * 0.75)))
+    assert shrink_size(AugmentCfg(crop="resized", min_scale=0.025), 112) == math.ceil(112 / math.sqrt(0.025 * 0.75))
+    assert shrink_size(AugmentCfg(crop="resized", min_scale=0.0), 112) > 10**7  # no shrink at all
 
 
 def test_sampling_grid_matches_affine_grid():
