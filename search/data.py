@@ -21,7 +21,8 @@ import time
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -225,21 +226,45 @@ def _unreadable(name: str, path: Path, e: Exception) -> SearchError:
     )
 
 
+@contextmanager
+def _build_lock(final: Path) -> Iterator[None]:
+    """One process builds `final` while the others on the machine (or sharing the filesystem) wait.
+
+    An advisory lock on a hidden file beside it; where there is no `fcntl`
+    (Windows) or the filesystem refuses locks, everyone builds and the first
+    rename wins, as without a lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(final.parent / f".{final.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory under a temporary name, then rename it into place (concurrent workers: first wins)."""
+    """Build a directory under a temporary name, then rename it into place: readers see all of it or nothing."""
     if final.is_dir():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
-    try:
-        build(tmp)
+    with _build_lock(final):
+        if final.is_dir():  # built by the process that held the lock
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
         try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -590,24 +615,24 @@ def _folder(name: str, root: Path, resolution: int | None) -> Raw:
     """`folder:PATH`: one sub-folder per class, or train/ (val/, test/) each with class sub-folders.
 
     Decoded once into memory-mappable .npy files under the data root
-    (`folders/NAME-DIGEST.npy/`), so later processes and runs skip PIL; the
-    digest covers file names, sizes, mtimes and data.resolution, so an edited
-    folder is decoded afresh (and the stale copy removed).
+    (`folders/NAME-PATHHASH-rRES-DIGEST.npy/`), so later processes and runs
+    skip PIL; the digest covers file names, sizes and mtimes, so an edited
+    folder is decoded afresh (and the stale copy at that resolution removed).
     """
     path = Path(name.removeprefix("folder:")).expanduser().resolve()
     parts = _folder_parts(name, path)
-    key = f"{path.name or 'root'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    key = f"{path.name or 'root'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-r{resolution or 'native'}"
     cache = root / "folders" / f"{key}-{folder_signature(parts, resolution)}.npy"
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
     aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
     if cache.is_dir():
-        files = ["classes.json", *(f"{p}_{k}.npy" for p in parts for k in ("images", "labels"))]
-        if not all((cache / f).is_file() for f in files):
-            raise SearchError(f"data.dataset '{name}': the decoded copy {cache} lacks some of {', '.join(files)}; "
-                              "delete it and the folder is decoded again")
-        classes = tuple(json.loads((cache / "classes.json").read_text()))
-        splits = _read_splits(cache, tuple(parts))
-        return Raw(splits["train"], splits.get("val"), splits.get("test"), classes, "unknown", aug, cache)
+        try:
+            classes = tuple(json.loads((cache / "classes.json").read_text()))
+            splits = _read_splits(cache, tuple(parts))
+            return Raw(splits["train"], splits.get("val"), splits.get("test"), classes, "unknown", aug, cache)
+        except (OSError, ValueError) as e:  # damaged, or removed meanwhile: decode again
+            log.warning("data.dataset '%s': decoded copy %s unreadable (%s); decoding the folder again", name, cache, e)
+            shutil.rmtree(cache, ignore_errors=True)
     train, classes = _folder_split(name, parts["train"], None, resolution)
     splits = {"train": train}
     for part in ("val", "test"):
@@ -622,6 +647,7 @@ def _folder(name: str, root: Path, resolution: int | None) -> Raw:
         for stale in cache.parent.glob(f"{glob.escape(key)}-*.npy"):
             if stale != cache and len(stale.name) == len(cache.name):
                 shutil.rmtree(stale, ignore_errors=True)
+                (stale.parent / f".{stale.name}.lock").unlink(missing_ok=True)
     except OSError as e:
         log.warning("data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
                     name, cache.parent, e)
@@ -709,7 +735,7 @@ def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Spli
     """
     if raw.cache is None or (raw.val is not None and raw.test is not None):
         return carve(raw, cfg, seed)
-    where = raw.cache / f"carved-seed{seed}-val{cfg.val_split:g}-test{cfg.test_split:g}"
+    where = raw.cache / f"carved-testseed{TEST_SEED}-seed{seed}-val{cfg.val_split!r}-test{cfg.test_split!r}"
     parts = ("train", "val", "test")
     if not where.is_dir():
         try:

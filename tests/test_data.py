@@ -85,6 +85,11 @@ def write_folder(root: Path, classes=("cat", "dog"), n=4, size=(12, 10), mode="R
             Image.new(mode, size, value if mode == "L" else (value, 0, 255 - value)).save(root / c / f"{i}.png")
 
 
+def visible(folder: Path) -> list[Path]:
+    """A directory's entries without the hidden build locks, sorted."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def cfg(name: str, root: Path, **kw) -> DataCfg:
     return DataCfg(dataset=name, root=str(root), **kw)
 
@@ -262,7 +267,7 @@ def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
     assert calls == [remote.url] * 3  # two failures retried
     assert len(d.test) == 10 and len(d.train) + len(d.val) == 50
     assert (root / "cifar-10-python.tar.gz").read_bytes() == blob
-    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert [p.name for p in visible(root)] == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
 def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
@@ -318,10 +323,10 @@ def test_image_folder_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     write_folder(tmp_path / "imgs" / "val", n=2)
     name, root = f"folder:{tmp_path / 'imgs'}", tmp_path / "root"
     first = load_data(cfg(name, root), seed=0)
-    caches = list((root / "folders").iterdir())
-    assert len(caches) == 1 and caches[0].name.startswith("imgs-")
-    assert sorted(p.name for p in caches[0].iterdir()) == [
-        "carved-seed0-val0.15-test0.15",  # no test/ folder: the test carve-out is kept beside the images
+    caches = visible(root / "folders")
+    assert len(caches) == 1 and caches[0].name.startswith("imgs-") and "-rnative-" in caches[0].name
+    assert [p.name for p in visible(caches[0])] == [
+        "carved-testseed0-seed0-val0.15-test0.15",  # no test/ folder: the test carve-out is kept beside the images
         "classes.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
 
     data._raw.cache_clear()  # a new process: PIL must not be needed any more
@@ -336,8 +341,8 @@ def test_image_folder_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     data._raw.cache_clear()
     grown = load_data(cfg(name, root, val_split=0.1), seed=0)
     assert len(grown.train) + len(grown.test) == 7
-    assert [p.name for p in (root / "folders").iterdir()] != [caches[0].name]
-    assert len(list((root / "folders").iterdir())) == 1
+    assert [p.name for p in visible(root / "folders")] != [caches[0].name]
+    assert len(visible(root / "folders")) == 1
 
 
 def test_image_folder_loads_when_the_data_root_is_not_writable(tmp_path, caplog):
@@ -353,8 +358,8 @@ def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offlin
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=20)
     c = cfg("galaxy10", tmp_path)
     first = load_data(c, seed=3)
-    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-seed3-val0.15-test0.15"
-    assert sorted(p.name for p in kept.iterdir()) == sorted(
+    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed3-val0.15-test0.15"
+    assert [p.name for p in visible(kept)] == sorted(
         f"{part}_{k}.npy" for part in ("train", "val", "test") for k in ("images", "labels"))
     in_memory = data.carve(data.load_raw(c), c, 3)  # what the files must hold
     for split, want in zip((first.train, first.val, first.test), in_memory, strict=True):
@@ -362,4 +367,35 @@ def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offlin
     assert np.load(kept / "train_images.npy", mmap_mode="r").shape == tuple(first.train.x.shape)
     data._raw.cache_clear()  # another process, another seed: its own directory
     assert len(load_data(c, seed=4).test) == len(first.test)
-    assert (tmp_path / "Galaxy10_DECals.npy" / "carved-seed4-val0.15-test0.15").is_dir()
+    assert (tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed4-val0.15-test0.15").is_dir()
+
+
+def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
+    import threading
+    import time
+
+    calls = []
+
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        time.sleep(0.3)  # long enough for the other builder to arrive meanwhile
+        (tmp / "done").write_text("1")
+
+    final = tmp_path / "set.npy"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(data._atomic_dir(final, build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [final] * 3 and (final / "done").read_text() == "1"
+    assert [p.name for p in visible(tmp_path)] == ["set.npy"]  # no temporary directory left
+
+
+def test_image_folder_caches_per_resolution_side_by_side(tmp_path):
+    write_folder(tmp_path / "imgs", n=3, size=(20, 16))
+    root = tmp_path / "root"
+    small = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root, resolution=8), seed=0)
+    large = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root, resolution=16), seed=0)
+    assert small.train.x.shape[-1] == 8 and large.train.x.shape[-1] == 16
+    assert sorted(p.name.split("-")[2] for p in visible(root / "folders")) == ["r16", "r8"]
