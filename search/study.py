@@ -508,7 +508,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
                 on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "
                         f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s")
-                if trial.should_prune():
+                if epoch not in reported and trial.should_prune():  # the pruner judges this run's epochs only
                     trial.set_user_attr("fail_reason", f"pruned at epoch {epoch}")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 

@@ -72,23 +72,31 @@ def test_dashboard_serves_the_study(demo_study):
     assert {"pool_label", "params", "history"} <= keys
 
 
-def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_path, monkeypatch):
-    import warnings
-
+def _dead_trial_retried(tmp_path, **over):
+    """A study whose trial 0 reported 0.111 at epoch 1 and died; its retry is queued. (study, recipe)"""
     from search import study as st
     from search.pool import parse_pool
     from search.recipe import recipe_from_dict
     from search.space import suggest
     from tests.conftest import tiny_recipe
 
-    monkeypatch.chdir(tmp_path)
-    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 1}, train={"epochs": 3}))
+    recipe = recipe_from_dict(tiny_recipe(train={"epochs": 3}, **over))
     study = st.open_study(recipe, f"journal:{tmp_path}/j.log")
-    dead = study.ask()  # a worker that reported epoch 1 and died
+    dead = study.ask()
     suggest(dead, recipe, parse_pool(recipe.pool))
     dead.set_user_attr("seed", 777)
     dead.report(0.111, 1)
     study.tell(dead, state=TrialState.FAIL)
+    return study, recipe
+
+
+def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_path, monkeypatch):
+    import warnings
+
+    from search import study as st
+
+    monkeypatch.chdir(tmp_path)
+    study, recipe = _dead_trial_retried(tmp_path, study={"n_trials": 1})
     st.retry(study, study.get_trials()[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,6 +108,25 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
     assert len(rerun.user_attrs["history"]) == 3  # the training ran again from epoch 1 ...
     assert sorted(rerun.intermediate_values) == [1, 2, 3] and rerun.intermediate_values[1] == 0.111  # ... epoch 1 stands
     assert rerun.intermediate_values[3] == rerun.user_attrs["history"][2]["val_accuracy"]
+
+
+def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
+    # A finished trial far better at every epoch: a median pruner judging the inherited 0.111 at
+    # epoch 1 would prune the rerun there. The dead run passed epoch 1; the rerun is judged from epoch 2.
+    from search import study as st
+
+    monkeypatch.chdir(tmp_path)
+    study, recipe = _dead_trial_retried(tmp_path, study={"n_trials": 2, "pruner": {"name": "median", "warmup_epochs": 0,
+                                                                                   "min_trials": 1}})
+    dead = study.get_trials()[0]
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.99, params=dead.params,
+                                        distributions=dead.distributions, user_attrs={"seed": 1},
+                                        intermediate_values={1: 0.99, 2: 0.99, 3: 0.99}))
+    st.retry(study, dead)
+    assert st.work(recipe, study, quiet=True) == 1
+    rerun = study.get_trials()[2]
+    assert rerun.user_attrs["retry_of"] == 0 and len(rerun.user_attrs["history"]) >= 2
+    assert rerun.user_attrs.get("fail_reason") != "pruned at epoch 1"
 
 
 def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
