@@ -726,24 +726,38 @@ def _read_splits(folder: Path, parts: tuple[str, ...]) -> dict[str, Split]:
             for part in parts}
 
 
+KEEP_CARVED = 4  # carve-out directories kept per dataset, most recently used first (each is a full copy)
+
+
+def _prune_carved(folder: Path) -> None:
+    built = [d for d in folder.glob("carved-*") if d.is_dir() and not d.name.endswith(".tmp")]
+    built.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in built[KEEP_CARVED:]:  # a process still using one keeps its mapping; a new one carves again
+        shutil.rmtree(old, ignore_errors=True)
+        (folder / f".{old.name}.lock").unlink(missing_ok=True)
+
+
 def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
     """`carve`, kept as memory-mapped .npy files next to a file-backed dataset (Galaxy10, image folders).
 
     Each worker process then maps the same files (one copy in the page cache)
     instead of holding its own copy of the carved train split (~2.5 GB for
-    Galaxy10). One directory per seed and fractions; written once, atomically.
+    Galaxy10). One directory per seed and fractions, written once under a
+    lock; the KEEP_CARVED most recently used are kept.
     """
     if raw.cache is None or (raw.val is not None and raw.test is not None):
         return carve(raw, cfg, seed)
     where = raw.cache / f"carved-testseed{TEST_SEED}-seed{seed}-val{cfg.val_split!r}-test{cfg.test_split!r}"
     parts = ("train", "val", "test")
-    if not where.is_dir():
-        try:
+    try:
+        if not where.is_dir():
             _atomic_dir(where, lambda tmp: _write_splits(dict(zip(parts, carve(raw, cfg, seed), strict=True)), tmp))
-        except OSError as e:
-            log.warning("data: carve-outs not kept under %s (%s); this process holds its own copy", where, e)
-            return carve(raw, cfg, seed)
-    s = _read_splits(where, parts)
+        os.utime(where)  # most recently used
+        _prune_carved(raw.cache)
+        s = _read_splits(where, parts)
+    except (OSError, ValueError) as e:  # unwritable, full, or pruned meanwhile by another process
+        log.warning("data: carve-outs not kept under %s (%s); this process holds its own copy", where, e)
+        return carve(raw, cfg, seed)
     return s["train"], s["val"], s["test"]
 
 

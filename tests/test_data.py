@@ -399,3 +399,17 @@ def test_image_folder_caches_per_resolution_side_by_side(tmp_path):
     large = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root, resolution=16), seed=0)
     assert small.train.x.shape[-1] == 8 and large.train.x.shape[-1] == 16
     assert sorted(p.name.split("-")[2] for p in visible(root / "folders")) == ["r16", "r8"]
+
+
+def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_network, monkeypatch):
+    import os
+
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    monkeypatch.setattr(data, "KEEP_CARVED", 2)
+    c = cfg("galaxy10", tmp_path)
+    for i, seed in enumerate((1, 2, 1, 3)):  # seed 1 is used again after 2: 2 is the oldest when 3 comes
+        load_data(c, seed=seed)
+        kept = tmp_path / "Galaxy10_DECals.npy" / f"carved-testseed0-seed{seed}-val0.15-test0.15"
+        os.utime(kept, (1000 + i, 1000 + i))  # distinct times, whatever the clock's resolution
+    names = [p.name for p in visible(tmp_path / "Galaxy10_DECals.npy") if p.name.startswith("carved-")]
+    assert names == ["carved-testseed0-seed1-val0.15-test0.15", "carved-testseed0-seed3-val0.15-test0.15"]
