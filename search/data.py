@@ -8,6 +8,7 @@ the `max_samples` subsample and returns `Data`, which training consumes.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -266,6 +267,36 @@ def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Remove a cache directory: renamed aside first, so nobody ever reads it half-deleted."""
+    gone = folder.with_name(f"{folder.name}.{os.getpid()}.gone.tmp")
+    try:
+        os.replace(folder, gone)
+    except OSError:
+        return  # gone already
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _read_cached(folder: Path, read: Callable[[], Any]) -> Any:
+    """`read()` of a built cache directory; None when it is damaged, after removing it under its lock.
+
+    Missing or malformed files mean damage (a half-finished removal, a hand edit); a
+    process that finds it so takes the build lock, tries again (another may have
+    rebuilt it meanwhile) and discards it if it is still unreadable. Other
+    errors (no memory, too many open files) are raised: the directory is fine.
+    """
+    try:
+        return read()
+    except (FileNotFoundError, ValueError, EOFError):
+        pass
+    with _build_lock(folder):
+        try:
+            return read()
+        except (FileNotFoundError, ValueError, EOFError):
+            _discard(folder)
+            return None
 
 
 def _mmap_tensor(path: Path) -> torch.Tensor:
@@ -626,13 +657,12 @@ def _folder(name: str, root: Path, resolution: int | None) -> Raw:
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
     aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
     if cache.is_dir():
-        try:
-            classes = tuple(json.loads((cache / "classes.json").read_text()))
-            splits = _read_splits(cache, tuple(parts))
-            return Raw(splits["train"], splits.get("val"), splits.get("test"), classes, "unknown", aug, cache)
-        except (OSError, ValueError) as e:  # damaged, or removed meanwhile: decode again
-            log.warning("data.dataset '%s': decoded copy %s unreadable (%s); decoding the folder again", name, cache, e)
-            shutil.rmtree(cache, ignore_errors=True)
+        read = _read_cached(cache, lambda: (json.loads((cache / "classes.json").read_text()),
+                                            _read_splits(cache, tuple(parts))))
+        if read is not None:
+            classes, got = tuple(read[0]), read[1]
+            return Raw(got["train"], got.get("val"), got.get("test"), classes, "unknown", aug, cache)
+        log.warning("data.dataset '%s': decoded copy %s was damaged; decoding the folder again", name, cache)
     train, classes = _folder_split(name, parts["train"], None, resolution)
     splits = {"train": train}
     for part in ("val", "test"):
@@ -646,8 +676,7 @@ def _folder(name: str, root: Path, resolution: int | None) -> Raw:
         _atomic_dir(cache, lambda tmp: _write_folder_cache(splits, classes, tmp))
         for stale in cache.parent.glob(f"{glob.escape(key)}-*.npy"):
             if stale != cache and len(stale.name) == len(cache.name):
-                shutil.rmtree(stale, ignore_errors=True)
-                (stale.parent / f".{stale.name}.lock").unlink(missing_ok=True)
+                _discard(stale)
     except OSError as e:
         log.warning("data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
                     name, cache.parent, e)
@@ -729,12 +758,19 @@ def _read_splits(folder: Path, parts: tuple[str, ...]) -> dict[str, Split]:
 KEEP_CARVED = 4  # carve-out directories kept per dataset, most recently used first (each is a full copy)
 
 
-def _prune_carved(folder: Path) -> None:
-    built = [d for d in folder.glob("carved-*") if d.is_dir() and not d.name.endswith(".tmp")]
-    built.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in built[KEEP_CARVED:]:  # a process still using one keeps its mapping; a new one carves again
-        shutil.rmtree(old, ignore_errors=True)
-        (folder / f".{old.name}.lock").unlink(missing_ok=True)
+def _prune_carved(folder: Path, keep: Path) -> None:
+    """Leave `keep` and the KEEP_CARVED - 1 most recently used other carve-outs; a process still
+    using a removed one keeps its mapping, a new one carves again."""
+    built = []
+    for d in folder.glob("carved-*"):
+        if d.name.endswith(".gone.tmp"):  # left by a removal that was cut short
+            shutil.rmtree(d, ignore_errors=True)
+        elif d != keep and not d.name.endswith(".tmp"):  # .tmp: being built
+            with contextlib.suppress(OSError):  # removed meanwhile by another process
+                built.append((d.stat().st_mtime, d.name, d))
+    built.sort(reverse=True)
+    for _, _, old in built[KEEP_CARVED - 1 :]:
+        _discard(old)
 
 
 def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
@@ -749,16 +785,21 @@ def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Spli
         return carve(raw, cfg, seed)
     where = raw.cache / f"carved-testseed{TEST_SEED}-seed{seed}-val{cfg.val_split!r}-test{cfg.test_split!r}"
     parts = ("train", "val", "test")
+    read = None
     try:
-        if not where.is_dir():
+        for _ in range(2):  # a damaged directory is removed by _read_cached and built once more
             _atomic_dir(where, lambda tmp: _write_splits(dict(zip(parts, carve(raw, cfg, seed), strict=True)), tmp))
-        os.utime(where)  # most recently used
-        _prune_carved(raw.cache)
-        s = _read_splits(where, parts)
-    except (OSError, ValueError) as e:  # unwritable, full, or pruned meanwhile by another process
+            read = _read_cached(where, lambda: _read_splits(where, parts))
+            if read is not None:
+                break
+    except OSError as e:  # unwritable or full data root
         log.warning("data: carve-outs not kept under %s (%s); this process holds its own copy", where, e)
+    if read is None:
         return carve(raw, cfg, seed)
-    return s["train"], s["val"], s["test"]
+    with contextlib.suppress(OSError):  # a read-only data root: use what is there, as it is
+        os.utime(where)  # most recently used
+        _prune_carved(raw.cache, keep=where)
+    return read["train"], read["val"], read["test"]
 
 
 def load_data(cfg: DataCfg, seed: int = 0) -> Data:

@@ -413,3 +413,32 @@ def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_netwo
         os.utime(kept, (1000 + i, 1000 + i))  # distinct times, whatever the clock's resolution
     names = [p.name for p in visible(tmp_path / "Galaxy10_DECals.npy") if p.name.startswith("carved-")]
     assert names == ["carved-testseed0-seed1-val0.15-test0.15", "carved-testseed0-seed3-val0.15-test0.15"]
+
+
+def test_a_damaged_carve_out_is_rebuilt_and_a_read_only_one_still_used(tmp_path, offline_network, monkeypatch):
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    c = cfg("galaxy10", tmp_path)
+    first = load_data(c, seed=2)
+    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed2-val0.15-test0.15"
+    (kept / "train_images.npy").unlink()  # a removal cut short
+    again = load_data(c, seed=2)
+    assert (kept / "train_images.npy").is_file() and torch.equal(again.train.x, first.train.x)
+
+    def read_only(*args, **kw):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(data.os, "utime", read_only)
+    monkeypatch.setattr(data, "carve", lambda *a: pytest.fail("carved again although the files are there"))
+    assert torch.equal(load_data(c, seed=2).val.x, first.val.x)
+
+
+def test_a_damaged_folder_cache_is_decoded_again(tmp_path):
+    write_folder(tmp_path / "imgs", n=3)
+    root = tmp_path / "root"
+    first = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root), seed=0)
+    (cache,) = visible(root / "folders")
+    (cache / "classes.json").unlink()
+    data._raw.cache_clear()
+    again = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root), seed=0)
+    assert again.classes == first.classes and (cache / "classes.json").is_file()
+    assert torch.equal(again.train.x, first.train.x)
