@@ -190,8 +190,7 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         # b*(c*x + (1-c)*mean) = (b*c) * x + b*(1-c)*mean.
         bright = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
         contrast = 1 + cfg.jitter * (2 * torch.rand(n, 1, 1, 1, generator=gen, device=dev) - 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, c, size, size), device=dev, memory_format=fmt)
+    out = torch.empty((n, c, size, size), device=dev, memory_format=_layout(channels_last))
     step = chunk_size(n, c, w, size, dev)
     for i in range(0, n, step):
         j = min(n, i + step)
@@ -204,22 +203,26 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
             xf = F.grid_sample(xf, sampling_grid(theta[i:j], size), mode="bilinear", padding_mode="zeros",
                                align_corners=False)
         # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
+        scale, shift = 1 / 255, 0.0
         if cfg.jitter:
             b, k = bright[i:j], contrast[i:j]
-            image_mean = xf.mean(dim=(1, 2, 3), keepdim=True)
-            scale_shift(xf, b * k / 255, b * (1 - k) * image_mean / 255, mean, std, clamp=True, out=out[i:j])
-        else:
-            scale_shift(xf, 1 / 255, 0.0, mean, std, clamp=False, out=out[i:j])
+            scale, shift = b * k / 255, b * (1 - k) * xf.mean(dim=(1, 2, 3), keepdim=True) / 255
+        scale_shift(xf, scale, shift, mean, std, clamp=bool(cfg.jitter), out=out[i:j])
     return out
+
+
+def _layout(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @lru_cache(maxsize=32)
 def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean/std as (1, C, 1, 1) tensors on the device, made once: a copy to a GPU per batch would wait for it."""
-    c = len(mean)
-    return (torch.tensor(mean, dtype=dtype).view(1, c, 1, 1).to(device),
-            torch.tensor(std, dtype=dtype).view(1, c, 1, 1).to(device))
+           dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """mean, std and the normalised images of 0 and 1 as (1, C, 1, 1) tensors on the device, made once:
+    a copy to a GPU per batch would wait for it."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
+    return tuple(t.to(device) for t in (m, s, -m / s, (1 - m) / s))
 
 
 def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float,
@@ -237,10 +240,10 @@ def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tens
     std = (1.0,) * c if std is None else tuple(std)
     if len(mean) != c or len(std) != c:
         raise ValueError(f"normalize: {c} channels but mean/std have {len(mean)}/{len(std)} values")
-    m, s = _stats(mean, std, xf.device, xf.dtype)
+    m, s, lo, hi = _stats(mean, std, xf.device, xf.dtype)
     torch.addcmul((shift - m) / s, xf, scale / s, out=out)
     if clamp:
-        out.clamp_min_(-m / s).clamp_max_((1 - m) / s)
+        out.clamp_min_(lo).clamp_max_(hi)
     return out
 
 
@@ -253,7 +256,7 @@ def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _output(xf: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return torch.empty_like(xf, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty_like(xf, memory_format=_layout(channels_last))
 
 
 def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> torch.Tensor:
@@ -265,6 +268,5 @@ def eval_input(x: torch.Tensor, size: int, *, mean: tuple[float, ...] | None = N
                std: tuple[float, ...] | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float at the model's size, no randomness: in [0, 1], or normalised."""
     xf = resize(x.float(), size)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    own = xf is not x and xf.is_contiguous(memory_format=fmt)  # a copy made here: write in place
+    own = xf is not x and xf.is_contiguous(memory_format=_layout(channels_last))  # a copy made here: write in place
     return scale_shift(xf, 1 / 255, 0.0, mean, std, clamp=False, out=xf if own else _output(xf, channels_last))

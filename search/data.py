@@ -626,9 +626,9 @@ def _folder_parts(name: str, path: Path) -> dict[str, Path]:
     return {part: path / part for part in ("train", "val", "test") if (path / part).is_dir()}
 
 
-def folder_signature(parts: dict[str, Path], resolution: int | None) -> str:
-    """Digest of what decoding reads: each class folder's file names, sizes and mtimes, and the size asked."""
-    h = hashlib.sha256(f"v1 {resolution}".encode())
+def folder_signature(parts: dict[str, Path]) -> str:
+    """Digest of what decoding reads: each class folder's file names, sizes and mtimes."""
+    h = hashlib.sha256(b"v1")
     for part, folder in parts.items():
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(d.iterdir()):
@@ -653,7 +653,7 @@ def _folder(name: str, root: Path, resolution: int | None) -> Raw:
     path = Path(name.removeprefix("folder:")).expanduser().resolve()
     parts = _folder_parts(name, path)
     key = f"{path.name or 'root'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-r{resolution or 'native'}"
-    cache = root / "folders" / f"{key}-{folder_signature(parts, resolution)}.npy"
+    cache = root / "folders" / f"{key}-{folder_signature(parts)}.npy"
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
     aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
     if cache.is_dir():
