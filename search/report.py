@@ -363,6 +363,8 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
     secs = sum(trial.user_attrs.get("epoch_seconds", []))
     if trial.state == TrialState.COMPLETE:
         what = f"val_{metric} {trial.value:.4f}"
+    elif trial.state == TrialState.PRUNED and trial.user_attrs.get("status") == "oom":
+        what = f"infeasible: {trial.user_attrs.get('fail_reason')}"
     elif trial.state == TrialState.PRUNED:
         what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
     else:

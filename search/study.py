@@ -462,6 +462,26 @@ def preflight(entries: list[PoolEntry]) -> None:
             weights.fetch(e)
 
 
+OUT_OF_MEMORY = "out_of_memory"  # the constraint an OOM result violates
+
+
+def constraints(user_attrs: dict[str, Any]) -> dict[str, float]:
+    """The constraint values of a trial that reaches the sampler, by name (<= 0: feasible).
+
+    Read from what the trial recorded (its user attrs); `record_constraints` stores them as
+    Optuna constraints, which every constrained sampler (TPE, GP, NSGA-II) reads from COMPLETE
+    and PRUNED trials. Every such trial carries every name (GP needs as many values on each).
+    out_of_memory: 1 when the configuration did not fit even at the smallest micro-batch.
+    """
+    return {OUT_OF_MEMORY: 1.0 if user_attrs.get("status") == "oom" else 0.0}
+
+
+def record_constraints(trial: optuna.Trial) -> None:
+    """Store `constraints` on a trial about to end COMPLETE or PRUNED (once: Optuna keeps the first)."""
+    for name, value in constraints(trial.user_attrs).items():
+        trial.set_constraint(name, value)
+
+
 def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % 2**31
 
@@ -506,10 +526,13 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     trial.report(record[f"val_{metric}"], epoch)
                 trial.set_user_attr("history", history)
                 trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
+                if trial.user_attrs.get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
+                    trial.set_user_attr("micro_batch", int(record["micro_batch"]))
                 on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "
                         f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s")
                 if epoch not in reported and trial.should_prune():  # the pruner judges this run's epochs only
                     trial.set_user_attr("fail_reason", f"pruned at epoch {epoch}")
+                    record_constraints(trial)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
             result = fit(model, data, hp, device=dev, on_epoch=on_epoch, monitor=metric, seed=seed,
@@ -521,6 +544,13 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
         artifacts.after_fit(trial, recipe, model, hp, data, result)  # history; checkpoint while in the top-k
         trial.set_user_attr("status", result.status)
         trial.set_user_attr("peak_memory_mb", max((r["peak_memory_mb"] for r in result.history), default=0.0))
+        if result.status == "oom":
+            # PRUNED, not FAIL: samplers learn only from COMPLETE and PRUNED trials, and this one must
+            # reach them as infeasible so that they stop proposing its neighbours.
+            trial.set_user_attr("fail_reason", result.reason)
+            trial.set_user_attr("micro_batch", result.micro_batch)
+            record_constraints(trial)
+            raise optuna.TrialPruned(result.reason)
         if result.failed:
             trial.set_user_attr("fail_reason", result.reason)
             raise TrialFailed(result.reason)
@@ -529,6 +559,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             trial.set_user_attr(f"best_{k}", v)
         for k, v in result.last.items():
             trial.set_user_attr(f"last_{k}", v)
+        record_constraints(trial)
         return result.best[metric]
 
     return objective

@@ -5,7 +5,9 @@ augmented there, the model runs in `channels_last` with bf16 autocast on CUDA
 (fp16 with a grad scaler where bf16 is not native), the step never waits for
 the host (losses are summed on the device and read once per epoch; only the
 fp16 scaler checks for inf each step), and evaluation runs under
-`inference_mode`. Failures (divergence, out of memory) end the fit with a
+`inference_mode`. A step that runs out of memory is retried in smaller
+micro-batches with accumulated gradients (the same effective batch); failures
+(divergence, out of memory at the smallest micro-batch) end the fit with a
 reason instead of raising, so a study records them and goes on. `fit` knows
 nothing of Optuna: the study passes `on_epoch(epoch, record)`, which may raise
 to prune.
@@ -41,6 +43,7 @@ from search.recipe import METRICS, TrainCfg
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
 EVAL_BATCH = 512  # images per evaluation forward (no activations kept, so larger than training)
+MIN_MICRO_BATCH = 1  # out of memory here too: the configuration does not fit this device
 RECOMPILE_LIMIT = 64  # torch.compile graphs kept per forward (architecture x shape x dropout x frozen)
 
 
@@ -55,6 +58,7 @@ class FitResult:
     best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best)
     seconds: float = 0.0
     seed: int = 0
+    micro_batch: int = 0  # images per forward/backward (< the batch size after out-of-memory retries)
 
     @property
     def failed(self) -> bool:
@@ -188,25 +192,42 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, hp: TrainCfg, gen: torch.Generat
     return x, y, y[perm], lam
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, hp: TrainCfg, weight: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy (label smoothing, class weights) or focal loss, in float32."""
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, hp: TrainCfg, weight: torch.Tensor | None,
+            denom: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Cross-entropy (label smoothing, class weights) or focal loss, in float32.
+
+    The (class-weighted) mean over `y`; with `denom`, the sum divided by `denom` instead: a
+    micro-batch's share of the mean over the whole batch, whose `batch_denominator` it is.
+    """
     logits = logits.float()
     if hp.loss == "focal":
         logp_y = F.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
         focal = -((1 - logp_y.exp()) ** hp.focal_gamma) * logp_y
         if weight is None:
-            return focal.mean()
+            return focal.mean() if denom is None else focal.sum() / denom
         w = weight[y]
-        return (w * focal).sum() / w.sum()  # the weighted mean, as cross_entropy's weight does
-    return F.cross_entropy(logits, y, weight=weight, label_smoothing=hp.label_smoothing)
+        return (w * focal).sum() / (w.sum() if denom is None else denom)  # the weighted mean, as cross_entropy's
+    if denom is None:
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=hp.label_smoothing)
+    return F.cross_entropy(logits, y, weight=weight, label_smoothing=hp.label_smoothing, reduction="sum") / denom
+
+
+def batch_denominator(y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | int:
+    """What the mean loss over labels `y` divides by: their count, or the sum of their class weights."""
+    return len(y) if weight is None else weight[y].sum()
 
 
 def mixed_loss(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, hp: TrainCfg,
-               weight: torch.Tensor | None) -> torch.Tensor:
-    """Loss against the mixed target lam * y_a + (1 - lam) * y_b (cross-entropy is linear in it)."""
-    loss = loss_fn(logits, ya, hp, weight)
+               weight: torch.Tensor | None, denoms: tuple[Any, Any] | None = None) -> torch.Tensor:
+    """Loss against the mixed target lam * y_a + (1 - lam) * y_b (cross-entropy is linear in it).
+
+    `denoms`: the whole batch's `batch_denominator` of y_a and y_b, when these logits are one
+    micro-batch of it.
+    """
+    da, db = denoms or (None, None)
+    loss = loss_fn(logits, ya, hp, weight, da)
     if lam < 1.0:
-        loss = lam * loss + (1 - lam) * loss_fn(logits, yb, hp, weight)
+        loss = lam * loss + (1 - lam) * loss_fn(logits, yb, hp, weight, db)
     return loss
 
 
@@ -338,6 +359,40 @@ def free_memory(model: nn.Module, opt: torch.optim.Optimizer, cuda: bool) -> Non
         torch.cuda.empty_cache()
 
 
+def release_step(cuda: bool) -> None:
+    """After an out-of-memory error in a step that is retried: return the failed step's blocks."""
+    gc.collect()  # frames of the failed forward may sit in reference cycles
+    if cuda:
+        torch.cuda.empty_cache()  # smaller micro-batches need differently sized blocks
+
+
+def backward(net: nn.Module, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, hp: TrainCfg,
+             weight: torch.Tensor | None, micro: int, scaler: torch.amp.GradScaler, dev: torch.device,
+             amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Gradients of the batch's mean loss, accumulated over micro-batches of `micro` images; the loss.
+
+    Each micro-batch's loss is its share of the mean over the whole batch (its summed loss over
+    the batch's denominator), so the accumulated gradient is the whole batch's: the effective
+    batch size is kept. The one difference: BatchNorm normalises each micro-batch by its own
+    statistics (and updates its running statistics once per micro-batch).
+    """
+    if micro >= len(xb):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(xb)
+        loss = mixed_loss(logits, ya, yb, lam, hp, weight)
+        scaler.scale(loss).backward()
+        return loss.detach()
+    denoms = (batch_denominator(ya, weight), batch_denominator(yb, weight))
+    total = torch.zeros((), device=dev)
+    for xc, yac, ybc in zip(xb.split(micro), ya.split(micro), yb.split(micro), strict=True):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(xc)
+        loss = mixed_loss(logits, yac, ybc, lam, hp, weight, denoms)
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
 # ---------------------------------------------------------------------------
 # the loop
 
@@ -369,6 +424,7 @@ def fit(
     compile: bool | str = False,
     keep_best: bool = False,
     gpu_memory_share: float = 0.5,
+    micro_batch: int | None = None,
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
@@ -380,6 +436,12 @@ def fit(
     weights in the result (`search.artifacts.save_checkpoint` writes them).
     Each epoch's record goes to `on_epoch`, which may raise (pruning) to stop
     the fit.
+
+    Out of memory in a training step retries that step in micro-batches of half
+    the size (gradients accumulated: the same effective batch) until it fits or
+    fails at MIN_MICRO_BATCH, which ends the fit as 'oom'. The size that fit is
+    kept for the rest of the fit, in each record (`micro_batch`) and the result.
+    `micro_batch` starts there instead of at the full batch (a resumed trial).
     """
     hp = hparams
     if monitor not in METRICS:
@@ -433,6 +495,7 @@ def fit(
     best_epoch, best_state, status, reason = 0, None, "ok", ""
     t_start = time.perf_counter()
     step = 0
+    micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))  # kept once reduced
     with determinism(hp.deterministic, cuda), host_memory(dev):
         for epoch in range(1, hp.epochs + 1):
             if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
@@ -450,7 +513,8 @@ def fit(
                 order = torch.randperm(n, generator=gen, device=dev)
             order_x = order.to(train_x.device)  # host-resident data: one copy per epoch, no per-step sync
             loss_sum = torch.zeros((), device=dev)
-            xb = logits = loss = None
+            xb = loss = None
+            phase = "train"
             try:
                 for i in range(steps_per_epoch):
                     f = lr_factor(step, total, warmup, hp.schedule, step_every=step_every, gamma=hp.gamma,
@@ -467,25 +531,35 @@ def fit(
                     ya, yb2, lam = yb, yb, 1.0
                     if mixing:
                         xb, ya, yb2, lam = mix_batch(xb, yb, hp, gen, rng)
-                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = net(xb)
-                    loss = mixed_loss(logits, ya, yb2, lam, hp, weight)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if hp.grad_clip:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(clip_params, hp.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    loss_sum += loss.detach()
+                    while True:  # out of memory: the same step again in micro-batches half as large
+                        opt.zero_grad(set_to_none=True)
+                        try:
+                            loss = backward(net, xb, ya, yb2, lam, hp, weight, micro, scaler, dev, amp_dtype)
+                            if hp.grad_clip:
+                                scaler.unscale_(opt)
+                                torch.nn.utils.clip_grad_norm_(clip_params, hp.grad_clip)
+                            scaler.step(opt)
+                            scaler.update()
+                            break
+                        except torch.OutOfMemoryError:  # in practice in forward/backward, before the update
+                            if micro <= MIN_MICRO_BATCH:
+                                raise
+                        # outside the except: its traceback no longer pins the failed step's tensors
+                        opt.zero_grad(set_to_none=True)
+                        release_step(cuda)
+                        micro = max(MIN_MICRO_BATCH, micro // 2)
+                    loss_sum += loss
                     step += 1
                 train_loss = float(loss_sum) / max(1, steps_per_epoch)  # the one sync of the epoch
                 seconds = time.perf_counter() - t0
+                phase = "validation"
                 val_logits = predict(model, val_x, size, mean, std, dev, amp_dtype, channels_last)
             except torch.OutOfMemoryError:
-                status, reason = "oom", f"out of memory at batch size {bs}"
+                status = "oom"
+                reason = (f"out of memory at batch size {bs} in micro-batches of {micro}" if phase == "train"
+                          else f"out of memory in validation (batches of {EVAL_BATCH})")
             if status == "oom":  # outside the except: its traceback no longer pins the step's tensors
-                xb = logits = loss = None
+                xb = loss = None
                 free_memory(model, opt, cuda)
                 break
             val = metrics.evaluate(val_logits, data.val.y)
@@ -497,6 +571,7 @@ def fit(
                 "lr": opt.param_groups[0]["lr"], "backbone_frozen": float(frozen), "seconds": seconds,
                 "images_per_s": steps_per_epoch * bs / max(seconds, 1e-9),
                 "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if cuda else 0) / 2**20,
+                "micro_batch": micro,
             }
             history.append(record)
             if not best or better(val[monitor], best[monitor], monitor):
@@ -510,4 +585,4 @@ def fit(
                 break
     last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     return FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,
-                     time.perf_counter() - t_start, seed)
+                     time.perf_counter() - t_start, seed, micro)

@@ -138,3 +138,67 @@ def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "failed: diverged at epoch" in proc.stdout, proc.stdout
     assert "Traceback" not in proc.stderr and "failed with value None" not in proc.stderr, proc.stderr
+
+
+def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeasible(tmp_path, monkeypatch):
+    # "too_big" stands for a model that fits no micro-batch: its training forward raises CUDA's
+    # out-of-memory error (what a CPU cannot produce for real) through the real fit and objective.
+    import torch
+    from optuna.samplers._tpe.sampler import _get_infeasible_trial_score, _split_trials
+
+    from search import space
+    from search import study as st
+    from search.pool import parse_pool
+    from search.recipe import recipe_from_dict
+    from tests.conftest import tiny_recipe
+
+    real_build = st.build_model
+
+    def build(entry, **kw):
+        model = real_build(entry, **kw)
+        if entry.label == "too_big":
+            def oom(module, args):
+                if module.training:
+                    raise torch.OutOfMemoryError(f"CUDA out of memory ({len(args[0])} images)")
+            model.register_forward_pre_hook(oom)
+        return model
+
+    monkeypatch.setattr(st, "build_model", build)
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 6}, pool=["mini_cnn", {"model": "mini_cnn",
+                                                                                   "label": "too_big"}],
+                                          train={"epochs": 1}))
+    study = st.open_study(recipe, f"journal:{tmp_path}/j.log")
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert st.work(recipe, study) == 6
+    trials = study.get_trials()
+    big = [t for t in trials if t.user_attrs["pool_label"] == "too_big"]
+    fits = [t for t in trials if t.user_attrs["pool_label"] == "mini_cnn"]
+    assert big and fits, [t.params for t in trials]  # the random sampler drew both
+    for t in big:  # ends PRUNED (what samplers read), with the reason and the constraint violated
+        assert t.state == TrialState.PRUNED and t.user_attrs["status"] == "oom"
+        assert t.user_attrs["fail_reason"] == "out of memory at batch size 32 in micro-batches of 1"
+        assert t.user_attrs["micro_batch"] == 1 and t.constraints == {"out_of_memory": 1.0}
+    for t in fits:
+        assert t.state == TrialState.COMPLETE and t.constraints == {"out_of_memory": 0.0}
+        assert t.user_attrs["micro_batch"] == 32
+    assert any("infeasible: out of memory at batch size 32" in line for line in lines), lines
+    assert len(st.counted(trials)) == 6 and study.best_trial.user_attrs["pool_label"] == "mini_cnn"
+
+    # What TPE receives: the stored COMPLETE and PRUNED trials; the OOM ones as infeasible, all
+    # on the "bad" side of its split, so it proposes the feasible entry.
+    received = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert {t.number for t in received} == {t.number for t in trials}
+    assert {t.number for t in received if _get_infeasible_trial_score(t) > 0} == {t.number for t in big}
+    below, above = _split_trials(study, received, n_below=len(fits))
+    assert {t.number for t in below} == {t.number for t in fits} and {t.number for t in big} <= {t.number for t in above}
+    tpe = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=0))
+    entries = parse_pool(recipe.pool)
+    drawn = []
+    for _ in range(12):
+        t = tpe.ask()
+        drawn.append(space.suggest(t, recipe, entries)[0].label)
+        tpe.tell(t, state=TrialState.FAIL)  # FAIL: invisible to the sampler, the stored trials stay its data
+    assert drawn.count("too_big") <= 2, drawn

@@ -238,7 +238,76 @@ class _OOM(nn.Module):
 
 def test_out_of_memory_is_a_result(digits):
     res = train.fit(_OOM(), digits, hp(batch_size=16), device="cpu")
-    assert (res.status, res.reason, res.failed, res.history) == ("oom", "out of memory at batch size 16", True, [])
+    assert (res.status, res.failed, res.history) == ("oom", True, [])
+    assert res.reason == f"out of memory at batch size 16 in micro-batches of {train.MIN_MICRO_BATCH}"
+
+
+class _Capped(nn.Module):
+    """No BatchNorm; a training forward of more than `cap` images raises CUDA's out-of-memory error."""
+
+    def __init__(self, cap: int, in_features: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.cap, self.sizes = cap, []
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.GELU(), nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.sizes.append(len(x))
+            if len(x) > self.cap:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} MiB")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"class_weights": True, "label_smoothing": 0.1},
+    {"loss": "focal", "class_weights": True},
+    {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 1.0},
+], ids=["ce", "weighted_smoothed", "weighted_focal", "mixup_cutmix"])
+def test_out_of_memory_accumulates_the_full_batch_gradient(digits, kw):
+    # SGD without momentum: the weights after each step are a function of the gradients alone, so
+    # equal weights after 2 epochs (14 steps) mean equal gradients at every step.
+    cfg = hp(epochs=2, batch_size=36, optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.0,
+             schedule="constant", **kw)
+    torch.manual_seed(0)
+    full = _Capped(cap=10**6)
+    capped = _Capped(cap=10)
+    capped.load_state_dict(full.state_dict())
+    a = train.fit(full, digits, cfg, device="cpu", seed=3)
+    b = train.fit(capped, digits, cfg, device="cpu", seed=3)
+    assert (a.micro_batch, b.micro_batch, b.status) == (36, 9, "ok")
+    assert [r["micro_batch"] for r in b.history] == [9, 9]
+    # 36 fails, 18 fails, 9 fits: first step tries 36, 18, then 4 x 9; later steps start at 9
+    assert capped.sizes[:6] == [36, 18, 9, 9, 9, 9] and set(capped.sizes[6:]) == {9}
+    for (k, p), q in zip(full.state_dict().items(), capped.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=k)
+    assert b.history[-1]["train_loss"] == pytest.approx(a.history[-1]["train_loss"], rel=1e-5)
+
+
+def test_micro_batches_of_uneven_size_share_the_loss_exactly():
+    torch.manual_seed(1)
+    logits, y = torch.randn(10, 4, requires_grad=True), torch.randint(0, 4, (10,))
+    weight = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    for cfg in (TrainCfg(label_smoothing=0.2), TrainCfg(loss="focal")):
+        for w in (None, weight):
+            whole = train.mixed_loss(logits, y, y.flip(0), 0.3, cfg, w)
+            d = (train.batch_denominator(y, w), train.batch_denominator(y.flip(0), w))
+            parts = [train.mixed_loss(lc, ya, yb, 0.3, cfg, w, d)
+                     for lc, ya, yb in zip(logits.split(4), y.split(4), y.flip(0).split(4), strict=True)]  # 4, 4, 2
+            torch.testing.assert_close(sum(parts), whole)
+
+
+def test_a_configuration_that_fits_nowhere_ends_out_of_memory_at_the_smallest_micro_batch(digits):
+    model = _Capped(cap=0)
+    res = train.fit(model, digits, hp(batch_size=16), device="cpu")
+    assert model.sizes == [16, 8, 4, 2, 1] and res.history == []
+    assert (res.status, res.reason) == ("oom", "out of memory at batch size 16 in micro-batches of 1")
+
+
+def test_fit_starts_at_a_given_micro_batch(digits):
+    model = _Capped(cap=10**6)
+    res = train.fit(model, digits, hp(epochs=1, batch_size=16), device="cpu", micro_batch=4)
+    assert set(model.sizes) == {4} and res.micro_batch == 4 and res.status == "ok"
 
 
 def test_early_stopping_stops_at_the_right_epoch(digits):
