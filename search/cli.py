@@ -146,6 +146,34 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    import time
+
+    from search import rank
+    from search.data import data_root, load_data
+    from search.pool import parse_pool
+    from search.study import preflight
+
+    recipe = _recipe(args)
+    start = time.perf_counter()
+    preflight(parse_pool(recipe.pool))  # missing weights: one line, exit 2, before any work
+    data = load_data(recipe.data, recipe.study.seed)
+    cfg = recipe.rank
+    n_train, n_val = min(len(data.train), cfg.max_images), min(len(data.val), cfg.max_val_images)
+    print(f"{data.summary()}\nranking {len(recipe.pool)} entries on {n_train} train / {n_val} val images")
+    rows = rank.rank_pool(recipe, data, on_row=None if args.quiet else lambda r: print(
+        f"  {r['entry']}: {r['status']}" + (f" {r['seconds']:.1f}s" if r["seconds"] is not None else "")
+        + (" (cached)" if r["cached"] else "") + (f" - {r['note']}" if r["status"] == "failed" else "")))
+    print(rank.table(rows, cfg.by, n_train, n_val))
+    print(f"{time.perf_counter() - start:.1f} s in all; features cached under\n  {data_root(recipe.data) / 'rank-features'}")
+    if args.json:
+        import json as _json
+        from pathlib import Path
+
+        Path(args.json).write_text(_json.dumps(rows, indent=2))
+    return 0
+
+
 def _stored(args: argparse.Namespace):
     from search import artifacts
     from search import study as st
@@ -206,6 +234,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "models": cmd_models,
     "prefetch": cmd_prefetch,
+    "rank": cmd_rank,
     "report": cmd_report,
     "best": cmd_best,
     "retrain": cmd_retrain,
@@ -231,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
                      "GPUs round-robin; 0: only create the study, start workers elsewhere)")
     with_recipe("validate", "check a recipe and print the resolved search space")
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
+    rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
+    rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")
+    rk.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     w = sub.add_parser("worker", help="join a study from this machine, using the recipe stored in it")
     w.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
     w.add_argument("--study", required=True, help="study name")

@@ -65,6 +65,13 @@ class PrunerCfg(Section):
         return {"name": v} if isinstance(v, str) else v
 
 
+class StudyRankCfg(Section):
+    """`study.rank`: rank the pool (the `rank` section) before the search and act on it."""
+
+    keep: int | None = Field(None, ge=1)  # sample only the K best ranked entries (unrankable ones stay)
+    order: bool = False  # enqueue one baseline trial per kept entry, best ranked first
+
+
 class StudyCfg(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str | None = None  # default: sqlite:///studies/<name>.db
@@ -77,6 +84,7 @@ class StudyCfg(Section):
     metric: Literal["accuracy", "balanced_accuracy", "f1", "auc", "loss"] = "accuracy"
     direction: Literal["maximize", "minimize"] | None = None  # follows from metric
     baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first
+    rank: StudyRankCfg | None = None  # rank the pool before the search (see the rank section)
     top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
     origin: str | None = None  # study a `best` recipe was exported from; `retrain` records test metrics there
 
@@ -202,6 +210,16 @@ class HardwareCfg(Section):
     gpu_memory_share: float = Field(0.5, gt=0, le=1)  # keep data on GPU if it fits this share
 
 
+class RankCfg(Section):
+    """`python -m search rank` and `study.rank`: frozen-feature scores of the pool entries."""
+
+    max_images: int = Field(2000, ge=10)  # stratified sample of train the features are taken on
+    max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
+    by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
+    knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
+    batch_size: int = Field(256, ge=1)  # images per forward pass
+
+
 class Recipe(Section):
     study: StudyCfg
     data: DataCfg = DataCfg()
@@ -209,6 +227,7 @@ class Recipe(Section):
     space: SpaceCfg = SpaceCfg()
     train: TrainCfg = TrainCfg()
     hardware: HardwareCfg = HardwareCfg()
+    rank: RankCfg = RankCfg()
 
     @model_validator(mode="after")
     def _pool_and_space(self) -> Recipe:

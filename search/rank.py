@@ -1,0 +1,383 @@
+"""Rank the pool before fine-tuning: scores of each entry's frozen backbone features.
+
+For every pretrained entry the backbone (the model without its classifier head,
+built as in training: the entry's input size and normalisation, the data's
+channels morphed) embeds a stratified sample of train (`rank.max_images`) and
+of val (`rank.max_val_images`). Three scores, higher is better:
+
+- **LogME** (You et al., ICML 2021): the log marginal evidence of a Bayesian
+  linear model from the train features to each one-hot label column, with the
+  prior precision alpha and noise precision beta set by the paper's fixed-point
+  iteration, divided by n and averaged over classes. Invariant to a global scale
+  and to rotations of the features, not to per-dimension scaling.
+- **probe**: validation accuracy of a closed-form ridge classifier on the
+  standardised train features (one-hot targets); the ridge strength is picked
+  from a fixed grid by generalised cross-validation on train, so it is
+  deterministic.
+- **knn**: validation accuracy of a k-nearest-neighbour vote on cosine
+  similarity (`rank.knn_k`, default 10; a tie goes to the class whose
+  neighbours are closer).
+
+Features are cached as `.npz` files under the data root
+(`<data root>/rank-features/<dataset>/<entry>-<digest>.npz`); the digest covers
+the entry, its weight file (path, size, modification time), input size, channel
+reduction, the split, the seed, the sample and its images, so a second `rank`
+reads them back in milliseconds and anything that changes them computes anew.
+The score functions are pure numpy in float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from search.errors import SearchError
+
+log = logging.getLogger(__name__)
+
+SCORES = ("logme", "probe", "knn")
+T_MAX = 1e8  # alpha / beta at which the evidence of a featureless target is taken
+RIDGE_GRID = tuple(10.0 ** k for k in range(-4, 5))  # x mean eigenvalue of the train Gram matrix
+WIDTH = 100  # columns of the table
+CACHE_VERSION = 1  # bump when the features of an unchanged key would change
+
+
+# ---------------------------------------------------------------------------
+# scores: pure functions of feature matrices (n, d) and integer labels (n,)
+
+
+def _evidence(sigma: np.ndarray, x2: np.ndarray, res_x2: float, y2: float, n: int, d: int,
+              tol: float, max_iter: int) -> float:
+    """LogME evidence / n of one target, from the spectrum of F^T F.
+
+    sigma: the d eigenvalues of F^T F (zeros included); x2: squared projections of y on the
+    left singular vectors (paired with sigma); res_x2: |y|^2 minus their sum (the part of y
+    outside the span of F).
+    """
+    # With no signal in F the evidence keeps growing as alpha / beta -> infinity (the prior pins
+    # the weights at 0); the iteration stops at T_MAX times the largest eigenvalue, where the
+    # fitted weights are below 1e-8 of their unregularised size and the evidence is at its limit.
+    t_max = T_MAX * max(float(sigma.max()), 1e-300)
+    alpha, beta = 1.0, 1.0
+    for _ in range(max_iter):
+        t = alpha / beta
+        gamma = float((sigma / (sigma + t)).sum())
+        m2 = float((sigma * x2 / (t + sigma) ** 2).sum())  # |m|^2
+        res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + res_x2  # |F m - y|^2
+        if m2 <= 0 or gamma / m2 > t_max * (n - gamma) / res2:
+            t = t_max
+            break
+        alpha, beta = gamma / m2, (n - gamma) / res2
+        if abs(alpha / beta - t) <= tol * t:
+            t = alpha / beta
+            break
+    gamma = float((sigma / (sigma + t)).sum())
+    m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
+    res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + res_x2
+    if t == t_max:  # beta at the limit, alpha from the ratio
+        beta = (n - gamma) / res2
+        alpha = t * beta
+    evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * sigma).sum()
+                - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+    return float(evidence) / n
+
+
+def logme(features: np.ndarray, labels: np.ndarray, *, tol: float = 1e-10, max_iter: int = 1000) -> float:
+    """LogME of features (n, d) for integer labels (n,): the mean over classes of the maximised
+    log evidence / n of y_k = [label == k] (the paper's Algorithm 1, iterated to convergence)."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    n, d = f.shape
+    if n != len(y) or n < 2:
+        raise ValueError(f"logme needs n >= 2 features with one label each, got {f.shape} and {y.shape}")
+    u, s, _ = np.linalg.svd(f, full_matrices=False)  # u: (n, k), k = min(n, d)
+    sigma = np.zeros(d)
+    sigma[: len(s)] = s**2  # eigenvalues of F^T F; d - k of them are 0 when n < d
+    out = []
+    for c in np.unique(y):
+        yc = (y == c).astype(np.float64)
+        x = u.T @ yc
+        x2 = np.zeros(d)
+        x2[: len(x)] = x**2
+        y2 = float(yc @ yc)
+        out.append(_evidence(sigma, x2, max(y2 - float(x @ x), 0.0), y2, n, d, tol, max_iter))
+    return float(np.mean(out))
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mu, sd = train.mean(0), train.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)  # constant dimensions stay 0
+    return [(a - mu) / sd for a in (train, *others)]
+
+
+def linear_probe(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray) -> float:
+    """Validation accuracy of ridge regression onto one-hot labels (argmax), with an intercept.
+
+    The ridge strength is the one of RIDGE_GRID (times the mean eigenvalue of the Gram matrix)
+    with the least generalised cross-validation error on train; no randomness.
+    """
+    tr, va = _standardise(np.asarray(train_f, np.float64), np.asarray(val_f, np.float64))
+    classes, yi = np.unique(train_y, return_inverse=True)
+    t = np.eye(len(classes))[yi]
+    t_mean = t.mean(0)
+    u, s, vt = np.linalg.svd(tr, full_matrices=False)
+    uty = u.T @ (t - t_mean)
+    s2 = s**2
+    scale = float(s2.sum() / max(tr.shape[1], 1)) or 1.0
+    n = len(tr)
+    best = None
+    for lam in (g * scale for g in RIDGE_GRID):
+        shrink = s2 / (s2 + lam)
+        fitted = u @ (shrink[:, None] * uty)
+        dof = float(shrink.sum())
+        gcv = float(((t - t_mean - fitted) ** 2).sum()) / max(n - dof, 1e-9) ** 2
+        if best is None or gcv < best[0]:
+            best = (gcv, lam)
+    lam = best[1]
+    w = vt.T @ ((s / (s2 + lam))[:, None] * uty)
+    pred = classes[np.argmax(va @ w + t_mean, axis=1)]
+    return float((pred == np.asarray(val_y)).mean())
+
+
+def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray, k: int = 10) -> float:
+    """Validation accuracy of a k-nearest-neighbour majority vote on cosine similarity.
+
+    Ties go to the class whose neighbours have the larger summed similarity (the tie-break
+    term is below half a vote, so it never overrules a majority).
+    """
+    def unit(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, np.float64)
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    tr, va = unit(train_f), unit(val_f)
+    classes, yi = np.unique(train_y, return_inverse=True)
+    k = max(1, min(k, len(tr)))
+    correct = 0
+    for start in range(0, len(va), 1024):  # (1024, n_train) similarities at a time
+        sim = va[start:start + 1024] @ tr.T
+        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        near = np.take_along_axis(sim, nn, axis=1)
+        votes = np.zeros((len(sim), len(classes)))
+        rows = np.repeat(np.arange(len(sim)), k)
+        np.add.at(votes, (rows, yi[nn].ravel()), 1.0 + near.ravel() / (2 * (k + 1)))
+        correct += int((classes[votes.argmax(1)] == np.asarray(val_y)[start:start + 1024]).sum())
+    return correct / len(va)
+
+
+def scores(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray, k: int = 10) -> dict[str, float]:
+    """All three scores of one entry's features."""
+    return {"logme": logme(train_f, train_y), "probe": linear_probe(train_f, train_y, val_f, val_y),
+            "knn": knn_accuracy(train_f, train_y, val_f, val_y, k)}
+
+
+# ---------------------------------------------------------------------------
+# features of a frozen backbone
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its classifier head (`model.info.head`) replaced by the identity, in eval mode."""
+    for name in model.info.head:
+        model.set_submodule(name, torch.nn.Identity())
+    return model.eval()
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256,
+          amp: bool = True) -> np.ndarray:
+    """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation."""
+    from search.augment import eval_input
+
+    info = model.info
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size].to(device, non_blocking=True)
+        xb = eval_input(xb, info.resolution, mean=info.mean, std=info.std, channels_last=cuda)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
+            f = model(xb)
+        out.append(f.float().flatten(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def sample(split: Any, max_images: int, seed: int) -> Any:
+    """A stratified, seeded sample of at most `max_images` of a split (the whole split if smaller)."""
+    from search.data import stratified_split
+
+    if len(split) <= max_images:
+        return split
+    _, idx = stratified_split(split.y, max_images / len(split), seed)
+    return split.take(idx)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", text)[:80]
+
+
+def _images_digest(split: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(split.x.shape)).encode())
+    h.update(np.ascontiguousarray(split.x.numpy()).data)
+    h.update(np.ascontiguousarray(split.y.numpy()).data)
+    return h.hexdigest()
+
+
+def cache_path(root: Path, dataset: str, entry: Any, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = root / "rank-features" / _safe(dataset.replace("folder:", "folder-"))
+    return folder / f"{_safe(entry.label)}-{digest}.npz"
+
+
+def _weights_key(entry: Any) -> dict[str, Any]:
+    from search import weights
+
+    path = weights.fetch(entry)  # the same cache and the same errors as training
+    st = path.stat()
+    return {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{time.monotonic_ns()}.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # readers never see half a file
+
+
+def entry_features(entry: Any, data: Any, splits: dict[str, Any], *, cfg: Any, channel_reduce: str,
+                   device: torch.device, amp: bool, cache_root: Path, seed: int) -> tuple[dict[str, np.ndarray], bool, Path]:
+    """{split: features} of one pretrained entry, from the cache or computed; (features, cached, path)."""
+    from search.models import build_model, input_resolution
+
+    res = input_resolution(entry, data.resolution)
+    key = {"v": CACHE_VERSION, "entry": entry.attrs(), "model": entry.model, "resolution": res,
+           "channel_reduce": channel_reduce, "in_chans": data.in_chans, "dataset": data.name, "seed": seed,
+           "weights": _weights_key(entry), "splits": {n: _images_digest(s) for n, s in splits.items()}}
+    path = cache_path(cache_root, data.name, entry, key)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return {n: z[n] for n in splits}, True, path
+        except (OSError, ValueError, KeyError) as e:  # a damaged file is computed again
+            log.warning("feature cache %s unreadable (%s); computing the features again", path, e)
+    model = backbone(build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
+                                 channel_reduce=channel_reduce))
+    feats = {n: embed(model, s.x, device=device, batch_size=cfg.batch_size, amp=amp) for n, s in splits.items()}
+    try:
+        _write_npz(path, **feats)
+    except OSError as e:  # a read-only data root costs only the recomputation
+        log.warning("feature cache not written to %s: %s", path, e)
+    return feats, False, path
+
+
+# ---------------------------------------------------------------------------
+# the pool
+
+
+def rank_pool(recipe: Any, data: Any = None, *, on_row: Any = None) -> list[dict[str, Any]]:
+    """Score every pool entry; rows sorted by `rank.by` (best first), then unrankable entries.
+
+    Each row: entry, status (`ok`, `scratch` or `failed`), the three scores, feature dimension,
+    seconds, whether the features came from the cache, and a note (why an entry failed).
+    A failure of one entry (missing weights, a model that cannot take the data) is its row's
+    note; the others are still ranked.
+    """
+    from search.data import data_root, load_data
+    from search.pool import parse_pool
+    from search.train import resolve_device
+
+    cfg = recipe.rank
+    seed = recipe.study.seed
+    data = data or load_data(recipe.data, seed)
+    splits = {"train": sample(data.train, cfg.max_images, seed + 7),
+              "val": sample(data.val, cfg.max_val_images, seed + 8)}
+    device = resolve_device(recipe.hardware.device)
+    root = data_root(recipe.data)
+    rows = []
+    for entry in parse_pool(recipe.pool):
+        row: dict[str, Any] = {"entry": entry.label, "source": entry.source, "status": "ok",
+                               **dict.fromkeys(SCORES), "dim": None, "seconds": None, "cached": False, "note": ""}
+        if not entry.pretrained:
+            row.update(status="scratch", note="scratch: not rankable")
+        else:
+            start = time.perf_counter()
+            try:
+                feats, cached, _ = entry_features(entry, data, splits, cfg=cfg, channel_reduce=recipe.train.channel_reduce,
+                                                  device=device, amp=recipe.hardware.amp, cache_root=root, seed=seed)
+                ftr, fva = feats["train"], feats["val"]
+                if not (np.isfinite(ftr).all() and np.isfinite(fva).all()):
+                    raise ValueError("the backbone gave non-finite features")
+                row.update(scores(ftr, splits["train"].y.numpy(), fva, splits["val"].y.numpy(), cfg.knn_k),
+                           dim=int(ftr.shape[1]), cached=cached)
+            except SearchError as e:
+                row.update(status="failed", note=str(e))
+            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+                row.update(status="failed", note=f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return order(rows, cfg.by)
+
+
+def order(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Ranked rows first (best `by` score first; ties keep pool order), then the unrankable ones."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r[by])
+    return ok + [r for r in rows if r["status"] != "ok"]
+
+
+def _num(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]], by: str, n_train: int | None = None, n_val: int | None = None) -> str:
+    """The ranked rows as text, under 100 columns."""
+    head = f"{'#':>2}  {'pool entry':<30} {'logme':>8} {'probe':>6} {'knn':>6} {'dim':>5} {'seconds':>8}  note"
+    lines = [head, "-" * len(head)]
+    place = 0
+    for r in rows:
+        place += r["status"] == "ok"
+        note = "cached" if r["cached"] else r["note"]
+        line = (f"{place if r['status'] == 'ok' else '-':>2}  {r['entry'][:30]:<30} {_num(r['logme'], '.4f'):>8} "
+                f"{_num(r['probe'], '.3f'):>6} {_num(r['knn'], '.3f'):>6} {_num(r['dim'], 'd'):>5} "
+                f"{_num(r['seconds'], '.1f'):>8}  {note}")
+        lines.append(line if len(line) <= WIDTH else line[: WIDTH - 3] + "...")
+    sizes = f" on {n_train} train / {n_val} val images" if n_train is not None else ""
+    lines += [f"ranked by {by}{sizes}; higher is better for all three:",
+              "  logme: evidence per image, probe: ridge probe val accuracy, knn: cosine kNN val accuracy"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the decision a study takes from the ranking
+
+
+def decide(rows: list[dict[str, Any]], keep: int | None, by: str) -> dict[str, Any]:
+    """Which entries a study keeps, in which order, and why.
+
+    Ranked entries are kept best first up to `keep` (all without `keep`); entries that could not
+    be ranked (scratch, or a failed rank) are always kept, after the ranked ones, with the reason.
+    """
+    ranked = [r["entry"] for r in rows if r["status"] == "ok"]
+    unranked = [r["entry"] for r in rows if r["status"] != "ok"]
+    kept = ranked[:keep] if keep else ranked
+    dropped = ranked[len(kept):]
+    reasons = {r["entry"]: r["note"] for r in rows if r["status"] != "ok"}
+    return {"by": by, "keep": keep, "order": kept + unranked, "dropped": dropped, "unranked": reasons}
+
+
+def decision_text(decision: dict[str, Any]) -> str:
+    lines = [f"rank: keeping {', '.join(decision['order'])}"
+             + (f"; dropped {', '.join(decision['dropped'])}" if decision["dropped"] else "")]
+    for label, why in decision["unranked"].items():
+        lines.append(f"rank: {label} kept unranked ({why})")
+    return "\n".join(lines)

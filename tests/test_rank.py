@@ -1,0 +1,248 @@
+"""Rank scores against plain references, their invariances, and the ranking of known-quality weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from search import rank
+
+
+def reference_logme(f: np.ndarray, labels: np.ndarray) -> float:
+    """The paper's Algorithm 1 written out with matrices: no SVD, explicit A = alpha I + beta F^T F.
+
+    For each one-hot column y: repeat gamma = sum beta s_i / (alpha + beta s_i) (s_i the
+    eigenvalues of F^T F), m = beta A^-1 F^T y, alpha = gamma / m^T m, beta = (n - gamma) /
+    |F m - y|^2 until alpha / beta settles; then the log evidence
+    n/2 log beta + d/2 log alpha - n/2 log 2 pi - beta/2 |F m - y|^2 - alpha/2 m^T m - 1/2 log |A|,
+    divided by n, averaged over the classes. Where F carries nothing of y the maximum lies at
+    alpha / beta -> infinity: the iteration stops at 1e8 x the largest eigenvalue and keeps
+    beta = (n - gamma) / |F m - y|^2 there.
+    """
+    f = f.astype(np.float64)
+    n, d = f.shape
+    ftf = f.T @ f
+    s = np.linalg.eigvalsh(ftf).clip(min=0)
+    out = []
+    for c in np.unique(labels):
+        y = (labels == c).astype(np.float64)
+        alpha, beta = 1.0, 1.0
+        for _ in range(5000):
+            a = alpha * np.eye(d) + beta * ftf
+            m = beta * np.linalg.solve(a, f.T @ y)
+            gamma = np.sum(beta * s / (alpha + beta * s))
+            new_alpha = gamma / (m @ m)
+            new_beta = (n - gamma) / np.sum((f @ m - y) ** 2)
+            if new_alpha / new_beta > 1e8 * s.max():  # no signal: take the limit
+                beta = 1.0
+                alpha = 1e8 * s.max()
+                a = alpha * np.eye(d) + beta * ftf
+                m = beta * np.linalg.solve(a, f.T @ y)
+                gamma = np.sum(beta * s / (alpha + beta * s))
+                beta = (n - gamma) / np.sum((f @ m - y) ** 2)
+                alpha = 1e8 * s.max() * beta
+                break
+            done = abs(new_alpha / new_beta - alpha / beta) <= 1e-12 * alpha / beta
+            alpha, beta = new_alpha, new_beta
+            if done:
+                break
+        a = alpha * np.eye(d) + beta * ftf
+        m = beta * np.linalg.solve(a, f.T @ y)
+        _, logdet = np.linalg.slogdet(a)
+        ev = (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
+              - beta / 2 * np.sum((f @ m - y) ** 2) - alpha / 2 * (m @ m) - logdet / 2)
+        out.append(ev / n)
+    return float(np.mean(out))
+
+
+def structured(n: int, d: int, classes: int, seed: int, noise: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class means plus Gaussian noise: features that carry the labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    centres = rng.normal(size=(classes, d)) * 2
+    return centres[y] + noise * rng.normal(size=(n, d)), y
+
+
+@pytest.mark.parametrize("n,d,classes", [(200, 16, 2), (300, 32, 5), (150, 64, 10), (40, 80, 3)])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_logme_matches_the_plain_reference(n, d, classes, kind):
+    rng = np.random.default_rng(n + d + classes)
+    if kind == "random":
+        f, y = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d), rng.integers(0, classes, n)
+    else:
+        f, y = structured(n, d, classes, seed=d)
+    assert rank.logme(f, y) == pytest.approx(reference_logme(f, y), rel=1e-6)
+
+
+def test_logme_invariances():
+    f, y = structured(240, 24, 4, seed=1)
+    base = rank.logme(f, y)
+    perm = np.array([2, 0, 3, 1])
+    assert rank.logme(f, perm[y]) == pytest.approx(base, rel=1e-9)  # class names do not matter
+    for c in (1e-3, 0.5, 7.0, 1e3):  # a global scale of the features is absorbed by alpha
+        assert rank.logme(c * f, y) == pytest.approx(base, rel=1e-6)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(24, 24)))
+    assert rank.logme(f @ q, y) == pytest.approx(base, rel=1e-6)  # the isotropic prior sees no direction
+    order = np.random.default_rng(1).permutation(len(y))
+    assert rank.logme(f[order], y[order]) == pytest.approx(base, rel=1e-9)
+    # ...but it is not invariant to scaling single dimensions (the prior is isotropic)
+    scaled = f * np.linspace(0.01, 10, 24)
+    assert abs(rank.logme(scaled, y) - base) > 1e-3
+
+
+def test_logme_prefers_informative_features():
+    good, y = structured(300, 32, 5, seed=2, noise=0.5)
+    bad = np.random.default_rng(3).normal(size=good.shape)
+    assert rank.logme(good, y) > rank.logme(bad, y) + 0.1
+
+
+def reference_knn(tr, ytr, va, yva, k):
+    out = []
+    for v in va:
+        sims = np.array([v @ t / np.linalg.norm(v) / np.linalg.norm(t) for t in tr])
+        nn = np.argsort(-sims, kind="stable")[:k]
+        votes = {}
+        for i in nn:
+            cnt, s = votes.get(ytr[i], (0, 0.0))
+            votes[ytr[i]] = (cnt + 1, s + sims[i])
+        out.append(max(votes, key=lambda c: votes[c]))
+    return float(np.mean(np.array(out) == yva))
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_knn_matches_a_plain_vote(k):
+    f, y = structured(260, 12, 4, seed=4, noise=3.0)
+    tr, ytr, va, yva = f[:200], y[:200], f[200:], y[200:]
+    got = rank.knn_accuracy(tr, ytr, va, yva, k)
+    assert got == pytest.approx(reference_knn(tr, ytr, va, yva, k))
+    assert rank.knn_accuracy(tr * 5, ytr, va * 0.1, yva, k) == got  # cosine: per-image scale is ignored
+
+
+def test_linear_probe_is_deterministic_and_scale_free():
+    f, y = structured(400, 20, 5, seed=5, noise=2.0)
+    tr, ytr, va, yva = f[:300], y[:300], f[300:], y[300:]
+    acc = rank.linear_probe(tr, ytr, va, yva)
+    assert 0.5 < acc <= 1.0
+    scale = np.linspace(0.1, 100, 20)  # standardised first: per-dimension scales do not matter
+    assert rank.linear_probe(tr * scale, ytr, va * scale, yva) == pytest.approx(acc)
+    noise = np.random.default_rng(6).normal(size=f.shape)
+    assert rank.linear_probe(noise[:300], ytr, noise[300:], yva) < acc - 0.3
+
+
+def test_order_and_decision_keep_unranked_entries():
+    rows = [{"entry": "a", "status": "ok", "logme": 0.1, "note": ""},
+            {"entry": "b", "status": "scratch", "logme": None, "note": "scratch: not rankable"},
+            {"entry": "c", "status": "ok", "logme": 0.5, "note": ""},
+            {"entry": "d", "status": "failed", "logme": None, "note": "weights missing"},
+            {"entry": "e", "status": "ok", "logme": 0.3, "note": ""}]
+    ranked = rank.order(rows, "logme")
+    assert [r["entry"] for r in ranked] == ["c", "e", "a", "b", "d"]
+    d = rank.decide(ranked, keep=2, by="logme")
+    assert d["order"] == ["c", "e", "b", "d"] and d["dropped"] == ["a"]
+    assert d["unranked"] == {"b": "scratch: not rankable", "d": "weights missing"}
+    text = rank.decision_text(d)
+    assert "dropped a" in text and "d kept unranked (weights missing)" in text
+
+
+# ---------------------------------------------------------------------------
+# checkpoints of known quality in the real caches: the same architecture trained on the task
+
+
+# epochs trained on digits; 0 is the random initialisation, saved as it is
+KNOWN = {"timm/resnet18.a1_in1k": 3, "timm/resnet18.a2_in1k": 1, "timm/resnet18.a3_in1k": 0}
+RES = 16
+N_TRAIN = 600  # images the checkpoints are trained on and ranked with
+
+
+def _train(epochs: int, data, seed: int = 0):
+    """timm ResNet-18 at 16 px on digits (gray replicated to RGB, as a published 3-channel checkpoint)."""
+    import torch
+
+    from search.augment import eval_input
+    from search.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+    torch.manual_seed(seed)
+    model = build_model({"model": "timm/resnet18.a1_in1k", "pretrained": False}, num_classes=10, in_chans=3, resolution=RES)
+    x = eval_input(data.train.x.expand(-1, 3, -1, -1), RES, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    x, y = x[:N_TRAIN], data.train.y[:N_TRAIN]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.fc = torch.nn.Linear(512, 1000)  # a published checkpoint has its ImageNet head
+    return model
+
+
+@pytest.fixture(scope="module")
+def known_caches(tmp_path_factory):
+    """HF caches holding the 3-, 1- and 0-epoch checkpoints under three timm tags of one architecture."""
+    from search.data import load_data
+    from search.recipe import DataCfg
+    from tests.weights_cache import hf_checkpoint
+
+    root = tmp_path_factory.mktemp("known")
+    data = load_data(DataCfg(dataset="digits"), 0)
+    for name, epochs in KNOWN.items():
+        hf_checkpoint(root / "hf", name, _train(epochs, data, seed=1))
+    return root
+
+
+def _known_recipe(name: str, **over) -> dict:
+    from tests.conftest import tiny_recipe
+
+    over.setdefault("pool", [{"model": m, "resolution": RES} for m in KNOWN] + ["mini_cnn"])
+    over.setdefault("rank", {"max_images": N_TRAIN})
+    return tiny_recipe(name, train={"channel_reduce": "sum"}, data={"max_samples": None}, **over)
+
+
+def _env(root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_scores_rank_checkpoints_of_known_quality(known_caches, monkeypatch, tmp_path):
+    from search.recipe import recipe_from_dict
+
+    _env(known_caches, monkeypatch)
+    monkeypatch.setenv("SEARCH_DATA", str(tmp_path / "data"))
+    recipe = recipe_from_dict(_known_recipe("known"))
+    rows = rank.rank_pool(recipe)
+    by = {r["entry"]: r for r in rows}
+    labels = [f"{m}@{RES}" for m in KNOWN]
+    assert all(by[x]["status"] == "ok" and by[x]["dim"] == 512 for x in labels), [r["note"] for r in rows]
+    assert by["mini_cnn"]["status"] == "scratch"
+    for score in rank.SCORES:
+        values = [by[x][score] for x in labels]
+        assert values[0] > values[1] > values[2], (score, values)
+    assert [r["entry"] for r in rows] == [*labels, "mini_cnn"]
+    # a second rank reads the cached features: the same scores
+    again = {r["entry"]: r for r in rank.rank_pool(recipe)}
+    assert all(again[x]["cached"] and again[x]["logme"] == by[x]["logme"] for x in labels)
+    files = sorted((tmp_path / "data" / "rank-features" / "digits").glob("*.npz"))
+    assert len(files) == 3
+
+
+def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
+    from tests.conftest import run_cli, write_recipe
+
+    env = {"HF_HUB_CACHE": str(known_caches / "hf"), "TORCH_HOME": str(known_caches / "torch"),
+           "HF_HUB_OFFLINE": "1", "SEARCH_DATA": str(tmp_path / "data")}
+    write_recipe(tmp_path / "r.yaml", _known_recipe("cli", rank={"max_images": 300, "by": "knn"}))
+    proc = run_cli("rank", "r.yaml", "-q", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines if "rank-features" not in line)
+    table = [line for line in lines if line[:2].strip() in ("1", "2", "3", "4", "-")]
+    assert table[0].split()[1] == f"timm/resnet18.a1_in1k@{RES}"
+    assert "mini_cnn" in table[-1] and "scratch: not rankable" in table[-1]
+    assert "ranked by knn on 300 train" in proc.stdout
+    write_recipe(tmp_path / "bad.yaml", _known_recipe("cli", pool=["resnet_18"]))
+    proc = run_cli("rank", "bad.yaml", cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "resnet18-f37072fd.pth" in proc.stderr and "prefetch" in proc.stderr
