@@ -45,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     url = recipe.study.storage or st.default_storage(recipe.study.name)
-    workers = recipe.hardware.workers if args.workers is None else args.workers
+    workers = st.default_workers(recipe) if args.workers is None else args.workers
     if workers < 0:
         raise SearchError(f"--workers {workers}: give 0 (only create the study) or more local worker processes")
     study = st.open_study(recipe, url, force=args.force)

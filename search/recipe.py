@@ -208,6 +208,18 @@ class HardwareCfg(Section):
     compile: bool = False  # torch.compile, once per architecture and input shape
     workers: int = Field(1, ge=1)  # local worker processes for `run`
     gpu_memory_share: float = Field(0.5, gt=0, le=1)  # keep data on GPU if it fits this share
+    # Several trials per GPU (search/pack.py): null = off (workers as --workers places them);
+    # auto = while measured free memory holds the next trial's probe + margin; N = N at most.
+    trials_per_gpu: int | str | None = None
+    memory_margin: float = Field(0.05, ge=0, lt=1)  # auto: share of a GPU's memory kept free (>= 1 GiB)
+
+    @field_validator("trials_per_gpu", mode="before")
+    @classmethod
+    def _trials_per_gpu(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("expected auto (pack by measured memory), a whole number >= 1 (trials at most "
+                         "per GPU) or null (off)")
 
 
 class RankCfg(Section):

@@ -38,7 +38,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search import artifacts, report, space, weights
+from search import artifacts, pack, report, space, weights
 from search.data import Data, load_data
 from search.errors import SearchError
 from search.models import build_model, input_resolution
@@ -486,6 +486,28 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % 2**31
 
 
+def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, res: int, batch_size: int,
+             dev: Any, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
+    """Where packing is on (`hardware.trials_per_gpu`, a CUDA device): the trial's place on its GPU,
+    admitted by its probe (measured once per study and key) plus its data. Else nothing."""
+    tpg = recipe.hardware.trials_per_gpu
+    if tpg is None or dev.type != "cuda":
+        return contextlib.nullcontext()
+    precision = pack.precision_name(dev, recipe.hardware.amp)
+    key = pack.probe_key(entry.label, res, batch_size, precision)
+
+    def measure() -> int:
+        shape = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
+                            pretrained=False)  # the same shapes, no weights to load
+        return pack.measure_step(shape, data.in_chans, res, batch_size, data.num_classes, dev, precision)
+
+    peak = pack.probe(trial.study, key, measure, pack.ledger_path(dev))
+    need = peak + data.train.x.numel() + data.val.x.numel()  # uint8 images, kept on the GPU when they fit
+    trial.set_user_attr("memory_probe_mb", round(peak / 2**20, 1))
+    return pack.gpu_slot(dev, need, tpg, recipe.hardware.memory_margin,
+                         on_wait=lambda s: on_line(f"trial {trial.number:>3} {entry.label:<24} {s}"))
+
+
 def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device: str,
                    on_line: Callable[[str], None] = print) -> Callable[[optuna.Trial], float]:
     metric = recipe.study.metric
@@ -517,6 +539,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             except (ValueError, RuntimeError) as e:
                 trial.set_user_attr("fail_reason", f"invalid combination: {e}")
                 raise TrialFailed(f"invalid combination: {e}") from None
+            slot = gpu_slot(trial, recipe, data, entry, res, hp.batch_size, dev, on_line)
             trial.set_user_attr("params", model.info.params)
             history: list[dict[str, float]] = []
 
@@ -535,9 +558,10 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     record_constraints(trial)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            result = fit(model, data, hp, device=dev, on_epoch=on_epoch, monitor=metric, seed=seed,
-                         amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                         gpu_memory_share=recipe.hardware.gpu_memory_share, keep_best=recipe.study.top_k > 0)
+            with slot:
+                result = fit(model, data, hp, device=dev, on_epoch=on_epoch, monitor=metric, seed=seed,
+                             amp=recipe.hardware.amp, compile=recipe.hardware.compile,
+                             gpu_memory_share=recipe.hardware.gpu_memory_share, keep_best=recipe.study.top_k > 0)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
@@ -651,6 +675,17 @@ def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str 
     """CUDA_VISIBLE_DEVICES for each local worker: GPUs round-robin (several workers may share one)."""
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
     return [ids[i % len(ids)] if ids else None for i in range(n_workers)]
+
+
+def default_workers(recipe: Recipe) -> int:
+    """Local workers for `run` without --workers: hardware.workers, or under trials_per_gpu on a
+    CUDA machine as many as its GPUs may hold at once (`pack.local_workers`)."""
+    import torch
+
+    hw = recipe.hardware
+    if hw.workers > 1 or hw.trials_per_gpu is None or hw.device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return hw.workers
+    return pack.local_workers(torch.cuda.device_count(), hw.trials_per_gpu, os.cpu_count() or 1)
 
 
 def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool = False) -> int:

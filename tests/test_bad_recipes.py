@@ -23,6 +23,8 @@ RECIPES = [
     ({"study": {"name": "bad name!"}}, r"study.name: .*pattern"),
     ({"hardware": {"device": "tpu"}}, r"hardware.device: .*pattern"),
     ({"hardware": {"workers": 0}}, r"hardware.workers: .*greater than or equal to 1"),
+    ({"hardware": {"trials_per_gpu": 0}}, r"hardware.trials_per_gpu: expected auto .*, a whole number >= 1 .* \(got 0\)"),
+    ({"hardware": {"trials_per_gpu": "many"}}, r"hardware.trials_per_gpu: expected auto .*or null \(off\)"),
     ({"space": {"preset": "huge"}}, r"space.preset: 'huge' is not allowed; allowed: quick, full"),
     ({"space": {"overrides": {"lr": {"low": 0.1}}}}, r"space.overrides.lr: a range needs both low and high"),
     ({"space": {"overrides": {"batch_size": {"choices": []}}}}, r"choices is empty"),

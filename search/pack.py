@@ -1,0 +1,236 @@
+"""Several trials per GPU, packed by measured memory (`hardware.trials_per_gpu`).
+
+Each worker process trains one trial at a time on its GPU; several workers share
+a GPU. Before a trial trains, its worker measures (once per study: a probe) the
+peak memory of one forward/backward/optimizer step of the pool entry at its
+input resolution, batch size and precision, and waits until its GPU may take
+it (`admits`): with `auto`, while the GPU's measured free memory holds the
+probe plus a margin, and always when no other trial runs there (a large model
+runs alone; out of memory then falls back to micro-batches); with a number N,
+while fewer than N trials run there.
+
+Two workers must not both see the same free memory and both start: admission
+holds a per-GPU file lock, and an admitted worker at once reserves its probe in
+its own CUDA caching allocator (one block, freed to the cache, not to the
+driver), so the next worker's measurement already excludes it; the trial's
+tensors then reuse that cached block. Trials running on a GPU are listed in a
+ledger file next to the lock (process ids; dead ones are dropped). Every
+machine's workers follow the same rule on their own GPUs: nothing is shared
+beyond the machine but the probes, which are stored in the study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PROBE_PREFIX = "memory_probe:"  # study user attr per (entry, resolution, batch size, precision): peak bytes
+POLL_SECONDS = 1.0  # how often a waiting worker measures its GPU's free memory again
+AUTO_WORKERS_PER_GPU = 8  # local workers started per GPU under trials_per_gpu: auto (at most)
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------
+# the rule (pure)
+
+
+def admits(free: int, need: int, margin: int, running: int, trials_per_gpu: int | str) -> bool:
+    """May a GPU take one more trial?
+
+    free: its measured free bytes now; need: the trial's probe (peak bytes of one step, plus
+    its data when that is kept on the GPU); margin: bytes kept free beyond it; running: trials
+    already training there. A GPU with nothing running always takes the trial.
+    """
+    if running == 0:
+        return True
+    if trials_per_gpu == "auto":
+        return free >= need + margin
+    return running < int(trials_per_gpu)
+
+
+def local_workers(n_gpus: int, trials_per_gpu: int | str, cpus: int) -> int:
+    """Local worker processes for `run` when packing: the most trials the GPUs may hold at once.
+
+    A number N gives N per GPU; `auto` gives up to AUTO_WORKERS_PER_GPU per GPU, no more than
+    one per CPU core (each worker augments its batches and runs its Python loop on a core).
+    """
+    per_gpu = AUTO_WORKERS_PER_GPU if trials_per_gpu == "auto" else int(trials_per_gpu)
+    if trials_per_gpu == "auto":
+        per_gpu = max(1, min(per_gpu, cpus // max(1, n_gpus)))
+    return max(1, n_gpus) * per_gpu
+
+
+def margin_bytes(total: int, share: float) -> int:
+    """The margin kept free on a GPU of `total` bytes: `share` of it, at least 1 GiB (contexts, fragmentation)."""
+    return max(GIB, int(share * total))
+
+
+# ---------------------------------------------------------------------------
+# probes: measured once, stored in the study
+
+
+def probe_key(label: str, resolution: int, batch_size: int, precision: str) -> str:
+    return f"{PROBE_PREFIX}{label}@{resolution}px:b{batch_size}:{precision}"
+
+
+def precision_name(device: torch.device, amp: bool) -> str:
+    """The precision fit trains in on this device: bf16, fp16 (where bf16 is not native) or fp32."""
+    if not (amp and device.type == "cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def measure_step(model: nn.Module, in_chans: int, resolution: int, batch_size: int, num_classes: int,
+                 device: torch.device, precision: str) -> int:
+    """Peak CUDA bytes of one training step of `model`: weights, activations, gradients, AdamW state.
+
+    AdamW (two state tensors per parameter) bounds SGD with momentum (one). The input is
+    random, channels_last, under the precision's autocast, as in `fit`.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    x = torch.randn(batch_size, in_chans, resolution, resolution, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
+    opt.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del x, y, logits, opt
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def probe(study: Any, key: str, measure: Callable[[], int], ledger: Path | None = None) -> int:
+    """The probe stored in the study under `key`, or `measure()`d now and stored (one attr per key,
+    so workers storing different probes at once never overwrite each other).
+
+    With the GPU's `ledger`, it is measured under the GPU's lock (no trial is admitted meanwhile);
+    a GPU too full for the probe step is measured again once memory has been freed.
+    """
+    stored = study.user_attrs.get(key)
+    if stored is not None:
+        return int(stored)
+    while True:
+        with _locked(ledger) if ledger else contextlib.nullcontext():
+            try:
+                peak = measure()
+                break
+            except torch.OutOfMemoryError:
+                pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # outside the except: the failed step's tensors are released
+        time.sleep(POLL_SECONDS)
+    study.set_user_attr(key, peak)
+    return peak
+
+
+# ---------------------------------------------------------------------------
+# admission: a lock and a ledger per GPU on this machine
+
+
+def gpu_id(device: torch.device) -> str:
+    """A name of the physical GPU that is the same in every process (CUDA_VISIBLE_DEVICES differs)."""
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    return str(uuid) if uuid else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}-{device.index or 0}"
+
+
+def ledger_path(device: torch.device) -> Path:
+    """The ledger of a physical GPU on this machine ($SEARCH_GPU_LEDGER or the temp dir)."""
+    return Path(os.environ.get("SEARCH_GPU_LEDGER", tempfile.gettempdir())) / "search-gpu" / f"{gpu_id(device)}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[dict[str, int]]:
+    """The ledger {pid: need bytes} of the GPU, under its lock; changes to the dict are written back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ledger = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
+        except (OSError, ValueError):
+            ledger = {}  # a torn ledger: start again (its trials' memory still shows as used)
+        ledger = {pid: n for pid, n in ledger.items() if _alive(int(pid))}
+        before = dict(ledger)
+        try:
+            yield ledger
+        finally:
+            if ledger != before or not path.is_file():
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(ledger))
+                tmp.replace(path)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def reserve(device: torch.device, nbytes: int) -> None:
+    """Hold `nbytes` in this process's CUDA cache: the block is freed to the cache, not the driver,
+    so other processes measure it as used and this trial's tensors are carved from it."""
+    if nbytes > 0:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        del block
+
+
+@contextlib.contextmanager
+def gpu_slot(device: torch.device, need: int, trials_per_gpu: int | str, margin_share: float,
+             on_wait: Callable[[str], None] | None = None,
+             measure: Callable[[], tuple[int, int]] | None = None,
+             ledger: Path | None = None) -> Iterator[None]:
+    """Wait until the GPU admits a trial needing `need` bytes; hold its place while it trains.
+
+    `measure` returns (free, total) bytes (default: `torch.cuda.mem_get_info`); `ledger` is the
+    GPU's ledger file (default: `ledger_path(device)`). On leaving, this
+    process's cached blocks go back to the driver so the next trial measures them free.
+    """
+    measure = measure or (lambda: torch.cuda.mem_get_info(device))
+    path = ledger or ledger_path(device)
+    me = str(os.getpid())
+    said = False
+    while True:
+        with _locked(path) as running:
+            running.pop(me, None)
+            free, total = measure()
+            if admits(free, need, margin_bytes(total, margin_share), len(running), trials_per_gpu):
+                if device.type == "cuda":
+                    reserve(device, need)
+                running[me] = need
+                break
+        if on_wait and not said:
+            on_wait(f"waiting for GPU memory: {need / GIB:.2f} GiB + margin needed, {free / GIB:.2f} GiB free, "
+                    f"{len(running)} trial(s) running there")
+            said = True
+        time.sleep(POLL_SECONDS)
+    try:
+        yield
+    finally:
+        with _locked(path) as running:
+            running.pop(me, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

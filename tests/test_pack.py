@@ -1,0 +1,111 @@
+"""Packing trials onto GPUs: the admission rule given measured numbers, the worker count,
+probes cached in the study, and the per-GPU ledger that admission waits on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+import torch
+
+from search import pack
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("free", "need", "running", "tpg", "ok"), [
+    (0, 120 * GIB, 0, "auto", True),  # alone: a model larger than the GPU still runs (micro-batches)
+    (60 * GIB, 50 * GIB, 1, "auto", True),  # 50 + 7 margin <= 60
+    (56 * GIB, 50 * GIB, 1, "auto", False),  # 50 + 7 > 56: waits
+    (57 * GIB, 50 * GIB, 3, "auto", True),  # exactly probe + margin
+    (130 * GIB, 1 * GIB, 7, "auto", True),  # small models: many at once
+    (130 * GIB, 1 * GIB, 2, 3, True),  # a fixed number ignores memory ...
+    (130 * GIB, 1 * GIB, 3, 3, False),  # ... and caps the count
+    (0, 1 * GIB, 1, 2, True),
+])
+def test_admission_rule_given_measured_numbers(free, need, running, tpg, ok):
+    margin = pack.margin_bytes(140 * GIB, 0.05)
+    assert margin == 7 * GIB
+    assert pack.admits(free, need, margin, running, tpg) is ok
+
+
+def test_how_many_probes_fit_follows_from_the_rule():
+    # A 141 GiB GPU, 5% margin: trials of a 3 GiB probe are admitted while free >= 3 + 7.05 GiB.
+    total, probe = 141 * GIB, 3 * GIB
+    margin = pack.margin_bytes(total, 0.05)
+    free, running = total - GIB, 0  # one GiB of contexts
+    while pack.admits(free, probe, margin, running, "auto"):
+        free, running = free - probe, running + 1
+    assert running == 44  # (140 - 7.05) / 3 -> 44 trials, the 45th waits
+    assert pack.margin_bytes(8 * GIB, 0.05) == GIB  # never under 1 GiB
+
+
+def test_local_workers():
+    assert pack.local_workers(2, 3, cpus=64) == 6
+    assert pack.local_workers(1, "auto", cpus=16) == pack.AUTO_WORKERS_PER_GPU
+    assert pack.local_workers(4, "auto", cpus=8) == 8  # two cores per GPU
+    assert pack.local_workers(2, "auto", cpus=1) == 2
+
+
+def test_probe_is_measured_once_per_key_and_stored_in_the_study(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="p")
+    calls = []
+    key = pack.probe_key("resnet_18", 32, 512, "bf16")
+    assert key == "memory_probe:resnet_18@32px:b512:bf16"
+    measure = lambda: calls.append(1) or 123_456  # noqa: E731
+    assert pack.probe(study, key, measure) == 123_456
+    again = optuna.load_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="p")  # another worker
+    assert pack.probe(again, key, measure) == 123_456 and len(calls) == 1
+    assert pack.probe(again, pack.probe_key("resnet_18", 32, 256, "bf16"), lambda: 7) == 7
+    assert again.user_attrs[key] == 123_456
+    assert pack.precision_name(torch.device("cpu"), amp=True) == "fp32"
+
+
+def test_a_probe_that_does_not_fit_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(pack, "POLL_SECONDS", 0.01)
+    study = optuna.create_study()
+    tries = []
+
+    def measure() -> int:
+        tries.append(1)
+        if len(tries) < 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 42
+
+    assert pack.probe(study, "memory_probe:x", measure, tmp_path / "gpu.json") == 42 and len(tries) == 3
+
+
+def test_a_gpu_slot_waits_for_memory_and_for_the_running_trial(tmp_path, monkeypatch):
+    monkeypatch.setattr(pack, "POLL_SECONDS", 0.02)
+    ledger = tmp_path / "gpu0.json"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a trial running there
+    try:
+        ledger.write_text(json.dumps({str(other.pid): 50 * GIB, "999999999": GIB}))  # the second is long dead
+        free = [40 * GIB]  # 50 GiB taken of 90
+        said = []
+        t0 = time.monotonic()
+
+        def finish_other() -> None:
+            time.sleep(0.3)
+            other.kill()
+            other.wait()
+            free[0] = 90 * GIB
+
+        threading.Thread(target=finish_other).start()
+        with pack.gpu_slot(torch.device("cpu"), 45 * GIB, "auto", 0.05, on_wait=said.append,
+                           measure=lambda: (free[0], 90 * GIB), ledger=ledger):
+            assert time.monotonic() - t0 >= 0.3  # 45 + 4.5 GiB did not fit in 40 while the other ran
+            assert json.loads(ledger.read_text()) == {str(os.getpid()): 45 * GIB}
+        assert said == ["waiting for GPU memory: 45.00 GiB + margin needed, 40.00 GiB free, 1 trial(s) running there"]
+        assert json.loads(ledger.read_text()) == {}
+        with pack.gpu_slot(torch.device("cpu"), 200 * GIB, "auto", 0.05, measure=lambda: (0, 90 * GIB), ledger=ledger):
+            pass  # alone on the GPU: admitted at once
+    finally:
+        other.kill()
+        other.wait()
