@@ -1,7 +1,7 @@
 """Several trials per GPU, packed by measured memory (`hardware.trials_per_gpu`).
 
-Each worker process trains one trial at a time on its GPU; several workers share
-a GPU. Before a trial trains, its worker measures (once per study: a probe) the
+Each worker process trains one trial at a time; several workers share a GPU,
+and a worker that sees several GPUs takes the one that admits its trial. Before a trial trains, its worker measures (once per study: a probe) the
 peak memory of one forward/backward/optimizer step of the pool entry at its
 input resolution, batch size and precision, and waits until its GPU may take
 it (`admits`): with `auto`, while the GPU's measured free memory holds the
@@ -198,39 +198,54 @@ def reserve(device: torch.device, nbytes: int) -> None:
         del block
 
 
-@contextlib.contextmanager
-def gpu_slot(device: torch.device, need: int, trials_per_gpu: int | str, margin_share: float,
-             on_wait: Callable[[str], None] | None = None,
-             measure: Callable[[], tuple[int, int]] | None = None,
-             ledger: Path | None = None) -> Iterator[None]:
-    """Wait until the GPU admits a trial needing `need` bytes; hold its place while it trains.
+def _running(path: Path) -> int:
+    """Trials in a GPU's ledger now, read without its lock (an ordering hint only)."""
+    try:
+        return sum(_alive(int(pid)) for pid in json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return 0
 
-    `measure` returns (free, total) bytes (default: `torch.cuda.mem_get_info`); `ledger` is the
-    GPU's ledger file (default: `ledger_path(device)`). On leaving, this
-    process's cached blocks go back to the driver so the next trial measures them free.
+
+@contextlib.contextmanager
+def gpu_slot(devices: list[torch.device], need: int, trials_per_gpu: int | str, margin_share: float,
+             on_wait: Callable[[str], None] | None = None,
+             measure: Callable[[torch.device], tuple[int, int]] | None = None,
+             ledgers: list[Path] | None = None) -> Iterator[torch.device]:
+    """Wait until one of `devices` admits a trial needing `need` bytes; yield it, holding the place.
+
+    The GPUs are tried with the fewest trials first (spreading load), each under its lock.
+    `measure(device)` returns (free, total) bytes (default: `torch.cuda.mem_get_info`);
+    `ledgers` are the GPUs' ledger files (default: `ledger_path`). On leaving, this process's
+    cached blocks go back to the driver so the next trial measures them free.
     """
-    measure = measure or (lambda: torch.cuda.mem_get_info(device))
-    path = ledger or ledger_path(device)
+    measure = measure or torch.cuda.mem_get_info
+    paths = ledgers or [ledger_path(d) for d in devices]
     me = str(os.getpid())
     said = False
-    while True:
-        with _locked(path) as running:
-            running.pop(me, None)
-            free, total = measure()
-            if admits(free, need, margin_bytes(total, margin_share), len(running), trials_per_gpu):
-                if device.type == "cuda":
-                    reserve(device, need)
-                running[me] = need
-                break
-        if on_wait and not said:
-            on_wait(f"waiting for GPU memory: {need / GIB:.2f} GiB + margin needed, {free / GIB:.2f} GiB free, "
-                    f"{len(running)} trial(s) running there")
-            said = True
-        time.sleep(POLL_SECONDS)
+    chosen: tuple[torch.device, Path] | None = None
+    while chosen is None:
+        seen = []
+        for dev, path in sorted(zip(devices, paths, strict=True), key=lambda dp: _running(dp[1])):
+            with _locked(path) as running:
+                running.pop(me, None)
+                free, total = measure(dev)
+                if admits(free, need, margin_bytes(total, margin_share), len(running), trials_per_gpu):
+                    if dev.type == "cuda":
+                        reserve(dev, need)
+                    running[me] = need
+                    chosen = dev, path
+                    break
+                seen.append(f"{dev}: {free / GIB:.2f} GiB free, {len(running)} running")
+        if chosen is None:
+            if on_wait and not said:
+                on_wait(f"waiting for GPU memory: {need / GIB:.2f} GiB + margin needed; {'; '.join(seen)}")
+                said = True
+            time.sleep(POLL_SECONDS)
+    dev, path = chosen
     try:
-        yield
+        yield dev
     finally:
         with _locked(path) as running:
             running.pop(me, None)
-        if device.type == "cuda":
+        if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -487,12 +487,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 
 def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, res: int, batch_size: int,
-             dev: Any, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
-    """Where packing is on (`hardware.trials_per_gpu`, a CUDA device): the trial's place on its GPU,
-    admitted by its probe (measured once per study and key) plus its data. Else nothing."""
+             dev: Any, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[Any]:
+    """Where packing is on (`hardware.trials_per_gpu`, a CUDA device): the trial's place on a GPU,
+    admitted by its probe (measured once per study and key) plus its data; it yields the GPU
+    (any visible one for device cuda/auto). Else it yields `dev`."""
     tpg = recipe.hardware.trials_per_gpu
     if tpg is None or dev.type != "cuda":
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(dev)
     precision = pack.precision_name(dev, recipe.hardware.amp)
     key = pack.probe_key(entry.label, res, batch_size, precision)
 
@@ -504,7 +505,10 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
     peak = pack.probe(trial.study, key, measure, pack.ledger_path(dev))
     need = peak + data.train.x.numel() + data.val.x.numel()  # uint8 images, kept on the GPU when they fit
     trial.set_user_attr("memory_probe_mb", round(peak / 2**20, 1))
-    return pack.gpu_slot(dev, need, tpg, recipe.hardware.memory_margin,
+    import torch
+
+    devices = [dev] if dev.index is not None else [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return pack.gpu_slot(devices, need, tpg, recipe.hardware.memory_margin,
                          on_wait=lambda s: on_line(f"trial {trial.number:>3} {entry.label:<24} {s}"))
 
 
@@ -558,8 +562,10 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     record_constraints(trial)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            with slot:
-                result = fit(model, data, hp, device=dev, on_epoch=on_epoch, monitor=metric, seed=seed,
+            with slot as placed:
+                if placed != dev:
+                    trial.set_user_attr("device", str(placed))
+                result = fit(model, data, hp, device=placed, on_epoch=on_epoch, monitor=metric, seed=seed,
                              amp=recipe.hardware.amp, compile=recipe.hardware.compile,
                              gpu_memory_share=recipe.hardware.gpu_memory_share, keep_best=recipe.study.top_k > 0)
         except KeyboardInterrupt:
@@ -698,7 +704,8 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
     import torch
 
     gpus = [None] * n_workers
-    if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available():
+    packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
+    if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
         gpus = gpu_assignment(n_workers, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
     cmd = [sys.executable, "-m", "search", "worker", "--study", recipe.study.name, "--no-report", *(["-q"] if quiet else [])]
     procs = []
@@ -708,7 +715,9 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
             env["CUDA_VISIBLE_DEVICES"] = gpu
         procs.append(subprocess.Popen(cmd, env=env))
     if not quiet:
-        where = ", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus)) if gpus[0] is not None else "CPU/auto"
+        where = (", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus)) if gpus[0] is not None
+                 else "each trial on the GPU whose memory admits it" if packed and torch.cuda.is_available()
+                 else "CPU/auto")
         print(f"started {n_workers} workers ({where}) on {mask(storage_url)}")
     stopped: list[str] = []
 

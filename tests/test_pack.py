@@ -98,14 +98,37 @@ def test_a_gpu_slot_waits_for_memory_and_for_the_running_trial(tmp_path, monkeyp
             free[0] = 90 * GIB
 
         threading.Thread(target=finish_other).start()
-        with pack.gpu_slot(torch.device("cpu"), 45 * GIB, "auto", 0.05, on_wait=said.append,
-                           measure=lambda: (free[0], 90 * GIB), ledger=ledger):
+        cpu = torch.device("cpu")
+        with pack.gpu_slot([cpu], 45 * GIB, "auto", 0.05, on_wait=said.append,
+                           measure=lambda d: (free[0], 90 * GIB), ledgers=[ledger]) as placed:
             assert time.monotonic() - t0 >= 0.3  # 45 + 4.5 GiB did not fit in 40 while the other ran
-            assert json.loads(ledger.read_text()) == {str(os.getpid()): 45 * GIB}
-        assert said == ["waiting for GPU memory: 45.00 GiB + margin needed, 40.00 GiB free, 1 trial(s) running there"]
+            assert placed == cpu and json.loads(ledger.read_text()) == {str(os.getpid()): 45 * GIB}
+        assert said == ["waiting for GPU memory: 45.00 GiB + margin needed; cpu: 40.00 GiB free, 1 running"]
         assert json.loads(ledger.read_text()) == {}
-        with pack.gpu_slot(torch.device("cpu"), 200 * GIB, "auto", 0.05, measure=lambda: (0, 90 * GIB), ledger=ledger):
+        with pack.gpu_slot([cpu], 200 * GIB, "auto", 0.05, measure=lambda d: (0, 90 * GIB), ledgers=[ledger]):
             pass  # alone on the GPU: admitted at once
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_trial_takes_the_gpu_that_admits_it(tmp_path):
+    # Two GPUs (stand-ins: the measurements are given): GPU 0 runs a big trial and has 10 GiB free,
+    # GPU 1 runs two small ones with 60 GiB free. A 20 GiB trial goes to GPU 1, though it is busier.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        g0, g1 = torch.device("cpu", 0), torch.device("cpu", 1)
+        l0, l1 = tmp_path / "g0.json", tmp_path / "g1.json"
+        l0.write_text(json.dumps({str(other.pid): 70 * GIB}))
+        l1.write_text(json.dumps({str(other.pid): 2 * GIB, str(os.getppid()): 2 * GIB}))
+        free = {g0: 10 * GIB, g1: 60 * GIB}
+        with pack.gpu_slot([g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB),
+                           ledgers=[l0, l1]) as placed:
+            assert placed == g1 and str(os.getpid()) in json.loads(l1.read_text())
+        free[g0] = 70 * GIB  # now both admit: the one with fewer trials is tried first
+        with pack.gpu_slot([g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB),
+                           ledgers=[l0, l1]) as placed:
+            assert placed == g0
     finally:
         other.kill()
         other.wait()
