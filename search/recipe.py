@@ -80,7 +80,8 @@ class StudyCfg(Section):
     heartbeat: int = Field(60, ge=1)  # seconds between a running trial's signs of life; stale after 2x
     sampler: SamplerCfg = SamplerCfg()
     pruner: PrunerCfg = PrunerCfg()
-    seed: int = 0
+    seed: int = 0  # data carve-outs; trial seeds (training, sampler) derive from it and the number
+    trial_seed: int | None = Field(None, ge=0)  # pins every trial's training seed (a `best` recipe's)
     metric: Literal["accuracy", "balanced_accuracy", "f1", "auc", "loss"] = "accuracy"
     direction: Literal["maximize", "minimize"] | None = None  # follows from metric
     baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first

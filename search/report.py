@@ -333,7 +333,8 @@ def best_recipe(study: optuna.Study, recipe: Recipe) -> dict[str, Any]:
     sampled, fixed = space.resolve(recipe)
     removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
     d["space"]["overrides"] = {**removed, **fixed, **{n: t.params.get(n) for n in sampled}}
-    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, origin=study.study_name)
+    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, origin=study.study_name,
+                      trial_seed=t.user_attrs.get("seed"))  # the same seed: the same curve
     return d
 
 

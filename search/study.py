@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 from optuna.trial import TrialState
@@ -44,7 +45,7 @@ from search.errors import SearchError
 from search.models import build_model, input_resolution
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
 from search.recipe import Recipe, recipe_from_dict
-from search.train import fit, resolve_device
+from search.train import fit, resolve_device, seed_everything
 
 log = logging.getLogger("search")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -206,7 +207,47 @@ def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
                           "check the URL, that the server runs, and that the database exists") from None
 
 
+def sampler_seed(study_seed: int, number: int) -> int:
+    """The sampler's seed for trial `number`: its own stream, apart from the training seed."""
+    return int(np.random.SeedSequence([study_seed, number, 1]).generate_state(1)[0])
+
+
+class _NumberedQMC(optuna.samplers.QMCSampler):
+    """QMC whose point is the trial number's: Optuna counts points in a study attr that two
+    workers can read at once (both then take the same point); a trial number is never shared."""
+
+    _number = 0
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        self._number = trial.number
+        return super().sample_relative(study, trial, search_space)
+
+    def _find_sample_id(self, study: optuna.Study, search_space: dict[str, Any]) -> int:
+        return self._number
+
+
+def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed the sampler's random state for one trial (private API: the one adapter).
+
+    Optuna seeds a sampler once per process, so every worker and every resumed run would replay
+    the same draws. Its samplers keep a `LazyRandomState` in `_rng` (TPE, random, GP) or
+    `_cma_rng` (CMA-ES), and an inner random sampler for start-up / independent draws in
+    `_random_sampler` or `_independent_sampler` (QMC's own sequence is its seed and the trial
+    number: `_NumberedQMC`). Optuna 5.0; a sampler without them is left as it is.
+    """
+    for name in ("_rng", "_cma_rng"):
+        state = getattr(sampler, name, None)
+        if state is not None:
+            state.rng.seed(seed % 2**32)
+    for name in ("_random_sampler", "_independent_sampler"):
+        inner = getattr(sampler, name, None)
+        if inner is not None:
+            reseed_sampler(inner, seed + 1)
+
+
 def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
+    """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples."""
     s, seed = recipe.study.sampler, recipe.study.seed
     builders: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "tpe": lambda: optuna.samplers.TPESampler(
@@ -216,7 +257,7 @@ def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
                                                       warn_independent_sampling=False),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, qmc_type=s.qmc_type, warn_independent_sampling=False),
+        "qmc": lambda: _NumberedQMC(seed=seed, qmc_type=s.qmc_type, warn_independent_sampling=False),
     }
     return builders[s.name]()
 
@@ -483,6 +524,7 @@ def record_constraints(trial: optuna.Trial) -> None:
 
 
 def trial_seed(study_seed: int, number: int) -> int:
+    """Trial `number`'s training seed: initial weights, data order, augmentation, mixing, dropout."""
     return (study_seed * 1_000_003 + number) % 2**31
 
 
@@ -524,12 +566,16 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             trial.set_user_attr("fail_reason", "study total reached")
             trial.study.stop()
             raise TotalReached(f"the study already has its {n_trials} trials")
+        # Sampling is lazy (at the first suggest), so seeding here decides this trial's draws.
+        reseed_sampler(trial.study.sampler, sampler_seed(recipe.study.seed, trial.number))
         entry, hp = space.suggest(trial, recipe, entries)
         # A retried trial reruns the dead one (same params and seed); the epochs that run reported
         # stand (Optuna keeps a step's first value), so only later epochs are reported again.
+        # A queued trial may carry its own `seed` (a confirmation of a configuration under
+        # another seed); `study.trial_seed` pins every trial's (a `best` recipe's).
         retried = "retry_of" in trial.user_attrs
-        seed = trial.user_attrs.get("seed") if retried else None
-        seed = trial_seed(recipe.study.seed, trial.number) if seed is None else seed
+        seed = trial.user_attrs.get("seed", recipe.study.trial_seed)
+        seed = trial_seed(recipe.study.seed, trial.number) if seed is None else int(seed)
         reported = {s for t in trials if t.number == trial.number for s in t.intermediate_values} if retried else set()
         res = input_resolution(entry, data.resolution)
         dev = resolve_device(device)
@@ -538,6 +584,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             trial.set_user_attr(k, v)
         try:
             try:
+                seed_everything(seed)  # the initial weights are this trial's, not the process's history
                 model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
                                     dropout=hp.dropout, channel_reduce=hp.channel_reduce)
             except (ValueError, RuntimeError) as e:
