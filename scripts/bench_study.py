@@ -167,12 +167,14 @@ def run_study(work: Path, rec: dict, limit: float, workers: int | None) -> dict:
 
 
 def line(r: dict) -> str:
+    """Two lines of at most 100 columns: the timing, then what the trials did."""
     approx = "" if r["done"] else "~"
     gpu = f"{r['gpu']:.0f}%" if r["gpu"] is not None else "n/a"
-    proj = f"{approx}{r['projected'] / 60:6.1f} min" if r["projected"] < float("inf") else "n/a (no epoch)"
-    return (f"{r['name']:<22} {r['ended']:>3}/{r['n']:<3} trials in {r['wall']:7.1f} s  "
-            f"{approx}{r['trials_per_hour']:8.1f} trials/h  {r['n']} trials: {proj}  "
-            f"gpu {gpu:>4}  pruned {r['pruned']:>2}  oom {r['oom']}  micro {r['micro']}  best {r['best']:.3f}")
+    proj = f"{approx}{r['projected'] / 60:.1f} min" if r["projected"] < float("inf") else "n/a (no epoch)"
+    return (f"{r['name']:<24} {r['ended']:>3}/{r['n']} trials in {r['wall']:.1f} s, "
+            f"{approx}{r['trials_per_hour']:.1f} trials/h, {r['n']} trials: {proj}, gpu {gpu}\n"
+            f"{'':<24} {r['epochs']} epochs, pruned {r['pruned']}, out of memory {r['oom']}, "
+            f"micro-batched {r['micro']}, best acc. {r['best']:.3f}")
 
 
 def main() -> int:
@@ -198,8 +200,8 @@ def main() -> int:
     write_cifar10(work / "data", n_train, n_test)
     weights = {"headline": [0.3, 0.2], "pool": [0.15, 0.1], "pack": [0.125, 0.125]}
     share = args.budget / sum(sum(weights[ph]) for ph in phases)
-    print(f"synthetic CIFAR-10-format data ({n_train} train / {n_test} test, 10% of train for validation); "
-          f"{args.trials} trials x {args.epochs} epochs per study; device {args.device}; budget {args.budget:.0f} s")
+    print(f"synthetic CIFAR-10-format data: {n_train} train / {n_test} test, 10% of train for validation")
+    print(f"{args.trials} trials x {args.epochs} epochs per study; device {args.device}; budget {args.budget:.0f} s")
     results = {}
     data = work / "data"
     scratch = lambda m: {"model": m, "pretrained": False}  # noqa: E731
