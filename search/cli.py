@@ -227,6 +227,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from search import proxy
+
+    url = args.storage or os.environ.get("SEARCH_STORAGE")
+    if not url:
+        raise SearchError("proxy: no storage; give --storage DATABASE_URL (e.g. postgresql+psycopg://USER:PASS@HOST/DB)")
+    return proxy.serve(url, args.host, args.port, args.threads)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "worker": cmd_worker,
@@ -239,6 +248,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "best": cmd_best,
     "retrain": cmd_retrain,
     "dashboard": cmd_dashboard,
+    "proxy": cmd_proxy,
 }
 
 
@@ -287,6 +297,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "dashboard":
             sp.add_argument("--host", default="127.0.0.1")
             sp.add_argument("--port", type=int, default=8080)
+    px = sub.add_parser("proxy", help="serve a study database to many workers (grpc://HOST:PORT storage URLs)",
+                        description="Optuna's gRPC storage proxy in front of one SQL database: workers use "
+                        "--storage grpc://HOST:PORT and the database sees at most --threads connections. "
+                        "The protocol is unauthenticated: keep it on a private network.")
+    px.add_argument("--storage", help="database URL (default: $SEARCH_STORAGE); ${VAR} taken from the environment")
+    px.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                    "0.0.0.0 for other machines, on a private network only)")
+    px.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
+    px.add_argument("--threads", type=int, default=10, help="server threads = most database connections (default 10)")
     rt = with_recipe("retrain", "train a `best` recipe on train+val, evaluate once on the test split")
     rt.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
     return p

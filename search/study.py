@@ -180,9 +180,17 @@ def _redis(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalRedisBackend(base, prefix=prefix))
 
 
+def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    """A client of `search proxy` (Optuna's gRPC storage proxy). It keeps no heartbeat table, so
+    dead workers are found by our `heartbeat_at` attr, as on journal storages."""
+    from search.proxy import client
+
+    return client(url)
+
+
 STORAGES: dict[str, Callable[[str, int | None], optuna.storages.BaseStorage]] = {
     "sqlite": _rdb, "postgresql": _rdb, "postgres": _rdb, "mysql": _rdb, "mariadb": _rdb,
-    "journal": _journal_file, "redis": _redis, "rediss": _redis,
+    "journal": _journal_file, "redis": _redis, "rediss": _redis, "grpc": _grpc,
 }
 
 
@@ -193,7 +201,8 @@ def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
         raise SearchError(
             f"study.storage: unsupported URL '{mask(url)}'; use sqlite:///PATH.db (one machine), "
             "postgresql+psycopg://USER:PASS@HOST/DB or mysql+pymysql://... (many machines), "
-            "journal:PATH.log (shared filesystem) or redis://HOST:PORT"
+            "journal:PATH.log (shared filesystem), redis://HOST:PORT or grpc://HOST:PORT "
+            "(a `search proxy` in front of a database)"
         )
     full = expand(url)
     try:

@@ -1,4 +1,5 @@
-"""Shared storages with real worker processes: PostgreSQL, MariaDB, SQLite, journal file, Redis.
+"""Shared storages with real worker processes: PostgreSQL, MariaDB, SQLite, journal file, Redis,
+and PostgreSQL behind a real `search proxy` (gRPC) subprocess.
 
 Each test gets a fresh database (or Redis key prefix), dropped afterwards. The servers come
 from SEARCH_TEST_POSTGRES_URL, SEARCH_TEST_MYSQL_URL and SEARCH_TEST_REDIS_URL (loopback
@@ -7,8 +8,10 @@ defaults); without them the tests skip, except under CI (CI=true), where that is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,10 +42,35 @@ def _unavailable(kind: str, error: Exception) -> None:
     pytest.skip(msg)
 
 
-@pytest.fixture(params=["postgres", "mysql"])
-def rdb_url(request):
-    """A fresh, empty database on the server; dropped afterwards."""
-    var, default = SERVERS[request.param]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def proxy(db_url: str, *extra: str):
+    """`python -m search proxy` in front of db_url on a free loopback port: yields its grpc:// URL.
+    Stopped with SIGTERM afterwards, which must end it cleanly (exit 0, no traceback)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", db_url, "--port", str(port), *extra],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # the listening line, once the server is up
+    assert f"listening on grpc://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    try:
+        yield f"grpc://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err and "storage proxy stopped" in out, (proc.returncode, err)
+
+
+@contextlib.contextmanager
+def database(param: str):
+    """A fresh, empty database on the `kind[-proxy]` server, behind a proxy with '-proxy'; dropped afterwards."""
+    kind, _, via = param.partition("-")
+    var, default = SERVERS[kind]
     admin = sqlalchemy.engine.make_url(os.environ.get(var, default))
     name = f"search_test_{uuid.uuid4().hex[:10]}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
@@ -50,12 +78,23 @@ def rdb_url(request):
         with engine.connect() as c:
             c.exec_driver_sql(f"CREATE DATABASE {name}")
     except sqlalchemy.exc.OperationalError as e:
-        _unavailable(request.param, e)
-    yield admin.set(database=name).render_as_string(hide_password=False)
-    with engine.connect() as c:
-        force = " WITH (FORCE)" if request.param == "postgres" else ""
-        c.exec_driver_sql(f"DROP DATABASE {name}{force}")
-    engine.dispose()
+        _unavailable(kind, e)
+    try:
+        url = admin.set(database=name).render_as_string(hide_password=False)
+        with proxy(url) if via else contextlib.nullcontext(url) as url:
+            yield url
+    finally:
+        with engine.connect() as c:
+            force = " WITH (FORCE)" if kind == "postgres" else ""
+            c.exec_driver_sql(f"DROP DATABASE {name}{force}")
+        engine.dispose()
+
+
+@pytest.fixture(params=["postgres", "mysql", "postgres-proxy"])
+def rdb_url(request):
+    """A fresh database on each server, and PostgreSQL again through a `search proxy`."""
+    with database(request.param) as url:
+        yield url
 
 
 @pytest.fixture
@@ -104,7 +143,8 @@ def _states(study) -> dict[str, int]:
 
 def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_path):
     n = 4
-    recipe, study = _create(rdb_url, "shared", study={"n_trials": n, "heartbeat": 1}, train={"epochs": 3})
+    # heartbeat 2: a beat through a proxy on a loaded 2-core box can land over a second late
+    recipe, study = _create(rdb_url, "shared", study={"n_trials": n, "heartbeat": 2}, train={"epochs": 3})
     procs = _workers(rdb_url, "shared", 3, tmp_path)
     victim = None
     deadline = time.time() + 180
@@ -166,10 +206,15 @@ def test_three_workers_on_journal_storage(kind, tmp_path, request):
     assert all(isinstance(t.user_attrs.get(st.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE)
 
 
-def test_fail_stale_command_fails_and_requeues_silent_trials(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["journal", "postgres-proxy"])
+def test_fail_stale_command_fails_and_requeues_silent_trials(kind, tmp_path, capsys):
+    with contextlib.nullcontext(f"journal:{tmp_path}/j.log") if kind == "journal" else database(kind) as url:
+        _fail_stale_round(url, capsys)
+
+
+def _fail_stale_round(url, capsys):
     from search.cli import main
 
-    url = f"journal:{tmp_path}/j.log"
     recipe, study = _create(url, "stale", study={"n_trials": 2})
     alive, dead = study.ask(), study.ask()
     for t in (alive, dead):
@@ -204,3 +249,55 @@ def test_passwords_are_masked_and_never_stored(tmp_path, monkeypatch):
     recipe = recipe_from_dict(tiny_recipe(name="pw", study={"storage": "postgresql+psycopg://u:s3cret@h/x"}))
     assert "s3cret" not in str(st.stored_form(recipe)) and "u:***@h" in str(st.stored_form(recipe))
     assert "s3cret" not in st.resume_command(recipe, recipe.study.storage)
+
+
+def test_changed_recipe_is_refused_on_a_shared_database(rdb_url):
+    recipe, study = _create(rdb_url, "refuse", study={"n_trials": 2})
+    study.enqueue_trial({"lr": 0.003})
+    changed = recipe_from_dict(tiny_recipe(name="refuse", train={"epochs": 5}))
+    from search.errors import SearchError
+
+    with pytest.raises(SearchError, match=r"different recipe \(train.epochs: 2 -> 5\); .*--force"):
+        st.open_study(changed, rdb_url)
+    stored, again = st.load_stored(rdb_url, "refuse")
+    assert stored.train.epochs == 2 and [t.state for t in again.get_trials()] == [TrialState.WAITING]
+    assert st.remaining(again, 2) == 1  # the queued trial holds its slot
+
+
+def test_proxy_command_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    cases = [
+        (("--storage", f"journal:{tmp_path}/j.log"), "does not support journal storage"),
+        (("--storage", "redis://127.0.0.1:6379/0"), "does not support journal storage, which redis://"),
+        (("--storage", "grpc://127.0.0.1:13000"), "point this one at the database"),
+        (("--storage", "ftp://x"), "is not a database URL"),
+        (("--storage", "sqlite:///${SEARCH_TEST_UNSET_VAR}/a.db"), "SEARCH_TEST_UNSET_VAR"),
+        (("--storage", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"), "u:***@127.0.0.1:1"),
+        (("--storage", f"sqlite:///{tmp_path}/a.db", "--port", "70000"), "--port"),
+    ]
+    for args, key in cases:
+        proc = run_cli("proxy", *args, cwd=tmp_path, env={"SEARCH_STORAGE": ""}, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], (args, proc.stderr)
+        assert "s3cret" not in proc.stderr + proc.stdout
+    proc = run_cli("worker", "--storage", f"grpc://127.0.0.1:{free_port()}", "--study", "x", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "no storage proxy answers at grpc://127.0.0.1:" in proc.stderr, proc.stderr
+    proc = run_cli("worker", "--storage", "grpc://somewhere", "--study", "x", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "is not grpc://HOST:PORT" in proc.stderr, proc.stderr
+
+
+def test_proxy_serves_loopback_only_and_stops_cleanly_on_ctrl_c(tmp_path):
+    from search.proxy import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("db.internal")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", f"sqlite:///{tmp_path}/a.db",
+                             "--port", str(port)], env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert f"listening on grpc://127.0.0.1:{port}" in proc.stdout.readline()
+    study = optuna.create_study(storage=st.open_storage(f"grpc://127.0.0.1:{port}"), study_name="p")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err and "stopped" in out, err
+    assert len(optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/a.db").get_trials()) == 3
