@@ -141,11 +141,12 @@ def _upload(trial: optuna.Trial, store: FileSystemArtifactStore, path: Path) -> 
 
 def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = None) -> set[int]:
     """Numbers of the k best complete trials (plus `extra`, a still-running (number, value))."""
-    scored = [(t.number, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.value is not None]
+    # The first objective is the primary metric in multi-objective studies too.
+    scored = [(t.number, t.values[0]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.values]
     if extra is not None:
         scored.append(extra)
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
     scored.sort(key=lambda nv: (sign * nv[1], nv[0]))  # ties: the earlier trial stays
     return {n for n, _ in scored[:k]}
 

@@ -188,6 +188,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     recipe, study, _, directory = _stored(args)
     print(report.leaderboard_text(study, recipe, top=max(1, recipe.study.top_k)))
+    extra = report.selection_text(study, recipe)
+    if extra:
+        print("\n" + extra)
     files = report.write_report(study, recipe, directory / "report")
     print(f"\nwrote {directory / 'report'}/: {', '.join(f.name for f in files)}")
     return 0
@@ -199,17 +202,49 @@ def cmd_best(args: argparse.Namespace) -> int:
     from search import report
 
     recipe, study, _, _ = _stored(args)
-    Path(args.out).write_text(report.best_yaml(study, recipe))
-    t = report.best_trial(study, recipe)
-    print(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} {t.value:.4f}) "
-          f"-> {args.out}\nretrain and test it once: python -m search retrain {args.out}")
+    if args.pick:
+        t = report.pick(study, recipe, args.pick)
+        rule = f"best val {recipe.study.metric} on the Pareto front under {args.pick}"
+    elif len(recipe.study.names) > 1:
+        report.best_trial(study, recipe)  # no complete trial: that error first
+        print(report.pareto_text(study, recipe), file=sys.stderr)
+        raise SearchError(f"study '{study.study_name}' has {len(recipe.study.names)} objectives: choose a trial "
+                          "of the Pareto front above with a condition, e.g. "
+                          f"--pick '{recipe.study.names[1]}<=VALUE'")
+    else:
+        t, rule = report.best_choice(study, recipe)
+    Path(args.out).write_text(report.best_yaml(study, recipe, t, rule))
+    print(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
+          f"{report.value(t):.4f}) -> {args.out}\nrule: {rule}\n"
+          f"retrain and test it once: python -m search retrain {args.out}")
+    return 0
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from search import confirm, report
+
+    recipe, study, _, _ = _stored(args)
+    cfg = recipe.study.confirm
+    top_k = args.top_k or (cfg.top_k if cfg else 3)
+    seeds = args.seeds or (cfg.seeds if cfg else 3)
+    if top_k < 1 or seeds < 2:
+        raise SearchError(f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 "
+                          "(the search's own run is seed 1)")
+    report.best_trial(study, recipe)  # a study without a complete trial has nothing to confirm
+    queued = confirm.enqueue(study, recipe, top_k, seeds)
+    print(f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
+          f"'{confirm.companion_name(study.study_name)}'")
+    confirm.work(recipe, study, quiet=args.quiet)
+    print(report.confirmed_text(study, recipe))
     return 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from search.retrain import retrain
 
-    retrain(_recipe(args), args.storage)
+    if args.seeds < 1:
+        raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
+    retrain(_recipe(args), args.storage, seeds=args.seeds)
     return 0
 
 
@@ -246,6 +281,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rank": cmd_rank,
     "report": cmd_report,
     "best": cmd_best,
+    "confirm": cmd_confirm,
     "retrain": cmd_retrain,
     "dashboard": cmd_dashboard,
     "proxy": cmd_proxy,
@@ -288,12 +324,20 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     for name, help in (("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
                        ("best", "export the best trial as a recipe that searches nothing"),
-                       ("dashboard", "open optuna-dashboard on a study, with its artifacts")):
+                       ("dashboard", "open optuna-dashboard on a study, with its artifacts"),
+                       ("confirm", "train the top configurations again with further seeds (never on test)")):
         sp = sub.add_parser(name, help=help)
         sp.add_argument("study", help="study name")
         sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
         if name == "best":
             sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
+            sp.add_argument("--pick", metavar="CONDITION", help="several objectives: the best primary metric on "
+                            "the Pareto front under CONDITION, e.g. 'latency_ms<=5' (comma: and)")
+        if name == "confirm":
+            sp.add_argument("--top-k", type=int, help="configurations to confirm (default study.confirm, else 3)")
+            sp.add_argument("--seeds", type=int, help="seeds per configuration, its search run included "
+                            "(default study.confirm, else 3)")
+            sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
             sp.add_argument("--host", default="127.0.0.1")
             sp.add_argument("--port", type=int, default=8080)
@@ -308,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     px.add_argument("--threads", type=int, default=10, help="server threads = most database connections (default 10)")
     rt = with_recipe("retrain", "train a `best` recipe on train+val, evaluate once on the test split")
     rt.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
+    rt.add_argument("--seeds", type=int, default=1, metavar="N",
+                    help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)")
     return p
 
 

@@ -26,7 +26,12 @@ METRICS = {
     "auc": "maximize",
     "loss": "minimize",
 }
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc")
+SAMPLERS = ("tpe", "nsga2", "random", "gp", "cmaes", "qmc")
+MULTI_SAMPLERS = ("tpe", "nsga2", "gp", "random", "qmc")  # those Optuna runs with several objectives
+# What a study can optimize or constrain besides the validation metrics (search.measure.MEASURES).
+MEASURES = {"params": "minimize", "flops": "minimize", "latency_ms": "minimize", "throughput": "maximize",
+            "train_seconds": "minimize"}
+CONSTRAINABLE = ("params", "flops", "latency_ms", "throughput")  # measured before training
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 
 
@@ -37,8 +42,9 @@ class Section(BaseModel):
 class SamplerCfg(Section):
     """Optuna sampler and its main options (unused options are ignored by samplers without them)."""
 
-    name: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
+    name: Literal["tpe", "nsga2", "random", "gp", "cmaes", "qmc"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)  # tpe, gp, cmaes: random trials before modelling
+    population_size: int = Field(20, ge=2)  # nsga2: trials per generation
     multivariate: bool = True  # tpe
     group: bool = True  # tpe: separate models for conditional sub-spaces
     constant_liar: bool = True  # tpe: spread parallel workers apart
@@ -72,6 +78,28 @@ class StudyRankCfg(Section):
     order: bool = False  # enqueue one baseline trial per kept entry, best ranked first
 
 
+class BoundCfg(Section):
+    """A constraint on one measure: the trial is feasible when min <= value <= max."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> BoundCfg:
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs max, min or both, e.g. {max: 5.0e6}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}; swap them")
+        return self
+
+
+class ConfirmCfg(Section):
+    """Train the top_k configurations again with seeds - 1 further seeds after the search."""
+
+    top_k: int = Field(3, ge=1)
+    seeds: int = Field(3, ge=2)  # seeds per configuration, the search's own run included
+
+
 class StudyCfg(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str | None = None  # default: sqlite:///studies/<name>.db
@@ -84,6 +112,11 @@ class StudyCfg(Section):
     trial_seed: int | None = Field(None, ge=0)  # pins every trial's training seed (a `best` recipe's)
     metric: Literal["accuracy", "balanced_accuracy", "f1", "auc", "loss"] = "accuracy"
     direction: Literal["maximize", "minimize"] | None = None  # follows from metric
+    # Several objectives: the first is a validation metric (the primary one: study.metric follows it),
+    # the others validation metrics or measures (params, flops, latency_ms, throughput, train_seconds).
+    objectives: list[str] | None = Field(None, min_length=1)
+    constraints: dict[str, BoundCfg] = {}  # measure -> {max, min}; infeasible trials are never best
+    confirm: ConfirmCfg | None = None  # re-train the top configurations over seeds after the search
     baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first
     rank: StudyRankCfg | None = None  # rank the pool before the search (see the rank section)
     top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
@@ -91,6 +124,8 @@ class StudyCfg(Section):
 
     @model_validator(mode="after")
     def _direction(self) -> StudyCfg:
+        if self.objectives:
+            self._objectives()
         implied = METRICS[self.metric]
         if self.direction is not None and self.direction != implied:
             raise ValueError(
@@ -99,7 +134,45 @@ class StudyCfg(Section):
             )
         if self.direction is None:
             object.__setattr__(self, "direction", implied)
+        for name in self.constraints:
+            if name not in CONSTRAINABLE:
+                raise ValueError(f"constraints: '{name}' cannot be constrained{did_you_mean(name, CONSTRAINABLE)}; "
+                                 f"constraints apply to what is measured before training: {one_of(CONSTRAINABLE)}")
         return self
+
+    def _objectives(self) -> None:
+        names = self.objectives or []
+        allowed = [*METRICS, *MEASURES]
+        for name in names:
+            if name not in allowed:
+                raise ValueError(f"objectives: unknown objective '{name}'{did_you_mean(name, allowed)}; "
+                                 f"allowed: {one_of(allowed)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: {names} names one objective twice; list each once")
+        if names[0] not in METRICS:
+            raise ValueError(f"objectives: the first objective is the primary validation metric, got "
+                             f"'{names[0]}'; put one of {one_of(METRICS)} first")
+        if "metric" in self.model_fields_set and self.metric != names[0]:
+            raise ValueError(f"metric '{self.metric}' contradicts objectives, whose first (primary) is "
+                             f"'{names[0]}'; remove study.metric")
+        object.__setattr__(self, "metric", names[0])
+        if len(names) > 1:
+            if self.sampler.name not in MULTI_SAMPLERS:
+                raise ValueError(f"sampler '{self.sampler.name}' optimizes one objective only, and objectives "
+                                 f"lists {len(names)}; use one of {one_of(MULTI_SAMPLERS)}")
+            if self.pruner.name != "none":
+                raise ValueError(f"pruner '{self.pruner.name}' cannot run with {len(names)} objectives "
+                                 "(Optuna cannot prune multi-objective trials); set study.pruner: none")
+
+    @property
+    def names(self) -> list[str]:
+        """The objectives, or the one metric."""
+        return list(self.objectives or [self.metric])
+
+    @property
+    def directions(self) -> list[str]:
+        """Each objective's natural direction."""
+        return [METRICS.get(n) or MEASURES[n] for n in self.names]
 
 
 class DataCfg(Section):
@@ -374,5 +447,6 @@ def format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     msg = e["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
-    return f"{where}: {msg} (got {shown})"
+    if isinstance(bad, dict):  # a section's own check: its message names the key and value
+        return f"{where}: {msg}"
+    return f"{where}: {msg} (got {json.dumps(bad, default=str)})"

@@ -33,6 +33,17 @@ def _label(t: FrozenTrial) -> str | None:
     return t.user_attrs.get("pool_label") or t.params.get(POOL_PARAM)
 
 
+def value(t: FrozenTrial) -> float | None:
+    """The primary metric of a trial: its value, or its first objective in a multi-objective study."""
+    return t.values[0] if t.values else None
+
+
+def _feasible(t: FrozenTrial) -> bool:
+    from search.study import feasible
+
+    return feasible(t)
+
+
 def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """One row per pool label, best entry first: best/median value, state counts, s/epoch, params, source."""
     maximize = recipe.study.direction == "maximize"
@@ -49,8 +60,8 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         key = STATE_KEYS.get(t.state)
         if key:
             r[key] += 1
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            r["values"].append(t.value)
+        if t.state == TrialState.COMPLETE and value(t) is not None and _feasible(t):
+            r["values"].append(value(t))
         r["epoch_seconds"] += t.user_attrs.get("epoch_seconds", [])
         r["params"] = r["params"] or t.user_attrs.get("params")
     out = []
@@ -67,16 +78,17 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
 
 
 def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
-    """Complete trials, best first (ties: earlier trial first)."""
+    """Complete trials that meet the study's constraints, best first (ties: earlier trial first)."""
     sign = -1 if recipe.study.direction == "maximize" else 1
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return sorted(done, key=lambda t: (sign * t.value, t.number))
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if value(t) is not None and _feasible(t)]
+    return sorted(done, key=lambda t: (sign * value(t), t.number))
 
 
 def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> list[dict[str, Any]]:
     """The k best complete trials (k: the recipe's study.top_k, at least 1) with their hyperparameters."""
     k = k if k is not None else max(1, recipe.study.top_k)
-    return [{"rank": i + 1, "trial": t.number, "value": t.value, "entry": _label(t),
+    return [{"rank": i + 1, "trial": t.number, "value": value(t), "entry": _label(t),
              "best_epoch": t.user_attrs.get("best_epoch"),
              "hyperparameters": {n: v for n, v in t.params.items() if n != POOL_PARAM}}
             for i, t in enumerate(complete_trials(study, recipe)[:k])]
@@ -144,6 +156,12 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in test["test_metrics"].items() if isinstance(v, float))
         parts += ["## Test split (evaluated once, by `retrain`)",
                   f"{test['pool_label']} trained on train+val for {test['epochs']} epochs: {metrics}."]
+    extra = selection_text(study, recipe)
+    if extra:
+        parts += ["## Choosing a winner", "```\n" + extra + "\n```"]
+        parts += [f"![{p[:-4]}]({p})" for p in ("pareto.png", "confirmed.png")
+                  if (p == "pareto.png" and len(recipe.study.names) > 1) or (p == "confirmed.png" and
+                                                                             confirmed_rows(study, recipe))]
     parts += ["## Plots", *[f"![{p[:-4]}]({p})" for p in PLOTS]]
     return "\n\n".join(parts) + "\n"
 
@@ -160,7 +178,10 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial as a flat row: number, state, value, entry, best epoch, reason, hyperparameters."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "entry": _label(t),
+        rows.append({"trial": t.number, "state": t.state.name, "value": value(t), "entry": _label(t),
+                     **({n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
+                        if len(study.directions) > 1 else {}),
+                     "feasible": _feasible(t),
                      "best_epoch": t.user_attrs.get("best_epoch"), "fail_reason": t.user_attrs.get("fail_reason"),
                      **{n: v for n, v in t.params.items() if n != POOL_PARAM}})
     return rows
@@ -174,7 +195,38 @@ def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[P
     board, trials = directory / "leaderboard.csv", directory / "trials.csv"
     _write_csv(board, leaderboard(study, recipe) or [dict.fromkeys(COLUMNS)])
     _write_csv(trials, trial_rows(study) or [{"trial": None}])
-    return [md, board, trials, *plot_all(study, recipe, directory)]
+    return [md, board, trials, *plot_all(study, recipe, directory), *selection_files(study, recipe, directory)]
+
+
+def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
+    """pareto.csv/png (several objectives) and confirmed.csv/png (confirmation runs), when they apply."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    if len(recipe.study.names) > 1:
+        rows = pareto_rows(study, recipe)
+        _write_csv(directory / "pareto.csv", rows or [{"trial": None}])
+        out += [directory / "pareto.csv", plot_pareto(study, recipe, directory / "pareto.png")]
+    rows = confirmed_rows(study, recipe)
+    if rows:
+        _write_csv(directory / "confirmed.csv", [{**{k: v for k, v in r.items() if k != "hyperparameters"},
+                                                  "values": " ".join(f"{v:.6g}" for v in r["values"])}
+                                                 for r in rows])
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+        plot_confirmed(study, recipe, ax)
+        fig.tight_layout()
+        fig.savefig(directory / "confirmed.png")
+        plt.close(fig)
+        out += [directory / "confirmed.csv", directory / "confirmed.png"]
+    return out
+
+
+def selection_text(study: optuna.Study, recipe: Recipe) -> str:
+    """The Pareto front and the confirmed leaderboard, those that apply, for `report`."""
+    return "\n\n".join(p for p in (pareto_text(study, recipe), confirmed_text(study, recipe)) if p)
 
 
 # ---------------------------------------------------------------------------
@@ -204,10 +256,11 @@ def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     shown = set()
     for t in study.get_trials(deepcopy=False):
         label = _label(t)
-        if t.state == TrialState.COMPLETE and t.value is not None:
-            ax.scatter(t.number, t.value, color=colors.get(label), label=None if label in shown else label, zorder=3)
+        if t.state == TrialState.COMPLETE and value(t) is not None:
+            ax.scatter(t.number, value(t), color=colors.get(label), label=None if label in shown else label, zorder=3)
             shown.add(label)
-            best = t.value if best is None else (max if maximize else min)(best, t.value)
+            if _feasible(t):
+                best = value(t) if best is None else (max if maximize else min)(best, value(t))
         elif t.state == TrialState.PRUNED and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
             ax.scatter(t.number, last, color=colors.get(label), marker="x", alpha=0.6, zorder=2)
@@ -228,7 +281,7 @@ def plot_entries(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     import numpy as np
 
     rows = leaderboard(study, recipe)
-    values = {r["entry"]: [t.value for t in complete_trials(study, recipe) if _label(t) == r["entry"]] for r in rows}
+    values = {r["entry"]: [value(t) for t in complete_trials(study, recipe) if _label(t) == r["entry"]] for r in rows}
     values = {k: v for k, v in values.items() if v}
     if not values:
         _empty(ax, "no complete trial yet")
@@ -309,15 +362,28 @@ def plot_all(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]
 # best recipe and progress
 
 
-def best_trial(study: optuna.Study, recipe: Recipe) -> FrozenTrial:
+def best_choice(study: optuna.Study, recipe: Recipe) -> tuple[FrozenTrial, str]:
+    """(the best trial, the rule that chose it): the highest confirmed mean when configurations were
+    confirmed over seeds, else the best single (feasible) trial."""
     done = complete_trials(study, recipe)
     if not done:
         raise SearchError(f"study '{study.study_name}' has no complete trial yet; run or resume it first "
                           f"(python -m search worker --storage URL --study {study.study_name})")
-    return done[0]
+    m = recipe.study.metric
+    rows = [r for r in confirmed_rows(study, recipe) if r["feasible"]]
+    if rows:
+        r = rows[0]
+        t = next(t for t in done if t.number == r["trial"])
+        return t, (f"best confirmed mean val {m} over {r['seeds']} seeds among {len(rows)} confirmed "
+                   f"configurations: {r['mean']:.4f}, 95% t-interval [{r['low']:.4f}, {r['high']:.4f}]")
+    return done[0], f"best single trial by val {m} (one seed; no confirmation runs)"
 
 
-def best_recipe(study: optuna.Study, recipe: Recipe) -> dict[str, Any]:
+def best_trial(study: optuna.Study, recipe: Recipe) -> FrozenTrial:
+    return best_choice(study, recipe)[0]
+
+
+def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None) -> dict[str, Any]:
     """A standalone recipe: the best trial's pool entry and hyperparameters fixed, nothing sampled.
 
     Parameters that did not take effect in that trial are set to null (the
@@ -327,26 +393,30 @@ def best_recipe(study: optuna.Study, recipe: Recipe) -> dict[str, Any]:
     from search import space
     from search.artifacts import spec_of
 
-    t = best_trial(study, recipe)
+    t = t or best_trial(study, recipe)
     d = recipe.normalized()
     d["pool"] = [spec_of(recipe, _label(t))]
     sampled, fixed = space.resolve(recipe)
     removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
     d["space"]["overrides"] = {**removed, **fixed, **{n: t.params.get(n) for n in sampled}}
     d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, origin=study.study_name,
-                      trial_seed=t.user_attrs.get("seed"))  # the same seed: the same curve
+                      trial_seed=t.user_attrs.get("seed"), confirm=None)  # the same seed: the same curve
+    if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
+        d["study"].update(objectives=None, constraints={})
     return d
 
 
-def best_yaml(study: optuna.Study, recipe: Recipe) -> str:
+def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None, rule: str = "") -> str:
     """best_recipe as YAML with a header saying where it came from and what to do with it."""
     import yaml
 
-    t = best_trial(study, recipe)
-    d = best_recipe(study, recipe)
+    if t is None:
+        t, rule = best_choice(study, recipe)
+    d = best_recipe(study, recipe, t)
     head = (f"# Best trial {t.number} of study '{study.study_name}': {_label(t)}, "
-            f"val {recipe.study.metric} {t.value:.4f} (epoch {t.user_attrs.get('best_epoch')}).\n"
-            f"# Nothing is sampled. Train it once more: python -m search run FILE\n"
+            f"val {recipe.study.metric} {value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}).\n"
+            + (f"# Chosen by: {rule}.\n" if rule else "")
+            + "# Nothing is sampled. Train it once more: python -m search run FILE\n"
             f"# Test it (train+val, one evaluation on the test split): python -m search retrain FILE\n")
     return head + yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
 
@@ -363,16 +433,228 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         return ""
     secs = sum(trial.user_attrs.get("epoch_seconds", []))
     if trial.state == TrialState.COMPLETE:
-        what = f"val_{metric} {trial.value:.4f}"
+        what = f"val_{metric} {value(trial):.4f}"
     elif trial.state == TrialState.PRUNED and trial.user_attrs.get("status") == "oom":
         what = f"infeasible: {trial.user_attrs.get('fail_reason')}"
     elif trial.state == TrialState.PRUNED:
         what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
     else:
         what = f"failed: {trial.user_attrs.get('fail_reason', 'error')}"
-    try:
-        b = study.best_trial
-        best = f"  best {b.value:.4f} (trial {b.number})"
-    except ValueError:
-        best = ""
+    if trial.state == TrialState.COMPLETE and len(trial.values or ()) > 1:
+        what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
+    if not _feasible(trial):
+        what += "  (infeasible)"
+    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and _feasible(t)]
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    b = min(ranked, key=lambda t: (sign * value(t), t.number), default=None)
+    best = f"  best {value(b):.4f} (trial {b.number})" if b else ""
     return f"{bar(done, total)} {done}/{total}  trial {trial.number:>3} {label:<24} {what}{best}  {secs:.1f}s"
+
+
+# ---------------------------------------------------------------------------
+# confirmation over seeds: intervals, winner stability
+
+
+def confirmed_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
+    """Configurations trained over several seeds (see search.confirm), best mean first."""
+    from search.confirm import confirmed
+
+    return [r for r in confirmed(study, recipe) if r["seeds"] >= 2]
+
+
+def stability(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[int, float, str] | None:
+    """(top trial, how often it stays first with one seed drawn per configuration, method)."""
+    from search.confirm import winner_stability
+
+    feasible = [r for r in rows if r["feasible"]]
+    if len(feasible) < 2:
+        return None
+    return winner_stability({r["trial"]: r["values"] for r in feasible}, recipe.study.direction == "maximize")
+
+
+def confirmed_text(study: optuna.Study, recipe: Recipe) -> str:
+    """The confirmed leaderboard: mean, std and 95% t-interval per configuration, best per entry."""
+    rows = confirmed_rows(study, recipe)
+    if not rows:
+        return ""
+    m = recipe.study.metric
+    head = f"{'trial':>5} {'pool entry':<24} {'seeds':>5} {'mean':>7} {'std':>7} {'95% CI (t)':>17}  values"
+    lines = [f"confirmed over seeds (validation {m}; mean, sample std, Student-t 95% interval)", head,
+             "-" * len(head)]
+    for r in rows:
+        vals = " ".join(f"{v:.4f}" for v in r["values"])
+        mark = "" if r["feasible"] else "  (infeasible)"
+        lines.append(f"{r['trial']:>5} {r['entry']:<24} {r['seeds']:>5} {r['mean']:>7.4f} {r['std']:>7.4f} "
+                     f"{'[' + format(r['low'], '.4f') + ', ' + format(r['high'], '.4f') + ']':>17}  {vals}{mark}")
+    best_per: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["feasible"]:
+            best_per.setdefault(r["entry"], r)
+    lines.append("best confirmed per pool entry: " + ", ".join(
+        f"{e} trial {r['trial']} ({r['mean']:.4f})" for e, r in best_per.items()))
+    s = stability(rows, recipe)
+    if s:
+        lines.append(f"winner stability: trial {s[0]} is first in {100 * s[1]:.1f}% of draws of one seed per "
+                     f"configuration ({s[2]})")
+    return "\n".join(lines)
+
+
+def plot_confirmed(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
+    """Each confirmed configuration's runs, mean and 95% t-interval, coloured by pool entry."""
+    rows = confirmed_rows(study, recipe)
+    if not rows:
+        _empty(ax, "no confirmation runs yet (study.confirm or `search confirm STUDY`)")
+        return
+    colors = _colors(list(dict.fromkeys(r["entry"] for r in rows)))
+    shown = set()
+    for i, r in enumerate(rows):
+        c = colors[r["entry"]]
+        ax.errorbar(i, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o", color=c,
+                    capsize=5, label=None if r["entry"] in shown else r["entry"], zorder=3)
+        ax.scatter([i + 0.12] * len(r["values"]), r["values"], color=c, s=12, alpha=0.6, zorder=2)
+        shown.add(r["entry"])
+    ax.set_xticks(range(len(rows)), [f"trial {r['trial']}" for r in rows], fontsize=8)
+    ax.set(ylabel=f"val {recipe.study.metric}",
+           title="Confirmed configurations: mean and 95% t-interval (dots: seeds)")
+    ax.legend(fontsize=8)
+
+
+# ---------------------------------------------------------------------------
+# several objectives: the Pareto front
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices of the points no other point dominates (at least as good in all, better in one)."""
+    signs = [1 if d == "minimize" else -1 for d in directions]
+    pts = [[s * v for s, v in zip(signs, p, strict=True)] for p in points]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+    return [i for i, p in enumerate(pts) if not any(dominates(q, p) for j, q in enumerate(pts) if j != i)]
+
+
+def front_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
+    """The feasible complete trials on the Pareto front, best primary metric first."""
+    done = complete_trials(study, recipe)  # feasible only: an infeasible trial is never on the front
+    keep = set(pareto_front([t.values for t in done], recipe.study.directions))
+    return [t for i, t in enumerate(done) if i in keep]
+
+
+def _objective_cells(t: FrozenTrial, recipe: Recipe) -> list[str]:
+    return [format(v, ".4f" if n in ("accuracy", "balanced_accuracy", "f1", "auc", "loss") else ".4g")
+            for n, v in zip(recipe.study.names, t.values, strict=True)]
+
+
+def pareto_text(study: optuna.Study, recipe: Recipe) -> str:
+    """The Pareto front as a table (multi-objective studies; '' otherwise)."""
+    names = recipe.study.names
+    if len(names) < 2:
+        return ""
+    front = front_trials(study, recipe)
+    infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not _feasible(t))
+    dirs = ", ".join(f"{n} ({d[:3]})" for n, d in zip(names, recipe.study.directions, strict=True))
+    note = f"; {infeasible} infeasible trials left out" if infeasible else ""
+    head = f"{'trial':>5} {'pool entry':<24} " + " ".join(f"{n:>12}" for n in names)
+    lines = [f"Pareto front: {len(front)} trials ({dirs}{note})", head, "-" * len(head)]
+    for t in front:
+        lines.append(f"{t.number:>5} {_label(t):<24} " + " ".join(f"{c:>12}" for c in _objective_cells(t, recipe)))
+    return "\n".join(lines)
+
+
+def pareto_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
+    """Every complete trial with its objectives, feasibility and whether it is on the front."""
+    front = {t.number for t in front_trials(study, recipe)}
+    return [{"trial": t.number, "entry": _label(t), **dict(zip(recipe.study.names, t.values, strict=True)),
+             "feasible": _feasible(t), "on_front": t.number in front}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+
+
+def plot_pareto(study: optuna.Study, recipe: Recipe, path: Path) -> Path:
+    """The first objective against each other one: trials coloured by pool entry, front ringed and
+    joined, infeasible trials grey crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = recipe.study.names
+    rows = pareto_rows(study, recipe)
+    colors = _colors(list(dict.fromkeys(r["entry"] for r in rows)))
+    others = names[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(6.5 * len(others), 4.5), dpi=100, squeeze=False)
+    for ax, other in zip(axes[0], others, strict=True):
+        shown = set()
+        for r in rows:
+            if not r["feasible"]:
+                ax.scatter(r[other], r[names[0]], color="grey", marker="x", alpha=0.6,
+                           label=None if "infeasible" in shown else "infeasible")
+                shown.add("infeasible")
+                continue
+            ax.scatter(r[other], r[names[0]], color=colors[r["entry"]], alpha=0.8, zorder=3,
+                       edgecolors="black" if r["on_front"] else "none", linewidths=1.5, s=60 if r["on_front"] else 30,
+                       label=None if r["entry"] in shown else r["entry"])
+            shown.add(r["entry"])
+        pairs = [(r[other], r[names[0]]) for r in rows if r["on_front"]]
+        if pairs and len(names) == 2:  # with more objectives the front is not a line in each projection
+            pairs.sort()
+            ax.step(*zip(*pairs, strict=True), where="post" if recipe.study.directions[1] == "minimize" else "pre",
+                    color="black", lw=1, alpha=0.6, label="Pareto front")
+        if not rows:
+            _empty(ax, "no complete trial yet")
+        ax.set(xlabel=other, ylabel=f"val {names[0]}", title=f"{names[0]} against {other} (ringed: Pareto front)")
+        if rows:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+CONDITION_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
+                 ">": lambda a, b: a > b, "==": lambda a, b: a == b}
+
+
+def parse_pick(text: str) -> list[tuple[str, str, float]]:
+    """'latency_ms<=5, params<1e6' -> [(name, op, number), ...]."""
+    import re
+
+    out = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>)\s*([-+0-9.eE]+)", part)
+        try:
+            out.append((m.group(1), m.group(2), float(m.group(3))))  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            raise SearchError(f"--pick '{part}': expected NAME OP NUMBER with OP one of <=, <, >=, >, ==, "
+                              "e.g. --pick 'latency_ms<=5' (several: comma-separated)") from None
+    if not out:
+        raise SearchError("--pick: empty condition; e.g. --pick 'latency_ms<=5'")
+    return out
+
+
+def _measure(t: FrozenTrial, name: str, recipe: Recipe) -> float | None:
+    names = recipe.study.names
+    if name in names and t.values:
+        return t.values[names.index(name)]
+    v = t.user_attrs.get(name, t.user_attrs.get(f"best_{name}"))
+    return v if isinstance(v, (int, float)) else None
+
+
+def pick(study: optuna.Study, recipe: Recipe, text: str) -> FrozenTrial:
+    """The best primary metric among the front's trials that meet every condition of `text`."""
+    conds = parse_pick(text)
+    front = front_trials(study, recipe)
+    for name, _, _ in conds:
+        if front and all(_measure(t, name, recipe) is None for t in front):
+            allowed = [*recipe.study.names, *(n for n in ("params", "flops", "latency_ms", "throughput",
+                                                          "train_seconds") if n not in recipe.study.names)]
+            raise SearchError(f"--pick: '{name}' is not recorded on the trials; use one of {', '.join(allowed)}")
+    ok = [t for t in front if all(CONDITION_OPS[op](_measure(t, n, recipe), x) for n, op, x in conds
+                                  if _measure(t, n, recipe) is not None)]
+    if not ok:
+        raise SearchError(f"--pick '{text}': no trial on the Pareto front meets it; the front is "
+                          + "; ".join(f"trial {t.number} " + " ".join(
+                              f"{n} {c}" for n, c in zip(recipe.study.names, _objective_cells(t, recipe),
+                                                         strict=True)) for t in front)
+                          + "; loosen the condition")
+    return ok[0]

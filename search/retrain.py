@@ -102,39 +102,77 @@ def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path:
     return path
 
 
-def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train on train+val for train.epochs, test once, write and record the results; returns the record."""
+def _train_once(recipe: Recipe, entry: PoolEntry, hp: TrainCfg, data: Data, fit_data: Data, seed: int,
+                dev: torch.device, say: Callable[[str], None]) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor]:
+    """One final model under `seed`: (model, fit result, test metrics, confusion matrix)."""
+    torch.manual_seed(seed)  # the initial weights follow the seed as well as the training
+    model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
+                        resolution=input_resolution(entry, data.resolution), dropout=hp.dropout,
+                        channel_reduce=hp.channel_reduce)
+
+    def on_epoch(epoch: int, record: dict[str, float]) -> None:
+        say(f"retrain {entry.label:<24} seed {seed} epoch {epoch:>3}/{hp.epochs}  "
+            f"train_loss {record['train_loss']:.4f}  {record['seconds']:.1f}s")
+
+    result = fit(model, fit_data, hp, device=dev, on_epoch=on_epoch, monitor=recipe.study.metric,
+                 seed=seed, amp=recipe.hardware.amp, compile=recipe.hardware.compile,
+                 gpu_memory_share=recipe.hardware.gpu_memory_share)
+    if result.failed:
+        raise SearchError(f"retrain of {entry.label} (seed {seed}) failed: {result.reason}; lower train.lr or "
+                          "train.batch_size in the recipe and run it again")
+    values, cm = evaluate_test(model, data, dev)
+    return model, result, {f"test_{k}": v for k, v in values.items()}, cm
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per test metric over the seeds: mean, sample std and the 95% Student-t interval (low, high)."""
+    from search.confirm import t_interval
+
+    out = {}
+    for k in per_seed[0]:
+        mean, std, lo, hi = t_interval([m[k] for m in per_seed])
+        out[k] = {"mean": mean, "std": std, "low": lo, "high": hi}
+    return out
+
+
+def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print,
+            seeds: int = 1) -> dict[str, Any]:
+    """Train on train+val for train.epochs under `seeds` seeds (study.seed, +1, ...), test each
+    final model once, write and record the results; returns the record.
+
+    The checkpoint kept is the first seed's: chosen before any test result is seen, so keeping it
+    selects nothing on the test split.
+    """
     entry, hp = fixed_config(recipe)
     study, url = target_study(recipe, storage)
     data = datamod.load_data(recipe.data, recipe.study.seed)
     dev = resolve_device(recipe.hardware.device)
-    model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
-                        resolution=input_resolution(entry, data.resolution), dropout=hp.dropout,
-                        channel_reduce=hp.channel_reduce)
     fit_data = merge_train_val(data)
-    say(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs")
-
-    def on_epoch(epoch: int, record: dict[str, float]) -> None:
-        say(f"retrain {entry.label:<24} epoch {epoch:>3}/{hp.epochs}  train_loss {record['train_loss']:.4f}  "
-            f"{record['seconds']:.1f}s")
-
-    result = fit(model, fit_data, hp, device=dev, on_epoch=on_epoch, monitor=recipe.study.metric,
-                 seed=recipe.study.seed, amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                 gpu_memory_share=recipe.hardware.gpu_memory_share)
-    if result.failed:
-        raise SearchError(f"retrain of {entry.label} failed: {result.reason}; lower train.lr or "
-                          "train.batch_size in the recipe and run it again")
-    values, cm = evaluate_test(model, data, dev)
-    test = {f"test_{k}": v for k, v in values.items()}
+    seed_list = [recipe.study.seed + i for i in range(seeds)]
+    say(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
+        f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}")
+    runs = []
+    kept = None
+    for seed in seed_list:
+        model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say)
+        runs.append({"seed": seed, "test_metrics": test, "epochs": len(result.history)})
+        say(f"test, seed {seed} (official split, evaluated once): "
+            + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        if kept is None:
+            kept = (model, result, test, cm, seed)
+    model, result, test, cm, seed = kept
 
     out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
     record = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
-              "hyperparameters": space.resolve(recipe)[1], "seed": recipe.study.seed, "test_metrics": test,
+              "hyperparameters": space.resolve(recipe)[1], "seed": seed, "test_metrics": test,
+              "seeds": runs, "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
               "dir": str(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if seeds > 1:
+        record["test_summary"] = summarize([r["test_metrics"] for r in runs])
     (out / "test_metrics.json").write_text(json.dumps(record, indent=1))
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
-    title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']})"
+    title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']}, seed {seed})"
     plot_confusion(cm, data.classes, title, out / "confusion.png")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     artifacts.save_checkpoint(out / "model.pt", state, artifacts.model_kwargs(recipe, model, hp, data),
@@ -147,6 +185,10 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     for name in ("test_metrics.json", "confusion.png", "model.pt"):
         optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(out / name), study_or_trial=study)
     study.set_user_attr("retrain", record)
-    say("test (official split, evaluated once): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    say(f"wrote {out}/test_metrics.json, confusion.png, model.pt; recorded on study '{study.study_name}'")
+    if seeds > 1:
+        say(f"test over {seeds} seeds (mean, std, 95% t-interval): " + "  ".join(
+            f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+            for k, v in record["test_summary"].items() if k in ("test_accuracy", "test_" + recipe.study.metric)))
+    say(f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
+        f"recorded on study '{study.study_name}'")
     return record

@@ -42,9 +42,10 @@ from optuna.trial import TrialState
 from search import artifacts, pack, report, space, weights
 from search.data import Data, load_data
 from search.errors import SearchError
+from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
-from search.recipe import Recipe, recipe_from_dict
+from search.recipe import CONSTRAINABLE, BoundCfg, Recipe, recipe_from_dict
 from search.train import fit, resolve_device, seed_everything
 
 log = logging.getLogger("search")
@@ -255,6 +256,28 @@ def reseed_sampler(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
             reseed_sampler(inner, seed + 1)
 
 
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether every constraint stored on the trial is satisfied (a trial without any is).
+
+    Reads what `record_constraints` stored, as Optuna's samplers and `best_trials` do."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def constraint_values(bounds: dict[str, BoundCfg], measures: dict[str, Any]) -> dict[str, float]:
+    """Per recipe constraint (study.constraints): how far the measure is beyond its bound (<= 0: within).
+
+    Relative to the bound (value/max - 1, 1 - value/min), so constraints of different units weigh
+    alike in the samplers' summed violation.
+    """
+    out = {}
+    for name, b in bounds.items():
+        v = measures[name]
+        over = [v / b.max - 1 if b.max else v - b.max] if b.max is not None else []
+        under = [1 - v / b.min if b.min else b.min - v] if b.min is not None else []
+        out[name] = max(over + under)
+    return out
+
+
 def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
     """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples."""
     s, seed = recipe.study.sampler, recipe.study.seed
@@ -262,6 +285,7 @@ def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
             group=s.group and s.multivariate, constant_liar=s.constant_liar),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
@@ -301,7 +325,7 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials", "heartbeat"):
+    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm"):
         d["study"].pop(key, None)
     d.pop("hardware", None)
     return d
@@ -324,7 +348,7 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
     storage = open_storage(url, recipe.study.heartbeat)
     study = optuna.create_study(
         study_name=recipe.study.name, storage=storage, load_if_exists=True,
-        direction=recipe.study.direction, sampler=make_sampler(recipe), pruner=make_pruner(recipe),
+        directions=recipe.study.directions, sampler=make_sampler(recipe), pruner=make_pruner(recipe),
     )
     new = stored_form(recipe)
     old = study.user_attrs.get("recipe")
@@ -337,6 +361,8 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
         )
     if old != new:
         study.set_user_attr("recipe", new)
+    if study.metric_names != recipe.study.names and len(study.directions) == len(recipe.study.names):
+        study.set_metric_names(recipe.study.names)  # the dashboard's axes and the report's columns
     return study
 
 
@@ -515,20 +541,25 @@ def preflight(entries: list[PoolEntry]) -> None:
 OUT_OF_MEMORY = "out_of_memory"  # the constraint an OOM result violates
 
 
-def constraints(user_attrs: dict[str, Any]) -> dict[str, float]:
+def constraints(user_attrs: dict[str, Any], bounds: dict[str, BoundCfg] | None = None) -> dict[str, float]:
     """The constraint values of a trial that reaches the sampler, by name (<= 0: feasible).
 
     Read from what the trial recorded (its user attrs); `record_constraints` stores them as
     Optuna constraints, which every constrained sampler (TPE, GP, NSGA-II) reads from COMPLETE
     and PRUNED trials. Every such trial carries every name (GP needs as many values on each).
     out_of_memory: 1 when the configuration did not fit even at the smallest micro-batch.
+    The recipe's study.constraints (`bounds`) on measures recorded before training (params,
+    flops, latency_ms, throughput): see `constraint_values`.
     """
-    return {OUT_OF_MEMORY: 1.0 if user_attrs.get("status") == "oom" else 0.0}
+    out = {OUT_OF_MEMORY: 1.0 if user_attrs.get("status") == "oom" else 0.0}
+    if bounds and all(n in user_attrs for n in bounds):
+        out.update(constraint_values(bounds, user_attrs))
+    return out
 
 
-def record_constraints(trial: optuna.Trial) -> None:
+def record_constraints(trial: optuna.Trial, bounds: dict[str, BoundCfg] | None = None) -> None:
     """Store `constraints` on a trial about to end COMPLETE or PRUNED (once: Optuna keeps the first)."""
-    for name, value in constraints(trial.user_attrs).items():
+    for name, value in constraints(trial.user_attrs, bounds).items():
         trial.set_constraint(name, value)
 
 
@@ -564,14 +595,22 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
 
 
 def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device: str,
-                   on_line: Callable[[str], None] = print) -> Callable[[optuna.Trial], float]:
+                   on_line: Callable[[str], None] = print, *,
+                   counting: bool = True) -> Callable[[optuna.Trial], float | list[float]]:
+    """The trial function: sample, build, measure, train; returns the objective value(s).
+
+    counting=False (confirmation runs) takes no slot of n_trials.
+    """
     metric = recipe.study.metric
     n_trials = recipe.study.n_trials
+    names = recipe.study.names
+    multi = len(names) > 1  # Optuna neither takes intermediate values nor prunes these
+    wanted = [n for n in (*names, *recipe.study.constraints) if n in CONSTRAINABLE]
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         trials = trial.study.get_trials(deepcopy=False)
         earlier = [t for t in counted(trials) if t.number < trial.number]
-        if len(earlier) >= n_trials:
+        if counting and len(earlier) >= n_trials:
             trial.set_user_attr("fail_reason", "study total reached")
             trial.study.stop()
             raise TotalReached(f"the study already has its {n_trials} trials")
@@ -600,12 +639,14 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 trial.set_user_attr("fail_reason", f"invalid combination: {e}")
                 raise TrialFailed(f"invalid combination: {e}") from None
             slot = gpu_slot(trial, recipe, data, entry, res, hp.batch_size, dev, on_line)
-            trial.set_user_attr("params", model.info.params)
+            measures = measure_model(model, wanted, data.in_chans, res, dev)  # before training: pruned trials have them
+            for k, v in measures.items():
+                trial.set_user_attr(k, v)
             history: list[dict[str, float]] = []
 
             def on_epoch(epoch: int, record: dict[str, float]) -> None:
                 history.append(record)
-                if epoch not in reported:
+                if epoch not in reported and not multi:
                     trial.report(record[f"val_{metric}"], epoch)
                 trial.set_user_attr("history", history)
                 trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
@@ -613,9 +654,9 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     trial.set_user_attr("micro_batch", int(record["micro_batch"]))
                 on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "
                         f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s")
-                if epoch not in reported and trial.should_prune():  # the pruner judges this run's epochs only
+                if epoch not in reported and not multi and trial.should_prune():  # the pruner judges this run's epochs only
                     trial.set_user_attr("fail_reason", f"pruned at epoch {epoch}")
-                    record_constraints(trial)
+                    record_constraints(trial, recipe.study.constraints)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
             with slot as placed:
@@ -635,7 +676,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             # reach them as infeasible so that they stop proposing its neighbours.
             trial.set_user_attr("fail_reason", result.reason)
             trial.set_user_attr("micro_batch", result.micro_batch)
-            record_constraints(trial)
+            record_constraints(trial, recipe.study.constraints)
             raise optuna.TrialPruned(result.reason)
         if result.failed:
             trial.set_user_attr("fail_reason", result.reason)
@@ -645,8 +686,11 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             trial.set_user_attr(f"best_{k}", v)
         for k, v in result.last.items():
             trial.set_user_attr(f"last_{k}", v)
-        record_constraints(trial)
-        return result.best[metric]
+        record_constraints(trial, recipe.study.constraints)
+        measures["train_seconds"] = round(sum(r["seconds"] for r in result.history), 3)
+        trial.set_user_attr("train_seconds", measures["train_seconds"])
+        values = [result.best[n] if n in result.best else measures[n] for n in names]
+        return values if multi else values[0]
 
     return objective
 
@@ -722,6 +766,15 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         time.sleep(min(hb, 5))  # another worker's trial is running: it may die and need a retry
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")
+        return ran
+    if recipe.study.confirm:  # the search is over: every worker helps confirm its top configurations
+        from search import confirm
+
+        cfg = recipe.study.confirm
+        queued = confirm.enqueue(study, recipe, cfg.top_k, cfg.seeds)
+        if queued:
+            say(f"confirming the top {cfg.top_k} configurations over {cfg.seeds} seeds: {queued} runs queued")
+        ran += confirm.work(recipe, study, quiet=quiet)
     return ran
 
 
