@@ -417,7 +417,7 @@ def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None,
             f"val {recipe.study.metric} {value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}).\n"
             + (f"# Chosen by: {rule}.\n" if rule else "")
             + "# Nothing is sampled. Train it once more: python -m search run FILE\n"
-            f"# Test it (train+val, one evaluation on the test split): python -m search retrain FILE\n")
+            "# Test it (train+val, one evaluation on the test split): python -m search retrain FILE\n")
     return head + yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
 
 

@@ -17,8 +17,8 @@ from search import confirm, report
 from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
-from tests.conftest import run_cli, tiny_recipe, wsgi_get, write_recipe
-from tests.test_retrain import SpySplit, spied_test_split  # noqa: F401 - the fixture
+from tests.conftest import run_cli, tiny_recipe, write_recipe, wsgi_get
+from tests.test_retrain import spied_test_split  # noqa: F401 - the fixture
 
 DISTS = {"model": CategoricalDistribution(["mini_cnn", "resnet_18"]), "lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
@@ -78,7 +78,7 @@ def test_winner_stability_on_a_known_spread(tmp_path, monkeypatch):
     assert top == 0 and how == f"resampled {confirm.RESAMPLES}" and share == pytest.approx(2 / 3, abs=0.015)
 
 
-def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypatch, spied_test_split):
+def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypatch, spied_test_split):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 3, "confirm": {"top_k": 2, "seeds": 3}, "top_k": 1},
                                           data={"max_samples": 120}))
@@ -117,8 +117,8 @@ def test_infeasible_trials_are_never_best(tmp_path):
     assert report.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
     assert [t.number for t in report.complete_trials(study, recipe)] == [1, 2]
-    assert st.constraint_values(recipe, {"params": 2e6}) == {"params": pytest.approx(1.0)}
-    assert st.constraint_values(recipe, {"params": 5e5}) == {"params": pytest.approx(-0.5)}
+    assert st.constraint_values(recipe.study.constraints, {"params": 2e6}) == {"params": pytest.approx(1.0)}
+    assert st.constraint_values(recipe.study.constraints, {"params": 5e5}) == {"params": pytest.approx(-0.5)}
     assert [t.number for t in study.best_trials] == [1]  # Optuna reads the same stored values
 
 
