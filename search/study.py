@@ -211,7 +211,10 @@ def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
     except SearchError:
         raise
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
-        text = " ".join(str(e).split()) or type(e).__name__
+        root = e  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        text = " ".join(str(root if root is not e and str(root) else e).split()) or type(e).__name__
         text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
         raise SearchError(f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
                           "check the URL, that the server runs, and that the database exists") from None
