@@ -150,10 +150,10 @@ def run_study(work: Path, rec: dict, limit: float, workers: int | None) -> dict:
     trials = study.get_trials(deepcopy=False)
     states = optuna.trial.TrialState
     ended = [t for t in trials if t.state in (states.COMPLETE, states.PRUNED)]
-    epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)  # interrupted trials' epochs count too
+    epochs = sum((t.user_attrs.get("epochs") or 0) for t in trials)  # interrupted trials' epochs count too
     oom = sum(1 for t in trials if t.user_attrs.get("status") == "oom")
     micro = sum(1 for t in trials if t.user_attrs.get("micro_batch", 10**9) < t.params.get("batch_size", 0))
-    epochs_per_trial = (sum(len(t.user_attrs.get("history", [])) for t in ended) / len(ended)) if ended else rec[
+    epochs_per_trial = (sum((t.user_attrs.get("epochs") or 0) for t in ended) / len(ended)) if ended else rec[
         "train"]["epochs"]
     rate = epochs / wall  # epochs per second
     n = rec["study"]["n_trials"]

@@ -44,6 +44,8 @@ def write_cifar10(root: Path, n_train: int = 10_000, n_test: int = 2_000, seed: 
 def run_study(tmp: Path, name: str, device: str, **over) -> bool:
     import optuna
 
+    from search import artifacts
+
     recipe = {
         "study": {"name": name, "n_trials": 3, "storage": f"sqlite:///{tmp}/{name}.db", "baselines": True,
                   "sampler": "random", "pruner": "none", "top_k": 0},
@@ -63,7 +65,7 @@ def run_study(tmp: Path, name: str, device: str, **over) -> bool:
     print(f"\n{name}\n{'trial':<6}{'entry':<20}{'state':<10}{'val acc':>8}{'device':>8}{'s/epoch':>9}{'img/s':>9}"
           f"{'peak MiB':>10}")
     for t in study.trials:
-        h = t.user_attrs.get("history", [])
+        h = artifacts.history_of(study, t)  # the per-epoch records are the trial's history artifact
         last = h[-1] if h else {}
         print(f"{t.number:<6}{t.user_attrs.get('pool_label', '?'):<20}{t.state.name:<10}"
               f"{(t.value or 0):>8.4f}{t.user_attrs.get('device', '?'):>8}"

@@ -6,7 +6,8 @@ Files live in an Optuna `FileSystemArtifactStore` under `studies/<name>/artifact
 Disk stays bounded: when a trial finishes, checkpoints of finished trials that
 are no longer among the study's top-k are deleted. Finished trials' attributes
 are read-only in Optuna, so a deleted checkpoint stays listed on its trial in
-the dashboard but no longer downloads; `live_checkpoint` tells them apart.
+the dashboard, where `search dashboard` serves it as a short "removed" note
+(`ServedStore`); `live_checkpoint` tells them apart.
 
 A checkpoint is a `torch.save`d dict that `load_checkpoint` turns back into
 the `build_model` model it came from:
@@ -81,6 +82,33 @@ def store_for(directory: Path) -> FileSystemArtifactStore:
     """The artifact store of a study directory (created on first use)."""
     (directory / "artifacts").mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(directory / "artifacts")
+
+
+REMOVED_NOTE = (b"removed: this checkpoint was deleted when its trial dropped out of the study's top-k "
+                b"(study.top_k); the trial's history artifact is kept\n")
+
+
+class ServedStore:
+    """The artifact store as the dashboard serves it: a deleted checkpoint downloads as a short
+    "removed" note instead of failing with HTTP 500. Optuna keeps finished trials read-only, so
+    their listing cannot drop the file; this makes the listed entry say what happened to it."""
+
+    def __init__(self, store: FileSystemArtifactStore) -> None:
+        self.store = store
+
+    def open_reader(self, artifact_id: str) -> Any:
+        import io
+
+        try:
+            return self.store.open_reader(artifact_id)
+        except ArtifactNotFound:
+            return io.BytesIO(REMOVED_NOTE)
+
+    def write(self, artifact_id: str, content_body: Any) -> None:
+        self.store.write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(artifact_id)
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +194,21 @@ def live_checkpoint(trial: optuna.trial.FrozenTrial, store: FileSystemArtifactSt
             continue
         return meta["artifact_id"]
     return None
+
+
+def history_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """The per-epoch records a finished trial stored as its history artifact ([] when none is kept)."""
+    metas = [json.loads(v) for key, v in trial.system_attrs.items() if key.startswith("artifacts:")]
+    store = None
+    for meta in metas:
+        if meta and meta["filename"].endswith(HISTORY_SUFFIX):
+            store = store or store_for(dir_of(study))
+            try:
+                with store.open_reader(meta["artifact_id"]) as f:
+                    return json.load(f)["history"]
+            except (ArtifactNotFound, ValueError, KeyError):
+                return []
+    return []
 
 
 def prune(study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tuple[int, float] | None = None) -> list[int]:

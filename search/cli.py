@@ -98,8 +98,17 @@ def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
         print(report.leaderboard_text(study, recipe))
-        print(f"\nbrowse: optuna-dashboard {st.mask(url)}    (or: python -m search dashboard {recipe.study.name})")
+        print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
     return 0
+
+
+def dashboard_command(recipe, url: str) -> str:
+    """The `dashboard` command for this study, as it works from the user's shell."""
+    from search import study as st
+    from search.text import command
+
+    default = url == st.default_storage(recipe.study.name)
+    return command(f"dashboard {recipe.study.name}" + ("" if default else f" --storage '{st.mask(url)}'"))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -200,6 +209,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from search import report
+    from search.text import command
 
     recipe, study, _, _ = _stored(args)
     if args.pick:
@@ -216,7 +226,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     Path(args.out).write_text(report.best_yaml(study, recipe, t, rule))
     print(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
           f"{report.value(t):.4f}) -> {args.out}\nrule: {rule}\n"
-          f"retrain and test it once: python -m search retrain {args.out}")
+          f"retrain and test it once: {command('retrain ' + args.out)}")
     return 0
 
 
@@ -255,10 +265,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     _, _, url, directory = _stored(args)
     from optuna_dashboard import run_server
 
-    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from "
-          f"{directory / 'artifacts'} (Ctrl-C to stop)")
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from\n"
+          f"  {directory / 'artifacts'}   (Ctrl-C to stop)")
     run_server(st.open_storage(url, heartbeat=None), host=args.host, port=args.port,
-               artifact_store=artifacts.store_for(directory))
+               artifact_store=artifacts.ServedStore(artifacts.store_for(directory)))
     return 0
 
 

@@ -126,7 +126,7 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
 
     def line(cs: optuna.Study, t: FrozenTrial) -> None:
         k = key(t)
-        v = f"val_{recipe.study.metric} {t.values[0]:.4f}" if t.values else t.user_attrs.get("fail_reason", "failed")
+        v = f"val_{recipe.study.metric} {t.values[0]:.4f}" if t.values else (t.user_attrs.get("fail_reason") or "failed")
         if k:
             say(f"confirm trial {k[0]:>3} seed #{k[1]}  {t.user_attrs.get('pool_label', ''):<24} {v}")
 

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 
 from search.errors import SearchError
+from search.text import command
 
 # What the proxy can stand in front of, and why the others are refused.
 PROXIED = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
@@ -59,7 +60,7 @@ def client(url: str) -> optuna.storages.BaseStorage:
     except ConnectionError:
         storage.close()
         raise SearchError(f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
-                          f"start one there with `python -m search proxy --storage DATABASE_URL "
+                          f"start one there with `{command('proxy --storage DATABASE_URL')} "
                           f"--host {host} --port {port}`, or check the address") from None
     return storage
 

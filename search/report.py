@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
 from search.recipe import Recipe
+from search.text import command
 
 POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
 STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
@@ -62,7 +63,9 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             r[key] += 1
         if t.state == TrialState.COMPLETE and value(t) is not None and _feasible(t):
             r["values"].append(value(t))
-        r["epoch_seconds"] += t.user_attrs.get("epoch_seconds", [])
+        n = t.user_attrs.get("epochs") or 0
+        if n and t.user_attrs.get("sec_per_epoch") is not None:
+            r["epoch_seconds"].append((n, n * t.user_attrs["sec_per_epoch"]))
         r["params"] = r["params"] or t.user_attrs.get("params")
     out = []
     for r in rows.values():
@@ -70,7 +73,8 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         secs = r.pop("epoch_seconds")
         r["best"] = (max(vals) if maximize else min(vals)) if vals else None
         r["median"] = statistics.median(vals) if vals else None
-        r["sec_per_epoch"] = statistics.fmean(secs) if secs else None
+        n_epochs = sum(n for n, _ in secs)
+        r["sec_per_epoch"] = sum(sec for _, sec in secs) / n_epochs if n_epochs else None  # mean over epochs
         out.append({c: r[c] for c in COLUMNS})
     sign = -1 if maximize else 1
     out.sort(key=lambda r: (r["best"] is None, sign * (r["best"] or 0)))
@@ -295,6 +299,16 @@ def plot_entries(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     ax.set(ylabel=f"val {recipe.study.metric}", title="Complete trials per pool entry")
 
 
+def curve(study: optuna.Study, t: FrozenTrial, metric: str) -> list[tuple[int, float]]:
+    """(epoch, val metric) of a trial: its intermediate values, else (several objectives, which
+    report none) the history artifact it stored when it ended."""
+    if t.intermediate_values:
+        return sorted(t.intermediate_values.items())
+    from search import artifacts
+
+    return [(h["epoch"], h[f"val_{metric}"]) for h in artifacts.history_of(study, t) if f"val_{metric}" in h]
+
+
 def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     """Per-epoch validation metric of every trial (dashed: pruned or still running)."""
     m = recipe.study.metric
@@ -302,14 +316,14 @@ def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     colors = _colors([r["entry"] for r in rows])
     shown = set()
     for t in study.get_trials(deepcopy=False):
-        hist = t.user_attrs.get("history") or []
-        pts = [(h["epoch"], h[f"val_{m}"]) for h in hist if f"val_{m}" in h]
+        pts = curve(study, t, m)
         if not pts:
             continue
         label = _label(t)
         style = "-" if t.state == TrialState.COMPLETE else "--"
-        ax.plot(*zip(*pts, strict=True), style, color=colors.get(label), alpha=0.7, lw=1,
-                label=None if label in shown else label)
+        # Markers: a trial pruned after its first epoch is one point, not an invisible line.
+        ax.plot(*zip(*pts, strict=True), style, marker="o", markersize=3, color=colors.get(label), alpha=0.7,
+                lw=1, label=None if label in shown else label)
         shown.add(label)
     if not shown:
         _empty(ax, "no epoch reported yet")
@@ -368,7 +382,7 @@ def best_choice(study: optuna.Study, recipe: Recipe) -> tuple[FrozenTrial, str]:
     done = complete_trials(study, recipe)
     if not done:
         raise SearchError(f"study '{study.study_name}' has no complete trial yet; run or resume it first "
-                          f"(python -m search worker --storage URL --study {study.study_name})")
+                          f"({command('worker --storage URL --study ' + study.study_name)})")
     m = recipe.study.metric
     rows = [r for r in confirmed_rows(study, recipe) if r["feasible"]]
     if rows:
@@ -431,7 +445,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
     label = _label(trial)
     if label is None:  # ended before sampling (e.g. the study total was already taken)
         return ""
-    secs = sum(trial.user_attrs.get("epoch_seconds", []))
+    secs = (trial.user_attrs.get("epochs") or 0) * (trial.user_attrs.get("sec_per_epoch") or 0.0)
     if trial.state == TrialState.COMPLETE:
         what = f"val_{metric} {value(trial):.4f}"
     elif trial.state == TrialState.PRUNED and trial.user_attrs.get("status") == "oom":
@@ -439,7 +453,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
     elif trial.state == TrialState.PRUNED:
         what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
     else:
-        what = f"failed: {trial.user_attrs.get('fail_reason', 'error')}"
+        what = f"failed: {trial.user_attrs.get('fail_reason') or 'error'}"
     if trial.state == TrialState.COMPLETE and len(trial.values or ()) > 1:
         what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
     if not _feasible(trial):

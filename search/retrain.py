@@ -28,6 +28,7 @@ from search.errors import SearchError
 from search.models import build_model, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe, TrainCfg
+from search.text import command
 from search.train import fit, predict, resolve_device
 
 
@@ -55,7 +56,7 @@ def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     if len(entries) != 1 or sampled:
         what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
         raise SearchError(f"retrain needs a recipe that fixes everything, found {what}; export one with "
-                          "`python -m search best STUDY --out best.yaml`")
+                          f"`{command('best STUDY --out best.yaml')}`")
     # No early stopping: with val merged into train there is nothing honest to stop on. Validated, so
     # integer fields get ints even where a fixed override was read as a float (batch_size 32.0).
     return entries[0], TrainCfg.model_validate({**recipe.train.model_dump(), **fixed, "patience": None})

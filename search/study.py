@@ -566,6 +566,18 @@ def record_constraints(trial: optuna.Trial, bounds: dict[str, BoundCfg] | None =
         trial.set_constraint(name, value)
 
 
+FIRST_ATTRS = ("pool_label", "weight_source", "imagenet_overlap", "seed", "fail_reason")  # what users filter on
+
+
+def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: str, device: str) -> dict[str, Any]:
+    """A trial's first attributes, in the order optuna-dashboard shows them as columns (the order
+    they are first set): the ones users filter on first, `fail_reason` held by null until a
+    reason is known (null is also what `counted` reads as "no reason")."""
+    attrs = {**entry.attrs(), "seed": seed, "fail_reason": None, "input_resolution": resolution,
+             "channel_reduce": channel_reduce, "device": device, "worker": WORKER}
+    return {**{k: attrs[k] for k in FIRST_ATTRS}, **attrs}
+
+
 def trial_seed(study_seed: int, number: int) -> int:
     """Trial `number`'s training seed: initial weights, data order, augmentation, mixing, dropout."""
     return (study_seed * 1_000_003 + number) % 2**31
@@ -630,8 +642,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
         reported = {s for t in trials if t.number == trial.number for s in t.intermediate_values} if retried else set()
         res = input_resolution(entry, data.resolution)
         dev = resolve_device(device)
-        for k, v in {**entry.attrs(), "input_resolution": res, "channel_reduce": hp.channel_reduce,
-                     "seed": seed, "device": str(dev), "worker": WORKER}.items():
+        for k, v in trial_attrs(entry, seed, res, hp.channel_reduce, str(dev)).items():
             trial.set_user_attr(k, v)
         try:
             try:
@@ -651,8 +662,10 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 history.append(record)
                 if epoch not in reported and not multi:
                     trial.report(record[f"val_{metric}"], epoch)
-                trial.set_user_attr("history", history)
-                trial.set_user_attr("epoch_seconds", [round(r["seconds"], 3) for r in history])
+                # Short attributes: the per-epoch history is in the intermediate values and, when
+                # the trial ends, its history artifact; the dashboard's table stays one line a row.
+                trial.set_user_attr("epochs", len(history))
+                trial.set_user_attr("sec_per_epoch", round(sum(r["seconds"] for r in history) / len(history), 3))
                 if trial.user_attrs.get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
                     trial.set_user_attr("micro_batch", int(record["micro_batch"]))
                 on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "
@@ -673,7 +686,9 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             raise
         artifacts.after_fit(trial, recipe, model, hp, data, result)  # history; checkpoint while in the top-k
         trial.set_user_attr("status", result.status)
-        trial.set_user_attr("peak_memory_mb", max((r["peak_memory_mb"] for r in result.history), default=0.0))
+        peak = max((r["peak_memory_mb"] for r in result.history), default=0.0)
+        if peak:  # GPU memory; nothing to say on a CPU
+            trial.set_user_attr("peak_memory_mb", round(peak, 1))
         if result.status == "oom":
             # PRUNED, not FAIL: samplers learn only from COMPLETE and PRUNED trials, and this one must
             # reach them as infeasible so that they stop proposing its neighbours.
@@ -686,9 +701,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             raise TrialFailed(result.reason)
         trial.set_user_attr("best_epoch", result.best_epoch)
         for k, v in result.best.items():
-            trial.set_user_attr(f"best_{k}", v)
-        for k, v in result.last.items():
-            trial.set_user_attr(f"last_{k}", v)
+            trial.set_user_attr(f"best_{k}", round(v, 6))  # a short cell; full values in the history
         record_constraints(trial, recipe.study.constraints)
         measures["train_seconds"] = round(sum(r["seconds"] for r in result.history), 3)
         trial.set_user_attr("train_seconds", measures["train_seconds"])
@@ -783,7 +796,9 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
 
 def resume_command(recipe: Recipe, storage_url: str) -> str:
     """The command that continues the study (the stored recipe, the same storage)."""
-    cmd = f"python -m search worker --storage '{mask(storage_url)}' --study {recipe.study.name}"
+    from search.text import command
+
+    cmd = command(f"worker --storage '{mask(storage_url)}' --study {recipe.study.name}")
     if mask(storage_url) != storage_url:
         cmd += "   (password masked: write it in, or put it in an environment variable: ${PGPASSWORD}-style ${VAR})"
     return cmd

@@ -5,11 +5,12 @@ import json
 import optuna
 from optuna.trial import TrialState
 
-from search.study import open_storage
+from search import artifacts
+from search.study import FIRST_ATTRS, open_storage
 from tests.conftest import run_cli, wsgi_get
 
-ATTRS = {"pool_label", "params", "history", "epoch_seconds", "seed", "weight_source", "imagenet_overlap",
-         "input_resolution", "channel_reduce", "device"}
+ATTRS = {"pool_label", "params", "epochs", "sec_per_epoch", "seed", "weight_source", "imagenet_overlap",
+         "fail_reason", "input_resolution", "channel_reduce", "device"}
 
 
 def _study(cwd):
@@ -26,8 +27,11 @@ def test_run_records_trials_with_attrs(demo_study):
     for t in trials:
         assert ATTRS <= set(t.user_attrs), ATTRS - set(t.user_attrs)
         assert t.user_attrs["pool_label"] == "mini_cnn"
-        assert len(t.user_attrs["history"]) == 2 == len(t.intermediate_values)
-        assert t.value == max(h["val_accuracy"] for h in t.user_attrs["history"])
+        history = artifacts.history_of(study, t)  # the per-epoch records: an artifact, not an attribute
+        assert len(history) == 2 == len(t.intermediate_values) == t.user_attrs["epochs"]
+        assert t.value == max(h["val_accuracy"] for h in history) == max(t.intermediate_values.values())
+        assert t.user_attrs["sec_per_epoch"] == round(sum(h["seconds"] for h in history) / 2, 3)
+        assert set(FIRST_ATTRS) <= set(t.user_attrs) and t.user_attrs["fail_reason"] is None
         assert 0.0 <= t.value <= 1.0
     assert len({t.user_attrs["seed"] for t in trials}) == 3
 
@@ -69,7 +73,7 @@ def test_dashboard_serves_the_study(demo_study):
     t0 = detail["trials"][0]
     assert len(t0["intermediate_values"]) == 2
     keys = {a["key"] for a in t0["user_attrs"]}
-    assert {"pool_label", "params", "history"} <= keys
+    assert {"pool_label", "params", "epochs"} <= keys
 
 
 def _dead_trial_retried(tmp_path, **over):
@@ -105,9 +109,10 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
     rerun = study.get_trials()[1]
     assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["retry_of"] == 0
     assert rerun.params == study.get_trials()[0].params and rerun.user_attrs["seed"] == 777
-    assert len(rerun.user_attrs["history"]) == 3  # the training ran again from epoch 1 ...
+    history = artifacts.history_of(study, rerun)
+    assert len(history) == 3 == rerun.user_attrs["epochs"]  # the training ran again from epoch 1 ...
     assert sorted(rerun.intermediate_values) == [1, 2, 3] and rerun.intermediate_values[1] == 0.111  # ... epoch 1 stands
-    assert rerun.intermediate_values[3] == rerun.user_attrs["history"][2]["val_accuracy"]
+    assert rerun.intermediate_values[3] == history[2]["val_accuracy"]
 
 
 def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
@@ -125,7 +130,7 @@ def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
     st.retry(study, dead)
     assert st.work(recipe, study, quiet=True) == 1
     rerun = study.get_trials()[2]
-    assert rerun.user_attrs["retry_of"] == 0 and len(rerun.user_attrs["history"]) >= 2
+    assert rerun.user_attrs["retry_of"] == 0 and rerun.user_attrs["epochs"] >= 2
     assert rerun.user_attrs.get("fail_reason") != "pruned at epoch 1"
 
 
