@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo pareto test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m search run recipes/digits.yaml
+
+pareto: $(VENV)/.installed
+	$(BIN)/python -m search run recipes/digits_pareto.yaml
+	$(BIN)/python -m search report digits_pareto
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
