@@ -34,6 +34,7 @@ import torch
 
 from search.augment import AugmentCfg
 from search.errors import SearchError, did_you_mean, one_of
+from search.net import Missing
 from search.net import network_up as _network_up
 from search.net import offline as _offline
 from search.recipe import DataCfg
@@ -166,9 +167,11 @@ def missing_error(name: str, path: Path, why: str) -> SearchError:
 
 
 def fetch(name: str, remote: Remote, root: Path) -> Path:
-    """The file under `root`, downloaded first if missing: checksum-verified, retried, renamed into place."""
+    """The file under `root`, verified (once) or downloaded first if missing: checksum-verified,
+    retried, renamed into place, with a progress bar on a terminal."""
     path = root / remote.file
     if path.is_file():
+        verify(name, remote, path)
         return path
     host = urllib.parse.urlparse(remote.url).hostname or ""
     if _offline():
@@ -182,9 +185,10 @@ def fetch(name: str, remote: Remote, root: Path) -> Path:
     for attempt in range(1, RETRIES + 1):
         try:
             h = hashlib.new(check[0]) if check else None
-            with _open_url(remote.url) as resp, open(tmp, "wb") as out:
+            with _open_url(remote.url) as resp, open(tmp, "wb") as out, _progress(resp, remote.file) as bar:
                 for block in iter(lambda: resp.read(CHUNK), b""):
                     out.write(block)
+                    bar.update(len(block))
                     if h:
                         h.update(block)
         except OSError as e:  # URLError, timeouts, resets: try again
@@ -201,23 +205,73 @@ def fetch(name: str, remote: Remote, root: Path) -> Path:
                 "or place a good copy there"
             )
         os.replace(tmp, path)  # atomic: readers see no file or the whole verified file
+        if check:
+            _record(path, *check)
         return path
     raise missing_error(name, path, f"download failed {RETRIES} times: {last}")
 
 
-def verify(name: str, remote: Remote, path: Path) -> None:
-    """Check a local archive before unpacking it; a bad one is renamed aside, never used."""
+def _progress(resp: Any, label: str) -> Any:
+    """A byte progress bar for a download on a terminal (tqdm stays silent in logs and pipes)."""
+    from tqdm import tqdm
+
+    total = getattr(resp, "headers", {}).get("Content-Length") if hasattr(resp, "headers") else None
+    return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None,
+                leave=False)
+
+
+def _record_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def _record(path: Path, algo: str, digest: str) -> None:
+    """Note that `path`, at its present size and mtime, has this digest (best effort: a read-only
+    data root only means the next process hashes the file again)."""
+    st = path.stat()
+    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, algo: digest}
+    tmp = _record_file(path).with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, _record_file(path))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.debug("verification record of %s not written: %s", path, e)
+
+
+def _recorded(path: Path, algo: str, digest: str) -> bool:
+    """Whether a verification record vouches for the file as it is now (same size and mtime)."""
+    try:
+        rec = json.loads(_record_file(path).read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    return rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns and rec.get(algo) == digest
+
+
+def verify(name: str, remote: Remote, path: Path, aside: bool = True) -> None:
+    """Check a local file against its published checksum before its first use.
+
+    Hashing a 16 GB file takes minutes, so a good result is recorded beside it
+    (`.FILE.verified`: size, mtime, digest) and later processes trust the record
+    while the file is unchanged. A bad file is refused (and, with `aside`, renamed
+    to FILE.corrupt so that the next prefetch downloads it again); it is never used.
+    """
     check = _checksum(remote)
-    if check is None:
+    if check is None or _recorded(path, *check):
         return
     got = file_digest(path, check[0])
-    if got != check[1]:
+    if got == check[1]:
+        _record(path, *check)
+        return
+    fix = "delete it and run `python -m search prefetch RECIPE` to download it again"
+    if aside:
         bad = path.with_name(path.name + ".corrupt")
         os.replace(path, bad)
-        raise SearchError(
-            f"data.dataset '{name}': {path} has {check[0]} {got}, expected {check[1]}; moved it to {bad}; "
-            "run `python -m search prefetch RECIPE` to download it again"
-        )
+        fix = f"moved it to {bad}; run `python -m search prefetch RECIPE` to download it again"
+    raise SearchError(
+        f"data.dataset '{name}': {path} has {check[0]} {got}, expected {check[1]} (the published checksum): "
+        f"not the official file; {fix}"
+    )
 
 
 def _unreadable(name: str, path: Path, e: Exception) -> SearchError:
@@ -357,8 +411,7 @@ def _cifar(name: str, root: Path, resolution: int | None) -> Raw:
     remote, folder_name, train_files, test_files, meta_file, label_key, names_key = CIFAR[name]
     folder = root / folder_name
     if not folder.is_dir():
-        archive = fetch(name, remote, root)
-        verify(name, remote, archive)
+        archive = fetch(name, remote, root)  # verified against the published md5
 
         def unpack(tmp: Path) -> None:
             try:
@@ -482,12 +535,25 @@ def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
         raise _unreadable(name, npz, e) from None
 
 
+# Images per set and channels (medmnist.com), for the offline checklist's size bound.
+MEDMNIST_SHAPES = {"pathmnist": (107_180, 3), "dermamnist": (10_015, 3), "octmnist": (109_309, 1),
+                   "pneumoniamnist": (5_856, 1), "retinamnist": (1_600, 3), "breastmnist": (780, 1),
+                   "bloodmnist": (17_092, 3), "tissuemnist": (236_386, 1), "organamnist": (58_830, 1),
+                   "organcmnist": (23_583, 1), "organsmnist": (25_211, 1)}
+
+
+def medmnist_remote(name: str) -> Remote:
+    """The official .npz of a MedMNIST set at its size, with its published md5."""
+    flag, size = _medmnist_parts(name)
+    return Remote(MEDMNIST_URL.format(file=medmnist_file(name)), medmnist_file(name),
+                  md5=MEDMNIST[flag][1][MEDMNIST_SIZES.index(size)])
+
+
 def _medmnist(name: str, root: Path, resolution: int | None) -> Raw:
     """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files."""
-    flag, size = _medmnist_parts(name)
-    classes, md5s, flip = MEDMNIST[flag]
-    remote = Remote(MEDMNIST_URL.format(file=medmnist_file(name)), medmnist_file(name),
-                    md5=md5s[MEDMNIST_SIZES.index(size)])
+    flag, _ = _medmnist_parts(name)
+    classes, _, flip = MEDMNIST[flag]
+    remote = medmnist_remote(name)
     cache = root / f"{name}.npy"
     if not cache.is_dir():
         npz = fetch(name, remote, root)
@@ -722,6 +788,58 @@ def load_raw(cfg: DataCfg) -> Raw:
     folder = cfg.dataset.startswith("folder:")
     # Only image folders are decoded at a chosen size; other sets ignore data.resolution here.
     return _raw(cfg.dataset, data_root(cfg), cfg.resolution if folder else None)
+
+
+# ---------------------------------------------------------------------------
+# checks that read no images: for `validate`, `prefetch` and before a study is created
+
+CIFAR_BYTES = {"cifar10": 170_498_071, "cifar100": 169_001_437}  # the archives' published sizes
+
+
+def _remotes(name: str, root: Path) -> list[tuple[Remote, Path, int | None, bool]]:
+    """(download, the directory it is unpacked into, size in bytes, size is only a bound) of a set."""
+    if name in CIFAR:
+        return [(CIFAR[name][0], root / CIFAR[name][1], CIFAR_BYTES[name], False)]
+    if name == "galaxy10":
+        return [(GALAXY10, root / "Galaxy10_DECals.npy", 17_736 * 256 * 256 * 3, True)]
+    flag, size = _medmnist_parts(name)
+    if flag in MEDMNIST:
+        n, c = MEDMNIST_SHAPES[flag]
+        return [(medmnist_remote(name), root / f"{name}.npy", n * (size * size * c + 1), True)]
+    return []
+
+
+def check(cfg: DataCfg, verify_files: bool = True) -> list[Missing]:
+    """Everything about `data` that needs no decoding; returns the files still to fetch.
+
+    Refuses unknown and multi-label sets and image folders that are not there;
+    verifies present official files against their checksums (once: recorded),
+    without moving a bad one (this is a check, not a use).
+    """
+    name = cfg.dataset
+    loader = loader_for(name)
+    if loader is _multi_label:
+        loader(name, data_root(cfg), None)  # raises its refusal
+    if name.startswith("folder:"):
+        path = Path(name.removeprefix("folder:")).expanduser().resolve()
+        train = _folder_parts(name, path)["train"]
+        classes = [d for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        if len(classes) < 2:
+            raise SearchError(f"data.dataset '{name}': {train} needs one sub-folder per class (at least 2), "
+                              f"found {len(classes)}")
+        return []
+    out = []
+    root = data_root(cfg)
+    for remote, unpacked, size, bound in _remotes(name, root):
+        path = root / remote.file
+        if unpacked.is_dir():
+            continue  # unpacked from a verified file already
+        if path.is_file():
+            if verify_files:
+                verify(name, remote, path, aside=False)
+            continue
+        out.append(Missing(f"data {name}", path, remote.url, size, bound=bound))
+    return out
 
 
 TEST_SEED = 0  # a carved test split is the same for every study of a dataset: results stay comparable

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 PROBE_SECONDS = 3.0  # a node without a route fails here, not after minutes of library retries
 
@@ -21,3 +23,38 @@ def network_up(host: str) -> bool:
         return True
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Missing:
+    """One file a study needs that is not on this machine: a line of the offline checklist."""
+
+    what: str  # "resnet_18 weights", "data pathmnist"
+    path: Path  # where it is expected
+    url: str  # where it comes from
+    size: int | None  # bytes, None where not published
+    note: str = ""
+    bound: bool = False  # size is an upper bound (uncompressed contents), not the file's own
+
+    def line(self) -> str:
+        size = ("up to " if self.bound and self.size else "") + human_size(self.size)
+        note = f"\n      ({self.note})" if self.note else ""
+        return f"  {self.what} [{size}]: {self.path}\n      from {self.url}{note}"
+
+
+def human_size(n: int | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as download pages give them); None -> 'size unknown'."""
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def checklist(missing: list[Missing]) -> str:
+    """The missing files, with a total, for `prefetch` and `validate` to print."""
+    known = sum(m.size or 0 for m in missing)
+    head = f"{len(missing)} file(s) missing on this machine (about {human_size(known)} in all):"
+    return "\n".join([head, *(m.line() for m in missing)])

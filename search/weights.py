@@ -10,19 +10,27 @@ machine works on another:
 `python -m search prefetch RECIPE` fills both on a connected machine. When a
 file is missing and the network is off (no route within a few seconds, or
 `HF_HUB_OFFLINE=1` / `SEARCH_OFFLINE=1`), loading fails with one line naming
-the model, the file, the cache and the prefetch command. Nothing ever falls
-back to random weights.
+the model, the file, the cache and the prefetch command; `missing` gives the
+checklist entry (path, URL, size) that `prefetch` and `validate` print. Nothing
+ever falls back to random weights.
+
+Caches are copied between machines, so a cached file is data, never code:
+every one is read with `torch.load(weights_only=True)` or as safetensors (never
+through torchvision's own loader, which unpickles anything). A file whose
+unpickling would import or call something else is refused, naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from search.errors import SearchError
-from search.net import network_up, offline
+from search.net import Missing, network_up, offline
 from search.pool import PoolEntry
 
 # torchvision weight enums of the built-ins, by (arch, tag).
@@ -133,17 +141,99 @@ def fetch(entry: PoolEntry) -> Path:
     return path
 
 
-def source_state(entry: PoolEntry) -> dict[str, Any]:
-    """The pretrained state dict as published (3 channels, original head and size)."""
+def missing(entry: PoolEntry) -> Missing | None:
+    """The checklist entry of an entry's weights when they are not cached, else None."""
+    if cached_file(entry) is not None:
+        return None
+    kind, where, path, _ = _location(entry)
+    if kind == "hf":
+        return Missing(f"{entry.label} weights", path, f"https://huggingface.co/{where}/resolve/main/{HF_FILES[0]}",
+                       _timm_bytes(entry), "<revision>: any snapshot directory; pytorch_model.bin is accepted too")
+    size = None
+    if (entry.arch, entry.tag) in TORCHVISION:
+        mb = torchvision_weights(entry).meta.get("_file_size")  # torchvision's own record, in MB
+        size = int(mb * 2**20) if mb else None
+    return Missing(f"{entry.label} weights", path, where, size)
+
+
+def _timm_bytes(entry: PoolEntry) -> int | None:
+    """About how large a timm checkpoint is: 4 bytes per parameter, counted without allocating any."""
+    import timm
     import torch
 
-    fetch(entry)
-    if (entry.arch, entry.tag) in TORCHVISION:
-        # The enum's own loader finds the cached file and never downloads it again.
-        return torchvision_weights(entry).get_state_dict(progress=False, check_hash=False)
-    import timm
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(entry.timm_name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a size estimate is not worth failing the checklist over
+        return None
+    return 4 * sum(p.numel() for p in model.parameters())
 
-    path = cached_file(entry)
+
+def safe_load(path: Path, mmap: bool = False) -> Any:
+    """A weight file's contents without running code: safetensors, or torch.load(weights_only=True).
+
+    `mmap` reads the pickle but maps the tensors (a cheap check of a large file).
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        if path.suffix == ".npz":  # a few timm weights (Google's ViTs): arrays only, no pickles allowed
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        import argparse
+
+        # timm's training checkpoints keep their argparse.Namespace; timm allows it too.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the old, unmappable format
+    except (pickle.UnpicklingError, ValueError) as e:  # ValueError: an .npz holding pickled objects
+        code = re.search(r"unsupported (?:global:? )?GLOBAL (\S+)|(Object arrays cannot be loaded)", str(e),
+                         re.IGNORECASE)
+        if code:
+            what = f"it would call {code.group(1)}" if code.group(1) else "it holds pickled objects"
+            raise SearchError(f"weights file {path} needs code to be unpickled, and is refused ({what}); it is "
+                              "not a plain checkpoint: delete it and run `python -m search prefetch RECIPE` "
+                              "again") from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> SearchError:
+    # torch's weights_only errors are paragraphs; the unpickler's own words follow this mark.
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    why = " ".join(text.split("Check the documentation")[0].split())[:120]
+    return SearchError(f"weights file {path} cannot be read ({type(e).__name__}: {why}); delete it and run "
+                       "`python -m search prefetch RECIPE` again")
+
+
+def check(entry: PoolEntry) -> Path:
+    """Fetch an entry's weights if needed and refuse a cached file that is not plain data."""
+    path = fetch(entry)
+    safe_load(path, mmap=True)
+    return path
+
+
+def source_state(entry: PoolEntry) -> dict[str, Any]:
+    """The pretrained state dict as published (3 channels, original head and size)."""
+    path = fetch(entry)
+    if (entry.arch, entry.tag) in TORCHVISION:
+        return safe_load(path)
+    import timm
+    import torch
+
+    safe_load(path, mmap=True)  # timm reads it weights_only too; this gives the one-line refusal
     model = timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     with torch.no_grad():
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -95,6 +95,26 @@ def cfg(name: str, root: Path, **kw) -> DataCfg:
 
 
 @pytest.fixture
+def published(monkeypatch):
+    """`published(name, path)`: the file just written becomes the official one (its checksum the
+    published checksum), as the real files are too large for tests."""
+
+    def publish(name: str, path: Path) -> None:
+        blob = path.read_bytes()
+        if name == "galaxy10":
+            g = data.GALAXY10
+            monkeypatch.setattr(data, "GALAXY10", Remote(g.url, g.file, sha256=hashlib.sha256(blob).hexdigest()))
+            return
+        flag, size = data._medmnist_parts(name)
+        classes, md5s, flip = data.MEDMNIST[flag]
+        md5s = list(md5s)
+        md5s[data.MEDMNIST_SIZES.index(size)] = hashlib.md5(blob).hexdigest()
+        monkeypatch.setitem(data.MEDMNIST, flag, (classes, tuple(md5s), flip))
+
+    return publish
+
+
+@pytest.fixture
 def offline_network(monkeypatch):
     """No network at all: a download attempt is a test failure."""
     monkeypatch.setattr(data, "_network_up", lambda host: False)
@@ -128,9 +148,10 @@ def test_cifar100_fine_labels(tmp_path, offline_network):
 
 
 @pytest.mark.parametrize("name, size, channels, flip", [("pathmnist", 28, 3, True), ("organamnist_64", 64, 1, False)])
-def test_medmnist_npz_official_splits_and_mmap_cache(tmp_path, offline_network, name, size, channels, flip):
+def test_medmnist_npz_official_splits_and_mmap_cache(tmp_path, offline_network, published, name, size, channels, flip):
     classes = 9 if name == "pathmnist" else 11
     arrays = write_medmnist(tmp_path / f"{name}.npz", size, channels, classes)
+    published(name, tmp_path / f"{name}.npz")
     d = load_data(cfg(name, tmp_path), seed=0)
     assert (len(d.train), len(d.val), len(d.test)) == (30, 10, 12)
     assert d.train.x.shape == (30, channels, size, size) and d.train.x.dtype == torch.uint8
@@ -151,17 +172,51 @@ def test_medmnist_multi_label_is_refused(tmp_path):
         load_data(cfg("chestmnist_224", tmp_path))
 
 
-def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network):
+def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, published):
     write_medmnist(tmp_path / "bloodmnist.npz", 28, 3, 8)
     blob = (tmp_path / "bloodmnist.npz").read_bytes()
     (tmp_path / "bloodmnist.npz").write_bytes(blob[: len(blob) // 2])
+    published("bloodmnist", tmp_path / "bloodmnist.npz")  # damaged at the source: the checksum cannot tell
     with pytest.raises(SearchError, match=r"cannot read .*bloodmnist.npz.*delete it and run `python -m search prefetch"):
         load_data(cfg("bloodmnist", tmp_path))
     assert not (tmp_path / "bloodmnist.npy").exists()  # no half-built cache left behind
 
 
-def test_galaxy10_h5_stratified_seeded_splits(tmp_path, offline_network):
+def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path, offline_network, monkeypatch):
+    write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)  # the right format, not the official file
+    monkeypatch.setattr(data, "_npz_to_npy", lambda *a: pytest.fail("decoded an unverified file"))
+    with pytest.raises(SearchError, match=r"pathmnist.npz has md5 [0-9a-f]{32}, expected a8b06965200029087d5bd730944a56c1 "
+                                          r"\(the published checksum\): not the official file; moved it to .*pathmnist.npz.corrupt"):
+        load_data(cfg("pathmnist", tmp_path))
+    assert [p.name for p in visible(tmp_path)] == ["pathmnist.npz.corrupt"]
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, offline_network, published, monkeypatch):
+    import os
+
+    npz = tmp_path / "bloodmnist.npz"
+    write_medmnist(npz, 28, 3, 8)
+    published("bloodmnist", npz)
+    hashed = []
+    real = data.file_digest
+    monkeypatch.setattr(data, "file_digest", lambda path, algo: hashed.append(path) or real(path, algo))
+    remote = data.medmnist_remote("bloodmnist")
+    data.verify("bloodmnist", remote, npz)
+    assert hashed == [npz] and (tmp_path / ".bloodmnist.npz.verified").is_file()
+    data.verify("bloodmnist", remote, npz)  # another process: the record vouches for it
+    assert hashed == [npz]
+    os.utime(npz, ns=(0, 0))  # touched (or replaced): hashed again, and still good
+    data.verify("bloodmnist", remote, npz)
+    assert hashed == [npz, npz]
+    npz.write_bytes(npz.read_bytes()[:-1])  # changed: refused, without moving it (a check, not a use)
+    with pytest.raises(SearchError, match=r"bloodmnist.npz has md5 .*delete it and run"):
+        data.verify("bloodmnist", remote, npz, aside=False)
+    assert npz.is_file()
+
+
+def test_galaxy10_h5_stratified_seeded_splits(tmp_path, offline_network, published):
     images = write_galaxy10(tmp_path / "Galaxy10_DECals.h5")
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     c = cfg("galaxy10", tmp_path, val_split=0.2, test_split=0.2)
     a, b, other = load_data(c, seed=0), load_data(c, seed=0), load_data(c, seed=5)
     assert a.classes[2] == "Round Smooth" and a.overlap == "none" and a.augment.rotate == 180.0
@@ -177,8 +232,9 @@ def test_galaxy10_h5_stratified_seeded_splits(tmp_path, offline_network):
     assert not set(map(bytes, a.test.x.numpy())) & set(map(bytes, a.train.x.numpy()))
 
 
-def test_max_samples_subsamples_stratified(tmp_path, offline_network):
+def test_max_samples_subsamples_stratified(tmp_path, offline_network, published):
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=20)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     d = load_data(cfg("galaxy10", tmp_path, max_samples=50), seed=0)
     assert len(d.train) == 50 and torch.bincount(d.train.y).tolist() == [5] * 10
 
@@ -280,7 +336,7 @@ def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
 
 def test_corrupt_local_archive_is_moved_aside(tmp_path, offline_network):
     (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(SearchError, match=r"cifar-100-python.tar.gz has md5 .* expected eb9058c3a382ffc7106e4002c42a8d85; moved it to .*\.corrupt"):
+    with pytest.raises(SearchError, match=r"cifar-100-python.tar.gz has md5 .* expected eb9058c3a382ffc7106e4002c42a8d85 .*moved it to .*\.corrupt"):
         load_data(cfg("cifar100", tmp_path))
     assert not (tmp_path / "cifar-100-python.tar.gz").exists()
     assert (tmp_path / "cifar-100-python.tar.gz.corrupt").exists()
@@ -354,8 +410,9 @@ def test_image_folder_loads_when_the_data_root_is_not_writable(tmp_path, caplog)
     assert "not cached" in caplog.text and "every process decodes them again" in caplog.text
 
 
-def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offline_network):
+def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offline_network, published):
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=20)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     c = cfg("galaxy10", tmp_path)
     first = load_data(c, seed=3)
     kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed3-val0.15-test0.15"
@@ -401,10 +458,11 @@ def test_image_folder_caches_per_resolution_side_by_side(tmp_path):
     assert sorted(p.name.split("-")[2] for p in visible(root / "folders")) == ["r16", "r8"]
 
 
-def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_network, monkeypatch):
+def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_network, published, monkeypatch):
     import os
 
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     monkeypatch.setattr(data, "KEEP_CARVED", 2)
     c = cfg("galaxy10", tmp_path)
     for i, seed in enumerate((1, 2, 1, 3)):  # seed 1 is used again after 2: 2 is the oldest when 3 comes
@@ -415,8 +473,9 @@ def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_netwo
     assert names == ["carved-testseed0-seed1-val0.15-test0.15", "carved-testseed0-seed3-val0.15-test0.15"]
 
 
-def test_a_damaged_carve_out_is_rebuilt_and_a_read_only_one_still_used(tmp_path, offline_network, monkeypatch):
+def test_a_damaged_carve_out_is_rebuilt_and_a_read_only_one_still_used(tmp_path, offline_network, published, monkeypatch):
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     c = cfg("galaxy10", tmp_path)
     first = load_data(c, seed=2)
     kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed2-val0.15-test0.15"
