@@ -22,22 +22,69 @@ def _recipe(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The recipe, its search space, and every check that needs no training: storage (scheme,
+    ${VAR}, reachability), dataset, weights. Missing files are listed as a checklist. Nothing
+    is written, downloaded or decoded."""
     from search import space
+    from search import study as st
     from search.pool import parse_pool
-    from search.study import default_storage, mask
 
     recipe = _recipe(args)
     s = recipe.study
+    url = s.storage or st.default_storage(s.name)
     print(f"recipe {args.recipe}: ok")
     print(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
-          f"pruner {s.pruner.name}, storage {mask(s.storage or default_storage(s.name))}")
+          f"pruner {s.pruner.name}, storage {st.mask(url)}")
     print(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
     print("pool:")
-    for e in parse_pool(recipe.pool):
+    entries = parse_pool(recipe.pool)
+    for e in entries:
         print(f"  {e.label:<32} source {e.source:<14} overlap {e.overlap}")
     print(f"search space (preset {recipe.space.preset}):")
     print(space.describe(recipe))
-    return 0
+    missing, problems = _offline_checks(recipe, entries)
+    try:
+        st.check_storage(url)
+    except SearchError as e:
+        problems.insert(0, str(e))
+    return _verdict(missing, problems, "validate")
+
+
+def _offline_checks(recipe, entries) -> tuple[list, list[str]]:
+    """(missing files, problems) of the dataset and the pool's weights, without any download."""
+    from search import data, weights
+
+    missing, problems = [], []
+    try:
+        missing += data.check(recipe.data)
+    except SearchError as e:
+        problems.append(str(e))
+    for e in entries:
+        if not e.pretrained:
+            continue
+        try:
+            m = weights.missing(e)
+            if m is None:
+                weights.safe_load(weights.cached_file(e), mmap=True)
+            else:
+                missing.append(m)
+        except SearchError as err:
+            problems.append(str(err))
+    return missing, problems
+
+
+def _verdict(missing: list, problems: list[str], command: str) -> int:
+    """Print the checklist of missing files and one line per problem; 0 when there is neither."""
+    from search.net import checklist
+
+    if missing:
+        print(checklist(missing))
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if missing:
+        print(f"error: {command}: {len(missing)} file(s) missing, listed above; download each URL to its path, "
+              "or run this prefetch on a machine with internet and copy the files over", file=sys.stderr)
+    return 2 if missing or problems else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -48,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = st.default_workers(recipe) if args.workers is None else args.workers
     if workers < 0:
         raise SearchError(f"--workers {workers}: give 0 (only create the study) or more local worker processes")
+    st.check_all(recipe, url)  # nothing is written before every check passed
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
     if workers == 0:
@@ -140,19 +188,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from search import weights
+    """Fill the weight caches and the data root; what cannot be fetched is listed, not just the first."""
+    from search import data, weights
     from search.pool import parse_pool
 
     recipe = _recipe(args)
+    missing, problems = [], []
     for e in parse_pool(recipe.pool):
-        if e.pretrained:
-            print(f"{e.label}: {weights.fetch(e)}")
-        else:
+        if not e.pretrained:
             print(f"{e.label}: no pretrained weights")
-    from search.data import data_root, load_data
-
-    print(f"data {load_data(recipe.data, recipe.study.seed).summary()}; cached under {data_root(recipe.data)}")
-    return 0
+            continue
+        try:
+            print(f"{e.label}: {weights.check(e)}")
+        except SearchError as err:
+            m = weights.missing(e)
+            missing.append(m) if m else problems.append(str(err))
+    try:
+        wanted = data.check(recipe.data)
+        try:
+            summary = data.load_data(recipe.data, recipe.study.seed).summary()
+            print(f"data {summary}; cached under {data.data_root(recipe.data)}")
+        except SearchError as err:
+            if not wanted:
+                raise
+            missing += wanted  # the download was impossible: on the checklist
+            if "missing" not in str(err):
+                problems.append(str(err))
+    except SearchError as err:
+        problems.append(str(err))
+    return _verdict(missing, problems, "prefetch")
 
 
 def cmd_rank(args: argparse.Namespace) -> int:

@@ -383,7 +383,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise SearchError(f"recipe file not found: {path}")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SearchError(f"{path}: not a text recipe (byte {e.start} is not UTF-8); a recipe is a YAML file "
+                          "saved as UTF-8, e.g. recipes/digits.yaml") from None
+    except OSError as e:
+        raise SearchError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    if "\x00" in text:
+        raise SearchError(f"{path}: not a text recipe (it holds NUL bytes, like a binary file); a recipe is a "
+                          "YAML file saved as UTF-8, e.g. recipes/digits.yaml")
+    try:
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

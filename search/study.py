@@ -40,7 +40,8 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from search import artifacts, pack, report, space, weights
-from search.data import Data, load_data
+from search.data import Data, load_data, load_raw
+from search.data import check as check_data
 from search.errors import SearchError
 from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
@@ -195,9 +196,13 @@ STORAGES: dict[str, Callable[[str, int | None], optuna.storages.BaseStorage]] = 
 }
 
 
-def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL; RDB storages beat every `heartbeat` seconds and retry dead workers' trials."""
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+
+
+def resolve_url(url: str) -> str:
+    """The URL with ${VAR} filled in, after its scheme is checked (nothing is opened)."""
+    scheme = _scheme(url)
     if scheme not in STORAGES or (scheme != "journal" and "://" not in url):
         raise SearchError(
             f"study.storage: unsupported URL '{mask(url)}'; use sqlite:///PATH.db (one machine), "
@@ -205,19 +210,128 @@ def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
             "journal:PATH.log (shared filesystem), redis://HOST:PORT or grpc://HOST:PORT "
             "(a `search proxy` in front of a database)"
         )
-    full = expand(url)
+    return expand(url)
+
+
+def _storage_error(url: str, full: str, e: Exception) -> SearchError:
+    root = e  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    text = " ".join(str(root if root is not e and str(root) else e).split()) or type(e).__name__
+    text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
+    return SearchError(f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
+                       "check the URL, that the server runs, and that the database exists")
+
+
+# Reachability without writing: each checker raises if the storage could not be opened, and
+# creates nothing (no file, no schema). Schemes without one are checked by opening them.
+
+
+def _local_path(full: str) -> Path | None:
+    """The file of a sqlite:/// or journal: URL (None for an in-memory database)."""
+    if full.startswith("journal:"):
+        return Path(full[len("journal:") :].removeprefix("//"))
+    rest = full.split("://", 1)[1].split("?", 1)[0]
+    return Path(rest[1:]) if rest.startswith("/") and rest not in ("/", "/:memory:") else None
+
+
+def _creatable(path: Path) -> None:
+    """`path` is a file, or can be created: its nearest existing ancestor is a writable directory."""
+    if path.exists():
+        if not path.is_file():
+            raise SearchError(f"study.storage: {path} exists and is not a file")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SearchError(f"study.storage: cannot create {path}: {parent} is not a writable directory")
+
+
+def _reach_file(full: str) -> None:
+    path = _local_path(full)
+    if full.startswith("journal:") and not full[len("journal:") :].removeprefix("//"):
+        raise SearchError("study.storage: 'journal:' needs a file, e.g. journal:/shared/studies/NAME.log")
+    if path is not None:
+        _creatable(path)
+
+
+def _engine(full: str) -> sqlalchemy.engine.Engine:
+    scheme, rest = full.split("://", 1)
+    args = {} if scheme.startswith("sqlite") else {"connect_timeout": 10}
+    return sqlalchemy.create_engine(f"{DRIVERS.get(scheme, scheme)}://{rest}", poolclass=sqlalchemy.pool.NullPool,
+                                    connect_args=args)
+
+
+def _reach_server(full: str) -> None:
+    engine = _engine(full)
     try:
-        return STORAGES[scheme](full, heartbeat)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    finally:
+        engine.dispose()
+
+
+def _reach_redis(full: str) -> None:
+    import redis
+
+    base = full.partition("?")[0]
+    redis.Redis.from_url(base, socket_connect_timeout=10).ping()
+
+
+REACHABLE: dict[str, Callable[[str], None]] = {
+    "sqlite": _reach_file, "journal": _reach_file, "postgresql": _reach_server, "postgres": _reach_server,
+    "mysql": _reach_server, "mariadb": _reach_server, "redis": _reach_redis, "rediss": _reach_redis,
+}
+
+
+def check_storage(url: str) -> None:
+    """Scheme, ${VAR} and reachability of a storage URL, creating nothing."""
+    full = resolve_url(url)
+    reach = REACHABLE.get(_scheme(url))
+    if reach is None:
+        return
+    try:
+        reach(full)
     except SearchError:
         raise
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
-        root = e  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
-        while root.__cause__ or root.__context__:
-            root = root.__cause__ or root.__context__
-        text = " ".join(str(root if root is not e and str(root) else e).split()) or type(e).__name__
-        text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
-        raise SearchError(f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
-                          "check the URL, that the server runs, and that the database exists") from None
+        raise _storage_error(url, full, e) from None
+
+
+def _names_rdb(full: str) -> list[str]:
+    """Study names in an RDB storage, read without creating Optuna's schema."""
+    engine = _engine(full)
+    try:
+        with engine.connect() as conn:
+            if not sqlalchemy.inspect(conn).has_table("studies"):
+                return []
+            return [n for (n,) in conn.exec_driver_sql("SELECT study_name FROM studies")]
+    finally:
+        engine.dispose()
+
+
+def _names_journal(full: str) -> list[str] | None:
+    path = _local_path(full)
+    return [] if path is not None and not path.is_file() else None  # None: the file exists, open it
+
+
+# Study names without writing, per scheme; None (or no lister): open the storage to list them.
+STUDY_NAMES: dict[str, Callable[[str], list[str] | None]] = {
+    "sqlite": _names_rdb, "postgresql": _names_rdb, "postgres": _names_rdb, "mysql": _names_rdb,
+    "mariadb": _names_rdb, "journal": _names_journal,
+}
+
+
+def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a URL; RDB storages beat every `heartbeat` seconds and retry dead workers' trials."""
+    full = resolve_url(url)
+    try:
+        return STORAGES[_scheme(url)](full, heartbeat)
+    except SearchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
+        raise _storage_error(url, full, e) from None
 
 
 def sampler_seed(study_seed: int, number: int) -> int:
@@ -298,16 +412,46 @@ def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
     return builders[s.name]()
 
 
+def _held(cls: type[optuna.pruners.BasePruner]) -> type[optuna.pruners.BasePruner]:
+    """`cls` that prunes nothing until `min_trials` trials completed (what the median pruner's
+    n_startup_trials does), as the recipe's study.pruner.min_trials promises for every pruner.
+
+    The inner pruner is still asked at every step, so each trial records the rungs it reached
+    and later trials are compared against the early ones too. A subclass, not a wrapper:
+    TPE treats a HyperbandPruner's brackets specially and finds them by isinstance.
+    """
+
+    class Held(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, min_trials: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.min_trials = min_trials
+
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            pruned = super().prune(study, trial)
+            if not pruned or self.min_trials == 0:
+                return pruned
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return len(done) >= self.min_trials
+
+    Held.__name__ = Held.__qualname__ = f"Held{cls.__name__}"
+    return Held
+
+
+HeldSuccessiveHalving = _held(optuna.pruners.SuccessiveHalvingPruner)
+HeldHyperband = _held(optuna.pruners.HyperbandPruner)
+
+
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     p = recipe.study.pruner
     builders: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
         "percentile": lambda: optuna.pruners.PercentilePruner(
             p.percentile, n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, p.warmup_epochs), reduction_factor=p.reduction_factor),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(
-            min_resource=max(1, p.warmup_epochs), max_resource=recipe.train.epochs, reduction_factor=p.reduction_factor),
+        "successive_halving": lambda: HeldSuccessiveHalving(
+            p.min_trials, min_resource=max(1, p.warmup_epochs), reduction_factor=p.reduction_factor),
+        "hyperband": lambda: HeldHyperband(
+            p.min_trials, min_resource=max(1, p.warmup_epochs), max_resource=recipe.train.epochs,
+            reduction_factor=p.reduction_factor),
         "none": optuna.pruners.NopPruner,
     }
     return builders[p.name]()
@@ -370,10 +514,24 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
 
 
 def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
-    """The recipe stored in an existing study (for workers and resumes)."""
+    """The recipe stored in an existing study (for workers and resumes).
+
+    A missing study is refused before the storage is opened for writing: a fresh
+    database gets no schema, a journal path no file.
+    """
     path = storage_url.removeprefix("sqlite:///")
     if storage_url.startswith("sqlite:///") and not Path(expand(path)).is_file():
         raise SearchError(f"no study database at {path}; check --storage, or create the study with `search run RECIPE`")
+    check_storage(storage_url)
+    full = expand(storage_url)
+    lister = STUDY_NAMES.get(_scheme(storage_url))
+    try:
+        names = lister(full) if lister else None
+    except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
+        raise _storage_error(storage_url, full, e) from None
+    if names is not None and name not in names:
+        raise SearchError(f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}; "
+                          "create it with `python -m search run RECIPE`")
     storage = open_storage(storage_url, heartbeat=None)
     try:
         summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
@@ -535,10 +693,27 @@ def leakage_warning(entries: list[PoolEntry], data: Data) -> str | None:
 
 
 def preflight(entries: list[PoolEntry]) -> None:
-    """Every pretrained entry's weights are cached (or fetched) before any trial starts."""
+    """Every pretrained entry's weights are cached (or fetched) and plain data before any trial starts."""
     for e in entries:
         if e.pretrained:
-            weights.fetch(e)
+            weights.check(e)
+
+
+def check_all(recipe: Recipe, url: str) -> list[PoolEntry]:
+    """Everything a study needs, checked before anything of it is written.
+
+    Storage (scheme, ${VAR}, reachability), the dataset (known, single-label,
+    folders present, official files present and matching their checksums,
+    decodable) and the pool's weights (cached and plain data): a refusal here
+    leaves no study, schema or file behind. The decoded dataset stays in this
+    process's memory for the trials that follow.
+    """
+    check_storage(url)
+    entries = parse_pool(recipe.pool)
+    check_data(recipe.data)
+    preflight(entries)
+    load_raw(recipe.data)
+    return entries
 
 
 OUT_OF_MEMORY = "out_of_memory"  # the constraint an OOM result violates
