@@ -10,6 +10,7 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import torch
@@ -331,3 +332,40 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     assert (tmp_path / "data" / ".pathmnist.npz.verified").is_file()
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
     assert cli.main(["validate", str(recipe)]) == 0 and len(urls) == 3
+
+
+# ---------------------------------------------------------------------------
+# counting: min_trials holds for every pruner
+
+
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband", "median"])
+def test_min_trials_holds_off_every_pruner(pruner):
+    """Ask/tell, no model: a trial far worse than the completed ones is kept while fewer than
+    min_trials completed, and pruned once they have. (reduction_factor 10 over 9 epochs: Hyperband
+    has one bracket, so every trial competes with every other.)"""
+    from optuna.trial import TrialState
+
+    from search.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe(study={"pruner": {"name": pruner, "min_trials": 3, "warmup_epochs": 1,
+                                                             "reduction_factor": 10}},
+                                          train={"epochs": 9}))
+    if pruner == "hyperband":
+        assert isinstance(st.make_pruner(recipe), optuna.pruners.HyperbandPruner)  # TPE's bracket handling
+    study = optuna.create_study(direction="maximize", pruner=st.make_pruner(recipe),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def worse_than_all(value: float) -> bool:
+        t = study.ask()
+        for step in range(1, 10):
+            t.report(value, step)
+            if t.should_prune():
+                study.tell(t, state=TrialState.PRUNED)
+                return True
+        study.tell(t, value)
+        return False
+
+    kept = [worse_than_all(0.9 + i / 100) for i in range(2)]  # 2 good trials complete
+    assert worse_than_all(0.1) is False  # only 2 completed (< min_trials): not pruned, it completes
+    assert kept == [False, False]
+    assert worse_than_all(0.05) is True  # 3 completed now: the pruner judges again
