@@ -26,8 +26,8 @@ POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
 STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
               TrialState.RUNNING: "running"}
 PLOTS = ("history.png", "per_entry.png", "curves.png", "importance.png")
-COLUMNS = ("entry", "best", "median", "complete", "pruned", "failed", "running", "sec_per_epoch", "params",
-           "source", "overlap")
+COLUMNS = ("entry", "best", "median", "complete", "pruned", "failed", "not_counted", "running", "sec_per_epoch",
+           "params", "source", "overlap")
 
 
 def _label(t: FrozenTrial) -> str | None:
@@ -47,18 +47,24 @@ def _feasible(t: FrozenTrial) -> bool:
 
 def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """One row per pool label, best entry first: best/median value, state counts, s/epoch, params, source."""
+    from search.study import counted  # here: study imports this module
+
     maximize = recipe.study.direction == "maximize"
     rows: dict[str, dict[str, Any]] = {}
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    counts = {t.number for t in counted(trials)}
+    for t in trials:
         label = _label(t)
         if label is None:
             continue
         r = rows.setdefault(label, {
-            "entry": label, "values": [], "complete": 0, "pruned": 0, "failed": 0, "running": 0,
+            "entry": label, "values": [], "complete": 0, "pruned": 0, "failed": 0, "not_counted": 0, "running": 0,
             "epoch_seconds": [], "params": None, "source": t.user_attrs.get("weight_source", ""),
             "overlap": t.user_attrs.get("imagenet_overlap", ""),
         })
         key = STATE_KEYS.get(t.state)
+        if t.state == TrialState.FAIL and t.number not in counts:
+            key = "not_counted"  # retried, interrupted, past the total: not a failure of the trial
         if key:
             r[key] += 1
         if t.state == TrialState.COMPLETE and value(t) is not None and _feasible(t):
@@ -111,16 +117,18 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0) -> str:
     rows = leaderboard(study, recipe)
     m = recipe.study.metric
     head = (f"{'pool entry':<28} {'best ' + m:>14} {'median':>8} {'done':>5} {'pruned':>6} {'failed':>6} "
-            f"{'s/epoch':>8} {'params':>11}  {'source':<14} overlap")
+            f"{'n/c':>4} {'s/epoch':>8} {'params':>11}  {'source':<14} overlap")
     running = sum(r["running"] for r in rows)
     note = f", {running} running" if running else ""
     lines = [f"study {study.study_name}: leaderboard (validation {m}{note})", head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['entry']:<28} {_fmt(r['best'], '.4f'):>14} {_fmt(r['median'], '.4f'):>8} {r['complete']:>5} "
-            f"{r['pruned']:>6} {r['failed']:>6} {_fmt(r['sec_per_epoch'], '.2f'):>8} {_fmt(r['params'], ','):>11}  "
-            f"{r['source']:<14} {r['overlap']}"
+            f"{r['pruned']:>6} {r['failed']:>6} {r['not_counted']:>4} {_fmt(r['sec_per_epoch'], '.2f'):>8} "
+            f"{_fmt(r['params'], ','):>11}  {r['source']:<14} {r['overlap']}"
         )
+    if any(r["not_counted"] for r in rows):
+        lines.append("n/c: not counted toward n_trials (retried after a dead worker, interrupted, or past the total)")
     if top:
         lines += ["", f"top {top} trials:"]
         for r in top_trials(study, recipe, top):
@@ -142,7 +150,7 @@ def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
 def markdown(study: optuna.Study, recipe: Recipe) -> str:
     m = recipe.study.metric
     board = [[r["entry"], _fmt(r["best"], ".4f"), _fmt(r["median"], ".4f"), r["complete"], r["pruned"], r["failed"],
-              r["running"], _fmt(r["sec_per_epoch"], ".2f"), _fmt(r["params"], ","), r["source"], r["overlap"]]
+              r["not_counted"], r["running"], _fmt(r["sec_per_epoch"], ".2f"), _fmt(r["params"], ","), r["source"], r["overlap"]]
              for r in leaderboard(study, recipe)]
     top = [[r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"], _hp_text(r["hyperparameters"])]
            for r in top_trials(study, recipe)]
@@ -150,7 +158,8 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
         f"# Study `{study.study_name}`",
         f"Validation {m} ({recipe.study.direction}); {len(study.get_trials(deepcopy=False))} trials.",
         "## Leaderboard per pool entry",
-        _md_table(["pool entry", f"best {m}", "median", "complete", "pruned", "failed", "running", "s/epoch",
+        _md_table(["pool entry", f"best {m}", "median", "complete", "pruned", "failed", "not counted", "running",
+                   "s/epoch",
                    "params", "source", "ImageNet overlap"], board),
         "## Top trials",
         _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top),

@@ -369,3 +369,33 @@ def test_min_trials_holds_off_every_pruner(pruner):
     assert worse_than_all(0.1) is False  # only 2 completed (< min_trials): not pruned, it completes
     assert kept == [False, False]
     assert worse_than_all(0.05) is True  # 3 completed now: the pruner judges again
+
+
+def test_the_leaderboard_shows_not_counted_trials_apart_from_failures():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from search import report
+    from search.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe())
+    study = optuna.create_study(direction="maximize")
+    dist = {"model": CategoricalDistribution(["mini_cnn"])}
+
+    def add(state, reason=None, value=None):
+        attrs = {"pool_label": "mini_cnn", **({"fail_reason": reason} if reason else {})}
+        study.add_trial(create_trial(state=state, value=value, params={"model": "mini_cnn"}, distributions=dist,
+                                     user_attrs=attrs))
+
+    add(TrialState.COMPLETE, value=0.9)
+    add(TrialState.FAIL, "diverged (loss nan)")  # the trial's own failure: counts
+    add(TrialState.FAIL, "interrupted")
+    add(TrialState.FAIL, "study total reached")
+    add(TrialState.FAIL, st.STALE_REASON)
+    [row] = report.leaderboard(study, recipe)
+    assert (row["complete"], row["failed"], row["not_counted"]) == (1, 1, 3)
+    text = report.leaderboard_text(study, recipe)
+    head, _, line = text.splitlines()[1:4]
+    assert head.split()[7:9] == ["failed", "n/c"] and line.split()[5:7] == ["1", "3"]
+    assert text.splitlines()[-1].startswith("n/c: not counted toward n_trials")
+    assert "| not counted |" in report.markdown(study, recipe)
