@@ -36,6 +36,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
           f"pruner {s.pruner.name}, storage {st.mask(url)}")
     print(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
+    if s.rank is not None:
+        r = recipe.rank
+        print(f"rank before the search by {r.by} on {r.max_images} train images: keep {s.rank.keep or 'all'}"
+              f"{', baselines in rank order first' if s.rank.order else ''}")
     print("pool:")
     entries = parse_pool(recipe.pool)
     for e in entries:
@@ -146,6 +150,8 @@ def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
         print(report.leaderboard_text(study, recipe))
+        if study.user_attrs.get("rank"):
+            print("\n" + report.rank_text(study, recipe))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
     return 0
 
@@ -264,6 +270,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     extra = report.selection_text(study, recipe)
     if extra:
         print("\n" + extra)
+    if study.user_attrs.get("rank"):
+        print("\n" + report.rank_text(study, recipe))
     files = report.write_report(study, recipe, directory / "report")
     print(f"\nwrote {directory / 'report'}/: {', '.join(f.name for f in files)}")
     return 0

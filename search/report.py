@@ -175,6 +175,8 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
         parts += [f"![{p[:-4]}]({p})" for p in ("pareto.png", "confirmed.png")
                   if (p == "pareto.png" and len(recipe.study.names) > 1) or (p == "confirmed.png" and
                                                                              confirmed_rows(study, recipe))]
+    if study.user_attrs.get("rank"):
+        parts += ["## Rank scores against fine-tuned results", rank_markdown(study, recipe)]
     parts += ["## Plots", *[f"![{p[:-4]}]({p})" for p in PLOTS]]
     return "\n\n".join(parts) + "\n"
 
@@ -208,7 +210,8 @@ def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[P
     board, trials = directory / "leaderboard.csv", directory / "trials.csv"
     _write_csv(board, leaderboard(study, recipe) or [dict.fromkeys(COLUMNS)])
     _write_csv(trials, trial_rows(study) or [{"trial": None}])
-    return [md, board, trials, *plot_all(study, recipe, directory), *selection_files(study, recipe, directory)]
+    return [md, board, trials, *plot_all(study, recipe, directory), *selection_files(study, recipe, directory),
+            *write_rank(study, recipe, directory)]
 
 
 def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
@@ -422,7 +425,7 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     sampled, fixed = space.resolve(recipe)
     removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
     d["space"]["overrides"] = {**removed, **fixed, **{n: t.params.get(n) for n in sampled}}
-    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, origin=study.study_name,
+    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, rank=None, origin=study.study_name,
                       trial_seed=t.user_attrs.get("seed"), confirm=None)  # the same seed: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
         d["study"].update(objectives=None, constraints={})
@@ -681,3 +684,122 @@ def pick(study: optuna.Study, recipe: Recipe, text: str) -> FrozenTrial:
                                                          strict=True)) for t in front)
                           + "; loosen the condition")
     return ok[0]
+
+
+# ---------------------------------------------------------------------------
+# rank scores (study.rank) against the fine-tuned results: how good was the estimator?
+
+RANK_SCORES = ("logme", "probe", "knn")
+RANK_PLOT = "rank.png"
+
+
+def rank_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
+    """One row per ranked entry (rank order): its scores, its fine-tuned best and place; [] without a rank."""
+    stored = study.user_attrs.get("rank")
+    if not stored:
+        return []
+    board = {r["entry"]: r for r in leaderboard(study, recipe)}
+    places = {r["entry"]: i + 1 for i, r in enumerate(r for r in board.values() if r["best"] is not None)}
+    rows = []
+    for i, r in enumerate(x for x in stored["rows"] if x["status"] == "ok"):
+        best = board.get(r["entry"], {}).get("best")
+        rows.append({"entry": r["entry"], "rank": i + 1, **{k: r[k] for k in RANK_SCORES},
+                     "kept": r["entry"] in stored["order"], "fine_tuned_best": best, "fine_tuned_place": places.get(r["entry"]),
+                     "complete": board.get(r["entry"], {}).get("complete", 0)})
+    return rows
+
+
+def rank_tau(study: optuna.Study, recipe: Recipe) -> dict[str, tuple[float | None, int]]:
+    """Kendall's tau-b between each score and the fine-tuned best, over entries with both: (tau, n).
+
+    For a metric to minimise the fine-tuned ranking is that of -best, so a good score has tau > 0.
+    """
+    from scipy.stats import kendalltau
+
+    sign = 1 if recipe.study.direction == "maximize" else -1
+    rows = [r for r in rank_rows(study, recipe) if r["fine_tuned_best"] is not None]
+    out: dict[str, tuple[float | None, int]] = {}
+    for k in RANK_SCORES:
+        if len(rows) < 2:
+            out[k] = (None, len(rows))
+            continue
+        tau = kendalltau([r[k] for r in rows], [sign * r["fine_tuned_best"] for r in rows]).statistic
+        out[k] = (None if tau != tau else float(tau), len(rows))  # NaN (all tied) -> None
+    return out
+
+
+def _tau_line(taus: dict[str, tuple[float | None, int]]) -> str:
+    n = max((n for _, n in taus.values()), default=0)
+    if n < 2:
+        return f"Kendall's tau: needs fine-tuned results of 2 ranked entries, have {n}"
+    return f"Kendall's tau with the fine-tuned ranking ({n} entries): " + ", ".join(
+        f"{k} {_fmt(t, '+.2f')}" for k, (t, _) in taus.items())
+
+
+def rank_text(study: optuna.Study, recipe: Recipe) -> str:
+    """The rank scores next to the fine-tuned results, and Kendall's tau; '' when the study did not rank."""
+    rows = rank_rows(study, recipe)
+    stored = study.user_attrs.get("rank")
+    if not stored:
+        return ""
+    m = recipe.study.metric
+    head = (f"{'#':>2}  {'pool entry':<30} {'logme':>8} {'probe':>6} {'knn':>6}  {'fine-tuned ' + m:>20} "
+            f"{'place':>5} {'done':>4}")
+    lines = [f"rank before the search (by {stored['by']}, keep {stored['keep'] or 'all'}) against fine-tuning:",
+             head, "-" * len(head)]
+    for r in rows:
+        best = _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped"
+        lines.append(f"{r['rank']:>2}  {r['entry'][:30]:<30} {_fmt(r['logme'], '.4f'):>8} {_fmt(r['probe'], '.3f'):>6} "
+                     f"{_fmt(r['knn'], '.3f'):>6}  {best:>20} {_fmt(r['fine_tuned_place'], 'd'):>5} {r['complete']:>4}")
+    for label, why in stored["unranked"].items():
+        lines.append(f" -  {label[:30]:<30} not ranked: {why}"[:100])
+    lines.append(_tau_line(rank_tau(study, recipe)))
+    return "\n".join(lines)
+
+
+def rank_markdown(study: optuna.Study, recipe: Recipe) -> str:
+    rows = rank_rows(study, recipe)
+    table = _md_table(["rank", "pool entry", "LogME", "probe acc", "kNN acc", f"fine-tuned best {recipe.study.metric}",
+                       "place", "complete"],
+                      [[r["rank"], r["entry"], _fmt(r["logme"], ".4f"), _fmt(r["probe"], ".3f"), _fmt(r["knn"], ".3f"),
+                        _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped", _fmt(r["fine_tuned_place"], "d"),
+                        r["complete"]] for r in rows])
+    return f"{table}\n\n{_tau_line(rank_tau(study, recipe))}. ![rank]({RANK_PLOT})"
+
+
+def plot_rank(study: optuna.Study, recipe: Recipe, path: Path) -> None:
+    """One panel per score: score against the fine-tuned best of each ranked entry, tau in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rank_rows(study, recipe) if r["fine_tuned_best"] is not None]
+    taus = rank_tau(study, recipe)
+    colors = _colors([r["entry"] for r in rank_rows(study, recipe)])
+    fig, axes = plt.subplots(1, len(RANK_SCORES), figsize=(11, 3.8), dpi=100)
+    for ax, k in zip(axes, RANK_SCORES, strict=True):
+        if not rows:
+            _empty(ax, "no ranked entry has a fine-tuned result yet")
+            continue
+        for r in rows:
+            ax.scatter(r[k], r["fine_tuned_best"], color=colors[r["entry"]], label=r["entry"], zorder=3)
+        tau, n = taus[k]
+        ax.set(xlabel=k, ylabel=f"fine-tuned best val {recipe.study.metric}",
+               title=f"{k}: Kendall tau {_fmt(tau, '+.2f')} (n={n})")
+    if rows:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_rank(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
+    """rank.csv and rank.png when the study ranked its pool; nothing otherwise."""
+    rows = rank_rows(study, recipe)
+    if not study.user_attrs.get("rank"):
+        return []
+    csv_path, png = directory / "rank.csv", directory / RANK_PLOT
+    _write_csv(csv_path, rows or [{"entry": None}])
+    plot_rank(study, recipe, png)
+    return [csv_path, png]

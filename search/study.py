@@ -753,6 +753,32 @@ def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: st
     return {**{k: attrs[k] for k in FIRST_ATTRS}, **attrs}
 
 
+def ranked_entries(study: optuna.Study, recipe: Recipe, entries: list[PoolEntry], data: Data,
+                   say: Callable[[str], None] = print) -> list[PoolEntry]:
+    """The entries the search samples under `study.rank`, in rank order.
+
+    The first worker ranks the pool (see search.rank) and stores the rows and the decision in
+    the study (user attr `rank`); every later worker and resume reads them, so all sample the
+    same entries. Entries that could not be ranked stay in, with the reason shown.
+    """
+    from search import rank
+
+    stored = study.user_attrs.get("rank")
+    if stored is None:
+        say(f"ranking {len(entries)} pool entries on frozen features before the search "
+            f"(keep {recipe.study.rank.keep or 'all'}, by {recipe.rank.by})")
+        rows = rank.rank_pool(recipe, data)
+        decision = {"rows": rows, **rank.decide(rows, recipe.study.rank.keep, recipe.rank.by)}
+        stored = study.user_attrs.get("rank")  # another worker may have stored its ranking meanwhile
+        if stored is None:
+            study.set_user_attr("rank", decision)
+            stored = decision
+    say(rank.table(stored["rows"], stored["by"]))
+    say(rank.decision_text(stored))
+    by_label = {e.label: e for e in entries}
+    return [by_label[label] for label in stored["order"] if label in by_label]
+
+
 def trial_seed(study_seed: int, number: int) -> int:
     """Trial `number`'s training seed: initial weights, data order, augmentation, mixing, dropout."""
     return (study_seed * 1_000_003 + number) % 2**31
@@ -918,14 +944,20 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     warning = leakage_warning(entries, data)
     if warning:
         log.warning(warning)
-    if recipe.study.baselines and not study.user_attrs.get("baselines_enqueued"):
+    say = (lambda s: None) if quiet else print
+    if recipe.study.rank is not None:
+        entries = ranked_entries(study, recipe, entries, data, say)
+    if recipe.study.rank is not None and recipe.study.rank.order and not study.user_attrs.get("rank_enqueued"):
+        study.set_user_attr("rank_enqueued", True)
+        for e in entries:  # best ranked first; this replaces the pool-order baselines
+            study.enqueue_trial(space.baseline_params(recipe, e), skip_if_exists=True)
+    elif recipe.study.baselines and not study.user_attrs.get("baselines_enqueued"):
         study.set_user_attr("baselines_enqueued", True)
         for e in entries:
             study.enqueue_trial(space.baseline_params(recipe, e), skip_if_exists=True)
     hb = recipe.study.heartbeat
     sweep(study, hb)
     n_total = recipe.study.n_trials
-    say = (lambda s: None) if quiet else print
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     deadline = _deadline(study, recipe)

@@ -195,9 +195,11 @@ def known_caches(tmp_path_factory):
 def _known_recipe(name: str, **over) -> dict:
     from tests.conftest import tiny_recipe
 
-    over.setdefault("pool", [{"model": m, "resolution": RES} for m in KNOWN] + ["mini_cnn"])
-    over.setdefault("rank", {"max_images": N_TRAIN})
-    return tiny_recipe(name, train={"channel_reduce": "sum"}, data={"max_samples": None}, **over)
+    base = {"pool": [{"model": m, "resolution": RES} for m in KNOWN] + ["mini_cnn"], "rank": {"max_images": N_TRAIN},
+            "train": {"channel_reduce": "sum"}, "data": {"max_samples": None}}
+    for key, value in over.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return tiny_recipe(name, **base)
 
 
 def _env(root, monkeypatch):
@@ -246,3 +248,81 @@ def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
     proc = run_cli("rank", "bad.yaml", cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "resnet18-f37072fd.pth" in proc.stderr and "prefetch" in proc.stderr
+
+
+def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
+    """study.rank {keep: 2, order: true}: the worst entry is never sampled, the two kept ones are
+    trained first in rank order, and the report sets the scores against the fine-tuned results."""
+    import json
+    import uuid
+
+    import optuna
+
+    from tests.conftest import run_cli, write_recipe
+
+    env = {"HF_HUB_CACHE": str(known_caches / "hf"), "TORCH_HOME": str(known_caches / "torch"),
+           "HF_HUB_OFFLINE": "1", "SEARCH_DATA": str(tmp_path / "data")}
+    name = f"keep2-{uuid.uuid4().hex[:8]}"
+    labels = [f"{m}@{RES}" for m in KNOWN]
+    write_recipe(tmp_path / "r.yaml", _known_recipe(
+        name, pool=[{"model": m, "resolution": RES} for m in KNOWN], study={"n_trials": 3, "rank": {"keep": 2, "order": True}},
+        data={"max_samples": 300}, rank={"max_images": 300}, train={"epochs": 1}))
+    proc = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"rank: keeping {labels[0]}, {labels[1]}; dropped {labels[2]}" in proc.stdout
+    assert "Kendall's tau with the fine-tuned ranking (2 entries)" in proc.stdout
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}.db")
+    trials = study.get_trials()
+    assert [t.user_attrs["pool_label"] for t in trials[:2]] == labels[:2]  # enqueued in rank order
+    assert {t.params["model"] for t in trials} <= set(labels[:2])
+    stored = study.user_attrs["rank"]
+    assert stored["order"] == labels[:2] and stored["dropped"] == [labels[2]] and stored["by"] == "logme"
+    assert [r["entry"] for r in stored["rows"]] == labels
+    # a second run reads the stored decision: nothing is ranked again
+    again = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "ranking 3 pool entries" not in again.stdout
+    assert f"dropped {labels[2]}" in again.stdout
+    rep = run_cli("report", name, cwd=tmp_path, env=env)
+    assert rep.returncode == 0, rep.stderr
+    lines = rep.stdout.splitlines()
+    row = next(line for line in lines if line.startswith(" 3  "))
+    assert labels[2] in row and "dropped" in row
+    assert any(line.startswith(" 1  " + labels[0]) for line in lines)
+    out = tmp_path / "studies" / name / "report"
+    assert (out / "rank.png").stat().st_size > 10_000
+    csv_rows = (out / "rank.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("entry,rank,logme,probe,knn,kept,fine_tuned_best") and len(csv_rows) == 4
+    assert "Rank scores against fine-tuned results" in (out / "leaderboard.md").read_text()
+    assert json.dumps(stored)  # plain JSON in the study
+
+
+def test_report_tau_matches_scipy_and_direction():
+    """Kendall's tau of the stored scores against fine-tuned bests, through a study with no model."""
+    import optuna
+    from scipy.stats import kendalltau
+
+    from search import report
+    from search.recipe import recipe_from_dict
+    from tests.conftest import tiny_recipe
+
+    for direction, metric in (("maximize", "accuracy"), ("minimize", "loss")):
+        recipe = recipe_from_dict(tiny_recipe("tau", pool=["mini_cnn"], study={"metric": metric}))
+        study = optuna.create_study(direction=direction)
+        rows = [{"entry": e, "status": "ok", "logme": lg, "probe": p, "knn": k, "note": ""}
+                for e, lg, p, k in (("a", 0.9, 0.8, 0.7), ("b", 0.5, 0.9, 0.6), ("c", 0.1, 0.3, 0.8))]
+        study.set_user_attr("rank", {"rows": rows, "by": "logme", "keep": None, "order": ["a", "b", "c"],
+                                     "dropped": [], "unranked": {}})
+        best = {"a": 0.95, "b": 0.90, "c": 0.40}
+        for e, v in best.items():
+            study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=v if direction == "maximize" else -v,
+                                                      user_attrs={"pool_label": e}))
+        taus = report.rank_tau(study, recipe)
+        sign = 1 if direction == "maximize" else -1
+        for k in ("logme", "probe", "knn"):
+            want = kendalltau([r[k] for r in rows], [sign * (best[r["entry"]] if sign > 0 else -best[r["entry"]])
+                                                     for r in rows]).statistic
+            assert taus[k] == (pytest.approx(want), 3)
+        assert taus["logme"][0] == pytest.approx(1.0)  # logme orders a > b > c, as fine-tuning did
+        text = report.rank_text(study, recipe)
+        assert "Kendall's tau with the fine-tuned ranking (3 entries): logme +1.00" in text
+        assert all(len(line) <= 100 for line in text.splitlines())
