@@ -1,9 +1,9 @@
 """Seconds of `rank` for a five-entry pool on 2,000 train images, next to one fine-tuning epoch.
 
-    PYTHONPATH=. python scripts/bench_rank.py [--images 2000] [--device cpu]
+    PYTHONPATH=. python scripts/bench_rank.py [--images 2000] [--size 64] [--device cpu]
 
 Measured in one run: (1) `rank_pool` of resnet_18 (32 px, the data's size), efficientnet_b0,
-convnext_tiny, vit_tiny and timm/resnet18.a1_in1k (224 px each) on a stratified sample of
+convnext_tiny, vit_tiny and timm/resnet18.a1_in1k (224 px each, or `--size` px) on a stratified sample of
 `--images` train images and the val split, features not cached; (2) the same again, from the
 feature cache; (3) one epoch of `fit` (train defaults, full fine-tuning) of the entry that
 was cheapest to rank, on the same train split.
@@ -27,7 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-POOL = ["resnet_18", "efficientnet_b0", "convnext_tiny", "vit_tiny", "timm/resnet18.a1_in1k"]
+def pool(size: int | None) -> list:
+    """resnet_18 at the data's 32 px; the four 224-px entries at `size` when given (their `resolution:`)."""
+    big = ["efficientnet_b0", "convnext_tiny", "vit_tiny", "timm/resnet18.a1_in1k"]
+    return ["resnet_18", *({"model": m, "resolution": size} if size else m for m in big)]
 
 
 def write_folder(root: Path, per_class: int, seed: int = 0) -> Path:
@@ -69,6 +72,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000, help="train images ranked (default 2000)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=None, help="input size of the four 224-px entries (default 224)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-rank-"))
     os.environ.update(TORCH_HOME=str(tmp / "torch"), HF_HUB_CACHE=str(tmp / "hf"), HF_HUB_OFFLINE="1",
@@ -86,25 +90,26 @@ def main() -> int:
     per_class = int(np.ceil(args.images / 0.7 / 10)) + 2  # 15 % val and 15 % test are carved out
     folder = write_folder(tmp, per_class)
     recipe = recipe_from_dict({
-        "study": {"name": "bench-rank"}, "data": {"dataset": f"folder:{folder}"}, "pool": POOL,
+        "study": {"name": "bench-rank"}, "data": {"dataset": f"folder:{folder}"}, "pool": pool(args.size),
         "rank": {"max_images": args.images}, "train": {"epochs": 1}, "hardware": {"device": args.device}})
     data = load_data(recipe.data, recipe.study.seed)
     print(f"{torch.__version__=} threads={torch.get_num_threads()} device={args.device}")
-    print(f"{data.summary()}; weights: RANDOM-INITIALISED files in the real cache layouts")
+    print(f"{data.summary()}\nweights: RANDOM-INITIALISED files in the real cache layouts", flush=True)
     t0 = time.perf_counter()
-    rows = rank.rank_pool(recipe, data)
+    rows = rank.rank_pool(recipe, data, on_row=lambda r: print(f"  {r['entry']}: {r['status']} {r['seconds']:.1f} s",
+                                                                flush=True))
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     rank.rank_pool(recipe, data)
     warm = time.perf_counter() - t0
     print(rank.table(rows, "logme", min(len(data.train), args.images), len(data.val)))
     cheapest = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["seconds"])["entry"]
-    entry = parse_entry(next(e for e in POOL if parse_entry(e).label == cheapest))
+    entry = parse_entry(next(e for e in pool(args.size) if parse_entry(e).label == cheapest))
     model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
                         resolution=input_resolution(entry, data.resolution))
     result = fit(model, data, recipe.train, device=torch.device(args.device), seed=0, keep_best=False)
     epoch = result.history[0]["seconds"]
-    print(f"\nrank of {len(POOL)} entries, {min(len(data.train), args.images)} train + {len(data.val)} val images: "
+    print(f"\nrank of {len(rows)} entries, {min(len(data.train), args.images)} train + {len(data.val)} val images: "
           f"{cold:.1f} s ({warm:.1f} s again, from the feature cache)")
     print(f"one fine-tuning epoch of the cheapest entry ({cheapest}, {len(data.train)} train images, "
           f"batch {recipe.train.batch_size}): {epoch:.1f} s")
