@@ -93,7 +93,7 @@ def test_every_sampler_runs_ask_tell(name):
     sampler = make_sampler(r)
     rows = _ask(r, n=5, sampler=sampler)
     expected = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "cmaes": "CmaEsSampler",
-                "qmc": "QMCSampler"}
+                "qmc": "QMCSampler", "nsga2": "NSGAIISampler"}
     assert isinstance(sampler, getattr(optuna.samplers, expected[name]))
     assert len(rows) == 5 and all(1e-4 <= p["lr"] <= 1e-1 for _, _, p in rows)
 

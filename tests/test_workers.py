@@ -30,7 +30,8 @@ def test_sigterm_mid_trial_fails_it_and_the_resume_command_completes_the_total(t
     assert [t.state for t in trials] == [TrialState.FAIL]
     assert trials[0].user_attrs["fail_reason"] == "interrupted" and trials[0].intermediate_values
     resume = next(line for line in err.splitlines() if line.startswith("resume with: ")).removeprefix("resume with: ")
-    assert resume == "python -m search worker --storage 'sqlite:///studies/term.db' --study term"
+    prefix, rest = resume.split(" -m search ", 1)  # `python`, or this interpreter's path when not on PATH
+    assert prefix in ("python", sys.executable) and rest == "worker --storage 'sqlite:///studies/term.db' --study term"
     args = shlex.split(resume)[3:]  # after `python -m search`
     out = run_cli(*args, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
