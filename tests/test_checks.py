@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import uuid
 from pathlib import Path
 
 import optuna
@@ -22,9 +21,8 @@ from search.errors import SearchError
 from search.pool import parse_entry
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 from tests.test_data import write_folder, write_medmnist
+from tests.test_storage import database
 from tests.weights_cache import torchvision_checkpoint
-
-PG_ADMIN = os.environ.get("SEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 class RunsCode:
@@ -199,21 +197,8 @@ def test_a_refused_run_leaves_nothing_and_validate_refuses_it_too(tmp_path, monk
 @pytest.fixture
 def fresh_pg():
     """A new, empty PostgreSQL database of this test's own; dropped afterwards."""
-    admin = sqlalchemy.engine.make_url(PG_ADMIN)
-    name = f"search_checks_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as c:
-            c.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sqlalchemy.exc.OperationalError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI: no PostgreSQL server: {e}")
-        pytest.skip(f"no PostgreSQL server at {st.mask(PG_ADMIN)}")
-    url = admin.set(database=name).render_as_string(hide_password=False)
-    yield url
-    with engine.connect() as c:
-        c.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    engine.dispose()
+    with database("postgres") as url:
+        yield url
 
 
 def tables(url: str) -> list[str]:
