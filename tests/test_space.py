@@ -103,7 +103,7 @@ def test_every_pruner_runs_and_prunes_bad_curves(name):
     r = _recipe("quick", pruner={"name": name, "warmup_epochs": 1, "min_trials": 2, "reduction_factor": 2},
                 train={"epochs": 4})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=make_pruner(r),
-                                direction="maximize")
+                                direction="maximize", study_name="pruners")  # Hyperband's brackets hash the name
     for i in range(8):
         trial = study.ask()
         space.suggest(trial, r)
