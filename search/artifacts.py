@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from search.data import Data
-    from search.recipe import Recipe, TrainCfg
+    from search.hparams import TrainCfg
+    from search.recipe import Recipe
     from search.train import FitResult
 
 STUDIES = Path("studies")

@@ -11,6 +11,14 @@ import torch
 import torch.nn.functional as F
 
 NAMES = ("loss", "accuracy", "balanced_accuracy", "f1", "auc")
+# The metrics a study can monitor and the direction each implies.
+METRICS = {
+    "accuracy": "maximize",
+    "balanced_accuracy": "maximize",
+    "f1": "maximize",
+    "auc": "maximize",
+    "loss": "minimize",
+}
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

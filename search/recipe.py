@@ -14,29 +14,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from search.data import DataCfg, loader_for
 from search.errors import SearchError, did_you_mean, one_of
+from search.hparams import TrainCfg
+from search.measure import MEASURES
+from search.metrics import METRICS
+from search.pool import parse_pool
+from search.section import Section
+from search.space import SpaceCfg, check_overrides
 
-# Monitor metrics and the direction each implies.
-METRICS = {
-    "accuracy": "maximize",
-    "balanced_accuracy": "maximize",
-    "f1": "maximize",
-    "auc": "maximize",
-    "loss": "minimize",
-}
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "cmaes", "qmc")
 MULTI_SAMPLERS = ("tpe", "nsga2", "gp", "random", "qmc")  # those Optuna runs with several objectives
-# What a study can optimize or constrain besides the validation metrics (search.measure.MEASURES).
-MEASURES = {"params": "minimize", "flops": "minimize", "latency_ms": "minimize", "throughput": "maximize",
-            "train_seconds": "minimize"}
 CONSTRAINABLE = ("params", "flops", "latency_ms", "throughput")  # measured before training
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SamplerCfg(Section):
@@ -175,19 +167,6 @@ class StudyCfg(Section):
         return [METRICS.get(n) or MEASURES[n] for n in self.names]
 
 
-class DataCfg(Section):
-    dataset: str = "digits"
-    root: str | None = None  # data cache; default $SEARCH_DATA or the user cache dir
-    resolution: int | None = Field(None, ge=8)  # size the data-following models see
-    val_split: float = Field(0.15, gt=0, lt=1)  # carved from train when there is no official val
-    test_split: float = Field(0.15, gt=0, lt=1)  # carved when there is no official test
-    max_samples: int | None = Field(None, ge=10)  # stratified subsample of train
-    flip: bool | None = None  # None: the dataset's default
-    crop: Literal["pad", "resized", "none"] | None = None
-    rotate: float | None = Field(None, ge=0, le=180)  # degrees
-    jitter: float | None = Field(None, ge=0, le=1)  # brightness/contrast strength
-
-
 class PoolEntryCfg(Section):
     model: str
     pretrained: bool | None = None  # None: the builder's default
@@ -197,83 +176,6 @@ class PoolEntryCfg(Section):
 
 
 PoolSpec = Annotated[str | PoolEntryCfg, Field(union_mode="left_to_right")]
-
-
-class ParamCfg(Section):
-    """One override: a range, a list of choices, or (outside this class) a fixed value / null."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> ParamCfg:
-        if self.choices is not None:
-            if self.low is not None or self.high is not None:
-                raise ValueError("give either choices or low/high, not both")
-            if not self.choices:
-                raise ValueError("choices is empty; list at least one value")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a range needs both low and high")
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} > high {self.high}; swap them")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log range needs low > 0, got {self.low}; raise low or set log: false")
-        return self
-
-
-# Smart union: a YAML int stays an int and a bool a bool (left-to-right would turn 32 into 32.0).
-Override = ParamCfg | list[Any] | bool | int | float | str | None
-
-
-class SpaceCfg(Section):
-    preset: Literal["quick", "full"] = "quick"
-    overrides: dict[str, Override] = {}
-
-    @field_validator("overrides", mode="before")
-    @classmethod
-    def _lists_are_choices(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: ({"choices": x} if isinstance(x, list) else x) for k, x in v.items()}
-        return v
-
-
-class TrainCfg(Section):
-    """Training defaults; sampled hyperparameters replace these per trial."""
-
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)  # per batch, not scaled with batch size
-    weight_decay: float = Field(5e-4, ge=0)  # not applied to norm and bias parameters
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    nesterov: bool = True  # sgd only
-    schedule: Literal["cosine", "step", "plateau", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
-    step_size: int = Field(10, ge=1)  # step schedule: epochs between decays
-    gamma: float = Field(0.1, gt=0, le=1)  # step / plateau decay factor
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a fraction of lr
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
-    mixup_alpha: float = Field(0.0, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
-    mix_prob: float = Field(1.0, ge=0, le=1)
-    mix_off_epochs: int = Field(0, ge=0)  # last epochs without mixup/cutmix
-    aug_scale: float = Field(1.0, ge=0, le=3)  # strength of the dataset's augmentations (1 = as set)
-    loss: Literal["ce", "focal"] = "ce"
-    focal_gamma: float = Field(2.0, ge=0)
-    class_weights: bool = False  # inverse-frequency weighted loss
-    balanced_sampling: bool = False  # inverse-frequency weighted batch sampling
-    finetune: Literal["full", "linear_probe", "lp_ft"] = "full"
-    lp_epochs: int = Field(1, ge=0)  # lp_ft: epochs with the backbone frozen
-    backbone_lr_mult: float = Field(1.0, gt=0)
-    patience: int | None = Field(None, ge=1)  # early stopping on the monitor metric
-    channel_reduce: Literal["mean", "sum"] = "mean"  # 3 -> 1 channel stem weights
-    deterministic: bool = False
 
 
 class HardwareCfg(Section):
@@ -317,10 +219,6 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _pool_and_space(self) -> Recipe:
-        from search.data import loader_for
-        from search.pool import parse_pool
-        from search.space import check_overrides
-
         loader_for(self.data.dataset)  # a misspelt dataset fails here, not at the first trial
         parse_pool(self.pool)
         check_overrides(self)

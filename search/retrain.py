@@ -25,9 +25,10 @@ from search import artifacts, metrics, space
 from search import data as datamod
 from search.data import Data, Split
 from search.errors import SearchError
+from search.hparams import TrainCfg
 from search.models import build_model, input_resolution
 from search.pool import PoolEntry, parse_pool
-from search.recipe import Recipe, TrainCfg
+from search.recipe import Recipe
 from search.text import command
 from search.train import fit, predict, resolve_device
 

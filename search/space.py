@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator, model_validator
 
 from search.errors import SearchError, did_you_mean, one_of
+from search.hparams import TrainCfg
 from search.pool import PoolEntry, parse_pool
-from search.recipe import ParamCfg, TrainCfg
+from search.section import Section
 
 if TYPE_CHECKING:
     import optuna
@@ -27,6 +28,49 @@ if TYPE_CHECKING:
     from search.recipe import Recipe
 
 POOL_PARAM = "model"
+
+
+class ParamCfg(Section):
+    """One override: a range, a list of choices, or (outside this class) a fixed value / null."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamCfg:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} > high {self.high}; swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log range needs low > 0, got {self.low}; raise low or set log: false")
+        return self
+
+
+# Smart union: a YAML int stays an int and a bool a bool (left-to-right would turn 32 into 32.0).
+Override = ParamCfg | list[Any] | bool | int | float | str | None
+
+
+class SpaceCfg(Section):
+    preset: Literal["quick", "full"] = "quick"
+    overrides: dict[str, Override] = {}
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _lists_are_choices(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"choices": x} if isinstance(x, list) else x) for k, x in v.items()}
+        return v
+
 
 Cond = Callable[[dict[str, Any], PoolEntry], bool]
 

@@ -39,7 +39,8 @@ from torch import nn
 from search import augment, metrics
 from search.data import Data
 from search.errors import SearchError
-from search.recipe import METRICS, TrainCfg
+from search.hparams import TrainCfg
+from search.metrics import METRICS
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
 EVAL_BATCH = 512  # images per evaluation forward (no activations kept, so larger than training)

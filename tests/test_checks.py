@@ -279,6 +279,7 @@ def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeyp
 
 def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsys):
     """The network is mocked; the downloads land in the real caches, the data checksum-verified."""
+    import dataclasses
     import hashlib
     import io
     import socket
@@ -287,20 +288,22 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     import timm
     import torch.hub
 
-    from search import cli, data
+    from search import cli
+    from search.data import cache, medmnist
     from tests.weights_cache import hf_checkpoint
 
     for k, v in offline_env(tmp_path).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SEARCH_OFFLINE")
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda self: None})())
-    monkeypatch.setattr(data, "_network_up", lambda host: True)
+    monkeypatch.setattr(cache, "_network_up", lambda host: True)
     write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)
     blob = (tmp_path / "pathmnist.npz").read_bytes()
-    classes, md5s, flip = data.MEDMNIST["pathmnist"]
-    monkeypatch.setitem(data.MEDMNIST, "pathmnist", (classes, (hashlib.md5(blob).hexdigest(), *md5s[1:]), flip))
+    path = medmnist.MEDMNIST["pathmnist"]
+    md5 = (hashlib.md5(blob).hexdigest(), *path.md5[1:])
+    monkeypatch.setitem(medmnist.MEDMNIST, "pathmnist", dataclasses.replace(path, md5=md5))
     urls = []
-    monkeypatch.setattr(data, "_open_url", lambda url, timeout=60.0: urls.append(url) or io.BytesIO(blob))
+    monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: urls.append(url) or io.BytesIO(blob))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda url, dst, progress=True: urls.append(url) or torch.save(tvm.resnet18().state_dict(), dst))
 

@@ -8,6 +8,7 @@ import pickle
 import sqlite3
 import tarfile
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -17,9 +18,9 @@ import torch
 from PIL import Image
 
 from search import data
-from search.data import Remote, load_data
+from search.data import DataCfg, cache, cifar, galaxy10, load_data, medmnist
+from search.data.cache import Remote
 from search.errors import SearchError
-from search.recipe import DataCfg
 from tests.conftest import run_cli, write_recipe
 
 # ---------------------------------------------------------------------------
@@ -102,14 +103,13 @@ def published(monkeypatch):
     def publish(name: str, path: Path) -> None:
         blob = path.read_bytes()
         if name == "galaxy10":
-            g = data.GALAXY10
-            monkeypatch.setattr(data, "GALAXY10", Remote(g.url, g.file, sha256=hashlib.sha256(blob).hexdigest()))
+            g = galaxy10.GALAXY10
+            monkeypatch.setattr(galaxy10, "GALAXY10", Remote(g.url, g.file, sha256=hashlib.sha256(blob).hexdigest()))
             return
-        flag, size = data._medmnist_parts(name)
-        classes, md5s, flip = data.MEDMNIST[flag]
-        md5s = list(md5s)
-        md5s[data.MEDMNIST_SIZES.index(size)] = hashlib.md5(blob).hexdigest()
-        monkeypatch.setitem(data.MEDMNIST, flag, (classes, tuple(md5s), flip))
+        flag, size = medmnist.parts(name)
+        md5s = list(medmnist.MEDMNIST[flag].md5)
+        md5s[medmnist.SIZES.index(size)] = hashlib.md5(blob).hexdigest()
+        monkeypatch.setitem(medmnist.MEDMNIST, flag, replace(medmnist.MEDMNIST[flag], md5=tuple(md5s)))
 
     return publish
 
@@ -117,8 +117,8 @@ def published(monkeypatch):
 @pytest.fixture
 def offline_network(monkeypatch):
     """No network at all: a download attempt is a test failure."""
-    monkeypatch.setattr(data, "_network_up", lambda host: False)
-    monkeypatch.setattr(data, "_open_url", lambda url, timeout=60.0: pytest.fail(f"tried to download {url}"))
+    monkeypatch.setattr(cache, "_network_up", lambda host: False)
+    monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: pytest.fail(f"tried to download {url}"))
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, pub
 
 def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path, offline_network, monkeypatch):
     write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)  # the right format, not the official file
-    monkeypatch.setattr(data, "_npz_to_npy", lambda *a: pytest.fail("decoded an unverified file"))
+    monkeypatch.setattr(medmnist, "_npz_to_npy", lambda *a: pytest.fail("decoded an unverified file"))
     with pytest.raises(SearchError, match=r"pathmnist.npz has md5 [0-9a-f]{32}, expected a8b06965200029087d5bd730944a56c1 "
                                           r"\(the published checksum\): not the official file; moved it to .*pathmnist.npz.corrupt"):
         load_data(cfg("pathmnist", tmp_path))
@@ -198,19 +198,19 @@ def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, offline_
     write_medmnist(npz, 28, 3, 8)
     published("bloodmnist", npz)
     hashed = []
-    real = data.file_digest
-    monkeypatch.setattr(data, "file_digest", lambda path, algo: hashed.append(path) or real(path, algo))
-    remote = data.medmnist_remote("bloodmnist")
-    data.verify("bloodmnist", remote, npz)
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path, algo: hashed.append(path) or real(path, algo))
+    remote = medmnist.remote("bloodmnist")
+    cache.verify("bloodmnist", remote, npz)
     assert hashed == [npz] and (tmp_path / ".bloodmnist.npz.verified").is_file()
-    data.verify("bloodmnist", remote, npz)  # another process: the record vouches for it
+    cache.verify("bloodmnist", remote, npz)  # another process: the record vouches for it
     assert hashed == [npz]
     os.utime(npz, ns=(0, 0))  # touched (or replaced): hashed again, and still good
-    data.verify("bloodmnist", remote, npz)
+    cache.verify("bloodmnist", remote, npz)
     assert hashed == [npz, npz]
     npz.write_bytes(npz.read_bytes()[:-1])  # changed: refused, without moving it (a check, not a use)
     with pytest.raises(SearchError, match=r"bloodmnist.npz has md5 .*delete it and run"):
-        data.verify("bloodmnist", remote, npz, aside=False)
+        cache.verify("bloodmnist", remote, npz, aside=False)
     assert npz.is_file()
 
 
@@ -284,7 +284,7 @@ def cifar_archive(tmp_path: Path) -> bytes:
 
 def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
-    monkeypatch.setattr(data, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
+    monkeypatch.setattr(cache, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
     with pytest.raises(SearchError) as e:
         load_data(cfg("pathmnist_224", tmp_path))
     msg = str(e.value)
@@ -306,17 +306,17 @@ def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
             raise urllib.error.URLError("connection reset")
         return io.BytesIO(payload)
 
-    monkeypatch.setattr(data, "_network_up", lambda host: True)
-    monkeypatch.setattr(data, "_open_url", open_url)
-    monkeypatch.setattr(data.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cache, "_network_up", lambda host: True)
+    monkeypatch.setattr(cache, "_open_url", open_url)
+    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
     return calls
 
 
 def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
     blob = cifar_archive(tmp_path)
-    remote = data.CIFAR["cifar10"][0]
+    remote = cifar.CIFAR["cifar10"].remote
     good = Remote(remote.url, remote.file, md5=hashlib.md5(blob).hexdigest())
-    monkeypatch.setitem(data.CIFAR, "cifar10", (good, *data.CIFAR["cifar10"][1:]))
+    monkeypatch.setitem(cifar.CIFAR, "cifar10", replace(cifar.CIFAR["cifar10"], remote=good))
     calls = fake_network(monkeypatch, blob, fail_first=2)
     root = tmp_path / "root"
     d = load_data(cfg("cifar10", root), seed=0)
@@ -425,28 +425,6 @@ def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offlin
     data._raw.cache_clear()  # another process, another seed: its own directory
     assert len(load_data(c, seed=4).test) == len(first.test)
     assert (tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed4-val0.15-test0.15").is_dir()
-
-
-def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
-    import threading
-    import time
-
-    calls = []
-
-    def build(tmp: Path) -> None:
-        calls.append(tmp)
-        time.sleep(0.3)  # long enough for the other builder to arrive meanwhile
-        (tmp / "done").write_text("1")
-
-    final = tmp_path / "set.npy"
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(data._atomic_dir(final, build))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and results == [final] * 3 and (final / "done").read_text() == "1"
-    assert [p.name for p in visible(tmp_path)] == ["set.npy"]  # no temporary directory left
 
 
 def test_image_folder_caches_per_resolution_side_by_side(tmp_path):

@@ -1,0 +1,249 @@
+"""Datasets as uint8 tensors (N, C, H, W) with integer labels, decoded once per
+process and split without ever touching the official test split for selection.
+
+A source module (`digits`, `cifar`, `medmnist`, `galaxy10`, `folder`) returns
+`Raw` (official splits it has, class names, ImageNet overlap, augmentation
+defaults); `load_data` adds the seeded stratified carve-outs and the
+`max_samples` subsample and returns `Data`, which training consumes. The file
+machinery the sources share (downloads, checksums, locks, atomic directories)
+is `search.data.cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from search.augment import AugmentCfg
+from search.data import cifar, digits, folder, galaxy10, medmnist
+from search.data.cache import Download, atomic_dir, discard, read_cached, verify
+from search.data.splits import Raw, Split, read_splits, stratified_split, write_splits
+from search.errors import SearchError, did_you_mean, one_of
+from search.net import Missing
+
+__all__ = ["Data", "DataCfg", "Raw", "Split", "carve", "carved_splits", "check", "data_root", "dataset_names",
+           "load_data", "load_raw", "loader_for", "stratified_split"]
+
+log = logging.getLogger(__name__)
+
+
+class DataCfg(BaseModel):
+    """The recipe's `data` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = "digits"
+    root: str | None = None  # data cache; default $SEARCH_DATA or the user cache dir
+    resolution: int | None = Field(None, ge=8)  # size the data-following models see
+    val_split: float = Field(0.15, gt=0, lt=1)  # carved from train when there is no official val
+    test_split: float = Field(0.15, gt=0, lt=1)  # carved when there is no official test
+    max_samples: int | None = Field(None, ge=10)  # stratified subsample of train
+    flip: bool | None = None  # None: the dataset's default
+    crop: Literal["pad", "resized", "none"] | None = None
+    rotate: float | None = Field(None, ge=0, le=180)  # degrees
+    jitter: float | None = Field(None, ge=0, le=1)  # brightness/contrast strength
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    classes: tuple[str, ...]
+    overlap: str
+    augment: AugmentCfg
+    resolution: int  # what data-following models see (the native size unless the recipe says)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train.x.shape[1])
+
+    def summary(self) -> str:
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+                f"{self.num_classes} classes, {self.in_chans}x{self.train.x.shape[2]}x{self.train.x.shape[3]} "
+                f"-> {self.resolution} px")
+
+
+def data_root(cfg: DataCfg) -> Path:
+    """Recipe `data.root`, else $SEARCH_DATA, else the user cache directory."""
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    if os.environ.get("SEARCH_DATA"):
+        return Path(os.environ["SEARCH_DATA"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "search" / "data"
+
+
+Loader = Callable[[str, Path, int | None], Raw]  # (name, data root, resolution) -> Raw
+
+LOADERS: dict[str, Loader] = {
+    "digits": digits.load,
+    **dict.fromkeys(cifar.CIFAR, cifar.load),
+    "galaxy10": galaxy10.load,
+    "folder": folder.load,
+    **{name: medmnist.load if medmnist.parts(name)[0] in medmnist.MEDMNIST else medmnist.refuse_multi_label
+       for name in medmnist.names()},
+}
+# What `check` lists as still to fetch: the published files behind each set (none for digits, folders).
+DOWNLOADS: dict[str, Callable[[str, Path], list[Download]]] = {
+    **dict.fromkeys(cifar.CIFAR, cifar.downloads),
+    "galaxy10": galaxy10.downloads,
+    **dict.fromkeys(medmnist.names(), medmnist.downloads),
+}
+
+
+def dataset_names() -> list[str]:
+    """Every name `data.dataset` accepts, MedMNIST sizes folded (`pathmnist[_64|_128|_224]`)."""
+    sizes = "[" + "|".join(f"_{s}" for s in medmnist.SIZES[1:]) + "]"
+    plain = [k for k in LOADERS if k != "folder" and k not in medmnist.names()]
+    return [*plain, *(f"{flag}{sizes}" for flag in medmnist.MEDMNIST), "folder:PATH"]
+
+
+def loader_for(name: str) -> Loader:
+    key = "folder" if name.startswith("folder:") else name
+    if key not in LOADERS:
+        raise SearchError(
+            f"data.dataset: unknown dataset '{name}'{did_you_mean(name, LOADERS)}; allowed: {one_of(dataset_names())}"
+        )
+    return LOADERS[key]
+
+
+@lru_cache(maxsize=4)
+def _raw(name: str, root: Path, resolution: int | None) -> Raw:
+    """Decode once per process: every trial of this worker reuses the tensors."""
+    return loader_for(name)(name, root, resolution)
+
+
+def load_raw(cfg: DataCfg) -> Raw:
+    """The loader's official splits, fetched and unpacked on first use (what `prefetch` calls)."""
+    is_folder = cfg.dataset.startswith("folder:")
+    # Only image folders are decoded at a chosen size; other sets ignore data.resolution here.
+    return _raw(cfg.dataset, data_root(cfg), cfg.resolution if is_folder else None)
+
+
+# ---------------------------------------------------------------------------
+# checks that read no images: for `validate`, `prefetch` and before a study is created
+
+
+def check(cfg: DataCfg, verify_files: bool = True) -> list[Missing]:
+    """Everything about `data` that needs no decoding; returns the files still to fetch.
+
+    Refuses unknown and multi-label sets and image folders that are not there;
+    verifies present official files against their checksums (once: recorded),
+    without moving a bad one (this is a check, not a use).
+    """
+    name = cfg.dataset
+    loader = loader_for(name)
+    if loader is medmnist.refuse_multi_label:
+        loader(name, data_root(cfg), None)  # raises its refusal
+    if name.startswith("folder:"):
+        folder.check(name)
+        return []
+    out = []
+    root = data_root(cfg)
+    downloads = DOWNLOADS.get(name)
+    for d in downloads(name, root) if downloads else []:
+        path = root / d.remote.file
+        if d.unpacked.is_dir():
+            continue  # unpacked from a verified file already
+        if path.is_file():
+            if verify_files:
+                verify(name, d.remote, path, aside=False)
+            continue
+        out.append(Missing(f"data {name}", path, d.remote.url, d.size, bound=d.bound))
+    return out
+
+
+TEST_SEED = 0  # a carved test split is the same for every study of a dataset: results stay comparable
+
+
+def carve(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
+    """train/val/test: the official splits, and stratified carve-outs of train for the missing ones.
+
+    A carved test split depends only on the data and `test_split` (TEST_SEED),
+    so studies with different seeds hold out the same images; val is carved
+    from the rest with the study's seed.
+    """
+    train, val, test = raw.train, raw.val, raw.test
+    if test is None:
+        keep, out = stratified_split(train.y, cfg.test_split, TEST_SEED)
+        train, test = train.take(keep), train.take(out)
+    if val is None:
+        keep, out = stratified_split(train.y, cfg.val_split, seed + 1)
+        train, val = train.take(keep), train.take(out)
+    return train, val, test
+
+
+KEEP_CARVED = 4  # carve-out directories kept per dataset, most recently used first (each is a full copy)
+
+
+def _prune_carved(cache: Path, keep: Path) -> None:
+    """Leave `keep` and the KEEP_CARVED - 1 most recently used other carve-outs; a process still
+    using a removed one keeps its mapping, a new one carves again."""
+    built = []
+    for d in cache.glob("carved-*"):
+        if d.name.endswith(".gone.tmp"):  # left by a removal that was cut short
+            shutil.rmtree(d, ignore_errors=True)
+        elif d != keep and not d.name.endswith(".tmp"):  # .tmp: being built
+            with contextlib.suppress(OSError):  # removed meanwhile by another process
+                built.append((d.stat().st_mtime, d.name, d))
+    built.sort(reverse=True)
+    for _, _, old in built[KEEP_CARVED - 1 :]:
+        discard(old)
+
+
+def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
+    """`carve`, kept as memory-mapped .npy files next to a file-backed dataset (Galaxy10, image folders).
+
+    Each worker process then maps the same files (one copy in the page cache)
+    instead of holding its own copy of the carved train split (~2.5 GB for
+    Galaxy10). One directory per seed and fractions, written once under a
+    lock; the KEEP_CARVED most recently used are kept.
+    """
+    if raw.cache is None or (raw.val is not None and raw.test is not None):
+        return carve(raw, cfg, seed)
+    where = raw.cache / f"carved-testseed{TEST_SEED}-seed{seed}-val{cfg.val_split!r}-test{cfg.test_split!r}"
+    parts = ("train", "val", "test")
+    read = None
+    try:
+        for _ in range(2):  # a damaged directory is removed by read_cached and built once more
+            atomic_dir(where, lambda tmp: write_splits(dict(zip(parts, carve(raw, cfg, seed), strict=True)), tmp))
+            read = read_cached(where, lambda: read_splits(where, parts))
+            if read is not None:
+                break
+    except OSError as e:  # unwritable or full data root
+        log.warning("data: carve-outs not kept under %s (%s); this process holds its own copy", where, e)
+    if read is None:
+        return carve(raw, cfg, seed)
+    with contextlib.suppress(OSError):  # a read-only data root: use what is there, as it is
+        os.utime(where)  # most recently used
+        _prune_carved(raw.cache, keep=where)
+    return read["train"], read["val"], read["test"]
+
+
+def load_data(cfg: DataCfg, seed: int = 0) -> Data:
+    """The dataset with train/val/test splits: official ones where they exist, else stratified carve-outs."""
+    raw = load_raw(cfg)
+    train, val, test = carved_splits(raw, cfg, seed)
+    if cfg.max_samples and cfg.max_samples < len(train):
+        _, sub = stratified_split(train.y, cfg.max_samples / len(train), seed + 2)
+        train = train.take(sub)
+    aug = raw.augment
+    overrides = {k: getattr(cfg, k) for k in ("crop", "flip", "rotate", "jitter") if getattr(cfg, k) is not None}
+    aug = replace(aug, **overrides)
+    resolution = cfg.resolution or int(train.x.shape[-1])
+    return Data(cfg.dataset, train, val, test, raw.classes, raw.overlap, aug, resolution)

@@ -1,0 +1,228 @@
+"""The data root's file machinery (search.data.cache) on its own: fetch, verify, locks, atomic
+directories, discard. Real files in a temporary directory; only the network is replaced."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search.data import cache
+from search.data.cache import Remote
+from search.errors import SearchError
+
+PAYLOAD = b"the official file\n" * 1000
+URL = "https://example.org/files/set.bin"
+
+
+def remote(**checksum: str) -> Remote:
+    return Remote(URL, "set.bin", **checksum)
+
+
+def network(monkeypatch, payload: bytes = PAYLOAD, fail_first: int = 0) -> list[str]:
+    """A network that serves `payload` after `fail_first` connection resets; returns the URLs asked for."""
+    calls: list[str] = []
+
+    def open_url(url, timeout=60.0):
+        calls.append(url)
+        if len(calls) <= fail_first:
+            raise urllib.error.URLError("connection reset")
+        return io.BytesIO(payload)
+
+    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cache, "_network_up", lambda host: True)
+    monkeypatch.setattr(cache, "_open_url", open_url)
+    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
+    return calls
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+# ---------------------------------------------------------------------------
+# fetch
+
+
+def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeypatch):
+    calls = network(monkeypatch, fail_first=2)
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    path = cache.fetch("set", remote(md5=md5), tmp_path)
+    assert path == tmp_path / "set.bin" and path.read_bytes() == PAYLOAD
+    assert calls == [URL] * 3  # two resets, then the file
+    rec = json.loads((tmp_path / ".set.bin.verified").read_text())
+    assert rec == {"size": len(PAYLOAD), "mtime_ns": path.stat().st_mtime_ns, "md5": md5}
+    assert visible(tmp_path) == [".set.bin.verified", "set.bin"]  # no .part left
+
+
+def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch):
+    calls = network(monkeypatch)
+    (tmp_path / "set.bin").write_bytes(PAYLOAD)
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    assert cache.fetch("set", remote(sha256=sha), tmp_path) == tmp_path / "set.bin"
+    assert calls == []
+    assert json.loads((tmp_path / ".set.bin.verified").read_text())["sha256"] == sha
+
+
+def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch):
+    network(monkeypatch, payload=b"something else")
+    with pytest.raises(SearchError, match=r"set.bin has md5 [0-9a-f]{32}, expected 0{32}; the download was "
+                                          r"discarded and .*set.bin not written"):
+        cache.fetch("set", remote(md5="0" * 32), tmp_path)
+    assert visible(tmp_path) == []
+
+
+def test_fetch_gives_up_after_the_retries_with_the_last_error(tmp_path, monkeypatch):
+    calls = network(monkeypatch, fail_first=cache.RETRIES)
+    with pytest.raises(SearchError, match=r"set.bin is missing \(download failed 3 times: .*connection reset"):
+        cache.fetch("set", remote(), tmp_path)
+    assert len(calls) == cache.RETRIES and visible(tmp_path) == []
+
+
+def test_fetch_offline_names_the_file_and_the_fix_without_probing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCH_OFFLINE", "1")
+    monkeypatch.setattr(cache, "_network_up", lambda host: pytest.fail("probed the network offline"))
+    with pytest.raises(SearchError) as e:
+        cache.fetch("set", remote(), tmp_path / "root")
+    assert str(e.value) == (
+        f"data.dataset 'set': {tmp_path / 'root' / 'set.bin'} is missing (offline mode: SEARCH_OFFLINE is set); "
+        f"on a machine with internet run `python -m search prefetch RECIPE` and copy {tmp_path / 'root'} over, "
+        "or point data.root / $SEARCH_DATA at a directory that has it")
+
+
+def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch):
+    network(monkeypatch)
+    cache.fetch("set", remote(), tmp_path)
+    assert visible(tmp_path) == ["set.bin"]
+
+
+# ---------------------------------------------------------------------------
+# verify and its records
+
+
+def test_verify_trusts_its_record_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "set.bin"
+    path.write_bytes(PAYLOAD)
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    hashed = []
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p, algo: hashed.append(p) or real(p, algo))
+    cache.verify("set", remote(md5=md5), path)
+    cache.verify("set", remote(md5=md5), path)
+    assert hashed == [path]  # the second time the record vouched for it
+    os.utime(path, ns=(0, 0))
+    cache.verify("set", remote(md5=md5), path)
+    assert hashed == [path, path]
+    # A record for another digest vouches for nothing.
+    (tmp_path / ".set.bin.verified").write_text(json.dumps({"size": len(PAYLOAD), "mtime_ns": 0, "md5": "1" * 32}))
+    cache.verify("set", remote(md5=md5), path)
+    assert len(hashed) == 3
+
+
+def test_verify_moves_a_bad_file_aside_or_leaves_it_for_a_check(tmp_path):
+    path = tmp_path / "set.bin"
+    path.write_bytes(b"not it")
+    want = hashlib.sha256(PAYLOAD).hexdigest()
+    with pytest.raises(SearchError, match=r"has sha256 [0-9a-f]{64}, expected .*delete it and run"):
+        cache.verify("set", remote(sha256=want), path, aside=False)
+    assert path.is_file()
+    with pytest.raises(SearchError, match=r"not the official file; moved it to .*set.bin.corrupt"):
+        cache.verify("set", remote(sha256=want), path)
+    assert visible(tmp_path) == ["set.bin.corrupt"]
+
+
+def test_a_record_that_cannot_be_written_is_not_an_error(tmp_path, monkeypatch):
+    path = tmp_path / "set.bin"
+    path.write_bytes(PAYLOAD)
+
+    def refuse(*a, **k):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    cache.verify("set", remote(md5=hashlib.md5(PAYLOAD).hexdigest()), path)
+    assert visible(tmp_path) == ["set.bin"]
+
+
+# ---------------------------------------------------------------------------
+# atomic directories, locks, discard, damaged caches
+
+
+def test_atomic_dir_leaves_nothing_when_the_build_fails(tmp_path):
+    def build(tmp: Path) -> None:
+        (tmp / "half").write_text("x")
+        raise ValueError("decoding failed")
+
+    with pytest.raises(ValueError, match="decoding failed"):
+        cache.atomic_dir(tmp_path / "set.npy", build)
+    assert visible(tmp_path) == []
+
+
+def test_atomic_dir_builds_once_and_then_returns_what_is_there(tmp_path):
+    built = []
+    final = tmp_path / "set.npy"
+    for _ in range(2):
+        assert cache.atomic_dir(final, lambda tmp: built.append(tmp) or (tmp / "a").write_text("1")) == final
+    assert len(built) == 1 and (final / "a").read_text() == "1"
+
+
+def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
+    calls = []
+
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        time.sleep(0.3)  # long enough for the other builders to arrive meanwhile
+        (tmp / "done").write_text("1")
+
+    final = tmp_path / "set.npy"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.atomic_dir(final, build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [final] * 3 and (final / "done").read_text() == "1"
+    assert visible(tmp_path) == ["set.npy"]  # no temporary directory left
+
+
+def test_discard_removes_a_directory_and_ignores_one_that_is_gone(tmp_path):
+    folder = tmp_path / "set.npy"
+    folder.mkdir()
+    (folder / "images.npy").write_bytes(b"x")
+    cache.discard(folder)
+    cache.discard(folder)
+    assert visible(tmp_path) == []
+
+
+def test_read_cached_discards_a_damaged_directory_and_keeps_a_sound_one(tmp_path):
+    folder = tmp_path / "set.npy"
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.arange(3))
+    assert cache.read_cached(folder, lambda: np.load(folder / "labels.npy").tolist()) == [0, 1, 2]
+    assert cache.read_cached(folder, lambda: np.load(folder / "images.npy")) is None  # damaged: removed
+    assert not folder.exists()
+
+    folder.mkdir()
+
+    def out_of_memory():
+        raise MemoryError
+
+    with pytest.raises(MemoryError):  # not damage: raised, the directory stays
+        cache.read_cached(folder, out_of_memory)
+    assert folder.is_dir()
+
+
+def test_mmap_tensor_reads_nothing_until_used_and_never_writes_the_file(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.uint8).reshape(2, 3))
+    t = cache.mmap_tensor(tmp_path / "x.npy")
+    t[0, 0] = 99  # copy-on-write
+    assert t.tolist() == [[99, 1, 2], [3, 4, 5]]
+    assert np.load(tmp_path / "x.npy")[0, 0] == 0
