@@ -166,7 +166,8 @@ def dashboard_command(recipe, url: str) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from search.pool import BUILTINS, parse_entry
+    from search.builtins import BUILTINS
+    from search.pool import parse_entry
 
     if args.name:
         rows = [parse_entry(args.name)]
@@ -178,7 +179,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         from search.models import build_model, input_resolution
 
         res = input_resolution(e, None) if (not b or b.resolution) else None
-        classes = 10 if e.arch == "mini_cnn" else 1000  # the specification's counts: ImageNet heads
+        classes = 10 if b and not b.default_tag else 1000  # the specification's counts: ImageNet heads
         params = sum(p.numel() for p in build_model({"model": e.model, "pretrained": False}, num_classes=classes,
                                                     in_chans=3, resolution=res or 224).parameters())
         out.append({"label": e.label, "weights": e.tag or "none", "source": e.source, "overlap": e.overlap,

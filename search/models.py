@@ -1,4 +1,4 @@
-"""Model builders: the five built-ins and any timm model, with pretrained
+"""Model building: the built-ins (search.builtins) and any timm model, with pretrained
 weights morphed to the data (channels, resolution, classes).
 
 `build_model` returns an `nn.Module` carrying `model.info` (`ModelInfo`): the
@@ -10,6 +10,7 @@ modes. The head is always freshly initialised for `num_classes`.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +19,15 @@ import torch
 from torch import nn
 
 from search import morph, weights
+from search.builtins import BUILTINS
 from search.errors import SearchError
-from search.pool import BUILTINS, PoolEntry, parse_entry
+from search.pool import PoolEntry, parse_entry
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCRATCH_MEAN, SCRATCH_STD = (0.5,), (0.25,)
-SMALL_STEM_MAX = 32  # ResNet-18 switches to the 3x3 stride-1 stem at or below this size
 
 
 @dataclass(frozen=True)
@@ -42,86 +43,20 @@ class ModelInfo:
     params: int
 
 
-class MiniCNN(nn.Module):
-    """3 conv blocks + global average pooling + dropout + linear (~95K parameters).
-
-    Pools twice then adapts, so it runs at any size: 28 -> 14 -> 7 -> 1, 64 -> 32 -> 16 -> 1.
-    """
-
-    def __init__(self, num_classes: int, in_chans: int = 3, dropout: float = 0.0):
-        super().__init__()
-
-        def block(i: int, o: int, pool: bool) -> list[nn.Module]:
-            layers = [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-            return layers + ([nn.MaxPool2d(2)] if pool else [])
-
-        self.features = nn.Sequential(*block(in_chans, 32, True), *block(32, 64, True), *block(64, 128, False))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
-
-
-def _dropout_linear(linear: nn.Linear, num_classes: int, p: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(p), nn.Linear(linear.in_features, num_classes))
-
-
-def _resnet_18(num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...]]:
-    import torchvision.models as tvm
-
-    m = tvm.resnet18()
-    if res <= SMALL_STEM_MAX:  # keep the full resolution into stage 1
-        m.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
-        m.maxpool = nn.Identity()
-    elif in_chans != 3:
-        m.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
-    m.fc = _dropout_linear(m.fc, num_classes, p)
-    return m, "conv1", ("fc",)
-
-
-def _efficientnet_b0(num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...]]:
-    import torchvision.models as tvm
-
-    m = tvm.efficientnet_b0(num_classes=num_classes, dropout=p)
-    if in_chans != 3:
-        m.features[0][0] = nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False)
-    return m, "features.0.0", ("classifier",)
-
-
-def _convnext_tiny(num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...]]:
-    import torchvision.models as tvm
-
-    m = tvm.convnext_tiny()
-    if in_chans != 3:
-        m.features[0][0] = nn.Conv2d(in_chans, 96, 4, stride=4)
-    m.classifier[2] = _dropout_linear(m.classifier[2], num_classes, p)
-    return m, "features.0.0", ("classifier.2",)
-
-
-def _mini_cnn(num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...]]:
-    return MiniCNN(num_classes, in_chans, p), "features.0", ("fc",)
-
-
-TORCHVISION_BUILDERS: dict[str, Callable[..., tuple[nn.Module, str, tuple[str, ...]]]] = {
-    "mini_cnn": _mini_cnn,
-    "resnet_18": _resnet_18,
-    "efficientnet_b0": _efficientnet_b0,
-    "convnext_tiny": _convnext_tiny,
-}
-
-
 def _timm_arch(entry: PoolEntry) -> str:
     return entry.timm_name.split(".")[0]
 
 
-def _timm_default_resolution(entry: PoolEntry) -> int:
+def _pretrained_cfg(entry: PoolEntry) -> Any:
+    """timm's pretrained config of the entry's weights: its tag's, else the architecture's default."""
     import timm
 
     cfg = timm.models.get_pretrained_cfg(entry.timm_name) if entry.tag else None
-    if cfg is None:
-        cfg = timm.models.get_pretrained_cfg(_timm_arch(entry))
+    return cfg or timm.models.get_pretrained_cfg(_timm_arch(entry))
+
+
+def _timm_default_resolution(entry: PoolEntry) -> int:
+    cfg = _pretrained_cfg(entry)
     return int(cfg.input_size[-1]) if cfg is not None else 224
 
 
@@ -135,14 +70,17 @@ def input_resolution(entry: PoolEntry, data_resolution: int | None) -> int:
     return _timm_default_resolution(entry)
 
 
-def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int, res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...], Any]:
+def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int,
+                res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...], Any]:
     import timm
 
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": p}
-    try:  # models with fixed-size position embeddings take the input size
-        m = timm.create_model(_timm_arch(entry), pretrained=False, img_size=res, **kwargs)
-    except TypeError:
-        m = timm.create_model(_timm_arch(entry), pretrained=False, **kwargs)
+    pretrained_cfg = _pretrained_cfg(entry)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        # Position embeddings or attention windows are sized by the input: timm's builders of such
+        # models take img_size (and timm passes it to every fixed_input_size model itself).
+        kwargs["img_size"] = res
+    m = timm.create_model(_timm_arch(entry), pretrained=False, **kwargs)
     cfg = m.pretrained_cfg
     if entry.tag:
         cfg = timm.models.get_pretrained_cfg(entry.timm_name).to_dict()
@@ -151,6 +89,19 @@ def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int, res: int, p: 
     stem = cfg.get("first_conv") or ""
     stem = stem if isinstance(stem, str) else stem[0]
     return m, stem, head, cfg
+
+
+def _timm_filter(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """timm's checkpoint filter of the model's family, bound to the model, or None where it has none.
+
+    timm adapts a checkpoint to a model built at another size with the `checkpoint_filter_fn`
+    of the model's module (what `create_model(pretrained=True)` applies); it has no public
+    registry of them, so the function is looked up in the module that defines the class.
+    """
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return None
+    return lambda state: fn(dict(state), model)
 
 
 def transfer(
@@ -162,16 +113,20 @@ def transfer(
     in_chans: int,
     channel_reduce: str,
     small_stem: bool = False,
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Load `src` (a published checkpoint) into `model`, morphing what differs.
 
     The stem is channel-reduced (and resized to 3x3 for ResNet's small stem),
     position embeddings are resampled to the model's grid, the head stays fresh.
-    Any other difference is a bug and raises.
+    Other tensors that a new input size changes (Swin's relative position tables)
+    come from `adapt`, the model family's own checkpoint filter, where it makes
+    them fit. Any other difference is a bug and raises.
     """
     target = model.state_dict()
     in_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)  # noqa: E731
     new, missing = {}, []
+    adapted: dict[str, torch.Tensor] | None = None
     for key, want in target.items():
         if in_head(key):
             continue
@@ -185,6 +140,9 @@ def transfer(
             num_prefix = getattr(model, "num_prefix_tokens", 1) if not getattr(model, "no_embed_class", False) else 0
             grid = tuple(model.patch_embed.grid_size)
             w = morph.resize_pos_embed(w, grid, num_prefix)
+        elif w.shape != want.shape and adapt is not None:
+            adapted = adapt(src) if adapted is None else adapted  # once, and only when something differs
+            w = adapted.get(key, w)
         if w.shape != want.shape:
             raise RuntimeError(f"pretrained tensor {key} has shape {tuple(w.shape)}, model wants {tuple(want.shape)}")
         new[key] = w
@@ -218,16 +176,19 @@ def build_model(
         entry = parse_entry({"model": entry.model, "pretrained": True})
     res = resolution or input_resolution(entry, None)
 
-    if entry.builtin and entry.arch != "vit_tiny":
-        model, stem, head = TORCHVISION_BUILDERS[entry.arch](num_classes, in_chans, res, dropout)
+    builtin = BUILTINS[entry.arch] if entry.builtin else None
+    adapt = None
+    if builtin is not None and builtin.build is not None:
+        model, stem, head = builtin.build(num_classes, in_chans, res, dropout)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pretrained else (SCRATCH_MEAN * 3, SCRATCH_STD * 3)
     else:
         model, stem, head, cfg = _build_timm(entry, num_classes, in_chans, res, dropout)
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        adapt = _timm_filter(model)
     if pretrained:
-        small = entry.arch == "resnet_18" and res <= SMALL_STEM_MAX
+        small = builtin is not None and builtin.small_stem is not None and res <= builtin.small_stem
         transfer(weights.source_state(entry), model, stem=stem, head=head, in_chans=in_chans,
-                 channel_reduce=channel_reduce, small_stem=small)
+                 channel_reduce=channel_reduce, small_stem=small, adapt=adapt)
     if in_chans == 1:  # gray input: the average of the RGB statistics
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     model.info = ModelInfo(

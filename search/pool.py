@@ -19,37 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from search.builtins import BUILTINS
 from search.errors import SearchError, did_you_mean, one_of
 
 SOURCES = ("in1k", "in21k", "in21k_ft_in1k", "ssl", "swsl", "clip", "dinov2", "none")
 OVERLAPS = ("full", "partial", "low", "none")
 IMAGENET_SOURCES = ("in1k", "in21k", "in21k_ft_in1k")  # supervised on ImageNet labels
 
-
-@dataclass(frozen=True)
-class Builtin:
-    """What a built-in architecture is: its default weights and input size."""
-
-    default_tag: str | None  # None: scratch only
-    tags: dict[str, str]  # weight tag -> source
-    resolution: int | None  # None: follows the data's resolution
-    resolutions: tuple[int, ...] | None  # accepted input sizes (None: any >= 8)
-    note: str = ""
-
-
-BUILTINS: dict[str, Builtin] = {
-    "mini_cnn": Builtin(None, {}, None, None, "3 conv blocks + global pooling, trained from scratch"),
-    "resnet_18": Builtin("tv_in1k", {"tv_in1k": "in1k"}, None, None,
-                         "3x3 stride-1 stem without max-pool at <= 32 px"),
-    "efficientnet_b0": Builtin("tv_in1k", {"tv_in1k": "in1k"}, 224, None),
-    "convnext_tiny": Builtin("tv_in1k", {"tv_in1k": "in1k"}, 224, None),
-    "vit_tiny": Builtin(
-        "augreg_in21k_ft_in1k",
-        {"augreg_in21k_ft_in1k": "in21k_ft_in1k", "augreg_in21k": "in21k"},
-        224, None,
-        "timm has no ImageNet-1k-only ViT-Tiny: the bare name is augreg_in21k_ft_in1k",
-    ),
-}
 
 # Overlap with ImageNet implied by each source.
 OVERLAP_OF = {
@@ -78,8 +54,8 @@ class PoolEntry:
 
     @property
     def timm_name(self) -> str:
-        """'arch.tag' for timm (vit_tiny maps to its timm architecture)."""
-        arch = "vit_tiny_patch16_224" if self.arch == "vit_tiny" else self.arch
+        """'arch.tag' for timm (a timm-built built-in maps to its timm architecture)."""
+        arch = (BUILTINS[self.arch].timm if self.builtin else None) or self.arch
         return f"{arch}.{self.tag}" if self.tag else arch
 
     def attrs(self) -> dict[str, Any]:
@@ -173,15 +149,15 @@ def parse_entry(spec: Any) -> PoolEntry:
 
     if builtin:
         b = BUILTINS[arch]
-        if tag is not None and tag not in b.tags:
-            allowed = one_of(b.tags) or "none (scratch only)"
-            raise SearchError(f"'{written}': unknown weights '{tag}'{did_you_mean(tag, b.tags)}; allowed: {allowed}")
+        if tag is not None and tag not in b.weights:
+            allowed = one_of(b.weights) or "none (scratch only)"
+            raise SearchError(f"'{written}': unknown weights '{tag}'{did_you_mean(tag, b.weights)}; allowed: {allowed}")
         if pretrained is None:
             pretrained = b.default_tag is not None
         if pretrained and b.default_tag is None:
             raise SearchError(f"'{arch}' has no pretrained weights; remove 'pretrained: true'")
         tag = (tag or b.default_tag) if pretrained else None
-        source = source or (b.tags[tag] if tag else "none")
+        source = source or (b.weights[tag].source if tag else "none")
     else:
         if pretrained is None:
             pretrained = tag is not None

@@ -29,16 +29,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from search.builtins import BUILTINS
 from search.errors import SearchError
 from search.net import Missing, network_up, offline
 from search.pool import PoolEntry
 
-# torchvision weight enums of the built-ins, by (arch, tag).
-TORCHVISION = {
-    ("resnet_18", "tv_in1k"): ("ResNet18_Weights", "IMAGENET1K_V1"),
-    ("efficientnet_b0", "tv_in1k"): ("EfficientNet_B0_Weights", "IMAGENET1K_V1"),
-    ("convnext_tiny", "tv_in1k"): ("ConvNeXt_Tiny_Weights", "IMAGENET1K_V1"),
-}
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -56,11 +51,17 @@ def hf_cache() -> Path:
     return Path(home) / "hub"
 
 
-def torchvision_weights(entry: PoolEntry) -> Any:
-    import torchvision.models as tvm
+def _torchvision_name(entry: PoolEntry) -> str | None:
+    """The torchvision weight enum member of a built-in's weights (the registry's), None where timm has them."""
+    if not entry.builtin or entry.tag is None:
+        return None
+    return BUILTINS[entry.arch].weights[entry.tag].torchvision
 
-    enum_name, member = TORCHVISION[(entry.arch, entry.tag)]
-    return getattr(getattr(tvm, enum_name), member)
+
+def torchvision_weights(entry: PoolEntry) -> Any:
+    from torchvision.models import get_weight
+
+    return get_weight(_torchvision_name(entry))
 
 
 def timm_cfg(entry: PoolEntry) -> Any:
@@ -75,7 +76,7 @@ def timm_cfg(entry: PoolEntry) -> Any:
 
 def _location(entry: PoolEntry) -> tuple[str, str, Path, str]:
     """(kind 'url'|'hf', URL or repo id, expected file, cache description) of an entry's weights."""
-    if (entry.arch, entry.tag) in TORCHVISION:
+    if _torchvision_name(entry):
         url = torchvision_weights(entry).url
         return "url", url, torch_checkpoints() / Path(urlparse(url).path).name, "$TORCH_HOME/hub/checkpoints"
     cfg = timm_cfg(entry)
@@ -101,7 +102,7 @@ def cached_file(entry: PoolEntry) -> Path | None:
 
 
 def weights_name(entry: PoolEntry) -> str:
-    return f"{entry.arch}.{entry.tag}" if (entry.arch, entry.tag) in TORCHVISION else entry.timm_name
+    return f"{entry.arch}.{entry.tag}" if _torchvision_name(entry) else entry.timm_name
 
 
 def missing_error(entry: PoolEntry, why: str) -> SearchError:
@@ -150,7 +151,7 @@ def missing(entry: PoolEntry) -> Missing | None:
         return Missing(f"{entry.label} weights", path, f"https://huggingface.co/{where}/resolve/main/{HF_FILES[0]}",
                        _timm_bytes(entry), "<revision>: any snapshot directory; pytorch_model.bin is accepted too")
     size = None
-    if (entry.arch, entry.tag) in TORCHVISION:
+    if _torchvision_name(entry):
         mb = torchvision_weights(entry).meta.get("_file_size")  # torchvision's own record, in MB
         size = int(mb * 2**20) if mb else None
     return Missing(f"{entry.label} weights", path, where, size)
@@ -228,7 +229,7 @@ def check(entry: PoolEntry) -> Path:
 def source_state(entry: PoolEntry) -> dict[str, Any]:
     """The pretrained state dict as published (3 channels, original head and size)."""
     path = fetch(entry)
-    if (entry.arch, entry.tag) in TORCHVISION:
+    if _torchvision_name(entry):
         return safe_load(path)
     import timm
     import torch

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 
 from search import morph
+from search.builtins import MiniCNN
 from search.errors import SearchError
-from search.models import MiniCNN, build_model
+from search.models import build_model
 from tests.conftest import run_cli
 from tests.weights_cache import hf_checkpoint, torchvision_checkpoint
 
@@ -253,3 +254,41 @@ def test_prefetch_downloads_into_the_real_caches(caches, monkeypatch, capsys):
     assert cli.main(["prefetch", str(recipe)]) == 0 and len(urls) == 2
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert build_model("vit_tiny", num_classes=3, in_chans=3).head.out_features == 3
+
+
+SWIN = "timm/swin_tiny_patch4_window7_224.ms_in1k"
+
+
+def test_swin_at_a_new_resolution_resizes_its_relative_position_tables(caches):
+    """At 112 px Swin-T's last stage is 4x4, so its windows shrink from 7 to 4: timm builds it so
+    (img_size), and its checkpoint filter resizes the 13x13 relative position tables to 7x7."""
+    import timm
+    from timm.layers import resize_rel_pos_bias_table
+
+    src = hf_checkpoint(caches / "hf", SWIN, timm.create_model("swin_tiny_patch4_window7_224"))  # the hub repo
+    table = "layers.3.blocks.0.attn.relative_position_bias_table"
+    assert src[table].shape == (13 * 13, 24)
+    m = build_model({"model": SWIN, "resolution": 112}, num_classes=3, in_chans=1)
+    assert m.info.resolution == 112 and m.info.stem == "patch_embed.proj" and m.info.head == ("head.fc",)
+    assert m.layers[3].blocks[0].attn.window_size == (4, 4)
+    want = resize_rel_pos_bias_table(src[table], new_window_size=(4, 4), new_bias_shape=(7 * 7, 24))
+    assert m.state_dict()[table].shape == (49, 24) and torch.equal(m.state_dict()[table], want)
+    resized = {k for k in m.state_dict() if k.startswith("layers.3.") and k.endswith("relative_position_bias_table")}
+    assert resized == {table, table.replace("blocks.0", "blocks.1")}
+    assert torch.equal(m.patch_embed.proj.weight.data, src["patch_embed.proj.weight"].mean(dim=1, keepdim=True))
+    _assert_rest_equal(m, src, {"patch_embed.proj.weight", *resized})  # stages 0-2 keep their 7x7 windows
+    out = m(torch.randn(2, 1, 112, 112))
+    assert out.shape == (2, 3)
+    out.sum().backward()
+
+
+def test_timm_models_take_an_input_size_only_where_their_config_fixes_it():
+    import timm
+
+    assert timm.models.get_pretrained_cfg("swin_tiny_patch4_window7_224").fixed_input_size
+    swin = build_model({"model": "timm/swin_tiny_patch4_window7_224", "pretrained": False, "resolution": 64},
+                       num_classes=2, in_chans=3)
+    assert swin.patch_embed.img_size == (64, 64) and swin(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+    assert not timm.models.get_pretrained_cfg("resnet18").fixed_input_size
+    cnn = build_model({"model": "timm/resnet18", "pretrained": False, "resolution": 48}, num_classes=2, in_chans=3)
+    assert cnn.info.resolution == 48 and cnn(torch.randn(1, 3, 48, 48)).shape == (1, 2)

@@ -16,6 +16,7 @@ import torch
 from search.augment import AugmentCfg
 from search.data.cache import mmap_tensor
 
+
 @dataclass(frozen=True)
 class Split:
     x: torch.Tensor  # uint8 (N, C, H, W)
