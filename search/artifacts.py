@@ -7,7 +7,7 @@ Disk stays bounded: when a trial finishes, checkpoints of finished trials that
 are no longer among the study's top-k are deleted. Finished trials' attributes
 are read-only in Optuna, so a deleted checkpoint stays listed on its trial in
 the dashboard, where `search dashboard` serves it as a short "removed" note
-(`ServedStore`); `live_checkpoint` tells them apart.
+(`ServedStore`).
 
 A checkpoint is a `torch.save`d dict that `load_checkpoint` turns back into
 the `build_model` model it came from:
@@ -184,17 +184,6 @@ def checkpoint_meta(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
     """Artifact metadata of a trial's checkpoints (live or deleted)."""
     metas = [json.loads(v) for key, v in trial.system_attrs.items() if key.startswith("artifacts:")]
     return [m for m in metas if m and m["filename"].endswith(CHECKPOINT_SUFFIX)]
-
-
-def live_checkpoint(trial: optuna.trial.FrozenTrial, store: FileSystemArtifactStore) -> str | None:
-    """The artifact id of the trial's checkpoint if its file is still kept."""
-    for meta in checkpoint_meta(trial):
-        try:
-            store.open_reader(meta["artifact_id"]).close()
-        except ArtifactNotFound:
-            continue
-        return meta["artifact_id"]
-    return None
 
 
 def history_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:

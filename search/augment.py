@@ -29,8 +29,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-CROPS = ("pad", "resized", "none")
-
 
 @dataclass(frozen=True)
 class AugmentCfg:
@@ -257,11 +255,6 @@ def resize(xf: torch.Tensor, size: int) -> torch.Tensor:
 
 def _output(xf: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty_like(xf, memory_format=_layout(channels_last))
-
-
-def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> torch.Tensor:
-    """(x - mean) / std per channel for float images in [0, 1], into a new tensor."""
-    return scale_shift(xf, 1.0, 0.0, mean, std, clamp=False, out=_output(xf, channels_last))
 
 
 def eval_input(x: torch.Tensor, size: int, *, mean: tuple[float, ...] | None = None,

@@ -3,20 +3,27 @@
 The pool is one categorical (`model`) over entry labels. Every other parameter
 names a `train` field; a parameter is sampled only when it takes effect
 (momentum only for SGD, the backbone multiplier only for pretrained entries
-that fine-tune their backbone, ...). Overrides in `space.overrides` replace a
-preset's range (`{low, high, log}`), give choices (a list), fix a value
-(a scalar) or remove the parameter (`null`: the `train` default is used).
+that fine-tune their backbone, label smoothing only with cross-entropy, the
+stem's channel reduction only for 1-channel data, ...). Overrides in
+`space.overrides` replace a preset's range (`{low, high, log}`), give choices
+(a list), fix a value (a scalar) or remove the parameter (`null`: the `train`
+default is used).
+
+What cannot take effect is not sampled where a preset would sample it (a step
+size or linear-probe length is kept below `train.epochs`) and refused, with
+the key and a fix, where the recipe asks for it (`check_overrides`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
+from search.data import channels
 from search.errors import SearchError, did_you_mean, one_of
 from search.hparams import TrainCfg
 from search.pool import PoolEntry, parse_pool
@@ -72,7 +79,8 @@ class SpaceCfg(Section):
         return v
 
 
-Cond = Callable[[dict[str, Any], PoolEntry], bool]
+# (train values so far, the pool entry, the data's image channels or None where unknown) -> sampled?
+Cond = Callable[[dict[str, Any], PoolEntry, int | None], bool]
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Param:
     step: float | None = None
     choices: tuple[Any, ...] | None = None
     when: Cond | None = None  # sampled only when this holds
+    range_kind: str | None = None  # of a choice parameter: the kind a range override gives it
 
     def describe(self) -> str:
         if self.kind == "cat":
@@ -94,32 +103,40 @@ class Param:
 
 
 # Conditions see every `train` value: the recipe's, replaced by those fixed or sampled so far.
-def _sgd(p: dict[str, Any], e: PoolEntry) -> bool:
+def _sgd(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return p["optimizer"] == "sgd"
 
 
-def _pretrained(p: dict[str, Any], e: PoolEntry) -> bool:
+def _pretrained(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return e.pretrained
 
 
-def _tunes_backbone(p: dict[str, Any], e: PoolEntry) -> bool:
+def _reduces_stem(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
+    return e.pretrained and chans != 3  # RGB data loads the RGB stem as it is
+
+
+def _tunes_backbone(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return e.pretrained and p["finetune"] != "linear_probe"
 
 
-def _lp_ft(p: dict[str, Any], e: PoolEntry) -> bool:
+def _lp_ft(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return e.pretrained and p["finetune"] == "lp_ft"
 
 
-def _mixing(p: dict[str, Any], e: PoolEntry) -> bool:
+def _mixing(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return p["mixup_alpha"] > 0 or p["cutmix_alpha"] > 0
 
 
-def _step(p: dict[str, Any], e: PoolEntry) -> bool:
+def _step(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return p["schedule"] == "step"
 
 
-def _focal(p: dict[str, Any], e: PoolEntry) -> bool:
+def _focal(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
     return p["loss"] == "focal"
+
+
+def _ce(p: dict[str, Any], e: PoolEntry, chans: int | None = None) -> bool:
+    return p["loss"] == "ce"  # the focal loss takes no label smoothing
 
 
 # Every tunable parameter, in sampling order (conditions look at earlier ones).
@@ -134,24 +151,25 @@ PARAMS: dict[str, Param] = {
     "step_size": Param("int", 2, 20, when=_step),
     "warmup_epochs": Param("float", 0.0, 3.0),
     "dropout": Param("float", 0.0, 0.5),
-    "label_smoothing": Param("float", 0.0, 0.2),
-    "mixup_alpha": Param("float", 0.0, 0.4),
-    "cutmix_alpha": Param("float", 0.0, 1.0),
+    "loss": Param("cat", choices=("ce", "focal")),
+    "focal_gamma": Param("float", 0.5, 3.0, when=_focal),
+    "label_smoothing": Param("float", 0.0, 0.2, when=_ce),
+    # Off (0) is a choice of its own: a range from 0 would leave some mixing on in nearly every trial.
+    "mixup_alpha": Param("cat", choices=(0.0, 0.1, 0.2, 0.4), range_kind="float"),
+    "cutmix_alpha": Param("cat", choices=(0.0, 0.25, 0.5, 1.0), range_kind="float"),
     "mix_prob": Param("float", 0.3, 1.0, when=_mixing),
     "aug_scale": Param("float", 0.5, 1.5),
     "grad_clip": Param("float", 0.5, 10.0, log=True),
     "finetune": Param("cat", choices=("full", "linear_probe", "lp_ft"), when=_pretrained),
     "lp_epochs": Param("int", 1, 5, when=_lp_ft),
     "backbone_lr_mult": Param("float", 0.01, 1.0, log=True, when=_tunes_backbone),
-    "channel_reduce": Param("cat", choices=("mean", "sum"), when=_pretrained),
-    "loss": Param("cat", choices=("ce", "focal")),  # only pretrained stems are reduced
-    "focal_gamma": Param("float", 0.5, 3.0, when=_focal),
+    "channel_reduce": Param("cat", choices=("mean", "sum"), when=_reduces_stem),  # pretrained stems, gray data
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "quick": ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "dropout", "backbone_lr_mult"),
-    "full": ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "batch_size", "schedule", "warmup_epochs",
-             "dropout", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "aug_scale",
+    "full": ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "batch_size", "schedule", "step_size",
+             "warmup_epochs", "dropout", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "aug_scale",
              "finetune", "lp_epochs", "backbone_lr_mult"),
 }
 
@@ -159,7 +177,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
 def _from_override(name: str, base: Param, o: ParamCfg) -> Param:
     if o.choices is not None:
         return Param("cat", choices=tuple(o.choices), when=base.when)
-    kind = base.kind if base.kind != "cat" else ("int" if float(o.low).is_integer() and float(o.high).is_integer() else "float")
+    whole = float(o.low).is_integer() and float(o.high).is_integer()
+    kind = base.kind if base.kind != "cat" else (base.range_kind or ("int" if whole else "float"))
     if kind == "int" and not (float(o.low).is_integer() and float(o.high).is_integer()):
         raise SearchError(f"space.overrides.{name}: an integer range needs whole numbers, got {o.low}..{o.high}")
     cast = int if kind == "int" else float
@@ -181,8 +200,59 @@ def resolve(recipe: Recipe) -> tuple[dict[str, Param], dict[str, Any]]:
             sampled[name] = _from_override(name, PARAMS[name], o)
         elif o is not None:
             fixed[name] = o
+    for name, (partner, choice, why) in EPOCH_BOUNDED.items():
+        _within_epochs(recipe, sampled, fixed, name, partner, choice, why)
     order = list(PARAMS)
     return dict(sorted(sampled.items(), key=lambda kv: order.index(kv[0]))), fixed
+
+
+# Epoch counts that act only below train.epochs: (the choice of another param they belong to, what would
+# happen at train.epochs or more).
+EPOCH_BOUNDED = {
+    "lp_epochs": ("finetune", "lp_ft", "the backbone would never be unfrozen"),
+    "step_size": ("schedule", "step", "the learning rate would never decay"),
+}
+
+
+def _where(recipe: Recipe, name: str) -> str:
+    """The key a fixed value comes from: a fixed override, else the train section."""
+    return f"space.overrides.{name}" if recipe.space.overrides.get(name) is not None else f"train.{name}"
+
+
+def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, Any], name: str,
+                   partner: str, choice: str, why: str) -> None:
+    """Keep `name` below train.epochs: a preset's range is cut there (or dropped), a recipe's value
+    at or above it is refused; where `name` cannot be below it, `partner: choice` has no effect and
+    is dropped from a preset's choices or refused."""
+    epochs = recipe.train.epochs
+    user = recipe.space.overrides.get(name) is not None
+    p = sampled.get(name)
+    if p is not None:
+        over = [v for v in (p.choices or (p.high,)) if v >= epochs]
+        if over and user:
+            raise SearchError(f"space.overrides.{name}: {over[0]:g} >= train.epochs {epochs}: {why}; "
+                              f"keep {name} below {epochs}")
+        if over and p.choices:
+            sampled[name] = replace(p, choices=tuple(v for v in p.choices if v < epochs))
+        elif over:
+            sampled[name] = replace(p, high=epochs - 1)
+        p = sampled[name]
+        if not (p.choices if p.kind == "cat" else p.low <= p.high):
+            del sampled[name]  # no value of the preset's range acts: the train value decides below
+    if name in sampled:
+        return
+    value = fixed.get(name, getattr(recipe.train, name))
+    if value < epochs:
+        return
+    q = sampled.get(partner)
+    if q is not None and choice in (q.choices or ()):
+        if recipe.space.overrides.get(partner) is not None:
+            raise SearchError(f"space.overrides.{partner}: '{choice}' has no effect with {_where(recipe, name)} "
+                              f"{value} >= train.epochs {epochs} ({why}); lower {name} or drop '{choice}'")
+        sampled[partner] = replace(q, choices=tuple(c for c in q.choices if c != choice))
+    elif q is None and fixed.get(partner, getattr(recipe.train, partner)) == choice:
+        raise SearchError(f"{_where(recipe, partner)}: '{choice}' has no effect with {_where(recipe, name)} "
+                          f"{value} >= train.epochs {epochs} ({why}); set {name} below {epochs}")
 
 
 def _check_value(recipe: Recipe, name: str, value: Any) -> None:
@@ -194,13 +264,25 @@ def _check_value(recipe: Recipe, name: str, value: Any) -> None:
 
 
 def check_overrides(recipe: Recipe) -> None:
-    """Every override names a tunable parameter and only admits values `train` accepts."""
+    """Every override names a tunable parameter and only admits values `train` accepts; a value
+    the recipe fixes that cannot take effect is refused (see also `_within_epochs`)."""
     sampled, fixed = resolve(recipe)
     for name, value in fixed.items():
         _check_value(recipe, name, value)
     for name, p in sampled.items():
         for value in (p.choices or (p.low, p.high)):
             _check_value(recipe, name, value)
+    base = {**recipe.train.model_dump(), **fixed}
+    # With these values fixed the param is never sampled either (its condition cannot hold).
+    if base["label_smoothing"] > 0 and "loss" not in sampled and base["loss"] == "focal":
+        raise SearchError(f"{_where(recipe, 'label_smoothing')}: {base['label_smoothing']:g} has no effect with "
+                          f"{_where(recipe, 'loss')}: focal (the focal loss takes no label smoothing); "
+                          "remove it or use loss: ce")
+    chans = channels(recipe.data)
+    if base["channel_reduce"] != TrainCfg().channel_reduce and chans == 3:
+        raise SearchError(f"{_where(recipe, 'channel_reduce')}: '{base['channel_reduce']}' has no effect on "
+                          f"{recipe.data.dataset}, whose images have 3 channels (only 1-channel data reduces a "
+                          "pretrained RGB stem); remove it")
 
 
 def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None = None) -> tuple[PoolEntry, TrainCfg]:
@@ -210,9 +292,10 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
     label = trial.suggest_categorical(POOL_PARAM, list(by_label))
     entry = by_label[label]
     sampled, fixed = resolve(recipe)
+    chans = channels(recipe.data, decode=True)
     values: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
     for name, p in sampled.items():
-        if p.when is not None and not p.when(values, entry):
+        if p.when is not None and not p.when(values, entry, chans):
             continue
         if p.kind == "cat":
             values[name] = trial.suggest_categorical(name, list(p.choices or ()))
@@ -226,10 +309,11 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
 def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
     """The `train` defaults for one entry, as values of the sampled parameters (for enqueueing)."""
     sampled, fixed = resolve(recipe)
+    chans = channels(recipe.data, decode=True)  # as `suggest` sees them, so the queued trial asks the same
     seen: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
     values: dict[str, Any] = {POOL_PARAM: entry.label}
     for name, p in sampled.items():
-        if p.when is not None and not p.when(seen, entry):
+        if p.when is not None and not p.when(seen, entry, chans):
             continue
         v = seen[name]
         if p.kind == "cat":
@@ -255,12 +339,13 @@ def reachable(recipe: Recipe, entries: list[PoolEntry] | None = None) -> dict[st
     """
     entries = entries or parse_pool(recipe.pool)
     sampled, fixed = resolve(recipe)
+    chans = channels(recipe.data)  # None for an image folder: its channels are known once decoded
     base = {**recipe.train.model_dump(), **fixed}
     out: dict[str, Param] = {}
     for e in entries:
         options: dict[str, tuple[Any, ...]] = {}  # earlier params reachable for this entry
         for name, p in sampled.items():
-            if p.when is None or any(p.when({**base, **combo}, e) for combo in _combos(options)):
+            if p.when is None or any(p.when({**base, **combo}, e, chans) for combo in _combos(options)):
                 options[name] = _options(p)
                 out.setdefault(name, p)
     return {n: out[n] for n in sampled if n in out}
@@ -278,6 +363,7 @@ CONDITIONING = ("optimizer", "finetune", "mixup_alpha", "cutmix_alpha", "schedul
 CONDITION_TEXT: dict[Cond, str] = {
     _sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
     _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step", _focal: "if loss=focal",
+    _ce: "if loss=ce", _reduces_stem: "if pretrained and 1-channel data",
 }
 
 

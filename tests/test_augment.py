@@ -14,11 +14,17 @@ from search.augment import (
     AugmentCfg,
     augment,
     eval_input,
-    normalize,
     sampling_grid,
+    scale_shift,
     shift_flip,
     shrink_size,
 )
+
+
+def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The formula: (x - mean) / std per channel."""
+    return (xf - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
 
 CFGS = {
     "pad": AugmentCfg(crop="pad", flip=True),
@@ -138,16 +144,18 @@ def test_sampling_grid_matches_affine_grid():
         assert torch.allclose(sampling_grid(theta, size), want, atol=1e-6)
 
 
-def test_normalize_formula_and_memory_format():
+def test_scale_shift_formula_and_memory_format():
     x = torch.rand(2, 3, 5, 5)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-    out = normalize(x, mean, std, channels_last=True)
+    out = scale_shift(x, 1.0, 0.0, mean, std, clamp=False,
+                      out=torch.empty_like(x, memory_format=torch.channels_last))
     want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(out, want, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert normalize(x, mean, std, channels_last=False).is_contiguous()
+    scaled = scale_shift(x * 255, 1 / 255, 0.1, mean, std, clamp=False, out=torch.empty_like(x))
+    assert scaled.is_contiguous() and torch.allclose(scaled, normalize(x + 0.1, mean, std), atol=1e-5)
     with pytest.raises(ValueError, match="3 channels but mean/std have 1/1"):
-        normalize(x, (0.5,), (0.5,), channels_last=False)
+        scale_shift(x, 1.0, 0.0, (0.5,), (0.5,), clamp=False, out=torch.empty_like(x))
 
 
 @pytest.mark.parametrize("name", CFGS)
@@ -156,7 +164,7 @@ def test_normalising_in_augment_equals_normalize_after(name):
     x = images(size=24)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     fused = augment(x, CFGS[name], 32, torch.Generator().manual_seed(4), mean=mean, std=std, channels_last=True)
-    want = normalize(augment(x, CFGS[name], 32, torch.Generator().manual_seed(4)), mean, std, channels_last=False)
+    want = normalize(augment(x, CFGS[name], 32, torch.Generator().manual_seed(4)), mean, std)
     assert fused.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(fused, want, atol=1e-5, rtol=0)
 
@@ -178,7 +186,7 @@ def test_eval_input_is_deterministic_and_resized():
     assert a.shape == (4, 3, 32, 32) and torch.equal(a, eval_input(x, 32))
     assert torch.equal(eval_input(x, 28), x.float() / 255) or torch.allclose(eval_input(x, 28), x.float() / 255)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 2.0)
-    assert torch.allclose(eval_input(x, 32, mean=mean, std=std), normalize(a, mean, std, channels_last=False),
+    assert torch.allclose(eval_input(x, 32, mean=mean, std=std), normalize(a, mean, std),
                           atol=1e-6)
 
 

@@ -62,7 +62,7 @@ def test_conditions_see_the_recipes_train_values():
 def test_overrides_ranges_choices_fixed_and_removed():
     r = _recipe("quick", {"lr": {"low": 0.01, "high": 0.02}, "batch_size": [16, 32], "optimizer": "sgd",
                           "dropout": None, "weight_decay": {"low": 1, "high": 4, "step": 1}, "schedule": ["step"],
-                          "step_size": {"low": 3, "high": 4}})
+                          "step_size": {"low": 3, "high": 4}}, train={"epochs": 5})  # steps below the epochs
     sampled, fixed = space.resolve(r)
     assert fixed == {"optimizer": "sgd"}
     assert "dropout" not in sampled and sampled["batch_size"].choices == (16, 32)
@@ -175,3 +175,104 @@ def test_conditions_read_only_the_declared_conditioning_params():
             p.when(values, entry)
             assert values.read <= set(space.CONDITIONING), (name, values.read)
         assert p.when in space.CONDITION_TEXT, name
+
+
+# ---------------------------------------------------------------------------
+# only what takes effect: mixing can be off, and nothing is sampled or fixed that cannot act
+
+
+def test_the_full_preset_switches_mixing_off_in_some_trials():
+    rows = _ask(_recipe(), n=60)
+    off = [hp for _, hp, p in rows if p["mixup_alpha"] == 0 and p["cutmix_alpha"] == 0]
+    assert off and all(hp.mixup_alpha == 0 and hp.cutmix_alpha == 0 for hp in off)
+    assert all("mix_prob" not in p for _, _, p in rows if p["mixup_alpha"] == 0 and p["cutmix_alpha"] == 0)
+    assert {p["mixup_alpha"] for _, _, p in rows} == {0.0, 0.1, 0.2, 0.4}
+    # A range written in the recipe stays a float range (the choices only replace the preset's range).
+    sampled, _ = space.resolve(_recipe(overrides={"mixup_alpha": {"low": 0, "high": 1}}))
+    assert (sampled["mixup_alpha"].kind, sampled["mixup_alpha"].low, sampled["mixup_alpha"].high) == ("float", 0, 1)
+
+
+def test_label_smoothing_is_sampled_only_with_cross_entropy():
+    rows = _ask(_recipe(overrides={"loss": ["ce", "focal"]}), n=30)
+    assert {p["loss"] for _, _, p in rows} == {"ce", "focal"}
+    for _, hp, p in rows:
+        assert ("label_smoothing" in p) == (p["loss"] == "ce")
+        if p["loss"] == "focal":
+            assert hp.label_smoothing == 0.0
+    focal = _recipe(train={"loss": "focal"})
+    assert "label_smoothing" not in space.reachable(focal)
+
+
+@pytest.mark.parametrize("train, overrides, message", [
+    ({"loss": "focal", "label_smoothing": 0.1}, {},
+     "recipe: train.label_smoothing: 0.1 has no effect with train.loss: focal (the focal loss takes no label "
+     "smoothing); remove it or use loss: ce"),
+    ({"loss": "focal"}, {"label_smoothing": 0.05},
+     "recipe: space.overrides.label_smoothing: 0.05 has no effect with train.loss: focal"),
+    ({"epochs": 3}, {"lp_epochs": {"low": 1, "high": 5}},
+     "recipe: space.overrides.lp_epochs: 5 >= train.epochs 3: the backbone would never be unfrozen; keep lp_epochs "
+     "below 3"),
+    ({"epochs": 3, "finetune": "lp_ft", "lp_epochs": 3}, {"finetune": None, "lp_epochs": None},
+     "recipe: train.finetune: 'lp_ft' has no effect with train.lp_epochs 3 >= train.epochs 3 (the backbone would "
+     "never be unfrozen); set lp_epochs below 3"),
+    ({"epochs": 8, "schedule": "step", "step_size": 8}, {"schedule": None, "step_size": None},
+     "recipe: train.schedule: 'step' has no effect with train.step_size 8 >= train.epochs 8 (the learning rate "
+     "would never decay); set step_size below 8"),
+    ({"epochs": 2}, {"schedule": ["cosine", "step"]},
+     "recipe: space.overrides.schedule: 'step' has no effect with train.step_size 10 >= train.epochs 2"),
+    ({"epochs": 6}, {"step_size": [2, 6]}, "recipe: space.overrides.step_size: 6 >= train.epochs 6"),
+])
+def test_settings_without_effect_are_refused_in_one_line(train, overrides, message):
+    from search.errors import SearchError
+
+    with pytest.raises(SearchError) as e:
+        _recipe(overrides=overrides, train=train)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 6])
+def test_the_preset_keeps_epoch_counts_below_the_epochs(epochs):
+    r = _recipe(train={"epochs": epochs})
+    sampled, _ = space.resolve(r)
+    if epochs > 2:
+        assert (sampled["lp_epochs"].low, sampled["lp_epochs"].high) == (1, epochs - 1)
+        assert (sampled["step_size"].low, sampled["step_size"].high) == (2, epochs - 1)
+        assert "lp_ft" in sampled["finetune"].choices and "step" in sampled["schedule"].choices
+    if epochs == 2:  # one frozen epoch fits, a step at epoch 2 does not
+        assert (sampled["lp_epochs"].low, sampled["lp_epochs"].high) == (1, 1)
+        assert "step_size" not in sampled and sampled["schedule"].choices == ("cosine", "plateau", "constant")
+    if epochs == 1:
+        assert "lp_epochs" not in sampled and sampled["finetune"].choices == ("full", "linear_probe")
+    for _, hp, _ in _ask(r, n=40):
+        assert hp.schedule != "step" or hp.step_size < epochs
+        assert hp.finetune != "lp_ft" or hp.lp_epochs < epochs
+
+
+def _on(dataset: str, **kw) -> object:
+    return recipe_from_dict(tiny_recipe(pool=["resnet_18", "mini_cnn"], data={"dataset": dataset},
+                                        space={"preset": "quick", "overrides": {"channel_reduce": ["mean", "sum"]}},
+                                        **kw))
+
+
+def test_channel_reduce_is_sampled_only_for_gray_data():
+    assert "channel_reduce" in space.reachable(_on("digits"))
+    assert "channel_reduce" not in space.reachable(_on("cifar10"))
+    assert "channel_reduce" not in space.reachable(_on("pathmnist_64"))  # RGB histology
+    assert "channel_reduce" in space.reachable(_on("organamnist_64"))  # gray CT
+    rows = _ask(_on("cifar10"), n=10)
+    assert all("channel_reduce" not in p and hp.channel_reduce == "mean" for _, hp, p in rows)
+    gray = _ask(_on("digits"), n=40)
+    assert {p.get("channel_reduce") for e, _, p in gray if e.pretrained} == {"mean", "sum"}
+    assert all("channel_reduce" not in p for e, _, p in gray if not e.pretrained)
+
+
+def test_a_fixed_channel_reduce_on_rgb_data_is_refused(tmp_path):
+    from search.errors import SearchError
+
+    with pytest.raises(SearchError, match=r"^recipe: train.channel_reduce: 'sum' has no effect on cifar10, whose "
+                                          r"images have 3 channels \(only 1-channel data reduces a pretrained RGB "
+                                          r"stem\); remove it$"):
+        recipe_from_dict(tiny_recipe(pool=["resnet_18"], data={"dataset": "cifar10"}, train={"channel_reduce": "sum"}))
+    assert recipe_from_dict(tiny_recipe(data={"dataset": "digits"}, train={"channel_reduce": "sum"}))
+    folder = recipe_from_dict(tiny_recipe(data={"dataset": f"folder:{tmp_path}"}, train={"channel_reduce": "sum"}))
+    assert folder.train.channel_reduce == "sum"  # unknown channels before decoding: left to the data

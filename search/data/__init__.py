@@ -30,8 +30,8 @@ from search.data.splits import Raw, Split, read_splits, stratified_split, write_
 from search.errors import SearchError, did_you_mean, one_of
 from search.net import Missing
 
-__all__ = ["Data", "DataCfg", "Raw", "Split", "carve", "carved_splits", "check", "data_root", "dataset_names",
-           "load_data", "load_raw", "loader_for", "stratified_split"]
+__all__ = ["Data", "DataCfg", "Raw", "Split", "carve", "carved_splits", "channels", "check", "data_root",
+           "dataset_names", "load_data", "load_raw", "loader_for", "stratified_split"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,26 @@ DOWNLOADS: dict[str, Callable[[str, Path], list[Download]]] = {
     "galaxy10": galaxy10.downloads,
     **dict.fromkeys(medmnist.names(), medmnist.downloads),
 }
+
+
+# Image channels of the sets whose channels are known before decoding (not image folders).
+CHANNELS: dict[str, int] = {
+    "digits": 1,
+    **dict.fromkeys(cifar.CIFAR, 3),
+    "galaxy10": 3,
+    **{name: medmnist.MEDMNIST[medmnist.parts(name)[0]].channels for name in medmnist.names()
+       if medmnist.parts(name)[0] in medmnist.MEDMNIST},
+}
+
+
+def channels(cfg: DataCfg, decode: bool = False) -> int | None:
+    """The dataset's image channels: known for the named sets; for an image folder None, or with
+    `decode` read from its decoded images (once per process, as `load_data` decodes them)."""
+    if cfg.dataset in CHANNELS:
+        return CHANNELS[cfg.dataset]
+    if decode and cfg.dataset.startswith("folder:"):
+        return int(load_raw(cfg).train.x.shape[1])
+    return None
 
 
 def dataset_names() -> list[str]:
