@@ -424,7 +424,12 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     d["pool"] = [spec_of(recipe, _label(t))]
     sampled, fixed = space.resolve(recipe)
     removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
-    d["space"]["overrides"] = {**removed, **fixed, **{n: t.params.get(n) for n in sampled}}
+    taken = {n: t.params.get(n) for n in sampled}
+    if taken.get("loss") == "focal" and fixed.get("label_smoothing", recipe.train.label_smoothing):
+        # Label smoothing did not act under the sampled focal loss, and a nonzero value beside a fixed
+        # loss: focal is refused as having no effect: 0 acts the same (not at all).
+        taken["label_smoothing"] = 0.0
+    d["space"]["overrides"] = {**removed, **fixed, **taken}
     d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, rank=None, origin=study.study_name,
                       trial_seed=t.user_attrs.get("seed"), confirm=None)  # the same seed: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off

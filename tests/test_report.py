@@ -146,3 +146,21 @@ def test_best_exports_a_recipe_that_searches_nothing(demo_study, tmp_path, capsy
     raw = yaml.safe_load(out.read_text())
     assert raw["space"]["overrides"]["momentum"] is None  # not in effect for adamw: the train default
     assert fixed.train == recipe.train and fixed.data == recipe.data
+
+
+def test_best_of_a_focal_trial_exports_a_recipe_that_loads(tmp_path):
+    """label_smoothing 0.1 in train acts in the ce trials only; the best focal trial's recipe must load."""
+    from optuna.distributions import CategoricalDistribution
+
+    from search.report import best_recipe
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(space={"preset": "quick", "overrides": {"loss": ["ce", "focal"]}},
+                                          train={"label_smoothing": 0.1}))
+    study = optuna.create_study(direction="maximize")
+    dists = {"model": CategoricalDistribution(["mini_cnn"]), "loss": CategoricalDistribution(["ce", "focal"])}
+    study.add_trial(optuna.trial.create_trial(params={"model": "mini_cnn", "loss": "focal"}, distributions=dists,
+                                              value=0.9))
+    exported = recipe_from_dict(best_recipe(study, recipe, study.trials[0]))
+    _, fixed = space.resolve(exported)
+    assert fixed["loss"] == "focal" and fixed["label_smoothing"] == 0.0
