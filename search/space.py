@@ -228,12 +228,12 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
     user = recipe.space.overrides.get(name) is not None
     p = sampled.get(name)
     if p is not None:
-        over = [v for v in (p.choices or (p.high,)) if v >= epochs]
+        over = [v for v in (p.choices or (p.high,)) if isinstance(v, int | float) and v >= epochs]
         if over and user:
             raise SearchError(f"space.overrides.{name}: {over[0]:g} >= train.epochs {epochs}: {why}; "
                               f"keep {name} below {epochs}")
         if over and p.choices:
-            sampled[name] = replace(p, choices=tuple(v for v in p.choices if v < epochs))
+            sampled[name] = replace(p, choices=tuple(v for v in p.choices if v not in over))
         elif over:
             sampled[name] = replace(p, high=epochs - 1)
         p = sampled[name]
@@ -242,7 +242,7 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
     if name in sampled:
         return
     value = fixed.get(name, getattr(recipe.train, name))
-    if value < epochs:
+    if not isinstance(value, int | float) or value < epochs:  # not a number: _check_value refuses it
         return
     q = sampled.get(partner)
     if q is not None and choice in (q.choices or ()):
