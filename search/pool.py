@@ -19,8 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from search.builtins import BUILTINS
 from search.errors import SearchError, did_you_mean, one_of
+from search.section import Section
 
 SOURCES = ("in1k", "in21k", "in21k_ft_in1k", "ssl", "swsl", "clip", "dinov2", "none")
 OVERLAPS = ("full", "partial", "low", "none")
@@ -38,6 +41,16 @@ OVERLAP_OF = {
     "dinov2": "none",
     "none": "none",
 }
+
+
+class PoolEntryCfg(Section):
+    """A pool entry written as a mapping (the recipe's `pool` section; a string entry is the name alone)."""
+
+    model: str
+    pretrained: bool | None = None  # None: the builder's default
+    resolution: int | None = Field(None, ge=8)
+    label: str | None = None
+    source: str | None = None  # weight source, for timm tags the classifier does not know
 
 
 @dataclass(frozen=True)

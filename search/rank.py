@@ -34,16 +34,30 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from search.errors import SearchError
+from search.section import Section
 
 log = logging.getLogger(__name__)
 
 SCORES = ("logme", "probe", "knn")
+
+
+class RankCfg(Section):
+    """`python -m search rank` and `study.rank`: frozen-feature scores of the pool entries."""
+
+    max_images: int = Field(2000, ge=10)  # stratified sample of train the features are taken on
+    max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
+    by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
+    knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
+    batch_size: int = Field(256, ge=1)  # images per forward pass
+
+
 T_MAX = 1e8  # alpha / beta at which the evidence of a featureless target is taken
 RIDGE_GRID = tuple(10.0 ** k for k in range(-4, 5))  # x mean eigenvalue of the train Gram matrix
 WIDTH = 100  # columns of the table

@@ -21,7 +21,8 @@ from search.errors import SearchError, did_you_mean, one_of
 from search.hparams import TrainCfg
 from search.measure import MEASURES
 from search.metrics import METRICS
-from search.pool import parse_pool
+from search.pool import PoolEntryCfg, parse_pool
+from search.rank import RankCfg
 from search.section import Section
 from search.space import SpaceCfg, check_overrides
 
@@ -167,14 +168,6 @@ class StudyCfg(Section):
         return [METRICS.get(n) or MEASURES[n] for n in self.names]
 
 
-class PoolEntryCfg(Section):
-    model: str
-    pretrained: bool | None = None  # None: the builder's default
-    resolution: int | None = Field(None, ge=8)
-    label: str | None = None
-    source: str | None = None  # weight source, for timm tags the classifier does not know
-
-
 PoolSpec = Annotated[str | PoolEntryCfg, Field(union_mode="left_to_right")]
 
 
@@ -196,16 +189,6 @@ class HardwareCfg(Section):
             return v
         raise ValueError("expected auto (pack by measured memory), a whole number >= 1 (trials at most "
                          "per GPU) or null (off)")
-
-
-class RankCfg(Section):
-    """`python -m search rank` and `study.rank`: frozen-feature scores of the pool entries."""
-
-    max_images: int = Field(2000, ge=10)  # stratified sample of train the features are taken on
-    max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
-    by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
-    knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
-    batch_size: int = Field(256, ge=1)  # images per forward pass
 
 
 class Recipe(Section):
