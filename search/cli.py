@@ -145,8 +145,8 @@ def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -
         else:
             st.work(recipe, study, quiet=args.quiet)
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted ({e or 'SIGINT'}): the running trial was marked FAIL 'interrupted'.\n"
-              f"resume with: {st.resume_command(recipe, url)}", file=sys.stderr)
+        print(f"\ninterrupted ({e or 'SIGINT'}): the running trial is queued again and resumes after its last "
+              f"finished epoch.\nresume with: {st.resume_command(recipe, url)}", file=sys.stderr)
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
         print(report.leaderboard_text(study, recipe))

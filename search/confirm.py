@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+import threading
 import time
 from itertools import product
 from typing import Any
@@ -117,12 +118,11 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     inner = st.make_objective(run_recipe, data, entries, recipe.hardware.device, on_line=say, counting=False)
     hb = recipe.study.heartbeat
 
-    def objective(trial: optuna.Trial) -> float | list[float]:
+    def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
             trial.set_user_attr("fail_reason", "duplicate confirmation")
             raise st.TrialFailed("duplicate confirmation")
-        with st.beating(trial, hb):
-            return inner(trial)
+        return inner(trial, lost)
 
     def line(cs: optuna.Study, t: FrozenTrial) -> None:
         k = key(t)
@@ -135,7 +135,10 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         st.sweep(c, hb)
         trials = c.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
-            c.optimize(objective, n_trials=1, callbacks=[line], catch=(st.TrialFailed,), gc_after_trial=True)
+            st.stopped()
+            done = st.run_one(c, objective, hb, say)
+            if done is not None:
+                line(c, done)
             ran += 1
             continue
         if not any(t.state == TrialState.RUNNING for t in trials):

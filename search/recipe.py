@@ -98,7 +98,9 @@ class StudyCfg(Section):
     storage: str | None = None  # default: sqlite:///studies/<name>.db
     n_trials: int = Field(20, ge=1)  # the study's total, across all workers and runs
     timeout: float | None = Field(None, gt=0)  # seconds, study-wide, from the start of the latest `run`
-    heartbeat: int = Field(60, ge=1)  # seconds between a running trial's signs of life; stale after 2x
+    heartbeat: int = Field(20, ge=1)  # seconds between a running trial's signs of life; stale after 10 silent
+    resume: bool = True  # save each running trial's state at every epoch end; a retry goes on from there
+    checkpoint_dir: str | None = None  # where those states live (default studies/NAME/resume); shared for many machines
     sampler: SamplerCfg = SamplerCfg()
     pruner: PrunerCfg = PrunerCfg()
     seed: int = 0  # data carve-outs; trial seeds (training, sampler) derive from it and the number

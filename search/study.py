@@ -7,13 +7,24 @@ running or waiting trials of lower number) ends at once as FAIL with reason
 "study total reached" and is not counted, so any number of workers, runs and
 resumes finish exactly `n_trials`.
 
-Dead workers: every running trial records a sign of life (Optuna's heartbeat on
-RDB storages, a `heartbeat_at` attr everywhere). A trial silent for twice the
-heartbeat is failed with reason "worker died (no heartbeat)" and queued again
-as a WAITING copy (same params, seed and intermediate values); the copy holds
-the slot, so the dead trial does not count, and reruns the training, reporting
-only the epochs after those the dead run reported. Workers wait for the last running
-trials before they exit, so a retry is always picked up.
+Dead workers: every running trial records a sign of life from a thread of its
+own, independent of training progress (Optuna's heartbeat on RDB storages, a
+`heartbeat_at` attr everywhere). A trial silent for STALE_BEATS heartbeats is
+failed with reason "worker died (no heartbeat)" and queued again as a WAITING
+copy (same params, seed and intermediate values); the copy holds the slot, so
+the dead trial does not count. Workers wait for the last running trials before
+they exit, so a retry is always picked up.
+
+Resuming: a running trial saves its full training state at every epoch end,
+atomically, to `trial-N.pt` under the study's resume directory (`study.
+checkpoint_dir`/NAME, default `studies/NAME/resume`; a shared path for many
+machines). A retry (of a dead, preempted or interrupted trial) takes that file
+over and goes on from the epoch after it: at most the epoch in progress is
+lost, and on the CPU the history is exactly the uninterrupted one's. The file
+is removed when the trial ends. SIGTERM or Ctrl-C stops the running trial at
+the next step, queues it again and exits without a traceback; a second Ctrl-C
+exits at once. A worker whose trial was failed by another (as stale) drops it
+and goes on: the retry is someone else's.
 """
 
 from __future__ import annotations
@@ -57,12 +68,22 @@ STUDIES = Path("studies")
 STALE_REASON = "worker died (no heartbeat)"
 NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reasons that free their slot
 HEARTBEAT_ATTR = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
-MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this
+STALE_BEATS = 10  # heartbeats of silence before a running trial is judged dead (a slow process still beats)
+MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this (preemptions do not count)
+STATE_FORMAT = 1  # of the per-epoch resume files
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: which process ran it
 
 
 class TrialFailed(Exception):
     """A trial that ended without a result (diverged, out of memory, invalid combination)."""
+
+
+class TrialLost(Exception):
+    """Another worker failed this trial (as stale) while it ran here: its retry runs elsewhere."""
+
+
+class TrialInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the trial: its last epoch is saved and it is queued again."""
 
 
 class TotalReached(Exception):
@@ -149,7 +170,8 @@ def _rdb(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
                               {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}})
     kwargs: dict[str, Any] = {"engine_kwargs": engine}
     if heartbeat:
-        kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat, heartbeat_stale_trial_callback=retry)
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=STALE_BEATS * heartbeat,
+                      heartbeat_stale_trial_callback=retry)
     storage = optuna.storages.RDBStorage(url, **kwargs)
     if sqlite:
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_connect)
@@ -553,21 +575,28 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
 # dead workers: stale trials are failed with a reason and queued again
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a WAITING copy of a dead worker's trial: same params, its intermediate values kept.
+RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted")  # not carried to a retry
 
-    The storage calls this for each trial it fails as stale (RDB heartbeats); `fail_stale` calls
-    it for journal storages. The copy records the original in the system attrs Optuna's
-    RetryHeartbeatStaleTrialCallback uses (`failed_trial`, `retry_history`), so its helpers work.
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = True) -> None:
+    """Queue a WAITING copy of a dead (or, died=False, preempted) worker's trial: same params and
+    seed, its intermediate values kept; it resumes from the trial's last saved epoch.
+
+    `fail_stale` calls this for each trial it fails as stale. The copy records the original in
+    the system attrs Optuna's RetryHeartbeatStaleTrialCallback uses (`failed_trial`,
+    `retry_history`), so its helpers work; `deaths` counts the dead workers only, so a trial
+    preempted any number of times is always queued again.
     """
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRIES:
+    deaths = trial.system_attrs.get("deaths", 0) + int(died)
+    if deaths > MAX_RETRIES:
         return
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", HEARTBEAT_ATTR)}
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESUME_ATTRS}
     study.add_trial(optuna.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={**user_attrs, "retry_of": trial.number},
-        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history},
+        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history,
+                      "deaths": deaths},
         intermediate_values=trial.intermediate_values,
     ))
 
@@ -579,8 +608,8 @@ def _beats(storage: optuna.storages.BaseStorage) -> bool:
 
 def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
     """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
-    has one, else by our `heartbeat_at` attr (stale after 2x the heartbeat)."""
-    return fail_stale(study, None if _beats(study._storage) else 2 * heartbeat)
+    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats)."""
+    return fail_stale(study, None if _beats(study._storage) else STALE_BEATS * heartbeat)
 
 
 def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
@@ -616,25 +645,32 @@ def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int
         trial = storage.get_trial(trial_id)
         retry(study, trial)
         failed.append(trial.number)
-    if _beats(storage):
-        optuna.storages.fail_stale_trials(study)  # any that turned stale since (retried by the storage)
     return failed
 
 
 @contextlib.contextmanager
-def beating(trial: optuna.Trial, interval: float) -> Iterator[None]:
-    """Record a sign of life on the trial every `interval` s (user attr `heartbeat_at`, epoch seconds).
+def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None = None) -> Iterator[None]:
+    """Record a sign of life on the trial every `interval` s, from a thread of its own: Optuna's
+    heartbeat on RDB storages, and the user attr `heartbeat_at` (epoch seconds) everywhere.
 
-    Journal storages have no heartbeat of their own; on RDB storages this one lets `fail-stale`
-    judge any storage the same way.
+    Journal and gRPC storages have no heartbeat of their own; on RDB storages the attr lets
+    `fail-stale` judge any storage the same way. When the storage refuses the beat because the
+    trial has finished (another worker failed it as stale), `lost` is set and beating stops.
     """
     stop = threading.Event()
     storage, trial_id = trial.study._storage, trial._trial_id
+    rdb = _beats(storage)
 
     def beat() -> None:
         while True:
             try:
+                if rdb:
+                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
                 storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if lost is not None:
+                    lost.set()
+                return
             except Exception as e:  # noqa: BLE001 - a missed beat is not worth killing the trial
                 log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
             if stop.wait(interval):
@@ -810,12 +846,63 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
                          on_wait=lambda s: on_line(f"trial {trial.number:>3} {entry.label:<24} {s}"))
 
 
+# ---------------------------------------------------------------------------
+# resuming: one state file per running trial
+
+
+def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
+    """Where a study's running trials keep their last epoch's state."""
+    if recipe.study.checkpoint_dir:
+        return Path(recipe.study.checkpoint_dir).expanduser() / study.study_name
+    return artifacts.dir_of(study) / "resume"
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
+    sees all of it once the name does)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
+    """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
+    that dies in turn leaves it to the next), or None and why it starts over."""
+    import torch
+
+    mine = directory / f"trial-{trial.number}.pt"
+    source = directory / f"trial-{trial.user_attrs['retry_of']}.pt"
+    path = mine if mine.exists() else source
+    if not path.exists():
+        return None, f"no saved state at {source}: trained from the first epoch"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, and say so
+        return None, f"saved state {path} unreadable ({type(e).__name__}: {e}): trained from the first epoch"
+    meta = state.get("trial", {}) if isinstance(state, dict) else {}
+    if (meta.get("format") != STATE_FORMAT or meta.get("seed") != seed
+            or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)):
+        return None, f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch"
+    if path != mine:
+        os.replace(path, mine)
+    return state, ""
+
+
 def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device: str,
                    on_line: Callable[[str], None] = print, *,
-                   counting: bool = True) -> Callable[[optuna.Trial], float | list[float]]:
-    """The trial function: sample, build, measure, train; returns the objective value(s).
+                   counting: bool = True) -> Callable[..., float | list[float]]:
+    """The trial function `objective(trial, lost=None)`: sample, build, measure, train (resumed
+    from a saved state for a retry); returns the objective value(s).
 
-    counting=False (confirmation runs) takes no slot of n_trials.
+    counting=False (confirmation runs) takes no slot of n_trials. `lost` (set by the heartbeat
+    when another worker failed the trial) and STOP (SIGTERM, Ctrl-C) end the training at the
+    next step: TrialLost, or TrialInterrupted after the trial is queued again.
     """
     metric = recipe.study.metric
     n_trials = recipe.study.n_trials
@@ -823,7 +910,8 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
     multi = len(names) > 1  # Optuna neither takes intermediate values nor prunes these
     wanted = [n for n in (*names, *recipe.study.constraints) if n in CONSTRAINABLE]
 
-    def objective(trial: optuna.Trial) -> float | list[float]:
+    def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
+        lost = lost or threading.Event()
         trials = trial.study.get_trials(deepcopy=False)
         earlier = [t for t in counted(trials) if t.number < trial.number]
         if counting and len(earlier) >= n_trials:
@@ -857,9 +945,28 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
             measures = measure_model(model, wanted, data.in_chans, res, dev)  # before training: pruned trials have them
             for k, v in measures.items():
                 trial.set_user_attr(k, v)
-            history: list[dict[str, float]] = []
+            where = resume_dir(trial.study, recipe)
+            path = where / f"trial-{trial.number}.pt"
+            state = None
+            if retried and recipe.study.resume:
+                state, why = take_state(where, trial, seed)
+                if state is not None:
+                    trial.set_user_attr("resumed_from_epoch", int(state["epoch"]))
+                    on_line(f"trial {trial.number:>3} {entry.label:<24} resumes after epoch {state['epoch']} "
+                            f"(trial {trial.user_attrs['retry_of']}'s saved state)")
+                else:
+                    trial.set_user_attr("restarted", why)
+            history: list[dict[str, float]] = list(state["history"]) if state else []
+            meta = {"format": STATE_FORMAT, "study": trial.study.study_name, "number": trial.number,
+                    "params": trial.params, "seed": seed}
+
+            def on_state(s: dict[str, Any]) -> None:
+                if not lost.is_set():
+                    save_state(path, {"trial": meta, **s})
 
             def on_epoch(epoch: int, record: dict[str, float]) -> None:
+                if lost.is_set():
+                    raise TrialLost(f"trial {trial.number} was failed by another worker")
                 history.append(record)
                 if epoch not in reported and not multi:
                     trial.report(record[f"val_{metric}"], epoch)
@@ -876,12 +983,28 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     record_constraints(trial, recipe.study.constraints)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            with slot as placed:
-                if placed != dev:
-                    trial.set_user_attr("device", str(placed))
-                result = fit(model, data, hp, device=placed, on_epoch=on_epoch, monitor=metric, seed=seed,
-                             amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                             gpu_memory_share=recipe.hardware.gpu_memory_share, keep_best=recipe.study.top_k > 0)
+            try:
+                with slot as placed:
+                    if placed != dev:
+                        trial.set_user_attr("device", str(placed))
+                    result = fit(model, data, hp, device=placed, on_epoch=on_epoch, monitor=metric, seed=seed,
+                                 amp=recipe.hardware.amp, compile=recipe.hardware.compile,
+                                 gpu_memory_share=recipe.hardware.gpu_memory_share,
+                                 keep_best=recipe.study.top_k > 0,
+                                 on_state=on_state if recipe.study.resume else None, state=state,
+                                 micro_batch=int(state["micro_batch"]) if state else None,
+                                 stop=lambda: lost.is_set() or STOP.is_set())
+            except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
+                raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+            except Exception:
+                path.unlink(missing_ok=True)  # the trial ends here: nothing will resume it
+                raise
+            if result.status == "interrupted":
+                if lost.is_set():
+                    raise TrialLost(f"trial {trial.number} was failed by another worker")
+                trial.set_user_attr("fail_reason", "interrupted")
+                raise TrialInterrupted(result.reason)
+            path.unlink(missing_ok=True)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
@@ -912,8 +1035,97 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
     return objective
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+# ---------------------------------------------------------------------------
+# one trial's life cycle, and stopping on a signal
+
+STOP = threading.Event()  # set by the first SIGTERM / SIGINT: the running trial stops at its next step
+_STOPPED_BY: list[str] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if STOP.is_set():  # the second one: now
+        raise KeyboardInterrupt(name)
+    _STOPPED_BY[:] = [name]
+    STOP.set()
+    again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+    print(f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
+          f"queued again ({again} quits at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT set STOP (the second raises KeyboardInterrupt) while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def stopped() -> None:
+    """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
+    if STOP.is_set():
+        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return trial.study._storage.get_trial(trial._trial_id)
+
+
+def run_one(study: optuna.Study, objective: Callable[..., float | list[float]], heartbeat: int,
+            say: Callable[[str], None] = print) -> optuna.trial.FrozenTrial | None:
+    """Ask for a trial (a queued one first), run it with a heartbeat, tell its end.
+
+    The harness's own loop rather than `Study.optimize`, so that a trial failed meanwhile by
+    another worker (as stale) is dropped instead of crashing the worker ("Cannot tell a FAIL
+    trial"), and an interrupted trial is queued again. Returns the finished trial, or None
+    when it was lost to another worker. KeyboardInterrupt (a signal) propagates after the
+    trial is queued again; an unexpected error after the trial is failed with its reason.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
+        trial = study.ask()
+    lost = threading.Event()
+    values: float | list[float] | None = None
+    state = TrialState.FAIL
+    try:
+        try:
+            with beating(trial, heartbeat, lost):
+                values = objective(trial, lost)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (TrialFailed, TotalReached):
+            pass
+        except (TrialInterrupted, KeyboardInterrupt):
+            retry(study, _frozen(trial), died=False)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        except Exception as e:
+            if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    if trial.user_attrs.get("fail_reason") is None:
+                        trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}"[:500])
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+    except TrialInterrupted as e:
+        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else str(e)) from None
+    finally:
+        import gc
+
+        gc.collect()
+    frozen = _frozen(trial)
+    if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
+        say(f"trial {trial.number:>3} was failed by another worker ({frozen.user_attrs.get('fail_reason')}); "
+            "dropped here, its retry runs from its saved state")
+        return None
+    return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
 
 
 def start_clock(study: optuna.Study, recipe: Recipe) -> None:
@@ -932,11 +1144,17 @@ def _deadline(study: optuna.Study, recipe: Recipe) -> float | None:
 def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     """Run trials in this process until the study's total (or its deadline) is reached.
 
-    Returns the number of trials this process ran. SIGTERM is turned into
-    KeyboardInterrupt, so the running trial ends as FAIL 'interrupted'. When the
-    total is taken but other workers' trials still run, this worker waits: if one
-    of them dies, its retry is run here, so the study still ends with n_trials.
+    Returns the number of trials this process ran. SIGTERM or Ctrl-C stops the
+    running trial at its next step, queues it again (it resumes from its last
+    finished epoch) and raises KeyboardInterrupt. When the total is taken but
+    other workers' trials still run, this worker waits: if one of them dies, its
+    retry is run here, so the study still ends with n_trials.
     """
+    with stopping_on_signals():
+        return _work(recipe, study, quiet=quiet)
+
+
+def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     entries = parse_pool(recipe.pool)
     preflight(entries)
@@ -959,34 +1177,24 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     sweep(study, hb)
     n_total = recipe.study.n_trials
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     deadline = _deadline(study, recipe)
-
-    def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        line = report.trial_line(study, trial, finished(study), recipe.study.n_trials, recipe.study.metric)
-        if line:
-            say(line)
-        if remaining(study, recipe.study.n_trials) == 0:
-            study.stop()
-
-    inner = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say)
-
-    def objective(trial: optuna.Trial) -> float:
-        with beating(trial, hb):
-            return inner(trial)
+    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say)
 
     ran = 0
     while deadline is None or time.time() < deadline:
+        stopped()
         sweep(study, hb)
         trials = study.get_trials(deepcopy=False)
         if len(counted(trials)) < n_total or any(t.state == TrialState.WAITING for t in trials):
-            study.optimize(objective, n_trials=1, callbacks=[stop_at_total],
-                           catch=(TrialFailed, TotalReached), gc_after_trial=True)
+            done = run_one(study, objective, hb, say)
             ran += 1
+            line = done and report.trial_line(study, done, finished(study), n_total, recipe.study.metric)
+            if line:
+                say(line)
             continue
         if not any(t.state == TrialState.RUNNING for t in trials):
             break
-        time.sleep(min(hb, 5))  # another worker's trial is running: it may die and need a retry
+        STOP.wait(min(hb, 5))  # another worker's trial is running: it may die and need a retry
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")
         return ran

@@ -10,7 +10,10 @@ micro-batches with accumulated gradients (the same effective batch); failures
 (divergence, out of memory at the smallest micro-batch) end the fit with a
 reason instead of raising, so a study records them and goes on. `fit` knows
 nothing of Optuna: the study passes `on_epoch(epoch, record)`, which may raise
-to prune.
+to prune, `on_state(state)`, which saves each epoch's full state (weights,
+optimizer, scaler, schedule position, every RNG), `state` to resume from one
+(the rest of the run is then exactly the uninterrupted one's), and `stop()`,
+polled at every step, to end the fit early as 'interrupted'.
 
 Speed (scripts/bench_train.py, 32 px, batch 64, 2 AVX-512 CPU cores, medians
 of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
@@ -50,7 +53,7 @@ RECOMPILE_LIMIT = 64  # torch.compile graphs kept per forward (architecture x sh
 
 @dataclass
 class FitResult:
-    status: str  # 'ok', 'early_stopped', 'diverged', 'oom'
+    status: str  # 'ok', 'early_stopped', 'diverged', 'oom', 'interrupted' (stop() said so)
     reason: str  # '' when status is ok
     best_epoch: int  # 1-based; 0 when no epoch finished
     best: dict[str, float]  # validation metrics of the best epoch
@@ -308,6 +311,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+class Stopped(Exception):
+    """stop() said so, at a step boundary."""
+
+
+def rng_states(gen: torch.Generator, rng: random.Random, cuda: bool) -> dict[str, Any]:
+    """Every random state a fit draws from, in types `torch.load(weights_only=True)` reads back:
+    the fit's generator and host Random, and torch's and Python's global ones (dropout, drop-path)."""
+    return {"gen": gen.get_state(), "host": list(rng.getstate()[1]), "torch": torch.get_rng_state(),
+            "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else []}
+
+
+def set_rng_states(states: dict[str, Any], gen: torch.Generator, rng: random.Random, cuda: bool) -> None:
+    gen.set_state(states["gen"])
+    rng.setstate((3, tuple(states["host"]), None))
+    torch.set_rng_state(states["torch"])
+    random.setstate((3, tuple(states["python"]), None))
+    if cuda and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 @contextmanager
 def determinism(on: bool, cuda: bool) -> Iterator[None]:
     """Deterministic kernels (`on`) or cuDNN autotuning (off, CUDA) for one fit; restores the previous state."""
@@ -426,6 +450,9 @@ def fit(
     keep_best: bool = False,
     gpu_memory_share: float = 0.5,
     micro_batch: int | None = None,
+    on_state: Callable[[dict[str, Any]], None] | None = None,
+    state: dict[str, Any] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
@@ -443,6 +470,13 @@ def fit(
     fails at MIN_MICRO_BATCH, which ends the fit as 'oom'. The size that fit is
     kept for the rest of the fit, in each record (`micro_batch`) and the result.
     `micro_batch` starts there instead of at the full batch (a resumed trial).
+
+    Resuming: `on_state` gets, after every epoch that does not end the fit, the
+    state a later fit resumes from when passed as `state` (with the same model,
+    data, hparams and seed): epochs already run are not run again, and on the
+    CPU the resumed history equals the uninterrupted one exactly (timings
+    aside). `stop()` true at a step boundary ends the fit as 'interrupted'; the
+    epoch in progress is lost, the last state stands.
     """
     hp = hparams
     if monitor not in METRICS:
@@ -497,8 +531,19 @@ def fit(
     t_start = time.perf_counter()
     step = 0
     micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))  # kept once reduced
+    first = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], gen, rng, cuda)
+        history, best, best_epoch = list(state["history"]), dict(state["best"]), int(state["best_epoch"])
+        best_state = state.get("best_state")
+        step, micro, frozen = int(state["step"]), int(state["micro_batch"]), bool(state["frozen"])
+        set_backbone_frozen(model, head, frozen)
+        first = int(state["epoch"]) + 1
     with determinism(hp.deterministic, cuda), host_memory(dev):
-        for epoch in range(1, hp.epochs + 1):
+        for epoch in range(first, hp.epochs + 1):
             if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
                 frozen = False
                 set_backbone_frozen(model, head, False)
@@ -518,6 +563,8 @@ def fit(
             phase = "train"
             try:
                 for i in range(steps_per_epoch):
+                    if stop is not None and stop():
+                        raise Stopped
                     f = lr_factor(step, total, warmup, hp.schedule, step_every=step_every, gamma=hp.gamma,
                                   min_ratio=hp.min_lr_ratio, decays=decays)
                     for g in opt.param_groups:
@@ -559,6 +606,9 @@ def fit(
                 status = "oom"
                 reason = (f"out of memory at batch size {bs} in micro-batches of {micro}" if phase == "train"
                           else f"out of memory in validation (batches of {EVAL_BATCH})")
+            except Stopped:
+                status, reason = "interrupted", f"stopped in epoch {epoch}; {epoch - 1} epochs done"
+                break
             if status == "oom":  # outside the except: its traceback no longer pins the step's tensors
                 xb = loss = None
                 free_memory(model, opt, cuda)
@@ -583,6 +633,14 @@ def fit(
                 on_epoch(epoch, record)  # may raise (pruning): nothing after this needs cleanup
             if hp.patience and epoch - best_epoch >= hp.patience:
                 status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
+                break
+            if on_state is not None and epoch < hp.epochs:
+                on_state({"epoch": epoch, "step": step, "micro_batch": micro, "frozen": frozen,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                          "rng": rng_states(gen, rng, cuda), "history": history, "best": best,
+                          "best_epoch": best_epoch, "best_state": best_state})
+            if stop is not None and epoch < hp.epochs and stop():
+                status, reason = "interrupted", f"stopped after epoch {epoch}"
                 break
     last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     return FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,

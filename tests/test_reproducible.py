@@ -111,3 +111,22 @@ def test_a_queued_trial_keeps_its_params_and_its_seed(tmp_path):
     assert first.state == second.state == TrialState.COMPLETE
     assert first.params["lr"] == 0.003 and first.user_attrs["seed"] == 12345
     assert second.user_attrs["seed"] == st.trial_seed(0, 1)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "qmc"])
+def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_path):
+    from tests.test_storage import database
+
+    with database("postgres") as url:
+        write_recipe(tmp_path / "r.yaml", tiny_recipe(
+            name="four", study={"n_trials": 24, "storage": url, "sampler": {"name": sampler, "n_startup_trials": 8}},
+            data={"max_samples": 100}, train={"epochs": 1}, space=SPACE))
+        proc = run_cli("run", "r.yaml", "--workers", "4", "-q", cwd=tmp_path, timeout=600,
+                       env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        trials = optuna.load_study(study_name="four", storage=url).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 24 and len(st.counted(trials)) == 24
+    assert len({t.user_attrs["worker"] for t in done}) == 4  # all four took part
+    configs = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(configs)) == 24, [c for c in configs if configs.count(c) > 1]

@@ -178,9 +178,9 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     assert "password" not in str(study.user_attrs["recipe"])
 
 
-def test_sixteen_workers_on_one_sqlite_file(tmp_path):
+def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path):
     url = f"sqlite:///{tmp_path}/many.db"
-    write_recipe(tmp_path / "r.yaml", tiny_recipe(name="many", study={"n_trials": 16, "storage": url},
+    write_recipe(tmp_path / "r.yaml", tiny_recipe(name="many", study={"n_trials": 16, "storage": url, "heartbeat": 2},
                                                   data={"max_samples": 100}, train={"epochs": 1}))
     proc = run_cli("run", "r.yaml", "--workers", "16", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,6 +189,10 @@ def test_sixteen_workers_on_one_sqlite_file(tmp_path):
     study = optuna.load_study(study_name="many", storage=url)
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 16, _states(study)
+    assert len(st.counted(trials)) == 16
+    # 16 processes on 2 cores: every live trial still beats, so none is failed as stale or retried
+    assert not [t.number for t in trials if t.user_attrs.get("fail_reason") == st.STALE_REASON or "retry_of" in t.user_attrs]
+    assert all(t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL)
     assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) > 1
     assert "leaderboard" in proc.stdout  # printed once, by the coordinator
 

@@ -457,3 +457,63 @@ def test_a_workers_memory_does_not_grow_trial_by_trial():
         pytest.skip("this C library has no mallopt (not glibc)")
     rss = [float(v) for v in out]
     assert max(rss) - rss[0] < 100, rss  # kept for reuse during a fit, trimmed after it (else ~1.3 GB more)
+
+
+# ---------------------------------------------------------------------------
+# resuming from an epoch's state
+
+
+def _metrics(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+
+
+@pytest.mark.parametrize("kw", [
+    {"mixup_alpha": 0.2, "cutmix_alpha": 0.5, "mix_prob": 0.7, "dropout": 0.3, "schedule": "cosine"},
+    {"finetune": "lp_ft", "lp_epochs": 2, "schedule": "plateau", "optimizer": "sgd", "label_smoothing": 0.1},
+])
+def test_a_fit_resumed_from_any_epochs_state_ends_exactly_as_the_uninterrupted_one(digits, tmp_path, kw):
+    cfg = hp(epochs=4, warmup_epochs=0.5, lr=5e-3, **{k: v for k, v in kw.items() if k != "dropout"})
+
+    def model() -> nn.Module:
+        torch.manual_seed(11)
+        m = build_model("mini_cnn", num_classes=digits.num_classes, in_chans=1, resolution=8,
+                        dropout=kw.get("dropout", 0.0))
+        m.info = dataclasses.replace(m.info, pretrained="finetune" in kw)
+        return m
+
+    files = {}
+
+    def save(state: dict) -> None:  # as a study does: to a file, read back with weights_only
+        files[state["epoch"]] = tmp_path / f"e{state['epoch']}.pt"
+        torch.save(state, files[state["epoch"]])
+
+    whole = train.fit(model(), digits, cfg, device="cpu", seed=3, keep_best=True, on_state=save)
+    assert sorted(files) == [1, 2, 3]  # no state after the last epoch: nothing would resume from it
+    for k in (1, 2, 3):
+        torch.manual_seed(999)  # a different process history: the state alone decides
+        random.random()
+        state = torch.load(files[k], weights_only=True)
+        seen = []
+        res = train.fit(model(), digits, cfg, device="cpu", seed=3, keep_best=True, state=state,
+                        on_epoch=lambda e, r, seen=seen: seen.append(e))
+        assert seen == list(range(k + 1, 5))  # only the epochs after the state run
+        assert _metrics(res.history) == _metrics(whole.history), k
+        assert res.best_epoch == whole.best_epoch and res.best == whole.best
+        assert all(torch.equal(res.best_state[n], v) for n, v in whole.best_state.items())
+
+
+def test_stop_ends_the_fit_at_a_step_boundary_as_interrupted(digits):
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 10  # in the second epoch (7 steps of 32 per epoch)
+
+    states = []
+    res = train.fit(mini(digits), digits, hp(epochs=4), device="cpu", stop=stop,
+                    on_state=lambda s: states.append(s["epoch"]))
+    steps = len(digits.train.y) // 32
+    assert steps < 10 < 2 * steps + 1
+    assert res.status == "interrupted" and res.reason == "stopped in epoch 2; 1 epochs done"
+    assert [r["epoch"] for r in res.history] == [1] and states == [1]
+    assert not res.failed
