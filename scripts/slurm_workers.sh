@@ -14,8 +14,9 @@
 #      (workers need no database password: SEARCH_STORAGE=grpc://proxy.example.org:13000)
 #
 # Each array task is one worker on one GPU. The study total (n_trials) is shared: workers stop
-# when it is taken. A preempted or killed worker's trial is failed after 2x study.heartbeat and
-# run again by another worker; re-submitting the array resumes the study. Without a proxy, set
+# when it is taken. A preempted worker (SIGTERM) queues its trial again at once; a killed one's
+# is failed after 10 silent heartbeats. Either way another worker resumes it from its last epoch
+# (set study.checkpoint_dir to a path every node reads); re-submitting the array resumes the study. Without a proxy, set
 # SEARCH_STORAGE to the database URL (and export SEARCH_PG_PASSWORD): fine for a few dozen
 # workers, until the database's connection limit ("too many clients").
 #SBATCH --job-name=search-workers
