@@ -28,30 +28,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from search import space
     from search import study as st
     from search.pool import parse_pool
+    from search.text import table
 
     recipe = _recipe(args)
     s = recipe.study
     url = s.storage or st.default_storage(s.name)
-    print(f"recipe {args.recipe}: ok")
-    print(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
-          f"pruner {s.pruner.name}, storage {st.mask(url)}")
-    print(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
+    say = _sayer(args)
+    say(f"recipe {args.recipe}: ok")
+    say(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
+        f"pruner {s.pruner.name}, storage {st.mask(url)}")
+    say(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
     if s.rank is not None:
         r = recipe.rank
-        print(f"rank before the search by {r.by} on {r.max_images} train images: keep {s.rank.keep or 'all'}"
-              f"{', baselines in rank order first' if s.rank.order else ''}")
+        say(f"rank before the search by {r.by} on {r.max_images} train images: keep {s.rank.keep or 'all'}"
+            f"{', baselines in rank order first' if s.rank.order else ''}")
     print("pool:")
     entries = parse_pool(recipe.pool)
-    for e in entries:
-        print(f"  {e.label:<32} source {e.source:<14} overlap {e.overlap}")
+    print("\n".join(table(["entry", "weight source", "ImageNet overlap"], [[e.label, e.source, e.overlap]
+                                                                          for e in entries],
+                           wide=args.wide, indent="  ", sep="  ")))
     print(f"search space (preset {recipe.space.preset}):")
-    print(space.describe(recipe))
+    for line in space.describe(recipe).splitlines():  # `model {labels}` of a long pool wraps under itself
+        say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
         st.check_storage(url)
     except SearchError as e:
         problems.insert(0, str(e))
-    return _verdict(missing, problems, "validate")
+    return _verdict(missing, problems, "validate", args.recipe)
+
+
+def _sayer(args: argparse.Namespace) -> Callable[..., None]:
+    """print, a long line wrapped to 100 columns (unless --wide), continuation lines indented."""
+    from search.text import wrap
+
+    def say(line: str, indent: str = "  ") -> None:
+        print(line if getattr(args, "wide", False) else "\n".join(wrap(line, indent=indent)))
+
+    return say
 
 
 def _offline_checks(recipe, entries) -> tuple[list, list[str]]:
@@ -77,9 +91,12 @@ def _offline_checks(recipe, entries) -> tuple[list, list[str]]:
     return missing, problems
 
 
-def _verdict(missing: list, problems: list[str], command: str) -> int:
+def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> int:
     """Print the checklist of missing files and one line per problem; 0 when there is neither."""
     from search.net import checklist
+    from search.text import command as cmd
+
+    prefetch = cmd(f"prefetch {recipe}")
 
     if missing:
         print(checklist(missing))
@@ -87,7 +104,7 @@ def _verdict(missing: list, problems: list[str], command: str) -> int:
         print(f"error: {p}", file=sys.stderr)
     if missing:
         print(f"error: {command}: {len(missing)} file(s) missing, listed above; download each URL to its path, "
-              "or run this prefetch on a machine with internet and copy the files over", file=sys.stderr)
+              f"or run `{prefetch}` with internet and copy them over", file=sys.stderr)
     return 2 if missing or problems else 0
 
 
@@ -149,9 +166,10 @@ def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -
               f"finished epoch.\nresume with: {st.resume_command(recipe, url)}", file=sys.stderr)
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
-        print(report.leaderboard_text(study, recipe))
+        wide = getattr(args, "wide", False)
+        print(report.leaderboard_text(study, recipe, wide=wide))
         if study.user_attrs.get("rank"):
-            print("\n" + report.rank_text(study, recipe))
+            print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
     return 0
 
@@ -166,31 +184,63 @@ def dashboard_command(recipe, url: str) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from search.builtins import BUILTINS
-    from search.pool import parse_entry
+    """Built-ins (or one timm name) with their weights, source, overlap, input size and parameters.
 
+    Parameters are counted with an ImageNet head (1,000 classes, 3 channels; mini_cnn 10 classes)
+    unless --classes / --channels give the data's shape, which is what a study's leaderboard counts.
+    """
+    from search.builtins import BUILTINS
+    from search.models import build_model, input_resolution
+    from search.pool import parse_entry
+    from search.report import short_count
+    from search.text import table, wrap
+
+    if (args.classes is not None and args.classes < 2 or args.channels not in (None, 1, 3)
+            or args.size is not None and args.size < 8):
+        raise SearchError(f"models: --classes {args.classes} --channels {args.channels} --size {args.size}: give "
+                          "2 or more classes, 1 (gray) or 3 (RGB) channels and 8 px or more")
     if args.name:
         rows = [parse_entry(args.name)]
     else:
-        rows = [parse_entry(n) for n in BUILTINS] + [parse_entry({"model": n, "pretrained": False}) for n in BUILTINS if BUILTINS[n].default_tag]
+        rows = [parse_entry(n) for n in BUILTINS] + [parse_entry({"model": n, "pretrained": False}) for n in BUILTINS
+                                                     if BUILTINS[n].default_tag]
     out = []
     for e in rows:
         b = BUILTINS.get(e.arch) if e.builtin else None
-        from search.models import build_model, input_resolution
-
         res = input_resolution(e, None) if (not b or b.resolution) else None
-        classes = 10 if b and not b.default_tag else 1000  # the specification's counts: ImageNet heads
+        classes = args.classes or (10 if b and not b.default_tag else 1000)  # default: the specification's heads
         params = sum(p.numel() for p in build_model({"model": e.model, "pretrained": False}, num_classes=classes,
-                                                    in_chans=3, resolution=res or 224).parameters())
+                                                    in_chans=args.channels or 3,
+                                                    resolution=res or args.size or 224).parameters())
         out.append({"label": e.label, "weights": e.tag or "none", "source": e.source, "overlap": e.overlap,
-                    "resolution": res or "data", "params": params, "note": b.note if b else ""})
+                    "resolution": res or args.size or "data", "classes": classes, "params": params,
+                    "note": b.note if b else ""})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'model':<24} {'weights':<22} {'source':<14} {'overlap':<8} {'input':>6} {'params':>11}  note")
-    for r in out:
-        print(f"{r['label']:<24} {r['weights']:<22} {r['source']:<14} {r['overlap']:<8} {r['resolution']!s:>6} "
-              f"{r['params']:>11,}  {r['note']}")
+    if args.csv:
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(out[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(out)
+        return 0
+    notes = list(dict.fromkeys(r["note"] for r in out if r["note"]))  # numbered below the table
+    print("\n".join(table(["model", "weights", "source", "overlap", "input", "params", "note"],
+                          [[r["label"], r["weights"], r["source"], r["overlap"], r["resolution"],
+                            f"{r['params']:,}" if args.wide else short_count(r["params"]),
+                            notes.index(r["note"]) + 1 if r["note"] else ""] for r in out],
+                          right=[False, False, False, False, True, True, True], wide=args.wide, sep="  ")))
+    for i, n in enumerate(notes):
+        print("\n".join(wrap(f"{i + 1:>2}  {n}", 10**6 if args.wide else 100, indent="    ")))
+    if args.classes or args.channels or args.size:
+        note = (f"params: counted for {args.classes or '1,000 (ImageNet)'} classes, {args.channels or 3} "
+                f"channel(s), entries that follow the data at {args.size or 224} px.")
+    else:
+        note = ("params: counted with an ImageNet head (1,000 classes; mini_cnn 10), 3 channels, 224 px; a study "
+                "counts them at its data's shape, as its leaderboard does: --classes 10 --channels 1 --size 8 "
+                "gives digits' counts. input 'data': the entry follows the images' size.")
+    print("\n".join(wrap(note, 10**6 if args.wide else 100)))
     return 0
 
 
@@ -223,7 +273,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 problems.append(str(err))
     except SearchError as err:
         problems.append(str(err))
-    return _verdict(missing, problems, "prefetch")
+    return _verdict(missing, problems, "prefetch", args.recipe)
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -265,16 +315,18 @@ def _stored(args: argparse.Namespace):
 
 def cmd_report(args: argparse.Namespace) -> int:
     from search import report
+    from search.text import wrap
 
     recipe, study, _, directory = _stored(args)
-    print(report.leaderboard_text(study, recipe, top=max(1, recipe.study.top_k)))
-    extra = report.selection_text(study, recipe)
+    print(report.report_text(study, recipe, top=max(1, recipe.study.top_k), wide=args.wide))
+    extra = report.selection_text(study, recipe, wide=args.wide)
     if extra:
         print("\n" + extra)
     if study.user_attrs.get("rank"):
-        print("\n" + report.rank_text(study, recipe))
+        print("\n" + report.rank_text(study, recipe, wide=args.wide))
     files = report.write_report(study, recipe, directory / "report")
-    print(f"\nwrote {directory / 'report'}/: {', '.join(f.name for f in files)}")
+    print()
+    print("\n".join(wrap(f"wrote {directory / 'report'}/: {', '.join(f.name for f in files)}")))
     return 0
 
 
@@ -290,16 +342,18 @@ def cmd_best(args: argparse.Namespace) -> int:
         rule = f"best val {recipe.study.metric} on the Pareto front under {args.pick}"
     elif len(recipe.study.names) > 1:
         report.best_trial(study, recipe)  # no complete trial: that error first
-        print(report.pareto_text(study, recipe), file=sys.stderr)
+        print(report.pareto_text(study, recipe, wide=args.wide), file=sys.stderr)
         raise SearchError(f"study '{study.study_name}' has {len(recipe.study.names)} objectives: choose a trial "
                           "of the Pareto front above with a condition, e.g. "
                           f"--pick '{recipe.study.names[1]}<=VALUE'")
     else:
         t, rule = report.best_choice(study, recipe)
-    Path(args.out).write_text(report.best_yaml(study, recipe, t, rule))
-    print(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
-          f"{report.value(t):.4f}) -> {args.out}\nrule: {rule}\n"
-          f"retrain and test it once: {command('retrain ' + args.out)}")
+    Path(args.out).write_text(report.best_yaml(study, recipe, t, rule, path=args.out))
+    say = _sayer(args)
+    say(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
+        f"{report.value(t):.4f}) -> {args.out}")
+    say(f"rule: {rule}")
+    print(f"retrain and test it once:\n  {command('retrain ' + args.out)}")  # whole: it is pasted
     return 0
 
 
@@ -318,7 +372,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     print(f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
           f"'{confirm.companion_name(study.study_name)}'")
     confirm.work(recipe, study, quiet=args.quiet)
-    print(report.confirmed_text(study, recipe))
+    print(report.confirmed_text(study, recipe, wide=args.wide))
     return 0
 
 
@@ -376,6 +430,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def wide(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--wide", action="store_true", help="names in full and exact counts: lines may pass 100 "
+                        "columns (tables are also written as CSV)")
+
     def with_recipe(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("recipe", help="recipe YAML file")
@@ -385,9 +443,10 @@ def parser() -> argparse.ArgumentParser:
     run = with_recipe("run", "run (or continue) the study of a recipe")
     run.add_argument("--force", action="store_true", help="continue a study even if its recipe changed")
     run.add_argument("-q", "--quiet", action="store_true")
+    wide(run)
     run.add_argument("--workers", type=int, metavar="N", help="local worker processes (default hardware.workers; "
                      "GPUs round-robin; 0: only create the study, start workers elsewhere)")
-    with_recipe("validate", "check a recipe and print the resolved search space")
+    wide(with_recipe("validate", "check a recipe and print the resolved search space"))
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
     rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")
@@ -397,6 +456,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--study", required=True, help="study name")
     w.add_argument("-q", "--quiet", action="store_true")
     w.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
+    wide(w)
     fs = sub.add_parser("fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage")
     fs.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
     fs.add_argument("--study", required=True, help="study name")
@@ -405,6 +465,11 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list built-in models, or classify a timm name")
     m.add_argument("name", nargs="?", help="e.g. timm/convnext_tiny.fb_in22k")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--csv", action="store_true", help="the table as CSV")
+    wide(m)
+    m.add_argument("--classes", type=int, metavar="N", help="count parameters with an N-class head (the data's)")
+    m.add_argument("--channels", type=int, metavar="C", help="count parameters for C input channels (1 or 3)")
+    m.add_argument("--size", type=int, metavar="PX", help="input size of the entries that follow the data")
     for name, help in (("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
                        ("best", "export the best trial as a recipe that searches nothing"),
                        ("dashboard", "open optuna-dashboard on a study, with its artifacts"),
@@ -412,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("study", help="study name")
         sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
+        if name != "dashboard":
+            wide(sp)
         if name == "best":
             sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
             sp.add_argument("--pick", metavar="CONDITION", help="several objectives: the best primary metric on "

@@ -97,6 +97,12 @@ def check_timm_name(entry: PoolEntry) -> None:
         )
 
 
+def _timm_tags(arch: str) -> list[str]:
+    import timm
+
+    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+
+
 def classify_tag(arch: str, tag: str | None) -> tuple[str, str]:
     """(weight source, ImageNet overlap) of a timm `arch.tag`.
 
@@ -172,6 +178,11 @@ def parse_entry(spec: Any) -> PoolEntry:
         tag = (tag or b.default_tag) if pretrained else None
         source = source or (b.weights[tag].source if tag else "none")
     else:
+        if pretrained is None and tag is None:  # scratch or a forgotten tag: the user says which
+            tags = _timm_tags(arch)
+            some = ", ".join(tags[:3]) + (", ..." if len(tags) > 3 else "") if tags else "none in timm"
+            raise SearchError(f"'{written}': no pretrained tag; name the weights as timm/{arch}.<tag> ({some}) "
+                              f"or write {{model: {written}, pretrained: false}} for scratch")
         if pretrained is None:
             pretrained = tag is not None
         if pretrained and tag is None:
@@ -192,8 +203,8 @@ def parse_entry(spec: Any) -> PoolEntry:
         label = written
         if builtin and not pretrained and BUILTINS[arch].default_tag is not None:
             label = f"{arch}-scratch"
-        elif not builtin and not pretrained and "." not in written:
-            label = written
+        elif not builtin and not pretrained:
+            label = f"{model}-scratch"  # as the built-ins: a label says when there are no weights
         if resolution:
             label += f"@{resolution}"
     return PoolEntry(

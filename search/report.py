@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
 from search.recipe import Recipe
-from search.text import command
+from search.text import WIDTH, command, fit_line, shorten, table, wrap, wrap_items
 
 POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
 STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
@@ -112,29 +112,139 @@ def _hp_text(hp: dict[str, Any]) -> str:
     return ", ".join(f"{k}={format(v, '.4g') if isinstance(v, float) else v}" for k, v in hp.items())
 
 
-def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0) -> str:
-    """The leaderboard as a fixed-width table (and the `top` best trials when top > 0)."""
+def short_count(n: int | None) -> str:
+    """11172810 -> '11.2M', 94186 -> '94.2k' (the exact count is in the CSV and with --wide)."""
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Leaderboard rows by (weight source, ImageNet overlap), the group of the best entry first."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["source"], r["overlap"]), []).append(r)
+    return out
+
+
+def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bool = False) -> str:
+    """The leaderboard, grouped by weight source, in 100 columns (and the `top` best trials when top > 0).
+
+    `wide`: names in full and exact parameter counts, whatever the width.
+    """
     rows = leaderboard(study, recipe)
     m = recipe.study.metric
-    head = (f"{'pool entry':<28} {'best ' + m:>14} {'median':>8} {'done':>5} {'pruned':>6} {'failed':>6} "
-            f"{'n/c':>4} {'s/epoch':>8} {'params':>11}  {'source':<14} overlap")
     running = sum(r["running"] for r in rows)
     note = f", {running} running" if running else ""
-    lines = [f"study {study.study_name}: leaderboard (validation {m}{note})", head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['entry']:<28} {_fmt(r['best'], '.4f'):>14} {_fmt(r['median'], '.4f'):>8} {r['complete']:>5} "
-            f"{r['pruned']:>6} {r['failed']:>6} {r['not_counted']:>4} {_fmt(r['sec_per_epoch'], '.2f'):>8} "
-            f"{_fmt(r['params'], ','):>11}  {r['source']:<14} {r['overlap']}"
-        )
+    lines = [f"study {study.study_name}: leaderboard (validation {m}{note}), grouped by weight source"]
+    if not rows:
+        lines.append("no trial has started yet")
+    else:
+        ordered = [r for group in _groups(rows).values() for r in group]
+        body = table(["pool entry", f"best {m}" if wide else "best", "median", "done", "pruned", "failed", "n/c",
+                      "running", "s/epoch", "params"],
+                     [[r["entry"], _fmt(r["best"], ".4f"), _fmt(r["median"], ".4f"), r["complete"], r["pruned"],
+                       r["failed"], r["not_counted"], r["running"], _fmt(r["sec_per_epoch"], ".2f"),
+                       _fmt(r["params"], ",") if wide else short_count(r["params"])] for r in ordered],
+                     right=[False] + [True] * 9, wide=wide, indent="  ", sep="  ")
+        lines += body[:2]
+        i = 2
+        for (source, overlap), group in _groups(rows).items():
+            lines.append(f"weight source {source} (ImageNet overlap {overlap or '?'}):" if source
+                         else "weight source not recorded:")
+            lines += body[i:i + len(group)]
+            i += len(group)
     if any(r["not_counted"] for r in rows):
         lines.append("n/c: not counted toward n_trials (retried after a dead worker, interrupted, or past the total)")
     if top:
-        lines += ["", f"top {top} trials:"]
-        for r in top_trials(study, recipe, top):
-            lines.append(f"  #{r['rank']} trial {r['trial']:>3} {r['entry']:<24} {m} {r['value']:.4f} "
-                         f"(epoch {r['best_epoch']})  {_hp_text(r['hyperparameters'])}")
+        lines += ["", *top_text(study, recipe, top, wide)]
     return "\n".join(lines)
+
+
+def _state_counts(study: optuna.Study) -> str:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = STATE_KEYS.get(t.state, t.state.name.lower())
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items()) or "no trials"
+
+
+def top_text(study: optuna.Study, recipe: Recipe, top: int, wide: bool = False) -> list[str]:
+    """The `top` best complete trials as a table, hyperparameters wrapped; an honest line when none is."""
+    rows = top_trials(study, recipe, top)
+    m = recipe.study.metric
+    if not rows:
+        return [f"top trials: none yet, no trial has completed ({_state_counts(study)})"]
+    head = f"top {len(rows)} trials" + (f" (of the {top} asked for)" if len(rows) < top else "") + ":"
+    return [head, *table(["#", "trial", "pool entry", m, "epoch", "hyperparameters"],
+                         [[r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"],
+                           _hp_text(r["hyperparameters"])] for r in rows],
+                         right=[True, True, False, True, True], shrink=2, wrap=True, wide=wide, indent="  ",
+                         sep="  ")]
+
+
+def _elapsed(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def running_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> list[str]:
+    """The trials running now: epochs reported so far, the last value, time since the start."""
+    import datetime
+
+    now = datetime.datetime.now()
+    trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not trials:
+        return []
+    m = recipe.study.metric
+    rows = []
+    for t in trials:
+        pts = sorted(t.intermediate_values.items())
+        rows.append([t.number, _label(t) or "(not sampled yet)", f"{pts[-1][0] if pts else 0}/{recipe.train.epochs}",
+                     _fmt(pts[-1][1] if pts else None, ".4f"),
+                     _elapsed((now - t.datetime_start).total_seconds()) if t.datetime_start else "-"])
+    return [f"running now ({len(rows)}):", *table(["trial", "pool entry", "epochs", f"last {m}", "running for"], rows,
+                                                   right=[True, False, True, True, True], shrink=1, wide=wide,
+                                                   indent="  ")]
+
+
+def retrain_text(study: optuna.Study, recipe: Recipe) -> list[str]:
+    """The retrain's test result (the study's `retrain` record), or nothing before a retrain."""
+    rec = study.user_attrs.get("retrain")
+    if not rec:
+        return []
+    metrics = [f"{k} {v:.4f}" for k, v in rec["test_metrics"].items() if isinstance(v, float)]
+    lines = [f"test split (by retrain, evaluated once, n={rec.get('n_test', '?')}): {rec['pool_label']} trained on "
+             f"train+val for {rec['epochs']} epochs, seed {rec.get('seed', '?')}:", *wrap_items("  ", metrics)]
+    summary = rec.get("test_summary")
+    if summary:
+        lines += wrap_items(f"  over {len(rec.get('seeds', ()))} seeds (mean, std, 95% t-interval):", [
+            f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in summary.items()
+            if k in ("test_accuracy", f"test_{recipe.study.metric}")], indent="    ")
+    return lines
+
+
+def importance_text(study: optuna.Study) -> list[str]:
+    """fANOVA importances on one line, with the number of trials they rest on and a caveat below
+    IMPORTANCE_MIN_TRIALS."""
+    imp = importances(study)
+    if isinstance(imp, str) or not imp:
+        return wrap(imp or "parameter importances: no sampled parameter")
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return wrap_items(f"parameter importances ({importance_caption(n)}):",
+                      [f"{k} {v:.2f}" + ("," if i < len(imp) - 1 else "") for i, (k, v) in enumerate(imp.items())],
+                      sep=" ")
+
+
+def report_text(study: optuna.Study, recipe: Recipe, top: int = 3, wide: bool = False) -> str:
+    """What `report` prints: leaderboard, running trials, top trials, test result, importances."""
+    parts = [leaderboard_text(study, recipe, wide=wide), "\n".join(running_text(study, recipe, wide)),
+             "\n".join(top_text(study, recipe, top, wide)), "\n".join(retrain_text(study, recipe)),
+             "\n".join(importance_text(study))]
+    return "\n\n".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +255,18 @@ def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def source_rows(study: optuna.Study, recipe: Recipe) -> list[list[Any]]:
+    """Per weight source (and overlap): its entries, their best value and complete trials."""
+    maximize = recipe.study.direction == "maximize"
+    out = []
+    for (source, overlap), group in _groups(leaderboard(study, recipe)).items():
+        vals = [r["best"] for r in group if r["best"] is not None]
+        best = (max(vals) if maximize else min(vals)) if vals else None
+        out.append([source, overlap, ", ".join(r["entry"] for r in group), _fmt(best, ".4f"),
+                    sum(r["complete"] for r in group)])
+    return out
 
 
 def markdown(study: optuna.Study, recipe: Recipe) -> str:
@@ -161,9 +283,18 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
         _md_table(["pool entry", f"best {m}", "median", "complete", "pruned", "failed", "not counted", "running",
                    "s/epoch",
                    "params", "source", "ImageNet overlap"], board),
+        "## By weight source",
+        _md_table(["weight source", "ImageNet overlap", "pool entries", f"best {m}", "complete"],
+                  source_rows(study, recipe)),
         "## Top trials",
-        _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top),
+        _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top) if top
+        else f"No complete trial yet ({_state_counts(study)}).",
     ]
+    imp = importances(study)
+    if isinstance(imp, dict) and imp:
+        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        parts += ["## Parameter importances", f"{importance_caption(n)}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + "."]
     test = study.user_attrs.get("retrain")
     if test:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in test["test_metrics"].items() if isinstance(v, float))
@@ -194,6 +325,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"trial": t.number, "state": t.state.name, "value": value(t), "entry": _label(t),
+                     "source": t.user_attrs.get("weight_source"), "overlap": t.user_attrs.get("imagenet_overlap"),
                      **({n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
                         if len(study.directions) > 1 else {}),
                      "feasible": _feasible(t),
@@ -240,9 +372,9 @@ def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> lis
     return out
 
 
-def selection_text(study: optuna.Study, recipe: Recipe) -> str:
+def selection_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The Pareto front and the confirmed leaderboard, those that apply, for `report`."""
-    return "\n\n".join(p for p in (pareto_text(study, recipe), confirmed_text(study, recipe)) if p)
+    return "\n\n".join(p for p in (pareto_text(study, recipe, wide), confirmed_text(study, recipe, wide)) if p)
 
 
 # ---------------------------------------------------------------------------
@@ -345,14 +477,27 @@ def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     ax.legend(fontsize=8)
 
 
+IMPORTANCE_MIN_TRIALS = 20  # fewer complete trials than this: importances are a rough hint
+
+
+def importance_caption(n: int) -> str:
+    """How much the importances rest on: the number of trials, a caveat under the threshold."""
+    caveat = f"; under {IMPORTANCE_MIN_TRIALS}: a rough hint, not a ranking" if n < IMPORTANCE_MIN_TRIALS else ""
+    return f"fANOVA over {n} complete trials{caveat}"
+
+
 def importances(study: optuna.Study) -> dict[str, float] | str:
-    """fANOVA parameter importances, or why they cannot be computed yet."""
+    """fANOVA parameter importances, or why they cannot be computed yet.
+
+    optuna-dashboard computes PED-ANOVA importances instead, so on few trials the two can
+    disagree; both are estimates over the complete trials."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(done) < 2:
         return f"parameter importances need at least 2 complete trials, found {len(done)}"
     try:
+        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None  # the primary objective
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target)
     except (RuntimeError, ValueError) as e:  # e.g. no parameter varies across the trials
         return f"parameter importances unavailable: {e}"
 
@@ -362,9 +507,13 @@ def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     if isinstance(imp, str) or not imp:
         _empty(ax, imp or "no sampled parameter")
         return
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     names = list(imp)[::-1]
-    ax.barh(names, [imp[n] for n in names], color="tab:blue")
-    ax.set(xlabel="importance (fANOVA, normalized)", title="Parameter importances")
+    ax.barh(names, [imp[k] for k in names], color="tab:blue" if n >= IMPORTANCE_MIN_TRIALS else "tab:gray")
+    ax.set(xlabel="importance (fANOVA, normalized)", title=f"Parameter importances ({n} complete trials)")
+    if n < IMPORTANCE_MIN_TRIALS:
+        ax.text(0.98, 0.02, f"only {n} trials (< {IMPORTANCE_MIN_TRIALS}): a rough hint", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=9, color="tab:red")
 
 
 def plot_all(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
@@ -409,12 +558,22 @@ def best_trial(study: optuna.Study, recipe: Recipe) -> FrozenTrial:
     return best_choice(study, recipe)[0]
 
 
+def winning_values(recipe: Recipe, t: FrozenTrial) -> dict[str, Any]:
+    """The hyperparameters the search sampled in trial `t` (those that took effect), in sampling order."""
+    from search import space
+
+    sampled, _ = space.resolve(recipe)
+    return {n: t.params[n] for n in sampled if n in t.params}
+
+
 def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None) -> dict[str, Any]:
     """A standalone recipe: the best trial's pool entry and hyperparameters fixed, nothing sampled.
 
-    Parameters that did not take effect in that trial are set to null (the
-    `train` default, as in the trial). `study.origin` names the study, so
-    `retrain` records its test metrics there.
+    Every value is in `train:`, the trial's sampled ones first, then what the recipe fixed in
+    `space.overrides`, then the recipe's `train`; parameters that did not take effect in that
+    trial keep their `train` value, as in the trial. `space` samples nothing (preset none), the
+    pool is the winning entry, `study.trial_seed` pins the trial's seed (the same curve), and
+    `study.origin` names the study, so `retrain` records its test metrics there.
     """
     from search import space
     from search.artifacts import spec_of
@@ -422,14 +581,14 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     t = t or best_trial(study, recipe)
     d = recipe.normalized()
     d["pool"] = [spec_of(recipe, _label(t))]
-    sampled, fixed = space.resolve(recipe)
-    removed = {k: None for k, v in recipe.space.overrides.items() if v is None}
-    taken = {n: t.params.get(n) for n in sampled}
-    if taken.get("loss") == "focal" and fixed.get("label_smoothing", recipe.train.label_smoothing):
+    _, fixed = space.resolve(recipe)
+    won = winning_values(recipe, t)
+    if won.get("loss") == "focal" and fixed.get("label_smoothing", recipe.train.label_smoothing):
         # Label smoothing did not act under the sampled focal loss, and a nonzero value beside a fixed
         # loss: focal is refused as having no effect: 0 acts the same (not at all).
-        taken["label_smoothing"] = 0.0
-    d["space"]["overrides"] = {**removed, **fixed, **taken}
+        fixed = {**fixed, "label_smoothing": 0.0}
+    d["train"] = {**won, **fixed, **{k: v for k, v in d["train"].items() if k not in won and k not in fixed}}
+    d["space"] = {"preset": "none", "overrides": {}}
     d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, rank=None, origin=study.study_name,
                       trial_seed=t.user_attrs.get("seed"), confirm=None)  # the same seed: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
@@ -437,19 +596,39 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     return d
 
 
-def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None, rule: str = "") -> str:
-    """best_recipe as YAML with a header saying where it came from and what to do with it."""
+def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None, rule: str = "",
+              path: str = "FILE") -> str:
+    """best_recipe as YAML: a header naming the trial, its metric and what to do with the file, and
+    `train:` with the trial's sampled values first, under a comment saying so."""
     import yaml
 
     if t is None:
         t, rule = best_choice(study, recipe)
-    d = best_recipe(study, recipe, t)
-    head = (f"# Best trial {t.number} of study '{study.study_name}': {_label(t)}, "
-            f"val {recipe.study.metric} {value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}).\n"
-            + (f"# Chosen by: {rule}.\n" if rule else "")
-            + "# Nothing is sampled. Train it once more: python -m search run FILE\n"
-            "# Test it (train+val, one evaluation on the test split): python -m search retrain FILE\n")
-    return head + yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
+    d = json.loads(json.dumps(best_recipe(study, recipe, t)))
+    won = winning_values(recipe, t)
+    head = [f"Best trial {t.number} of study '{study.study_name}': {_label(t)}, val {recipe.study.metric} "
+            f"{value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}), seed {t.user_attrs.get('seed')}.",
+            *([f"Chosen by: {rule}."] if rule else []),
+            "Nothing is sampled: the pool is that entry, every value is in train:, the seed is pinned "
+            "(study.trial_seed).",
+            f"Train it once more (the same curve): {command('run ' + path)}",
+            f"Test it (train+val, one evaluation on the test split): {command('retrain ' + path)}"]
+    out = ["# " + line for h in head for line in wrap(h, WIDTH - 2, indent="  ")]
+
+    def dump(obj: Any, indent: str = "") -> list[str]:
+        return [indent + line for line in yaml.safe_dump(obj, sort_keys=False).splitlines()]
+
+    for key, section in sorted(d.items(), key=lambda kv: kv[0] not in ("pool", "train")):  # the winner first
+        if key != "train":
+            out += dump({key: section})
+            continue
+        out.append("train:")
+        if won:
+            out.append(f"  # trial {t.number}'s values, sampled by the search:")
+            out += dump({k: section[k] for k in won}, "  ")
+        out.append("  # fixed by the recipe, and the defaults:" if won else "  # the recipe's values and defaults:")
+        out += dump({k: v for k, v in section.items() if k not in won}, "  ")
+    return "\n".join(out) + "\n"
 
 
 def bar(done: int, total: int, width: int = 20) -> str:
@@ -503,30 +682,28 @@ def stability(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[int, float, s
     return winner_stability({r["trial"]: r["values"] for r in feasible}, recipe.study.direction == "maximize")
 
 
-def confirmed_text(study: optuna.Study, recipe: Recipe) -> str:
+def confirmed_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The confirmed leaderboard: mean, std and 95% t-interval per configuration, best per entry."""
     rows = confirmed_rows(study, recipe)
     if not rows:
         return ""
     m = recipe.study.metric
-    head = f"{'trial':>5} {'pool entry':<24} {'seeds':>5} {'mean':>7} {'std':>7} {'95% CI (t)':>17}  values"
-    lines = [f"confirmed over seeds (validation {m}; mean, sample std, Student-t 95% interval)", head,
-             "-" * len(head)]
-    for r in rows:
-        vals = " ".join(f"{v:.4f}" for v in r["values"])
-        mark = "" if r["feasible"] else "  (infeasible)"
-        lines.append(f"{r['trial']:>5} {r['entry']:<24} {r['seeds']:>5} {r['mean']:>7.4f} {r['std']:>7.4f} "
-                     f"{'[' + format(r['low'], '.4f') + ', ' + format(r['high'], '.4f') + ']':>17}  {vals}{mark}")
+    lines = [f"confirmed over seeds (validation {m}; mean, sample std, Student-t 95% interval)"]
+    lines += table(["trial", "pool entry", "seeds", "mean", "std", "95% CI (t)", "values"],
+                   [[r["trial"], r["entry"], r["seeds"], f"{r['mean']:.4f}", f"{r['std']:.4f}",
+                     f"[{r['low']:.4f}, {r['high']:.4f}]",
+                     " ".join(f"{v:.4f}" for v in r["values"]) + ("" if r["feasible"] else "  (infeasible)")]
+                    for r in rows], right=[True, False, True, True, True, True], shrink=1, wrap=True, wide=wide)
     best_per: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["feasible"]:
             best_per.setdefault(r["entry"], r)
-    lines.append("best confirmed per pool entry: " + ", ".join(
-        f"{e} trial {r['trial']} ({r['mean']:.4f})" for e, r in best_per.items()))
+    lines += wrap("best confirmed per pool entry: " + ", ".join(
+        f"{e} trial {r['trial']} ({r['mean']:.4f})" for e, r in best_per.items()), 10**6 if wide else WIDTH)
     s = stability(rows, recipe)
     if s:
-        lines.append(f"winner stability: trial {s[0]} is first in {100 * s[1]:.1f}% of draws of one seed per "
-                     f"configuration ({s[2]})")
+        lines += wrap(f"winner stability: trial {s[0]} is first in {100 * s[1]:.1f}% of draws of one seed per "
+                      f"configuration ({s[2]})", 10**6 if wide else WIDTH)
     return "\n".join(lines)
 
 
@@ -577,7 +754,7 @@ def _objective_cells(t: FrozenTrial, recipe: Recipe) -> list[str]:
             for n, v in zip(recipe.study.names, t.values, strict=True)]
 
 
-def pareto_text(study: optuna.Study, recipe: Recipe) -> str:
+def pareto_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The Pareto front as a table (multi-objective studies; '' otherwise)."""
     names = recipe.study.names
     if len(names) < 2:
@@ -586,10 +763,10 @@ def pareto_text(study: optuna.Study, recipe: Recipe) -> str:
     infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not _feasible(t))
     dirs = ", ".join(f"{n} ({d[:3]})" for n, d in zip(names, recipe.study.directions, strict=True))
     note = f"; {infeasible} infeasible trials left out" if infeasible else ""
-    head = f"{'trial':>5} {'pool entry':<24} " + " ".join(f"{n:>12}" for n in names)
-    lines = [f"Pareto front: {len(front)} trials ({dirs}{note})", head, "-" * len(head)]
-    for t in front:
-        lines.append(f"{t.number:>5} {_label(t):<24} " + " ".join(f"{c:>12}" for c in _objective_cells(t, recipe)))
+    lines = wrap(f"Pareto front: {len(front)} trials ({dirs}{note})", 10**6 if wide else WIDTH)
+    lines += table(["trial", "pool entry", *names],
+                   [[t.number, _label(t), *_objective_cells(t, recipe)] for t in front],
+                   right=[True, False] + [True] * len(names), shrink=1, wide=wide)
     return "\n".join(lines)
 
 
@@ -741,24 +918,24 @@ def _tau_line(taus: dict[str, tuple[float | None, int]]) -> str:
         f"{k} {_fmt(t, '+.2f')}" for k, (t, _) in taus.items())
 
 
-def rank_text(study: optuna.Study, recipe: Recipe) -> str:
+def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The rank scores next to the fine-tuned results, and Kendall's tau; '' when the study did not rank."""
     rows = rank_rows(study, recipe)
     stored = study.user_attrs.get("rank")
     if not stored:
         return ""
     m = recipe.study.metric
-    head = (f"{'#':>2}  {'pool entry':<30} {'logme':>8} {'probe':>6} {'knn':>6}  {'fine-tuned ' + m:>20} "
-            f"{'place':>5} {'done':>4}")
-    lines = [f"rank before the search (by {stored['by']}, keep {stored['keep'] or 'all'}) against fine-tuning:",
-             head, "-" * len(head)]
-    for r in rows:
-        best = _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped"
-        lines.append(f"{r['rank']:>2}  {r['entry'][:30]:<30} {_fmt(r['logme'], '.4f'):>8} {_fmt(r['probe'], '.3f'):>6} "
-                     f"{_fmt(r['knn'], '.3f'):>6}  {best:>20} {_fmt(r['fine_tuned_place'], 'd'):>5} {r['complete']:>4}")
+    cells = [[r["rank"], r["entry"], _fmt(r["logme"], ".4f"), _fmt(r["probe"], ".3f"), _fmt(r["knn"], ".3f"),
+              _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped", _fmt(r["fine_tuned_place"], "d"),
+              r["complete"]] for r in rows]
+    lines = [f"rank before the search (by {stored['by']}, keep {stored['keep'] or 'all'}) against fine-tuning:"]
+    lines += table(["#", "pool entry", "logme", "probe", "knn", f"fine-tuned {m}", "place", "done"], cells,
+                   right=[True, False, True, True, True, True, True, True], shrink=1, wide=wide, indent=" ",
+                   sep="  ")
     for label, why in stored["unranked"].items():
-        lines.append(f" -  {label[:30]:<30} not ranked: {why}"[:100])
-    lines.append(_tau_line(rank_tau(study, recipe)))
+        line = f" -  {label if wide else shorten(label, 40)}: not ranked, {why}"
+        lines.append(line if wide else fit_line(line))
+    lines += wrap(_tau_line(rank_tau(study, recipe)), 10**6 if wide else WIDTH)
     return "\n".join(lines)
 
 

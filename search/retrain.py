@@ -29,7 +29,7 @@ from search.hparams import TrainCfg
 from search.models import build_model, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
-from search.text import command
+from search.text import command, wrap, wrap_items
 from search.train import fit, predict, resolve_device
 
 
@@ -61,6 +61,11 @@ def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     # No early stopping: with val merged into train there is nothing honest to stop on. Validated, so
     # integer fields get ints even where a fixed override was read as a float (batch_size 32.0).
     return entries[0], TrainCfg.model_validate({**recipe.train.model_dump(), **fixed, "patience": None})
+
+
+def _fit(line: str) -> str:
+    """A message line in 100 columns, continuation lines indented."""
+    return "\n".join(wrap(line))
 
 
 def merge_train_val(data: Data) -> Data:
@@ -151,15 +156,15 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     dev = resolve_device(recipe.hardware.device)
     fit_data = merge_train_val(data)
     seed_list = [recipe.study.seed + i for i in range(seeds)]
-    say(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
-        f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}")
+    say(_fit(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
+        f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}"))
     runs = []
     kept = None
     for seed in seed_list:
         model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say)
         runs.append({"seed": seed, "test_metrics": test, "epochs": len(result.history)})
-        say(f"test, seed {seed} (official split, evaluated once): "
-            + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        say("\n".join(wrap_items(f"test, seed {seed} (official split, evaluated once):",
+                                 [f"{k} {v:.4f}" for k, v in test.items()])))
         if kept is None:
             kept = (model, result, test, cm, seed)
     model, result, test, cm, seed = kept
@@ -167,7 +172,8 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
     record = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
-              "hyperparameters": space.resolve(recipe)[1], "seed": seed, "test_metrics": test,
+              "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS}, "seed": seed,
+              "test_metrics": test,
               "seeds": runs, "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
               "dir": str(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if seeds > 1:
@@ -181,16 +187,16 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
                               trial=None, epoch=len(result.history), metrics=test)
 
     if study.user_attrs.get("retrain"):
-        say(f"note: study '{study.study_name}' already had a test evaluation "
-            f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one")
+        say(_fit(f"note: study '{study.study_name}' already had a test evaluation "
+            f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one"))
     store = artifacts.store_for(out.parent)
     for name in ("test_metrics.json", "confusion.png", "model.pt"):
         optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(out / name), study_or_trial=study)
     study.set_user_attr("retrain", record)
     if seeds > 1:
-        say(f"test over {seeds} seeds (mean, std, 95% t-interval): " + "  ".join(
+        say("\n".join(wrap_items(f"test over {seeds} seeds (mean, std, 95% t-interval):", [
             f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
-            for k, v in record["test_summary"].items() if k in ("test_accuracy", "test_" + recipe.study.metric)))
-    say(f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
-        f"recorded on study '{study.study_name}'")
+            for k, v in record["test_summary"].items() if k in ("test_accuracy", "test_" + recipe.study.metric)])))
+    say(_fit(f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
+        f"recorded on study '{study.study_name}'"))
     return record

@@ -68,7 +68,7 @@ Override = ParamCfg | list[Any] | bool | int | float | str | None
 
 
 class SpaceCfg(Section):
-    preset: Literal["quick", "full"] = "quick"
+    preset: Literal["quick", "full", "none"] = "quick"
     overrides: dict[str, Override] = {}
 
     @field_validator("overrides", mode="before")
@@ -167,6 +167,7 @@ PARAMS: dict[str, Param] = {
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),  # nothing sampled but what space.overrides ranges (a `best` recipe: all in train)
     "quick": ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "dropout", "backbone_lr_mult"),
     "full": ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "batch_size", "schedule", "step_size",
              "warmup_epochs", "dropout", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "aug_scale",

@@ -33,6 +33,7 @@ from search.builtins import BUILTINS
 from search.errors import SearchError
 from search.net import Missing, network_up, offline
 from search.pool import PoolEntry
+from search.text import command
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -110,7 +111,7 @@ def missing_error(entry: PoolEntry, why: str) -> SearchError:
     return SearchError(
         f"{entry.label}: pretrained weights {weights_name(entry)} are not cached ({why}): "
         f"expected {path} (cache {cache}); on a machine with internet run "
-        "`python -m search prefetch RECIPE` and copy the cache over, or set pretrained: false"
+        f"`{command('prefetch RECIPE')}` and copy the cache over, or set pretrained: false"
     )
 
 
@@ -204,7 +205,7 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
         if code:
             what = f"it would call {code.group(1)}" if code.group(1) else "it holds pickled objects"
             raise SearchError(f"weights file {path} needs code to be unpickled, and is refused ({what}); it is "
-                              "not a plain checkpoint: delete it and run `python -m search prefetch RECIPE` "
+                              f"not a plain checkpoint: delete it and run `{command('prefetch RECIPE')}` "
                               "again") from None
         raise _unreadable(path, e) from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
@@ -216,7 +217,7 @@ def _unreadable(path: Path, e: Exception) -> SearchError:
     text = str(e).split("WeightsUnpickler error:")[-1]
     why = " ".join(text.split("Check the documentation")[0].split())[:120]
     return SearchError(f"weights file {path} cannot be read ({type(e).__name__}: {why}); delete it and run "
-                       "`python -m search prefetch RECIPE` again")
+                       f"`{command('prefetch RECIPE')}` again")
 
 
 def check(entry: PoolEntry) -> Path:

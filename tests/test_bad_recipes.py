@@ -25,7 +25,7 @@ RECIPES = [
     ({"hardware": {"workers": 0}}, r"hardware.workers: .*greater than or equal to 1"),
     ({"hardware": {"trials_per_gpu": 0}}, r"hardware.trials_per_gpu: expected auto .*, a whole number >= 1 .* \(got 0\)"),
     ({"hardware": {"trials_per_gpu": "many"}}, r"hardware.trials_per_gpu: expected auto .*or null \(off\)"),
-    ({"space": {"preset": "huge"}}, r"space.preset: 'huge' is not allowed; allowed: quick, full"),
+    ({"space": {"preset": "huge"}}, r"space.preset: 'huge' is not allowed; allowed: quick, full, none"),
     ({"space": {"overrides": {"lr": {"low": 0.1}}}}, r"space.overrides.lr: a range needs both low and high"),
     ({"space": {"overrides": {"batch_size": {"choices": []}}}}, r"choices is empty"),
     ({"space": {"overrides": {"step_size": {"low": 1.5, "high": 3}}}}, r"space.overrides.step_size: an integer range needs whole numbers"),

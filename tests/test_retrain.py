@@ -86,6 +86,13 @@ def test_best_then_retrain_reads_the_test_split_once(tmp_path, monkeypatch, spie
     assert float((logits.argmax(1) == d.test.y).float().mean()) == pytest.approx(acc, abs=1e-6)
     assert len(d.test) == record["n_test"] == 269  # 15 % of 1,797 digits, stratified
 
+    # The terminal report shows the test result next to the validation leaderboard.
+    capsys.readouterr()
+    assert cli.main(["report", "tiny"]) == 0
+    shown = capsys.readouterr().out
+    assert (f"test split (by retrain, evaluated once, n=269): mini_cnn trained on train+val for 2 epochs, seed 0:\n"
+            f"  test_loss {record['test_metrics']['test_loss']:.4f}  test_accuracy {acc:.4f}") in shown
+
 
 def test_retrain_refuses_a_recipe_that_still_searches(tmp_path):
     f = write_recipe(tmp_path / "search.yaml", tiny_recipe(pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}]))
