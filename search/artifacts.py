@@ -116,7 +116,7 @@ class ServedStore:
 # checkpoints
 
 
-def spec_of(recipe: Recipe, label: str) -> str | dict[str, Any]:
+def spec_of(recipe: Recipe, label: str | None) -> str | dict[str, Any]:
     """The pool entry with this label as the recipe writes it (for build_model and exported recipes)."""
     from search.pool import parse_entry
 
@@ -128,7 +128,9 @@ def spec_of(recipe: Recipe, label: str) -> str | dict[str, Any]:
 
 def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> dict[str, Any]:
     """What load_checkpoint needs to rebuild a `build_model` model (weights come from the checkpoint)."""
-    info = model.info
+    from search.models import info_of
+
+    info = info_of(model)
     return {"spec": spec_of(recipe, info.label), "num_classes": data.num_classes, "in_chans": data.in_chans,
             "resolution": info.resolution, "dropout": hp.dropout, "channel_reduce": info.channel_reduce,
             "mean": list(info.mean), "std": list(info.std)}
@@ -147,7 +149,7 @@ def load_checkpoint(source: str | Path | bytes) -> tuple[nn.Module, dict[str, An
     """(model with the checkpoint's weights, the checkpoint dict) from a file path or downloaded bytes."""
     import io
 
-    from search.models import build_model
+    from search.models import build_model, info_of
 
     f = io.BytesIO(source) if isinstance(source, bytes) else source
     ckpt = torch.load(f, map_location="cpu", weights_only=True)
@@ -156,7 +158,7 @@ def load_checkpoint(source: str | Path | bytes) -> tuple[nn.Module, dict[str, An
     # No pretrained download: every weight comes from the checkpoint.
     model = build_model(m.pop("spec"), pretrained=False, **m)
     model.load_state_dict(ckpt["state_dict"])
-    model.info = replace(model.info, mean=mean, std=std)
+    model.info = replace(info_of(model), mean=mean, std=std)  # type: ignore[assignment]  # a plain attribute
     return model, ckpt
 
 
@@ -223,12 +225,14 @@ def prune(study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tu
 def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data,
               result: FitResult) -> None:
     """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k."""
+    from search.models import info_of
+
     directory = dir_of(trial.study)
     store = store_for(directory)
     metric = recipe.study.metric
     with tempfile.TemporaryDirectory() as tmp:
         hist = Path(tmp) / f"trial-{trial.number}{HISTORY_SUFFIX}"
-        hist.write_text(json.dumps({"trial": trial.number, "pool_label": model.info.label, "metric": metric,
+        hist.write_text(json.dumps({"trial": trial.number, "pool_label": info_of(model).label, "metric": metric,
                                     "best_epoch": result.best_epoch, "history": result.history}, indent=1))
         _upload(trial, store, hist)
         k = recipe.study.top_k

@@ -201,7 +201,8 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
             xf = F.grid_sample(xf, sampling_grid(theta[i:j], size), mode="bilinear", padding_mode="zeros",
                                align_corners=False)
         # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
-        scale, shift = 1 / 255, 0.0
+        scale: torch.Tensor | float = 1 / 255
+        shift: torch.Tensor | float = 0.0
         if cfg.jitter:
             b, k = bright[i:j], contrast[i:j]
             scale, shift = b * k / 255, b * (1 - k) * xf.mean(dim=(1, 2, 3), keepdim=True) / 255

@@ -77,14 +77,14 @@ def _offline_checks(recipe, entries) -> tuple[list, list[str]]:
         missing += data.check(recipe.data)
     except SearchError as e:
         problems.append(str(e))
-    for e in entries:
-        if not e.pretrained:
+    for entry in entries:
+        if not entry.pretrained:
             continue
         try:
-            m = weights.missing(e)
-            if m is None:
-                weights.safe_load(weights.cached_file(e), mmap=True)
-            else:
+            found = weights.cached_file(entry)
+            if found is not None:
+                weights.safe_load(found, mmap=True)
+            elif (m := weights.missing(entry)) is not None:
                 missing.append(m)
         except SearchError as err:
             problems.append(str(err))

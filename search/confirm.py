@@ -79,6 +79,7 @@ def enqueue(study: optuna.Study, recipe: Recipe, top_k: int, seeds: int) -> int:
 
     sources = complete_trials(study, recipe)[:top_k]
     c = companion(study, create=True)
+    assert c is not None  # created if missing
     have = {key(t) for t in c.get_trials(deepcopy=False)}
     n = 0
     for t in sources:
@@ -204,10 +205,10 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         return []
     runs: dict[int, dict[int, float]] = {}
     for t in c.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        k = key(t)
-        if k and t.values:
-            runs.setdefault(k[0], {}).setdefault(k[1], value(t))
-    rows = []
+        k, v = key(t), value(t)
+        if k and v is not None:
+            runs.setdefault(k[0], {}).setdefault(k[1], v)
+    rows: list[dict[str, Any]] = []
     for n, more in runs.items():
         src = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, n))
         if src.state != TrialState.COMPLETE or value(src) is None:

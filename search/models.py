@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,9 +81,9 @@ def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int,
         # models take img_size (and timm passes it to every fixed_input_size model itself).
         kwargs["img_size"] = res
     m = timm.create_model(_timm_arch(entry), pretrained=False, **kwargs)
-    cfg = m.pretrained_cfg
+    cfg: dict[str, Any] = m.pretrained_cfg  # type: ignore[assignment]  # a dict timm sets on its models
     if entry.tag:
-        cfg = timm.models.get_pretrained_cfg(entry.timm_name).to_dict()
+        cfg = pretrained_cfg.to_dict()  # the tag's own
     head = cfg.get("classifier") or "head"
     head = (head,) if isinstance(head, str) else tuple(head)
     stem = cfg.get("first_conv") or ""
@@ -138,7 +138,8 @@ def transfer(
             w = morph.resnet_small_stem(w, in_chans, channel_reduce) if small_stem else morph.reduce_channels(w, in_chans, channel_reduce)
         elif key.endswith("pos_embed") and w.shape != want.shape:
             num_prefix = getattr(model, "num_prefix_tokens", 1) if not getattr(model, "no_embed_class", False) else 0
-            grid = tuple(model.patch_embed.grid_size)
+            patch_embed: Any = model.patch_embed  # timm's PatchEmbed
+            grid = tuple(patch_embed.grid_size)
             w = morph.resize_pos_embed(w, grid, num_prefix)
         elif w.shape != want.shape and adapt is not None:
             adapted = adapt(src) if adapted is None else adapted  # once, and only when something differs
@@ -178,6 +179,8 @@ def build_model(
 
     builtin = BUILTINS[entry.arch] if entry.builtin else None
     adapt = None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if builtin is not None and builtin.build is not None:
         model, stem, head = builtin.build(num_classes, in_chans, res, dropout)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pretrained else (SCRATCH_MEAN * 3, SCRATCH_STD * 3)
@@ -191,9 +194,14 @@ def build_model(
                  channel_reduce=channel_reduce, small_stem=small, adapt=adapt)
     if in_chans == 1:  # gray input: the average of the RGB statistics
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    model.info = ModelInfo(
+    model.info = ModelInfo(  # type: ignore[assignment]  # a plain attribute; Module's typing expects tensors
         label=entry.label, resolution=res, mean=tuple(mean[:in_chans]), std=tuple(std[:in_chans]),
         stem=stem, head=head, pretrained=bool(pretrained), channel_reduce=channel_reduce,
         params=sum(p.numel() for p in model.parameters()),
     )
     return model
+
+
+def info_of(model: nn.Module) -> ModelInfo:
+    """`model.info` as set by build_model (typed: nn.Module's own attribute lookup says Tensor | Module)."""
+    return cast(ModelInfo, model.info)

@@ -42,7 +42,7 @@ class Missing:
         return f"  {self.what} [{size}]: {self.path}\n      from {self.url}{note}"
 
 
-def human_size(n: int | None) -> str:
+def human_size(n: float | None) -> str:
     """1234567 -> '1.2 MB' (decimal units, as download pages give them); None -> 'size unknown'."""
     if n is None:
         return "size unknown"

@@ -101,7 +101,8 @@ def measure_step(model: nn.Module, in_chans: int, resolution: int, batch_size: i
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    model.to(device, memory_format=torch.channels_last).train()
+    # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
+    model.to(device, memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     x = torch.randn(batch_size, in_chans, resolution, resolution, device=device)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -217,7 +217,8 @@ def parse_pool(specs: Sequence[Any]) -> list[PoolEntry]:
     """All entries with unique labels; errors name the entry's position (pool[i])."""
     if not specs:
         raise SearchError("pool: is empty; list at least one model, e.g. pool: [mini_cnn]")
-    entries, seen = [], {}
+    entries: list[PoolEntry] = []
+    seen: dict[str, int] = {}  # label -> position
     for i, spec in enumerate(specs):
         try:
             entry = parse_entry(spec)

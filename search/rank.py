@@ -155,6 +155,7 @@ def linear_probe(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
         gcv = float(((t - t_mean - fitted) ** 2).sum()) / max(n - dof, 1e-9) ** 2
         if best is None or gcv < best[0]:
             best = (gcv, lam)
+    assert best is not None  # RIDGE_GRID is not empty
     lam = best[1]
     w = vt.T @ ((s / (s2 + lam))[:, None] * uty)
     pred = classes[np.argmax(va @ w + t_mean, axis=1)]
@@ -198,7 +199,9 @@ def scores(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: n
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its classifier head (`model.info.head`) replaced by the identity, in eval mode."""
-    for name in model.info.head:
+    from search.models import info_of
+
+    for name in info_of(model).head:
         model.set_submodule(name, torch.nn.Identity())
     return model.eval()
 
@@ -208,8 +211,9 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batc
           amp: bool = True) -> np.ndarray:
     """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation."""
     from search.augment import eval_input
+    from search.models import info_of
 
-    info = model.info
+    info = info_of(model)
     cuda = device.type == "cuda"
     model.to(device)
     if cuda:
@@ -263,7 +267,7 @@ def _weights_key(entry: Any) -> dict[str, Any]:
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{time.monotonic_ns()}.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stubs match **arrays against allow_pickle
     tmp.replace(path)  # readers never see half a file
 
 

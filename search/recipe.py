@@ -241,7 +241,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise SearchError(f"--set '{text}': value is not valid YAML ({e.problem})") from None
+        raise SearchError(f"--set '{text}': value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return key.strip().split("."), value
 
 

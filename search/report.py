@@ -251,7 +251,7 @@ def report_text(study: optuna.Study, recipe: Recipe, top: int = 3, wide: bool = 
 # files
 
 
-def _md_table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -381,10 +381,10 @@ def selection_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> s
 # plots
 
 
-def _colors(labels: Sequence[str]) -> dict[str, Any]:
+def _colors(labels: Sequence[str]) -> dict[str | None, Any]:
     import matplotlib.pyplot as plt
 
-    cycle = plt.get_cmap("tab10").colors
+    cycle = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     return {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
 
 
@@ -505,7 +505,7 @@ def importances(study: optuna.Study) -> dict[str, float] | str:
 def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     imp = importances(study)
     if isinstance(imp, str) or not imp:
-        _empty(ax, imp or "no sampled parameter")
+        _empty(ax, imp if isinstance(imp, str) else "no sampled parameter")
         return
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     names = list(imp)[::-1]
@@ -656,7 +656,7 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         what += "  (infeasible)"
     ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and _feasible(t)]
     sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    b = min(ranked, key=lambda t: (sign * value(t), t.number), default=None)
+    b = min(ranked, key=lambda t: (sign * t.values[0], t.number), default=None)
     best = f"  best {value(b):.4f} (trial {b.number})" if b else ""
     return f"{bar(done, total)} {done}/{total}  trial {trial.number:>3} {label:<24} {what}{best}  {secs:.1f}s"
 

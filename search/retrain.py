@@ -26,7 +26,7 @@ from search import data as datamod
 from search.data import Data, Split
 from search.errors import SearchError
 from search.hparams import TrainCfg
-from search.models import build_model, input_resolution
+from search.models import build_model, info_of, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
 from search.text import command, wrap, wrap_items
@@ -51,9 +51,9 @@ def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Stu
 def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     """(pool entry, train hyperparameters) of a recipe that searches nothing; SearchError otherwise."""
     entries = parse_pool(recipe.pool)
-    sampled, fixed = space.resolve(recipe)
+    fixed = space.resolve(recipe)[1]
     # A conditional parameter that does not take effect (momentum under adamw) is not a search.
-    sampled = [n for n, p in sampled.items() if p.when is None or p.when(fixed, entries[0])]
+    sampled = list(space.reachable(recipe, entries))
     if len(entries) != 1 or sampled:
         what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
         raise SearchError(f"retrain needs a recipe that fixes everything, found {what}; export one with "
@@ -78,7 +78,7 @@ def merge_train_val(data: Data) -> Data:
 def evaluate_test(model: torch.nn.Module, data: Data, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
     """The one evaluation on the official test split: (metrics, confusion matrix)."""
     test = data.test  # the only read of the test split in the package
-    info = model.info
+    info = info_of(model)
     logits = predict(model, test.x, info.resolution, info.mean, info.std, device, None, False)
     cm = metrics.confusion(logits.argmax(1), test.y, data.num_classes)
     return metrics.evaluate(logits, test.y), cm
@@ -98,7 +98,7 @@ def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path:
         for i in range(n):
             for j in range(n):
                 v = int(cm[i, j])
-                ax.text(j, i, v, ha="center", va="center", fontsize=7, color="white" if v > vmax / 2 else "black")
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > vmax / 2 else "black")
         ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), classes, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -158,7 +158,7 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     seed_list = [recipe.study.seed + i for i in range(seeds)]
     say(_fit(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
         f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}"))
-    runs = []
+    runs: list[dict[str, Any]] = []
     kept = None
     for seed in seed_list:
         model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say)
@@ -167,11 +167,12 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
                                  [f"{k} {v:.4f}" for k, v in test.items()])))
         if kept is None:
             kept = (model, result, test, cm, seed)
+    assert kept is not None  # seed_list is never empty
     model, result, test, cm, seed = kept
 
     out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
-    record = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
+    record: dict[str, Any] = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
               "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS}, "seed": seed,
               "test_metrics": test,
               "seeds": runs, "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",

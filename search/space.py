@@ -94,6 +94,12 @@ class Param:
     when: Cond | None = None  # sampled only when this holds
     range_kind: str | None = None  # of a choice parameter: the kind a range override gives it
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a range parameter (kind 'float' or 'int')."""
+        assert self.low is not None and self.high is not None, f"a '{self.kind}' parameter has no range"
+        return self.low, self.high
+
     def describe(self) -> str:
         if self.kind == "cat":
             return "{" + ", ".join(map(str, self.choices or ())) + "}"
@@ -178,6 +184,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
 def _from_override(name: str, base: Param, o: ParamCfg) -> Param:
     if o.choices is not None:
         return Param("cat", choices=tuple(o.choices), when=base.when)
+    assert o.low is not None and o.high is not None  # ParamCfg._shape: a range has both ends
     whole = float(o.low).is_integer() and float(o.high).is_integer()
     kind = base.kind if base.kind != "cat" else (base.range_kind or ("int" if whole else "float"))
     if kind == "int" and not (float(o.low).is_integer() and float(o.high).is_integer()):
@@ -238,7 +245,7 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
         elif over:
             sampled[name] = replace(p, high=epochs - 1)
         p = sampled[name]
-        if not (p.choices if p.kind == "cat" else p.low <= p.high):
+        if not (p.choices if p.kind == "cat" else p.bounds[0] <= p.bounds[1]):
             del sampled[name]  # no value of the preset's range acts: the train value decides below
     if name in sampled:
         return
@@ -250,7 +257,7 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
         if recipe.space.overrides.get(partner) is not None:
             raise SearchError(f"space.overrides.{partner}: '{choice}' has no effect with {_where(recipe, name)} "
                               f"{value} >= train.epochs {epochs} ({why}); lower {name} or drop '{choice}'")
-        sampled[partner] = replace(q, choices=tuple(c for c in q.choices if c != choice))
+        sampled[partner] = replace(q, choices=tuple(c for c in q.choices or () if c != choice))
     elif q is None and fixed.get(partner, getattr(recipe.train, partner)) == choice:
         raise SearchError(f"{_where(recipe, partner)}: '{choice}' has no effect with {_where(recipe, name)} "
                           f"{value} >= train.epochs {epochs} ({why}); set {name} below {epochs}")
@@ -300,10 +307,12 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
             continue
         if p.kind == "cat":
             values[name] = trial.suggest_categorical(name, list(p.choices or ()))
-        elif p.kind == "int":
-            values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+            continue
+        low, high = p.bounds
+        if p.kind == "int":
+            values[name] = trial.suggest_int(name, int(low), int(high), log=p.log, step=int(p.step or 1))
         else:
-            values[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+            values[name] = trial.suggest_float(name, low, high, log=p.log, step=p.step)
     return entry, TrainCfg.model_validate({**recipe.train.model_dump(), **values})
 
 
@@ -319,9 +328,11 @@ def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
         v = seen[name]
         if p.kind == "cat":
             v = v if v in (p.choices or ()) else (p.choices or (v,))[0]
-        elif v is None or not p.low <= v <= p.high:
-            v = (p.low * p.high) ** 0.5 if p.log else (p.low + p.high) / 2
-            v = int(round(v)) if p.kind == "int" else v
+        else:
+            low, high = p.bounds
+            if v is None or not low <= v <= high:
+                v = (low * high) ** 0.5 if p.log else (low + high) / 2
+                v = int(round(v)) if p.kind == "int" else v
         values[name] = seen[name] = v
     return values
 
@@ -329,7 +340,7 @@ def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
 def _options(p: Param) -> tuple[Any, ...]:
     """Values that stand for a parameter's range when asking whether a condition can hold
     (conditions compare with a choice or a threshold, so the ends of a range suffice)."""
-    return p.choices if p.kind == "cat" else (p.low, p.high)
+    return (p.choices or ()) if p.kind == "cat" else p.bounds
 
 
 def reachable(recipe: Recipe, entries: list[PoolEntry] | None = None) -> dict[str, Param]:
@@ -361,7 +372,7 @@ def _combos(options: dict[str, tuple[Any, ...]]) -> Iterator[dict[str, Any]]:
 
 # The params conditions read (keep in step with the condition functions above).
 CONDITIONING = ("optimizer", "finetune", "mixup_alpha", "cutmix_alpha", "schedule", "loss")
-CONDITION_TEXT: dict[Cond, str] = {
+CONDITION_TEXT: dict[Cond | None, str] = {
     _sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
     _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step", _focal: "if loss=focal",
     _ce: "if loss=ce", _reduces_stem: "if pretrained and 1-channel data",

@@ -372,7 +372,9 @@ def compiled(model: nn.Module, backend: bool | str) -> nn.Module:
     import torch._dynamo  # noqa: F401 - loaded lazily by torch; its config is needed first
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(model, backend="inductor" if backend is True else backend, dynamic=False)
+    # A compiled Module is an OptimizedModule (a Module); torch's stubs type the result as a callable.
+    return torch.compile(  # type: ignore[return-value]
+        model, backend="inductor" if isinstance(backend, bool) else backend, dynamic=False)
 
 
 def free_memory(model: nn.Module, opt: torch.optim.Optimizer, cuda: bool) -> None:
@@ -497,7 +499,8 @@ def fit(
         amp_dtype = torch.bfloat16 if bf16 else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
 
-    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
     net = compiled(model, compile) if compile else model
 
     # Data: resident on the device as uint8 when it fits the allowed share of free memory.

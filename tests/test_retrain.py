@@ -100,6 +100,10 @@ def test_retrain_refuses_a_recipe_that_still_searches(tmp_path):
         retrain.retrain(load_recipe(f))
     with pytest.raises(retrain.SearchError, match=r"found sampled parameters lr, weight_decay, batch_size, dropout; export"):
         retrain.retrain(load_recipe(write_recipe(tmp_path / "one.yaml", tiny_recipe())))
+    # A sampled optimizer: momentum's condition reads it and must not fail on its absence.
+    f = write_recipe(tmp_path / "opt.yaml", tiny_recipe(space={"preset": "quick", "overrides": {"lr": 0.003}}))
+    with pytest.raises(retrain.SearchError, match=r"found sampled parameters optimizer, weight_decay, momentum, "):
+        retrain.retrain(load_recipe(f))
 
 
 def test_retrain_needs_its_origin_study(tmp_path):

@@ -40,16 +40,17 @@ def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
     if len(classes) < 2:
         raise SearchError(f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), "
                           f"found {len(classes)}")
-    images, labels, files = [], [], []
+    images: list[Image.Image] = []
+    labels, files = [], []
     for k, c in enumerate(classes):
         d = folder / c
         for p in sorted(d.iterdir()) if d.is_dir() else []:
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(p) as im:
-                    im.load()
-                    images.append(im.copy())
+                with Image.open(p) as opened:
+                    opened.load()
+                    images.append(opened.copy())
             except OSError as e:
                 raise unreadable(name, p, e) from None
             labels.append(k)
@@ -71,12 +72,12 @@ def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
             # Shorter side to `resolution`, then a centre crop: square images without distortion.
             w, h = im.size
             s = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BILINEAR)
             w, h = im.size
             left, top = (w - resolution) // 2, (h - resolution) // 2
             im = im.crop((left, top, left + resolution, top + resolution))
-        a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        pixels = np.asarray(im, dtype=np.uint8)
+        arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(arrays))
     return Split(x, torch.tensor(labels, dtype=torch.int64)), classes
 
@@ -135,6 +136,7 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     if "val" in splits and train.x.shape[1:] != splits["val"].x.shape[1:]:
         raise SearchError(f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
                           f"{tuple(splits['val'].x.shape[1:])}; set data.resolution to resize all to one size")
+    kept: Path | None = cache
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_dir(cache, lambda tmp: _write_cache(splits, classes, tmp))
@@ -144,8 +146,8 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     except OSError as e:
         log.warning("data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
                     name, cache.parent, e)
-        cache = None
-    return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug, cache)
+        kept = None
+    return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug, kept)
 
 
 
