@@ -204,7 +204,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         rows = [parse_entry(n) for n in BUILTINS] + [parse_entry({"model": n, "pretrained": False}) for n in BUILTINS
                                                      if BUILTINS[n].default_tag]
-    out = []
+    out: list[dict] = []
     for e in rows:
         b = BUILTINS.get(e.arch) if e.builtin else None
         res = input_resolution(e, None) if (not b or b.resolution) else None

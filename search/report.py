@@ -232,7 +232,7 @@ def importance_text(study: optuna.Study) -> list[str]:
     IMPORTANCE_MIN_TRIALS."""
     imp = importances(study)
     if isinstance(imp, str) or not imp:
-        return wrap(imp or "parameter importances: no sampled parameter")
+        return wrap(imp if isinstance(imp, str) else "parameter importances: no sampled parameter")
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return wrap_items(f"parameter importances ({importance_caption(n)}):",
                       [f"{k} {v:.2f}" + ("," if i < len(imp) - 1 else "") for i, (k, v) in enumerate(imp.items())],
