@@ -1,10 +1,12 @@
 # make demo: create .venv (first time), install, run the offline demo study.
 # make test: create .venv (first time), install with dev extras, run the whole suite.
+# make test-fast: the suite without the end-to-end tests marked slow (under 2 minutes on 2 cores).
+# make lint: formatting, lint and type checks (what CI runs before the tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo pareto test lint clean
+.PHONY: demo pareto test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +30,13 @@ pareto: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check search tests scripts
 	$(BIN)/ruff check search tests scripts
+	$(BIN)/mypy search
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*/

@@ -77,6 +77,7 @@ def test_no_checkpoints_when_top_k_is_zero(tmp_path):
     assert artifacts.checkpoint_meta(study.get_trials()[0]) == []
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_study):
     from optuna_dashboard import wsgi
 

@@ -97,6 +97,7 @@ def test_changed_recipe_is_refused_and_the_study_kept(existing):
     _unchanged(url, stored, n)
 
 
+@pytest.mark.slow
 def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
     write_recipe(tmp_path / "ok.yaml", tiny_recipe())
     write_recipe(tmp_path / "bad.yaml", tiny_recipe(study={"name": "tiny", "pruner": "medain"}))

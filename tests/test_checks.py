@@ -68,6 +68,7 @@ def left_behind(cwd: Path) -> list[str]:
 # weights: never unpickle code
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_in_the_torchvision_cache_is_refused_and_never_run(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     path = crafted(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth", marker)
@@ -93,6 +94,7 @@ def test_a_crafted_pickle_in_the_torchvision_cache_is_refused_and_never_run(tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_in_the_hugging_face_cache_is_refused_and_never_run(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     repo = tmp_path / "hf" / "models--timm--resnet18.a1_in1k"
@@ -139,6 +141,7 @@ def test_plain_checkpoints_load_weights_only_in_both_caches(tmp_path, monkeypatc
 # data: the published checksum, before training
 
 
+@pytest.mark.slow
 def test_a_medmnist_file_with_a_wrong_checksum_is_refused_before_training(tmp_path, monkeypatch, capsys):
     env = offline_env(tmp_path)
     (tmp_path / "data").mkdir()
@@ -174,6 +177,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", REFUSED)
 def test_a_refused_run_leaves_nothing_and_validate_refuses_it_too(tmp_path, monkeypatch, capsys, case):
     over, message = REFUSED[case]
@@ -209,6 +213,7 @@ def tables(url: str) -> list[str]:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_refusals_leave_a_fresh_postgresql_database_empty(tmp_path, fresh_pg):
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"storage": fresh_pg}, data={"dataset": "chestmnist"}))
     assert run_cli("run", "r.yaml", cwd=tmp_path).returncode == 2
@@ -223,6 +228,7 @@ def test_refusals_leave_a_fresh_postgresql_database_empty(tmp_path, fresh_pg):
     assert "studies" in tables(fresh_pg)
 
 
+@pytest.mark.slow
 def test_a_worker_on_an_empty_sqlite_file_or_journal_creates_nothing(tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch()
@@ -237,6 +243,7 @@ def test_a_worker_on_an_empty_sqlite_file_or_journal_creates_nothing(tmp_path):
     assert not journal.parent.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blob", [b"study:\n  name: caf\xe9\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"])
 def test_a_recipe_that_is_not_utf8_text_is_one_line(tmp_path, blob):
     (tmp_path / "r.yaml").write_bytes(blob)

@@ -4,6 +4,8 @@ import pytest
 
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # each test runs the CLI in a subprocess
+
 
 @pytest.mark.parametrize(
     "over, key",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from optuna_dashboard import wsgi
 
 from search import artifacts
 from search.study import FIRST_ATTRS, open_storage
 from tests.conftest import wsgi_get
+
+pytestmark = pytest.mark.slow  # the dashboard over a study run through the CLI
 
 MAX_ATTR_CHARS = 80  # one table cell: the dashboard's rows stay one line high
 

@@ -355,6 +355,7 @@ def test_data_root_precedence(tmp_path, monkeypatch):
 # end to end
 
 
+@pytest.mark.slow
 def test_one_trial_on_tiny_cifar10_through_the_cli(tmp_path):
     write_cifar10(tmp_path / "data", per_batch=16, test=20)
     recipe = {

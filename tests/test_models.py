@@ -148,6 +148,7 @@ def test_missing_weights_without_offline_flag_probe_fails_fast(caches, monkeypat
         build_model("convnext_tiny", num_classes=10, in_chans=3)
 
 
+@pytest.mark.slow
 def test_cli_missing_weights_exits_2(tmp_path):
     from tests.conftest import tiny_recipe, write_recipe
 
@@ -167,6 +168,7 @@ SHAPES = [("mini_cnn", r) for r in (28, 32, 64)] + [("resnet_18", r) for r in (2
     ("efficientnet_b0", 224), ("convnext_tiny", 224), ("vit_tiny", 224)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, res", SHAPES)
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_forward_backward_shapes(name, res, in_chans):

@@ -84,6 +84,7 @@ def _assert_fits(out: str, what: str) -> None:
     assert not long, f"{what}: lines over {WIDTH} columns: {long}"
 
 
+@pytest.mark.slow
 def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
     proc = run_cli("report", "wide", cwd=wide_studies)
     assert proc.returncode == 0, proc.stderr
@@ -109,6 +110,7 @@ def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
     assert {r["entry"] for r in rows} == set(LABELS) and {r["params"] for r in rows} >= {"123456789"}
 
 
+@pytest.mark.slow
 def test_pareto_front_and_best_refusal_fit(wide_studies):
     proc = run_cli("report", "wide2", cwd=wide_studies)
     assert proc.returncode == 0, proc.stderr
@@ -119,6 +121,7 @@ def test_pareto_front_and_best_refusal_fit(wide_studies):
     _assert_fits("\n".join(best.stderr.splitlines()[:-1]), "best's Pareto table")  # the last: the error line
 
 
+@pytest.mark.slow
 def test_best_confirm_models_and_validate_fit(wide_studies, tmp_path):
     best = run_cli("best", "wide", "--out", "b.yaml", cwd=wide_studies)
     assert best.returncode == 0, best.stderr
@@ -170,6 +173,7 @@ def test_shorten_all_tells_names_apart():
     assert max(map(len, lines)) <= WIDTH and sum(line.startswith(" ") for line in lines) >= 3
 
 
+@pytest.mark.slow
 def test_running_study_state_counts_and_empty_top(tmp_path):
     """No complete trial: the report says so, with the states, instead of an empty 'top 3 trials:'."""
     recipe = recipe_from_dict(tiny_recipe("empty", study={"storage": f"sqlite:///{tmp_path}/e.db"}))

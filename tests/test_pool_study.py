@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 import torch
 
 from search import cli
@@ -16,6 +17,7 @@ from tests.conftest import tiny_recipe
 from tests.test_models import _vit_checkpoint
 
 
+@pytest.mark.slow
 def test_mixed_resolution_pool_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

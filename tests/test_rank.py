@@ -208,6 +208,7 @@ def _env(root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_scores_rank_checkpoints_of_known_quality(known_caches, monkeypatch, tmp_path):
     from search.recipe import recipe_from_dict
 
@@ -230,6 +231,7 @@ def test_scores_rank_checkpoints_of_known_quality(known_caches, monkeypatch, tmp
     assert len(files) == 3
 
 
+@pytest.mark.slow
 def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
     from tests.conftest import run_cli, write_recipe
 
@@ -250,6 +252,7 @@ def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
     assert proc.stderr.count("\n") == 1 and "resnet18-f37072fd.pth" in proc.stderr and "prefetch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
     """study.rank {keep: 2, order: true}: the worst entry is never sampled, the two kept ones are
     trained first in rank order, and the report sets the scores against the fine-tuned results."""

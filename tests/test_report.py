@@ -29,6 +29,7 @@ def _assert_png(path):
     assert img[..., :3].std() > 0.01, f"{path} is blank"
 
 
+@pytest.mark.slow
 def test_leaderboard_numbers_equal_the_trials(demo_study):
     recipe, study = _load(demo_study)
     trials = study.get_trials()
@@ -58,6 +59,7 @@ def test_leaderboard_numbers_equal_the_trials(demo_study):
     assert all(len(line) <= 100 for line in lines)
 
 
+@pytest.mark.slow
 def test_report_command_writes_tables_and_plots(demo_study):
     proc = run_cli("report", "tiny", cwd=demo_study)
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +84,7 @@ def test_report_command_writes_tables_and_plots(demo_study):
         _assert_png(out / name)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_report_on_a_running_study(demo_study, tmp_path):
     """A trial still running (with two epochs reported) shows up in the counts and the curves."""
@@ -145,6 +148,7 @@ def test_progress_line():
     assert report.trial_line(study, study.trials[1], 3, 12, "accuracy") == ""
 
 
+@pytest.mark.slow
 def test_best_yaml_reads_as_the_winner(demo_study, tmp_path, capsys):
     """train: holds the winning values (first, under a comment), the pool the winning entry,
     nothing is sampled, the seed is pinned, the header names the trial and its metric."""

@@ -15,6 +15,8 @@ from search.pool import parse_pool
 from search.recipe import recipe_from_dict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # fresh processes and workers compared trial by trial
+
 SPACE = {"preset": "quick", "overrides": {"optimizer": "adamw", "lr": {"low": 1e-3, "high": 1e-2, "log": True},
                                           "weight_decay": {"low": 1e-5, "high": 1e-2, "log": True},
                                           "batch_size": [16, 32]}}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 import torch
 from optuna.trial import TrialState
 
@@ -18,6 +19,8 @@ from search import artifacts
 from search import study as st
 from search.recipe import recipe_from_dict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow  # killed, preempted and interrupted worker processes
 
 EPOCH = re.compile(r"trial +(\d+) .* epoch +(\d+) ")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -45,6 +45,7 @@ def spied_test_split(monkeypatch):
     return SpySplit.reads
 
 
+@pytest.mark.slow
 def test_best_then_retrain_reads_the_test_split_once(tmp_path, monkeypatch, spied_test_split, capsys):
     monkeypatch.chdir(tmp_path)
     recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 2}, data={"max_samples": 100}))

@@ -78,6 +78,7 @@ def test_winner_stability_on_a_known_spread(tmp_path, monkeypatch):
     assert top == 0 and how == f"resampled {confirm.RESAMPLES}" and share == pytest.approx(2 / 3, abs=0.015)
 
 
+@pytest.mark.slow
 def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypatch, spied_test_split):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 3, "confirm": {"top_k": 2, "seeds": 3}, "top_k": 1},
@@ -130,6 +131,7 @@ def test_pareto_front_and_pick():
         report.parse_pick("latency_ms=<5")
 
 
+@pytest.mark.slow
 def test_a_pruner_or_cmaes_with_several_objectives_is_one_line(tmp_path):
     r = tiny_recipe(study={"objectives": ["accuracy", "latency_ms"], "pruner": "median"})
     proc = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
@@ -146,6 +148,7 @@ def test_a_pruner_or_cmaes_with_several_objectives_is_one_line(tmp_path):
     assert proc.returncode == 2 and "measured before training" in proc.stderr
 
 
+@pytest.mark.slow
 def test_multi_objective_study_end_to_end(tmp_path):
     r = tiny_recipe("mo", study={"n_trials": 4, "objectives": ["accuracy", "latency_ms"],
                                  "sampler": {"name": "tpe", "n_startup_trials": 2},
@@ -196,6 +199,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
     assert json.loads(body)["objective_names"] == ["accuracy", "latency_ms"]
 
 
+@pytest.mark.slow
 def test_retrain_over_seeds_records_each_and_the_interval(tmp_path, monkeypatch):
     from search import cli
 

@@ -26,6 +26,8 @@ from search import study as st
 from search.recipe import recipe_from_dict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # real worker processes and database servers
+
 SERVERS = {
     "postgres": ("SEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     "mysql": ("SEARCH_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from search import artifacts
@@ -17,6 +18,7 @@ def _study(cwd):
     return optuna.load_study(study_name="tiny", storage=f"sqlite:///{cwd}/studies/tiny.db")
 
 
+@pytest.mark.slow
 def test_run_records_trials_with_attrs(demo_study):
     study = _study(demo_study)
     trials = study.get_trials()
@@ -36,6 +38,7 @@ def test_run_records_trials_with_attrs(demo_study):
     assert len({t.user_attrs["seed"] for t in trials}) == 3
 
 
+@pytest.mark.slow
 def test_second_run_keeps_total(demo_study):
     proc = run_cli("run", "tiny.yaml", cwd=demo_study)
     assert proc.returncode == 0, proc.stderr
@@ -45,6 +48,7 @@ def test_second_run_keeps_total(demo_study):
     assert len(optuna.get_all_study_summaries(f"sqlite:///{demo_study}/studies/tiny.db")) == 1
 
 
+@pytest.mark.slow
 def test_raising_the_total_continues_a_changed_recipe_is_refused(tmp_path):
     from tests.conftest import tiny_recipe, write_recipe
 
@@ -58,6 +62,7 @@ def test_raising_the_total_continues_a_changed_recipe_is_refused(tmp_path):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study(demo_study):
     from optuna_dashboard import wsgi
 
@@ -94,6 +99,7 @@ def _dead_trial_retried(tmp_path, **over):
     return study, recipe
 
 
+@pytest.mark.slow
 def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_path, monkeypatch):
     import warnings
 
@@ -115,6 +121,7 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
     assert rerun.intermediate_values[3] == history[2]["val_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
     # A finished trial far better at every epoch: a median pruner judging the inherited 0.111 at
     # epoch 1 would prune the rerun there. The dead run passed epoch 1; the rerun is judged from epoch 2.
@@ -134,6 +141,7 @@ def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
     assert rerun.user_attrs.get("fail_reason") != "pruned at epoch 1"
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
     from tests.conftest import tiny_recipe, write_recipe
 
@@ -145,6 +153,7 @@ def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and "failed with value None" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeasible(tmp_path, monkeypatch):
     # "too_big" stands for a model that fits no micro-batch: its training forward raises CUDA's
     # out-of-memory error (what a CPU cannot produce for real) through the real fit and objective.

@@ -404,6 +404,7 @@ for _ in range(8):  # a CPU training step's input: 224 px batches of 38.5 MB, al
 """
 
 
+@pytest.mark.slow
 def test_reuse_host_memory_stops_page_faults_on_each_batch():
     import subprocess
     import sys
@@ -447,6 +448,7 @@ print(" ".join(f"{v:.0f}" for v in seen))
 """
 
 
+@pytest.mark.slow
 def test_a_workers_memory_does_not_grow_trial_by_trial():
     import subprocess
     import sys
