@@ -27,8 +27,12 @@ pareto: $(VENV)/.installed
 	$(BIN)/python -m search run recipes/digits_pareto.yaml
 	$(BIN)/python -m search report digits_pareto
 
+# JOBS=2: pytest-xdist over 2 processes, one test file per process at a time (module fixtures run once).
+JOBS ?= 1
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow"

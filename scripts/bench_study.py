@@ -225,7 +225,8 @@ def main() -> int:
                 results[rec["study"]["name"]] = r = run_study(work, rec, w * share, workers)
                 print(line(r), flush=True)
             packed, single = results["minicnn-28px-auto"], results["minicnn-28px-single"]
-            print(f"MiniCNN 28 px packed / one trial per GPU: {packed['trials_per_hour'] / single['trials_per_hour']:.2f}x "
+            ratio = packed["trials_per_hour"] / single["trials_per_hour"]
+            print(f"MiniCNN 28 px packed / one trial per GPU: {ratio:.2f}x "
                   f"trials/hour (goal >= 3x); oom in packed: {packed['oom']} (goal 0)")
     finally:
         if args.keep:

@@ -38,8 +38,13 @@ total = torch.cuda.get_device_properties(dev).total_memory
 torch.cuda.set_per_process_memory_fraction(cap / total, dev)
 CAP_GIB = cap / 2**30
 g = torch.Generator().manual_seed(0)
-split = lambda n: Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),  # noqa: E731
-                        torch.randint(0, 10, (n,), generator=g))
+
+
+def split(n: int) -> Split:
+    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (n,), generator=g))
+
+
 data = Data("random", split(2 * BATCH), split(512), split(16), tuple(map(str, range(10))), "none",
             AugmentCfg(crop="pad", flip=True), 32)
 model = build_model({"model": "resnet_18", "pretrained": False}, num_classes=10, in_chans=3, resolution=RES)

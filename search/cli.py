@@ -295,7 +295,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         f"  {r['entry']}: {r['status']}" + (f" {r['seconds']:.1f}s" if r["seconds"] is not None else "")
         + (" (cached)" if r["cached"] else "") + (f" - {r['note']}" if r["status"] == "failed" else "")))
     print(rank.table(rows, cfg.by, n_train, n_val))
-    print(f"{time.perf_counter() - start:.1f} s in all; features cached under\n  {data_root(recipe.data) / 'rank-features'}")
+    print(f"{time.perf_counter() - start:.1f} s in all; features cached under\n"
+          f"  {data_root(recipe.data) / 'rank-features'}")
     if args.json:
         import json as _json
         from pathlib import Path

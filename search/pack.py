@@ -1,7 +1,8 @@
 """Several trials per GPU, packed by measured memory (`hardware.trials_per_gpu`).
 
 Each worker process trains one trial at a time; several workers share a GPU,
-and a worker that sees several GPUs takes the one that admits its trial. Before a trial trains, its worker measures (once per study: a probe) the
+and a worker that sees several GPUs takes the one that admits its trial.
+Before a trial trains, its worker measures (once per study: a probe) the
 peak memory of one forward/backward/optimizer step of the pool entry at its
 input resolution, batch size and precision, and waits until its GPU may take
 it (`admits`): with `auto`, while the GPU's measured free memory holds the

@@ -48,7 +48,9 @@ def test_overrides_apply_and_are_validated(tmp_path):
     [
         ({"train": {"epoch": 3}}, r"train: unknown key 'epoch' \(did you mean 'epochs'\?\); allowed keys: .*batch_size"),
         ({"train": {"epochs": "many"}}, r"train.epochs: .*valid integer.*\"many\""),
-        ({"study": {"name": "x", "sampler": "tpee"}}, r"study.sampler.name: 'tpee' is not allowed \(did you mean 'tpe'\?\); allowed: tpe, nsga2, random, gp, cmaes, qmc"),
+        ({"study": {"name": "x", "sampler": "tpee"}},
+         r"study.sampler.name: 'tpee' is not allowed \(did you mean 'tpe'\?\); allowed: tpe, nsga2, random, gp, "
+         r"cmaes, qmc"),
         ({"study": {"name": "x", "metric": "acc"}}, r"study.metric: 'acc' is not allowed.*allowed: accuracy"),
         ({"pool": []}, r"pool: .*at least 1 item"),
         ({"pool": ["resnet18"]}, r"pool\[0\]: unknown model 'resnet18' \(did you mean 'resnet_18'\?\)"),

@@ -210,11 +210,11 @@ def test_label_smoothing_is_sampled_only_with_cross_entropy():
     ({"loss": "focal"}, {"label_smoothing": 0.05},
      "recipe: space.overrides.label_smoothing: 0.05 has no effect with train.loss: focal"),
     ({"epochs": 3}, {"lp_epochs": {"low": 1, "high": 5}},
-     "recipe: space.overrides.lp_epochs: 5 >= train.epochs 3: the backbone would never be unfrozen; keep lp_epochs "
-     "below 3"),
+     "recipe: space.overrides.lp_epochs: 5 >= train.epochs 3: the backbone would never be unfrozen; "
+     "keep lp_epochs below 3"),
     ({"epochs": 3, "finetune": "lp_ft", "lp_epochs": 3}, {"finetune": None, "lp_epochs": None},
-     "recipe: train.finetune: 'lp_ft' has no effect with train.lp_epochs 3 >= train.epochs 3 (the backbone would "
-     "never be unfrozen); set lp_epochs below 3"),
+     "recipe: train.finetune: 'lp_ft' has no effect with train.lp_epochs 3 >= train.epochs 3 (the backbone "
+     "would never be unfrozen); set lp_epochs below 3"),
     ({"epochs": 8, "schedule": "step", "step_size": 8}, {"schedule": None, "step_size": None},
      "recipe: train.schedule: 'step' has no effect with train.step_size 8 >= train.epochs 8 (the learning rate "
      "would never decay); set step_size below 8"),

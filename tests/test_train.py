@@ -358,8 +358,11 @@ def test_class_weights_and_balanced_sampling_and_focal_run(digits):
 
 def test_plain_module_on_random_uint8_data():
     g = torch.Generator().manual_seed(0)
-    split = lambda n: Split(torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g),  # noqa: E731
-                            torch.randint(0, 3, (n,), generator=g))
+
+    def split(n):
+        return Split(torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 3, (n,), generator=g))
+
     data = Data("rand", split(40), split(20), split(20), ("a", "b", "c"), "none", AugmentCfg(), 12)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     res = train.fit(model, data, hp(batch_size=16, epochs=1), device="cpu", monitor="auc")
