@@ -31,7 +31,7 @@ import sqlalchemy
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from search import study as st  # noqa: E402
+from search import storage, workers  # noqa: E402
 
 EPOCHS = 3
 
@@ -41,13 +41,13 @@ def client(url: str, name: str, quota: int, start_at: float, deadline: float, ou
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     done = 0
     try:
-        storage = st.open_storage(url, heartbeat=None)  # ask/tell: Optuna's own heartbeat is for optimize()
-        study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        store = storage.open_storage(url, heartbeat=None)  # ask/tell: Optuna's own heartbeat is for optimize()
+        study = optuna.load_study(study_name=name, storage=store, sampler=optuna.samplers.RandomSampler())
         time.sleep(max(0.0, start_at - time.time()))
         while done < quota and time.time() < deadline:
             trial = study.ask()
             x = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-            with st.beating(trial, 0.5):
+            with workers.beating(trial, 0.5):
                 for epoch in range(EPOCHS):
                     trial.report(x * (epoch + 1), epoch)
             study.tell(trial, x)
@@ -76,13 +76,13 @@ def route(url: str, name: str, clients: int, trials: int, timeout: float) -> tup
 
 def check(url: str, name: str, trials: int) -> str:
     """'' if the study holds exactly `trials` COMPLETE trials, each with every report and a beat."""
-    storage = st.open_storage(url, heartbeat=None)
-    study = optuna.load_study(study_name=name, storage=storage)
+    store = storage.open_storage(url, heartbeat=None)
+    study = optuna.load_study(study_name=name, storage=store)
     got = study.get_trials(deepcopy=False)
     good = [t for t in got if t.state.name == "COMPLETE" and len(t.intermediate_values) == EPOCHS
-            and isinstance(t.user_attrs.get(st.HEARTBEAT_ATTR), float)]
-    n = st.finished(study)
-    storage.engine.dispose()
+            and isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float)]
+    n = workers.finished(study)
+    store.engine.dispose()
     if len(got) == len(good) == trials == n:
         return ""
     return f"{len(got)} trials stored, {len(good)} complete with all reports, {n} finished"
@@ -116,10 +116,10 @@ def main() -> int:
     checker = admin.set(database=tag).render_as_string(hide_password=False)  # counts outside the role's limit
     proxy = None
     try:
-        storage = st.open_storage(db, heartbeat=None)  # the schema and both studies, before the clock
+        store = storage.open_storage(db, heartbeat=None)  # the schema and both studies, before the clock
         for label in ("direct", "proxy"):
-            optuna.create_study(study_name=f"{tag}_{label}", storage=storage)
-        storage.engine.dispose()  # no connection (and no gRPC channel) is shared with forked clients
+            optuna.create_study(study_name=f"{tag}_{label}", storage=store)
+        store.engine.dispose()  # no connection (and no gRPC channel) is shared with forked clients
         port = free_port()
         proxy = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", db, "--port", str(port),
                                   "--threads", str(a.threads)], env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -30,6 +30,8 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
+from search import optuna_api
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -76,7 +78,7 @@ def study_dir(name: str, file: Path | None) -> Path:
 
 
 def dir_of(study: optuna.Study) -> Path:
-    return study_dir(study.study_name, storage_file(study._storage))
+    return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))
 
 
 def store_for(directory: Path) -> FileSystemArtifactStore:

@@ -25,18 +25,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """The recipe, its search space, and every check that needs no training: storage (scheme,
     ${VAR}, reachability), dataset, weights. Missing files are listed as a checklist. Nothing
     is written, downloaded or decoded."""
-    from search import space
-    from search import study as st
+    from search import space, storage
     from search.pool import parse_pool
     from search.text import table
 
     recipe = _recipe(args)
     s = recipe.study
-    url = s.storage or st.default_storage(s.name)
+    url = s.storage or storage.default_storage(s.name)
     say = _sayer(args)
     say(f"recipe {args.recipe}: ok")
     say(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
-        f"pruner {s.pruner.name}, storage {st.mask(url)}")
+        f"pruner {s.pruner.name}, storage {storage.mask(url)}")
     say(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
     if s.rank is not None:
         r = recipe.rank
@@ -52,7 +51,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
-        st.check_storage(url)
+        storage.check_storage(url)
     except SearchError as e:
         problems.insert(0, str(e))
     return _verdict(missing, problems, "validate", args.recipe)
@@ -109,20 +108,21 @@ def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> i
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from search import storage, workers
     from search import study as st
 
     recipe = _recipe(args)
-    url = recipe.study.storage or st.default_storage(recipe.study.name)
-    workers = st.default_workers(recipe) if args.workers is None else args.workers
-    if workers < 0:
-        raise SearchError(f"--workers {workers}: give 0 (only create the study) or more local worker processes")
+    url = recipe.study.storage or storage.default_storage(recipe.study.name)
+    n_workers = workers.default_workers(recipe) if args.workers is None else args.workers
+    if n_workers < 0:
+        raise SearchError(f"--workers {n_workers}: give 0 (only create the study) or more local worker processes")
     st.check_all(recipe, url)  # nothing is written before every check passed
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
-    if workers == 0:
-        print(f"study {recipe.study.name} is ready in {st.mask(url)}; start workers with:\n  {st.resume_command(recipe, url)}")
+    if n_workers == 0:
+        print(f"study {recipe.study.name} is ready in {storage.mask(url)}; start workers with:\n  {workers.resume_command(recipe, url)}")
         return 0
-    return _work(recipe, study, url, args, workers)
+    return _work(recipe, study, url, args, n_workers)
 
 
 def _storage_arg(args: argparse.Namespace) -> str:
@@ -142,28 +142,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_fail_stale(args: argparse.Namespace) -> int:
     from search import study as st
+    from search import workers
 
     url = _storage_arg(args)
     _, study = st.load_stored(url, args.study)
-    failed = st.fail_stale(study, args.older_than)
+    failed = workers.fail_stale(study, args.older_than)
     print(f"failed {len(failed)} stale trial(s){': ' + ', '.join(map(str, failed)) if failed else ''}; "
           "each is queued again for the next worker")
     return 0
 
 
-def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -> int:
-    from search import report
+def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1) -> int:
+    from search import report, workers
     from search import study as st
 
     try:
-        if workers > 1:
-            if st.run_workers(recipe, url, workers, quiet=args.quiet):
+        if n_workers > 1:
+            if workers.run_workers(recipe, url, n_workers, quiet=args.quiet):
                 return 1
         else:
             st.work(recipe, study, quiet=args.quiet)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'SIGINT'}): the running trial is queued again and resumes after its last "
-              f"finished epoch.\nresume with: {st.resume_command(recipe, url)}", file=sys.stderr)
+              f"finished epoch.\nresume with: {workers.resume_command(recipe, url)}", file=sys.stderr)
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
@@ -176,11 +177,11 @@ def _work(recipe, study, url: str, args: argparse.Namespace, workers: int = 1) -
 
 def dashboard_command(recipe, url: str) -> str:
     """The `dashboard` command for this study, as it works from the user's shell."""
-    from search import study as st
+    from search import storage
     from search.text import command
 
-    default = url == st.default_storage(recipe.study.name)
-    return command(f"dashboard {recipe.study.name}" + ("" if default else f" --storage '{st.mask(url)}'"))
+    default = url == storage.default_storage(recipe.study.name)
+    return command(f"dashboard {recipe.study.name}" + ("" if default else f" --storage '{storage.mask(url)}'"))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -306,10 +307,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _stored(args: argparse.Namespace):
-    from search import artifacts
+    from search import artifacts, storage
     from search import study as st
 
-    url = args.storage or st.default_storage(args.study)
+    url = args.storage or storage.default_storage(args.study)
     recipe, study = st.load_stored(url, args.study)
     return recipe, study, url, artifacts.study_dir(args.study, artifacts.url_file(url))
 
@@ -387,15 +388,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from search import artifacts
-    from search import study as st
+    from search import artifacts, storage
 
     _, _, url, directory = _stored(args)
     from optuna_dashboard import run_server
 
     print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from\n"
           f"  {directory / 'artifacts'}   (Ctrl-C to stop)")
-    run_server(st.open_storage(url, heartbeat=None), host=args.host, port=args.port,
+    run_server(storage.open_storage(url, heartbeat=None), host=args.host, port=args.port,
                artifact_store=artifacts.ServedStore(artifacts.store_for(directory)))
     return 0
 
@@ -511,6 +511,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from search import optuna_api
+
+    optuna_api.quiet()
     try:
         return COMMANDS[args.command](args)
     except SearchError as e:

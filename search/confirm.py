@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import optuna_api
 from search.recipe import Recipe
 
 SUFFIX = "/confirm"
@@ -44,11 +45,11 @@ def companion(study: optuna.Study, create: bool = False) -> optuna.Study | None:
     """The study holding `study`'s confirmation runs (None if it has none and create is False)."""
     name = companion_name(study.study_name)
     sampler = optuna.samplers.RandomSampler(seed=0)  # every parameter is fixed by the queue: nothing is drawn
-    if name in {s.study_name for s in optuna.get_all_study_summaries(study._storage, include_best_trial=False)}:
-        return optuna.load_study(study_name=name, storage=study._storage, sampler=sampler)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(optuna_api.storage_of(study), include_best_trial=False)}:
+        return optuna.load_study(study_name=name, storage=optuna_api.storage_of(study), sampler=sampler)
     if not create:
         return None
-    c = optuna.create_study(study_name=name, storage=study._storage, directions=study.directions,
+    c = optuna.create_study(study_name=name, storage=optuna_api.storage_of(study), directions=study.directions,
                             sampler=sampler, load_if_exists=True)
     if study.metric_names:
         c.set_metric_names(study.metric_names)
@@ -94,15 +95,16 @@ def enqueue(study: optuna.Study, recipe: Recipe, top_k: int, seeds: int) -> int:
 
 
 def _duplicate(trial: optuna.Trial) -> bool:
-    from search.study import counted
+    from search.workers import counted
 
-    k = key(trial.study._storage.get_trial(trial._trial_id))
+    k = key(optuna_api.frozen(trial))
     return any(key(t) == k and t.number < trial.number for t in counted(trial.study.get_trials(deepcopy=False)))
 
 
 def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     """Run queued confirmation runs in this process until none is left; returns how many ran here."""
     from search import study as st
+    from search import workers
     from search.data import load_data
     from search.pool import parse_pool
     from search.recipe import recipe_from_dict
@@ -122,7 +124,7 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
             trial.set_user_attr("fail_reason", "duplicate confirmation")
-            raise st.TrialFailed("duplicate confirmation")
+            raise workers.TrialFailed("duplicate confirmation")
         return inner(trial, lost)
 
     def line(cs: optuna.Study, t: FrozenTrial) -> None:
@@ -133,11 +135,11 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
 
     ran = 0
     while True:
-        st.sweep(c, hb)
+        workers.sweep(c, hb)
         trials = c.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
-            st.stopped()
-            done = st.run_one(c, objective, hb, say)
+            workers.stopped()
+            done = workers.run_one(c, objective, hb, say)
             if done is not None:
                 line(c, done)
             ran += 1
@@ -198,7 +200,8 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     Row: trial, entry, seeds (n), values (seed index order), mean, std, low, high (95% t-interval),
     feasible, hyperparameters.
     """
-    from search.report import POOL_PARAM, _feasible, _label, value
+    from search.report import POOL_PARAM, _label, value
+    from search.sampling import feasible
 
     c = companion(study)
     if c is None:
@@ -210,13 +213,13 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             runs.setdefault(k[0], {}).setdefault(k[1], v)
     rows: list[dict[str, Any]] = []
     for n, more in runs.items():
-        src = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, n))
+        src = optuna_api.trial_by_number(study, n)
         if src.state != TrialState.COMPLETE or value(src) is None:
             continue
         vals = [value(src)] + [more[i] for i in sorted(more)]
         mean, std, lo, hi = t_interval(vals)
         rows.append({"trial": n, "entry": _label(src), "seeds": len(vals), "values": vals, "mean": mean,
-                     "std": std, "low": lo, "high": hi, "feasible": _feasible(src),
+                     "std": std, "low": lo, "high": hi, "feasible": feasible(src),
                      "hyperparameters": {k: v for k, v in src.params.items() if k != POOL_PARAM}})
     sign = -1 if recipe.study.direction == "maximize" else 1
     rows.sort(key=lambda r: (sign * r["mean"], r["trial"]))

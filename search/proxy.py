@@ -75,7 +75,7 @@ def _needs_grpc() -> None:
 
 def backend(url: str) -> optuna.storages.BaseStorage:
     """The database storage the proxy serves: an SQL URL only, with Optuna's in-process cache."""
-    from search.study import mask, open_storage
+    from search.storage import mask, open_storage
 
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme in REFUSED:
@@ -100,7 +100,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) -> int:
     """Serve the database at `url` on host:port until SIGTERM or Ctrl-C; returns the exit code."""
-    from search.study import mask
+    from search.storage import mask
 
     _needs_grpc()
     if not 0 < port < 65536:

@@ -20,7 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import SearchError
 from search.recipe import Recipe
+from search.sampling import feasible
 from search.text import WIDTH, command, fit_line, shorten, table, wrap, wrap_items
+from search.workers import counted
 
 POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
 STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
@@ -39,16 +41,8 @@ def value(t: FrozenTrial) -> float | None:
     return t.values[0] if t.values else None
 
 
-def _feasible(t: FrozenTrial) -> bool:
-    from search.study import feasible
-
-    return feasible(t)
-
-
 def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """One row per pool label, best entry first: best/median value, state counts, s/epoch, params, source."""
-    from search.study import counted  # here: study imports this module
-
     maximize = recipe.study.direction == "maximize"
     rows: dict[str, dict[str, Any]] = {}
     trials = study.get_trials(deepcopy=False)
@@ -67,7 +61,7 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             key = "not_counted"  # retried, interrupted, past the total: not a failure of the trial
         if key:
             r[key] += 1
-        if t.state == TrialState.COMPLETE and value(t) is not None and _feasible(t):
+        if t.state == TrialState.COMPLETE and value(t) is not None and feasible(t):
             r["values"].append(value(t))
         n = t.user_attrs.get("epochs") or 0
         if n and t.user_attrs.get("sec_per_epoch") is not None:
@@ -91,7 +85,7 @@ def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
     """Complete trials that meet the study's constraints, best first (ties: earlier trial first)."""
     sign = -1 if recipe.study.direction == "maximize" else 1
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if value(t) is not None and _feasible(t)]
+            if value(t) is not None and feasible(t)]
     return sorted(done, key=lambda t: (sign * value(t), t.number))
 
 
@@ -328,7 +322,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                      "source": t.user_attrs.get("weight_source"), "overlap": t.user_attrs.get("imagenet_overlap"),
                      **({n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
                         if len(study.directions) > 1 else {}),
-                     "feasible": _feasible(t),
+                     "feasible": feasible(t),
                      "best_epoch": t.user_attrs.get("best_epoch"), "fail_reason": t.user_attrs.get("fail_reason"),
                      **{n: v for n, v in t.params.items() if n != POOL_PARAM}})
     return rows
@@ -407,7 +401,7 @@ def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
         if t.state == TrialState.COMPLETE and value(t) is not None:
             ax.scatter(t.number, value(t), color=colors.get(label), label=None if label in shown else label, zorder=3)
             shown.add(label)
-            if _feasible(t):
+            if feasible(t):
                 best = value(t) if best is None else (max if maximize else min)(best, value(t))
         elif t.state == TrialState.PRUNED and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
@@ -652,9 +646,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         what = f"failed: {trial.user_attrs.get('fail_reason') or 'error'}"
     if trial.state == TrialState.COMPLETE and len(trial.values or ()) > 1:
         what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
-    if not _feasible(trial):
+    if not feasible(trial):
         what += "  (infeasible)"
-    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and _feasible(t)]
+    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and feasible(t)]
     sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
     b = min(ranked, key=lambda t: (sign * t.values[0], t.number), default=None)
     best = f"  best {value(b):.4f} (trial {b.number})" if b else ""
@@ -760,7 +754,7 @@ def pareto_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     if len(names) < 2:
         return ""
     front = front_trials(study, recipe)
-    infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not _feasible(t))
+    infeasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not feasible(t))
     dirs = ", ".join(f"{n} ({d[:3]})" for n, d in zip(names, recipe.study.directions, strict=True))
     note = f"; {infeasible} infeasible trials left out" if infeasible else ""
     lines = wrap(f"Pareto front: {len(front)} trials ({dirs}{note})", 10**6 if wide else WIDTH)
@@ -774,7 +768,7 @@ def pareto_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """Every complete trial with its objectives, feasibility and whether it is on the front."""
     front = {t.number for t in front_trials(study, recipe)}
     return [{"trial": t.number, "entry": _label(t), **dict(zip(recipe.study.names, t.values, strict=True)),
-             "feasible": _feasible(t), "on_front": t.number in front}
+             "feasible": feasible(t), "on_front": t.number in front}
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
 
 

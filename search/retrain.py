@@ -36,14 +36,15 @@ from search.train import fit, predict, resolve_device
 def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Study, str]:
     """The study the results are recorded on (the exporting study, `study.origin`) and its storage URL."""
     from search import study as st
+    from search.storage import default_storage, mask, open_storage
 
     name = recipe.study.origin or recipe.study.name
-    url = storage or recipe.study.storage or st.default_storage(name)
-    store = st.open_storage(url, heartbeat=None)
+    url = storage or recipe.study.storage or default_storage(name)
+    store = open_storage(url, heartbeat=None)
     if name in {s.study_name for s in optuna.get_all_study_summaries(store)}:
         return optuna.load_study(study_name=name, storage=store), url
     if recipe.study.origin:
-        raise SearchError(f"study.origin: no study '{name}' in {st.mask(url)} to record the test metrics on; "
+        raise SearchError(f"study.origin: no study '{name}' in {mask(url)} to record the test metrics on; "
                           "pass --storage URL of that study, or remove study.origin to record on a new study")
     return st.open_study(recipe, url), url
 

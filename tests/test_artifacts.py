@@ -10,7 +10,8 @@ from search import artifacts
 from search.data import load_data
 from search.models import build_model
 from search.recipe import recipe_from_dict
-from search.study import load_stored, open_storage
+from search.storage import open_storage
+from search.study import load_stored
 from search.train import FitResult, predict
 from tests.conftest import tiny_recipe, wsgi_get
 

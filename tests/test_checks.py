@@ -15,8 +15,7 @@ import sqlalchemy
 import torch
 import torchvision.models as tvm
 
-from search import study as st
-from search import text, weights
+from search import sampling, text, weights, workers
 from search.errors import SearchError
 from search.pool import parse_entry
 from tests.conftest import run_cli, tiny_recipe, write_recipe
@@ -346,8 +345,8 @@ def test_min_trials_holds_off_every_pruner(pruner):
                                                              "reduction_factor": 10}},
                                           train={"epochs": 9}))
     if pruner == "hyperband":
-        assert isinstance(st.make_pruner(recipe), optuna.pruners.HyperbandPruner)  # TPE's bracket handling
-    study = optuna.create_study(direction="maximize", pruner=st.make_pruner(recipe),
+        assert isinstance(sampling.make_pruner(recipe), optuna.pruners.HyperbandPruner)  # TPE's bracket handling
+    study = optuna.create_study(direction="maximize", pruner=sampling.make_pruner(recipe),
                                 sampler=optuna.samplers.RandomSampler(seed=0))
 
     def worse_than_all(value: float) -> bool:
@@ -386,7 +385,7 @@ def test_the_leaderboard_shows_not_counted_trials_apart_from_failures():
     add(TrialState.FAIL, "diverged (loss nan)")  # the trial's own failure: counts
     add(TrialState.FAIL, "interrupted")
     add(TrialState.FAIL, "study total reached")
-    add(TrialState.FAIL, st.STALE_REASON)
+    add(TrialState.FAIL, workers.STALE_REASON)
     [row] = report.leaderboard(study, recipe)
     assert (row["complete"], row["failed"], row["not_counted"]) == (1, 1, 3)
     board = report.leaderboard_text(study, recipe)

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from search import cli, report, space
 from search.recipe import load_recipe, recipe_from_dict
-from search.study import load_stored, open_storage
+from search.storage import open_storage
+from search.study import load_stored
 from tests.conftest import run_cli, tiny_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import space
+from search import optuna_api, sampling, space, workers
 from search import study as st
 from search.pool import parse_pool
 from search.recipe import recipe_from_dict
@@ -61,7 +61,7 @@ def test_two_fresh_processes_give_identical_trials_and_best_yaml_reproduces_the_
 def _draw(study: optuna.Study, recipe, entries) -> optuna.Trial:
     """What the objective does before training: the trial's sampler seed, then the suggestions."""
     trial = study.ask()
-    st.reseed_sampler(study.sampler, st.sampler_seed(recipe.study.seed, trial.number))
+    optuna_api.reseed_sampler(study.sampler, sampling.sampler_seed(recipe.study.seed, trial.number))
     space.suggest(trial, recipe, entries)
     return trial
 
@@ -73,7 +73,7 @@ def test_interleaved_workers_never_repeat_and_a_resume_replays_nothing(sampler, 
     entries = parse_pool(recipe.pool)
     url = f"sqlite:///{tmp_path}/s.db"
     workers = [optuna.create_study(study_name="s", storage=url, load_if_exists=True,
-                                   sampler=st.make_sampler(recipe)) for _ in range(2)]
+                                   sampler=sampling.make_sampler(recipe)) for _ in range(2)]
     asked = [_draw(workers[i % 2], recipe, entries) for i in range(4)]  # 4 running at once, 2 processes
     for t in asked:
         workers[0].tell(t, t.params["lr"])
@@ -93,11 +93,11 @@ def test_random_sampler_resumed_gives_the_same_params_per_trial_number(tmp_path)
             t = _draw(study, recipe, entries)
             study.tell(t, t.params["lr"])
 
-    whole = optuna.create_study(sampler=st.make_sampler(recipe))
+    whole = optuna.create_study(sampler=sampling.make_sampler(recipe))
     run(whole, 6)
     url = f"sqlite:///{tmp_path}/r.db"
-    run(optuna.create_study(study_name="r", storage=url, sampler=st.make_sampler(recipe)), 3)
-    resumed = optuna.load_study(study_name="r", storage=url, sampler=st.make_sampler(recipe))  # a new process
+    run(optuna.create_study(study_name="r", storage=url, sampler=sampling.make_sampler(recipe)), 3)
+    resumed = optuna.load_study(study_name="r", storage=url, sampler=sampling.make_sampler(recipe))  # a new process
     run(resumed, 3)
     assert [t.params for t in resumed.get_trials()] == [t.params for t in whole.get_trials()]
 
@@ -128,7 +128,7 @@ def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = optuna.load_study(study_name="four", storage=url).get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 24 and len(st.counted(trials)) == 24
+    assert len(done) == 24 and len(workers.counted(trials)) == 24
     assert len({t.user_attrs["worker"] for t in done}) == 4  # all four took part
     configs = [tuple(sorted(t.params.items())) for t in done]
     assert len(set(configs)) == 24, [c for c in configs if configs.count(c) > 1]

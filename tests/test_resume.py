@@ -15,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search import artifacts
+from search import artifacts, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
@@ -69,7 +69,7 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
     url = f"sqlite:///{tmp_path}/pre.db"
     recipe = recipe_from_dict(_recipe("pre"))
     study = st.open_study(recipe, url)
-    resume_dir = st.resume_dir(study, recipe)
+    resume_dir = workers.resume_dir(study, recipe)
 
     first = _worker("pre", url, tmp_path)
     killed = _until_epoch(first, 3)
@@ -88,10 +88,10 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0 and "Traceback" not in err, err[-2000:]
     trials = study.get_trials()
-    assert len(st.counted(trials)) == 2 and st.finished(study) == 2
+    assert len(workers.counted(trials)) == 2 and workers.finished(study) == 2
     done = {t.user_attrs["retry_of"]: t for t in trials if t.state == TrialState.COMPLETE}
     assert sorted(done) == sorted([killed, preempted]), [(t.number, t.state, t.user_attrs) for t in trials]
-    assert trials[killed].user_attrs["fail_reason"] == st.STALE_REASON
+    assert trials[killed].user_attrs["fail_reason"] == workers.STALE_REASON
     assert trials[preempted].user_attrs["fail_reason"] == "interrupted"
     assert done[killed].user_attrs["resumed_from_epoch"] in (2, 3)  # the kill may beat epoch 3's save
     assert done[preempted].user_attrs["resumed_from_epoch"] == 2
@@ -149,8 +149,8 @@ def test_a_retry_without_a_readable_state_starts_over_and_says_so(tmp_path):
     study = st.open_study(recipe, url)
     trial = study.ask({"model": optuna.distributions.CategoricalDistribution(["mini_cnn"])})
     study.tell(trial, state=TrialState.FAIL)
-    st.retry(study, study.get_trials()[0])
-    where = st.resume_dir(study, recipe)
+    workers.retry(study, study.get_trials()[0])
+    where = workers.resume_dir(study, recipe)
     where.mkdir(parents=True)
     (where / "trial-0.pt").write_bytes(b"torn")
     st.work(recipe, study, quiet=True)

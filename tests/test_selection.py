@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats
 
-from search import confirm, report
+from search import confirm, report, sampling, storage, workers
 from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
@@ -87,7 +87,7 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
     st.work(recipe, study, quiet=True)
     assert [r for r in spied_test_split if r[2] != "__len__"] == []  # neither search nor confirmation read test
     main = study.get_trials(deepcopy=False)
-    assert len(main) == 3 and len(st.counted(main)) == 3 and st.finished(study) == 3  # nothing added, nothing counted
+    assert len(main) == 3 and len(workers.counted(main)) == 3 and workers.finished(study) == 3  # nothing added, nothing counted
     assert all("confirms" not in t.user_attrs for t in main)
     comp = confirm.companion(study)
     runs = comp.get_trials(deepcopy=False)
@@ -118,8 +118,8 @@ def test_infeasible_trials_are_never_best(tmp_path):
     assert report.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
     assert [t.number for t in report.complete_trials(study, recipe)] == [1, 2]
-    assert st.constraint_values(recipe.study.constraints, {"params": 2e6}) == {"params": pytest.approx(1.0)}
-    assert st.constraint_values(recipe.study.constraints, {"params": 5e5}) == {"params": pytest.approx(-0.5)}
+    assert sampling.constraint_values(recipe.study.constraints, {"params": 2e6}) == {"params": pytest.approx(1.0)}
+    assert sampling.constraint_values(recipe.study.constraints, {"params": 5e5}) == {"params": pytest.approx(-0.5)}
     assert [t.number for t in study.best_trials] == [1]  # Optuna reads the same stored values
 
 
@@ -168,7 +168,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
         assert set(t.constraints) == {"params", "out_of_memory"}  # as Optuna's samplers read them
         assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] / 1e6 - 1)
     front = report.front_trials(study, recipe)
-    assert front and all(st.feasible(t) for t in front)
+    assert front and all(sampling.feasible(t) for t in front)
     assert all(t.user_attrs["pool_label"] == "mini_cnn" for t in front)  # resnet_18 (11M params) is infeasible
 
     proc = run_cli("report", "mo", cwd=tmp_path)
@@ -194,7 +194,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
 
     from optuna_dashboard import wsgi
 
-    status, body = wsgi_get(wsgi(st.open_storage(url, heartbeat=None)), f"/api/studies/{study._study_id}")
+    status, body = wsgi_get(wsgi(storage.open_storage(url, heartbeat=None)), f"/api/studies/{study._study_id}")
     assert status.startswith("200")
     assert json.loads(body)["objective_names"] == ["accuracy", "latency_ms"]
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from search import space
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
-from search.study import make_pruner, make_sampler
+from search.sampling import make_pruner, make_sampler
 from tests.conftest import tiny_recipe
 
 POOL = ["mini_cnn", {"model": "resnet_18", "pretrained": False}, "resnet_18"]  # scratch, scratch, pretrained

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
+from search import storage, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
@@ -37,7 +38,7 @@ SERVERS = {
 
 def _unavailable(kind: str, error: Exception) -> None:
     var, default = SERVERS[kind]
-    msg = (f"no {kind} server at {st.mask(os.environ.get(var, default))} ({type(error).__name__}); "
+    msg = (f"no {kind} server at {storage.mask(os.environ.get(var, default))} ({type(error).__name__}); "
            f"set {var} to a URL of one")
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI: storage test cannot run: {msg}")
@@ -170,7 +171,7 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     assert retries[0].params == dead.params
     assert set(dead.intermediate_values.items()) <= set(retries[0].intermediate_values.items())
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == n and len(st.counted(trials)) == n, _states(study)
+    assert len(complete) == n and len(workers.counted(trials)) == n, _states(study)
     assert retries[0] in complete or retries[0].user_attrs.get("fail_reason") == "study total reached"
     assert all(t.user_attrs.get("fail_reason") == "study total reached" for t in trials
                if t.state == TrialState.FAIL and t.number != victim.number)
@@ -191,9 +192,9 @@ def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path
     study = optuna.load_study(study_name="many", storage=url)
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 16, _states(study)
-    assert len(st.counted(trials)) == 16
+    assert len(workers.counted(trials)) == 16
     # 16 processes on 2 cores: every live trial still beats, so none is failed as stale or retried
-    assert not [t.number for t in trials if t.user_attrs.get("fail_reason") == st.STALE_REASON or "retry_of" in t.user_attrs]
+    assert not [t.number for t in trials if t.user_attrs.get("fail_reason") == workers.STALE_REASON or "retry_of" in t.user_attrs]
     assert all(t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL)
     assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) > 1
     assert "leaderboard" in proc.stdout  # printed once, by the coordinator
@@ -209,7 +210,7 @@ def test_three_workers_on_journal_storage(kind, tmp_path, request):
     study = st.load_stored(url, "journal")[1]
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == n, _states(study)
-    assert all(isinstance(t.user_attrs.get(st.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE)
+    assert all(isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE)
 
 
 @pytest.mark.parametrize("kind", ["journal", "postgres-proxy"])
@@ -226,35 +227,35 @@ def _fail_stale_round(url, capsys):
     for t in (alive, dead):
         t.suggest_float("lr", 0.002, 0.005)
     storage = study._storage
-    storage.set_trial_user_attr(dead._trial_id, st.HEARTBEAT_ATTR, time.time() - 600)
-    storage.set_trial_user_attr(alive._trial_id, st.HEARTBEAT_ATTR, time.time())
+    storage.set_trial_user_attr(dead._trial_id, workers.HEARTBEAT_ATTR, time.time() - 600)
+    storage.set_trial_user_attr(alive._trial_id, workers.HEARTBEAT_ATTR, time.time())
     assert main(["fail-stale", "--storage", url, "--study", "stale", "--older-than", "300"]) == 0
     assert f"failed 1 stale trial(s): {dead.number}" in capsys.readouterr().out
     trials = st.load_stored(url, "stale")[1].get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs["fail_reason"] == st.STALE_REASON
+    assert trials[1].user_attrs["fail_reason"] == workers.STALE_REASON
     assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == dead.number
-    assert len(st.counted(trials)) == 2  # the retry holds the dead trial's slot
+    assert len(workers.counted(trials)) == 2  # the retry holds the dead trial's slot
     assert main(["fail-stale", "--storage", url, "--study", "stale", "--older-than", "300"]) == 0
     assert "failed 0 stale trial(s)" in capsys.readouterr().out
 
 
 def test_passwords_are_masked_and_never_stored(tmp_path, monkeypatch):
-    assert st.mask("postgresql+psycopg://u:s3cret@db:5432/x") == "postgresql+psycopg://u:***@db:5432/x"
-    assert st.mask("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
-    assert st.mask("mysql+pymysql://u:p@ss@h/x") == "mysql+pymysql://u:***@h/x"
-    assert st.mask("sqlite:///studies/a.db") == "sqlite:///studies/a.db"
+    assert storage.mask("postgresql+psycopg://u:s3cret@db:5432/x") == "postgresql+psycopg://u:***@db:5432/x"
+    assert storage.mask("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert storage.mask("mysql+pymysql://u:p@ss@h/x") == "mysql+pymysql://u:***@h/x"
+    assert storage.mask("sqlite:///studies/a.db") == "sqlite:///studies/a.db"
     from search.errors import SearchError
 
     with pytest.raises(SearchError) as e:  # port 1: nothing listens
-        st.open_storage("postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
+        storage.open_storage("postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
     assert "s3cret" not in str(e.value) and "u:***@127.0.0.1:1" in str(e.value) and "\n" not in str(e.value)
     monkeypatch.setenv("SEARCH_TEST_PW", "s3cret")
     url = f"sqlite:///{tmp_path}/a.db?pw=${{SEARCH_TEST_PW}}"
-    assert st.expand(url).endswith("pw=s3cret")
+    assert storage.expand(url).endswith("pw=s3cret")
     recipe = recipe_from_dict(tiny_recipe(name="pw", study={"storage": "postgresql+psycopg://u:s3cret@h/x"}))
     assert "s3cret" not in str(st.stored_form(recipe)) and "u:***@h" in str(st.stored_form(recipe))
-    assert "s3cret" not in st.resume_command(recipe, recipe.study.storage)
+    assert "s3cret" not in workers.resume_command(recipe, recipe.study.storage)
 
 
 def test_changed_recipe_is_refused_on_a_shared_database(rdb_url):
@@ -267,7 +268,7 @@ def test_changed_recipe_is_refused_on_a_shared_database(rdb_url):
         st.open_study(changed, rdb_url)
     stored, again = st.load_stored(rdb_url, "refuse")
     assert stored.train.epochs == 2 and [t.state for t in again.get_trials()] == [TrialState.WAITING]
-    assert st.remaining(again, 2) == 1  # the queued trial holds its slot
+    assert workers.remaining(again, 2) == 1  # the queued trial holds its slot
 
 
 def test_proxy_command_refuses_what_it_cannot_serve_in_one_line(tmp_path):
@@ -301,7 +302,7 @@ def test_proxy_serves_loopback_only_and_stops_cleanly_on_ctrl_c(tmp_path):
                              "--port", str(port)], env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert f"listening on grpc://127.0.0.1:{port}" in proc.stdout.readline()
-    study = optuna.create_study(storage=st.open_storage(f"grpc://127.0.0.1:{port}"), study_name="p")
+    study = optuna.create_study(storage=storage.open_storage(f"grpc://127.0.0.1:{port}"), study_name="p")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

@@ -6,8 +6,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import artifacts
-from search.study import FIRST_ATTRS, open_storage
+from search import artifacts, workers
+from search.storage import open_storage
+from search.study import FIRST_ATTRS
 from tests.conftest import run_cli, wsgi_get
 
 ATTRS = {"pool_label", "params", "epochs", "sec_per_epoch", "seed", "weight_source", "imagenet_overlap",
@@ -107,7 +108,7 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
 
     monkeypatch.chdir(tmp_path)
     study, recipe = _dead_trial_retried(tmp_path, study={"n_trials": 1})
-    st.retry(study, study.get_trials()[0])
+    workers.retry(study, study.get_trials()[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert st.work(recipe, study, quiet=True) == 1
@@ -134,7 +135,7 @@ def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
     study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.99, params=dead.params,
                                         distributions=dead.distributions, user_attrs={"seed": 1},
                                         intermediate_values={1: 0.99, 2: 0.99, 3: 0.99}))
-    st.retry(study, dead)
+    workers.retry(study, dead)
     assert st.work(recipe, study, quiet=True) == 1
     rerun = study.get_trials()[2]
     assert rerun.user_attrs["retry_of"] == 0 and rerun.user_attrs["epochs"] >= 2
@@ -198,7 +199,7 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
         assert t.state == TrialState.COMPLETE and t.constraints == {"out_of_memory": 0.0}
         assert t.user_attrs["micro_batch"] == 32
     assert any("infeasible: out of memory at batch size 32" in line for line in lines), lines
-    assert len(st.counted(trials)) == 6 and study.best_trial.user_attrs["pool_label"] == "mini_cnn"
+    assert len(workers.counted(trials)) == 6 and study.best_trial.user_attrs["pool_label"] == "mini_cnn"
 
     # What TPE receives: the stored COMPLETE and PRUNED trials; the OOM ones as infeasible, all
     # on the "bad" side of its split, so it proposes the feasible entry.

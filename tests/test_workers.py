@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from search.study import gpu_assignment
+from search.workers import gpu_assignment
 
 
 def test_gpus_round_robin_over_visible_devices():

@@ -1,0 +1,131 @@
+"""What Optuna's samplers and pruners read: the recipe's sampler and pruner, seeded per trial,
+and the constraints (the recipe's bounds, out of memory) every trial stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from search.optuna_api import NumberedQMC
+from search.recipe import BoundCfg, Recipe
+
+
+def sampler_seed(study_seed: int, number: int) -> int:
+    """The sampler's seed for trial `number`: its own stream, apart from the training seed."""
+    return int(np.random.SeedSequence([study_seed, number, 1]).generate_state(1)[0])
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether every constraint stored on the trial is satisfied (a trial without any is).
+
+    Reads what `record_constraints` stored, as Optuna's samplers and `best_trials` do."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def constraint_values(bounds: dict[str, BoundCfg], measures: dict[str, Any]) -> dict[str, float]:
+    """Per recipe constraint (study.constraints): how far the measure is beyond its bound (<= 0: within).
+
+    Relative to the bound (value/max - 1, 1 - value/min), so constraints of different units weigh
+    alike in the samplers' summed violation.
+    """
+    out = {}
+    for name, b in bounds.items():
+        v = measures[name]
+        over = [v / b.max - 1 if b.max else v - b.max] if b.max is not None else []
+        under = [1 - v / b.min if b.min else b.min - v] if b.min is not None else []
+        out[name] = max(over + under)
+    return out
+
+
+def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
+    """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples."""
+    s, seed = recipe.study.sampler, recipe.study.seed
+    builders: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
+            group=s.group and s.multivariate, constant_liar=s.constant_liar),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                                      warn_independent_sampling=False),
+        "qmc": lambda: NumberedQMC(seed=seed, qmc_type=s.qmc_type, warn_independent_sampling=False),
+    }
+    return builders[s.name]()
+
+
+def _held(cls: type[optuna.pruners.BasePruner]) -> type[optuna.pruners.BasePruner]:
+    """`cls` that prunes nothing until `min_trials` trials completed (what the median pruner's
+    n_startup_trials does), as the recipe's study.pruner.min_trials promises for every pruner.
+
+    The inner pruner is still asked at every step, so each trial records the rungs it reached
+    and later trials are compared against the early ones too. A subclass, not a wrapper:
+    TPE treats a HyperbandPruner's brackets specially and finds them by isinstance.
+    """
+
+    class Held(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, min_trials: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.min_trials = min_trials
+
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            pruned = super().prune(study, trial)
+            if not pruned or self.min_trials == 0:
+                return pruned
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return len(done) >= self.min_trials
+
+    Held.__name__ = Held.__qualname__ = f"Held{cls.__name__}"
+    return Held
+
+
+HeldSuccessiveHalving = _held(optuna.pruners.SuccessiveHalvingPruner)
+
+
+HeldHyperband = _held(optuna.pruners.HyperbandPruner)
+
+
+def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
+    p = recipe.study.pruner
+    builders: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
+        "percentile": lambda: optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
+        "successive_halving": lambda: HeldSuccessiveHalving(
+            p.min_trials, min_resource=max(1, p.warmup_epochs), reduction_factor=p.reduction_factor),
+        "hyperband": lambda: HeldHyperband(
+            p.min_trials, min_resource=max(1, p.warmup_epochs), max_resource=recipe.train.epochs,
+            reduction_factor=p.reduction_factor),
+        "none": optuna.pruners.NopPruner,
+    }
+    return builders[p.name]()
+
+
+OUT_OF_MEMORY = "out_of_memory"  # the constraint an OOM result violates
+
+
+def constraints(user_attrs: dict[str, Any], bounds: dict[str, BoundCfg] | None = None) -> dict[str, float]:
+    """The constraint values of a trial that reaches the sampler, by name (<= 0: feasible).
+
+    Read from what the trial recorded (its user attrs); `record_constraints` stores them as
+    Optuna constraints, which every constrained sampler (TPE, GP, NSGA-II) reads from COMPLETE
+    and PRUNED trials. Every such trial carries every name (GP needs as many values on each).
+    out_of_memory: 1 when the configuration did not fit even at the smallest micro-batch.
+    The recipe's study.constraints (`bounds`) on measures recorded before training (params,
+    flops, latency_ms, throughput): see `constraint_values`.
+    """
+    out = {OUT_OF_MEMORY: 1.0 if user_attrs.get("status") == "oom" else 0.0}
+    if bounds and all(n in user_attrs for n in bounds):
+        out.update(constraint_values(bounds, user_attrs))
+    return out
+
+
+def record_constraints(trial: optuna.Trial, bounds: dict[str, BoundCfg] | None = None) -> None:
+    """Store `constraints` on a trial about to end COMPLETE or PRUNED (once: Optuna keeps the first)."""
+    for name, value in constraints(trial.user_attrs, bounds).items():
+        trial.set_constraint(name, value)

@@ -1,0 +1,413 @@
+"""Workers: heartbeats, stale trials and their retries, the saved state a retry resumes from,
+counting towards the total, one trial's ask/run/tell, stopping on a signal, the local process pool.
+
+Dead workers: every running trial records a sign of life from a thread of its own, independent
+of training progress (Optuna's heartbeat on RDB storages, a `heartbeat_at` attr everywhere). A
+trial silent for STALE_BEATS heartbeats is failed with reason "worker died (no heartbeat)" and
+queued again as a WAITING copy (same params, seed and intermediate values); the copy holds the
+slot, so the dead trial does not count. Workers wait for the last running trials before they
+exit, so a retry is always picked up.
+
+Resuming: a running trial saves its full training state at every epoch end, atomically, to
+`trial-N.pt` under the study's resume directory (`study.checkpoint_dir`/NAME, default
+`studies/NAME/resume`; a shared path for many machines). A retry (of a dead, preempted or
+interrupted trial) takes that file over and goes on from the epoch after it: at most the epoch
+in progress is lost, and on the CPU the history is exactly the uninterrupted one's. The file is
+removed when the trial ends. SIGTERM or Ctrl-C stops the running trial at the next step, queues
+it again and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was
+failed by another (as stale) drops it and goes on: the retry is someone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import artifacts, optuna_api, pack
+from search.recipe import Recipe
+from search.storage import STALE_BEATS, mask
+
+log = logging.getLogger("search")
+
+STALE_REASON = "worker died (no heartbeat)"
+
+
+NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reasons that free their slot
+
+
+HEARTBEAT_ATTR = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
+
+
+MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this (preemptions do not count)
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: which process ran it
+
+
+class TrialFailed(Exception):
+    """A trial that ended without a result (diverged, out of memory, invalid combination)."""
+
+
+class TrialLost(Exception):
+    """Another worker failed this trial (as stale) while it ran here: its retry runs elsewhere."""
+
+
+class TrialInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the trial: its last epoch is saved and it is queued again."""
+
+
+class TotalReached(Exception):
+    """The study's total is taken; this trial does not count."""
+
+
+RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted")  # not carried to a retry
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = True) -> None:
+    """Queue a WAITING copy of a dead (or, died=False, preempted) worker's trial: same params and
+    seed, its intermediate values kept; it resumes from the trial's last saved epoch.
+
+    `fail_stale` calls this for each trial it fails as stale. The copy records the original in
+    the system attrs Optuna's RetryHeartbeatStaleTrialCallback uses (`failed_trial`,
+    `retry_history`), so its helpers work; `deaths` counts the dead workers only, so a trial
+    preempted any number of times is always queued again.
+    """
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    deaths = trial.system_attrs.get("deaths", 0) + int(died)
+    if deaths > MAX_RETRIES:
+        return
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESUME_ATTRS}
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={**user_attrs, "retry_of": trial.number},
+        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history,
+                      "deaths": deaths},
+        intermediate_values=trial.intermediate_values,
+    ))
+
+
+def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
+    """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
+    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats)."""
+    return fail_stale(study, None if optuna_api.heartbeat_enabled(optuna_api.storage_of(study)) else STALE_BEATS * heartbeat)
+
+
+def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
+    """Ids of RUNNING trials without a sign of life for `older_than` s (our heartbeat attr), or,
+    with None, those the RDB storage's heartbeat table calls stale."""
+    storage = optuna_api.storage_of(study)
+    if older_than is None:
+        if not optuna_api.heartbeat_enabled(storage):
+            return []
+        return optuna_api.stale_trial_ids(study)
+    now = time.time()
+    return [optuna_api.trial_id(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if now - (t.user_attrs.get(HEARTBEAT_ATTR) or t.datetime_start.timestamp()) > older_than]
+
+
+def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:
+    """Fail RUNNING trials whose worker stopped beating (for `older_than` s; None: as the RDB
+    storage's heartbeat says) with reason STALE_REASON, and queue their retries.
+
+    Returns the numbers of the trials this call failed.
+    """
+    storage = optuna_api.storage_of(study)
+    failed = []
+    for trial_id in _stale_ids(study, older_than):
+        # A finished trial takes no attrs, so the reason goes on while it is still RUNNING.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        trial = storage.get_trial(trial_id)
+        retry(study, trial)
+        failed.append(trial.number)
+    return failed
+
+
+@contextlib.contextmanager
+def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None = None) -> Iterator[None]:
+    """Record a sign of life on the trial every `interval` s, from a thread of its own: Optuna's
+    heartbeat on RDB storages, and the user attr `heartbeat_at` (epoch seconds) everywhere.
+
+    Journal and gRPC storages have no heartbeat of their own; on RDB storages the attr lets
+    `fail-stale` judge any storage the same way. When the storage refuses the beat because the
+    trial has finished (another worker failed it as stale), `lost` is set and beating stops.
+    """
+    stop = threading.Event()
+    storage, trial_id = optuna_api.storage_of(trial.study), optuna_api.trial_id(trial)
+    rdb = optuna_api.heartbeat_enabled(storage)
+
+    def beat() -> None:
+        while True:
+            try:
+                if rdb:
+                    optuna_api.record_heartbeat(storage, trial_id)
+                storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if lost is not None:
+                    lost.set()
+                return
+            except Exception as e:  # noqa: BLE001 - a missed beat is not worth killing the trial
+                log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials that take one of the study's n_trials slots.
+
+    Finished, pruned, running and queued trials count; so do failures of the trial itself
+    (diverged, out of memory, invalid combination). A FAIL counts not when it says it frees its
+    slot (interrupted, total reached, worker died), has no reason (its process died before
+    writing one), or was retried: the retry holds the slot instead.
+    """
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return [t for t in trials if t.state in live or (
+        t.state == TrialState.FAIL and t.number not in retried
+        and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None))]
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that ended and count towards the total."""
+    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished())
+
+
+def remaining(study: optuna.Study, n_trials: int) -> int:
+    return max(0, n_trials - len(counted(study.get_trials(deepcopy=False))))
+
+
+STOP = threading.Event()  # set by the first SIGTERM / SIGINT: the running trial stops at its next step
+
+
+_STOPPED_BY: list[str] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if STOP.is_set():  # the second one: now
+        raise KeyboardInterrupt(name)
+    _STOPPED_BY[:] = [name]
+    STOP.set()
+    again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+    print(f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
+          f"queued again ({again} quits at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT set STOP (the second raises KeyboardInterrupt) while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def stopped() -> None:
+    """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
+    if STOP.is_set():
+        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
+
+
+def run_one(study: optuna.Study, objective: Callable[..., float | list[float]], heartbeat: int,
+            say: Callable[[str], None] = print) -> optuna.trial.FrozenTrial | None:
+    """Ask for a trial (a queued one first), run it with a heartbeat, tell its end.
+
+    The harness's own loop rather than `Study.optimize`, so that a trial failed meanwhile by
+    another worker (as stale) is dropped instead of crashing the worker ("Cannot tell a FAIL
+    trial"), and an interrupted trial is queued again. Returns the finished trial, or None
+    when it was lost to another worker. KeyboardInterrupt (a signal) propagates after the
+    trial is queued again; an unexpected error after the trial is failed with its reason.
+    """
+    trial = optuna_api.ask(study)
+    lost = threading.Event()
+    values: float | list[float] | None = None
+    state = TrialState.FAIL
+    try:
+        try:
+            with beating(trial, heartbeat, lost):
+                values = objective(trial, lost)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except (TrialFailed, TotalReached):
+            pass
+        except (TrialInterrupted, KeyboardInterrupt):
+            retry(study, optuna_api.frozen(trial), died=False)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        except Exception as e:
+            if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    if trial.user_attrs.get("fail_reason") is None:
+                        trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}"[:500])
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+    except TrialInterrupted as e:
+        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else str(e)) from None
+    finally:
+        gc.collect()
+    frozen = optuna_api.frozen(trial)
+    if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
+        say(f"trial {trial.number:>3} was failed by another worker ({frozen.user_attrs.get('fail_reason')}); "
+            "dropped here, its retry runs from its saved state")
+        return None
+    return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+
+
+def resume_command(recipe: Recipe, storage_url: str) -> str:
+    """The command that continues the study (the stored recipe, the same storage)."""
+    from search.text import command
+
+    cmd = command(f"worker --storage '{mask(storage_url)}' --study {recipe.study.name}")
+    if mask(storage_url) != storage_url:
+        cmd += "   (password masked: write it in, or put it in an environment variable: ${PGPASSWORD}-style ${VAR})"
+    return cmd
+
+
+def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each local worker: GPUs round-robin (several workers may share one)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
+    return [ids[i % len(ids)] if ids else None for i in range(n_workers)]
+
+
+def default_workers(recipe: Recipe) -> int:
+    """Local workers for `run` without --workers: hardware.workers, or under trials_per_gpu on a
+    CUDA machine as many as its GPUs may hold at once (`pack.local_workers`)."""
+    import torch
+
+    hw = recipe.hardware
+    if hw.workers > 1 or hw.trials_per_gpu is None or hw.device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return hw.workers
+    return pack.local_workers(torch.cuda.device_count(), hw.trials_per_gpu, os.cpu_count() or 1)
+
+
+def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool = False) -> int:
+    """Start `n_workers` local `worker` processes on the study and wait for them.
+
+    The study (schema, stored recipe) exists before they start. The URL reaches them in the
+    environment (SEARCH_STORAGE), not on a command line others can read. SIGTERM is passed on
+    to every worker; the run then ends with KeyboardInterrupt. Returns 0, or 1 if a worker failed.
+    """
+    import torch
+
+    gpus = [None] * n_workers
+    packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
+    if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
+        gpus = gpu_assignment(n_workers, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "search", "worker", "--study", recipe.study.name, "--no-report", *(["-q"] if quiet else [])]
+    procs = []
+    for gpu in gpus:
+        env = {**os.environ, "SEARCH_STORAGE": storage_url}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        procs.append(subprocess.Popen(cmd, env=env))
+    if not quiet:
+        where = (", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus)) if gpus[0] is not None
+                 else "each trial on the GPU whose memory admits it" if packed and torch.cuda.is_available()
+                 else "CPU/auto")
+        print(f"started {n_workers} workers ({where}) on {mask(storage_url)}")
+    stopped: list[str] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too (same process group): let them finish
+        codes = [p.wait() for p in procs]
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if stopped:
+        raise KeyboardInterrupt(stopped[0])
+    bad = [f"worker {i} exited with {c}" for i, c in enumerate(codes) if c != 0]
+    if bad:
+        print(f"{'; '.join(bad)}; its trial is retried by the others or by: {resume_command(recipe, storage_url)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+STATE_FORMAT = 1  # of the per-epoch resume files
+
+
+def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
+    """Where a study's running trials keep their last epoch's state."""
+    if recipe.study.checkpoint_dir:
+        return Path(recipe.study.checkpoint_dir).expanduser() / study.study_name
+    return artifacts.dir_of(study) / "resume"
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
+    sees all of it once the name does)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
+    """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
+    that dies in turn leaves it to the next), or None and why it starts over."""
+    import torch
+
+    mine = directory / f"trial-{trial.number}.pt"
+    source = directory / f"trial-{trial.user_attrs['retry_of']}.pt"
+    path = mine if mine.exists() else source
+    if not path.exists():
+        return None, f"no saved state at {source}: trained from the first epoch"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, and say so
+        return None, f"saved state {path} unreadable ({type(e).__name__}: {e}): trained from the first epoch"
+    meta = state.get("trial", {}) if isinstance(state, dict) else {}
+    if (meta.get("format") != STATE_FORMAT or meta.get("seed") != seed
+            or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)):
+        return None, f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch"
+    if path != mine:
+        os.replace(path, mine)
+    return state, ""
