@@ -142,7 +142,9 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict
     """Weights + how to rebuild the model (`model_kwargs`); written aside, then renamed (no torn files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state_dict, "model": model, **meta}, tmp)
+    from search.record import versions
+
+    torch.save({"state_dict": state_dict, "model": model, "versions": versions(meta.pop("device", None)), **meta}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -245,6 +247,7 @@ def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCf
             return
         ckpt = save_checkpoint(Path(tmp) / f"trial-{trial.number}{CHECKPOINT_SUFFIX}", result.best_state,
                                model_kwargs(recipe, model, hp, data),
-                               trial=trial.number, epoch=result.best_epoch, metrics=result.best)
+                               trial=trial.number, epoch=result.best_epoch, metrics=result.best,
+                               device=trial.user_attrs.get("device"))
         trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
     prune(trial.study, store, k, (trial.number, value))

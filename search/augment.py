@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 class AugmentCfg:
     """Which augmentations run and how strong; datasets give defaults, recipes override."""
 
-    crop: str = "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
+    crop: Literal["pad", "resized", "none"] = "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
     flip: bool = True  # horizontal, p = 0.5
     rotate: float = 0.0  # max degrees either way
     jitter: float = 0.0  # brightness and contrast factors in [1 - jitter, 1 + jitter]

@@ -327,6 +327,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if study.user_attrs.get("rank"):
         print("\n" + report.rank_text(study, recipe, wide=args.wide))
     files = report.write_report(study, recipe, directory / "report")
+    if study.user_attrs.get("versions"):
+        from search.record import versions_line
+
+        print(f"\ncreated with {versions_line(study.user_attrs['versions'])}")
     print()
     print("\n".join(wrap(f"wrote {directory / 'report'}/: {', '.join(f.name for f in files)}")))
     return 0

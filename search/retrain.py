@@ -186,7 +186,8 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     plot_confusion(cm, data.classes, title, out / "confusion.png")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     artifacts.save_checkpoint(out / "model.pt", state, artifacts.model_kwargs(recipe, model, hp, data),
-                              trial=None, epoch=len(result.history), metrics=test)
+                              trial=None, epoch=len(result.history), metrics=test,
+                              device=str(next(model.parameters()).device))
 
     if study.user_attrs.get("retrain"):
         say(_fit(f"note: study '{study.study_name}' already had a test evaluation "

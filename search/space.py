@@ -85,14 +85,14 @@ Cond = Callable[[dict[str, Any], PoolEntry, int | None], bool]
 
 @dataclass(frozen=True)
 class Param:
-    kind: str  # 'float', 'int' or 'cat'
+    kind: Literal["float", "int", "cat"]
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] | None = None
     when: Cond | None = None  # sampled only when this holds
-    range_kind: str | None = None  # of a choice parameter: the kind a range override gives it
+    range_kind: Literal["float", "int"] | None = None  # of a choice parameter: the kind a range override gives it
 
     @property
     def bounds(self) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from search.models import build_model, input_resolution
 from search.optuna_api import reseed_sampler
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
 from search.recipe import CONSTRAINABLE, Recipe, recipe_from_dict
+from search.record import versions
 from search.sampling import make_pruner, make_sampler, record_constraints, sampler_seed
 from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
 from search.train import fit, resolve_device, seed_everything
@@ -102,6 +103,8 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
             f"({'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''}); use another study.name, "
             "or --force to continue with the new recipe"
         )
+    if old is None:
+        study.set_user_attr("versions", versions())  # what created it; each checkpoint carries its own
     if old != new:
         study.set_user_attr("recipe", new)
     if study.metric_names != recipe.study.names and len(study.directions) == len(recipe.study.names):
@@ -308,7 +311,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                     trial.set_user_attr("restarted", why)
             history: list[dict[str, float]] = list(state["history"]) if state else []
             meta = {"format": STATE_FORMAT, "study": trial.study.study_name, "number": trial.number,
-                    "params": trial.params, "seed": seed}
+                    "params": trial.params, "seed": seed, "versions": versions(str(dev))}
 
             def on_state(s: dict[str, Any]) -> None:
                 if not lost.is_set():

@@ -42,6 +42,7 @@ from torch import nn
 from search import augment, metrics
 from search.data import Data
 from search.errors import SearchError
+from search.record import FitStatus
 from search.hparams import TrainCfg
 from search.metrics import METRICS
 
@@ -53,7 +54,7 @@ RECOMPILE_LIMIT = 64  # torch.compile graphs kept per forward (architecture x sh
 
 @dataclass
 class FitResult:
-    status: str  # 'ok', 'early_stopped', 'diverged', 'oom', 'interrupted' (stop() said so)
+    status: FitStatus  # 'interrupted': stop() said so
     reason: str  # '' when status is ok
     best_epoch: int  # 1-based; 0 when no epoch finished
     best: dict[str, float]  # validation metrics of the best epoch
