@@ -42,9 +42,9 @@ from torch import nn
 from search import augment, metrics
 from search.data import Data
 from search.errors import SearchError
-from search.record import FitStatus
 from search.hparams import TrainCfg
 from search.metrics import METRICS
+from search.record import FitStatus
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
 EVAL_BATCH = 512  # images per evaluation forward (no activations kept, so larger than training)
