@@ -630,6 +630,14 @@ def bar(done: int, total: int, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def best_so_far(study: optuna.Study) -> str:
+    """'  best 0.9123 (trial 4)': the best feasible complete trial's primary value, or ''."""
+    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and feasible(t)]
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    b = min(ranked, key=lambda t: (sign * t.values[0], t.number), default=None)
+    return f"  best {value(b):.4f} (trial {b.number})" if b else ""
+
+
 def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, metric: str) -> str:
     """One line when a trial ends: study progress bar, trial, entry, state, value, best so far, seconds."""
     label = _label(trial)
@@ -648,11 +656,8 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
     if not feasible(trial):
         what += "  (infeasible)"
-    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and feasible(t)]
-    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    b = min(ranked, key=lambda t: (sign * t.values[0], t.number), default=None)
-    best = f"  best {value(b):.4f} (trial {b.number})" if b else ""
-    return f"{bar(done, total)} {done}/{total}  trial {trial.number:>3} {label:<24} {what}{best}  {secs:.1f}s"
+    return fit_line(f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(label, 20):<20} "
+                    f"{what}{best_so_far(study)}  {secs:.1f}s")
 
 
 # ---------------------------------------------------------------------------

@@ -32,10 +32,12 @@ from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
 from search.optuna_api import reseed_sampler
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
+from search.progress import Progress
 from search.recipe import CONSTRAINABLE, Recipe, recipe_from_dict
 from search.record import versions
 from search.sampling import make_pruner, make_sampler, record_constraints, sampler_seed
 from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
+from search.text import shorten
 from search.train import fit, resolve_device, seed_everything
 from search.workers import (
     STATE_FORMAT,
@@ -244,18 +246,19 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
 
     devices = [dev] if dev.index is not None else [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return pack.gpu_slot(devices, need, tpg, recipe.hardware.memory_margin,
-                         on_wait=lambda s: on_line(f"trial {trial.number:>3} {entry.label:<24} {s}"))
+                         on_wait=lambda s: on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} {s}"))
 
 
 def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device: str,
                    on_line: Callable[[str], None] = print, *,
-                   counting: bool = True) -> Callable[..., float | list[float]]:
+                   counting: bool = True, progress: Progress | None = None) -> Callable[..., float | list[float]]:
     """The trial function `objective(trial, lost=None)`: sample, build, measure, train (resumed
     from a saved state for a retry); returns the objective value(s).
 
     counting=False (confirmation runs) takes no slot of n_trials. `lost` (set by the heartbeat
     when another worker failed the trial) and STOP (SIGTERM, Ctrl-C) end the training at the
-    next step: TrialLost, or TrialInterrupted after the trial is queued again.
+    next step: TrialLost, or TrialInterrupted after the trial is queued again. A live
+    `progress` gets the trial's steps (search.progress).
     """
     metric = recipe.study.metric
     n_trials = recipe.study.n_trials
@@ -305,7 +308,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 state, why = take_state(where, trial, seed)
                 if state is not None:
                     trial.set_user_attr("resumed_from_epoch", int(state["epoch"]))
-                    on_line(f"trial {trial.number:>3} {entry.label:<24} resumes after epoch {state['epoch']} "
+                    on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} resumes after epoch {state['epoch']} "
                             f"(trial {trial.user_attrs['retry_of']}'s saved state)")
                 else:
                     trial.set_user_attr("restarted", why)
@@ -329,13 +332,16 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 trial.set_user_attr("sec_per_epoch", round(sum(r["seconds"] for r in history) / len(history), 3))
                 if trial.user_attrs.get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
                     trial.set_user_attr("micro_batch", int(record["micro_batch"]))
-                on_line(f"trial {trial.number:>3} {entry.label:<24} epoch {epoch:>3}  "
+                on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} epoch {epoch:>3}  "
                         f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s")
                 if epoch not in reported and not multi and trial.should_prune():  # the pruner judges this run's epochs only
                     trial.set_user_attr("fail_reason", f"pruned at epoch {epoch}")
                     record_constraints(trial, recipe.study.constraints)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
+            live = progress is not None and progress.live
+            if live:
+                progress.trial(trial.number, entry.label, hp.epochs, int(state["epoch"]) + 1 if state else 1)
             try:
                 with slot as placed:
                     if placed != dev:
@@ -346,12 +352,16 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                                  keep_best=recipe.study.top_k > 0,
                                  on_state=on_state if recipe.study.resume else None, state=state,
                                  micro_batch=int(state["micro_batch"]) if state else None,
-                                 stop=lambda: lost.is_set() or STOP.is_set())
+                                 stop=lambda: lost.is_set() or STOP.is_set(),
+                                 on_step=progress.step if live else None)
             except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
                 raise TrialLost(f"trial {trial.number} was failed by another worker") from None
             except Exception:
                 path.unlink(missing_ok=True)  # the trial ends here: nothing will resume it
                 raise
+            finally:
+                if live:
+                    progress.close_trial()
             if result.status == "interrupted":
                 if lost.is_set():
                     raise TrialLost(f"trial {trial.number} was failed by another worker")
@@ -422,7 +432,25 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     warning = leakage_warning(entries, data)
     if warning:
         log.warning(warning)
-    say = (lambda s: None) if quiet else print
+    progress = Progress(recipe.study.n_trials, quiet=quiet)
+    try:
+        return _search(recipe, study, entries, data, progress, quiet)
+    finally:
+        progress.close()
+
+
+def _show(progress: Progress, study: optuna.Study) -> None:
+    """The study line of a live display: counted trials ended, pruned, failed, best so far."""
+    if progress.live:
+        ended = [t for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished()]
+        pruned = sum(t.state == TrialState.PRUNED for t in ended)
+        failed = sum(t.state == TrialState.FAIL for t in ended)
+        progress.study(len(ended), pruned, failed, report.best_so_far(study))
+
+
+def _search(recipe: Recipe, study: optuna.Study, entries: list[PoolEntry], data: Data, progress: Progress,
+            quiet: bool) -> int:
+    say = progress.say
     if recipe.study.rank is not None:
         entries = ranked_entries(study, recipe, entries, data, say)
     if recipe.study.rank is not None and recipe.study.rank.order and not study.user_attrs.get("rank_enqueued"):
@@ -438,9 +466,10 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     n_total = recipe.study.n_trials
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     deadline = _deadline(study, recipe)
-    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say)
+    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress)
 
     ran = 0
+    _show(progress, study)
     while deadline is None or time.time() < deadline:
         stopped()
         sweep(study, hb)
@@ -451,6 +480,7 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
             line = done and report.trial_line(study, done, finished(study), n_total, recipe.study.metric)
             if line:
                 say(line)
+            _show(progress, study)
             continue
         if not any(t.state == TrialState.RUNNING for t in trials):
             break

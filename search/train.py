@@ -456,6 +456,7 @@ def fit(
     on_state: Callable[[dict[str, Any]], None] | None = None,
     state: dict[str, Any] | None = None,
     stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, int, int], None] | None = None,
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
@@ -479,7 +480,8 @@ def fit(
     data, hparams and seed): epochs already run are not run again, and on the
     CPU the resumed history equals the uninterrupted one exactly (timings
     aside). `stop()` true at a step boundary ends the fit as 'interrupted'; the
-    epoch in progress is lost, the last state stands.
+    epoch in progress is lost, the last state stands. `on_step(epoch, i, steps,
+    batch)` after each step (live progress; nothing is read from the device).
     """
     hp = hparams
     if monitor not in METRICS:
@@ -602,6 +604,8 @@ def fit(
                         micro = max(MIN_MICRO_BATCH, micro // 2)
                     loss_sum += loss
                     step += 1
+                    if on_step is not None:
+                        on_step(epoch, i + 1, steps_per_epoch, bs)
                 train_loss = float(loss_sum) / max(1, steps_per_epoch)  # the one sync of the epoch
                 seconds = time.perf_counter() - t0
                 phase = "validation"

@@ -14,6 +14,7 @@ from search import cli, report, space
 from search.recipe import load_recipe, recipe_from_dict
 from search.storage import open_storage
 from search.study import load_stored
+from search.text import shorten
 from tests.conftest import run_cli, tiny_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -142,11 +143,18 @@ def test_progress_line():
     t.set_user_attr("sec_per_epoch", 1.125)
     study.tell(t, 0.875)
     line = report.trial_line(study, study.trials[0], 3, 12, "accuracy")
-    assert line == ("[#####...............] 3/12  trial   0 mini_cnn                 val_accuracy 0.8750  "
+    assert line == ("[##........] 3/12 trial   0 mini_cnn             val_accuracy 0.8750  "
                     "best 0.8750 (trial 0)  2.2s")
+    t = study.ask()
+    t.suggest_categorical("model", ["mini_cnn"])
+    t.set_user_attr("pool_label", "timm/convnext_tiny.fb_in22k_ft_in1k@112")
+    t.set_user_attr("fail_reason", "invalid combination: " + "x" * 200)
+    study.tell(t, state=TrialState.FAIL)
+    long = report.trial_line(study, study.trials[1], 30, 120, "accuracy")
+    assert len(long) == 100 and long.endswith("…") and f"trial   1 {shorten(t.user_attrs['pool_label'], 20)} failed: invalid" in long
     t = study.ask()  # ended before sampling: nothing to say
     study.tell(t, state=TrialState.FAIL)
-    assert report.trial_line(study, study.trials[1], 3, 12, "accuracy") == ""
+    assert report.trial_line(study, study.trials[2], 3, 12, "accuracy") == ""
 
 
 @pytest.mark.slow

@@ -1,0 +1,102 @@
+"""What a worker shows while it runs: live bars on a terminal, plain lines in a log or a pipe.
+
+On a terminal (stdout is a TTY, TERM is not dumb): a study bar (trials done of the total,
+pruned and failed counts, the best value and its trial, elapsed time and ETA) and, under it, a
+bar for the running trial (epoch, steps, images/s, the trial's ETA), both drawn by tqdm and at
+most 100 columns wide; the epoch and trial-end lines are printed above them. In a log or a
+pipe: only the epoch and trial-end lines, as before, no carriage returns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import IO, Any
+
+WIDTH = 100  # columns, at most
+
+
+def live_terminal(stream: IO[str] | None = None) -> bool:
+    stream = stream or sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
+
+
+class Progress:
+    """The display of one worker process: `say` lines, `trial`/`step`/`trial_done` for the bars.
+
+    Plain mode (live=False) prints lines and ignores the rest, so the training loop pays
+    nothing for it (the study passes no step callback then).
+    """
+
+    def __init__(self, n_total: int, *, live: bool | None = None, quiet: bool = False,
+                 stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.live = (not quiet) and (live_terminal(self.stream) if live is None else live)
+        self.n_total = n_total
+        self.study_bar: Any = None
+        self.trial_bar: Any = None
+        self.epochs = 0
+
+    def _width(self) -> int:
+        cols = shutil.get_terminal_size((WIDTH, 24)).columns  # 0 on a terminal that never said its size
+        return min(WIDTH, cols) if cols > 0 else WIDTH
+
+    def say(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.live and self.study_bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def study(self, done: int, pruned: int, failed: int, best: str) -> None:
+        """The study line: `done` of the total ended (counted), and what it stands at."""
+        if not self.live:
+            return
+        from tqdm import tqdm
+
+        if self.study_bar is None:
+            self.study_bar = tqdm(total=self.n_total, initial=done, position=0, file=self.stream, ncols=self._width(),
+                                  unit="trial", dynamic_ncols=False, leave=True,
+                                  bar_format="study {n_fmt}/{total_fmt} |{bar:12}| {desc} [{elapsed}<{remaining}]")
+        self.study_bar.n = done
+        self.study_bar.set_description_str(f"{pruned} pruned, {failed} failed{best}", refresh=False)
+        self.study_bar.refresh()
+
+    def trial(self, number: int, label: str, epochs: int, first_epoch: int = 1) -> None:
+        """A trial starts (or resumes at `first_epoch`): its bar appears at its first step."""
+        self.close_trial()
+        self.epochs = epochs
+        self._trial = (number, label, first_epoch)
+
+    def step(self, epoch: int, i: int, steps: int, batch: int) -> None:
+        """Step `i` (1-based) of `steps` of `epoch` ended, `batch` images each."""
+        if not self.live:
+            return
+        from tqdm import tqdm
+
+        if self.trial_bar is None:
+            number, label, first = self._trial
+            label = label if len(label) <= 24 else label[:23] + "~"
+            self.trial_bar = tqdm(total=self.epochs * steps * batch, initial=(first - 1) * steps * batch,
+                                  position=1, file=self.stream, ncols=self._width(), leave=False, unit="img",
+                                  unit_scale=True, dynamic_ncols=False,
+                                  bar_format="{desc} |{bar:10}| {rate_fmt} [{elapsed}<{remaining}]")
+            self._name = f"trial {number:>3} {label}"
+        self.trial_bar.set_description_str(f"{self._name} ep {epoch}/{self.epochs} {i}/{steps}", refresh=False)
+        self.trial_bar.update(batch)
+
+    def close_trial(self) -> None:
+        if self.trial_bar is not None:
+            self.trial_bar.close()
+            self.trial_bar = None
+
+    def close(self) -> None:
+        self.close_trial()
+        if self.study_bar is not None:
+            self.study_bar.close()
+            self.study_bar = None
