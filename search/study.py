@@ -271,8 +271,7 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
         trials = trial.study.get_trials(deepcopy=False)
         earlier = [t for t in counted(trials) if t.number < trial.number]
         if counting and len(earlier) >= n_trials:
-            trial.set_user_attr("fail_reason", "study total reached")
-            trial.study.stop()
+            trial.set_user_attr("fail_reason", "study total reached")  # the work loop then finds nothing to start
             raise TotalReached(f"the study already has its {n_trials} trials")
         # Sampling is lazy (at the first suggest), so seeding here decides this trial's draws.
         reseed_sampler(trial.study.sampler, sampler_seed(recipe.study.seed, trial.number))

@@ -99,3 +99,19 @@ def test_sqlite_heartbeat_table_judges_with_its_grace_period(tmp_path):
     optuna_api.record_heartbeat(storage, optuna_api.trial_id(t))
     assert workers.sweep(study, 1) == []  # within STALE_BEATS beats
     assert storage.grace_period == 10 * 1 == workers.STALE_BEATS
+
+
+def test_a_trial_past_the_total_ends_at_once_as_not_counted(tmp_path):
+    from search.data import load_data
+    from search.pool import parse_pool
+    from search.recipe import recipe_from_dict
+    from search.study import make_objective, open_study
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(name="full", study={"n_trials": 1}, data={"max_samples": 100}))
+    study = open_study(recipe, f"sqlite:///{tmp_path}/full.db")
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.5, params={"lr": 0.01}, distributions=DIST))
+    objective = make_objective(recipe, load_data(recipe.data, 0), parse_pool(recipe.pool), "cpu", on_line=lambda s: None)
+    ended = workers.run_one(study, objective, heartbeat=5, say=lambda s: None)  # no Study.optimize around it
+    assert ended.state == TrialState.FAIL and ended.user_attrs["fail_reason"] == "study total reached"
+    assert [t.number for t in workers.counted(study.get_trials())] == [0]
