@@ -65,7 +65,7 @@ def test_a_pipe_gets_plain_lines_only_at_epoch_and_trial_ends(tmp_path):
     assert "\r" not in proc.stdout and "img/s" not in proc.stdout
     epoch_lines = [line for line in proc.stdout.splitlines() if re.match(r"trial +\d+ \S+ +epoch +\d+", line)]
     assert len(epoch_lines) == 6  # 2 trials x 3 epochs
-    assert sum(bool(re.match(r"\[.*\] [12]/2  trial", line)) for line in proc.stdout.splitlines()) == 2
+    assert sum(bool(re.match(r"\[[#.]+\] [12]/2 trial", line)) for line in proc.stdout.splitlines()) == 2
 
 
 def test_quiet_and_plain_modes_never_draw_bars(capsys):
