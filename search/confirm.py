@@ -214,9 +214,10 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for n, more in runs.items():
         src = optuna_api.trial_by_number(study, n)
-        if src.state != TrialState.COMPLETE or value(src) is None:
+        first = value(src)
+        if src.state != TrialState.COMPLETE or first is None:
             continue
-        vals = [value(src)] + [more[i] for i in sorted(more)]
+        vals = [first] + [more[i] for i in sorted(more)]
         mean, std, lo, hi = t_interval(vals)
         rows.append({"trial": n, "entry": _label(src), "seeds": len(vals), "values": vals, "mean": mean,
                      "std": std, "low": lo, "high": hi, "feasible": feasible(src),

@@ -86,7 +86,7 @@ def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
     sign = -1 if recipe.study.direction == "maximize" else 1
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if value(t) is not None and feasible(t)]
-    return sorted(done, key=lambda t: (sign * value(t), t.number))
+    return sorted(done, key=lambda t: (sign * t.values[0], t.number))
 
 
 def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> list[dict[str, Any]]:
@@ -398,11 +398,12 @@ def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     shown = set()
     for t in study.get_trials(deepcopy=False):
         label = _label(t)
-        if t.state == TrialState.COMPLETE and value(t) is not None:
-            ax.scatter(t.number, value(t), color=colors.get(label), label=None if label in shown else label, zorder=3)
+        v = value(t)
+        if t.state == TrialState.COMPLETE and v is not None:
+            ax.scatter(t.number, v, color=colors.get(label), label=None if label in shown else label, zorder=3)
             shown.add(label)
             if feasible(t):
-                best = value(t) if best is None else (max if maximize else min)(best, value(t))
+                best = v if best is None else (max if maximize else min)(best, v)
         elif t.state == TrialState.PRUNED and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
             ax.scatter(t.number, last, color=colors.get(label), marker="x", alpha=0.6, zorder=2)

@@ -533,6 +533,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
+    status: FitStatus
     best_epoch, best_state, status, reason = 0, None, "ok", ""
     t_start = time.perf_counter()
     step = 0
