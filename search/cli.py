@@ -120,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
     if n_workers == 0:
-        print(f"study {recipe.study.name} is ready in {storage.mask(url)}; start workers with:\n  {workers.resume_command(recipe, url)}")
+        print(f"study {recipe.study.name} is ready in {storage.mask(url)}; start workers with:\n"
+              f"  {workers.resume_command(recipe, url)}")
         return 0
     return _work(recipe, study, url, args, n_workers)
 
