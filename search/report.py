@@ -657,8 +657,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
     if not feasible(trial):
         what += "  (infeasible)"
-    return fit_line(f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(label, 20):<20} "
-                    f"{what}{best_so_far(study)}  {secs:.1f}s")
+    head = f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(label, 20):<20} "
+    tail = f"{best_so_far(study)}  {secs:.1f}s"
+    return head + fit_line(what, max(20, WIDTH - len(head) - len(tail))) + tail  # a long reason gives way
 
 
 # ---------------------------------------------------------------------------

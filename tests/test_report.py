@@ -151,7 +151,7 @@ def test_progress_line():
     t.set_user_attr("fail_reason", "invalid combination: " + "x" * 200)
     study.tell(t, state=TrialState.FAIL)
     long = report.trial_line(study, study.trials[1], 30, 120, "accuracy")
-    assert len(long) == 100 and long.endswith("…") and f"trial   1 {shorten(t.user_attrs['pool_label'], 20)} failed: invalid" in long
+    assert len(long) == 100 and long.endswith("…  best 0.8750 (trial 0)  0.0s") and f"trial   1 {shorten(t.user_attrs['pool_label'], 20)} failed: invalid" in long
     t = study.ask()  # ended before sampling: nothing to say
     study.tell(t, state=TrialState.FAIL)
     assert report.trial_line(study, study.trials[2], 3, 12, "accuracy") == ""
