@@ -37,10 +37,16 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Commit subjects of 72 characters at most, checked from this commit on (older history stays as it is);
+# skipped where that commit is not in the clone.
+SUBJECTS_SINCE := 0f4f58db20fef05fd5b842c5916d444964f14bb5
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check search tests scripts
 	$(BIN)/ruff check search tests scripts
 	$(BIN)/mypy search
+	@git log --format=%s $(SUBJECTS_SINCE)..HEAD 2>/dev/null \
+		| awk 'length > 72 { print "commit subject over 72 characters: " $$0; bad = 1 } END { exit bad }'
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*/
