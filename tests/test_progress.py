@@ -11,6 +11,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from search.progress import Progress
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
@@ -43,6 +45,7 @@ def _in_terminal(args: list[str], cwd) -> tuple[int, str]:
     return proc.wait(timeout=300), b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_a_terminal_shows_live_study_and_trial_bars_within_100_columns(tmp_path):
     _recipe(tmp_path, "live")
     code, out = _in_terminal(["run", "r.yaml"], tmp_path)
@@ -58,6 +61,7 @@ def test_a_terminal_shows_live_study_and_trial_bars_within_100_columns(tmp_path)
     assert max(len(s) for s in progress) <= 100, max(progress, key=len)
 
 
+@pytest.mark.slow
 def test_a_pipe_gets_plain_lines_only_at_epoch_and_trial_ends(tmp_path):
     _recipe(tmp_path, "plain")
     proc = run_cli("run", "r.yaml", cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing
 
 import optuna
+import pytest
 import torch
 
 from search import artifacts, record
@@ -13,6 +14,7 @@ from tests.conftest import run_cli
 METRIC_KEYS = {"best_accuracy", "best_balanced_accuracy", "best_f1", "best_auc", "best_loss"}
 
 
+@pytest.mark.slow
 def test_every_attribute_of_a_real_study_is_declared_in_the_record(demo_study):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{demo_study}/studies/tiny.db")
     declared = set(typing.get_type_hints(record.TrialAttrs))
@@ -25,6 +27,7 @@ def test_every_attribute_of_a_real_study_is_declared_in_the_record(demo_study):
     assert v["optuna"] == optuna.__version__ and set(v) >= {"search", "torch", "torchvision", "timm", "optuna"}
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_the_versions_and_device_and_report_shows_the_study_s(demo_study):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{demo_study}/studies/tiny.db")
     best = study.best_trial
