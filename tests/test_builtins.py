@@ -51,7 +51,6 @@ def test_timm_weights_exist_at_the_fixed_resolution(name):
         assert cfg.input_size[-1] == b.resolution, tag
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTINS)
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_parsed_and_built_as_the_record_says(name, in_chans):

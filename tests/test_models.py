@@ -168,7 +168,6 @@ SHAPES = [("mini_cnn", r) for r in (28, 32, 64)] + [("resnet_18", r) for r in (2
     ("efficientnet_b0", 224), ("convnext_tiny", 224), ("vit_tiny", 224)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, res", SHAPES)
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_forward_backward_shapes(name, res, in_chans):
