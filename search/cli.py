@@ -340,22 +340,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search import report
+    from search import report, selection
     from search.text import command
 
     recipe, study, _, _ = _stored(args)
     if args.pick:
-        t = report.pick(study, recipe, args.pick)
+        t = selection.pick(study, recipe, args.pick)
         rule = f"best val {recipe.study.metric} on the Pareto front under {args.pick}"
     elif len(recipe.study.names) > 1:
-        report.best_trial(study, recipe)  # no complete trial: that error first
-        print(report.pareto_text(study, recipe, wide=args.wide), file=sys.stderr)
+        selection.best_trial(study, recipe)  # no complete trial: that error first
+        print(selection.pareto_text(study, recipe, wide=args.wide), file=sys.stderr)
         raise SearchError(f"study '{study.study_name}' has {len(recipe.study.names)} objectives: choose a trial "
                           "of the Pareto front above with a condition, e.g. "
                           f"--pick '{recipe.study.names[1]}<=VALUE'")
     else:
-        t, rule = report.best_choice(study, recipe)
-    Path(args.out).write_text(report.best_yaml(study, recipe, t, rule, path=args.out))
+        t, rule = selection.best_choice(study, recipe)
+    Path(args.out).write_text(selection.best_yaml(study, recipe, t, rule, path=args.out))
     say = _sayer(args)
     say(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
         f"{report.value(t):.4f}) -> {args.out}")
@@ -365,7 +365,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from search import confirm, report
+    from search import confirm, selection
 
     recipe, study, _, _ = _stored(args)
     cfg = recipe.study.confirm
@@ -374,12 +374,12 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     if top_k < 1 or seeds < 2:
         raise SearchError(f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 "
                           "(the search's own run is seed 1)")
-    report.best_trial(study, recipe)  # a study without a complete trial has nothing to confirm
+    selection.best_trial(study, recipe)  # a study without a complete trial has nothing to confirm
     queued = confirm.enqueue(study, recipe, top_k, seeds)
     print(f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
           f"'{confirm.companion_name(study.study_name)}'")
     confirm.work(recipe, study, quiet=args.quiet)
-    print(report.confirmed_text(study, recipe, wide=args.wide))
+    print(selection.confirmed_text(study, recipe, wide=args.wide))
     return 0
 
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search import cli, report, space
+from search import cli, report, selection, space
+from search.errors import SearchError
 from search.recipe import load_recipe, recipe_from_dict
 from search.storage import open_storage
 from search.study import load_stored
@@ -130,8 +131,8 @@ def test_report_of_a_study_without_results_yet(tmp_path):
     assert len(files) == 3 + len(report.PLOTS)
     for f in files[3:]:
         _assert_png(f)
-    with pytest.raises(report.SearchError, match="has no complete trial yet"):
-        report.best_trial(study, recipe)
+    with pytest.raises(SearchError, match="has no complete trial yet"):
+        selection.best_trial(study, recipe)
 
 
 def test_progress_line():
@@ -195,7 +196,7 @@ def test_best_of_a_focal_trial_exports_a_recipe_that_loads(tmp_path):
     """label_smoothing 0.1 in train acts in the ce trials only; the best focal trial's recipe must load."""
     from optuna.distributions import CategoricalDistribution
 
-    from search.report import best_recipe
+    from search.selection import best_recipe
     from tests.conftest import tiny_recipe
 
     recipe = recipe_from_dict(tiny_recipe(space={"preset": "quick", "overrides": {"loss": ["ce", "focal"]}},

@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats
 
-from search import confirm, report, sampling, storage, workers
+from search import confirm, report, sampling, selection, storage, workers
 from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
@@ -47,7 +47,7 @@ def _constructed(tmp_path, spread):
 def test_intervals_equal_scipy_from_the_stored_runs(tmp_path):
     spread = [[0.90, 0.86, 0.88, 0.91], [0.93, 0.80, 0.84, 0.83], [0.70, 0.72, 0.71, 0.69]]
     recipe, study = _constructed(tmp_path, spread)
-    rows = report.confirmed_rows(study, recipe)
+    rows = selection.confirmed_rows(study, recipe)
     assert [r["trial"] for r in rows] == [0, 1, 2]  # by mean: 0.8875, 0.85, 0.705
     for r in rows:
         vals = spread[r["trial"]]
@@ -57,9 +57,9 @@ def test_intervals_equal_scipy_from_the_stored_runs(tmp_path):
         assert r["std"] == pytest.approx(stats.tstd(vals))
         assert (r["low"], r["high"]) == (pytest.approx(lo), pytest.approx(hi))
     # The single best trial (0.93) is trial 1; the confirmed rule picks trial 0.
-    t, rule = report.best_choice(study, recipe)
+    t, rule = selection.best_choice(study, recipe)
     assert t.number == 0 and "confirmed mean" in rule and "3 confirmed" in rule
-    text = report.confirmed_text(study, recipe)
+    text = selection.confirmed_text(study, recipe)
     assert "Student-t 95%" in text and f"[{rows[0]['low']:.4f}, {rows[0]['high']:.4f}]" in text
     assert "mini_cnn trial 0 (0.8875)" in text and all(len(line) <= 100 for line in text.splitlines())
 
@@ -68,11 +68,11 @@ def test_winner_stability_on_a_known_spread(tmp_path, monkeypatch):
     # A's mean 0.86 tops B's 0.85; A beats B's constant 0.85 in 2 of its 3 runs; C never competes.
     spread = [[0.90, 0.80, 0.88], [0.85, 0.85, 0.85], [0.50, 0.51, 0.52]]
     recipe, study = _constructed(tmp_path, spread)
-    top, share, how = report.stability(report.confirmed_rows(study, recipe), recipe)
+    top, share, how = selection.stability(selection.confirmed_rows(study, recipe), recipe)
     assert (top, how) == (0, "exact") and share == pytest.approx(2 / 3)
     # A tie for first counts as a share: A = [0.85, 0.87] against B = [0.85]: (1/2 + 1) / 2.
     assert confirm.winner_stability({"a": [0.85, 0.87], "b": [0.85]}) == ("a", pytest.approx(0.75), "exact")
-    assert "winner stability: trial 0 is first in 66.7% of draws" in report.confirmed_text(study, recipe)
+    assert "winner stability: trial 0 is first in 66.7% of draws" in selection.confirmed_text(study, recipe)
     monkeypatch.setattr(confirm, "EXACT_LIMIT", 1)
     top, share, how = confirm.winner_stability({i: v for i, v in enumerate(spread)})
     assert top == 0 and how == f"resampled {confirm.RESAMPLES}" and share == pytest.approx(2 / 3, abs=0.015)
@@ -102,7 +102,7 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
     assert st.work(recipe, study, quiet=True) == 0 and len(comp.get_trials(deepcopy=False)) == 4
     # Queueing again is idempotent; a racing duplicate ends at once without training.
     assert confirm.enqueue(study, recipe, 2, 3) == 0
-    rows = report.confirmed_rows(study, recipe)
+    rows = selection.confirmed_rows(study, recipe)
     assert [r["seeds"] for r in rows] == [3, 3]
 
 
@@ -115,7 +115,7 @@ def test_infeasible_trials_are_never_best(tmp_path):
     study.add_trial(create_trial(value=0.80, params={"model": "mini_cnn", "lr": 1e-3}, distributions=DISTS,
                                  user_attrs={"pool_label": "mini_cnn"}, system_attrs={"constraints:params": -0.9}))
     _add(study, 0.75)
-    assert report.best_trial(study, recipe).number == 1
+    assert selection.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
     assert [t.number for t in report.complete_trials(study, recipe)] == [1, 2]
     assert sampling.constraint_values(recipe.study.constraints, {"params": 2e6}) == {"params": pytest.approx(1.0)}
@@ -125,10 +125,10 @@ def test_infeasible_trials_are_never_best(tmp_path):
 
 def test_pareto_front_and_pick():
     pts = [(0.9, 5.0), (0.8, 1.0), (0.85, 6.0), (0.9, 4.0), (0.7, 0.5)]
-    assert report.pareto_front(pts, ["maximize", "minimize"]) == [1, 3, 4]
-    assert report.parse_pick("latency_ms<=5, params < 1e6") == [("latency_ms", "<=", 5.0), ("params", "<", 1e6)]
+    assert selection.pareto_front(pts, ["maximize", "minimize"]) == [1, 3, 4]
+    assert selection.parse_pick("latency_ms<=5, params < 1e6") == [("latency_ms", "<=", 5.0), ("params", "<", 1e6)]
     with pytest.raises(SearchError, match="expected NAME OP NUMBER"):
-        report.parse_pick("latency_ms=<5")
+        selection.parse_pick("latency_ms=<5")
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
         assert t.user_attrs["latency_ms"] == t.values[1] > 0 and "flops" not in t.user_attrs
         assert set(t.constraints) == {"params", "out_of_memory"}  # as Optuna's samplers read them
         assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] / 1e6 - 1)
-    front = report.front_trials(study, recipe)
+    front = selection.front_trials(study, recipe)
     assert front and all(sampling.feasible(t) for t in front)
     assert all(t.user_attrs["pool_label"] == "mini_cnn" for t in front)  # resnet_18 (11M params) is infeasible
 
@@ -187,10 +187,10 @@ def test_multi_objective_study_end_to_end(tmp_path):
     chosen = max(front, key=lambda t: (t.values[0], -t.number))
     assert f"best trial {chosen.number} " in proc.stdout and "on the Pareto front" in proc.stdout
     fastest = min(front, key=lambda t: t.values[1])
-    picked = report.pick(study, recipe, f"latency_ms<={fastest.values[1]}")
+    picked = selection.pick(study, recipe, f"latency_ms<={fastest.values[1]}")
     assert picked.values[0] == max(t.values[0] for t in front if t.values[1] <= fastest.values[1])
     with pytest.raises(SearchError, match="no trial on the Pareto front meets it"):
-        report.pick(study, recipe, "latency_ms<=0")
+        selection.pick(study, recipe, "latency_ms<=0")
 
     from optuna_dashboard import wsgi
 
