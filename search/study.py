@@ -8,6 +8,8 @@ total: a trial that starts when the total is already taken (by finished,
 running or waiting trials of lower number) ends at once as FAIL with reason
 "study total reached" and is not counted, so any number of workers, runs and
 resumes finish exactly `n_trials`.
+
+About 500 lines; most of it is the objective, one function from sampling to the stored result.
 """
 
 from __future__ import annotations

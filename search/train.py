@@ -20,6 +20,9 @@ of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
 (0.45 s per 1,024-image epoch) and 1.00 for resnet_18 (2.7 s per 256 images);
 on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
 images/s.
+
+About 650 lines, read top to bottom: pure schedule and loss functions first, then `fit`, one
+function on purpose (a training step is easier to trust when it is not spread over classes).
 """
 
 from __future__ import annotations
