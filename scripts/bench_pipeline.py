@@ -81,8 +81,9 @@ def per_sample(x: np.ndarray, y: np.ndarray, cfg: AugmentCfg, size: int, batch: 
     """Images/s of one epoch through PIL + transforms.v2 + DataLoader (workers already started)."""
     images = [Image.fromarray(a) for a in x.transpose(0, 2, 3, 1)]
     ds = PILSet(images, y, torchvision_transform(cfg, x.shape[-1], size))
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0)
+    loader = DataLoader(
+        ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
     for _ in zip(range(2), loader, strict=False):  # start the workers outside the timing
         pass
     n, t0 = 0, time.perf_counter()
@@ -127,16 +128,21 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the per-sample pipeline")
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs per case; medians are printed")
     p.add_argument("--only", choices=list(CASES), action="append", help="run only these cases")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave the C allocator as it is (fit's CPU setting, reuse_host_memory, is off)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave the C allocator as it is (fit's CPU setting, reuse_host_memory, is off)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     # As in fit on the CPU; set before the DataLoader workers fork, so both pipelines run with it.
     reuse = device.type == "cpu" and not args.default_malloc and reuse_host_memory()
-    print(f"device {device}, {torch.get_num_threads()} torch threads, per-sample pipeline with {args.workers} workers, "
-          f"freed host memory {'reused' if reuse else 'returned to the system (default malloc)'}; "
-          f"medians of {args.repeat} interleaved runs")
+    print(
+        f"device {device}, {torch.get_num_threads()} torch threads, per-sample pipeline with {args.workers} workers, "
+        f"freed host memory {'reused' if reuse else 'returned to the system (default malloc)'}; "
+        f"medians of {args.repeat} interleaved runs"
+    )
     print(f"{'case':<32} {'images':>7} {'batched img/s':>14} {'per-sample img/s':>17} {'ratio':>7}")
     for name, (src, size, cfg) in CASES.items():
         if args.only and name not in args.only:
@@ -144,8 +150,10 @@ def main() -> None:
         n = args.n32 if size <= 64 else args.n224
         x = rng.integers(0, 256, (n, 3, src, src), dtype=np.uint8)
         y = rng.integers(0, 10, n).astype(np.int64)
-        runs = [(batched(x, y, cfg, size, args.batch, device), per_sample(x, y, cfg, size, args.batch, args.workers))
-                for _ in range(args.repeat)]
+        runs = [
+            (batched(x, y, cfg, size, args.batch, device), per_sample(x, y, cfg, size, args.batch, args.workers))
+            for _ in range(args.repeat)
+        ]
         fast, slow = (statistics.median(r) for r in zip(*runs, strict=True))
         print(f"{name:<32} {n:>7} {fast:>14,.0f} {slow:>17,.0f} {fast / slow:>6.1f}x", flush=True)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 def pool(size: int | None) -> list:
     """resnet_18 at the data's 32 px; the four 224-px entries at `size` when given (their `resolution:`)."""
     big = ["efficientnet_b0", "convnext_tiny", "vit_tiny", "timm/resnet18.a1_in1k"]
@@ -48,7 +49,7 @@ def write_folder(root: Path, per_class: int, seed: int = 0) -> Path:
             img = np.kron(src[i % len(src)] / 16, np.ones((3, 3)))  # 24x24
             canvas = np.zeros((32, 32))
             dy, dx = rng.integers(0, 9, 2)
-            canvas[dy:dy + 24, dx:dx + 24] = img
+            canvas[dy : dy + 24, dx : dx + 24] = img
             rgb = canvas[..., None] * rng.uniform(0.4, 1, 3) + rng.normal(0, 0.08, (32, 32, 3))
             Image.fromarray((rgb.clip(0, 1) * 255).astype(np.uint8)).save(out / str(c) / f"{i}.png")
     return out
@@ -75,8 +76,13 @@ def main() -> int:
     p.add_argument("--size", type=int, default=None, help="input size of the four 224-px entries (default 224)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-rank-"))
-    os.environ.update(TORCH_HOME=str(tmp / "torch"), HF_HUB_CACHE=str(tmp / "hf"), HF_HUB_OFFLINE="1",
-                      SEARCH_OFFLINE="1", SEARCH_DATA=str(tmp / "data"))
+    os.environ.update(
+        TORCH_HOME=str(tmp / "torch"),
+        HF_HUB_CACHE=str(tmp / "hf"),
+        HF_HUB_OFFLINE="1",
+        SEARCH_OFFLINE="1",
+        SEARCH_DATA=str(tmp / "data"),
+    )
     import torch
 
     from search import rank
@@ -89,15 +95,23 @@ def main() -> int:
     write_random_weights(tmp / "torch", tmp / "hf")
     per_class = int(np.ceil(args.images / 0.7 / 10)) + 2  # 15 % val and 15 % test are carved out
     folder = write_folder(tmp, per_class)
-    recipe = recipe_from_dict({
-        "study": {"name": "bench-rank"}, "data": {"dataset": f"folder:{folder}"}, "pool": pool(args.size),
-        "rank": {"max_images": args.images}, "train": {"epochs": 1}, "hardware": {"device": args.device}})
+    recipe = recipe_from_dict(
+        {
+            "study": {"name": "bench-rank"},
+            "data": {"dataset": f"folder:{folder}"},
+            "pool": pool(args.size),
+            "rank": {"max_images": args.images},
+            "train": {"epochs": 1},
+            "hardware": {"device": args.device},
+        }
+    )
     data = load_data(recipe.data, recipe.study.seed)
     print(f"{torch.__version__=} threads={torch.get_num_threads()} device={args.device}")
     print(f"{data.summary()}\nweights: RANDOM-INITIALISED files in the real cache layouts", flush=True)
     t0 = time.perf_counter()
-    rows = rank.rank_pool(recipe, data, on_row=lambda r: print(f"  {r['entry']}: {r['status']} {r['seconds']:.1f} s",
-                                                                flush=True))
+    rows = rank.rank_pool(
+        recipe, data, on_row=lambda r: print(f"  {r['entry']}: {r['status']} {r['seconds']:.1f} s", flush=True)
+    )
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     rank.rank_pool(recipe, data)
@@ -105,14 +119,19 @@ def main() -> int:
     print(rank.table(rows, "logme", min(len(data.train), args.images), len(data.val)))
     cheapest = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["seconds"])["entry"]
     entry = parse_entry(next(e for e in pool(args.size) if parse_entry(e).label == cheapest))
-    model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
-                        resolution=input_resolution(entry, data.resolution))
+    model = build_model(
+        entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=input_resolution(entry, data.resolution)
+    )
     result = fit(model, data, recipe.train, device=torch.device(args.device), seed=0, keep_best=False)
     epoch = result.history[0]["seconds"]
-    print(f"\nrank of {len(rows)} entries, {min(len(data.train), args.images)} train + {len(data.val)} val images: "
-          f"{cold:.1f} s ({warm:.1f} s again, from the feature cache)")
-    print(f"one fine-tuning epoch of the cheapest entry ({cheapest}, {len(data.train)} train images, "
-          f"batch {recipe.train.batch_size}): {epoch:.1f} s")
+    print(
+        f"\nrank of {len(rows)} entries, {min(len(data.train), args.images)} train + {len(data.val)} val images: "
+        f"{cold:.1f} s ({warm:.1f} s again, from the feature cache)"
+    )
+    print(
+        f"one fine-tuning epoch of the cheapest entry ({cheapest}, {len(data.train)} train images, "
+        f"batch {recipe.train.batch_size}): {epoch:.1f} s"
+    )
     print(f"ratio: rank of the whole pool = {cold / epoch:.1f} epochs of the cheapest trial")
     return 0
 

@@ -79,8 +79,13 @@ def check(url: str, name: str, trials: int) -> str:
     store = storage.open_storage(url, heartbeat=None)
     study = optuna.load_study(study_name=name, storage=store)
     got = study.get_trials(deepcopy=False)
-    good = [t for t in got if t.state.name == "COMPLETE" and len(t.intermediate_values) == EPOCHS
-            and isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float)]
+    good = [
+        t
+        for t in got
+        if t.state.name == "COMPLETE"
+        and len(t.intermediate_values) == EPOCHS
+        and isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float)
+    ]
     n = workers.finished(study)
     store.engine.dispose()
     if len(got) == len(good) == trials == n:
@@ -96,8 +101,11 @@ def free_port() -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--admin", default=os.environ.get("SEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-                   help="a PostgreSQL URL allowed to create roles and databases (loopback)")
+    p.add_argument(
+        "--admin",
+        default=os.environ.get("SEARCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL URL allowed to create roles and databases (loopback)",
+    )
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--trials", type=int, default=2000)
     p.add_argument("--limit", type=int, default=20, help="CONNECTION LIMIT of the bench role")
@@ -121,19 +129,38 @@ def main() -> int:
             optuna.create_study(study_name=f"{tag}_{label}", storage=store)
         store.engine.dispose()  # no connection (and no gRPC channel) is shared with forked clients
         port = free_port()
-        proxy = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", db, "--port", str(port),
-                                  "--threads", str(a.threads)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "search",
+                "proxy",
+                "--storage",
+                db,
+                "--port",
+                str(port),
+                "--threads",
+                str(a.threads),
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert "listening" in proxy.stdout.readline(), proxy.stderr.read()
-        print(f"{a.clients} clients, {a.trials} trials ({EPOCHS} reports each), PostgreSQL role limited to "
-              f"{a.limit} connections; proxy with {a.threads} threads; {os.cpu_count()} CPUs")
+        print(
+            f"{a.clients} clients, {a.trials} trials ({EPOCHS} reports each), PostgreSQL role limited to "
+            f"{a.limit} connections; proxy with {a.threads} threads; {os.cpu_count()} CPUs"
+        )
         ok = True
         for label, url in (("direct", db), ("proxy", f"grpc://127.0.0.1:{port}")):
             name = f"{tag}_{label}"
             seconds, done, errors = route(url, name, a.clients, a.trials, a.timeout)
             wrong = check(checker, name, done) if not errors else ""
-            print(f"{label:>6}: {done / seconds:7.1f} trials/s, {done:5d} of {a.trials} trials in {seconds:6.1f} s, "
-                  f"{len(errors)} of {a.clients} clients failed{'; totals wrong: ' + wrong if wrong else ''}")
+            print(
+                f"{label:>6}: {done / seconds:7.1f} trials/s, {done:5d} of {a.trials} trials in {seconds:6.1f} s, "
+                f"{len(errors)} of {a.clients} clients failed{'; totals wrong: ' + wrong if wrong else ''}"
+            )
             if errors:
                 first = errors[0].split("FATAL:")[-1].split("; check the URL")[0].strip()
                 print(f"        first error: {first}"[:100])

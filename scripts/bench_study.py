@@ -81,7 +81,10 @@ class GpuSampler:
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
         return self
@@ -104,14 +107,33 @@ class GpuSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def recipe(name: str, data_root: Path, pool: list, resolution: int | None, pruner: str, args: argparse.Namespace,
-           trials_per_gpu: str | int | None, batch_sizes: list[int]) -> dict:
+def recipe(
+    name: str,
+    data_root: Path,
+    pool: list,
+    resolution: int | None,
+    pruner: str,
+    args: argparse.Namespace,
+    trials_per_gpu: str | int | None,
+    batch_sizes: list[int],
+) -> dict:
     return {
-        "study": {"name": name, "n_trials": args.trials, "sampler": {"name": "tpe", "n_startup_trials": 10},
-                  "pruner": {"name": pruner, "warmup_epochs": 1} if pruner != "none" else "none", "seed": 0,
-                  "top_k": 0, "heartbeat": 30},
-        "data": {"dataset": "cifar10", "root": str(data_root), "resolution": resolution, "val_split": 0.1,
-                 **({"max_samples": args.max_samples} if args.max_samples else {})},
+        "study": {
+            "name": name,
+            "n_trials": args.trials,
+            "sampler": {"name": "tpe", "n_startup_trials": 10},
+            "pruner": {"name": pruner, "warmup_epochs": 1} if pruner != "none" else "none",
+            "seed": 0,
+            "top_k": 0,
+            "heartbeat": 30,
+        },
+        "data": {
+            "dataset": "cifar10",
+            "root": str(data_root),
+            "resolution": resolution,
+            "val_split": 0.1,
+            **({"max_samples": args.max_samples} if args.max_samples else {}),
+        },
         "pool": pool,
         "space": {"preset": "quick", "overrides": {"batch_size": batch_sizes}},
         "train": {"epochs": args.epochs},
@@ -130,8 +152,9 @@ def run_study(work: Path, rec: dict, limit: float, workers: int | None) -> dict:
     stopped = False
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             out, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -153,17 +176,29 @@ def run_study(work: Path, rec: dict, limit: float, workers: int | None) -> dict:
     epochs = sum((t.user_attrs.get("epochs") or 0) for t in trials)  # interrupted trials' epochs count too
     oom = sum(1 for t in trials if t.user_attrs.get("status") == "oom")
     micro = sum(1 for t in trials if t.user_attrs.get("micro_batch", 10**9) < t.params.get("batch_size", 0))
-    epochs_per_trial = (sum((t.user_attrs.get("epochs") or 0) for t in ended) / len(ended)) if ended else rec[
-        "train"]["epochs"]
+    epochs_per_trial = (
+        (sum((t.user_attrs.get("epochs") or 0) for t in ended) / len(ended)) if ended else rec["train"]["epochs"]
+    )
     rate = epochs / wall  # epochs per second
     n = rec["study"]["n_trials"]
     done = len(ended) >= n
     projected = wall if done else (n * epochs_per_trial / rate if rate else float("inf"))
     best = max((t.value for t in trials if t.state == states.COMPLETE and t.value is not None), default=float("nan"))
-    return {"name": rec["study"]["name"], "wall": wall, "ended": len(ended), "n": n, "done": done,
-            "trials_per_hour": (len(ended) / wall * 3600) if done else 3600 * rate / epochs_per_trial,
-            "projected": projected, "epochs": epochs, "gpu": gpu.mean, "oom": oom, "micro": micro, "best": best,
-            "pruned": sum(1 for t in trials if t.state == states.PRUNED and t.user_attrs.get("status") != "oom")}
+    return {
+        "name": rec["study"]["name"],
+        "wall": wall,
+        "ended": len(ended),
+        "n": n,
+        "done": done,
+        "trials_per_hour": (len(ended) / wall * 3600) if done else 3600 * rate / epochs_per_trial,
+        "projected": projected,
+        "epochs": epochs,
+        "gpu": gpu.mean,
+        "oom": oom,
+        "micro": micro,
+        "best": best,
+        "pruned": sum(1 for t in trials if t.state == states.PRUNED and t.user_attrs.get("status") != "oom"),
+    }
 
 
 def line(r: dict) -> str:
@@ -171,10 +206,12 @@ def line(r: dict) -> str:
     approx = "" if r["done"] else "~"
     gpu = f"{r['gpu']:.0f}%" if r["gpu"] is not None else "n/a"
     proj = f"{approx}{r['projected'] / 60:.1f} min" if r["projected"] < float("inf") else "n/a (no epoch)"
-    return (f"{r['name']:<24} {r['ended']:>3}/{r['n']} trials in {r['wall']:.1f} s, "
-            f"{approx}{r['trials_per_hour']:.1f} trials/h, {r['n']} trials: {proj}, gpu {gpu}\n"
-            f"{'':<24} {r['epochs']} epochs, pruned {r['pruned']}, out of memory {r['oom']}, "
-            f"micro-batched {r['micro']}, best acc. {r['best']:.3f}")
+    return (
+        f"{r['name']:<24} {r['ended']:>3}/{r['n']} trials in {r['wall']:.1f} s, "
+        f"{approx}{r['trials_per_hour']:.1f} trials/h, {r['n']} trials: {proj}, gpu {gpu}\n"
+        f"{'':<24} {r['epochs']} epochs, pruned {r['pruned']}, out of memory {r['oom']}, "
+        f"micro-batched {r['micro']}, best acc. {r['best']:.3f}"
+    )
 
 
 def main() -> int:
@@ -208,7 +245,9 @@ def main() -> int:
     try:
         if "headline" in phases:
             for pruner, w in zip(("none", "hyperband"), weights["headline"], strict=True):
-                rec = recipe(f"{heavy.replace('_', '')}-32px-{pruner}", data, [scratch(heavy)], None, pruner, args, "auto", big)
+                rec = recipe(
+                    f"{heavy.replace('_', '')}-32px-{pruner}", data, [scratch(heavy)], None, pruner, args, "auto", big
+                )
                 results[rec["study"]["name"]] = r = run_study(work, rec, w * share, None)
                 print(line(r), flush=True)
         if "pool" in phases:
@@ -219,15 +258,18 @@ def main() -> int:
                 print(line(r), flush=True)
         if "pack" in phases:
             for mode, w in zip(("auto", None), weights["pack"], strict=True):
-                rec = recipe(f"minicnn-28px-{mode or 'single'}", data, [scratch("mini_cnn")], 28, "none", args,
-                             mode, small)
+                rec = recipe(
+                    f"minicnn-28px-{mode or 'single'}", data, [scratch("mini_cnn")], 28, "none", args, mode, small
+                )
                 workers = None if mode else 1  # auto: as many as the GPU may hold (one on a CPU)
                 results[rec["study"]["name"]] = r = run_study(work, rec, w * share, workers)
                 print(line(r), flush=True)
             packed, single = results["minicnn-28px-auto"], results["minicnn-28px-single"]
             ratio = packed["trials_per_hour"] / single["trials_per_hour"]
-            print(f"MiniCNN 28 px packed / one trial per GPU: {ratio:.2f}x "
-                  f"trials/hour (goal >= 3x); oom in packed: {packed['oom']} (goal 0)")
+            print(
+                f"MiniCNN 28 px packed / one trial per GPU: {ratio:.2f}x "
+                f"trials/hour (goal >= 3x); oom in packed: {packed['oom']} (goal 0)"
+            )
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -236,8 +278,10 @@ def main() -> int:
     for name, goal in ((f"{heavy.replace('_', '')}-32px-none", 15), (f"{heavy.replace('_', '')}-32px-hyperband", 5)):
         if name in results:
             r = results[name]
-            print(f"headline {name}: {'' if r['done'] else '~'}{r['projected'] / 60:.1f} min for {r['n']} x "
-                  f"{args.epochs} (goal <= {goal} min)")
+            print(
+                f"headline {name}: {'' if r['done'] else '~'}{r['projected'] / 60:.1f} min for {r['n']} x "
+                f"{args.epochs} (goal <= {goal} min)"
+            )
     return 0
 
 

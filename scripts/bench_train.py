@@ -60,8 +60,10 @@ def random_data(n: int, n_val: int, aug: bool, seed: int = 0) -> Data:
     g = torch.Generator().manual_seed(seed)
 
     def split(k: int) -> Split:
-        return Split(torch.randint(0, 256, (k, 3, RES, RES), dtype=torch.uint8, generator=g),
-                     torch.randint(0, NUM_CLASSES, (k,), generator=g))
+        return Split(
+            torch.randint(0, 256, (k, 3, RES, RES), dtype=torch.uint8, generator=g),
+            torch.randint(0, NUM_CLASSES, (k,), generator=g),
+        )
 
     cfg = AugmentCfg(crop="pad", flip=True) if aug else AugmentCfg(crop="none", flip=False)
     return Data("random", split(n), split(n_val), split(16), tuple(map(str, range(NUM_CLASSES))), "none", cfg, RES)
@@ -122,9 +124,16 @@ def timed(fn, dev: torch.device) -> float:
 def bench(name: str, n: int, n_val: int, args: argparse.Namespace, dev: torch.device) -> float:
     data = random_data(n, n_val, args.aug == "on")
     if dev.type == "cuda":  # both loops start from data already on the device
-        data = Data(data.name, Split(data.train.x.to(dev), data.train.y.to(dev)),
-                    Split(data.val.x.to(dev), data.val.y.to(dev)), data.test, data.classes, data.overlap,
-                    data.augment, data.resolution)
+        data = Data(
+            data.name,
+            Split(data.train.x.to(dev), data.train.y.to(dev)),
+            Split(data.val.x.to(dev), data.val.y.to(dev)),
+            data.test,
+            data.classes,
+            data.overlap,
+            data.augment,
+            data.resolution,
+        )
     torch.manual_seed(0)
     proto = build_model({"model": name, "pretrained": False}, num_classes=NUM_CLASSES, in_chans=3, resolution=RES)
     hp = TrainCfg(epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw", lr=1e-3, weight_decay=5e-4)
@@ -152,9 +161,12 @@ def bench(name: str, n: int, n_val: int, args: argparse.Namespace, dev: torch.de
         t_min.append(timed(lambda: run_minimal(hp), dev) / hp.epochs)
     f, m = statistics.median(t_fit), statistics.median(t_min)
     images = (n // min(args.batch_size, n)) * min(args.batch_size, n)
-    print(f"{name:<10} {n:>6} {args.batch_size:>5} {f:>10.3f} {m:>10.3f} {images / f:>9.0f} {images / m:>9.0f} "
-          f"{f / m:>6.3f}   runs fit {[round(t, 3) for t in t_fit]} minimal {[round(t, 3) for t in t_min]}; "
-          f"fit's own train-only images/s {statistics.median(fit_ips):.0f}", flush=True)
+    print(
+        f"{name:<10} {n:>6} {args.batch_size:>5} {f:>10.3f} {m:>10.3f} {images / f:>9.0f} {images / m:>9.0f} "
+        f"{f / m:>6.3f}   runs fit {[round(t, 3) for t in t_fit]} minimal {[round(t, 3) for t in t_min]}; "
+        f"fit's own train-only images/s {statistics.median(fit_ips):.0f}",
+        flush=True,
+    )
     return f / m
 
 
@@ -180,11 +192,15 @@ def main() -> int:
         warnings.warn("no CUDA device visible: running on the CPU instead", stacklevel=1)
         dev = torch.device("cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; precision: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
-          f"augmentation: {args.aug}; compile: {args.compile}; epochs per run: {args.epochs}; runs: {args.runs}; "
-          f"load average: {os.getloadavg()[0]:.1f}")
-    print(f"{'model':<10} {'images':>6} {'batch':>5} {'fit s/ep':>10} {'min s/ep':>10} {'fit im/s':>9} "
-          f"{'min im/s':>9} {'ratio':>6}")
+    print(
+        f"device: {name}; torch {torch.__version__}; precision: {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}; "
+        f"augmentation: {args.aug}; compile: {args.compile}; epochs per run: {args.epochs}; runs: {args.runs}; "
+        f"load average: {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'model':<10} {'images':>6} {'batch':>5} {'fit s/ep':>10} {'min s/ep':>10} {'fit im/s':>9} "
+        f"{'min im/s':>9} {'ratio':>6}"
+    )
     worst = 0.0
     for model in args.models:
         n = args.n or math.ceil(DEFAULT_N.get(model, 512) * args.scale)

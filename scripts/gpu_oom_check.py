@@ -41,17 +41,28 @@ g = torch.Generator().manual_seed(0)
 
 
 def split(n: int) -> Split:
-    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                 torch.randint(0, 10, (n,), generator=g))
+    return Split(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
-data = Data("random", split(2 * BATCH), split(512), split(16), tuple(map(str, range(10))), "none",
-            AugmentCfg(crop="pad", flip=True), 32)
+data = Data(
+    "random",
+    split(2 * BATCH),
+    split(512),
+    split(16),
+    tuple(map(str, range(10))),
+    "none",
+    AugmentCfg(crop="pad", flip=True),
+    32,
+)
 model = build_model({"model": "resnet_18", "pretrained": False}, num_classes=10, in_chans=3, resolution=RES)
 res = fit(model, data, TrainCfg(epochs=2, batch_size=BATCH), device="cuda", gpu_memory_share=0.01)
-print(f"fit under a {CAP_GIB:.2f} GiB cap, batch {BATCH}: status {res.status} {res.reason!r}, micro-batch "
-      f"{res.micro_batch}, per epoch {[r['micro_batch'] for r in res.history]}, "
-      f"peak {max((r['peak_memory_mb'] for r in res.history), default=0):.0f} MiB")
+print(
+    f"fit under a {CAP_GIB:.2f} GiB cap, batch {BATCH}: status {res.status} {res.reason!r}, micro-batch "
+    f"{res.micro_batch}, per epoch {[r['micro_batch'] for r in res.history]}, "
+    f"peak {max((r['peak_memory_mb'] for r in res.history), default=0):.0f} MiB"
+)
 ok = res.status == "ok" and res.micro_batch < BATCH
 print("OOM micro-batch check:", "PASS" if ok else "FAIL")
 raise SystemExit(0 if ok else 1)

@@ -47,13 +47,25 @@ def run_study(tmp: Path, name: str, device: str, **over) -> bool:
     from search import artifacts
 
     recipe = {
-        "study": {"name": name, "n_trials": 3, "storage": f"sqlite:///{tmp}/{name}.db", "baselines": True,
-                  "sampler": "random", "pruner": "none", "top_k": 0},
+        "study": {
+            "name": name,
+            "n_trials": 3,
+            "storage": f"sqlite:///{tmp}/{name}.db",
+            "baselines": True,
+            "sampler": "random",
+            "pruner": "none",
+            "top_k": 0,
+        },
         "data": {"dataset": "cifar10", "root": str(tmp / "data")},
-        "pool": [{"model": "resnet_18", "pretrained": False}, "mini_cnn",
-                 {"model": "vit_tiny", "pretrained": False, "resolution": 64}],
-        "space": {"preset": "quick", "overrides": {"optimizer": "adamw", "lr": 0.002, "batch_size": 256,
-                                                  "weight_decay": 0.0005, "dropout": 0.0}},
+        "pool": [
+            {"model": "resnet_18", "pretrained": False},
+            "mini_cnn",
+            {"model": "vit_tiny", "pretrained": False, "resolution": 64},
+        ],
+        "space": {
+            "preset": "quick",
+            "overrides": {"optimizer": "adamw", "lr": 0.002, "batch_size": 256, "weight_decay": 0.0005, "dropout": 0.0},
+        },
         "train": {"epochs": 3},
         "hardware": {"device": device},
     }
@@ -62,14 +74,18 @@ def run_study(tmp: Path, name: str, device: str, **over) -> bool:
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     proc = subprocess.run([sys.executable, "-m", "search", "run", str(tmp / f"{name}.yaml")])
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/{name}.db")
-    print(f"\n{name}\n{'trial':<6}{'entry':<20}{'state':<10}{'val acc':>8}{'device':>8}{'s/epoch':>9}{'img/s':>9}"
-          f"{'peak MiB':>10}")
+    print(
+        f"\n{name}\n{'trial':<6}{'entry':<20}{'state':<10}{'val acc':>8}{'device':>8}{'s/epoch':>9}{'img/s':>9}"
+        f"{'peak MiB':>10}"
+    )
     for t in study.trials:
         h = artifacts.history_of(study, t)  # the per-epoch records are the trial's history artifact
         last = h[-1] if h else {}
-        print(f"{t.number:<6}{t.user_attrs.get('pool_label', '?'):<20}{t.state.name:<10}"
-              f"{(t.value or 0):>8.4f}{t.user_attrs.get('device', '?'):>8}"
-              f"{last.get('seconds', 0):>9.2f}{last.get('images_per_s', 0):>9.0f}{last.get('peak_memory_mb', 0):>10.0f}")
+        print(
+            f"{t.number:<6}{t.user_attrs.get('pool_label', '?'):<20}{t.state.name:<10}"
+            f"{(t.value or 0):>8.4f}{t.user_attrs.get('device', '?'):>8}"
+            f"{last.get('seconds', 0):>9.2f}{last.get('images_per_s', 0):>9.0f}{last.get('peak_memory_mb', 0):>10.0f}"
+        )
     return proc.returncode == 0 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
@@ -79,8 +95,17 @@ def main(device: str = "cuda") -> int:
         write_cifar10(tmp / "data")
         ok = run_study(tmp, "gpu-smoke", device)
         # The data left on the host (as when it exceeds hardware.gpu_memory_share): pinned batches per step.
-        ok = run_study(tmp, "gpu-smoke-host", device, study={"n_trials": 1}, pool=["mini_cnn"],
-                       hardware={"gpu_memory_share": 1e-9}) and ok
+        ok = (
+            run_study(
+                tmp,
+                "gpu-smoke-host",
+                device,
+                study={"n_trials": 1},
+                pool=["mini_cnn"],
+                hardware={"gpu_memory_share": 1e-9},
+            )
+            and ok
+        )
         print("gpu smoke:", "ok" if ok else "FAILED")
         return 0 if ok else 1
 

@@ -87,8 +87,10 @@ def store_for(directory: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(directory / "artifacts")
 
 
-REMOVED_NOTE = (b"removed: this checkpoint was deleted when its trial dropped out of the study's top-k "
-                b"(study.top_k); the trial's history artifact is kept\n")
+REMOVED_NOTE = (
+    b"removed: this checkpoint was deleted when its trial dropped out of the study's top-k "
+    b"(study.top_k); the trial's history artifact is kept\n"
+)
 
 
 class ServedStore:
@@ -133,9 +135,16 @@ def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> 
     from search.models import info_of
 
     info = info_of(model)
-    return {"spec": spec_of(recipe, info.label), "num_classes": data.num_classes, "in_chans": data.in_chans,
-            "resolution": info.resolution, "dropout": hp.dropout, "channel_reduce": info.channel_reduce,
-            "mean": list(info.mean), "std": list(info.std)}
+    return {
+        "spec": spec_of(recipe, info.label),
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "resolution": info.resolution,
+        "dropout": hp.dropout,
+        "channel_reduce": info.channel_reduce,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
 
 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict[str, Any], **meta: Any) -> Path:
@@ -177,8 +186,9 @@ def _upload(trial: optuna.Trial, store: FileSystemArtifactStore, path: Path) -> 
 def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = None) -> set[int]:
     """Numbers of the k best complete trials (plus `extra`, a still-running (number, value))."""
     # The first objective is the primary metric in multi-objective studies too.
-    scored = [(t.number, t.values[0]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.values]
+    scored = [
+        (t.number, t.values[0]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values
+    ]
     if extra is not None:
         scored.append(extra)
     sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
@@ -207,7 +217,9 @@ def history_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[dic
     return []
 
 
-def prune(study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tuple[int, float] | None = None) -> list[int]:
+def prune(
+    study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tuple[int, float] | None = None
+) -> list[int]:
     """Delete checkpoints of finished trials outside the top-k; returns their numbers.
 
     Running trials are left alone: their own hook decides when they finish.
@@ -226,8 +238,9 @@ def prune(study: optuna.Study, store: FileSystemArtifactStore, k: int, extra: tu
     return removed
 
 
-def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data,
-              result: FitResult) -> None:
+def after_fit(
+    trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data, result: FitResult
+) -> None:
     """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k."""
     from search.models import info_of
 
@@ -236,8 +249,18 @@ def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCf
     metric = recipe.study.metric
     with tempfile.TemporaryDirectory() as tmp:
         hist = Path(tmp) / f"trial-{trial.number}{HISTORY_SUFFIX}"
-        hist.write_text(json.dumps({"trial": trial.number, "pool_label": info_of(model).label, "metric": metric,
-                                    "best_epoch": result.best_epoch, "history": result.history}, indent=1))
+        hist.write_text(
+            json.dumps(
+                {
+                    "trial": trial.number,
+                    "pool_label": info_of(model).label,
+                    "metric": metric,
+                    "best_epoch": result.best_epoch,
+                    "history": result.history,
+                },
+                indent=1,
+            )
+        )
         _upload(trial, store, hist)
         k = recipe.study.top_k
         if k == 0 or result.failed or result.best_state is None:
@@ -245,9 +268,14 @@ def after_fit(trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCf
         value = result.best[metric]
         if trial.number not in top_numbers(trial.study, k, (trial.number, value)):
             return
-        ckpt = save_checkpoint(Path(tmp) / f"trial-{trial.number}{CHECKPOINT_SUFFIX}", result.best_state,
-                               model_kwargs(recipe, model, hp, data),
-                               trial=trial.number, epoch=result.best_epoch, metrics=result.best,
-                               device=trial.user_attrs.get("device"))
+        ckpt = save_checkpoint(
+            Path(tmp) / f"trial-{trial.number}{CHECKPOINT_SUFFIX}",
+            result.best_state,
+            model_kwargs(recipe, model, hp, data),
+            trial=trial.number,
+            epoch=result.best_epoch,
+            metrics=result.best,
+            device=trial.user_attrs.get("device"),
+        )
         trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
     prune(trial.study, store, k, (trial.number, value))

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 class AugmentCfg:
     """Which augmentations run and how strong; datasets give defaults, recipes override."""
 
-    crop: Literal["pad", "resized", "none"] = "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
+    crop: Literal["pad", "resized", "none"] = (
+        "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
+    )
     flip: bool = True  # horizontal, p = 0.5
     rotate: float = 0.0  # max degrees either way
     jitter: float = 0.0  # brightness and contrast factors in [1 - jitter, 1 + jitter]
@@ -45,8 +47,12 @@ class AugmentCfg:
     def scaled(self, s: float) -> AugmentCfg:
         """The same switches at strength `s` (1 = as configured, 0 = geometry only resamples)."""
         return AugmentCfg(
-            self.crop, self.flip, self.rotate * s, min(self.jitter * s, 1.0),
-            self.pad_fraction * s, 1 - (1 - self.min_scale) * min(s, 1 / (1 - self.min_scale)),
+            self.crop,
+            self.flip,
+            self.rotate * s,
+            min(self.jitter * s, 1.0),
+            self.pad_fraction * s,
+            1 - (1 - self.min_scale) * min(s, 1 / (1 - self.min_scale)),
         )
 
 
@@ -124,10 +130,13 @@ def affine(n: int, cfg: AugmentCfg, in_size: int, gen: torch.Generator | None, d
     else:
         angle = torch.zeros(n, device=device)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    return torch.stack([
-        torch.stack([sx * cos, -sy * sin, tx], dim=1),
-        torch.stack([sx * sin, sy * cos, ty], dim=1),
-    ], dim=1)
+    return torch.stack(
+        [
+            torch.stack([sx * cos, -sy * sin, tx], dim=1),
+            torch.stack([sx * sin, sy * cos, ty], dim=1),
+        ],
+        dim=1,
+    )
 
 
 def pad_pixels(cfg: AugmentCfg, in_size: int) -> int:
@@ -162,9 +171,16 @@ def shrink_size(cfg: AugmentCfg, size: int) -> int:
     return max(2 * size, math.ceil(size / max(side, 1e-6)))
 
 
-def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | None = None, *,
-            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-            channels_last: bool = False) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    cfg: AugmentCfg,
+    size: int,
+    gen: torch.Generator | None = None,
+    *,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float (B, C, size, size), randomly augmented.
 
     Values are in [0, 1], or `(v - mean) / std` per channel when the weights'
@@ -199,8 +215,9 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, size: int, gen: torch.Generator | 
         else:
             if shrink < w:  # grid_sample does not antialias: shrink first, with a filter
                 xf = resize(xf, shrink)
-            xf = F.grid_sample(xf, sampling_grid(theta[i:j], size), mode="bilinear", padding_mode="zeros",
-                               align_corners=False)
+            xf = F.grid_sample(
+                xf, sampling_grid(theta[i:j], size), mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         # xf holds 0..255 here (bilinear weights sum to at most 1), so only jitter needs a clamp.
         scale: torch.Tensor | float = 1 / 255
         shift: torch.Tensor | float = 0.0
@@ -216,8 +233,9 @@ def _layout(channels_last: bool) -> torch.memory_format:
 
 
 @lru_cache(maxsize=32)
-def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-           dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """mean, std and the normalised images of 0 and 1 as (1, C, 1, 1) tensors on the device, made once:
     a copy to a GPU per batch would wait for it."""
     m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
@@ -225,9 +243,16 @@ def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
     return tuple(t.to(device) for t in (m, s, -m / s, (1 - m) / s))
 
 
-def scale_shift(xf: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float,
-                mean: tuple[float, ...] | None, std: tuple[float, ...] | None, *, clamp: bool,
-                out: torch.Tensor) -> torch.Tensor:
+def scale_shift(
+    xf: torch.Tensor,
+    scale: torch.Tensor | float,
+    shift: torch.Tensor | float,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    *,
+    clamp: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """out = (v - mean) / std per channel, v = scale * xf + shift (clamped to [0, 1] if `clamp`).
 
     One multiply-add plus, with `clamp`, one clamp to the normalised images
@@ -259,8 +284,14 @@ def _output(xf: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty_like(xf, memory_format=_layout(channels_last))
 
 
-def eval_input(x: torch.Tensor, size: int, *, mean: tuple[float, ...] | None = None,
-               std: tuple[float, ...] | None = None, channels_last: bool = False) -> torch.Tensor:
+def eval_input(
+    x: torch.Tensor,
+    size: int,
+    *,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float at the model's size, no randomness: in [0, 1], or normalised."""
     xf = resize(x.float(), size)
     own = xf is not x and xf.is_contiguous(memory_format=_layout(channels_last))  # a copy made here: write in place

@@ -44,11 +44,13 @@ class Builtin:
 
     def __post_init__(self) -> None:
         if (self.build is None) == (self.timm is None):
-            raise ValueError(f"a built-in is built by its builder or by timm, got build={self.build} "
-                             f"and timm={self.timm!r}")
+            raise ValueError(
+                f"a built-in is built by its builder or by timm, got build={self.build} and timm={self.timm!r}"
+            )
         if self.default_tag is not None and self.default_tag not in self.weights:
-            raise ValueError(f"expected the default tag among the weights {list(self.weights)}, "
-                             f"got '{self.default_tag}'")
+            raise ValueError(
+                f"expected the default tag among the weights {list(self.weights)}, got '{self.default_tag}'"
+            )
         if self.timm and any(w.torchvision for w in self.weights.values()):
             raise ValueError(f"timm-built '{self.timm}' cannot load torchvision weights")
 
@@ -127,14 +129,33 @@ def _convnext_tiny(num_classes: int, in_chans: int, res: int, p: float) -> tuple
 
 
 register("mini_cnn", Builtin(None, build=_mini_cnn, note="3 conv blocks + global pooling, trained from scratch"))
-register("resnet_18", Builtin(
-    "tv_in1k", {"tv_in1k": Weights("in1k", "ResNet18_Weights.IMAGENET1K_V1")}, build=_resnet_18,
-    small_stem=SMALL_STEM_MAX, note="3x3 stride-1 stem without max-pool at <= 32 px"))
-register("efficientnet_b0", Builtin(
-    "tv_in1k", {"tv_in1k": Weights("in1k", "EfficientNet_B0_Weights.IMAGENET1K_V1")}, 224, build=_efficientnet_b0))
-register("convnext_tiny", Builtin(
-    "tv_in1k", {"tv_in1k": Weights("in1k", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1")}, 224, build=_convnext_tiny))
-register("vit_tiny", Builtin(
-    "augreg_in21k_ft_in1k", {"augreg_in21k_ft_in1k": Weights("in21k_ft_in1k"), "augreg_in21k": Weights("in21k")},
-    224, timm="vit_tiny_patch16_224",
-    note="timm has no ImageNet-1k-only ViT-Tiny: the bare name is augreg_in21k_ft_in1k"))
+register(
+    "resnet_18",
+    Builtin(
+        "tv_in1k",
+        {"tv_in1k": Weights("in1k", "ResNet18_Weights.IMAGENET1K_V1")},
+        build=_resnet_18,
+        small_stem=SMALL_STEM_MAX,
+        note="3x3 stride-1 stem without max-pool at <= 32 px",
+    ),
+)
+register(
+    "efficientnet_b0",
+    Builtin(
+        "tv_in1k", {"tv_in1k": Weights("in1k", "EfficientNet_B0_Weights.IMAGENET1K_V1")}, 224, build=_efficientnet_b0
+    ),
+)
+register(
+    "convnext_tiny",
+    Builtin("tv_in1k", {"tv_in1k": Weights("in1k", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1")}, 224, build=_convnext_tiny),
+)
+register(
+    "vit_tiny",
+    Builtin(
+        "augreg_in21k_ft_in1k",
+        {"augreg_in21k_ft_in1k": Weights("in21k_ft_in1k"), "augreg_in21k": Weights("in21k")},
+        224,
+        timm="vit_tiny_patch16_224",
+        note="timm has no ImageNet-1k-only ViT-Tiny: the bare name is augreg_in21k_ft_in1k",
+    ),
+)

@@ -35,18 +35,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
     url = s.storage or storage.default_storage(s.name)
     say = _sayer(args)
     say(f"recipe {args.recipe}: ok")
-    say(f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
-        f"pruner {s.pruner.name}, storage {storage.mask(url)}")
+    say(
+        f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
+        f"pruner {s.pruner.name}, storage {storage.mask(url)}"
+    )
     say(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
     if s.rank is not None:
         r = recipe.rank
-        say(f"rank before the search by {r.by} on {r.max_images} train images: keep {s.rank.keep or 'all'}"
-            f"{', baselines in rank order first' if s.rank.order else ''}")
+        say(
+            f"rank before the search by {r.by} on {r.max_images} train images: keep {s.rank.keep or 'all'}"
+            f"{', baselines in rank order first' if s.rank.order else ''}"
+        )
     print("pool:")
     entries = parse_pool(recipe.pool)
-    print("\n".join(table(["entry", "weight source", "ImageNet overlap"], [[e.label, e.source, e.overlap]
-                                                                          for e in entries],
-                           wide=args.wide, indent="  ", sep="  ")))
+    print(
+        "\n".join(
+            table(
+                ["entry", "weight source", "ImageNet overlap"],
+                [[e.label, e.source, e.overlap] for e in entries],
+                wide=args.wide,
+                indent="  ",
+                sep="  ",
+            )
+        )
+    )
     print(f"search space (preset {recipe.space.preset}):")
     for line in space.describe(recipe).splitlines():  # `model {labels}` of a long pool wraps under itself
         say(line, indent=" " * 21)
@@ -103,8 +115,11 @@ def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> i
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if missing:
-        print(f"error: {command}: {len(missing)} file(s) missing, listed above; download each URL to its path, "
-              f"or run `{prefetch}` with internet and copy them over", file=sys.stderr)
+        print(
+            f"error: {command}: {len(missing)} file(s) missing, listed above; download each URL to its path, "
+            f"or run `{prefetch}` with internet and copy them over",
+            file=sys.stderr,
+        )
     return 2 if missing or problems else 0
 
 
@@ -121,8 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
     if n_workers == 0:
-        print(f"study {recipe.study.name} is ready in {storage.mask(url)}; start workers with:\n"
-              f"  {workers.resume_command(recipe, url)}")
+        print(
+            f"study {recipe.study.name} is ready in {storage.mask(url)}; start workers with:\n"
+            f"  {workers.resume_command(recipe, url)}"
+        )
         return 0
     return _work(recipe, study, url, args, n_workers)
 
@@ -149,8 +166,10 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
     url = _storage_arg(args)
     _, study = st.load_stored(url, args.study)
     failed = workers.fail_stale(study, args.older_than)
-    print(f"failed {len(failed)} stale trial(s){': ' + ', '.join(map(str, failed)) if failed else ''}; "
-          "each is queued again for the next worker")
+    print(
+        f"failed {len(failed)} stale trial(s){': ' + ', '.join(map(str, failed)) if failed else ''}; "
+        "each is queued again for the next worker"
+    )
     return 0
 
 
@@ -165,8 +184,11 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
         else:
             st.work(recipe, study, quiet=args.quiet)
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted ({e or 'SIGINT'}): the running trial is queued again and resumes after its last "
-              f"finished epoch.\nresume with: {workers.resume_command(recipe, url)}", file=sys.stderr)
+        print(
+            f"\ninterrupted ({e or 'SIGINT'}): the running trial is queued again and resumes after its last "
+            f"finished epoch.\nresume with: {workers.resume_command(recipe, url)}",
+            file=sys.stderr,
+        )
         return 130 if str(e) in ("", "SIGINT") else 143
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
@@ -198,26 +220,49 @@ def cmd_models(args: argparse.Namespace) -> int:
     from search.report import short_count
     from search.text import table, wrap
 
-    if (args.classes is not None and args.classes < 2 or args.channels not in (None, 1, 3)
-            or args.size is not None and args.size < 8):
-        raise SearchError(f"models: --classes {args.classes} --channels {args.channels} --size {args.size}: give "
-                          "2 or more classes, 1 (gray) or 3 (RGB) channels and 8 px or more")
+    if (
+        args.classes is not None
+        and args.classes < 2
+        or args.channels not in (None, 1, 3)
+        or args.size is not None
+        and args.size < 8
+    ):
+        raise SearchError(
+            f"models: --classes {args.classes} --channels {args.channels} --size {args.size}: give "
+            "2 or more classes, 1 (gray) or 3 (RGB) channels and 8 px or more"
+        )
     if args.name:
         rows = [parse_entry(args.name)]
     else:
-        rows = [parse_entry(n) for n in BUILTINS] + [parse_entry({"model": n, "pretrained": False}) for n in BUILTINS
-                                                     if BUILTINS[n].default_tag]
+        rows = [parse_entry(n) for n in BUILTINS] + [
+            parse_entry({"model": n, "pretrained": False}) for n in BUILTINS if BUILTINS[n].default_tag
+        ]
     out: list[dict] = []
     for e in rows:
         b = BUILTINS.get(e.arch) if e.builtin else None
         res = input_resolution(e, None) if (not b or b.resolution) else None
         classes = args.classes or (10 if b and not b.default_tag else 1000)  # default: the specification's heads
-        params = sum(p.numel() for p in build_model({"model": e.model, "pretrained": False}, num_classes=classes,
-                                                    in_chans=args.channels or 3,
-                                                    resolution=res or args.size or 224).parameters())
-        out.append({"label": e.label, "weights": e.tag or "none", "source": e.source, "overlap": e.overlap,
-                    "resolution": res or args.size or "data", "classes": classes, "params": params,
-                    "note": b.note if b else ""})
+        params = sum(
+            p.numel()
+            for p in build_model(
+                {"model": e.model, "pretrained": False},
+                num_classes=classes,
+                in_chans=args.channels or 3,
+                resolution=res or args.size or 224,
+            ).parameters()
+        )
+        out.append(
+            {
+                "label": e.label,
+                "weights": e.tag or "none",
+                "source": e.source,
+                "overlap": e.overlap,
+                "resolution": res or args.size or "data",
+                "classes": classes,
+                "params": params,
+                "note": b.note if b else "",
+            }
+        )
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -229,20 +274,41 @@ def cmd_models(args: argparse.Namespace) -> int:
         w.writerows(out)
         return 0
     notes = list(dict.fromkeys(r["note"] for r in out if r["note"]))  # numbered below the table
-    print("\n".join(table(["model", "weights", "source", "overlap", "input", "params", "note"],
-                          [[r["label"], r["weights"], r["source"], r["overlap"], r["resolution"],
-                            f"{r['params']:,}" if args.wide else short_count(r["params"]),
-                            notes.index(r["note"]) + 1 if r["note"] else ""] for r in out],
-                          right=[False, False, False, False, True, True, True], wide=args.wide, sep="  ")))
+    print(
+        "\n".join(
+            table(
+                ["model", "weights", "source", "overlap", "input", "params", "note"],
+                [
+                    [
+                        r["label"],
+                        r["weights"],
+                        r["source"],
+                        r["overlap"],
+                        r["resolution"],
+                        f"{r['params']:,}" if args.wide else short_count(r["params"]),
+                        notes.index(r["note"]) + 1 if r["note"] else "",
+                    ]
+                    for r in out
+                ],
+                right=[False, False, False, False, True, True, True],
+                wide=args.wide,
+                sep="  ",
+            )
+        )
+    )
     for i, n in enumerate(notes):
         print("\n".join(wrap(f"{i + 1:>2}  {n}", 10**6 if args.wide else 100, indent="    ")))
     if args.classes or args.channels or args.size:
-        note = (f"params: counted for {args.classes or '1,000 (ImageNet)'} classes, {args.channels or 3} "
-                f"channel(s), entries that follow the data at {args.size or 224} px.")
+        note = (
+            f"params: counted for {args.classes or '1,000 (ImageNet)'} classes, {args.channels or 3} "
+            f"channel(s), entries that follow the data at {args.size or 224} px."
+        )
     else:
-        note = ("params: counted with an ImageNet head (1,000 classes; mini_cnn 10), 3 channels, 224 px; a study "
-                "counts them at its data's shape, as its leaderboard does: --classes 10 --channels 1 --size 8 "
-                "gives digits' counts. input 'data': the entry follows the images' size.")
+        note = (
+            "params: counted with an ImageNet head (1,000 classes; mini_cnn 10), 3 channels, 224 px; a study "
+            "counts them at its data's shape, as its leaderboard does: --classes 10 --channels 1 --size 8 "
+            "gives digits' counts. input 'data': the entry follows the images' size."
+        )
     print("\n".join(wrap(note, 10**6 if args.wide else 100)))
     return 0
 
@@ -294,12 +360,23 @@ def cmd_rank(args: argparse.Namespace) -> int:
     cfg = recipe.rank
     n_train, n_val = min(len(data.train), cfg.max_images), min(len(data.val), cfg.max_val_images)
     print(f"{data.summary()}\nranking {len(recipe.pool)} entries on {n_train} train / {n_val} val images")
-    rows = rank.rank_pool(recipe, data, on_row=None if args.quiet else lambda r: print(
-        f"  {r['entry']}: {r['status']}" + (f" {r['seconds']:.1f}s" if r["seconds"] is not None else "")
-        + (" (cached)" if r["cached"] else "") + (f" - {r['note']}" if r["status"] == "failed" else "")))
+    rows = rank.rank_pool(
+        recipe,
+        data,
+        on_row=None
+        if args.quiet
+        else lambda r: print(
+            f"  {r['entry']}: {r['status']}"
+            + (f" {r['seconds']:.1f}s" if r["seconds"] is not None else "")
+            + (" (cached)" if r["cached"] else "")
+            + (f" - {r['note']}" if r["status"] == "failed" else "")
+        ),
+    )
     print(rank.table(rows, cfg.by, n_train, n_val))
-    print(f"{time.perf_counter() - start:.1f} s in all; features cached under\n"
-          f"  {data_root(recipe.data) / 'rank-features'}")
+    print(
+        f"{time.perf_counter() - start:.1f} s in all; features cached under\n"
+        f"  {data_root(recipe.data) / 'rank-features'}"
+    )
     if args.json:
         import json as _json
         from pathlib import Path
@@ -351,15 +428,19 @@ def cmd_best(args: argparse.Namespace) -> int:
     elif len(recipe.study.names) > 1:
         selection.best_trial(study, recipe)  # no complete trial: that error first
         print(selection.pareto_text(study, recipe, wide=args.wide), file=sys.stderr)
-        raise SearchError(f"study '{study.study_name}' has {len(recipe.study.names)} objectives: choose a trial "
-                          "of the Pareto front above with a condition, e.g. "
-                          f"--pick '{recipe.study.names[1]}<=VALUE'")
+        raise SearchError(
+            f"study '{study.study_name}' has {len(recipe.study.names)} objectives: choose a trial "
+            "of the Pareto front above with a condition, e.g. "
+            f"--pick '{recipe.study.names[1]}<=VALUE'"
+        )
     else:
         t, rule = selection.best_choice(study, recipe)
     Path(args.out).write_text(selection.best_yaml(study, recipe, t, rule, path=args.out))
     say = _sayer(args)
-    say(f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
-        f"{report.value(t):.4f}) -> {args.out}")
+    say(
+        f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
+        f"{report.value(t):.4f}) -> {args.out}"
+    )
     say(f"rule: {rule}")
     print(f"retrain and test it once:\n  {command('retrain ' + args.out)}")  # whole: it is pasted
     return 0
@@ -373,12 +454,15 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     top_k = args.top_k or (cfg.top_k if cfg else 3)
     seeds = args.seeds or (cfg.seeds if cfg else 3)
     if top_k < 1 or seeds < 2:
-        raise SearchError(f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 "
-                          "(the search's own run is seed 1)")
+        raise SearchError(
+            f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 (the search's own run is seed 1)"
+        )
     selection.best_trial(study, recipe)  # a study without a complete trial has nothing to confirm
     queued = confirm.enqueue(study, recipe, top_k, seeds)
-    print(f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
-          f"'{confirm.companion_name(study.study_name)}'")
+    print(
+        f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
+        f"'{confirm.companion_name(study.study_name)}'"
+    )
     confirm.work(recipe, study, quiet=args.quiet)
     print(selection.confirmed_text(study, recipe, wide=args.wide))
     return 0
@@ -399,10 +483,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     _, _, url, directory = _stored(args)
     from optuna_dashboard import run_server
 
-    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from\n"
-          f"  {directory / 'artifacts'}   (Ctrl-C to stop)")
-    run_server(storage.open_storage(url, heartbeat=None), host=args.host, port=args.port,
-               artifact_store=artifacts.ServedStore(artifacts.store_for(directory)))
+    print(
+        f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from\n"
+        f"  {directory / 'artifacts'}   (Ctrl-C to stop)"
+    )
+    run_server(
+        storage.open_storage(url, heartbeat=None),
+        host=args.host,
+        port=args.port,
+        artifact_store=artifacts.ServedStore(artifacts.store_for(directory)),
+    )
     return 0
 
 
@@ -411,7 +501,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
     url = args.storage or os.environ.get("SEARCH_STORAGE")
     if not url:
-        raise SearchError("proxy: no storage; give --storage DATABASE_URL (e.g. postgresql+psycopg://USER:PASS@HOST/DB)")
+        raise SearchError(
+            "proxy: no storage; give --storage DATABASE_URL (e.g. postgresql+psycopg://USER:PASS@HOST/DB)"
+        )
     return proxy.serve(url, args.host, args.port, args.threads)
 
 
@@ -433,13 +525,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m search", description="Architecture and hyperparameter search for image classifiers.")
+    p = argparse.ArgumentParser(
+        prog="python -m search", description="Architecture and hyperparameter search for image classifiers."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     def wide(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--wide", action="store_true", help="names in full and exact counts: lines may pass 100 "
-                        "columns (tables are also written as CSV)")
+        sp.add_argument(
+            "--wide",
+            action="store_true",
+            help="names in full and exact counts: lines may pass 100 columns (tables are also written as CSV)",
+        )
 
     def with_recipe(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
@@ -451,8 +548,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="continue a study even if its recipe changed")
     run.add_argument("-q", "--quiet", action="store_true")
     wide(run)
-    run.add_argument("--workers", type=int, metavar="N", help="local worker processes (default hardware.workers; "
-                     "GPUs round-robin; 0: only create the study, start workers elsewhere)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="local worker processes (default hardware.workers; "
+        "GPUs round-robin; 0: only create the study, start workers elsewhere)",
+    )
     wide(with_recipe("validate", "check a recipe and print the resolved search space"))
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
@@ -464,11 +566,18 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("-q", "--quiet", action="store_true")
     w.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
     wide(w)
-    fs = sub.add_parser("fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage")
+    fs = sub.add_parser(
+        "fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage"
+    )
     fs.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
     fs.add_argument("--study", required=True, help="study name")
-    fs.add_argument("--older-than", type=float, required=True, metavar="SECONDS",
-                    help="fail RUNNING trials with no heartbeat for this long")
+    fs.add_argument(
+        "--older-than",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="fail RUNNING trials with no heartbeat for this long",
+    )
     m = sub.add_parser("models", help="list built-in models, or classify a timm name")
     m.add_argument("name", nargs="?", help="e.g. timm/convnext_tiny.fb_in22k")
     m.add_argument("--json", action="store_true")
@@ -477,10 +586,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", type=int, metavar="N", help="count parameters with an N-class head (the data's)")
     m.add_argument("--channels", type=int, metavar="C", help="count parameters for C input channels (1 or 3)")
     m.add_argument("--size", type=int, metavar="PX", help="input size of the entries that follow the data")
-    for name, help in (("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
-                       ("best", "export the best trial as a recipe that searches nothing"),
-                       ("dashboard", "open optuna-dashboard on a study, with its artifacts"),
-                       ("confirm", "train the top configurations again with further seeds (never on test)")):
+    for name, help in (
+        ("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
+        ("best", "export the best trial as a recipe that searches nothing"),
+        ("dashboard", "open optuna-dashboard on a study, with its artifacts"),
+        ("confirm", "train the top configurations again with further seeds (never on test)"),
+    ):
         sp = sub.add_parser(name, help=help)
         sp.add_argument("study", help="study name")
         sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
@@ -488,35 +599,55 @@ def parser() -> argparse.ArgumentParser:
             wide(sp)
         if name == "best":
             sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
-            sp.add_argument("--pick", metavar="CONDITION", help="several objectives: the best primary metric on "
-                            "the Pareto front under CONDITION, e.g. 'latency_ms<=5' (comma: and)")
+            sp.add_argument(
+                "--pick",
+                metavar="CONDITION",
+                help="several objectives: the best primary metric on "
+                "the Pareto front under CONDITION, e.g. 'latency_ms<=5' (comma: and)",
+            )
         if name == "confirm":
             sp.add_argument("--top-k", type=int, help="configurations to confirm (default study.confirm, else 3)")
-            sp.add_argument("--seeds", type=int, help="seeds per configuration, its search run included "
-                            "(default study.confirm, else 3)")
+            sp.add_argument(
+                "--seeds",
+                type=int,
+                help="seeds per configuration, its search run included (default study.confirm, else 3)",
+            )
             sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
             sp.add_argument("--host", default="127.0.0.1")
             sp.add_argument("--port", type=int, default=8080)
-    px = sub.add_parser("proxy", help="serve a study database to many workers (grpc://HOST:PORT storage URLs)",
-                        description="Optuna's gRPC storage proxy in front of one SQL database: workers use "
-                        "--storage grpc://HOST:PORT and the database sees at most --threads connections. "
-                        "The protocol is unauthenticated: keep it on a private network.")
+    px = sub.add_parser(
+        "proxy",
+        help="serve a study database to many workers (grpc://HOST:PORT storage URLs)",
+        description="Optuna's gRPC storage proxy in front of one SQL database: workers use "
+        "--storage grpc://HOST:PORT and the database sees at most --threads connections. "
+        "The protocol is unauthenticated: keep it on a private network.",
+    )
     px.add_argument("--storage", help="database URL (default: $SEARCH_STORAGE); ${VAR} taken from the environment")
-    px.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
-                    "0.0.0.0 for other machines, on a private network only)")
+    px.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines, on a private network only)",
+    )
     px.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
     px.add_argument("--threads", type=int, default=10, help="server threads = most database connections (default 10)")
     rt = with_recipe("retrain", "train a `best` recipe on train+val, evaluate once on the test split")
     rt.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
-    rt.add_argument("--seeds", type=int, default=1, metavar="N",
-                    help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)")
+    rt.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from search import optuna_api
 
     optuna_api.quiet()

@@ -45,12 +45,19 @@ def companion(study: optuna.Study, create: bool = False) -> optuna.Study | None:
     """The study holding `study`'s confirmation runs (None if it has none and create is False)."""
     name = companion_name(study.study_name)
     sampler = optuna.samplers.RandomSampler(seed=0)  # every parameter is fixed by the queue: nothing is drawn
-    if name in {s.study_name for s in optuna.get_all_study_summaries(optuna_api.storage_of(study), include_best_trial=False)}:
+    if name in {
+        s.study_name for s in optuna.get_all_study_summaries(optuna_api.storage_of(study), include_best_trial=False)
+    }:
         return optuna.load_study(study_name=name, storage=optuna_api.storage_of(study), sampler=sampler)
     if not create:
         return None
-    c = optuna.create_study(study_name=name, storage=optuna_api.storage_of(study), directions=study.directions,
-                            sampler=sampler, load_if_exists=True)
+    c = optuna.create_study(
+        study_name=name,
+        storage=optuna_api.storage_of(study),
+        directions=study.directions,
+        sampler=sampler,
+        load_if_exists=True,
+    )
     if study.metric_names:
         c.set_metric_names(study.metric_names)
     c.set_user_attr("confirms_study", study.study_name)
@@ -88,8 +95,10 @@ def enqueue(study: optuna.Study, recipe: Recipe, top_k: int, seeds: int) -> int:
         for i in range(1, seeds):
             if (t.number, i) in have:
                 continue
-            c.enqueue_trial(t.params, user_attrs={"confirms": t.number, "seed_index": i,
-                                                  "seed": confirm_seed(seed, i), "source_seed": seed})
+            c.enqueue_trial(
+                t.params,
+                user_attrs={"confirms": t.number, "seed_index": i, "seed": confirm_seed(seed, i), "source_seed": seed},
+            )
             n += 1
     return n
 
@@ -129,7 +138,11 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
 
     def line(cs: optuna.Study, t: FrozenTrial) -> None:
         k = key(t)
-        v = f"val_{recipe.study.metric} {t.values[0]:.4f}" if t.values else (t.user_attrs.get("fail_reason") or "failed")
+        v = (
+            f"val_{recipe.study.metric} {t.values[0]:.4f}"
+            if t.values
+            else (t.user_attrs.get("fail_reason") or "failed")
+        )
         if k:
             say(f"confirm trial {k[0]:>3} seed #{k[1]}  {t.user_attrs.get('pool_label', ''):<24} {v}")
 
@@ -166,8 +179,7 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
     return mean, std, mean - half, mean + half
 
 
-def winner_stability(values: dict[Any, list[float]], maximize: bool = True,
-                     seed: int = 0) -> tuple[Any, float, str]:
+def winner_stability(values: dict[Any, list[float]], maximize: bool = True, seed: int = 0) -> tuple[Any, float, str]:
     """How often the configuration with the best mean stays first when one seed per configuration
     is drawn: (that configuration, the fraction, 'exact' or 'resampled N').
 
@@ -219,9 +231,20 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             continue
         vals = [first] + [more[i] for i in sorted(more)]
         mean, std, lo, hi = t_interval(vals)
-        rows.append({"trial": n, "entry": _label(src), "seeds": len(vals), "values": vals, "mean": mean,
-                     "std": std, "low": lo, "high": hi, "feasible": feasible(src),
-                     "hyperparameters": {k: v for k, v in src.params.items() if k != POOL_PARAM}})
+        rows.append(
+            {
+                "trial": n,
+                "entry": _label(src),
+                "seeds": len(vals),
+                "values": vals,
+                "mean": mean,
+                "std": std,
+                "low": lo,
+                "high": hi,
+                "feasible": feasible(src),
+                "hyperparameters": {k: v for k, v in src.params.items() if k != POOL_PARAM},
+            }
+        )
     sign = -1 if recipe.study.direction == "maximize" else 1
     rows.sort(key=lambda r: (sign * r["mean"], r["trial"]))
     return rows

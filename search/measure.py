@@ -15,10 +15,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from search.metrics import Direction
+
 # What a study can optimize or constrain besides the validation metrics, and the direction of each
 # (train_seconds is timed by the study; the others are measured here, before training).
-MEASURES = {"params": "minimize", "flops": "minimize", "latency_ms": "minimize", "throughput": "maximize",
-            "train_seconds": "minimize"}
+MEASURES: dict[str, Direction] = {
+    "params": "minimize",
+    "flops": "minimize",
+    "latency_ms": "minimize",
+    "throughput": "maximize",
+    "train_seconds": "minimize",
+}
 WARMUP, REPEATS = 5, 30  # latency: untimed calls first (allocator, kernels), then the timed ones
 THROUGHPUT_BATCH, THROUGHPUT_REPEATS = 64, 5
 
@@ -71,22 +78,30 @@ def _timed(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list
     return out
 
 
-def latency_ms(model: nn.Module, in_chans: int, resolution: int, *, warmup: int = WARMUP,
-               repeats: int = REPEATS) -> float:
+def latency_ms(
+    model: nn.Module, in_chans: int, resolution: int, *, warmup: int = WARMUP, repeats: int = REPEATS
+) -> float:
     """Median milliseconds of a batch-1 forward on the model's device, after warm-up."""
     dev = next(model.parameters()).device
     return 1000 * statistics.median(_timed(model, _input(in_chans, resolution, 1, dev), warmup, repeats))
 
 
-def throughput(model: nn.Module, in_chans: int, resolution: int, *, batch: int = THROUGHPUT_BATCH,
-               repeats: int = THROUGHPUT_REPEATS) -> float:
+def throughput(
+    model: nn.Module,
+    in_chans: int,
+    resolution: int,
+    *,
+    batch: int = THROUGHPUT_BATCH,
+    repeats: int = THROUGHPUT_REPEATS,
+) -> float:
     """Images per second of batched inference (batch `batch`, median of repeats) on the model's device."""
     dev = next(model.parameters()).device
     return batch / statistics.median(_timed(model, _input(in_chans, resolution, batch, dev), 2, repeats))
 
 
-def measure(model: nn.Module, names: list[str], in_chans: int, resolution: int,
-            device: torch.device) -> dict[str, float]:
+def measure(
+    model: nn.Module, names: list[str], in_chans: int, resolution: int, device: torch.device
+) -> dict[str, float]:
     """The static measures among `names` (params always), the model moved to `device` for timing."""
     model.to(device)
     out: dict[str, float] = {"params": params(model)}

@@ -70,8 +70,9 @@ def input_resolution(entry: PoolEntry, data_resolution: int | None) -> int:
     return _timm_default_resolution(entry)
 
 
-def _build_timm(entry: PoolEntry, num_classes: int, in_chans: int,
-                res: int, p: float) -> tuple[nn.Module, str, tuple[str, ...], Any]:
+def _build_timm(
+    entry: PoolEntry, num_classes: int, in_chans: int, res: int, p: float
+) -> tuple[nn.Module, str, tuple[str, ...], Any]:
     import timm
 
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": p}
@@ -135,7 +136,11 @@ def transfer(
             continue
         w = src[key]
         if key == f"{stem}.weight":
-            w = morph.resnet_small_stem(w, in_chans, channel_reduce) if small_stem else morph.reduce_channels(w, in_chans, channel_reduce)
+            w = (
+                morph.resnet_small_stem(w, in_chans, channel_reduce)
+                if small_stem
+                else morph.reduce_channels(w, in_chans, channel_reduce)
+            )
         elif key.endswith("pos_embed") and w.shape != want.shape:
             num_prefix = getattr(model, "num_prefix_tokens", 1) if not getattr(model, "no_embed_class", False) else 0
             patch_embed: Any = model.patch_embed  # timm's PatchEmbed
@@ -190,13 +195,27 @@ def build_model(
         adapt = _timm_filter(model)
     if pretrained:
         small = builtin is not None and builtin.small_stem is not None and res <= builtin.small_stem
-        transfer(weights.source_state(entry), model, stem=stem, head=head, in_chans=in_chans,
-                 channel_reduce=channel_reduce, small_stem=small, adapt=adapt)
+        transfer(
+            weights.source_state(entry),
+            model,
+            stem=stem,
+            head=head,
+            in_chans=in_chans,
+            channel_reduce=channel_reduce,
+            small_stem=small,
+            adapt=adapt,
+        )
     if in_chans == 1:  # gray input: the average of the RGB statistics
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     model.info = ModelInfo(  # type: ignore[assignment]  # a plain attribute; Module's typing expects tensors
-        label=entry.label, resolution=res, mean=tuple(mean[:in_chans]), std=tuple(std[:in_chans]),
-        stem=stem, head=head, pretrained=bool(pretrained), channel_reduce=channel_reduce,
+        label=entry.label,
+        resolution=res,
+        mean=tuple(mean[:in_chans]),
+        std=tuple(std[:in_chans]),
+        stem=stem,
+        head=head,
+        pretrained=bool(pretrained),
+        channel_reduce=channel_reduce,
         params=sum(p.numel() for p in model.parameters()),
     )
     return model

@@ -48,9 +48,7 @@ def resnet_small_stem(w: torch.Tensor, in_chans: int, mode: str = "mean") -> tor
     return resize_kernel(reduce_channels(w, in_chans, mode), (3, 3))
 
 
-def resize_pos_embed(
-    pos: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1
-) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """ViT position embeddings (1, prefix + H*W, D) -> (1, prefix + h*w, D).
 
     The prefix tokens (class/register) keep their embeddings; the patch grid is

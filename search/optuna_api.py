@@ -73,8 +73,9 @@ class NumberedQMC(optuna.samplers.QMCSampler):
 
     _number = 0
 
-    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                        search_space: dict[str, Any]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         self._number = trial.number
         return super().sample_relative(study, trial, search_space)
 

@@ -91,8 +91,15 @@ def precision_name(device: torch.device, amp: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
-def measure_step(model: nn.Module, in_chans: int, resolution: int, batch_size: int, num_classes: int,
-                 device: torch.device, precision: str) -> int:
+def measure_step(
+    model: nn.Module,
+    in_chans: int,
+    resolution: int,
+    batch_size: int,
+    num_classes: int,
+    device: torch.device,
+    precision: str,
+) -> int:
     """Peak CUDA bytes of one training step of `model`: weights, activations, gradients, AdamW state.
 
     AdamW (two state tensors per parameter) bounds SGD with momentum (one). The input is
@@ -209,10 +216,15 @@ def _running(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def gpu_slot(devices: list[torch.device], need: int, trials_per_gpu: int | str, margin_share: float,
-             on_wait: Callable[[str], None] | None = None,
-             measure: Callable[[torch.device], tuple[int, int]] | None = None,
-             ledgers: list[Path] | None = None) -> Iterator[torch.device]:
+def gpu_slot(
+    devices: list[torch.device],
+    need: int,
+    trials_per_gpu: int | str,
+    margin_share: float,
+    on_wait: Callable[[str], None] | None = None,
+    measure: Callable[[torch.device], tuple[int, int]] | None = None,
+    ledgers: list[Path] | None = None,
+) -> Iterator[torch.device]:
     """Wait until one of `devices` admits a trial needing `need` bytes; yield it, holding the place.
 
     The GPUs are tried with the fewest trials first (spreading load), each under its lock.

@@ -114,7 +114,9 @@ def classify_tag(arch: str, tag: str | None) -> tuple[str, str]:
     t, a = tag.lower(), arch.lower()
     if "dinov2" in a or "lvd142m" in t or "dinov3" in t:  # DINO self-supervision on curated LVD data
         src = "dinov2"
-    elif "clip" in a or "siglip" in a or any(k in t for k in ("openai", "laion", "datacomp", "metaclip", "dfn", "webli")):
+    elif (
+        "clip" in a or "siglip" in a or any(k in t for k in ("openai", "laion", "datacomp", "metaclip", "dfn", "webli"))
+    ):
         src = "clip"
     elif "swsl" in t or "wsl" in t:
         src = "swsl"
@@ -181,12 +183,16 @@ def parse_entry(spec: Any) -> PoolEntry:
         if pretrained is None and tag is None:  # scratch or a forgotten tag: the user says which
             tags = _timm_tags(arch)
             some = ", ".join(tags[:3]) + (", ..." if len(tags) > 3 else "") if tags else "none in timm"
-            raise SearchError(f"'{written}': no pretrained tag; name the weights as timm/{arch}.<tag> ({some}) "
-                              f"or write {{model: {written}, pretrained: false}} for scratch")
+            raise SearchError(
+                f"'{written}': no pretrained tag; name the weights as timm/{arch}.<tag> ({some}) "
+                f"or write {{model: {written}, pretrained: false}} for scratch"
+            )
         if pretrained is None:
             pretrained = tag is not None
         if pretrained and tag is None:
-            raise SearchError(f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false")
+            raise SearchError(
+                f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false"
+            )
         if not pretrained:
             tag = None
         check_timm_name(PoolEntry(written, model, arch, tag, False, bool(pretrained), "none", "none", None))
@@ -208,8 +214,15 @@ def parse_entry(spec: Any) -> PoolEntry:
         if resolution:
             label += f"@{resolution}"
     return PoolEntry(
-        label=label, model=model, arch=arch, tag=tag, builtin=builtin, pretrained=bool(pretrained),
-        source=source, overlap=overlap, resolution=resolution,
+        label=label,
+        model=model,
+        arch=arch,
+        tag=tag,
+        builtin=builtin,
+        pretrained=bool(pretrained),
+        source=source,
+        overlap=overlap,
+        resolution=resolution,
     )
 
 

@@ -29,8 +29,9 @@ class Progress:
     nothing for it (the study passes no step callback then).
     """
 
-    def __init__(self, n_total: int, *, live: bool | None = None, quiet: bool = False,
-                 stream: IO[str] | None = None) -> None:
+    def __init__(
+        self, n_total: int, *, live: bool | None = None, quiet: bool = False, stream: IO[str] | None = None
+    ) -> None:
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.live = (not quiet) and (live_terminal(self.stream) if live is None else live)
@@ -60,9 +61,17 @@ class Progress:
         from tqdm import tqdm
 
         if self.study_bar is None:
-            self.study_bar = tqdm(total=self.n_total, initial=done, position=0, file=self.stream, ncols=self._width(),
-                                  unit="trial", dynamic_ncols=False, leave=True,
-                                  bar_format="study {n_fmt}/{total_fmt} |{bar:12}| {desc} [{elapsed}<{remaining}]")
+            self.study_bar = tqdm(
+                total=self.n_total,
+                initial=done,
+                position=0,
+                file=self.stream,
+                ncols=self._width(),
+                unit="trial",
+                dynamic_ncols=False,
+                leave=True,
+                bar_format="study {n_fmt}/{total_fmt} |{bar:12}| {desc} [{elapsed}<{remaining}]",
+            )
         self.study_bar.n = done
         self.study_bar.set_description_str(f"{pruned} pruned, {failed} failed{best}", refresh=False)
         self.study_bar.refresh()
@@ -82,10 +91,18 @@ class Progress:
         if self.trial_bar is None:
             number, label, first = self._trial
             label = label if len(label) <= 24 else label[:23] + "~"
-            self.trial_bar = tqdm(total=self.epochs * steps * batch, initial=(first - 1) * steps * batch,
-                                  position=1, file=self.stream, ncols=self._width(), leave=False, unit="img",
-                                  unit_scale=True, dynamic_ncols=False,
-                                  bar_format="{desc} |{bar:10}| {rate_fmt} [{elapsed}<{remaining}]")
+            self.trial_bar = tqdm(
+                total=self.epochs * steps * batch,
+                initial=(first - 1) * steps * batch,
+                position=1,
+                file=self.stream,
+                ncols=self._width(),
+                leave=False,
+                unit="img",
+                unit_scale=True,
+                dynamic_ncols=False,
+                bar_format="{desc} |{bar:10}| {rate_fmt} [{elapsed}<{remaining}]",
+            )
             self._name = f"trial {number:>3} {label}"
         self.trial_bar.set_description_str(f"{self._name} ep {epoch}/{self.epochs} {i}/{steps}", refresh=False)
         self.trial_bar.update(batch)

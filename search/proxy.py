@@ -28,9 +28,9 @@ from search.text import command
 PROXIED = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 REFUSED = {
     "journal": "Optuna's gRPC proxy does not support journal storage (optuna#6084); "
-               "put the study on PostgreSQL or MySQL to use a proxy, or point workers at the journal directly",
+    "put the study on PostgreSQL or MySQL to use a proxy, or point workers at the journal directly",
     "redis": "Optuna's gRPC proxy does not support journal storage, which redis:// is (optuna#6084); "
-             "put the study on PostgreSQL or MySQL to use a proxy, or point workers at Redis directly",
+    "put the study on PostgreSQL or MySQL to use a proxy, or point workers at Redis directly",
     "grpc": "a proxy in front of another proxy adds nothing; point this one at the database",
 }
 REFUSED["rediss"] = REFUSED["redis"]
@@ -41,8 +41,10 @@ def parse_address(url: str) -> tuple[str, int]:
     """(host, port) of grpc://HOST:PORT (IPv6 hosts in brackets)."""
     m = re.fullmatch(r"grpc://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?", url)
     if not m or not 0 < int(m.group(2)) < 65536:
-        raise SearchError(f"study.storage: '{url}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
-                          "the address a `search proxy` listens on)")
+        raise SearchError(
+            f"study.storage: '{url}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
+            "the address a `search proxy` listens on)"
+        )
     return m.group(1).strip("[]"), int(m.group(2))
 
 
@@ -59,9 +61,11 @@ def client(url: str) -> optuna.storages.BaseStorage:
         storage.wait_server_ready(timeout=READY_TIMEOUT)
     except ConnectionError:
         storage.close()
-        raise SearchError(f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
-                          f"start one there with `{command('proxy --storage DATABASE_URL')} "
-                          f"--host {host} --port {port}`, or check the address") from None
+        raise SearchError(
+            f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
+            f"start one there with `{command('proxy --storage DATABASE_URL')} "
+            f"--host {host} --port {port}`, or check the address"
+        ) from None
     return storage
 
 
@@ -69,8 +73,9 @@ def _needs_grpc() -> None:
     try:
         import grpc  # noqa: F401
     except ImportError:
-        raise SearchError("grpc:// storage and `search proxy` need grpcio; "
-                          "install it with: pip install 'search[grpc]'") from None
+        raise SearchError(
+            "grpc:// storage and `search proxy` need grpcio; install it with: pip install 'search[grpc]'"
+        ) from None
 
 
 def backend(url: str) -> optuna.storages.BaseStorage:
@@ -81,8 +86,10 @@ def backend(url: str) -> optuna.storages.BaseStorage:
     if scheme in REFUSED:
         raise SearchError(f"proxy --storage: cannot serve '{mask(url)}': {REFUSED[scheme]}")
     if scheme not in PROXIED:
-        raise SearchError(f"proxy --storage: '{mask(url)}' is not a database URL; use "
-                          "postgresql+psycopg://USER:PASS@HOST/DB or mysql+pymysql://USER:PASS@HOST/DB")
+        raise SearchError(
+            f"proxy --storage: '{mask(url)}' is not a database URL; use "
+            "postgresql+psycopg://USER:PASS@HOST/DB or mysql+pymysql://USER:PASS@HOST/DB"
+        )
     # No Optuna heartbeat on the database side: its clients cannot record one through the proxy,
     # so dead workers are found by the `heartbeat_at` attr they write (see study.sweep).
     storage = open_storage(url, heartbeat=None)
@@ -113,8 +120,9 @@ def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) 
     try:
         server = make_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
     except RuntimeError as e:  # grpcio raises on a port it cannot bind
-        raise SearchError(f"proxy: cannot listen on {host}:{port} ({e}); is another proxy running there? "
-                          "choose another --port") from None
+        raise SearchError(
+            f"proxy: cannot listen on {host}:{port} ({e}); is another proxy running there? choose another --port"
+        ) from None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -123,11 +131,16 @@ def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     server.start()
     if not is_loopback(host):
-        print(f"warning: the storage proxy protocol has no authentication or encryption; anyone who reaches "
-              f"{host}:{port} can read and change every study in {mask(url)}. Keep it on a private network.",
-              file=sys.stderr)
-    print(f"storage proxy for {mask(url)} listening on grpc://{_bracket(host)}:{port} "
-          f"({threads} threads); workers: --storage grpc://{_bracket(host)}:{port}  (Ctrl-C to stop)", flush=True)
+        print(
+            f"warning: the storage proxy protocol has no authentication or encryption; anyone who reaches "
+            f"{host}:{port} can read and change every study in {mask(url)}. Keep it on a private network.",
+            file=sys.stderr,
+        )
+    print(
+        f"storage proxy for {mask(url)} listening on grpc://{_bracket(host)}:{port} "
+        f"({threads} threads); workers: --storage grpc://{_bracket(host)}:{port}  (Ctrl-C to stop)",
+        flush=True,
+    )
     if ready is not None:
         ready.set()
     try:

@@ -59,7 +59,7 @@ class RankCfg(Section):
 
 
 T_MAX = 1e8  # alpha / beta at which the evidence of a featureless target is taken
-RIDGE_GRID = tuple(10.0 ** k for k in range(-4, 5))  # x mean eigenvalue of the train Gram matrix
+RIDGE_GRID = tuple(10.0**k for k in range(-4, 5))  # x mean eigenvalue of the train Gram matrix
 WIDTH = 100  # columns of the table
 CACHE_VERSION = 1  # bump when the features of an unchanged key would change
 
@@ -68,8 +68,9 @@ CACHE_VERSION = 1  # bump when the features of an unchanged key would change
 # scores: pure functions of feature matrices (n, d) and integer labels (n,)
 
 
-def _evidence(sigma: np.ndarray, x2: np.ndarray, res_x2: float, y2: float, n: int, d: int,
-              tol: float, max_iter: int) -> float:
+def _evidence(
+    sigma: np.ndarray, x2: np.ndarray, res_x2: float, y2: float, n: int, d: int, tol: float, max_iter: int
+) -> float:
     """LogME evidence / n of one target, from the spectrum of F^T F.
 
     sigma: the d eigenvalues of F^T F (zeros included); x2: squared projections of y on the
@@ -99,8 +100,14 @@ def _evidence(sigma: np.ndarray, x2: np.ndarray, res_x2: float, y2: float, n: in
     if t == t_max:  # beta at the limit, alpha from the ratio
         beta = (n - gamma) / res2
         alpha = t * beta
-    evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * sigma).sum()
-                - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+    evidence = (
+        d / 2 * np.log(alpha)
+        + n / 2 * np.log(beta)
+        - 0.5 * np.log(alpha + beta * sigma).sum()
+        - beta / 2 * res2
+        - alpha / 2 * m2
+        - n / 2 * np.log(2 * np.pi)
+    )
     return float(evidence) / n
 
 
@@ -168,6 +175,7 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     Ties go to the class whose neighbours have the larger summed similarity (the tie-break
     term is below half a vote, so it never overrules a majority).
     """
+
     def unit(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, np.float64)
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -177,20 +185,25 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     k = max(1, min(k, len(tr)))
     correct = 0
     for start in range(0, len(va), 1024):  # (1024, n_train) similarities at a time
-        sim = va[start:start + 1024] @ tr.T
+        sim = va[start : start + 1024] @ tr.T
         nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         near = np.take_along_axis(sim, nn, axis=1)
         votes = np.zeros((len(sim), len(classes)))
         rows = np.repeat(np.arange(len(sim)), k)
         np.add.at(votes, (rows, yi[nn].ravel()), 1.0 + near.ravel() / (2 * (k + 1)))
-        correct += int((classes[votes.argmax(1)] == np.asarray(val_y)[start:start + 1024]).sum())
+        correct += int((classes[votes.argmax(1)] == np.asarray(val_y)[start : start + 1024]).sum())
     return correct / len(va)
 
 
-def scores(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray, k: int = 10) -> dict[str, float]:
+def scores(
+    train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray, k: int = 10
+) -> dict[str, float]:
     """All three scores of one entry's features."""
-    return {"logme": logme(train_f, train_y), "probe": linear_probe(train_f, train_y, val_f, val_y),
-            "knn": knn_accuracy(train_f, train_y, val_f, val_y, k)}
+    return {
+        "logme": logme(train_f, train_y),
+        "probe": linear_probe(train_f, train_y, val_f, val_y),
+        "knn": knn_accuracy(train_f, train_y, val_f, val_y, k),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -207,8 +220,9 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256,
-          amp: bool = True) -> np.ndarray:
+def embed(
+    model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256, amp: bool = True
+) -> np.ndarray:
     """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation."""
     from search.augment import eval_input
     from search.models import info_of
@@ -220,7 +234,7 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batc
         model.to(memory_format=torch.channels_last)
     out = []
     for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device, non_blocking=True)
+        xb = x[start : start + batch_size].to(device, non_blocking=True)
         xb = eval_input(xb, info.resolution, mean=info.mean, std=info.std, channels_last=cuda)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
             f = model(xb)
@@ -271,15 +285,34 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     tmp.replace(path)  # readers never see half a file
 
 
-def entry_features(entry: Any, data: Any, splits: dict[str, Any], *, cfg: Any, channel_reduce: str,
-                   device: torch.device, amp: bool, cache_root: Path, seed: int) -> tuple[dict[str, np.ndarray], bool, Path]:
+def entry_features(
+    entry: Any,
+    data: Any,
+    splits: dict[str, Any],
+    *,
+    cfg: Any,
+    channel_reduce: str,
+    device: torch.device,
+    amp: bool,
+    cache_root: Path,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], bool, Path]:
     """{split: features} of one pretrained entry, from the cache or computed; (features, cached, path)."""
     from search.models import build_model, input_resolution
 
     res = input_resolution(entry, data.resolution)
-    key = {"v": CACHE_VERSION, "entry": entry.attrs(), "model": entry.model, "resolution": res,
-           "channel_reduce": channel_reduce, "in_chans": data.in_chans, "dataset": data.name, "seed": seed,
-           "weights": _weights_key(entry), "splits": {n: _images_digest(s) for n, s in splits.items()}}
+    key = {
+        "v": CACHE_VERSION,
+        "entry": entry.attrs(),
+        "model": entry.model,
+        "resolution": res,
+        "channel_reduce": channel_reduce,
+        "in_chans": data.in_chans,
+        "dataset": data.name,
+        "seed": seed,
+        "weights": _weights_key(entry),
+        "splits": {n: _images_digest(s) for n, s in splits.items()},
+    }
     path = cache_path(cache_root, data.name, entry, key)
     if path.is_file():
         try:
@@ -287,8 +320,11 @@ def entry_features(entry: Any, data: Any, splits: dict[str, Any], *, cfg: Any, c
                 return {n: z[n] for n in splits}, True, path
         except (OSError, ValueError, KeyError) as e:  # a damaged file is computed again
             log.warning("feature cache %s unreadable (%s); computing the features again", path, e)
-    model = backbone(build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
-                                 channel_reduce=channel_reduce))
+    model = backbone(
+        build_model(
+            entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res, channel_reduce=channel_reduce
+        )
+    )
     feats = {n: embed(model, s.x, device=device, batch_size=cfg.batch_size, amp=amp) for n, s in splits.items()}
     try:
         _write_npz(path, **feats)
@@ -316,26 +352,48 @@ def rank_pool(recipe: Any, data: Any = None, *, on_row: Any = None) -> list[dict
     cfg = recipe.rank
     seed = recipe.study.seed
     data = data or load_data(recipe.data, seed)
-    splits = {"train": sample(data.train, cfg.max_images, seed + 7),
-              "val": sample(data.val, cfg.max_val_images, seed + 8)}
+    splits = {
+        "train": sample(data.train, cfg.max_images, seed + 7),
+        "val": sample(data.val, cfg.max_val_images, seed + 8),
+    }
     device = resolve_device(recipe.hardware.device)
     root = data_root(recipe.data)
     rows = []
     for entry in parse_pool(recipe.pool):
-        row: dict[str, Any] = {"entry": entry.label, "source": entry.source, "status": "ok",
-                               **dict.fromkeys(SCORES), "dim": None, "seconds": None, "cached": False, "note": ""}
+        row: dict[str, Any] = {
+            "entry": entry.label,
+            "source": entry.source,
+            "status": "ok",
+            **dict.fromkeys(SCORES),
+            "dim": None,
+            "seconds": None,
+            "cached": False,
+            "note": "",
+        }
         if not entry.pretrained:
             row.update(status="scratch", note="scratch: not rankable")
         else:
             start = time.perf_counter()
             try:
-                feats, cached, _ = entry_features(entry, data, splits, cfg=cfg, channel_reduce=recipe.train.channel_reduce,
-                                                  device=device, amp=recipe.hardware.amp, cache_root=root, seed=seed)
+                feats, cached, _ = entry_features(
+                    entry,
+                    data,
+                    splits,
+                    cfg=cfg,
+                    channel_reduce=recipe.train.channel_reduce,
+                    device=device,
+                    amp=recipe.hardware.amp,
+                    cache_root=root,
+                    seed=seed,
+                )
                 ftr, fva = feats["train"], feats["val"]
                 if not (np.isfinite(ftr).all() and np.isfinite(fva).all()):
                     raise ValueError("the backbone gave non-finite features")
-                row.update(scores(ftr, splits["train"].y.numpy(), fva, splits["val"].y.numpy(), cfg.knn_k),
-                           dim=int(ftr.shape[1]), cached=cached)
+                row.update(
+                    scores(ftr, splits["train"].y.numpy(), fva, splits["val"].y.numpy(), cfg.knn_k),
+                    dim=int(ftr.shape[1]),
+                    cached=cached,
+                )
             except SearchError as e:
                 row.update(status="failed", note=str(e))
             except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
@@ -365,13 +423,17 @@ def table(rows: list[dict[str, Any]], by: str, n_train: int | None = None, n_val
     for r in rows:
         place += r["status"] == "ok"
         note = "cached" if r["cached"] else r["note"]
-        line = (f"{place if r['status'] == 'ok' else '-':>2}  {r['entry'][:30]:<30} {_num(r['logme'], '.4f'):>8} "
-                f"{_num(r['probe'], '.3f'):>6} {_num(r['knn'], '.3f'):>6} {_num(r['dim'], 'd'):>5} "
-                f"{_num(r['seconds'], '.1f'):>8}  {note}")
+        line = (
+            f"{place if r['status'] == 'ok' else '-':>2}  {r['entry'][:30]:<30} {_num(r['logme'], '.4f'):>8} "
+            f"{_num(r['probe'], '.3f'):>6} {_num(r['knn'], '.3f'):>6} {_num(r['dim'], 'd'):>5} "
+            f"{_num(r['seconds'], '.1f'):>8}  {note}"
+        )
         lines.append(line if len(line) <= WIDTH else line[: WIDTH - 3] + "...")
     sizes = f" on {n_train} train / {n_val} val images" if n_train is not None else ""
-    lines += [f"ranked by {by}{sizes}; higher is better for all three:",
-              "  logme: evidence per image, probe: ridge probe val accuracy, knn: cosine kNN val accuracy"]
+    lines += [
+        f"ranked by {by}{sizes}; higher is better for all three:",
+        "  logme: evidence per image, probe: ridge probe val accuracy, knn: cosine kNN val accuracy",
+    ]
     return "\n".join(lines)
 
 
@@ -388,14 +450,16 @@ def decide(rows: list[dict[str, Any]], keep: int | None, by: str) -> dict[str, A
     ranked = [r["entry"] for r in rows if r["status"] == "ok"]
     unranked = [r["entry"] for r in rows if r["status"] != "ok"]
     kept = ranked[:keep] if keep else ranked
-    dropped = ranked[len(kept):]
+    dropped = ranked[len(kept) :]
     reasons = {r["entry"]: r["note"] for r in rows if r["status"] != "ok"}
     return {"by": by, "keep": keep, "order": kept + unranked, "dropped": dropped, "unranked": reasons}
 
 
 def decision_text(decision: dict[str, Any]) -> str:
-    lines = [f"rank: keeping {', '.join(decision['order'])}"
-             + (f"; dropped {', '.join(decision['dropped'])}" if decision["dropped"] else "")]
+    lines = [
+        f"rank: keeping {', '.join(decision['order'])}"
+        + (f"; dropped {', '.join(decision['dropped'])}" if decision["dropped"] else "")
+    ]
     for label, why in decision["unranked"].items():
         lines.append(f"rank: {label} kept unranked ({why})")
     return "\n".join(lines)

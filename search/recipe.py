@@ -131,8 +131,10 @@ class StudyCfg(Section):
             object.__setattr__(self, "direction", implied)
         for name in self.constraints:
             if name not in CONSTRAINABLE:
-                raise ValueError(f"constraints: '{name}' cannot be constrained{did_you_mean(name, CONSTRAINABLE)}; "
-                                 f"constraints apply to what is measured before training: {one_of(CONSTRAINABLE)}")
+                raise ValueError(
+                    f"constraints: '{name}' cannot be constrained{did_you_mean(name, CONSTRAINABLE)}; "
+                    f"constraints apply to what is measured before training: {one_of(CONSTRAINABLE)}"
+                )
         return self
 
     def _objectives(self) -> None:
@@ -140,24 +142,33 @@ class StudyCfg(Section):
         allowed = [*METRICS, *MEASURES]
         for name in names:
             if name not in allowed:
-                raise ValueError(f"objectives: unknown objective '{name}'{did_you_mean(name, allowed)}; "
-                                 f"allowed: {one_of(allowed)}")
+                raise ValueError(
+                    f"objectives: unknown objective '{name}'{did_you_mean(name, allowed)}; allowed: {one_of(allowed)}"
+                )
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: {names} names one objective twice; list each once")
         if names[0] not in METRICS:
-            raise ValueError(f"objectives: the first objective is the primary validation metric, got "
-                             f"'{names[0]}'; put one of {one_of(METRICS)} first")
+            raise ValueError(
+                f"objectives: the first objective is the primary validation metric, got "
+                f"'{names[0]}'; put one of {one_of(METRICS)} first"
+            )
         if "metric" in self.model_fields_set and self.metric != names[0]:
-            raise ValueError(f"metric '{self.metric}' contradicts objectives, whose first (primary) is "
-                             f"'{names[0]}'; remove study.metric")
+            raise ValueError(
+                f"metric '{self.metric}' contradicts objectives, whose first (primary) is "
+                f"'{names[0]}'; remove study.metric"
+            )
         object.__setattr__(self, "metric", names[0])
         if len(names) > 1:
             if self.sampler.name not in MULTI_SAMPLERS:
-                raise ValueError(f"sampler '{self.sampler.name}' optimizes one objective only, and objectives "
-                                 f"lists {len(names)}; use one of {one_of(MULTI_SAMPLERS)}")
+                raise ValueError(
+                    f"sampler '{self.sampler.name}' optimizes one objective only, and objectives "
+                    f"lists {len(names)}; use one of {one_of(MULTI_SAMPLERS)}"
+                )
             if self.pruner.name != "none":
-                raise ValueError(f"pruner '{self.pruner.name}' cannot run with {len(names)} objectives "
-                                 "(Optuna cannot prune multi-objective trials); set study.pruner: none")
+                raise ValueError(
+                    f"pruner '{self.pruner.name}' cannot run with {len(names)} objectives "
+                    "(Optuna cannot prune multi-objective trials); set study.pruner: none"
+                )
 
     @property
     def names(self) -> list[str]:
@@ -165,7 +176,7 @@ class StudyCfg(Section):
         return list(self.objectives or [self.metric])
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Literal["minimize", "maximize"]]:
         """Each objective's natural direction."""
         return [METRICS.get(n) or MEASURES[n] for n in self.names]
 
@@ -189,8 +200,9 @@ class HardwareCfg(Section):
     def _trials_per_gpu(cls, v: Any) -> Any:
         if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
-        raise ValueError("expected auto (pack by measured memory), a whole number >= 1 (trials at most "
-                         "per GPU) or null (off)")
+        raise ValueError(
+            "expected auto (pack by measured memory), a whole number >= 1 (trials at most per GPU) or null (off)"
+        )
 
 
 class Recipe(Section):
@@ -268,13 +280,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SearchError(f"{path}: not a text recipe (byte {e.start} is not UTF-8); a recipe is a YAML file "
-                          "saved as UTF-8, e.g. recipes/digits.yaml") from None
+        raise SearchError(
+            f"{path}: not a text recipe (byte {e.start} is not UTF-8); a recipe is a YAML file "
+            "saved as UTF-8, e.g. recipes/digits.yaml"
+        ) from None
     except OSError as e:
         raise SearchError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     if "\x00" in text:
-        raise SearchError(f"{path}: not a text recipe (it holds NUL bytes, like a binary file); a recipe is a "
-                          "YAML file saved as UTF-8, e.g. recipes/digits.yaml")
+        raise SearchError(
+            f"{path}: not a text recipe (it holds NUL bytes, like a binary file); a recipe is a "
+            "YAML file saved as UTF-8, e.g. recipes/digits.yaml"
+        )
     try:
         raw = parse_yaml(text) or {}
     except yaml.YAMLError as e:
@@ -321,8 +337,13 @@ def format_error(err: ValidationError, raw: dict[str, Any]) -> str:
     errors = err.errors()
     # Union members produce one error each; prefer the one from the mapping form.
     e = next((x for x in errors if x["type"] == "extra_forbidden"), None) or next(
-        (x for x in errors if x["type"] != "string_type"), errors[0])  # a mapping's own error, not "not a string"
-    loc = tuple(p for p in e["loc"] if p not in ("str", "PoolEntryCfg", "ParamCfg") and not str(p).startswith(("list[", "function-")))
+        (x for x in errors if x["type"] != "string_type"), errors[0]
+    )  # a mapping's own error, not "not a string"
+    loc = tuple(
+        p
+        for p in e["loc"]
+        if p not in ("str", "PoolEntryCfg", "ParamCfg") and not str(p).startswith(("list[", "function-"))
+    )
     where = _loc(loc) or "recipe"
     bad = e.get("input")
     kind = e["type"]

@@ -26,11 +26,27 @@ from search.text import WIDTH, fit_line, shorten, table, wrap, wrap_items
 from search.workers import counted
 
 POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
-STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-              TrialState.RUNNING: "running"}
+STATE_KEYS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+}
 PLOTS = ("history.png", "per_entry.png", "curves.png", "importance.png")
-COLUMNS = ("entry", "best", "median", "complete", "pruned", "failed", "not_counted", "running", "sec_per_epoch",
-           "params", "source", "overlap")
+COLUMNS = (
+    "entry",
+    "best",
+    "median",
+    "complete",
+    "pruned",
+    "failed",
+    "not_counted",
+    "running",
+    "sec_per_epoch",
+    "params",
+    "source",
+    "overlap",
+)
 
 
 def _label(t: FrozenTrial) -> str | None:
@@ -52,11 +68,22 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         label = _label(t)
         if label is None:
             continue
-        r = rows.setdefault(label, {
-            "entry": label, "values": [], "complete": 0, "pruned": 0, "failed": 0, "not_counted": 0, "running": 0,
-            "epoch_seconds": [], "params": None, "source": t.user_attrs.get("weight_source", ""),
-            "overlap": t.user_attrs.get("imagenet_overlap", ""),
-        })
+        r = rows.setdefault(
+            label,
+            {
+                "entry": label,
+                "values": [],
+                "complete": 0,
+                "pruned": 0,
+                "failed": 0,
+                "not_counted": 0,
+                "running": 0,
+                "epoch_seconds": [],
+                "params": None,
+                "source": t.user_attrs.get("weight_source", ""),
+                "overlap": t.user_attrs.get("imagenet_overlap", ""),
+            },
+        )
         key = STATE_KEYS.get(t.state)
         if t.state == TrialState.FAIL and t.number not in counts:
             key = "not_counted"  # retried, interrupted, past the total: not a failure of the trial
@@ -85,18 +112,28 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
 def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
     """Complete trials that meet the study's constraints, best first (ties: earlier trial first)."""
     sign = -1 if recipe.study.direction == "maximize" else 1
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if value(t) is not None and feasible(t)]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if value(t) is not None and feasible(t)
+    ]
     return sorted(done, key=lambda t: (sign * t.values[0], t.number))
 
 
 def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> list[dict[str, Any]]:
     """The k best complete trials (k: the recipe's study.top_k, at least 1) with their hyperparameters."""
     k = k if k is not None else max(1, recipe.study.top_k)
-    return [{"rank": i + 1, "trial": t.number, "value": value(t), "entry": _label(t),
-             "best_epoch": t.user_attrs.get("best_epoch"),
-             "hyperparameters": {n: v for n, v in t.params.items() if n != POOL_PARAM}}
-            for i, t in enumerate(complete_trials(study, recipe)[:k])]
+    return [
+        {
+            "rank": i + 1,
+            "trial": t.number,
+            "value": value(t),
+            "entry": _label(t),
+            "best_epoch": t.user_attrs.get("best_epoch"),
+            "hyperparameters": {n: v for n, v in t.params.items() if n != POOL_PARAM},
+        }
+        for i, t in enumerate(complete_trials(study, recipe)[:k])
+    ]
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -139,18 +176,48 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bo
         lines.append("no trial has started yet")
     else:
         ordered = [r for group in _groups(rows).values() for r in group]
-        body = table(["pool entry", f"best {m}" if wide else "best", "median", "done", "pruned", "failed", "n/c",
-                      "running", "s/epoch", "params"],
-                     [[r["entry"], _fmt(r["best"], ".4f"), _fmt(r["median"], ".4f"), r["complete"], r["pruned"],
-                       r["failed"], r["not_counted"], r["running"], _fmt(r["sec_per_epoch"], ".2f"),
-                       _fmt(r["params"], ",") if wide else short_count(r["params"])] for r in ordered],
-                     right=[False] + [True] * 9, wide=wide, indent="  ", sep="  ")
+        body = table(
+            [
+                "pool entry",
+                f"best {m}" if wide else "best",
+                "median",
+                "done",
+                "pruned",
+                "failed",
+                "n/c",
+                "running",
+                "s/epoch",
+                "params",
+            ],
+            [
+                [
+                    r["entry"],
+                    _fmt(r["best"], ".4f"),
+                    _fmt(r["median"], ".4f"),
+                    r["complete"],
+                    r["pruned"],
+                    r["failed"],
+                    r["not_counted"],
+                    r["running"],
+                    _fmt(r["sec_per_epoch"], ".2f"),
+                    _fmt(r["params"], ",") if wide else short_count(r["params"]),
+                ]
+                for r in ordered
+            ],
+            right=[False] + [True] * 9,
+            wide=wide,
+            indent="  ",
+            sep="  ",
+        )
         lines += body[:2]
         i = 2
         for (source, overlap), group in _groups(rows).items():
-            lines.append(f"weight source {source} (ImageNet overlap {overlap or '?'}):" if source
-                         else "weight source not recorded:")
-            lines += body[i:i + len(group)]
+            lines.append(
+                f"weight source {source} (ImageNet overlap {overlap or '?'}):"
+                if source
+                else "weight source not recorded:"
+            )
+            lines += body[i : i + len(group)]
             i += len(group)
     if any(r["not_counted"] for r in rows):
         lines.append("n/c: not counted toward n_trials (retried after a dead worker, interrupted, or past the total)")
@@ -174,11 +241,29 @@ def top_text(study: optuna.Study, recipe: Recipe, top: int, wide: bool = False) 
     if not rows:
         return [f"top trials: none yet, no trial has completed ({_state_counts(study)})"]
     head = f"top {len(rows)} trials" + (f" (of the {top} asked for)" if len(rows) < top else "") + ":"
-    return [head, *table(["#", "trial", "pool entry", m, "epoch", "hyperparameters"],
-                         [[r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"],
-                           _hp_text(r["hyperparameters"])] for r in rows],
-                         right=[True, True, False, True, True], shrink=2, wrap=True, wide=wide, indent="  ",
-                         sep="  ")]
+    return [
+        head,
+        *table(
+            ["#", "trial", "pool entry", m, "epoch", "hyperparameters"],
+            [
+                [
+                    r["rank"],
+                    r["trial"],
+                    r["entry"],
+                    f"{r['value']:.4f}",
+                    r["best_epoch"],
+                    _hp_text(r["hyperparameters"]),
+                ]
+                for r in rows
+            ],
+            right=[True, True, False, True, True],
+            shrink=2,
+            wrap=True,
+            wide=wide,
+            indent="  ",
+            sep="  ",
+        ),
+    ]
 
 
 def _elapsed(seconds: float) -> str:
@@ -198,12 +283,26 @@ def running_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> lis
     rows = []
     for t in trials:
         pts = sorted(t.intermediate_values.items())
-        rows.append([t.number, _label(t) or "(not sampled yet)", f"{pts[-1][0] if pts else 0}/{recipe.train.epochs}",
-                     _fmt(pts[-1][1] if pts else None, ".4f"),
-                     _elapsed((now - t.datetime_start).total_seconds()) if t.datetime_start else "-"])
-    return [f"running now ({len(rows)}):", *table(["trial", "pool entry", "epochs", f"last {m}", "running for"], rows,
-                                                   right=[True, False, True, True, True], shrink=1, wide=wide,
-                                                   indent="  ")]
+        rows.append(
+            [
+                t.number,
+                _label(t) or "(not sampled yet)",
+                f"{pts[-1][0] if pts else 0}/{recipe.train.epochs}",
+                _fmt(pts[-1][1] if pts else None, ".4f"),
+                _elapsed((now - t.datetime_start).total_seconds()) if t.datetime_start else "-",
+            ]
+        )
+    return [
+        f"running now ({len(rows)}):",
+        *table(
+            ["trial", "pool entry", "epochs", f"last {m}", "running for"],
+            rows,
+            right=[True, False, True, True, True],
+            shrink=1,
+            wide=wide,
+            indent="  ",
+        ),
+    ]
 
 
 def retrain_text(study: optuna.Study, recipe: Recipe) -> list[str]:
@@ -212,13 +311,22 @@ def retrain_text(study: optuna.Study, recipe: Recipe) -> list[str]:
     if not rec:
         return []
     metrics = [f"{k} {v:.4f}" for k, v in rec["test_metrics"].items() if isinstance(v, float)]
-    lines = [f"test split (by retrain, evaluated once, n={rec.get('n_test', '?')}): {rec['pool_label']} trained on "
-             f"train+val for {rec['epochs']} epochs, seed {rec.get('seed', '?')}:", *wrap_items("  ", metrics)]
+    lines = [
+        f"test split (by retrain, evaluated once, n={rec.get('n_test', '?')}): {rec['pool_label']} trained on "
+        f"train+val for {rec['epochs']} epochs, seed {rec.get('seed', '?')}:",
+        *wrap_items("  ", metrics),
+    ]
     summary = rec.get("test_summary")
     if summary:
-        lines += wrap_items(f"  over {len(rec.get('seeds', ()))} seeds (mean, std, 95% t-interval):", [
-            f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for k, v in summary.items()
-            if k in ("test_accuracy", f"test_{recipe.study.metric}")], indent="    ")
+        lines += wrap_items(
+            f"  over {len(rec.get('seeds', ()))} seeds (mean, std, 95% t-interval):",
+            [
+                f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                for k, v in summary.items()
+                if k in ("test_accuracy", f"test_{recipe.study.metric}")
+            ],
+            indent="    ",
+        )
     return lines
 
 
@@ -229,16 +337,22 @@ def importance_text(study: optuna.Study) -> list[str]:
     if isinstance(imp, str) or not imp:
         return wrap(imp if isinstance(imp, str) else "parameter importances: no sampled parameter")
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return wrap_items(f"parameter importances ({importance_caption(n)}):",
-                      [f"{k} {v:.2f}" + ("," if i < len(imp) - 1 else "") for i, (k, v) in enumerate(imp.items())],
-                      sep=" ")
+    return wrap_items(
+        f"parameter importances ({importance_caption(n)}):",
+        [f"{k} {v:.2f}" + ("," if i < len(imp) - 1 else "") for i, (k, v) in enumerate(imp.items())],
+        sep=" ",
+    )
 
 
 def report_text(study: optuna.Study, recipe: Recipe, top: int = 3, wide: bool = False) -> str:
     """What `report` prints: leaderboard, running trials, top trials, test result, importances."""
-    parts = [leaderboard_text(study, recipe, wide=wide), "\n".join(running_text(study, recipe, wide)),
-             "\n".join(top_text(study, recipe, top, wide)), "\n".join(retrain_text(study, recipe)),
-             "\n".join(importance_text(study))]
+    parts = [
+        leaderboard_text(study, recipe, wide=wide),
+        "\n".join(running_text(study, recipe, wide)),
+        "\n".join(top_text(study, recipe, top, wide)),
+        "\n".join(retrain_text(study, recipe)),
+        "\n".join(importance_text(study)),
+    ]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -259,8 +373,15 @@ def source_rows(study: optuna.Study, recipe: Recipe) -> list[list[Any]]:
     for (source, overlap), group in _groups(leaderboard(study, recipe)).items():
         vals = [r["best"] for r in group if r["best"] is not None]
         best = (max(vals) if maximize else min(vals)) if vals else None
-        out.append([source, overlap, ", ".join(r["entry"] for r in group), _fmt(best, ".4f"),
-                    sum(r["complete"] for r in group)])
+        out.append(
+            [
+                source,
+                overlap,
+                ", ".join(r["entry"] for r in group),
+                _fmt(best, ".4f"),
+                sum(r["complete"] for r in group),
+            ]
+        )
     return out
 
 
@@ -268,41 +389,80 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
     from search.selection import confirmed_rows  # it builds on this module
 
     m = recipe.study.metric
-    board = [[r["entry"], _fmt(r["best"], ".4f"), _fmt(r["median"], ".4f"), r["complete"], r["pruned"], r["failed"],
-              r["not_counted"], r["running"], _fmt(r["sec_per_epoch"], ".2f"), _fmt(r["params"], ","), r["source"], r["overlap"]]
-             for r in leaderboard(study, recipe)]
-    top = [[r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"], _hp_text(r["hyperparameters"])]
-           for r in top_trials(study, recipe)]
+    board = [
+        [
+            r["entry"],
+            _fmt(r["best"], ".4f"),
+            _fmt(r["median"], ".4f"),
+            r["complete"],
+            r["pruned"],
+            r["failed"],
+            r["not_counted"],
+            r["running"],
+            _fmt(r["sec_per_epoch"], ".2f"),
+            _fmt(r["params"], ","),
+            r["source"],
+            r["overlap"],
+        ]
+        for r in leaderboard(study, recipe)
+    ]
+    top = [
+        [r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"], _hp_text(r["hyperparameters"])]
+        for r in top_trials(study, recipe)
+    ]
     parts = [
         f"# Study `{study.study_name}`",
         f"Validation {m} ({recipe.study.direction}); {len(study.get_trials(deepcopy=False))} trials.",
         "## Leaderboard per pool entry",
-        _md_table(["pool entry", f"best {m}", "median", "complete", "pruned", "failed", "not counted", "running",
-                   "s/epoch",
-                   "params", "source", "ImageNet overlap"], board),
+        _md_table(
+            [
+                "pool entry",
+                f"best {m}",
+                "median",
+                "complete",
+                "pruned",
+                "failed",
+                "not counted",
+                "running",
+                "s/epoch",
+                "params",
+                "source",
+                "ImageNet overlap",
+            ],
+            board,
+        ),
         "## By weight source",
-        _md_table(["weight source", "ImageNet overlap", "pool entries", f"best {m}", "complete"],
-                  source_rows(study, recipe)),
+        _md_table(
+            ["weight source", "ImageNet overlap", "pool entries", f"best {m}", "complete"], source_rows(study, recipe)
+        ),
         "## Top trials",
-        _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top) if top
+        _md_table(["rank", "trial", "pool entry", f"val {m}", "best epoch", "hyperparameters"], top)
+        if top
         else f"No complete trial yet ({_state_counts(study)}).",
     ]
     imp = importances(study)
     if isinstance(imp, dict) and imp:
         n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        parts += ["## Parameter importances", f"{importance_caption(n)}: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + "."]
+        parts += [
+            "## Parameter importances",
+            f"{importance_caption(n)}: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + ".",
+        ]
     test = study.user_attrs.get("retrain")
     if test:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in test["test_metrics"].items() if isinstance(v, float))
-        parts += ["## Test split (evaluated once, by `retrain`)",
-                  f"{test['pool_label']} trained on train+val for {test['epochs']} epochs: {metrics}."]
+        parts += [
+            "## Test split (evaluated once, by `retrain`)",
+            f"{test['pool_label']} trained on train+val for {test['epochs']} epochs: {metrics}.",
+        ]
     extra = selection_text(study, recipe)
     if extra:
         parts += ["## Choosing a winner", "```\n" + extra + "\n```"]
-        parts += [f"![{p[:-4]}]({p})" for p in ("pareto.png", "confirmed.png")
-                  if (p == "pareto.png" and len(recipe.study.names) > 1) or (p == "confirmed.png" and
-                                                                             confirmed_rows(study, recipe))]
+        parts += [
+            f"![{p[:-4]}]({p})"
+            for p in ("pareto.png", "confirmed.png")
+            if (p == "pareto.png" and len(recipe.study.names) > 1)
+            or (p == "confirmed.png" and confirmed_rows(study, recipe))
+        ]
     if study.user_attrs.get("rank"):
         parts += ["## Rank scores against fine-tuned results", rank_markdown(study, recipe)]
     parts += ["## Plots", *[f"![{p[:-4]}]({p})" for p in PLOTS]]
@@ -322,13 +482,25 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name, "value": value(t), "entry": _label(t),
-                     "source": t.user_attrs.get("weight_source"), "overlap": t.user_attrs.get("imagenet_overlap"),
-                     **({n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
-                        if len(study.directions) > 1 else {}),
-                     "feasible": feasible(t),
-                     "best_epoch": t.user_attrs.get("best_epoch"), "fail_reason": t.user_attrs.get("fail_reason"),
-                     **{n: v for n, v in t.params.items() if n != POOL_PARAM}})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": value(t),
+                "entry": _label(t),
+                "source": t.user_attrs.get("weight_source"),
+                "overlap": t.user_attrs.get("imagenet_overlap"),
+                **(
+                    {n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
+                    if len(study.directions) > 1
+                    else {}
+                ),
+                "feasible": feasible(t),
+                "best_epoch": t.user_attrs.get("best_epoch"),
+                "fail_reason": t.user_attrs.get("fail_reason"),
+                **{n: v for n, v in t.params.items() if n != POOL_PARAM},
+            }
+        )
     return rows
 
 
@@ -340,8 +512,14 @@ def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[P
     board, trials = directory / "leaderboard.csv", directory / "trials.csv"
     _write_csv(board, leaderboard(study, recipe) or [dict.fromkeys(COLUMNS)])
     _write_csv(trials, trial_rows(study) or [{"trial": None}])
-    return [md, board, trials, *plot_all(study, recipe, directory), *selection_files(study, recipe, directory),
-            *write_rank(study, recipe, directory)]
+    return [
+        md,
+        board,
+        trials,
+        *plot_all(study, recipe, directory),
+        *selection_files(study, recipe, directory),
+        *write_rank(study, recipe, directory),
+    ]
 
 
 def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
@@ -360,9 +538,16 @@ def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> lis
         out += [directory / "pareto.csv", plot_pareto(study, recipe, directory / "pareto.png")]
     rows = confirmed_rows(study, recipe)
     if rows:
-        _write_csv(directory / "confirmed.csv", [{**{k: v for k, v in r.items() if k != "hyperparameters"},
-                                                  "values": " ".join(f"{v:.6g}" for v in r["values"])}
-                                                 for r in rows])
+        _write_csv(
+            directory / "confirmed.csv",
+            [
+                {
+                    **{k: v for k, v in r.items() if k != "hyperparameters"},
+                    "values": " ".join(f"{v:.6g}" for v in r["values"]),
+                }
+                for r in rows
+            ],
+        )
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
         plot_confirmed(study, recipe, ax)
         fig.tight_layout()
@@ -469,8 +654,16 @@ def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
         label = _label(t)
         style = "-" if t.state == TrialState.COMPLETE else "--"
         # Markers: a trial pruned after its first epoch is one point, not an invisible line.
-        ax.plot(*zip(*pts, strict=True), style, marker="o", markersize=3, color=colors.get(label), alpha=0.7,
-                lw=1, label=None if label in shown else label)
+        ax.plot(
+            *zip(*pts, strict=True),
+            style,
+            marker="o",
+            markersize=3,
+            color=colors.get(label),
+            alpha=0.7,
+            lw=1,
+            label=None if label in shown else label,
+        )
         shown.add(label)
     if not shown:
         _empty(ax, "no epoch reported yet")
@@ -500,7 +693,8 @@ def importances(study: optuna.Study) -> dict[str, float] | str:
     try:
         target = (lambda t: t.values[0]) if len(study.directions) > 1 else None  # the primary objective
         return optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target)
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target
+        )
     except (RuntimeError, ValueError) as e:  # e.g. no parameter varies across the trials
         return f"parameter importances unavailable: {e}"
 
@@ -515,8 +709,16 @@ def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     ax.barh(names, [imp[k] for k in names], color="tab:blue" if n >= IMPORTANCE_MIN_TRIALS else "tab:gray")
     ax.set(xlabel="importance (fANOVA, normalized)", title=f"Parameter importances ({n} complete trials)")
     if n < IMPORTANCE_MIN_TRIALS:
-        ax.text(0.98, 0.02, f"only {n} trials (< {IMPORTANCE_MIN_TRIALS}): a rough hint", transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=9, color="tab:red")
+        ax.text(
+            0.98,
+            0.02,
+            f"only {n} trials (< {IMPORTANCE_MIN_TRIALS}): a rough hint",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=9,
+            color="tab:red",
+        )
 
 
 def plot_all(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
@@ -593,9 +795,17 @@ def rank_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     rows = []
     for i, r in enumerate(x for x in stored["rows"] if x["status"] == "ok"):
         best = board.get(r["entry"], {}).get("best")
-        rows.append({"entry": r["entry"], "rank": i + 1, **{k: r[k] for k in RANK_SCORES},
-                     "kept": r["entry"] in stored["order"], "fine_tuned_best": best, "fine_tuned_place": places.get(r["entry"]),
-                     "complete": board.get(r["entry"], {}).get("complete", 0)})
+        rows.append(
+            {
+                "entry": r["entry"],
+                "rank": i + 1,
+                **{k: r[k] for k in RANK_SCORES},
+                "kept": r["entry"] in stored["order"],
+                "fine_tuned_best": best,
+                "fine_tuned_place": places.get(r["entry"]),
+                "complete": board.get(r["entry"], {}).get("complete", 0),
+            }
+        )
     return rows
 
 
@@ -623,7 +833,8 @@ def _tau_line(taus: dict[str, tuple[float | None, int]]) -> str:
     if n < 2:
         return f"Kendall's tau: needs fine-tuned results of 2 ranked entries, have {n}"
     return f"Kendall's tau with the fine-tuned ranking ({n} entries): " + ", ".join(
-        f"{k} {_fmt(t, '+.2f')}" for k, (t, _) in taus.items())
+        f"{k} {_fmt(t, '+.2f')}" for k, (t, _) in taus.items()
+    )
 
 
 def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
@@ -633,13 +844,29 @@ def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     if not stored:
         return ""
     m = recipe.study.metric
-    cells = [[r["rank"], r["entry"], _fmt(r["logme"], ".4f"), _fmt(r["probe"], ".3f"), _fmt(r["knn"], ".3f"),
-              _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped", _fmt(r["fine_tuned_place"], "d"),
-              r["complete"]] for r in rows]
+    cells = [
+        [
+            r["rank"],
+            r["entry"],
+            _fmt(r["logme"], ".4f"),
+            _fmt(r["probe"], ".3f"),
+            _fmt(r["knn"], ".3f"),
+            _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped",
+            _fmt(r["fine_tuned_place"], "d"),
+            r["complete"],
+        ]
+        for r in rows
+    ]
     lines = [f"rank before the search (by {stored['by']}, keep {stored['keep'] or 'all'}) against fine-tuning:"]
-    lines += table(["#", "pool entry", "logme", "probe", "knn", f"fine-tuned {m}", "place", "done"], cells,
-                   right=[True, False, True, True, True, True, True, True], shrink=1, wide=wide, indent=" ",
-                   sep="  ")
+    lines += table(
+        ["#", "pool entry", "logme", "probe", "knn", f"fine-tuned {m}", "place", "done"],
+        cells,
+        right=[True, False, True, True, True, True, True, True],
+        shrink=1,
+        wide=wide,
+        indent=" ",
+        sep="  ",
+    )
     for label, why in stored["unranked"].items():
         line = f" -  {label if wide else shorten(label, 40)}: not ranked, {why}"
         lines.append(line if wide else fit_line(line))
@@ -649,11 +876,31 @@ def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
 
 def rank_markdown(study: optuna.Study, recipe: Recipe) -> str:
     rows = rank_rows(study, recipe)
-    table = _md_table(["rank", "pool entry", "LogME", "probe acc", "kNN acc", f"fine-tuned best {recipe.study.metric}",
-                       "place", "complete"],
-                      [[r["rank"], r["entry"], _fmt(r["logme"], ".4f"), _fmt(r["probe"], ".3f"), _fmt(r["knn"], ".3f"),
-                        _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped", _fmt(r["fine_tuned_place"], "d"),
-                        r["complete"]] for r in rows])
+    table = _md_table(
+        [
+            "rank",
+            "pool entry",
+            "LogME",
+            "probe acc",
+            "kNN acc",
+            f"fine-tuned best {recipe.study.metric}",
+            "place",
+            "complete",
+        ],
+        [
+            [
+                r["rank"],
+                r["entry"],
+                _fmt(r["logme"], ".4f"),
+                _fmt(r["probe"], ".3f"),
+                _fmt(r["knn"], ".3f"),
+                _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped",
+                _fmt(r["fine_tuned_place"], "d"),
+                r["complete"],
+            ]
+            for r in rows
+        ],
+    )
     return f"{table}\n\n{_tau_line(rank_tau(study, recipe))}. ![rank]({RANK_PLOT})"
 
 
@@ -675,8 +922,11 @@ def plot_rank(study: optuna.Study, recipe: Recipe, path: Path) -> None:
         for r in rows:
             ax.scatter(r[k], r["fine_tuned_best"], color=colors[r["entry"]], label=r["entry"], zorder=3)
         tau, n = taus[k]
-        ax.set(xlabel=k, ylabel=f"fine-tuned best val {recipe.study.metric}",
-               title=f"{k}: Kendall tau {_fmt(tau, '+.2f')} (n={n})")
+        ax.set(
+            xlabel=k,
+            ylabel=f"fine-tuned best val {recipe.study.metric}",
+            title=f"{k}: Kendall tau {_fmt(tau, '+.2f')} (n={n})",
+        )
     if rows:
         axes[0].legend(fontsize=7)
     fig.tight_layout()

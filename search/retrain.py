@@ -44,8 +44,10 @@ def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Stu
     if name in {s.study_name for s in optuna.get_all_study_summaries(store)}:
         return optuna.load_study(study_name=name, storage=store), url
     if recipe.study.origin:
-        raise SearchError(f"study.origin: no study '{name}' in {mask(url)} to record the test metrics on; "
-                          "pass --storage URL of that study, or remove study.origin to record on a new study")
+        raise SearchError(
+            f"study.origin: no study '{name}' in {mask(url)} to record the test metrics on; "
+            "pass --storage URL of that study, or remove study.origin to record on a new study"
+        )
     return st.open_study(recipe, url), url
 
 
@@ -57,8 +59,10 @@ def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     sampled = list(space.reachable(recipe, entries))
     if len(entries) != 1 or sampled:
         what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
-        raise SearchError(f"retrain needs a recipe that fixes everything, found {what}; export one with "
-                          f"`{command('best STUDY --out best.yaml')}`")
+        raise SearchError(
+            f"retrain needs a recipe that fixes everything, found {what}; export one with "
+            f"`{command('best STUDY --out best.yaml')}`"
+        )
     # No early stopping: with val merged into train there is nothing honest to stop on. Validated, so
     # integer fields get ints even where a fixed override was read as a float (batch_size 32.0).
     return entries[0], TrainCfg.model_validate({**recipe.train.model_dump(), **fixed, "patience": None})
@@ -110,24 +114,50 @@ def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path:
     return path
 
 
-def _train_once(recipe: Recipe, entry: PoolEntry, hp: TrainCfg, data: Data, fit_data: Data, seed: int,
-                dev: torch.device, say: Callable[[str], None]) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor]:
+def _train_once(
+    recipe: Recipe,
+    entry: PoolEntry,
+    hp: TrainCfg,
+    data: Data,
+    fit_data: Data,
+    seed: int,
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor]:
     """One final model under `seed`: (model, fit result, test metrics, confusion matrix)."""
     torch.manual_seed(seed)  # the initial weights follow the seed as well as the training
-    model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans,
-                        resolution=input_resolution(entry, data.resolution), dropout=hp.dropout,
-                        channel_reduce=hp.channel_reduce)
+    model = build_model(
+        entry,
+        num_classes=data.num_classes,
+        in_chans=data.in_chans,
+        resolution=input_resolution(entry, data.resolution),
+        dropout=hp.dropout,
+        channel_reduce=hp.channel_reduce,
+    )
 
     def on_epoch(epoch: int, record: dict[str, float]) -> None:
-        say(f"retrain {entry.label:<24} seed {seed} epoch {epoch:>3}/{hp.epochs}  "
-            f"train_loss {record['train_loss']:.4f}  {record['seconds']:.1f}s")
+        say(
+            f"retrain {entry.label:<24} seed {seed} epoch {epoch:>3}/{hp.epochs}  "
+            f"train_loss {record['train_loss']:.4f}  {record['seconds']:.1f}s"
+        )
 
-    result = fit(model, fit_data, hp, device=dev, on_epoch=on_epoch, monitor=recipe.study.metric,
-                 seed=seed, amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                 gpu_memory_share=recipe.hardware.gpu_memory_share)
+    result = fit(
+        model,
+        fit_data,
+        hp,
+        device=dev,
+        on_epoch=on_epoch,
+        monitor=recipe.study.metric,
+        seed=seed,
+        amp=recipe.hardware.amp,
+        compile=recipe.hardware.compile,
+        gpu_memory_share=recipe.hardware.gpu_memory_share,
+    )
     if result.failed:
-        raise SearchError(f"retrain of {entry.label} (seed {seed}) failed: {result.reason}; lower train.lr or "
-                          "train.batch_size in the recipe and run it again")
+        raise SearchError(
+            f"retrain of {entry.label} (seed {seed}) failed: {result.reason}; lower train.lr or "
+            "train.batch_size in the recipe and run it again"
+        )
     values, cm = evaluate_test(model, data, dev)
     return model, result, {f"test_{k}": v for k, v in values.items()}, cm
 
@@ -143,8 +173,9 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print,
-            seeds: int = 1) -> dict[str, Any]:
+def retrain(
+    recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print, seeds: int = 1
+) -> dict[str, Any]:
     """Train on train+val for train.epochs under `seeds` seeds (study.seed, +1, ...), test each
     final model once, write and record the results; returns the record.
 
@@ -157,15 +188,24 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     dev = resolve_device(recipe.hardware.device)
     fit_data = merge_train_val(data)
     seed_list = [recipe.study.seed + i for i in range(seeds)]
-    say(_fit(f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
-        f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}"))
+    say(
+        _fit(
+            f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
+            f"seed{'s' if seeds > 1 else ''} {', '.join(map(str, seed_list))}"
+        )
+    )
     runs: list[dict[str, Any]] = []
     kept = None
     for seed in seed_list:
         model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say)
         runs.append({"seed": seed, "test_metrics": test, "epochs": len(result.history)})
-        say("\n".join(wrap_items(f"test, seed {seed} (official split, evaluated once):",
-                                 [f"{k} {v:.4f}" for k, v in test.items()])))
+        say(
+            "\n".join(
+                wrap_items(
+                    f"test, seed {seed} (official split, evaluated once):", [f"{k} {v:.4f}" for k, v in test.items()]
+                )
+            )
+        )
         if kept is None:
             kept = (model, result, test, cm, seed)
     assert kept is not None  # seed_list is never empty
@@ -173,11 +213,19 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
 
     out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"split": "test", "n_test": int(cm.sum()), "pool_label": entry.label, "epochs": len(result.history),
-              "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS}, "seed": seed,
-              "test_metrics": test,
-              "seeds": runs, "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
-              "dir": str(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record: dict[str, Any] = {
+        "split": "test",
+        "n_test": int(cm.sum()),
+        "pool_label": entry.label,
+        "epochs": len(result.history),
+        "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS},
+        "seed": seed,
+        "test_metrics": test,
+        "seeds": runs,
+        "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
+        "dir": str(out),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if seeds > 1:
         record["test_summary"] = summarize([r["test_metrics"] for r in runs])
     (out / "test_metrics.json").write_text(json.dumps(record, indent=1))
@@ -185,21 +233,44 @@ def retrain(recipe: Recipe, storage: str | None = None, say: Callable[[str], Non
     title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']}, seed {seed})"
     plot_confusion(cm, data.classes, title, out / "confusion.png")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    artifacts.save_checkpoint(out / "model.pt", state, artifacts.model_kwargs(recipe, model, hp, data),
-                              trial=None, epoch=len(result.history), metrics=test,
-                              device=str(next(model.parameters()).device))
+    artifacts.save_checkpoint(
+        out / "model.pt",
+        state,
+        artifacts.model_kwargs(recipe, model, hp, data),
+        trial=None,
+        epoch=len(result.history),
+        metrics=test,
+        device=str(next(model.parameters()).device),
+    )
 
     if study.user_attrs.get("retrain"):
-        say(_fit(f"note: study '{study.study_name}' already had a test evaluation "
-            f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one"))
+        say(
+            _fit(
+                f"note: study '{study.study_name}' already had a test evaluation "
+                f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one"
+            )
+        )
     store = artifacts.store_for(out.parent)
     for name in ("test_metrics.json", "confusion.png", "model.pt"):
         optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(out / name), study_or_trial=study)
     study.set_user_attr("retrain", record)
     if seeds > 1:
-        say("\n".join(wrap_items(f"test over {seeds} seeds (mean, std, 95% t-interval):", [
-            f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
-            for k, v in record["test_summary"].items() if k in ("test_accuracy", "test_" + recipe.study.metric)])))
-    say(_fit(f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
-        f"recorded on study '{study.study_name}'"))
+        say(
+            "\n".join(
+                wrap_items(
+                    f"test over {seeds} seeds (mean, std, 95% t-interval):",
+                    [
+                        f"{k} {v['mean']:.4f}±{v['std']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                        for k, v in record["test_summary"].items()
+                        if k in ("test_accuracy", "test_" + recipe.study.metric)
+                    ],
+                )
+            )
+        )
+    say(
+        _fit(
+            f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
+            f"recorded on study '{study.study_name}'"
+        )
+    )
     return record

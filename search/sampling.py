@@ -5,7 +5,7 @@ and the constraints (the recipe's bounds, out of memory) every trial stores.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -47,19 +47,27 @@ def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
     s, seed = recipe.study.sampler, recipe.study.seed
     builders: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
-            group=s.group and s.multivariate, constant_liar=s.constant_liar),
+            seed=seed,
+            n_startup_trials=s.n_startup_trials,
+            multivariate=s.multivariate,
+            group=s.group and s.multivariate,
+            constant_liar=s.constant_liar,
+        ),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                                      warn_independent_sampling=False),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False
+        ),
         "qmc": lambda: NumberedQMC(seed=seed, qmc_type=s.qmc_type, warn_independent_sampling=False),
     }
     return builders[s.name]()
 
 
-def _held(cls: type[optuna.pruners.BasePruner]) -> type[optuna.pruners.BasePruner]:
+P = TypeVar("P", bound=optuna.pruners.BasePruner)
+
+
+def _held(cls: type[P]) -> Callable[..., P]:
     """`cls` that prunes nothing until `min_trials` trials completed (what the median pruner's
     n_startup_trials does), as the recipe's study.pruner.min_trials promises for every pruner.
 
@@ -95,12 +103,17 @@ def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     builders: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
         "percentile": lambda: optuna.pruners.PercentilePruner(
-            p.percentile, n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
+            p.percentile, n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs
+        ),
         "successive_halving": lambda: HeldSuccessiveHalving(
-            p.min_trials, min_resource=max(1, p.warmup_epochs), reduction_factor=p.reduction_factor),
+            p.min_trials, min_resource=max(1, p.warmup_epochs), reduction_factor=p.reduction_factor
+        ),
         "hyperband": lambda: HeldHyperband(
-            p.min_trials, min_resource=max(1, p.warmup_epochs), max_resource=recipe.train.epochs,
-            reduction_factor=p.reduction_factor),
+            p.min_trials,
+            min_resource=max(1, p.warmup_epochs),
+            max_resource=recipe.train.epochs,
+            reduction_factor=p.reduction_factor,
+        ),
         "none": optuna.pruners.NopPruner,
     }
     return builders[p.name]()

@@ -25,15 +25,19 @@ def best_choice(study: optuna.Study, recipe: Recipe) -> tuple[FrozenTrial, str]:
     confirmed over seeds, else the best single (feasible) trial."""
     done = complete_trials(study, recipe)
     if not done:
-        raise SearchError(f"study '{study.study_name}' has no complete trial yet; run or resume it first "
-                          f"({command('worker --storage URL --study ' + study.study_name)})")
+        raise SearchError(
+            f"study '{study.study_name}' has no complete trial yet; run or resume it first "
+            f"({command('worker --storage URL --study ' + study.study_name)})"
+        )
     m = recipe.study.metric
     rows = [r for r in confirmed_rows(study, recipe) if r["feasible"]]
     if rows:
         r = rows[0]
         t = next(t for t in done if t.number == r["trial"])
-        return t, (f"best confirmed mean val {m} over {r['seeds']} seeds among {len(rows)} confirmed "
-                   f"configurations: {r['mean']:.4f}, 95% t-interval [{r['low']:.4f}, {r['high']:.4f}]")
+        return t, (
+            f"best confirmed mean val {m} over {r['seeds']} seeds among {len(rows)} confirmed "
+            f"configurations: {r['mean']:.4f}, 95% t-interval [{r['low']:.4f}, {r['high']:.4f}]"
+        )
     return done[0], f"best single trial by val {m} (one seed; no confirmation runs)"
 
 
@@ -72,15 +76,23 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
         fixed = {**fixed, "label_smoothing": 0.0}
     d["train"] = {**won, **fixed, **{k: v for k, v in d["train"].items() if k not in won and k not in fixed}}
     d["space"] = {"preset": "none", "overrides": {}}
-    d["study"].update(name=f"{study.study_name}-best", n_trials=1, baselines=False, rank=None, origin=study.study_name,
-                      trial_seed=t.user_attrs.get("seed"), confirm=None)  # the same seed: the same curve
+    d["study"].update(
+        name=f"{study.study_name}-best",
+        n_trials=1,
+        baselines=False,
+        rank=None,
+        origin=study.study_name,
+        trial_seed=t.user_attrs.get("seed"),
+        confirm=None,
+    )  # the same seed: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
         d["study"].update(objectives=None, constraints={})
     return d
 
 
-def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None, rule: str = "",
-              path: str = "FILE") -> str:
+def best_yaml(
+    study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None, rule: str = "", path: str = "FILE"
+) -> str:
     """best_recipe as YAML: a header naming the trial, its metric and what to do with the file, and
     `train:` with the trial's sampled values first, under a comment saying so."""
     import yaml
@@ -89,13 +101,14 @@ def best_yaml(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = None,
         t, rule = best_choice(study, recipe)
     d = json.loads(json.dumps(best_recipe(study, recipe, t)))
     won = winning_values(recipe, t)
-    head = [f"Best trial {t.number} of study '{study.study_name}': {_label(t)}, val {recipe.study.metric} "
-            f"{value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}), seed {t.user_attrs.get('seed')}.",
-            *([f"Chosen by: {rule}."] if rule else []),
-            "Nothing is sampled: the pool is that entry, every value is in train:, the seed is pinned "
-            "(study.trial_seed).",
-            f"Train it once more (the same curve): {command('run ' + path)}",
-            f"Test it (train+val, one evaluation on the test split): {command('retrain ' + path)}"]
+    head = [
+        f"Best trial {t.number} of study '{study.study_name}': {_label(t)}, val {recipe.study.metric} "
+        f"{value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}), seed {t.user_attrs.get('seed')}.",
+        *([f"Chosen by: {rule}."] if rule else []),
+        "Nothing is sampled: the pool is that entry, every value is in train:, the seed is pinned (study.trial_seed).",
+        f"Train it once more (the same curve): {command('run ' + path)}",
+        f"Test it (train+val, one evaluation on the test split): {command('retrain ' + path)}",
+    ]
     out = ["# " + line for h in head for line in wrap(h, WIDTH - 2, indent="  ")]
 
     def dump(obj: Any, indent: str = "") -> list[str]:
@@ -138,21 +151,41 @@ def confirmed_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> s
         return ""
     m = recipe.study.metric
     lines = [f"confirmed over seeds (validation {m}; mean, sample std, Student-t 95% interval)"]
-    lines += table(["trial", "pool entry", "seeds", "mean", "std", "95% CI (t)", "values"],
-                   [[r["trial"], r["entry"], r["seeds"], f"{r['mean']:.4f}", f"{r['std']:.4f}",
-                     f"[{r['low']:.4f}, {r['high']:.4f}]",
-                     " ".join(f"{v:.4f}" for v in r["values"]) + ("" if r["feasible"] else "  (infeasible)")]
-                    for r in rows], right=[True, False, True, True, True, True], shrink=1, wrap=True, wide=wide)
+    lines += table(
+        ["trial", "pool entry", "seeds", "mean", "std", "95% CI (t)", "values"],
+        [
+            [
+                r["trial"],
+                r["entry"],
+                r["seeds"],
+                f"{r['mean']:.4f}",
+                f"{r['std']:.4f}",
+                f"[{r['low']:.4f}, {r['high']:.4f}]",
+                " ".join(f"{v:.4f}" for v in r["values"]) + ("" if r["feasible"] else "  (infeasible)"),
+            ]
+            for r in rows
+        ],
+        right=[True, False, True, True, True, True],
+        shrink=1,
+        wrap=True,
+        wide=wide,
+    )
     best_per: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["feasible"]:
             best_per.setdefault(r["entry"], r)
-    lines += wrap("best confirmed per pool entry: " + ", ".join(
-        f"{e} trial {r['trial']} ({r['mean']:.4f})" for e, r in best_per.items()), 10**6 if wide else WIDTH)
+    lines += wrap(
+        "best confirmed per pool entry: "
+        + ", ".join(f"{e} trial {r['trial']} ({r['mean']:.4f})" for e, r in best_per.items()),
+        10**6 if wide else WIDTH,
+    )
     s = stability(rows, recipe)
     if s:
-        lines += wrap(f"winner stability: trial {s[0]} is first in {100 * s[1]:.1f}% of draws of one seed per "
-                      f"configuration ({s[2]})", 10**6 if wide else WIDTH)
+        lines += wrap(
+            f"winner stability: trial {s[0]} is first in {100 * s[1]:.1f}% of draws of one seed per "
+            f"configuration ({s[2]})",
+            10**6 if wide else WIDTH,
+        )
     return "\n".join(lines)
 
 
@@ -166,13 +199,20 @@ def plot_confirmed(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     shown = set()
     for i, r in enumerate(rows):
         c = colors[r["entry"]]
-        ax.errorbar(i, r["mean"], yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o", color=c,
-                    capsize=5, label=None if r["entry"] in shown else r["entry"], zorder=3)
+        ax.errorbar(
+            i,
+            r["mean"],
+            yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
+            fmt="o",
+            color=c,
+            capsize=5,
+            label=None if r["entry"] in shown else r["entry"],
+            zorder=3,
+        )
         ax.scatter([i + 0.12] * len(r["values"]), r["values"], color=c, s=12, alpha=0.6, zorder=2)
         shown.add(r["entry"])
     ax.set_xticks(range(len(rows)), [f"trial {r['trial']}" for r in rows], fontsize=8)
-    ax.set(ylabel=f"val {recipe.study.metric}",
-           title="Confirmed configurations: mean and 95% t-interval (dots: seeds)")
+    ax.set(ylabel=f"val {recipe.study.metric}", title="Confirmed configurations: mean and 95% t-interval (dots: seeds)")
     ax.legend(fontsize=8)
 
 
@@ -195,8 +235,10 @@ def front_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
 
 
 def _objective_cells(t: FrozenTrial, recipe: Recipe) -> list[str]:
-    return [format(v, ".4f" if n in ("accuracy", "balanced_accuracy", "f1", "auc", "loss") else ".4g")
-            for n, v in zip(recipe.study.names, t.values, strict=True)]
+    return [
+        format(v, ".4f" if n in ("accuracy", "balanced_accuracy", "f1", "auc", "loss") else ".4g")
+        for n, v in zip(recipe.study.names, t.values, strict=True)
+    ]
 
 
 def pareto_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
@@ -209,18 +251,30 @@ def pareto_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     dirs = ", ".join(f"{n} ({d[:3]})" for n, d in zip(names, recipe.study.directions, strict=True))
     note = f"; {infeasible} infeasible trials left out" if infeasible else ""
     lines = wrap(f"Pareto front: {len(front)} trials ({dirs}{note})", 10**6 if wide else WIDTH)
-    lines += table(["trial", "pool entry", *names],
-                   [[t.number, _label(t), *_objective_cells(t, recipe)] for t in front],
-                   right=[True, False] + [True] * len(names), shrink=1, wide=wide)
+    lines += table(
+        ["trial", "pool entry", *names],
+        [[t.number, _label(t), *_objective_cells(t, recipe)] for t in front],
+        right=[True, False] + [True] * len(names),
+        shrink=1,
+        wide=wide,
+    )
     return "\n".join(lines)
 
 
 def pareto_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """Every complete trial with its objectives, feasibility and whether it is on the front."""
     front = {t.number for t in front_trials(study, recipe)}
-    return [{"trial": t.number, "entry": _label(t), **dict(zip(recipe.study.names, t.values, strict=True)),
-             "feasible": feasible(t), "on_front": t.number in front}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    return [
+        {
+            "trial": t.number,
+            "entry": _label(t),
+            **dict(zip(recipe.study.names, t.values, strict=True)),
+            "feasible": feasible(t),
+            "on_front": t.number in front,
+        }
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.values
+    ]
 
 
 def plot_pareto(study: optuna.Study, recipe: Recipe, path: Path) -> Path:
@@ -240,19 +294,39 @@ def plot_pareto(study: optuna.Study, recipe: Recipe, path: Path) -> Path:
         shown = set()
         for r in rows:
             if not r["feasible"]:
-                ax.scatter(r[other], r[names[0]], color="grey", marker="x", alpha=0.6,
-                           label=None if "infeasible" in shown else "infeasible")
+                ax.scatter(
+                    r[other],
+                    r[names[0]],
+                    color="grey",
+                    marker="x",
+                    alpha=0.6,
+                    label=None if "infeasible" in shown else "infeasible",
+                )
                 shown.add("infeasible")
                 continue
-            ax.scatter(r[other], r[names[0]], color=colors[r["entry"]], alpha=0.8, zorder=3,
-                       edgecolors="black" if r["on_front"] else "none", linewidths=1.5, s=60 if r["on_front"] else 30,
-                       label=None if r["entry"] in shown else r["entry"])
+            ax.scatter(
+                r[other],
+                r[names[0]],
+                color=colors[r["entry"]],
+                alpha=0.8,
+                zorder=3,
+                edgecolors="black" if r["on_front"] else "none",
+                linewidths=1.5,
+                s=60 if r["on_front"] else 30,
+                label=None if r["entry"] in shown else r["entry"],
+            )
             shown.add(r["entry"])
         pairs = [(r[other], r[names[0]]) for r in rows if r["on_front"]]
         if pairs and len(names) == 2:  # with more objectives the front is not a line in each projection
             pairs.sort()
-            ax.step(*zip(*pairs, strict=True), where="post" if recipe.study.directions[1] == "minimize" else "pre",
-                    color="black", lw=1, alpha=0.6, label="Pareto front")
+            ax.step(
+                *zip(*pairs, strict=True),
+                where="post" if recipe.study.directions[1] == "minimize" else "pre",
+                color="black",
+                lw=1,
+                alpha=0.6,
+                label="Pareto front",
+            )
         if not rows:
             _empty(ax, "no complete trial yet")
         ax.set(xlabel=other, ylabel=f"val {names[0]}", title=f"{names[0]} against {other} (ringed: Pareto front)")
@@ -264,8 +338,13 @@ def plot_pareto(study: optuna.Study, recipe: Recipe, path: Path) -> Path:
     return path
 
 
-CONDITION_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
-                 ">": lambda a, b: a > b, "==": lambda a, b: a == b}
+CONDITION_OPS = {
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+    "==": lambda a, b: a == b,
+}
 
 
 def parse_pick(text: str) -> list[tuple[str, str, float]]:
@@ -278,8 +357,10 @@ def parse_pick(text: str) -> list[tuple[str, str, float]]:
         try:
             out.append((m.group(1), m.group(2), float(m.group(3))))  # type: ignore[union-attr]
         except (AttributeError, ValueError):
-            raise SearchError(f"--pick '{part}': expected NAME OP NUMBER with OP one of <=, <, >=, >, ==, "
-                              "e.g. --pick 'latency_ms<=5' (several: comma-separated)") from None
+            raise SearchError(
+                f"--pick '{part}': expected NAME OP NUMBER with OP one of <=, <, >=, >, ==, "
+                "e.g. --pick 'latency_ms<=5' (several: comma-separated)"
+            ) from None
     if not out:
         raise SearchError("--pick: empty condition; e.g. --pick 'latency_ms<=5'")
     return out
@@ -299,15 +380,28 @@ def pick(study: optuna.Study, recipe: Recipe, text: str) -> FrozenTrial:
     front = front_trials(study, recipe)
     for name, _, _ in conds:
         if front and all(_measure(t, name, recipe) is None for t in front):
-            allowed = [*recipe.study.names, *(n for n in ("params", "flops", "latency_ms", "throughput",
-                                                          "train_seconds") if n not in recipe.study.names)]
+            allowed = [
+                *recipe.study.names,
+                *(
+                    n
+                    for n in ("params", "flops", "latency_ms", "throughput", "train_seconds")
+                    if n not in recipe.study.names
+                ),
+            ]
             raise SearchError(f"--pick: '{name}' is not recorded on the trials; use one of {', '.join(allowed)}")
-    ok = [t for t in front if all(CONDITION_OPS[op](_measure(t, n, recipe), x) for n, op, x in conds
-                                  if _measure(t, n, recipe) is not None)]
+    ok = [
+        t
+        for t in front
+        if all(CONDITION_OPS[op](_measure(t, n, recipe), x) for n, op, x in conds if _measure(t, n, recipe) is not None)
+    ]
     if not ok:
-        raise SearchError(f"--pick '{text}': no trial on the Pareto front meets it; the front is "
-                          + "; ".join(f"trial {t.number} " + " ".join(
-                              f"{n} {c}" for n, c in zip(recipe.study.names, _objective_cells(t, recipe),
-                                                         strict=True)) for t in front)
-                          + "; loosen the condition")
+        raise SearchError(
+            f"--pick '{text}': no trial on the Pareto front meets it; the front is "
+            + "; ".join(
+                f"trial {t.number} "
+                + " ".join(f"{n} {c}" for n, c in zip(recipe.study.names, _objective_cells(t, recipe), strict=True))
+                for t in front
+            )
+            + "; loosen the condition"
+        )
     return ok[0]

@@ -175,9 +175,26 @@ PARAMS: dict[str, Param] = {
 PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),  # nothing sampled but what space.overrides ranges (a `best` recipe: all in train)
     "quick": ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "dropout", "backbone_lr_mult"),
-    "full": ("optimizer", "lr", "weight_decay", "momentum", "nesterov", "batch_size", "schedule", "step_size",
-             "warmup_epochs", "dropout", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "aug_scale",
-             "finetune", "lp_epochs", "backbone_lr_mult"),
+    "full": (
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "nesterov",
+        "batch_size",
+        "schedule",
+        "step_size",
+        "warmup_epochs",
+        "dropout",
+        "label_smoothing",
+        "mixup_alpha",
+        "cutmix_alpha",
+        "mix_prob",
+        "aug_scale",
+        "finetune",
+        "lp_epochs",
+        "backbone_lr_mult",
+    ),
 }
 
 
@@ -227,8 +244,9 @@ def _where(recipe: Recipe, name: str) -> str:
     return f"space.overrides.{name}" if recipe.space.overrides.get(name) is not None else f"train.{name}"
 
 
-def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, Any], name: str,
-                   partner: str, choice: str, why: str) -> None:
+def _within_epochs(
+    recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, Any], name: str, partner: str, choice: str, why: str
+) -> None:
     """Keep `name` below train.epochs: a preset's range is cut there (or dropped), a recipe's value
     at or above it is refused; where `name` cannot be below it, `partner: choice` has no effect and
     is dropped from a preset's choices or refused."""
@@ -238,8 +256,9 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
     if p is not None:
         over = [v for v in (p.choices or (p.high,)) if isinstance(v, int | float) and v >= epochs]
         if over and user:
-            raise SearchError(f"space.overrides.{name}: {over[0]:g} >= train.epochs {epochs}: {why}; "
-                              f"keep {name} below {epochs}")
+            raise SearchError(
+                f"space.overrides.{name}: {over[0]:g} >= train.epochs {epochs}: {why}; keep {name} below {epochs}"
+            )
         if over and p.choices:
             sampled[name] = replace(p, choices=tuple(v for v in p.choices if v not in over))
         elif over:
@@ -255,12 +274,16 @@ def _within_epochs(recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, A
     q = sampled.get(partner)
     if q is not None and choice in (q.choices or ()):
         if recipe.space.overrides.get(partner) is not None:
-            raise SearchError(f"space.overrides.{partner}: '{choice}' has no effect with {_where(recipe, name)} "
-                              f"{value} >= train.epochs {epochs} ({why}); lower {name} or drop '{choice}'")
+            raise SearchError(
+                f"space.overrides.{partner}: '{choice}' has no effect with {_where(recipe, name)} "
+                f"{value} >= train.epochs {epochs} ({why}); lower {name} or drop '{choice}'"
+            )
         sampled[partner] = replace(q, choices=tuple(c for c in q.choices or () if c != choice))
     elif q is None and fixed.get(partner, getattr(recipe.train, partner)) == choice:
-        raise SearchError(f"{_where(recipe, partner)}: '{choice}' has no effect with {_where(recipe, name)} "
-                          f"{value} >= train.epochs {epochs} ({why}); set {name} below {epochs}")
+        raise SearchError(
+            f"{_where(recipe, partner)}: '{choice}' has no effect with {_where(recipe, name)} "
+            f"{value} >= train.epochs {epochs} ({why}); set {name} below {epochs}"
+        )
 
 
 def _check_value(recipe: Recipe, name: str, value: Any) -> None:
@@ -278,19 +301,23 @@ def check_overrides(recipe: Recipe) -> None:
     for name, value in fixed.items():
         _check_value(recipe, name, value)
     for name, p in sampled.items():
-        for value in (p.choices or (p.low, p.high)):
+        for value in p.choices or (p.low, p.high):
             _check_value(recipe, name, value)
     base = {**recipe.train.model_dump(), **fixed}
     # With these values fixed the param is never sampled either (its condition cannot hold).
     if base["label_smoothing"] > 0 and "loss" not in sampled and base["loss"] == "focal":
-        raise SearchError(f"{_where(recipe, 'label_smoothing')}: {base['label_smoothing']:g} has no effect with "
-                          f"{_where(recipe, 'loss')}: focal (the focal loss takes no label smoothing); "
-                          "remove it or use loss: ce")
+        raise SearchError(
+            f"{_where(recipe, 'label_smoothing')}: {base['label_smoothing']:g} has no effect with "
+            f"{_where(recipe, 'loss')}: focal (the focal loss takes no label smoothing); "
+            "remove it or use loss: ce"
+        )
     chans = channels(recipe.data)
     if base["channel_reduce"] != TrainCfg().channel_reduce and chans == 3:
-        raise SearchError(f"{_where(recipe, 'channel_reduce')}: '{base['channel_reduce']}' has no effect on "
-                          f"{recipe.data.dataset}, whose images have 3 channels (only 1-channel data reduces a "
-                          "pretrained RGB stem); remove it")
+        raise SearchError(
+            f"{_where(recipe, 'channel_reduce')}: '{base['channel_reduce']}' has no effect on "
+            f"{recipe.data.dataset}, whose images have 3 channels (only 1-channel data reduces a "
+            "pretrained RGB stem); remove it"
+        )
 
 
 def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None = None) -> tuple[PoolEntry, TrainCfg]:
@@ -373,9 +400,15 @@ def _combos(options: dict[str, tuple[Any, ...]]) -> Iterator[dict[str, Any]]:
 # The params conditions read (keep in step with the condition functions above).
 CONDITIONING = ("optimizer", "finetune", "mixup_alpha", "cutmix_alpha", "schedule", "loss")
 CONDITION_TEXT: dict[Cond | None, str] = {
-    _sgd: "if optimizer=sgd", _pretrained: "if pretrained", _tunes_backbone: "if pretrained, not linear_probe",
-    _lp_ft: "if finetune=lp_ft", _mixing: "if mixup/cutmix", _step: "if schedule=step", _focal: "if loss=focal",
-    _ce: "if loss=ce", _reduces_stem: "if pretrained and 1-channel data",
+    _sgd: "if optimizer=sgd",
+    _pretrained: "if pretrained",
+    _tunes_backbone: "if pretrained, not linear_probe",
+    _lp_ft: "if finetune=lp_ft",
+    _mixing: "if mixup/cutmix",
+    _step: "if schedule=step",
+    _focal: "if loss=focal",
+    _ce: "if loss=ce",
+    _reduces_stem: "if pretrained and 1-channel data",
 }
 
 

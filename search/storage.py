@@ -43,14 +43,20 @@ def expand(url: str) -> str:
     out = os.path.expandvars(url)
     missing = re.findall(r"\$\{?(\w+)", out)
     if missing:
-        raise SearchError(f"study.storage: environment variable {missing[0]} in '{mask(url)}' is not set; "
-                          f"export {missing[0]}=... before starting the study or its workers")
+        raise SearchError(
+            f"study.storage: environment variable {missing[0]} in '{mask(url)}' is not set; "
+            f"export {missing[0]}=... before starting the study or its workers"
+        )
     return out
 
 
 # Plain schemes get the drivers this package installs (SQLAlchemy would pick psycopg2/MySQLdb).
-DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
-           "mariadb": "mysql+pymysql"}
+DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mysql+pymysql",
+}
 
 
 def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
@@ -69,8 +75,12 @@ def _rdb(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     sqlite = scheme.startswith("sqlite")
     if sqlite and rest.startswith("/") and rest != "/:memory:":
         Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
-    engine: dict[str, Any] = ({"connect_args": {"timeout": 120}} if sqlite else  # busy timeout, seconds
-                              {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}})
+    engine: dict[str, Any] = (
+        {"connect_args": {"timeout": 120}}
+        if sqlite
+        # busy timeout, seconds
+        else {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    )
     kwargs: dict[str, Any] = {"engine_kwargs": engine}
     if heartbeat:
         kwargs.update(heartbeat_interval=heartbeat, grace_period=STALE_BEATS * heartbeat)
@@ -115,8 +125,15 @@ def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
 
 
 STORAGES: dict[str, Callable[[str, int | None], optuna.storages.BaseStorage]] = {
-    "sqlite": _rdb, "postgresql": _rdb, "postgres": _rdb, "mysql": _rdb, "mariadb": _rdb,
-    "journal": _journal_file, "redis": _redis, "rediss": _redis, "grpc": _grpc,
+    "sqlite": _rdb,
+    "postgresql": _rdb,
+    "postgres": _rdb,
+    "mysql": _rdb,
+    "mariadb": _rdb,
+    "journal": _journal_file,
+    "redis": _redis,
+    "rediss": _redis,
+    "grpc": _grpc,
 }
 
 
@@ -138,13 +155,15 @@ def resolve_url(url: str) -> str:
 
 
 def storage_error(url: str, full: str, e: Exception) -> SearchError:
-    root = e  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
-    while root.__cause__ or root.__context__:
-        root = root.__cause__ or root.__context__
+    root: BaseException = e  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
+    while (cause := root.__cause__ or root.__context__) is not None:
+        root = cause
     text = " ".join(str(root if root is not e and str(root) else e).split()) or type(e).__name__
     text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
-    return SearchError(f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
-                       "check the URL, that the server runs, and that the database exists")
+    return SearchError(
+        f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
+        "check the URL, that the server runs, and that the database exists"
+    )
 
 
 def _local_path(full: str) -> Path | None:
@@ -179,8 +198,9 @@ def _reach_file(full: str) -> None:
 def _engine(full: str) -> sqlalchemy.engine.Engine:
     scheme, rest = full.split("://", 1)
     args = {} if scheme.startswith("sqlite") else {"connect_timeout": 10}
-    return sqlalchemy.create_engine(f"{DRIVERS.get(scheme, scheme)}://{rest}", poolclass=sqlalchemy.pool.NullPool,
-                                    connect_args=args)
+    return sqlalchemy.create_engine(
+        f"{DRIVERS.get(scheme, scheme)}://{rest}", poolclass=sqlalchemy.pool.NullPool, connect_args=args
+    )
 
 
 def _reach_server(full: str) -> None:
@@ -200,8 +220,14 @@ def _reach_redis(full: str) -> None:
 
 
 REACHABLE: dict[str, Callable[[str], None]] = {
-    "sqlite": _reach_file, "journal": _reach_file, "postgresql": _reach_server, "postgres": _reach_server,
-    "mysql": _reach_server, "mariadb": _reach_server, "redis": _reach_redis, "rediss": _reach_redis,
+    "sqlite": _reach_file,
+    "journal": _reach_file,
+    "postgresql": _reach_server,
+    "postgres": _reach_server,
+    "mysql": _reach_server,
+    "mariadb": _reach_server,
+    "redis": _reach_redis,
+    "rediss": _reach_redis,
 }
 
 
@@ -249,8 +275,12 @@ def open_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
 
 # Study names without writing, per scheme; None (or no lister): open the storage to list them.
 STUDY_NAMES: dict[str, Callable[[str], list[str] | None]] = {
-    "sqlite": _names_rdb, "postgresql": _names_rdb, "postgres": _names_rdb, "mysql": _names_rdb,
-    "mariadb": _names_rdb, "journal": _names_journal,
+    "sqlite": _names_rdb,
+    "postgresql": _names_rdb,
+    "postgres": _names_rdb,
+    "mysql": _names_rdb,
+    "mariadb": _names_rdb,
+    "journal": _names_journal,
 }
 
 

@@ -62,6 +62,7 @@ from search.workers import (
 
 log = logging.getLogger("search")
 
+
 def stored_form(recipe: Recipe) -> dict[str, Any]:
     """What the study keeps: the normalized recipe, storage password masked."""
     d = recipe.normalized()
@@ -95,8 +96,12 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
     url = storage_url or recipe.study.storage or default_storage(recipe.study.name)
     storage = open_storage(url, recipe.study.heartbeat)
     study = optuna.create_study(
-        study_name=recipe.study.name, storage=storage, load_if_exists=True,
-        directions=recipe.study.directions, sampler=make_sampler(recipe), pruner=make_pruner(recipe),
+        study_name=recipe.study.name,
+        storage=storage,
+        load_if_exists=True,
+        directions=recipe.study.directions,
+        sampler=make_sampler(recipe),
+        pruner=make_pruner(recipe),
     )
     new = stored_form(recipe)
     old = study.user_attrs.get("recipe")
@@ -128,14 +133,18 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     check_storage(storage_url)
     names = study_names(storage_url)
     if names is not None and name not in names:
-        raise SearchError(f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}; "
-                          "create it with `python -m search run RECIPE`")
+        raise SearchError(
+            f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}; "
+            "create it with `python -m search run RECIPE`"
+        )
     storage = open_storage(storage_url, heartbeat=None)
     try:
         summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
     except StopIteration:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise SearchError(f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}") from None
+        raise SearchError(
+            f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}"
+        ) from None
     stored = summary.user_attrs.get("recipe")
     if stored is None:
         raise SearchError(f"study '{name}' has no stored recipe: it was not created by `search run`")
@@ -143,7 +152,9 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     if isinstance(storage, optuna.storages.RDBStorage):
         storage.engine.dispose()
         storage = open_storage(storage_url, recipe.study.heartbeat)  # now with the study's heartbeat
-    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(recipe), pruner=make_pruner(recipe))
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=make_sampler(recipe), pruner=make_pruner(recipe)
+    )
     return recipe, study
 
 
@@ -152,10 +163,12 @@ def leakage_warning(entries: list[PoolEntry], data: Data) -> str | None:
     if data.overlap == "none" or not risky:
         return None
     kind = "shares classes with" if data.overlap == "semantic" else "may overlap"
-    return (f"{data.name} {kind} ImageNet, and these pool entries were trained on ImageNet labels: "
-            f"{', '.join(risky)}. Their scores may be inflated; fairer choices: pretrained: false, "
-            "SSL/SWSL (timm/resnet50.fb_ssl_yfcc100m_ft_in1k), CLIP (timm/vit_base_patch16_clip_224.openai), "
-            "DINOv2 (timm/vit_small_patch14_dinov2.lvd142m).")
+    return (
+        f"{data.name} {kind} ImageNet, and these pool entries were trained on ImageNet labels: "
+        f"{', '.join(risky)}. Their scores may be inflated; fairer choices: pretrained: false, "
+        "SSL/SWSL (timm/resnet50.fb_ssl_yfcc100m_ft_in1k), CLIP (timm/vit_base_patch16_clip_224.openai), "
+        "DINOv2 (timm/vit_small_patch14_dinov2.lvd142m)."
+    )
 
 
 def preflight(entries: list[PoolEntry]) -> None:
@@ -189,13 +202,21 @@ def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: st
     """A trial's first attributes, in the order optuna-dashboard shows them as columns (the order
     they are first set): the ones users filter on first, `fail_reason` held by null until a
     reason is known (null is also what `counted` reads as "no reason")."""
-    attrs = {**entry.attrs(), "seed": seed, "fail_reason": None, "input_resolution": resolution,
-             "channel_reduce": channel_reduce, "device": device, "worker": WORKER}
+    attrs = {
+        **entry.attrs(),
+        "seed": seed,
+        "fail_reason": None,
+        "input_resolution": resolution,
+        "channel_reduce": channel_reduce,
+        "device": device,
+        "worker": WORKER,
+    }
     return {**{k: attrs[k] for k in FIRST_ATTRS}, **attrs}
 
 
-def ranked_entries(study: optuna.Study, recipe: Recipe, entries: list[PoolEntry], data: Data,
-                   say: Callable[[str], None] = print) -> list[PoolEntry]:
+def ranked_entries(
+    study: optuna.Study, recipe: Recipe, entries: list[PoolEntry], data: Data, say: Callable[[str], None] = print
+) -> list[PoolEntry]:
     """The entries the search samples under `study.rank`, in rank order.
 
     The first worker ranks the pool (see search.rank) and stores the rows and the decision in
@@ -204,10 +225,13 @@ def ranked_entries(study: optuna.Study, recipe: Recipe, entries: list[PoolEntry]
     """
     from search import rank
 
+    assert recipe.study.rank is not None  # only called under study.rank
     stored = study.user_attrs.get("rank")
     if stored is None:
-        say(f"ranking {len(entries)} pool entries on frozen features before the search "
-            f"(keep {recipe.study.rank.keep or 'all'}, by {recipe.rank.by})")
+        say(
+            f"ranking {len(entries)} pool entries on frozen features before the search "
+            f"(keep {recipe.study.rank.keep or 'all'}, by {recipe.rank.by})"
+        )
         rows = rank.rank_pool(recipe, data)
         decision = {"rows": rows, **rank.decide(rows, recipe.study.rank.keep, recipe.rank.by)}
         stored = study.user_attrs.get("rank")  # another worker may have stored its ranking meanwhile
@@ -225,8 +249,16 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number) % 2**31
 
 
-def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, res: int, batch_size: int,
-             dev: Any, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[Any]:
+def gpu_slot(
+    trial: optuna.Trial,
+    recipe: Recipe,
+    data: Data,
+    entry: PoolEntry,
+    res: int,
+    batch_size: int,
+    dev: Any,
+    on_line: Callable[[str], None],
+) -> contextlib.AbstractContextManager[Any]:
     """Where packing is on (`hardware.trials_per_gpu`, a CUDA device): the trial's place on a GPU,
     admitted by its probe (measured once per study and key) plus its data; it yields the GPU
     (any visible one for device cuda/auto). Else it yields `dev`."""
@@ -237,8 +269,9 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
     key = pack.probe_key(entry.label, res, batch_size, precision)
 
     def measure() -> int:
-        shape = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
-                            pretrained=False)  # the same shapes, no weights to load
+        shape = build_model(
+            entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res, pretrained=False
+        )  # the same shapes, no weights to load
         return pack.measure_step(shape, data.in_chans, res, batch_size, data.num_classes, dev, precision)
 
     peak = pack.probe(trial.study, key, measure, pack.ledger_path(dev))
@@ -247,13 +280,25 @@ def gpu_slot(trial: optuna.Trial, recipe: Recipe, data: Data, entry: PoolEntry, 
     import torch
 
     devices = [dev] if dev.index is not None else [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return pack.gpu_slot(devices, need, tpg, recipe.hardware.memory_margin,
-                         on_wait=lambda s: on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} {s}"))
+    return pack.gpu_slot(
+        devices,
+        need,
+        tpg,
+        recipe.hardware.memory_margin,
+        on_wait=lambda s: on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} {s}"),
+    )
 
 
-def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device: str,
-                   on_line: Callable[[str], None] = print, *,
-                   counting: bool = True, progress: Progress | None = None) -> Callable[..., float | list[float]]:
+def make_objective(
+    recipe: Recipe,
+    data: Data,
+    entries: list[PoolEntry],
+    device: str,
+    on_line: Callable[[str], None] = print,
+    *,
+    counting: bool = True,
+    progress: Progress | None = None,
+) -> Callable[..., float | list[float]]:
     """The trial function `objective(trial, lost=None)`: sample, build, measure, train (resumed
     from a saved state for a retry); returns the objective value(s).
 
@@ -293,8 +338,14 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
         try:
             try:
                 seed_everything(seed)  # the initial weights are this trial's, not the process's history
-                model = build_model(entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res,
-                                    dropout=hp.dropout, channel_reduce=hp.channel_reduce)
+                model = build_model(
+                    entry,
+                    num_classes=data.num_classes,
+                    in_chans=data.in_chans,
+                    resolution=res,
+                    dropout=hp.dropout,
+                    channel_reduce=hp.channel_reduce,
+                )
             except (ValueError, RuntimeError) as e:
                 trial.set_user_attr("fail_reason", f"invalid combination: {e}")
                 raise TrialFailed(f"invalid combination: {e}") from None
@@ -309,13 +360,21 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 state, why = take_state(where, trial, seed)
                 if state is not None:
                     trial.set_user_attr("resumed_from_epoch", int(state["epoch"]))
-                    on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} resumes after epoch {state['epoch']} "
-                            f"(trial {trial.user_attrs['retry_of']}'s saved state)")
+                    on_line(
+                        f"trial {trial.number:>3} {shorten(entry.label, 20):<20} resumes after epoch {state['epoch']} "
+                        f"(trial {trial.user_attrs['retry_of']}'s saved state)"
+                    )
                 else:
                     trial.set_user_attr("restarted", why)
             history: list[dict[str, float]] = list(state["history"]) if state else []
-            meta = {"format": STATE_FORMAT, "study": trial.study.study_name, "number": trial.number,
-                    "params": trial.params, "seed": seed, "versions": versions(str(dev))}
+            meta = {
+                "format": STATE_FORMAT,
+                "study": trial.study.study_name,
+                "number": trial.number,
+                "params": trial.params,
+                "seed": seed,
+                "versions": versions(str(dev)),
+            }
 
             def on_state(s: dict[str, Any]) -> None:
                 if not lost.is_set():
@@ -333,36 +392,50 @@ def make_objective(recipe: Recipe, data: Data, entries: list[PoolEntry], device:
                 trial.set_user_attr("sec_per_epoch", round(sum(r["seconds"] for r in history) / len(history), 3))
                 if trial.user_attrs.get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
                     trial.set_user_attr("micro_batch", int(record["micro_batch"]))
-                on_line(f"trial {trial.number:>3} {shorten(entry.label, 20):<20} epoch {epoch:>3}  "
-                        f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s")
-                if epoch not in reported and not multi and trial.should_prune():  # the pruner judges this run's epochs only
+                on_line(
+                    f"trial {trial.number:>3} {shorten(entry.label, 20):<20} epoch {epoch:>3}  "
+                    f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s"
+                )
+                if (
+                    epoch not in reported and not multi and trial.should_prune()
+                ):  # the pruner judges this run's epochs only
                     trial.set_user_attr("fail_reason", f"pruned at epoch {epoch}")
                     record_constraints(trial, recipe.study.constraints)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            live = progress is not None and progress.live
-            if live:
-                progress.trial(trial.number, entry.label, hp.epochs, int(state["epoch"]) + 1 if state else 1)
+            shown = progress if progress is not None and progress.live else None
+            if shown is not None:
+                shown.trial(trial.number, entry.label, hp.epochs, int(state["epoch"]) + 1 if state else 1)
             try:
                 with slot as placed:
                     if placed != dev:
                         trial.set_user_attr("device", str(placed))
-                    result = fit(model, data, hp, device=placed, on_epoch=on_epoch, monitor=metric, seed=seed,
-                                 amp=recipe.hardware.amp, compile=recipe.hardware.compile,
-                                 gpu_memory_share=recipe.hardware.gpu_memory_share,
-                                 keep_best=recipe.study.top_k > 0,
-                                 on_state=on_state if recipe.study.resume else None, state=state,
-                                 micro_batch=int(state["micro_batch"]) if state else None,
-                                 stop=lambda: lost.is_set() or STOP.is_set(),
-                                 on_step=progress.step if live else None)
+                    result = fit(
+                        model,
+                        data,
+                        hp,
+                        device=placed,
+                        on_epoch=on_epoch,
+                        monitor=metric,
+                        seed=seed,
+                        amp=recipe.hardware.amp,
+                        compile=recipe.hardware.compile,
+                        gpu_memory_share=recipe.hardware.gpu_memory_share,
+                        keep_best=recipe.study.top_k > 0,
+                        on_state=on_state if recipe.study.resume else None,
+                        state=state,
+                        micro_batch=int(state["micro_batch"]) if state else None,
+                        stop=lambda: lost.is_set() or STOP.is_set(),
+                        on_step=shown.step if shown is not None else None,
+                    )
             except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
                 raise TrialLost(f"trial {trial.number} was failed by another worker") from None
             except Exception:
                 path.unlink(missing_ok=True)  # the trial ends here: nothing will resume it
                 raise
             finally:
-                if live:
-                    progress.close_trial()
+                if shown is not None:
+                    shown.close_trial()
             if result.status == "interrupted":
                 if lost.is_set():
                     raise TrialLost(f"trial {trial.number} was failed by another worker")
@@ -449,8 +522,9 @@ def _show(progress: Progress, study: optuna.Study) -> None:
         progress.study(len(ended), pruned, failed, report.best_so_far(study))
 
 
-def _search(recipe: Recipe, study: optuna.Study, entries: list[PoolEntry], data: Data, progress: Progress,
-            quiet: bool) -> int:
+def _search(
+    recipe: Recipe, study: optuna.Study, entries: list[PoolEntry], data: Data, progress: Progress, quiet: bool
+) -> int:
     say = progress.say
     if recipe.study.rank is not None:
         entries = ranked_entries(study, recipe, entries, data, say)

@@ -53,7 +53,7 @@ def shorten(name: str, width: int, head: int | None = None) -> str:
     if width <= 1:
         return name[:width]
     head = width - 1 - (width - 1) // 2 if head is None else max(0, min(head, width - 1))
-    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
 def shorten_all(names: Sequence[str], width: int) -> dict[str, str]:
@@ -77,9 +77,18 @@ def shorten_all(names: Sequence[str], width: int) -> dict[str, str]:
 MIN_WRAP = 24  # a wrapped last column (hyperparameters, values) keeps at least this many
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[bool] = (),
-          shrink: int = 0, wide: bool = False, width: int = WIDTH, sep: str = " ", wrap: bool = False,
-          indent: str = "") -> list[str]:
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    right: Sequence[bool] = (),
+    shrink: int = 0,
+    wide: bool = False,
+    width: int = WIDTH,
+    sep: str = " ",
+    wrap: bool = False,
+    indent: str = "",
+) -> list[str]:
     """Header, rule and rows as aligned text lines, each at most `width` long unless `wide`.
 
     Columns are as wide as their widest cell. When the table is wider than `width`, column
@@ -127,8 +136,7 @@ def wrap(text: str, width: int = WIDTH, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
-def wrap_items(head: str, items: Sequence[str], sep: str = "  ", width: int = WIDTH,
-               indent: str = "  ") -> list[str]:
+def wrap_items(head: str, items: Sequence[str], sep: str = "  ", width: int = WIDTH, indent: str = "  ") -> list[str]:
     """`head` then `items` (e.g. 'test_accuracy 0.9123'), as many a line as fit; an item is never
     split. A blank head is the first line's indent; after a head ending in ':' comes one space."""
     lines = [head]

@@ -77,8 +77,17 @@ class FitResult:
 # schedules: pure functions of the step
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, *, step_every: int = 1,
-              gamma: float = 0.1, min_ratio: float = 0.0, decays: int = 0) -> float:
+def lr_factor(
+    step: int,
+    total: int,
+    warmup: int,
+    schedule: str,
+    *,
+    step_every: int = 1,
+    gamma: float = 0.1,
+    min_ratio: float = 0.0,
+    decays: int = 0,
+) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`.
 
     Linear warm-up from 1/warmup to 1 over the first `warmup` steps, then
@@ -156,24 +165,30 @@ def param_groups(model: nn.Module, hp: TrainCfg, head: tuple[str, ...], pretrain
     out = []
     for (is_head, decay), params in sorted(groups.items(), reverse=True):  # head first: its lr is the record's
         mult = 1.0 if is_head else hp.backbone_lr_mult
-        out.append({
-            "params": params, "lr": hp.lr * mult, "base_lr": hp.lr * mult,
-            "weight_decay": hp.weight_decay if decay else 0.0,
-            "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}",
-        })
+        out.append(
+            {
+                "params": params,
+                "lr": hp.lr * mult,
+                "base_lr": hp.lr * mult,
+                "weight_decay": hp.weight_decay if decay else 0.0,
+                "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}",
+            }
+        )
     return out
 
 
 def make_optimizer(groups: list[dict[str, Any]], hp: TrainCfg, fused: bool) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW over `groups`; fused kernels on CUDA."""
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
-                               fused=fused or None)
+        return torch.optim.SGD(
+            groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0, fused=fused or None
+        )
     return torch.optim.AdamW(groups, lr=hp.lr, fused=fused or None)
 
 
-def mix_batch(x: torch.Tensor, y: torch.Tensor, hp: TrainCfg, gen: torch.Generator | None,
-              rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def mix_batch(
+    x: torch.Tensor, y: torch.Tensor, hp: TrainCfg, gen: torch.Generator | None, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup or cutmix (chosen at random when both are on) -> (x, y_a, y_b, lam).
 
     The target is lam * onehot(y_a) + (1 - lam) * onehot(y_b); `mixed_loss`
@@ -200,8 +215,13 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, hp: TrainCfg, gen: torch.Generat
     return x, y, y[perm], lam
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, hp: TrainCfg, weight: torch.Tensor | None,
-            denom: torch.Tensor | int | None = None) -> torch.Tensor:
+def loss_fn(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    hp: TrainCfg,
+    weight: torch.Tensor | None,
+    denom: torch.Tensor | int | None = None,
+) -> torch.Tensor:
     """Cross-entropy (label smoothing, class weights) or focal loss, in float32.
 
     The (class-weighted) mean over `y`; with `denom`, the sum divided by `denom` instead: a
@@ -225,8 +245,15 @@ def batch_denominator(y: torch.Tensor, weight: torch.Tensor | None) -> torch.Ten
     return len(y) if weight is None else weight[y].sum()
 
 
-def mixed_loss(logits: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, hp: TrainCfg,
-               weight: torch.Tensor | None, denoms: tuple[Any, Any] | None = None) -> torch.Tensor:
+def mixed_loss(
+    logits: torch.Tensor,
+    ya: torch.Tensor,
+    yb: torch.Tensor,
+    lam: float,
+    hp: TrainCfg,
+    weight: torch.Tensor | None,
+    denoms: tuple[Any, Any] | None = None,
+) -> torch.Tensor:
     """Loss against the mixed target lam * y_a + (1 - lam) * y_b (cross-entropy is linear in it).
 
     `denoms`: the whole batch's `batch_denominator` of y_a and y_b, when these logits are one
@@ -322,9 +349,13 @@ class Stopped(Exception):
 def rng_states(gen: torch.Generator, rng: random.Random, cuda: bool) -> dict[str, Any]:
     """Every random state a fit draws from, in types `torch.load(weights_only=True)` reads back:
     the fit's generator and host Random, and torch's and Python's global ones (dropout, drop-path)."""
-    return {"gen": gen.get_state(), "host": list(rng.getstate()[1]), "torch": torch.get_rng_state(),
-            "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if cuda else []}
+    return {
+        "gen": gen.get_state(),
+        "host": list(rng.getstate()[1]),
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+    }
 
 
 def set_rng_states(states: dict[str, Any], gen: torch.Generator, rng: random.Random, cuda: bool) -> None:
@@ -339,8 +370,12 @@ def set_rng_states(states: dict[str, Any], gen: torch.Generator, rng: random.Ran
 @contextmanager
 def determinism(on: bool, cuda: bool) -> Iterator[None]:
     """Deterministic kernels (`on`) or cuDNN autotuning (off, CUDA) for one fit; restores the previous state."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     if on:
         # cuBLAS needs a fixed workspace for reproducible GEMMs; read when its handle is created.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -378,7 +413,8 @@ def compiled(model: nn.Module, backend: bool | str) -> nn.Module:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # A compiled Module is an OptimizedModule (a Module); torch's stubs type the result as a callable.
     return torch.compile(  # type: ignore[return-value]
-        model, backend="inductor" if isinstance(backend, bool) else backend, dynamic=False)
+        model, backend="inductor" if isinstance(backend, bool) else backend, dynamic=False
+    )
 
 
 def free_memory(model: nn.Module, opt: torch.optim.Optimizer, cuda: bool) -> None:
@@ -397,9 +433,19 @@ def release_step(cuda: bool) -> None:
         torch.cuda.empty_cache()  # smaller micro-batches need differently sized blocks
 
 
-def backward(net: nn.Module, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, hp: TrainCfg,
-             weight: torch.Tensor | None, micro: int, scaler: torch.amp.GradScaler, dev: torch.device,
-             amp_dtype: torch.dtype | None) -> torch.Tensor:
+def backward(
+    net: nn.Module,
+    xb: torch.Tensor,
+    ya: torch.Tensor,
+    yb: torch.Tensor,
+    lam: float,
+    hp: TrainCfg,
+    weight: torch.Tensor | None,
+    micro: int,
+    scaler: torch.amp.GradScaler,
+    dev: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
     """Gradients of the batch's mean loss, accumulated over micro-batches of `micro` images; the loss.
 
     Each micro-batch's loss is its share of the mean over the whole batch (its summed loss over
@@ -429,14 +475,23 @@ def backward(net: nn.Module, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tenso
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-            device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> torch.Tensor:
     """Logits (N, K) in float32 for uint8 images x (N, C, H, W), batched."""
     model.eval()
     out = []
     for i in range(0, len(x), EVAL_BATCH):
-        xb = augment.eval_input(x[i : i + EVAL_BATCH].to(device, non_blocking=True), size,
-                                mean=mean, std=std, channels_last=channels_last)
+        xb = augment.eval_input(
+            x[i : i + EVAL_BATCH].to(device, non_blocking=True), size, mean=mean, std=std, channels_last=channels_last
+        )
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out.append(model(xb).float())
     return torch.cat(out)
@@ -575,8 +630,16 @@ def fit(
                 for i in range(steps_per_epoch):
                     if stop is not None and stop():
                         raise Stopped
-                    f = lr_factor(step, total, warmup, hp.schedule, step_every=step_every, gamma=hp.gamma,
-                                  min_ratio=hp.min_lr_ratio, decays=decays)
+                    f = lr_factor(
+                        step,
+                        total,
+                        warmup,
+                        hp.schedule,
+                        step_every=step_every,
+                        gamma=hp.gamma,
+                        min_ratio=hp.min_lr_ratio,
+                        decays=decays,
+                    )
                     for g in opt.param_groups:
                         g["lr"] = g["base_lr"] * f
                     idx = order[i * bs : (i + 1) * bs]
@@ -616,8 +679,11 @@ def fit(
                 val_logits = predict(model, val_x, size, mean, std, dev, amp_dtype, channels_last)
             except torch.OutOfMemoryError:
                 status = "oom"
-                reason = (f"out of memory at batch size {bs} in micro-batches of {micro}" if phase == "train"
-                          else f"out of memory in validation (batches of {EVAL_BATCH})")
+                reason = (
+                    f"out of memory at batch size {bs} in micro-batches of {micro}"
+                    if phase == "train"
+                    else f"out of memory in validation (batches of {EVAL_BATCH})"
+                )
             except Stopped:
                 status, reason = "interrupted", f"stopped in epoch {epoch}; {epoch - 1} epochs done"
                 break
@@ -630,8 +696,12 @@ def fit(
                 status, reason = "diverged", f"diverged at epoch {epoch}"
                 break
             record = {
-                "epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
-                "lr": opt.param_groups[0]["lr"], "backbone_frozen": float(frozen), "seconds": seconds,
+                "epoch": epoch,
+                "train_loss": train_loss,
+                **{f"val_{k}": v for k, v in val.items()},
+                "lr": opt.param_groups[0]["lr"],
+                "backbone_frozen": float(frozen),
+                "seconds": seconds,
                 "images_per_s": steps_per_epoch * bs / max(seconds, 1e-9),
                 "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if cuda else 0) / 2**20,
                 "micro_batch": micro,
@@ -647,13 +717,35 @@ def fit(
                 status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
                 break
             if on_state is not None and epoch < hp.epochs:
-                on_state({"epoch": epoch, "step": step, "micro_batch": micro, "frozen": frozen,
-                          "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": rng_states(gen, rng, cuda), "history": history, "best": best,
-                          "best_epoch": best_epoch, "best_state": best_state})
+                on_state(
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "micro_batch": micro,
+                        "frozen": frozen,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rng_states(gen, rng, cuda),
+                        "history": history,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "best_state": best_state,
+                    }
+                )
             if stop is not None and epoch < hp.epochs and stop():
                 status, reason = "interrupted", f"stopped after epoch {epoch}"
                 break
     last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-    return FitResult(status, reason, best_epoch, best, last, history, best_state if keep_best else None,
-                     time.perf_counter() - t_start, seed, micro)
+    return FitResult(
+        status,
+        reason,
+        best_epoch,
+        best,
+        last,
+        history,
+        best_state if keep_best else None,
+        time.perf_counter() - t_start,
+        seed,
+        micro,
+    )

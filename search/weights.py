@@ -70,8 +70,10 @@ def timm_cfg(entry: PoolEntry) -> Any:
 
     cfg = timm.models.get_pretrained_cfg(entry.timm_name, allow_unregistered=False)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise SearchError(f"{entry.label}: timm lists no pretrained weights for '{entry.timm_name}'; "
-                          "pick a tag from `timm.list_pretrained()` or set pretrained: false")
+        raise SearchError(
+            f"{entry.label}: timm lists no pretrained weights for '{entry.timm_name}'; "
+            "pick a tag from `timm.list_pretrained()` or set pretrained: false"
+        )
     return cfg
 
 
@@ -149,8 +151,13 @@ def missing(entry: PoolEntry) -> Missing | None:
         return None
     kind, where, path, _ = _location(entry)
     if kind == "hf":
-        return Missing(f"{entry.label} weights", path, f"https://huggingface.co/{where}/resolve/main/{HF_FILES[0]}",
-                       _timm_bytes(entry), "<revision>: any snapshot directory; pytorch_model.bin is accepted too")
+        return Missing(
+            f"{entry.label} weights",
+            path,
+            f"https://huggingface.co/{where}/resolve/main/{HF_FILES[0]}",
+            _timm_bytes(entry),
+            "<revision>: any snapshot directory; pytorch_model.bin is accepted too",
+        )
     size = None
     if _torchvision_name(entry):
         mb = torchvision_weights(entry).meta.get("_file_size")  # torchvision's own record, in MB
@@ -200,13 +207,16 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)  # the old, unmappable format
     except (pickle.UnpicklingError, ValueError) as e:  # ValueError: an .npz holding pickled objects
-        code = re.search(r"unsupported (?:global:? )?GLOBAL (\S+)|(Object arrays cannot be loaded)", str(e),
-                         re.IGNORECASE)
+        code = re.search(
+            r"unsupported (?:global:? )?GLOBAL (\S+)|(Object arrays cannot be loaded)", str(e), re.IGNORECASE
+        )
         if code:
             what = f"it would call {code.group(1)}" if code.group(1) else "it holds pickled objects"
-            raise SearchError(f"weights file {path} needs code to be unpickled, and is refused ({what}); it is "
-                              f"not a plain checkpoint: delete it and run `{command('prefetch RECIPE')}` "
-                              "again") from None
+            raise SearchError(
+                f"weights file {path} needs code to be unpickled, and is refused ({what}); it is "
+                f"not a plain checkpoint: delete it and run `{command('prefetch RECIPE')}` "
+                "again"
+            ) from None
         raise _unreadable(path, e) from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise _unreadable(path, e) from None
@@ -216,8 +226,10 @@ def _unreadable(path: Path, e: Exception) -> SearchError:
     # torch's weights_only errors are paragraphs; the unpickler's own words follow this mark.
     text = str(e).split("WeightsUnpickler error:")[-1]
     why = " ".join(text.split("Check the documentation")[0].split())[:120]
-    return SearchError(f"weights file {path} cannot be read ({type(e).__name__}: {why}); delete it and run "
-                       f"`{command('prefetch RECIPE')}` again")
+    return SearchError(
+        f"weights file {path} cannot be read ({type(e).__name__}: {why}); delete it and run "
+        f"`{command('prefetch RECIPE')}` again"
+    )
 
 
 def check(entry: PoolEntry) -> Path:

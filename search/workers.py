@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +93,28 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     if deaths > MAX_RETRIES:
         return
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESUME_ATTRS}
-    study.add_trial(optuna.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={**user_attrs, "retry_of": trial.number},
-        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history,
-                      "deaths": deaths},
-        intermediate_values=trial.intermediate_values,
-    ))
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={**user_attrs, "retry_of": trial.number},
+            system_attrs={
+                "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                "retry_history": history,
+                "deaths": deaths,
+            },
+            intermediate_values=trial.intermediate_values,
+        )
+    )
 
 
 def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
     """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
     has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats)."""
-    return fail_stale(study, None if optuna_api.heartbeat_enabled(optuna_api.storage_of(study)) else STALE_BEATS * heartbeat)
+    return fail_stale(
+        study, None if optuna_api.heartbeat_enabled(optuna_api.storage_of(study)) else STALE_BEATS * heartbeat
+    )
 
 
 def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
@@ -116,8 +126,11 @@ def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
             return []
         return optuna_api.stale_trial_ids(study)
     now = time.time()
-    return [optuna_api.trial_id(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if now - (t.user_attrs.get(HEARTBEAT_ATTR) or t.datetime_start.timestamp()) > older_than]
+    return [
+        optuna_api.trial_id(t)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if now - (t.user_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start or datetime.now()).timestamp()) > older_than
+    ]
 
 
 def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:
@@ -190,9 +203,16 @@ def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenT
     """
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return [t for t in trials if t.state in live or (
-        t.state == TrialState.FAIL and t.number not in retried
-        and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None))]
+    return [
+        t
+        for t in trials
+        if t.state in live
+        or (
+            t.state == TrialState.FAIL
+            and t.number not in retried
+            and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None)
+        )
+    ]
 
 
 def finished(study: optuna.Study) -> int:
@@ -217,8 +237,12 @@ def _on_signal(signum: int, frame: Any) -> None:
     _STOPPED_BY[:] = [name]
     STOP.set()
     again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
-    print(f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
-          f"queued again ({again} quits at once)", file=sys.stderr, flush=True)
+    print(
+        f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
+        f"queued again ({again} quits at once)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextlib.contextmanager
@@ -242,8 +266,12 @@ def stopped() -> None:
         raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
 
 
-def run_one(study: optuna.Study, objective: Callable[..., float | list[float]], heartbeat: int,
-            say: Callable[[str], None] = print) -> optuna.trial.FrozenTrial | None:
+def run_one(
+    study: optuna.Study,
+    objective: Callable[..., float | list[float]],
+    heartbeat: int,
+    say: Callable[[str], None] = print,
+) -> optuna.trial.FrozenTrial | None:
     """Ask for a trial (a queued one first), run it with a heartbeat, tell its end.
 
     The harness's own loop rather than `Study.optimize`, so that a trial failed meanwhile by
@@ -282,8 +310,10 @@ def run_one(study: optuna.Study, objective: Callable[..., float | list[float]], 
         gc.collect()
     frozen = optuna_api.frozen(trial)
     if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
-        say(f"trial {trial.number:>3} was failed by another worker ({frozen.user_attrs.get('fail_reason')}); "
-            "dropped here, its retry runs from its saved state")
+        say(
+            f"trial {trial.number:>3} was failed by another worker ({frozen.user_attrs.get('fail_reason')}); "
+            "dropped here, its retry runs from its saved state"
+        )
         return None
     return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
 
@@ -300,7 +330,9 @@ def resume_command(recipe: Recipe, storage_url: str) -> str:
 
 def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES for each local worker: GPUs round-robin (several workers may share one)."""
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
+    ids = (
+        [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else [str(i) for i in range(count)]
+    )
     return [ids[i % len(ids)] if ids else None for i in range(n_workers)]
 
 
@@ -310,7 +342,12 @@ def default_workers(recipe: Recipe) -> int:
     import torch
 
     hw = recipe.hardware
-    if hw.workers > 1 or hw.trials_per_gpu is None or hw.device not in ("auto", "cuda") or not torch.cuda.is_available():
+    if (
+        hw.workers > 1
+        or hw.trials_per_gpu is None
+        or hw.device not in ("auto", "cuda")
+        or not torch.cuda.is_available()
+    ):
         return hw.workers
     return pack.local_workers(torch.cuda.device_count(), hw.trials_per_gpu, os.cpu_count() or 1)
 
@@ -324,11 +361,20 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
     """
     import torch
 
-    gpus = [None] * n_workers
+    gpus: list[str | None] = [None] * n_workers
     packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
     if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
         gpus = gpu_assignment(n_workers, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
-    cmd = [sys.executable, "-m", "search", "worker", "--study", recipe.study.name, "--no-report", *(["-q"] if quiet else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "search",
+        "worker",
+        "--study",
+        recipe.study.name,
+        "--no-report",
+        *(["-q"] if quiet else []),
+    ]
     procs = []
     for gpu in gpus:
         env = {**os.environ, "SEARCH_STORAGE": storage_url}
@@ -336,9 +382,13 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
             env["CUDA_VISIBLE_DEVICES"] = gpu
         procs.append(subprocess.Popen(cmd, env=env))
     if not quiet:
-        where = (", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus)) if gpus[0] is not None
-                 else "each trial on the GPU whose memory admits it" if packed and torch.cuda.is_available()
-                 else "CPU/auto")
+        where = (
+            ", ".join(f"worker {i}: GPU {g}" for i, g in enumerate(gpus))
+            if gpus[0] is not None
+            else "each trial on the GPU whose memory admits it"
+            if packed and torch.cuda.is_available()
+            else "CPU/auto"
+        )
         print(f"started {n_workers} workers ({where}) on {mask(storage_url)}")
     stopped: list[str] = []
 
@@ -360,8 +410,10 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
         raise KeyboardInterrupt(stopped[0])
     bad = [f"worker {i} exited with {c}" for i, c in enumerate(codes) if c != 0]
     if bad:
-        print(f"{'; '.join(bad)}; its trial is retried by the others or by: {resume_command(recipe, storage_url)}",
-              file=sys.stderr)
+        print(
+            f"{'; '.join(bad)}; its trial is retried by the others or by: {resume_command(recipe, storage_url)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -405,9 +457,15 @@ def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[st
     except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, and say so
         return None, f"saved state {path} unreadable ({type(e).__name__}: {e}): trained from the first epoch"
     meta = state.get("trial", {}) if isinstance(state, dict) else {}
-    if (meta.get("format") != STATE_FORMAT or meta.get("seed") != seed
-            or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)):
-        return None, f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch"
+    if (
+        meta.get("format") != STATE_FORMAT
+        or meta.get("seed") != seed
+        or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)
+    ):
+        return (
+            None,
+            f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch",
+        )
     if path != mine:
         os.replace(path, mine)
     return state, ""

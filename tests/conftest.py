@@ -25,18 +25,23 @@ def data_root_of_the_session(tmp_path_factory):
         os.environ["SEARCH_DATA"] = before
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m search ARGS` in a subprocess, as a user runs it."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def wsgi_get(app, path: str) -> tuple[str, bytes]:
     """GET `path` from a WSGI app in-process: (status line, body)."""
     env: dict = {}
     setup_testing_defaults(env)
-    env.update(PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr})
+    env.update(
+        PATH_INFO=path, QUERY_STRING="", REQUEST_METHOD="GET", **{"wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr}
+    )
     status = []
     body = b"".join(app(env, lambda s, h, *a: status.append(s)))
     return status[0], body
@@ -53,8 +58,10 @@ def tiny_recipe(name: str = "tiny", **over) -> dict:
         "study": {"name": name, "n_trials": 3, "sampler": {"name": "random"}, "pruner": "none", "seed": 0},
         "data": {"dataset": "digits", "max_samples": 300},
         "pool": ["mini_cnn"],
-        "space": {"preset": "quick", "overrides": {"optimizer": "adamw", "lr": {"low": 0.002, "high": 0.005, "log": True},
-                                                  "batch_size": [32]}},
+        "space": {
+            "preset": "quick",
+            "overrides": {"optimizer": "adamw", "lr": {"low": 0.002, "high": 0.005, "log": True}, "batch_size": [32]},
+        },
         "train": {"epochs": 2},
         "hardware": {"device": "cpu"},
     }

@@ -19,9 +19,11 @@ DIST = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
 @pytest.fixture(params=["inmemory", "sqlite", "journal"])
 def study(request, tmp_path):
-    storage = {"inmemory": lambda: optuna.storages.InMemoryStorage(),
-               "sqlite": lambda: open_storage(f"sqlite:///{tmp_path}/a.db", heartbeat=None),
-               "journal": lambda: open_storage(f"journal:{tmp_path}/a.log", heartbeat=None)}[request.param]()
+    storage = {
+        "inmemory": lambda: optuna.storages.InMemoryStorage(),
+        "sqlite": lambda: open_storage(f"sqlite:///{tmp_path}/a.db", heartbeat=None),
+        "journal": lambda: open_storage(f"journal:{tmp_path}/a.log", heartbeat=None),
+    }[request.param]()
     return optuna.create_study(study_name="a", storage=storage)
 
 
@@ -111,7 +113,9 @@ def test_a_trial_past_the_total_ends_at_once_as_not_counted(tmp_path):
     recipe = recipe_from_dict(tiny_recipe(name="full", study={"n_trials": 1}, data={"max_samples": 100}))
     study = open_study(recipe, f"sqlite:///{tmp_path}/full.db")
     study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.5, params={"lr": 0.01}, distributions=DIST))
-    objective = make_objective(recipe, load_data(recipe.data, 0), parse_pool(recipe.pool), "cpu", on_line=lambda s: None)
+    objective = make_objective(
+        recipe, load_data(recipe.data, 0), parse_pool(recipe.pool), "cpu", on_line=lambda s: None
+    )
     ended = workers.run_one(study, objective, heartbeat=5, say=lambda s: None)  # no Study.optimize around it
     assert ended.state == TrialState.FAIL and ended.user_attrs["fail_reason"] == "study total reached"
     assert [t.number for t in workers.counted(study.get_trials())] == [0]

@@ -44,8 +44,9 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
     data = load_data(recipe.data, 0)
     model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    study = optuna.create_study(study_name="tiny", direction="maximize",
-                                storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None))
+    study = optuna.create_study(
+        study_name="tiny", direction="maximize", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
+    )
     values = [0.5, 0.7, 0.6, 0.9, 0.4, 0.8]
     for v in values:
         trial = study.ask()
@@ -60,9 +61,12 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
     assert [len(artifacts.checkpoint_meta(t)) for t in study.get_trials()] == [1, 1, 1, 1, 0, 1]
     files = list((tmp_path / "tiny" / "artifacts").iterdir())
     assert len(files) == len(values) + 2  # every history, two checkpoints
-    hist = [json.loads(store.open_reader(m.artifact_id).read()) for t in study.get_trials()
-            for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
-            if m.filename.endswith(artifacts.HISTORY_SUFFIX)]
+    hist = [
+        json.loads(store.open_reader(m.artifact_id).read())
+        for t in study.get_trials()
+        for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+        if m.filename.endswith(artifacts.HISTORY_SUFFIX)
+    ]
     assert [h["history"][0]["val_accuracy"] for h in hist] == values
 
 
@@ -70,10 +74,18 @@ def test_no_checkpoints_when_top_k_is_zero(tmp_path):
     recipe = recipe_from_dict(tiny_recipe(study={"top_k": 0}, data={"max_samples": 50}))
     data = load_data(recipe.data, 0)
     model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
-    study = optuna.create_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None))
+    study = optuna.create_study(
+        study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
+    )
     trial = study.ask()
-    artifacts.after_fit(trial, recipe, model, recipe.train, data,
-                        FitResult("ok", "", 1, {"accuracy": 1.0}, {"accuracy": 1.0}, [], model.state_dict()))
+    artifacts.after_fit(
+        trial,
+        recipe,
+        model,
+        recipe.train,
+        data,
+        FitResult("ok", "", 1, {"accuracy": 1.0}, {"accuracy": 1.0}, [], model.state_dict()),
+    )
     assert [p.suffix for p in (tmp_path / "tiny" / "artifacts").iterdir()] == [""]
     assert artifacts.checkpoint_meta(study.get_trials()[0]) == []
 
@@ -107,5 +119,7 @@ def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_st
     acc = float((logits.argmax(1) == data.val.y).float().mean())
     assert acc == pytest.approx(best.value, abs=1e-6)
 
-    status, body = wsgi_get(app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}")
+    status, body = wsgi_get(
+        app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}"
+    )
     assert status.startswith("404")

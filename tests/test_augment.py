@@ -132,7 +132,9 @@ def test_shrink_keeps_the_detail_of_the_smallest_crop():
     # Shifted crops: down to 2x the output. Resized crops: never below size / (smallest side), where the
     # smallest side is sqrt(min_scale * 3/4) (area min_scale at aspect ratio 3/4).
     assert shrink_size(AugmentCfg(crop="pad"), 16) == 32
-    assert shrink_size(AugmentCfg(crop="resized", min_scale=0.35), 112) == max(224, math.ceil(112 / math.sqrt(0.35 * 0.75)))
+    assert shrink_size(AugmentCfg(crop="resized", min_scale=0.35), 112) == max(
+        224, math.ceil(112 / math.sqrt(0.35 * 0.75))
+    )
     assert shrink_size(AugmentCfg(crop="resized", min_scale=0.025), 112) == math.ceil(112 / math.sqrt(0.025 * 0.75))
     assert shrink_size(AugmentCfg(crop="resized", min_scale=0.0), 112) > 10**7  # no shrink at all
 
@@ -147,8 +149,7 @@ def test_sampling_grid_matches_affine_grid():
 def test_scale_shift_formula_and_memory_format():
     x = torch.rand(2, 3, 5, 5)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-    out = scale_shift(x, 1.0, 0.0, mean, std, clamp=False,
-                      out=torch.empty_like(x, memory_format=torch.channels_last))
+    out = scale_shift(x, 1.0, 0.0, mean, std, clamp=False, out=torch.empty_like(x, memory_format=torch.channels_last))
     want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(out, want, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -173,8 +174,9 @@ def test_jitter_clamps_before_normalising():
     # A bright flat image pushed past 1 by the brightness factor is clamped to (1 - mean) / std, not beyond.
     x = torch.full((64, 3, 4, 4), 250, dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 2.0)
-    out = augment(x, AugmentCfg(crop="none", flip=False, jitter=0.5), 4, torch.Generator().manual_seed(0),
-                  mean=mean, std=std)
+    out = augment(
+        x, AugmentCfg(crop="none", flip=False, jitter=0.5), 4, torch.Generator().manual_seed(0), mean=mean, std=std
+    )
     hi = (1 - torch.tensor(mean)) / torch.tensor(std)
     assert torch.allclose(out.amax(dim=(0, 2, 3)), hi, atol=1e-6)  # some images saturate ...
     assert (out.amin(dim=(2, 3)) < hi - 0.1).any()  # ... and darker ones do not
@@ -186,8 +188,7 @@ def test_eval_input_is_deterministic_and_resized():
     assert a.shape == (4, 3, 32, 32) and torch.equal(a, eval_input(x, 32))
     assert torch.equal(eval_input(x, 28), x.float() / 255) or torch.allclose(eval_input(x, 28), x.float() / 255)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 2.0)
-    assert torch.allclose(eval_input(x, 32, mean=mean, std=std), normalize(a, mean, std),
-                          atol=1e-6)
+    assert torch.allclose(eval_input(x, 32, mean=mean, std=std), normalize(a, mean, std), atol=1e-6)
 
 
 def test_scaled_strength():

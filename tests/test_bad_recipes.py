@@ -18,25 +18,43 @@ RECIPES = [
     ({"study": {"pruner": "medain"}}, r"study.pruner.name: 'medain' is not allowed \(did you mean 'median'\?\)"),
     ({"study": {"pruner": {"name": "percentile", "percentile": 150}}}, r"study.pruner.percentile: .*less than 100"),
     ({"study": {"pruner": {"name": "hyperband", "reduction_factor": 1}}}, r"study.pruner.reduction_factor"),
-    ({"study": {"sampler": {"name": "qmc", "qmc_type": "lattice"}}}, r"study.sampler.qmc_type: 'lattice' is not allowed"),
-    ({"study": {"sampler": {"name": "tpe", "n_startup": 3}}}, r"study.sampler: unknown key 'n_startup' \(did you mean 'n_startup_trials'\?\)"),
+    (
+        {"study": {"sampler": {"name": "qmc", "qmc_type": "lattice"}}},
+        r"study.sampler.qmc_type: 'lattice' is not allowed",
+    ),
+    (
+        {"study": {"sampler": {"name": "tpe", "n_startup": 3}}},
+        r"study.sampler: unknown key 'n_startup' \(did you mean 'n_startup_trials'\?\)",
+    ),
     ({"study": {"name": "bad name!"}}, r"study.name: .*pattern"),
     ({"hardware": {"device": "tpu"}}, r"hardware.device: .*pattern"),
     ({"hardware": {"workers": 0}}, r"hardware.workers: .*greater than or equal to 1"),
-    ({"hardware": {"trials_per_gpu": 0}}, r"hardware.trials_per_gpu: expected auto .*, a whole number >= 1 .* \(got 0\)"),
+    (
+        {"hardware": {"trials_per_gpu": 0}},
+        r"hardware.trials_per_gpu: expected auto .*, a whole number >= 1 .* \(got 0\)",
+    ),
     ({"hardware": {"trials_per_gpu": "many"}}, r"hardware.trials_per_gpu: expected auto .*or null \(off\)"),
     ({"space": {"preset": "huge"}}, r"space.preset: 'huge' is not allowed; allowed: quick, full, none"),
     ({"space": {"overrides": {"lr": {"low": 0.1}}}}, r"space.overrides.lr: a range needs both low and high"),
     ({"space": {"overrides": {"batch_size": {"choices": []}}}}, r"choices is empty"),
-    ({"space": {"overrides": {"step_size": {"low": 1.5, "high": 3}}}}, r"space.overrides.step_size: an integer range needs whole numbers"),
+    (
+        {"space": {"overrides": {"step_size": {"low": 1.5, "high": 3}}}},
+        r"space.overrides.step_size: an integer range needs whole numbers",
+    ),
     ({"space": {"overrides": {"lr": {"choices": [0.1], "low": 0.1}}}}, r"either choices or low/high, not both"),
     ({"space": {"overrides": {"momentum": 1.5}}}, r"space.overrides.momentum: 1.5 is not a valid value"),
-    ({"space": {"overrides": {"dropout": {"low": -0.1, "high": 0.2}}}}, r"space.overrides.dropout: -0.1 is not a valid value"),
+    (
+        {"space": {"overrides": {"dropout": {"low": -0.1, "high": 0.2}}}},
+        r"space.overrides.dropout: -0.1 is not a valid value",
+    ),
     ({"data": {"val_split": 1.5}}, r"data.val_split: .*less than 1"),
     ({"pool": [{"model": "mini_cnn", "pretrained": True}]}, r"'mini_cnn' has no pretrained weights"),
     ({"pool": [{"model": "mini_cnn", "resolution": 4}]}, r"pool\[0\].resolution: .*greater than or equal to 8"),
     ({"train": {"optimizer": "adam"}}, r"train.optimizer: 'adam' is not allowed"),
-    ({"study": {"metric": "acc"}}, r"study.metric: 'acc' is not allowed \(did you mean 'auc'\?\)|study.metric: 'acc' is not allowed"),
+    (
+        {"study": {"metric": "acc"}},
+        r"study.metric: 'acc' is not allowed \(did you mean 'auc'\?\)|study.metric: 'acc' is not allowed",
+    ),
 ]
 
 STORAGES = [
@@ -44,7 +62,10 @@ STORAGES = [
     ("studies/x.db", r"unsupported URL 'studies/x.db'"),
     ("journal:", r"'journal:' needs a file"),
     ("sqlite:///${SEARCH_TEST_UNSET_VARIABLE}/x.db", r"environment variable SEARCH_TEST_UNSET_VARIABLE .* is not set"),
-    ("postgresql+psycopg://u:s3cret@127.0.0.1:1/x", r"cannot open postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x: .*check the URL"),
+    (
+        "postgresql+psycopg://u:s3cret@127.0.0.1:1/x",
+        r"cannot open postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x: .*check the URL",
+    ),
     ("mysql+pymysql://root@127.0.0.1:1/x", r"cannot open mysql\+pymysql://root@127.0.0.1:1/x"),
     ("redis://127.0.0.1:1/0", r"cannot open redis://127.0.0.1:1/0"),
 ]

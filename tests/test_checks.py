@@ -41,8 +41,12 @@ def crafted(path: Path, marker: Path) -> Path:
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
-    return {"TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_CACHE": str(tmp_path / "hf"), "SEARCH_OFFLINE": "1",
-            "SEARCH_DATA": str(tmp_path / "data")}
+    return {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "SEARCH_OFFLINE": "1",
+        "SEARCH_DATA": str(tmp_path / "data"),
+    }
 
 
 def in_process(monkeypatch, capsys, tmp_path: Path, cwd: Path, *args: str) -> tuple[int, str, str]:
@@ -168,11 +172,18 @@ REFUSED = {
     "missing weights": ({"pool": ["resnet_18"]}, r"resnet18-f37072fd.pth .*prefetch"),
     "missing data offline": ({"data": {"dataset": "bloodmnist"}}, r"bloodmnist.npz is missing \(offline mode"),
     "unknown scheme": ({"study": {"storage": "mongodb://127.0.0.1/x"}}, r"study.storage: unsupported URL 'mongodb"),
-    "unset variable": ({"study": {"storage": "postgresql+psycopg://postgres:${SEARCH_NO_SUCH_VAR}@127.0.0.1/test"}},
-                       r"environment variable SEARCH_NO_SUCH_VAR .* is not set"),
-    "unreachable server": ({"study": {"storage": "postgresql+psycopg://postgres@127.0.0.1:1/test"}},
-                           r"study.storage: cannot open postgresql\+psycopg://postgres@127.0.0.1:1/test"),
-    "unwritable sqlite path": ({"study": {"storage": "sqlite:///r.yaml/x.db"}}, r"cannot create r.yaml/x.db: .*r.yaml is not a writable directory"),
+    "unset variable": (
+        {"study": {"storage": "postgresql+psycopg://postgres:${SEARCH_NO_SUCH_VAR}@127.0.0.1/test"}},
+        r"environment variable SEARCH_NO_SUCH_VAR .* is not set",
+    ),
+    "unreachable server": (
+        {"study": {"storage": "postgresql+psycopg://postgres@127.0.0.1:1/test"}},
+        r"study.storage: cannot open postgresql\+psycopg://postgres@127.0.0.1:1/test",
+    ),
+    "unwritable sqlite path": (
+        {"study": {"storage": "sqlite:///r.yaml/x.db"}},
+        r"cannot create r.yaml/x.db: .*r.yaml is not a writable directory",
+    ),
 }
 
 
@@ -189,7 +200,10 @@ def test_a_refused_run_leaves_nothing_and_validate_refuses_it_too(tmp_path, monk
     assert len(lines) == 1 and re.search(message, lines[0]), lines
     assert left_behind(cwd) == [] and not (tmp_path / "data").exists()  # no studies/, no .db, no data
     code, out, err = in_process(monkeypatch, capsys, tmp_path, cwd, "validate", "r.yaml")
-    if case in ("missing weights", "missing data offline"):  # validate lists it with the others: the file on stdout, the count on stderr
+    if case in (
+        "missing weights",
+        "missing data offline",
+    ):  # validate lists it with the others: the file on stdout, the count on stderr
         assert code == 2 and "error: validate: 1 file(s) missing" in err
         assert re.search(message.split(" ")[0], out), out
     else:
@@ -259,8 +273,9 @@ def test_a_recipe_that_is_not_utf8_text_is_one_line(tmp_path, blob):
 
 def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeypatch, capsys):
     write_folder(tmp_path / "unused")  # a file that is there is not listed
-    write_recipe(tmp_path / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny", "mini_cnn"],
-                                                  data={"dataset": "pathmnist_64"}))
+    write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny", "mini_cnn"], data={"dataset": "pathmnist_64"})
+    )
     for command in ("prefetch", "validate"):
         code, out, err = in_process(monkeypatch, capsys, tmp_path, tmp_path, command, "r.yaml")
         assert code == 2, err
@@ -269,18 +284,31 @@ def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeyp
         assert "from https://download.pytorch.org/models/resnet18-f37072fd.pth" in out
         hf = tmp_path / "hf" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k" / "snapshots"
         assert f"vit_tiny weights [22.9 MB]: {hf}/<revision>/model.safetensors" in out
-        assert ("from https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k/resolve/main/"
-                "model.safetensors") in out
+        assert (
+            "from https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k/resolve/main/model.safetensors"
+        ) in out
         assert f"data pathmnist_64 [up to 1.3 GB]: {tmp_path / 'data' / 'pathmnist_64.npz'}" in out
         assert "from https://zenodo.org/records/10519652/files/pathmnist_64.npz?download=1" in out
         assert "mini_cnn weights" not in out
-        assert err.strip().splitlines() == [f"error: {command}: 3 file(s) missing, listed above; download each URL "
-                                            f"to its path, or run `{text.command('prefetch r.yaml')}` with internet "
-                                            "and copy them over"]
+        assert err.strip().splitlines() == [
+            f"error: {command}: 3 file(s) missing, listed above; download each URL "
+            f"to its path, or run `{text.command('prefetch r.yaml')}` with internet "
+            "and copy them over"
+        ]
         assert max(len(line) for line in out.splitlines()) <= 100 or "from https://" in out
-    assert left_behind(tmp_path) == ["unused", "unused/cat", "unused/cat/0.png", "unused/cat/1.png",
-                                     "unused/cat/2.png", "unused/cat/3.png", "unused/dog", "unused/dog/0.png",
-                                     "unused/dog/1.png", "unused/dog/2.png", "unused/dog/3.png"]
+    assert left_behind(tmp_path) == [
+        "unused",
+        "unused/cat",
+        "unused/cat/0.png",
+        "unused/cat/1.png",
+        "unused/cat/2.png",
+        "unused/cat/3.png",
+        "unused/dog",
+        "unused/dog/0.png",
+        "unused/dog/1.png",
+        "unused/dog/2.png",
+        "unused/dog/3.png",
+    ]
 
 
 def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsys):
@@ -310,8 +338,11 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(medmnist.MEDMNIST, "pathmnist", dataclasses.replace(path, md5=md5))
     urls = []
     monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: urls.append(url) or io.BytesIO(blob))
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda url, dst, progress=True: urls.append(url) or torch.save(tvm.resnet18().state_dict(), dst))
+    monkeypatch.setattr(
+        torch.hub,
+        "download_url_to_file",
+        lambda url, dst, progress=True: urls.append(url) or torch.save(tvm.resnet18().state_dict(), dst),
+    )
 
     def fake_hf(repo_id, filename, cache_dir=None, **kw):
         urls.append(f"hf:{repo_id}")
@@ -319,7 +350,9 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
         return str(Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40) / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf)
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny"], data={"dataset": "pathmnist"}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny"], data={"dataset": "pathmnist"})
+    )
     assert cli.main(["prefetch", str(recipe)]) == 0
     assert len(urls) == 3 and urls[2].startswith("https://zenodo.org/")
     assert "data pathmnist: 30 train / 10 val / 12 test" in capsys.readouterr().out
@@ -341,13 +374,17 @@ def test_min_trials_holds_off_every_pruner(pruner):
 
     from search.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(tiny_recipe(study={"pruner": {"name": pruner, "min_trials": 3, "warmup_epochs": 1,
-                                                             "reduction_factor": 10}},
-                                          train={"epochs": 9}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            study={"pruner": {"name": pruner, "min_trials": 3, "warmup_epochs": 1, "reduction_factor": 10}},
+            train={"epochs": 9},
+        )
+    )
     if pruner == "hyperband":
         assert isinstance(sampling.make_pruner(recipe), optuna.pruners.HyperbandPruner)  # TPE's bracket handling
-    study = optuna.create_study(direction="maximize", pruner=sampling.make_pruner(recipe),
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        direction="maximize", pruner=sampling.make_pruner(recipe), sampler=optuna.samplers.RandomSampler(seed=0)
+    )
 
     def worse_than_all(value: float) -> bool:
         t = study.ask()
@@ -378,8 +415,9 @@ def test_the_leaderboard_shows_not_counted_trials_apart_from_failures():
 
     def add(state, reason=None, value=None):
         attrs = {"pool_label": "mini_cnn", **({"fail_reason": reason} if reason else {})}
-        study.add_trial(create_trial(state=state, value=value, params={"model": "mini_cnn"}, distributions=dist,
-                                     user_attrs=attrs))
+        study.add_trial(
+            create_trial(state=state, value=value, params={"model": "mini_cnn"}, distributions=dist, user_attrs=attrs)
+        )
 
     add(TrialState.COMPLETE, value=0.9)
     add(TrialState.FAIL, "diverged (loss nan)")  # the trial's own failure: counts

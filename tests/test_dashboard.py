@@ -20,8 +20,9 @@ MAX_ATTR_CHARS = 80  # one table cell: the dashboard's rows stay one line high
 
 def _app(cwd):
     store = artifacts.store_for(cwd / "studies" / "tiny")
-    app = wsgi(open_storage(f"sqlite:///{cwd}/studies/tiny.db", heartbeat=None),
-               artifact_store=artifacts.ServedStore(store))
+    app = wsgi(
+        open_storage(f"sqlite:///{cwd}/studies/tiny.db", heartbeat=None), artifact_store=artifacts.ServedStore(store)
+    )
     return app, store
 
 
@@ -52,8 +53,9 @@ def test_every_listed_artifact_downloads_a_removed_checkpoint_says_so(demo_study
     shutil.copytree(demo_study / "studies", tmp_path / "studies")
     app, store = _app(tmp_path)
     summary, detail = _detail(app)
-    checkpoints = [(t, a) for t in detail["trials"] for a in t["artifacts"]
-                   if a["filename"].endswith(artifacts.CHECKPOINT_SUFFIX)]
+    checkpoints = [
+        (t, a) for t in detail["trials"] for a in t["artifacts"] if a["filename"].endswith(artifacts.CHECKPOINT_SUFFIX)
+    ]
     assert len(checkpoints) == 3 and all(len(t["artifacts"]) == 2 for t in detail["trials"])  # + history
     gone_trial, gone = checkpoints[0]
     store.remove(gone["artifact_id"])  # as when a trial drops out of the top-k

@@ -34,8 +34,12 @@ def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0
     folder.mkdir(parents=True)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     for i, n in enumerate([per_batch] * 5 + [test]):
-        d = {b"batch_label": b"x", b"labels": [int(v) for v in np.arange(n) % 10],
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"f.png"] * n}
+        d = {
+            b"batch_label": b"x",
+            b"labels": [int(v) for v in np.arange(n) % 10],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [b"f.png"] * n,
+        }
         (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(pickle.dumps(d, protocol=2))
     meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -47,8 +51,11 @@ def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for name, n in (("train", n_train), ("test", n_test)):
-        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             b"fine_labels": [int(v) for v in np.arange(n) % 100], b"coarse_labels": [0] * n}
+        d = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": [int(v) for v in np.arange(n) % 100],
+            b"coarse_labels": [0] * n,
+        }
         (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     meta = {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": [b"x"] * 20}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -177,7 +184,9 @@ def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, pub
     blob = (tmp_path / "bloodmnist.npz").read_bytes()
     (tmp_path / "bloodmnist.npz").write_bytes(blob[: len(blob) // 2])
     published("bloodmnist", tmp_path / "bloodmnist.npz")  # damaged at the source: the checksum cannot tell
-    with pytest.raises(SearchError, match=r"cannot read .*bloodmnist.npz.*delete it and run `python -m search prefetch"):
+    with pytest.raises(
+        SearchError, match=r"cannot read .*bloodmnist.npz.*delete it and run `python -m search prefetch"
+    ):
         load_data(cfg("bloodmnist", tmp_path))
     assert not (tmp_path / "bloodmnist.npy").exists()  # no half-built cache left behind
 
@@ -185,8 +194,11 @@ def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, pub
 def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path, offline_network, monkeypatch):
     write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)  # the right format, not the official file
     monkeypatch.setattr(medmnist, "_npz_to_npy", lambda *a: pytest.fail("decoded an unverified file"))
-    with pytest.raises(SearchError, match=r"pathmnist.npz has md5 [0-9a-f]{32}, expected a8b06965200029087d5bd730944a56c1 "
-                                          r"\(the published checksum\): not the official file; moved it to .*pathmnist.npz.corrupt"):
+    with pytest.raises(
+        SearchError,
+        match=r"pathmnist.npz has md5 [0-9a-f]{32}, expected a8b06965200029087d5bd730944a56c1 "
+        r"\(the published checksum\): not the official file; moved it to .*pathmnist.npz.corrupt",
+    ):
         load_data(cfg("pathmnist", tmp_path))
     assert [p.name for p in visible(tmp_path)] == ["pathmnist.npz.corrupt"]
 
@@ -265,7 +277,9 @@ def test_image_folder_mixed_sizes_need_a_resolution(tmp_path):
 
 
 def test_unknown_dataset_suggests_a_name():
-    with pytest.raises(SearchError, match=r"unknown dataset 'cifar-10'.*allowed: .*pathmnist\[_64\|_128\|_224\].*folder:PATH"):
+    with pytest.raises(
+        SearchError, match=r"unknown dataset 'cifar-10'.*allowed: .*pathmnist\[_64\|_128\|_224\].*folder:PATH"
+    ):
         load_data(DataCfg(dataset="cifar-10"))
 
 
@@ -293,7 +307,9 @@ def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch):
 
 
 def test_missing_dataset_without_network(tmp_path, offline_network):
-    with pytest.raises(SearchError, match=r"Galaxy10_DECals.h5 is missing \(no network: www.astro.utoronto.ca unreachable\)"):
+    with pytest.raises(
+        SearchError, match=r"Galaxy10_DECals.h5 is missing \(no network: www.astro.utoronto.ca unreachable\)"
+    ):
         load_data(cfg("galaxy10", tmp_path))
 
 
@@ -329,14 +345,20 @@ def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
 def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
     fake_network(monkeypatch, b"not the archive")
     root = tmp_path / "root"
-    with pytest.raises(SearchError, match=r"has md5 [0-9a-f]{32}, expected c58f30108f718f92721af3b95e74349a; the download was discarded"):
+    with pytest.raises(
+        SearchError,
+        match=r"has md5 [0-9a-f]{32}, expected c58f30108f718f92721af3b95e74349a; the download was discarded",
+    ):
         load_data(cfg("cifar10", root))
     assert list(root.iterdir()) == []  # neither the file nor a .part
 
 
 def test_corrupt_local_archive_is_moved_aside(tmp_path, offline_network):
     (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(SearchError, match=r"cifar-100-python.tar.gz has md5 .* expected eb9058c3a382ffc7106e4002c42a8d85 .*moved it to .*\.corrupt"):
+    with pytest.raises(
+        SearchError,
+        match=r"cifar-100-python.tar.gz has md5 .* expected eb9058c3a382ffc7106e4002c42a8d85 .*moved it to .*\.corrupt",
+    ):
         load_data(cfg("cifar100", tmp_path))
     assert not (tmp_path / "cifar-100-python.tar.gz").exists()
     assert (tmp_path / "cifar-100-python.tar.gz.corrupt").exists()
@@ -384,7 +406,12 @@ def test_image_folder_is_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     assert len(caches) == 1 and caches[0].name.startswith("imgs-") and "-rnative-" in caches[0].name
     assert [p.name for p in visible(caches[0])] == [
         "carved-testseed0-seed0-val0.15-test0.15",  # no test/ folder: the test carve-out is kept beside the images
-        "classes.json", "train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"]
+        "classes.json",
+        "train_images.npy",
+        "train_labels.npy",
+        "val_images.npy",
+        "val_labels.npy",
+    ]
 
     data._raw.cache_clear()  # a new process: PIL must not be needed any more
     monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("decoded the folder again"))
@@ -418,7 +445,8 @@ def test_galaxy10_carve_outs_are_written_once_and_memory_mapped(tmp_path, offlin
     first = load_data(c, seed=3)
     kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed3-val0.15-test0.15"
     assert [p.name for p in visible(kept)] == sorted(
-        f"{part}_{k}.npy" for part in ("train", "val", "test") for k in ("images", "labels"))
+        f"{part}_{k}.npy" for part in ("train", "val", "test") for k in ("images", "labels")
+    )
     in_memory = data.carve(data.load_raw(c), c, 3)  # what the files must hold
     for split, want in zip((first.train, first.val, first.test), in_memory, strict=True):
         assert torch.equal(split.x, want.x) and torch.equal(split.y, want.y)
@@ -452,7 +480,9 @@ def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_netwo
     assert names == ["carved-testseed0-seed1-val0.15-test0.15", "carved-testseed0-seed3-val0.15-test0.15"]
 
 
-def test_a_damaged_carve_out_is_rebuilt_and_a_read_only_one_still_used(tmp_path, offline_network, published, monkeypatch):
+def test_a_damaged_carve_out_is_rebuilt_and_a_read_only_one_still_used(
+    tmp_path, offline_network, published, monkeypatch
+):
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
     published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
     c = cfg("galaxy10", tmp_path)

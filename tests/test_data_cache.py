@@ -75,8 +75,11 @@ def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch):
 
 def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch):
     network(monkeypatch, payload=b"something else")
-    with pytest.raises(SearchError, match=r"set.bin has md5 [0-9a-f]{32}, expected 0{32}; the download was "
-                                          r"discarded and .*set.bin not written"):
+    with pytest.raises(
+        SearchError,
+        match=r"set.bin has md5 [0-9a-f]{32}, expected 0{32}; the download was "
+        r"discarded and .*set.bin not written",
+    ):
         cache.fetch("set", remote(md5="0" * 32), tmp_path)
     assert visible(tmp_path) == []
 
@@ -96,7 +99,8 @@ def test_fetch_offline_names_the_file_and_the_fix_without_probing(tmp_path, monk
     assert str(e.value) == (
         f"data.dataset 'set': {tmp_path / 'root' / 'set.bin'} is missing (offline mode: SEARCH_OFFLINE is set); "
         f"on a machine with internet run `python -m search prefetch RECIPE` and copy {tmp_path / 'root'} over, "
-        "or point data.root / $SEARCH_DATA at a directory that has it")
+        "or point data.root / $SEARCH_DATA at a directory that has it"
+    )
 
 
 def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch):

@@ -88,8 +88,11 @@ def test_torchvision_gray_stems(caches, name, filename, make, stem, mode):
 def _vit_checkpoint(caches):
     import timm
 
-    return hf_checkpoint(caches / "hf", VIT.removeprefix("timm/").join(["timm/", ""]),
-                         timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    return hf_checkpoint(
+        caches / "hf",
+        VIT.removeprefix("timm/").join(["timm/", ""]),
+        timm.create_model("vit_tiny_patch16_224", pretrained=False),
+    )
 
 
 @pytest.mark.parametrize("mode", ["mean", "sum"])
@@ -130,7 +133,9 @@ def test_missing_weights_fail_fast_with_one_line(caches):
     assert "\n" not in msg
     assert str(caches / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
     assert "python -m search prefetch" in msg and "resnet_18" in msg
-    with pytest.raises(SearchError, match=r"vit_tiny_patch16_224.augreg_in21k .*models--timm--vit_tiny_patch16_224.augreg_in21k"):
+    with pytest.raises(
+        SearchError, match=r"vit_tiny_patch16_224.augreg_in21k .*models--timm--vit_tiny_patch16_224.augreg_in21k"
+    ):
         build_model("vit_tiny.augreg_in21k", num_classes=10, in_chans=3)
 
 
@@ -164,8 +169,11 @@ def test_cli_missing_weights_exits_2(tmp_path):
 
 # forward/backward at every accepted resolution, 1 and 3 channels
 
-SHAPES = [("mini_cnn", r) for r in (28, 32, 64)] + [("resnet_18", r) for r in (28, 32, 64, 128)] + [
-    ("efficientnet_b0", 224), ("convnext_tiny", 224), ("vit_tiny", 224)]
+SHAPES = (
+    [("mini_cnn", r) for r in (28, 32, 64)]
+    + [("resnet_18", r) for r in (28, 32, 64, 128)]
+    + [("efficientnet_b0", 224), ("convnext_tiny", 224), ("vit_tiny", 224)]
+)
 
 
 @pytest.mark.parametrize("name, res", SHAPES)
@@ -186,8 +194,13 @@ def test_resnet18_224_shape():
 
 
 # Parameter counts of the specification (ImageNet heads), within 5 %.
-PARAMS = {"mini_cnn": 95_000, "resnet_18": 11_690_000, "efficientnet_b0": 5_290_000,
-          "convnext_tiny": 28_590_000, "vit_tiny": 5_720_000}
+PARAMS = {
+    "mini_cnn": 95_000,
+    "resnet_18": 11_690_000,
+    "efficientnet_b0": 5_290_000,
+    "convnext_tiny": 28_590_000,
+    "vit_tiny": 5_720_000,
+}
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -199,7 +212,13 @@ def test_parameter_counts_match_the_specification(name):
 
 def test_dropout_reaches_every_classifier():
     for name in PARAMS:
-        m = build_model({"model": name, "pretrained": False}, num_classes=3, in_chans=3, resolution=224 if name != "mini_cnn" else 32, dropout=0.3)
+        m = build_model(
+            {"model": name, "pretrained": False},
+            num_classes=3,
+            in_chans=3,
+            resolution=224 if name != "mini_cnn" else 32,
+            dropout=0.3,
+        )
         rates = [mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)]
         rates += [getattr(m, "drop_rate", None)] if hasattr(m, "drop_rate") else []
         assert 0.3 in rates, name
@@ -214,7 +233,9 @@ def test_mini_cnn_is_scratch_only():
 def test_unknown_timm_name_suggests():
     with pytest.raises(SearchError, match=r"timm has no model 'convnext_tiyn' \(did you mean 'convnext_tiny'\?\)"):
         build_model({"model": "timm/convnext_tiyn", "pretrained": False}, num_classes=2, in_chans=3)
-    with pytest.raises(SearchError, match=r"timm has no weights 'fb_in23k' for convnext_tiny \(did you mean 'fb_in22k'\?\)"):
+    with pytest.raises(
+        SearchError, match=r"timm has no weights 'fb_in23k' for convnext_tiny \(did you mean 'fb_in22k'\?\)"
+    ):
         build_model("timm/convnext_tiny.fb_in23k", num_classes=2, in_chans=3)
 
 
@@ -247,8 +268,10 @@ def test_prefetch_downloads_into_the_real_caches(caches, monkeypatch, capsys):
     recipe = write_recipe(caches / "r.yaml", tiny_recipe(pool=["resnet_18", "vit_tiny", "mini_cnn"]))
     assert cli.main(["prefetch", str(recipe)]) == 0
     out = capsys.readouterr().out
-    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth",
-                    "hf:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k/model.safetensors"]
+    assert urls == [
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "hf:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k/model.safetensors",
+    ]
     assert f"resnet_18: {caches / 'torch' / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'}" in out
     assert "mini_cnn: no pretrained weights" in out
     # Now cached: a second prefetch downloads nothing, and building works offline.
@@ -287,8 +310,9 @@ def test_timm_models_take_an_input_size_only_where_their_config_fixes_it():
     import timm
 
     assert timm.models.get_pretrained_cfg("swin_tiny_patch4_window7_224").fixed_input_size
-    swin = build_model({"model": "timm/swin_tiny_patch4_window7_224", "pretrained": False, "resolution": 64},
-                       num_classes=2, in_chans=3)
+    swin = build_model(
+        {"model": "timm/swin_tiny_patch4_window7_224", "pretrained": False, "resolution": 64}, num_classes=2, in_chans=3
+    )
     assert swin.patch_embed.img_size == (64, 64) and swin(torch.randn(1, 3, 64, 64)).shape == (1, 2)
     assert not timm.models.get_pretrained_cfg("resnet18").fixed_input_size
     cnn = build_model({"model": "timm/resnet18", "pretrained": False, "resolution": 48}, num_classes=2, in_chans=3)

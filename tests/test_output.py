@@ -25,26 +25,55 @@ POOL = [
     {"model": "timm/convnext_small", "pretrained": False, "resolution": 224},
     {"model": "timm/vit_base_patch16_clip_224", "pretrained": False, "resolution": 224},
 ]
-LABELS = ["mini_cnn", LONG, "timm/convnext_tiny-scratch@224", "timm/convnext_small-scratch@224",
-          "timm/vit_base_patch16_clip_224-scratch@224"]
-HP = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
-      "batch_size": CategoricalDistribution([32, 64, 128]), "dropout": FloatDistribution(0.0, 0.5),
-      "label_smoothing": FloatDistribution(0.0, 0.2), "step_size": IntDistribution(2, 20)}
+LABELS = [
+    "mini_cnn",
+    LONG,
+    "timm/convnext_tiny-scratch@224",
+    "timm/convnext_small-scratch@224",
+    "timm/vit_base_patch16_clip_224-scratch@224",
+]
+HP = {
+    "lr": FloatDistribution(1e-4, 1e-1, log=True),
+    "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+    "batch_size": CategoricalDistribution([32, 64, 128]),
+    "dropout": FloatDistribution(0.0, 0.5),
+    "label_smoothing": FloatDistribution(0.0, 0.2),
+    "step_size": IntDistribution(2, 20),
+}
 
 
 def _params(i: int) -> dict:
-    return {"model": LABELS[i % len(LABELS)], "lr": 1e-3 * (1 + i) / 3, "weight_decay": 1.234567e-5 * (1 + i),
-            "batch_size": 32, "dropout": 0.0123456 * i, "label_smoothing": 0.1, "step_size": 3 + i}
+    return {
+        "model": LABELS[i % len(LABELS)],
+        "lr": 1e-3 * (1 + i) / 3,
+        "weight_decay": 1.234567e-5 * (1 + i),
+        "batch_size": 32,
+        "dropout": 0.0123456 * i,
+        "label_smoothing": 0.1,
+        "step_size": 3 + i,
+    }
 
 
 def _add(study, i, values, **attrs):
     params = _params(i)
     source = "none"
-    study.add_trial(create_trial(values=values, params=params,
-                                 distributions={"model": CategoricalDistribution(LABELS), **HP},
-                                 user_attrs={"pool_label": params["model"], "weight_source": source,
-                                             "imagenet_overlap": "none", "params": 123_456_789 * (i + 1),
-                                             "epochs": 2, "sec_per_epoch": 1234.5, "best_epoch": 2, **attrs}))
+    study.add_trial(
+        create_trial(
+            values=values,
+            params=params,
+            distributions={"model": CategoricalDistribution(LABELS), **HP},
+            user_attrs={
+                "pool_label": params["model"],
+                "weight_source": source,
+                "imagenet_overlap": "none",
+                "params": 123_456_789 * (i + 1),
+                "epochs": 2,
+                "sec_per_epoch": 1234.5,
+                "best_epoch": 2,
+                **attrs,
+            },
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +89,63 @@ def wide_studies(tmp_path_factory):
     comp = confirm.companion(study, create=True)
     for n in (7, 8, 9):
         for k in (1, 2):
-            comp.add_trial(create_trial(value=0.5 + 0.04 * n - 0.01 * k, params=_params(n),
-                                        distributions={"model": CategoricalDistribution(LABELS), **HP},
-                                        user_attrs={"confirms": n, "seed_index": k}))
-    rows = [{"entry": e, "status": "ok", "logme": 0.1 * i, "probe": 0.5, "knn": 0.4, "note": "", "dim": 512,
-             "seconds": 1.0, "cached": False} for i, e in enumerate(LABELS[1:])]
-    rows.append({"entry": "mini_cnn", "status": "scratch", "logme": None, "probe": None, "knn": None,
-                 "note": "scratch: not rankable " + "and a long reason " * 6, "dim": None, "seconds": None,
-                 "cached": False})
-    study.set_user_attr("rank", {"rows": rows, "by": "logme", "keep": None, "order": LABELS[1:] + ["mini_cnn"],
-                                 "dropped": [], "unranked": {"mini_cnn": rows[-1]["note"]}})
-    two = recipe_from_dict(tiny_recipe("wide2", pool=POOL, study={"storage": f"sqlite:///{cwd}/studies/wide2.db",
-                                                                  "objectives": ["accuracy", "latency_ms"],
-                                                                  "pruner": "none"}))
+            comp.add_trial(
+                create_trial(
+                    value=0.5 + 0.04 * n - 0.01 * k,
+                    params=_params(n),
+                    distributions={"model": CategoricalDistribution(LABELS), **HP},
+                    user_attrs={"confirms": n, "seed_index": k},
+                )
+            )
+    rows = [
+        {
+            "entry": e,
+            "status": "ok",
+            "logme": 0.1 * i,
+            "probe": 0.5,
+            "knn": 0.4,
+            "note": "",
+            "dim": 512,
+            "seconds": 1.0,
+            "cached": False,
+        }
+        for i, e in enumerate(LABELS[1:])
+    ]
+    rows.append(
+        {
+            "entry": "mini_cnn",
+            "status": "scratch",
+            "logme": None,
+            "probe": None,
+            "knn": None,
+            "note": "scratch: not rankable " + "and a long reason " * 6,
+            "dim": None,
+            "seconds": None,
+            "cached": False,
+        }
+    )
+    study.set_user_attr(
+        "rank",
+        {
+            "rows": rows,
+            "by": "logme",
+            "keep": None,
+            "order": LABELS[1:] + ["mini_cnn"],
+            "dropped": [],
+            "unranked": {"mini_cnn": rows[-1]["note"]},
+        },
+    )
+    two = recipe_from_dict(
+        tiny_recipe(
+            "wide2",
+            pool=POOL,
+            study={
+                "storage": f"sqlite:///{cwd}/studies/wide2.db",
+                "objectives": ["accuracy", "latency_ms"],
+                "pruner": "none",
+            },
+        )
+    )
     study2 = st.open_study(two)
     for i in range(10):
         _add(study2, i, [0.5 + 0.04 * i, 10.0 + 3 * i])
@@ -90,14 +163,19 @@ def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     _assert_fits(out, "report")
-    for head in ("leaderboard (validation accuracy)", "top 3 trials:", "confirmed over seeds",
-                 "rank before the search", "parameter importances"):
+    for head in (
+        "leaderboard (validation accuracy)",
+        "top 3 trials:",
+        "confirmed over seeds",
+        "rank before the search",
+        "parameter importances",
+    ):
         assert head in out
-    board = out[:out.index("top 3 trials:")]
+    board = out[: out.index("top 3 trials:")]
     entries = [line.split("  ")[1].strip() for line in board.splitlines() if line.startswith("  ")][2:]
     assert len(entries) == 5 and len(set(entries)) == 5, entries  # shortened, still told apart
     assert any(e.startswith("mini_cnn_with") and "…" in e for e in entries)
-    hp_lines = out[out.index("top 3 trials:"):out.index("confirmed over seeds")].splitlines()
+    hp_lines = out[out.index("top 3 trials:") : out.index("confirmed over seeds")].splitlines()
     assert any(line.startswith(" " * 20) and "step_size=" in line for line in hp_lines)  # wrapped, not cut
 
     wide = run_cli("report", "wide", "--wide", cwd=wide_studies)
@@ -137,7 +215,7 @@ def test_best_confirm_models_and_validate_fit(wide_studies, tmp_path):
     assert len(rows) == 9
     # aligned: every row's params column ends where the header's does
     end = header.index("params") + len("params")
-    assert all(r[end - 1] != " " and r[end:end + 2] in ("  ", "") for r in rows), rows
+    assert all(r[end - 1] != " " and r[end : end + 2] in ("  ", "") for r in rows), rows
     assert "params: counted with an ImageNet head (1,000 classes; mini_cnn 10)" in models.stdout
 
     name = "timm/mobilenetv3_large_100.ra4_e3600_r224_in1k"
@@ -168,8 +246,9 @@ def test_shorten_all_tells_names_apart():
     assert all(len(v) <= 20 for v in short.values()) and len(set(short.values())) == 3
     assert short["mini_cnn"] == "mini_cnn"
     assert text.shorten("abcdefghij", 5) == "ab…ij" and text.shorten("abc", 5) == "abc"
-    lines = text.table(["name", "n", "notes"], [[n, i, "word " * 30] for i, n in enumerate(names)],
-                       right=[False, True], wrap=True)
+    lines = text.table(
+        ["name", "n", "notes"], [[n, i, "word " * 30] for i, n in enumerate(names)], right=[False, True], wrap=True
+    )
     assert max(map(len, lines)) <= WIDTH and sum(line.startswith(" ") for line in lines) >= 3
 
 
@@ -178,9 +257,15 @@ def test_running_study_state_counts_and_empty_top(tmp_path):
     """No complete trial: the report says so, with the states, instead of an empty 'top 3 trials:'."""
     recipe = recipe_from_dict(tiny_recipe("empty", study={"storage": f"sqlite:///{tmp_path}/e.db"}))
     study = st.open_study(recipe)
-    study.add_trial(create_trial(state=TrialState.PRUNED, params={"model": "mini_cnn"},
-                                 distributions={"model": CategoricalDistribution(["mini_cnn"])},
-                                 user_attrs={"pool_label": "mini_cnn"}, intermediate_values={1: 0.3}))
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={"model": "mini_cnn"},
+            distributions={"model": CategoricalDistribution(["mini_cnn"])},
+            user_attrs={"pool_label": "mini_cnn"},
+            intermediate_values={1: 0.3},
+        )
+    )
     proc = run_cli("report", "empty", "--storage", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "top trials: none yet, no trial has completed (1 pruned)" in proc.stdout

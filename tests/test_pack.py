@@ -19,16 +19,19 @@ from search import pack
 GIB = 2**30
 
 
-@pytest.mark.parametrize(("free", "need", "running", "tpg", "ok"), [
-    (0, 120 * GIB, 0, "auto", True),  # alone: a model larger than the GPU still runs (micro-batches)
-    (60 * GIB, 50 * GIB, 1, "auto", True),  # 50 + 7 margin <= 60
-    (56 * GIB, 50 * GIB, 1, "auto", False),  # 50 + 7 > 56: waits
-    (57 * GIB, 50 * GIB, 3, "auto", True),  # exactly probe + margin
-    (130 * GIB, 1 * GIB, 7, "auto", True),  # small models: many at once
-    (130 * GIB, 1 * GIB, 2, 3, True),  # a fixed number ignores memory ...
-    (130 * GIB, 1 * GIB, 3, 3, False),  # ... and caps the count
-    (0, 1 * GIB, 1, 2, True),
-])
+@pytest.mark.parametrize(
+    ("free", "need", "running", "tpg", "ok"),
+    [
+        (0, 120 * GIB, 0, "auto", True),  # alone: a model larger than the GPU still runs (micro-batches)
+        (60 * GIB, 50 * GIB, 1, "auto", True),  # 50 + 7 margin <= 60
+        (56 * GIB, 50 * GIB, 1, "auto", False),  # 50 + 7 > 56: waits
+        (57 * GIB, 50 * GIB, 3, "auto", True),  # exactly probe + margin
+        (130 * GIB, 1 * GIB, 7, "auto", True),  # small models: many at once
+        (130 * GIB, 1 * GIB, 2, 3, True),  # a fixed number ignores memory ...
+        (130 * GIB, 1 * GIB, 3, 3, False),  # ... and caps the count
+        (0, 1 * GIB, 1, 2, True),
+    ],
+)
 def test_admission_rule_given_measured_numbers(free, need, running, tpg, ok):
     margin = pack.margin_bytes(140 * GIB, 0.05)
     assert margin == 7 * GIB
@@ -99,8 +102,9 @@ def test_a_gpu_slot_waits_for_memory_and_for_the_running_trial(tmp_path, monkeyp
 
         threading.Thread(target=finish_other).start()
         cpu = torch.device("cpu")
-        with pack.gpu_slot([cpu], 45 * GIB, "auto", 0.05, on_wait=said.append,
-                           measure=lambda d: (free[0], 90 * GIB), ledgers=[ledger]) as placed:
+        with pack.gpu_slot(
+            [cpu], 45 * GIB, "auto", 0.05, on_wait=said.append, measure=lambda d: (free[0], 90 * GIB), ledgers=[ledger]
+        ) as placed:
             assert time.monotonic() - t0 >= 0.3  # 45 + 4.5 GiB did not fit in 40 while the other ran
             assert placed == cpu and json.loads(ledger.read_text()) == {str(os.getpid()): 45 * GIB}
         assert said == ["waiting for GPU memory: 45.00 GiB + margin needed; cpu: 40.00 GiB free, 1 running"]
@@ -122,12 +126,14 @@ def test_a_trial_takes_the_gpu_that_admits_it(tmp_path):
         l0.write_text(json.dumps({str(other.pid): 70 * GIB}))
         l1.write_text(json.dumps({str(other.pid): 2 * GIB, str(os.getppid()): 2 * GIB}))
         free = {g0: 10 * GIB, g1: 60 * GIB}
-        with pack.gpu_slot([g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB),
-                           ledgers=[l0, l1]) as placed:
+        with pack.gpu_slot(
+            [g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB), ledgers=[l0, l1]
+        ) as placed:
             assert placed == g1 and str(os.getpid()) in json.loads(l1.read_text())
         free[g0] = 70 * GIB  # now both admit: the one with fewer trials is tried first
-        with pack.gpu_slot([g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB),
-                           ledgers=[l0, l1]) as placed:
+        with pack.gpu_slot(
+            [g0, g1], 20 * GIB, "auto", 0.05, measure=lambda d: (free[d], 80 * GIB), ledgers=[l0, l1]
+        ) as placed:
             assert placed == g0
     finally:
         other.kill()

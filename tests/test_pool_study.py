@@ -38,7 +38,11 @@ def test_mixed_resolution_pool_runs_on_cpu(tmp_path, monkeypatch):
     assert set(seen) == {"mini_cnn", "vit_tiny@64"}  # baselines: every entry at least once
     vit, cnn = seen["vit_tiny@64"], seen["mini_cnn"]
     assert (vit["input_resolution"], cnn["input_resolution"]) == (64, 32)
-    assert (vit["weight_source"], vit["imagenet_overlap"], vit["tag"]) == ("in21k_ft_in1k", "full", "augreg_in21k_ft_in1k")
+    assert (vit["weight_source"], vit["imagenet_overlap"], vit["tag"]) == (
+        "in21k_ft_in1k",
+        "full",
+        "augreg_in21k_ft_in1k",
+    )
     assert (cnn["weight_source"], cnn["imagenet_overlap"]) == ("none", "none")
     assert vit["arch"] == "vit_tiny" and vit["channel_reduce"] == "sum"
     assert 5_000_000 < vit["params"] < 6_000_000 and 90_000 < cnn["params"] < 100_000
@@ -52,8 +56,14 @@ def _data(overlap: str) -> Data:
 
 
 def test_leakage_guard_names_entries_and_fair_choices():
-    entries = parse_pool(["resnet_18", {"model": "resnet_18", "pretrained": False}, "timm/convnext_tiny.fb_in22k",
-                          "timm/resnet50.fb_ssl_yfcc100m_ft_in1k"])
+    entries = parse_pool(
+        [
+            "resnet_18",
+            {"model": "resnet_18", "pretrained": False},
+            "timm/convnext_tiny.fb_in22k",
+            "timm/resnet50.fb_ssl_yfcc100m_ft_in1k",
+        ]
+    )
     msg = leakage_warning(entries, _data("semantic"))
     assert "resnet_18, timm/convnext_tiny.fb_in22k." in msg
     assert "resnet_18-scratch" not in msg and "fb_ssl" not in msg.split("fairer")[0]

@@ -20,8 +20,10 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _recipe(tmp_path, name: str):
-    return write_recipe(tmp_path / "r.yaml", tiny_recipe(name=name, study={"n_trials": 2}, train={"epochs": 3},
-                                                         data={"max_samples": 600}))
+    return write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(name=name, study={"n_trials": 2}, train={"epochs": 3}, data={"max_samples": 600}),
+    )
 
 
 def _in_terminal(args: list[str], cwd) -> tuple[int, str]:
@@ -29,8 +31,9 @@ def _in_terminal(args: list[str], cwd) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # rows, columns
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm", "COLUMNS": "100", "LINES": "40"}
-    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, stdin=slave, stdout=slave,
-                            stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", *args], cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env
+    )
     os.close(slave)
     chunks = []
     while True:

@@ -49,8 +49,14 @@ def reference_logme(f: np.ndarray, labels: np.ndarray) -> float:
         a = alpha * np.eye(d) + beta * ftf
         m = beta * np.linalg.solve(a, f.T @ y)
         _, logdet = np.linalg.slogdet(a)
-        ev = (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
-              - beta / 2 * np.sum((f @ m - y) ** 2) - alpha / 2 * (m @ m) - logdet / 2)
+        ev = (
+            n / 2 * np.log(beta)
+            + d / 2 * np.log(alpha)
+            - n / 2 * np.log(2 * np.pi)
+            - beta / 2 * np.sum((f @ m - y) ** 2)
+            - alpha / 2 * (m @ m)
+            - logdet / 2
+        )
         out.append(ev / n)
     return float(np.mean(out))
 
@@ -130,11 +136,13 @@ def test_linear_probe_is_deterministic_and_scale_free():
 
 
 def test_order_and_decision_keep_unranked_entries():
-    rows = [{"entry": "a", "status": "ok", "logme": 0.1, "note": ""},
-            {"entry": "b", "status": "scratch", "logme": None, "note": "scratch: not rankable"},
-            {"entry": "c", "status": "ok", "logme": 0.5, "note": ""},
-            {"entry": "d", "status": "failed", "logme": None, "note": "weights missing"},
-            {"entry": "e", "status": "ok", "logme": 0.3, "note": ""}]
+    rows = [
+        {"entry": "a", "status": "ok", "logme": 0.1, "note": ""},
+        {"entry": "b", "status": "scratch", "logme": None, "note": "scratch: not rankable"},
+        {"entry": "c", "status": "ok", "logme": 0.5, "note": ""},
+        {"entry": "d", "status": "failed", "logme": None, "note": "weights missing"},
+        {"entry": "e", "status": "ok", "logme": 0.3, "note": ""},
+    ]
     ranked = rank.order(rows, "logme")
     assert [r["entry"] for r in ranked] == ["c", "e", "a", "b", "d"]
     d = rank.decide(ranked, keep=2, by="logme")
@@ -162,7 +170,9 @@ def _train(epochs: int, data, seed: int = 0):
     from search.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 
     torch.manual_seed(seed)
-    model = build_model({"model": "timm/resnet18.a1_in1k", "pretrained": False}, num_classes=10, in_chans=3, resolution=RES)
+    model = build_model(
+        {"model": "timm/resnet18.a1_in1k", "pretrained": False}, num_classes=10, in_chans=3, resolution=RES
+    )
     x = eval_input(data.train.x.expand(-1, 3, -1, -1), RES, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     x, y = x[:N_TRAIN], data.train.y[:N_TRAIN]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -195,8 +205,12 @@ def known_caches(tmp_path_factory):
 def _known_recipe(name: str, **over) -> dict:
     from tests.conftest import tiny_recipe
 
-    base = {"pool": [{"model": m, "resolution": RES} for m in KNOWN] + ["mini_cnn"], "rank": {"max_images": N_TRAIN},
-            "train": {"channel_reduce": "sum"}, "data": {"max_samples": None}}
+    base = {
+        "pool": [{"model": m, "resolution": RES} for m in KNOWN] + ["mini_cnn"],
+        "rank": {"max_images": N_TRAIN},
+        "train": {"channel_reduce": "sum"},
+        "data": {"max_samples": None},
+    }
     for key, value in over.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return tiny_recipe(name, **base)
@@ -235,8 +249,12 @@ def test_scores_rank_checkpoints_of_known_quality(known_caches, monkeypatch, tmp
 def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
     from tests.conftest import run_cli, write_recipe
 
-    env = {"HF_HUB_CACHE": str(known_caches / "hf"), "TORCH_HOME": str(known_caches / "torch"),
-           "HF_HUB_OFFLINE": "1", "SEARCH_DATA": str(tmp_path / "data")}
+    env = {
+        "HF_HUB_CACHE": str(known_caches / "hf"),
+        "TORCH_HOME": str(known_caches / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        "SEARCH_DATA": str(tmp_path / "data"),
+    }
     write_recipe(tmp_path / "r.yaml", _known_recipe("cli", rank={"max_images": 300, "by": "knn"}))
     proc = run_cli("rank", "r.yaml", "-q", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -263,13 +281,25 @@ def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
 
     from tests.conftest import run_cli, write_recipe
 
-    env = {"HF_HUB_CACHE": str(known_caches / "hf"), "TORCH_HOME": str(known_caches / "torch"),
-           "HF_HUB_OFFLINE": "1", "SEARCH_DATA": str(tmp_path / "data")}
+    env = {
+        "HF_HUB_CACHE": str(known_caches / "hf"),
+        "TORCH_HOME": str(known_caches / "torch"),
+        "HF_HUB_OFFLINE": "1",
+        "SEARCH_DATA": str(tmp_path / "data"),
+    }
     name = f"keep2-{uuid.uuid4().hex[:8]}"
     labels = [f"{m}@{RES}" for m in KNOWN]
-    write_recipe(tmp_path / "r.yaml", _known_recipe(
-        name, pool=[{"model": m, "resolution": RES} for m in KNOWN], study={"n_trials": 3, "rank": {"keep": 2, "order": True}},
-        data={"max_samples": 300}, rank={"max_images": 300}, train={"epochs": 1}))
+    write_recipe(
+        tmp_path / "r.yaml",
+        _known_recipe(
+            name,
+            pool=[{"model": m, "resolution": RES} for m in KNOWN],
+            study={"n_trials": 3, "rank": {"keep": 2, "order": True}},
+            data={"max_samples": 300},
+            rank={"max_images": 300},
+            train={"epochs": 1},
+        ),
+    )
     proc = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"rank: keeping {labels[0]}, {labels[1]}; dropped {labels[2]}" in proc.stdout
@@ -311,19 +341,29 @@ def test_report_tau_matches_scipy_and_direction():
     for direction, metric in (("maximize", "accuracy"), ("minimize", "loss")):
         recipe = recipe_from_dict(tiny_recipe("tau", pool=["mini_cnn"], study={"metric": metric}))
         study = optuna.create_study(direction=direction)
-        rows = [{"entry": e, "status": "ok", "logme": lg, "probe": p, "knn": k, "note": ""}
-                for e, lg, p, k in (("a", 0.9, 0.8, 0.7), ("b", 0.5, 0.9, 0.6), ("c", 0.1, 0.3, 0.8))]
-        study.set_user_attr("rank", {"rows": rows, "by": "logme", "keep": None, "order": ["a", "b", "c"],
-                                     "dropped": [], "unranked": {}})
+        rows = [
+            {"entry": e, "status": "ok", "logme": lg, "probe": p, "knn": k, "note": ""}
+            for e, lg, p, k in (("a", 0.9, 0.8, 0.7), ("b", 0.5, 0.9, 0.6), ("c", 0.1, 0.3, 0.8))
+        ]
+        study.set_user_attr(
+            "rank", {"rows": rows, "by": "logme", "keep": None, "order": ["a", "b", "c"], "dropped": [], "unranked": {}}
+        )
         best = {"a": 0.95, "b": 0.90, "c": 0.40}
         for e, v in best.items():
-            study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=v if direction == "maximize" else -v,
-                                                      user_attrs={"pool_label": e}))
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={},
+                    distributions={},
+                    value=v if direction == "maximize" else -v,
+                    user_attrs={"pool_label": e},
+                )
+            )
         taus = report.rank_tau(study, recipe)
         sign = 1 if direction == "maximize" else -1
         for k in ("logme", "probe", "knn"):
-            want = kendalltau([r[k] for r in rows], [sign * (best[r["entry"]] if sign > 0 else -best[r["entry"]])
-                                                     for r in rows]).statistic
+            want = kendalltau(
+                [r[k] for r in rows], [sign * (best[r["entry"]] if sign > 0 else -best[r["entry"]]) for r in rows]
+            ).statistic
             assert taus[k] == (pytest.approx(want), 3)
         assert taus["logme"][0] == pytest.approx(1.0)  # logme orders a > b > c, as fine-tuning did
         text = report.rank_text(study, recipe)

@@ -31,17 +31,25 @@ def readme_commands(sections=SECTIONS) -> list[str]:
     for name in sections:
         body = re.search(rf"^## {re.escape(name)}\n(.*?)(?=^## )", text, re.S | re.M).group(1)
         for block in re.findall(r"^```[a-z]*\n(.*?)^```", body, re.S | re.M):
-            out += [line.removeprefix("$ ") for line in block.splitlines()
-                    if line.removeprefix("$ ").startswith("python -m search ")]
+            out += [
+                line.removeprefix("$ ")
+                for line in block.splitlines()
+                if line.removeprefix("$ ").startswith("python -m search ")
+            ]
     return out
 
 
 def activated_env(tmp: Path) -> dict[str, str]:
     """What `. .venv/bin/activate` gives: the environment's bin first on PATH."""
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-            "VIRTUAL_ENV": str(Path(sys.executable).parent.parent), "PYTHONPATH": str(ROOT),
-            "OMP_NUM_THREADS": "1", "HOME": str(tmp)}
+    return {
+        **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(tmp),
+    }
 
 
 def small_demo(cwd: Path) -> None:
@@ -57,14 +65,17 @@ def small_demo(cwd: Path) -> None:
 def test_readme_lists_the_commands_it_promises():
     cmds = readme_commands()
     assert len(cmds) >= 14 and all("NAME" not in c and " URL " not in c for c in cmds), cmds
-    assert readme_commands(("Using it",))[0] == "python -m search validate recipes/digits.yaml       " \
-                                                "# check a recipe, print the search space"
+    assert (
+        readme_commands(("Using it",))[0] == "python -m search validate recipes/digits.yaml       "
+        "# check a recipe, print the search space"
+    )
 
 
 def _dashboard(cmd: str, cwd: Path, env: dict) -> None:
     """The dashboard serves forever: it must answer on its port, then it is stopped."""
-    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + 90
         while True:
@@ -86,8 +97,14 @@ def _dashboard(cmd: str, cwd: Path, env: dict) -> None:
 def test_every_readme_command_works_as_written_after_the_demo(tmp_path):
     env = activated_env(tmp_path)
     small_demo(tmp_path)
-    demo = subprocess.run(["bash", "-c", "python -m search run recipes/digits.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # `make demo`, activated
+    demo = subprocess.run(
+        ["bash", "-c", "python -m search run recipes/digits.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # `make demo`, activated
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "browse it (with its artifacts): python -m search dashboard digits" in demo.stdout
     suggested = []
@@ -95,13 +112,15 @@ def test_every_readme_command_works_as_written_after_the_demo(tmp_path):
         if " dashboard " in cmd:
             _dashboard(cmd, tmp_path, env)
             continue
-        proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
         printed = proc.stdout + proc.stderr
         suggested += [m.group(0) for m in re.finditer(r"\S*python\S* -m search \S+", printed)]
         progress = re.compile(r"^(\[[#.]+\] |trial +\d+ |retrain )")  # progress lines: not tables
-        assert all(len(line) <= 100 for line in proc.stdout.splitlines()
-                   if "-m search" not in line and not progress.match(line)), (cmd, proc.stdout)
+        assert all(
+            len(line) <= 100
+            for line in proc.stdout.splitlines()
+            if "-m search" not in line and not progress.match(line)
+        ), (cmd, proc.stdout)
     assert suggested and all(s.startswith("python -m search ") for s in suggested), suggested
     assert (tmp_path / "best.yaml").is_file() and (tmp_path / "studies" / "digits" / "retrain").is_dir()

@@ -46,18 +46,26 @@ def test_overrides_apply_and_are_validated(tmp_path):
 @pytest.mark.parametrize(
     "over, expected",
     [
-        ({"train": {"epoch": 3}}, r"train: unknown key 'epoch' \(did you mean 'epochs'\?\); allowed keys: .*batch_size"),
+        (
+            {"train": {"epoch": 3}},
+            r"train: unknown key 'epoch' \(did you mean 'epochs'\?\); allowed keys: .*batch_size",
+        ),
         ({"train": {"epochs": "many"}}, r"train.epochs: .*valid integer.*\"many\""),
-        ({"study": {"name": "x", "sampler": "tpee"}},
-         r"study.sampler.name: 'tpee' is not allowed \(did you mean 'tpe'\?\); allowed: tpe, nsga2, random, gp, "
-         r"cmaes, qmc"),
+        (
+            {"study": {"name": "x", "sampler": "tpee"}},
+            r"study.sampler.name: 'tpee' is not allowed \(did you mean 'tpe'\?\); allowed: tpe, nsga2, random, gp, "
+            r"cmaes, qmc",
+        ),
         ({"study": {"name": "x", "metric": "acc"}}, r"study.metric: 'acc' is not allowed.*allowed: accuracy"),
         ({"pool": []}, r"pool: .*at least 1 item"),
         ({"pool": ["resnet18"]}, r"pool\[0\]: unknown model 'resnet18' \(did you mean 'resnet_18'\?\)"),
         ({"pool": ["mini_cnn", "mini_cnn"]}, r"pool\[1\]: duplicate label 'mini_cnn'"),
         ({"space": {"overrides": {"lr": {"low": 1, "high": 0.1}}}}, r"space.overrides.lr: low 1.0 > high 0.1"),
         ({"space": {"overrides": {"lr": {"low": 0, "high": 0.1, "log": True}}}}, r"log range needs low > 0"),
-        ({"space": {"overrides": {"lrr": {"low": 0.1, "high": 1}}}}, r"unknown parameter 'lrr' \(did you mean 'lr'\?\)"),
+        (
+            {"space": {"overrides": {"lrr": {"low": 0.1, "high": 1}}}},
+            r"unknown parameter 'lrr' \(did you mean 'lr'\?\)",
+        ),
         ({"space": {"overrides": {"optimizer": "adam"}}}, r"space.overrides.optimizer: 'adam' is not a valid value"),
         ({"data": {"dataset": "cifar1O"}}, r"data.dataset: unknown dataset 'cifar1O' \(did you mean 'cifar10'\?\)"),
         ({"extra": 1}, r"recipe: unknown key 'extra'; allowed keys: data, hardware, pool, rank, space, study, train"),

@@ -21,7 +21,9 @@ def test_every_attribute_of_a_real_study_is_declared_in_the_record(demo_study):
     assert METRIC_KEYS <= declared
     for t in study.get_trials():
         assert set(t.user_attrs) <= declared, set(t.user_attrs) - declared
-    assert {k for k in study.user_attrs if not k.startswith("memory_probe:")} <= set(typing.get_type_hints(record.StudyAttrs))
+    assert {k for k in study.user_attrs if not k.startswith("memory_probe:")} <= set(
+        typing.get_type_hints(record.StudyAttrs)
+    )
     v = study.user_attrs["versions"]
     assert v["torch"] == torch.__version__.split("+")[0] or v["torch"] == torch.__version__
     assert v["optuna"] == optuna.__version__ and set(v) >= {"search", "torch", "torchvision", "timm", "optuna"}

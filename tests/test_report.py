@@ -57,8 +57,13 @@ def test_leaderboard_numbers_equal_the_trials(demo_study):
     assert lines[3] == "weight source none (ImageNet overlap none):"
     assert lines[4].split()[:2] == ["mini_cnn", f"{max(values):.4f}"]
     first = lines[lines.index("top 2 trials:") + 3]
-    assert first.split()[:5] == ["1", str(ranked[0].number), "mini_cnn", f"{ranked[0].value:.4f}",
-                                 str(ranked[0].user_attrs["best_epoch"])]
+    assert first.split()[:5] == [
+        "1",
+        str(ranked[0].number),
+        "mini_cnn",
+        f"{ranked[0].value:.4f}",
+        str(ranked[0].user_attrs["best_epoch"]),
+    ]
     assert all(len(line) <= 100 for line in lines)
 
 
@@ -68,8 +73,9 @@ def test_report_command_writes_tables_and_plots(demo_study):
     assert proc.returncode == 0, proc.stderr
     assert "leaderboard (validation accuracy)" in proc.stdout and "top 3 trials:" in proc.stdout
     out = demo_study / "studies" / "tiny" / "report"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["leaderboard.md", "leaderboard.csv", "trials.csv",
-                                                            *report.PLOTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["leaderboard.md", "leaderboard.csv", "trials.csv", *report.PLOTS]
+    )
     recipe, study = _load(demo_study)
     with (out / "leaderboard.csv").open() as f:
         [row] = list(csv.DictReader(f))
@@ -78,8 +84,9 @@ def test_report_command_writes_tables_and_plots(demo_study):
         rows = list(csv.DictReader(f))
     assert [float(r["value"]) for r in rows] == [t.value for t in study.get_trials()]
     assert [(r["source"], r["overlap"]) for r in rows] == [("none", "none")] * 3
-    assert ("parameter importances (fANOVA over 3 complete trials; under 20: a rough hint, not a ranking):"
-            in proc.stdout)
+    assert (
+        "parameter importances (fANOVA over 3 complete trials; under 20: a rough hint, not a ranking):" in proc.stdout
+    )
     assert [float(r["lr"]) for r in rows] == [t.params["lr"] for t in study.get_trials()]
     md = (out / "leaderboard.md").read_text()
     assert "| mini_cnn |" in md and "![history](history.png)" in md
@@ -104,8 +111,12 @@ def test_report_on_a_running_study(demo_study, tmp_path):
     assert (row["complete"], row["running"]) == (3, 1)
     assert "1 running" in report.leaderboard_text(study, recipe)
     running = report.running_text(study, recipe)
-    assert running[0] == "running now (1):" and running[3].split()[:4] == [str(trial.number), "mini_cnn", "1/2",
-                                                                          "0.3000"]
+    assert running[0] == "running now (1):" and running[3].split()[:4] == [
+        str(trial.number),
+        "mini_cnn",
+        "1/2",
+        "0.3000",
+    ]
     assert "running now (1):" in report.report_text(study, recipe)
     files = report.write_report(study, recipe, tmp_path / "report")
     with (tmp_path / "report" / "trials.csv").open() as f:
@@ -118,8 +129,9 @@ def test_report_on_a_running_study(demo_study, tmp_path):
 def test_report_of_a_study_without_results_yet(tmp_path):
     """No complete trial: tables are empty, plots say why, importances explain what they need."""
     recipe = recipe_from_dict(tiny_recipe())
-    study = optuna.create_study(study_name="tiny", direction="maximize",
-                                storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None))
+    study = optuna.create_study(
+        study_name="tiny", direction="maximize", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
+    )
     t = study.ask()
     t.suggest_categorical("model", ["mini_cnn"])
     study.tell(t, state=TrialState.PRUNED)
@@ -144,15 +156,18 @@ def test_progress_line():
     t.set_user_attr("sec_per_epoch", 1.125)
     study.tell(t, 0.875)
     line = report.trial_line(study, study.trials[0], 3, 12, "accuracy")
-    assert line == ("[##........] 3/12 trial   0 mini_cnn             val_accuracy 0.8750  "
-                    "best 0.8750 (trial 0)  2.2s")
+    assert line == ("[##........] 3/12 trial   0 mini_cnn             val_accuracy 0.8750  best 0.8750 (trial 0)  2.2s")
     t = study.ask()
     t.suggest_categorical("model", ["mini_cnn"])
     t.set_user_attr("pool_label", "timm/convnext_tiny.fb_in22k_ft_in1k@112")
     t.set_user_attr("fail_reason", "invalid combination: " + "x" * 200)
     study.tell(t, state=TrialState.FAIL)
     long = report.trial_line(study, study.trials[1], 30, 120, "accuracy")
-    assert len(long) == 100 and long.endswith("…  best 0.8750 (trial 0)  0.0s") and f"trial   1 {shorten(t.user_attrs['pool_label'], 20)} failed: invalid" in long
+    assert (
+        len(long) == 100
+        and long.endswith("…  best 0.8750 (trial 0)  0.0s")
+        and f"trial   1 {shorten(t.user_attrs['pool_label'], 20)} failed: invalid" in long
+    )
     t = study.ask()  # ended before sampling: nothing to say
     study.tell(t, state=TrialState.FAIL)
     assert report.trial_line(study, study.trials[2], 3, 12, "accuracy") == ""
@@ -170,9 +185,11 @@ def test_best_yaml_reads_as_the_winner(demo_study, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"best trial {best.number} (mini_cnn, val accuracy {best.value:.4f})" in printed
     content = out.read_text()
-    assert content.startswith(f"# Best trial {best.number} of study 'tiny': mini_cnn, val accuracy "
-                              f"{best.value:.4f} (epoch {best.user_attrs['best_epoch']}), "
-                              f"seed {best.user_attrs['seed']}.\n")
+    assert content.startswith(
+        f"# Best trial {best.number} of study 'tiny': mini_cnn, val accuracy "
+        f"{best.value:.4f} (epoch {best.user_attrs['best_epoch']}), "
+        f"seed {best.user_attrs['seed']}.\n"
+    )
     won = {k: v for k, v in best.params.items() if k != "model"}
     raw = yaml.safe_load(content)
     assert list(raw)[:2] == ["pool", "train"] and raw["pool"] == ["mini_cnn"]
@@ -199,12 +216,14 @@ def test_best_of_a_focal_trial_exports_a_recipe_that_loads(tmp_path):
     from search.selection import best_recipe
     from tests.conftest import tiny_recipe
 
-    recipe = recipe_from_dict(tiny_recipe(space={"preset": "quick", "overrides": {"loss": ["ce", "focal"]}},
-                                          train={"label_smoothing": 0.1}))
+    recipe = recipe_from_dict(
+        tiny_recipe(space={"preset": "quick", "overrides": {"loss": ["ce", "focal"]}}, train={"label_smoothing": 0.1})
+    )
     study = optuna.create_study(direction="maximize")
     dists = {"model": CategoricalDistribution(["mini_cnn"]), "loss": CategoricalDistribution(["ce", "focal"])}
-    study.add_trial(optuna.trial.create_trial(params={"model": "mini_cnn", "loss": "focal"}, distributions=dists,
-                                              value=0.9))
+    study.add_trial(
+        optuna.trial.create_trial(params={"model": "mini_cnn", "loss": "focal"}, distributions=dists, value=0.9)
+    )
     exported = recipe_from_dict(best_recipe(study, recipe, study.trials[0]))
     assert space.resolve(exported) == ({}, {})
     assert exported.train.loss == "focal" and exported.train.label_smoothing == 0.0
@@ -221,9 +240,16 @@ def test_curves_show_one_epoch_trials_as_markers(tmp_path):
     study = optuna.create_study(direction="maximize")
     dist = {"model": optuna.distributions.CategoricalDistribution(["mini_cnn"])}
     for state, curve in ((TrialState.COMPLETE, {1: 0.5, 2: 0.7}), (TrialState.PRUNED, {1: 0.2})):
-        study.add_trial(optuna.trial.create_trial(state=state, value=0.7 if state == TrialState.COMPLETE else None,
-                                                  params={"model": "mini_cnn"}, distributions=dist,
-                                                  user_attrs={"pool_label": "mini_cnn"}, intermediate_values=curve))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=0.7 if state == TrialState.COMPLETE else None,
+                params={"model": "mini_cnn"},
+                distributions=dist,
+                user_attrs={"pool_label": "mini_cnn"},
+                intermediate_values=curve,
+            )
+        )
     fig, ax = plt.subplots()
     report.plot_curves(study, recipe, ax)
     lines = ax.get_lines()
@@ -235,21 +261,26 @@ def test_curves_show_one_epoch_trials_as_markers(tmp_path):
 
 
 def test_importances_say_how_many_trials_they_rest_on(tmp_path):
-    dists = {"model": optuna.distributions.CategoricalDistribution(["mini_cnn"]),
-             "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-             "dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    dists = {
+        "model": optuna.distributions.CategoricalDistribution(["mini_cnn"]),
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "dropout": optuna.distributions.FloatDistribution(0.0, 0.5),
+    }
 
     def study_of(n):
         s = optuna.create_study(direction="maximize")
         for i in range(n):
-            lr, dropout = 1e-4 * 1.4 ** i, (i * 7 % 10) / 20
+            lr, dropout = 1e-4 * 1.4**i, (i * 7 % 10) / 20
             params = {"model": "mini_cnn", "lr": lr, "dropout": dropout}
             s.add_trial(optuna.trial.create_trial(value=lr * 10 + dropout / 100, params=params, distributions=dists))
         return s
 
     few = " ".join(line.strip() for line in report.importance_text(study_of(5)))
-    assert few.startswith("parameter importances (fANOVA over 5 complete trials; under 20: a rough hint, "
-                          "not a ranking): ") and "lr 0." in few and "dropout 0." in few
+    assert (
+        few.startswith("parameter importances (fANOVA over 5 complete trials; under 20: a rough hint, not a ranking): ")
+        and "lr 0." in few
+        and "dropout 0." in few
+    )
     many = " ".join(line.strip() for line in report.importance_text(study_of(20)))
     assert many.startswith("parameter importances (fANOVA over 20 complete trials): lr ")
     imp = report.importances(study_of(20))
@@ -260,14 +291,30 @@ def test_leaderboard_groups_entries_by_weight_source():
     recipe = recipe_from_dict(tiny_recipe())
     study = optuna.create_study(direction="maximize")
     dist = {"model": optuna.distributions.CategoricalDistribution(["a", "b", "c"])}
-    for label, source, overlap, v in (("a", "in1k", "full", 0.9), ("b", "none", "none", 0.95),
-                                      ("c", "in1k", "full", 0.8), ("b", "none", "none", 0.85)):
-        study.add_trial(optuna.trial.create_trial(value=v, params={"model": label}, distributions=dist,
-                                                  user_attrs={"pool_label": label, "weight_source": source,
-                                                              "imagenet_overlap": overlap}))
+    for label, source, overlap, v in (
+        ("a", "in1k", "full", 0.9),
+        ("b", "none", "none", 0.95),
+        ("c", "in1k", "full", 0.8),
+        ("b", "none", "none", 0.85),
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=v,
+                params={"model": label},
+                distributions=dist,
+                user_attrs={"pool_label": label, "weight_source": source, "imagenet_overlap": overlap},
+            )
+        )
     lines = report.leaderboard_text(study, recipe).splitlines()
     assert [line.split()[0] if line.startswith("  ") else line for line in lines[3:]] == [
-        "weight source none (ImageNet overlap none):", "b", "weight source in1k (ImageNet overlap full):", "a", "c"]
-    assert report.source_rows(study, recipe) == [["none", "none", "b", "0.9500", 2],
-                                                 ["in1k", "full", "a, c", "0.9000", 2]]
+        "weight source none (ImageNet overlap none):",
+        "b",
+        "weight source in1k (ImageNet overlap full):",
+        "a",
+        "c",
+    ]
+    assert report.source_rows(study, recipe) == [
+        ["none", "none", "b", "0.9500", 2],
+        ["in1k", "full", "a, c", "0.9000", 2],
+    ]
     assert "| in1k | full | a, c | 0.9000 | 2 |" in report.markdown(study, recipe)

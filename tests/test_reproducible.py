@@ -17,9 +17,15 @@ from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # fresh processes and workers compared trial by trial
 
-SPACE = {"preset": "quick", "overrides": {"optimizer": "adamw", "lr": {"low": 1e-3, "high": 1e-2, "log": True},
-                                          "weight_decay": {"low": 1e-5, "high": 1e-2, "log": True},
-                                          "batch_size": [16, 32]}}
+SPACE = {
+    "preset": "quick",
+    "overrides": {
+        "optimizer": "adamw",
+        "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+        "weight_decay": {"low": 1e-5, "high": 1e-2, "log": True},
+        "batch_size": [16, 32],
+    },
+}
 
 
 def _curves(url: str, name: str) -> list[tuple[int, dict, dict, str]]:
@@ -28,17 +34,31 @@ def _curves(url: str, name: str) -> list[tuple[int, dict, dict, str]]:
 
 
 def test_two_fresh_processes_give_identical_trials_and_best_yaml_reproduces_the_curve(tmp_path):
-    recipe = tiny_recipe(name="twice", study={"n_trials": 8, "sampler": {"name": "tpe", "n_startup_trials": 3},
-                                              "pruner": {"name": "median", "min_trials": 2}},
-                         data={"max_samples": 200}, space=SPACE)
+    recipe = tiny_recipe(
+        name="twice",
+        study={
+            "n_trials": 8,
+            "sampler": {"name": "tpe", "n_startup_trials": 3},
+            "pruner": {"name": "median", "min_trials": 2},
+        },
+        data={"max_samples": 200},
+        space=SPACE,
+    )
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = []
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
         write_recipe(tmp_path / d / "r.yaml", recipe)
-        procs.append(subprocess.Popen([sys.executable, "-m", "search", "run", "r.yaml", "-q"],
-                                      cwd=tmp_path / d, env={**__import__("os").environ, **env},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "search", "run", "r.yaml", "-q"],
+                cwd=tmp_path / d,
+                env={**__import__("os").environ, **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         out, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-2000:]
@@ -52,8 +72,9 @@ def test_two_fresh_processes_give_identical_trials_and_best_yaml_reproduces_the_
     again = run_cli("run", "best.yaml", "-q", cwd=tmp_path / "a", env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     origin = optuna.load_study(study_name="twice", storage=f"sqlite:///{tmp_path}/a/studies/twice.db").best_trial
-    [rerun] = optuna.load_study(study_name="twice-best",
-                                storage=f"sqlite:///{tmp_path}/a/studies/twice-best.db").get_trials()
+    [rerun] = optuna.load_study(
+        study_name="twice-best", storage=f"sqlite:///{tmp_path}/a/studies/twice-best.db"
+    ).get_trials()
     assert rerun.user_attrs["seed"] == origin.user_attrs["seed"]
     assert rerun.intermediate_values == origin.intermediate_values and rerun.value == origin.value
 
@@ -68,12 +89,15 @@ def _draw(study: optuna.Study, recipe, entries) -> optuna.Trial:
 
 @pytest.mark.parametrize("sampler", ["random", "tpe", "qmc", "gp", "cmaes"])
 def test_interleaved_workers_never_repeat_and_a_resume_replays_nothing(sampler, tmp_path):
-    recipe = recipe_from_dict(tiny_recipe(name="s", study={"sampler": {"name": sampler, "n_startup_trials": 4}},
-                                          space=SPACE))
+    recipe = recipe_from_dict(
+        tiny_recipe(name="s", study={"sampler": {"name": sampler, "n_startup_trials": 4}}, space=SPACE)
+    )
     entries = parse_pool(recipe.pool)
     url = f"sqlite:///{tmp_path}/s.db"
-    workers = [optuna.create_study(study_name="s", storage=url, load_if_exists=True,
-                                   sampler=sampling.make_sampler(recipe)) for _ in range(2)]
+    workers = [
+        optuna.create_study(study_name="s", storage=url, load_if_exists=True, sampler=sampling.make_sampler(recipe))
+        for _ in range(2)
+    ]
     asked = [_draw(workers[i % 2], recipe, entries) for i in range(4)]  # 4 running at once, 2 processes
     for t in asked:
         workers[0].tell(t, t.params["lr"])
@@ -104,8 +128,9 @@ def test_random_sampler_resumed_gives_the_same_params_per_trial_number(tmp_path)
 
 def test_a_queued_trial_keeps_its_params_and_its_seed(tmp_path):
     url = f"sqlite:///{tmp_path}/q.db"
-    recipe = recipe_from_dict(tiny_recipe(name="q", study={"n_trials": 2, "storage": url}, train={"epochs": 1},
-                                          data={"max_samples": 100}))
+    recipe = recipe_from_dict(
+        tiny_recipe(name="q", study={"n_trials": 2, "storage": url}, train={"epochs": 1}, data={"max_samples": 100})
+    )
     study = st.open_study(recipe, url)
     study.enqueue_trial({"model": "mini_cnn", "lr": 0.003}, user_attrs={"seed": 12345})
     st.work(recipe, study, quiet=True)
@@ -120,11 +145,17 @@ def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_pa
     from tests.test_storage import database
 
     with database("postgres") as url:
-        write_recipe(tmp_path / "r.yaml", tiny_recipe(
-            name="four", study={"n_trials": 24, "storage": url, "sampler": {"name": sampler, "n_startup_trials": 8}},
-            data={"max_samples": 100}, train={"epochs": 1}, space=SPACE))
-        proc = run_cli("run", "r.yaml", "--workers", "4", "-q", cwd=tmp_path, timeout=600,
-                       env={"OMP_NUM_THREADS": "1"})
+        write_recipe(
+            tmp_path / "r.yaml",
+            tiny_recipe(
+                name="four",
+                study={"n_trials": 24, "storage": url, "sampler": {"name": sampler, "n_startup_trials": 8}},
+                data={"max_samples": 100},
+                train={"epochs": 1},
+                space=SPACE,
+            ),
+        )
+        proc = run_cli("run", "r.yaml", "--workers", "4", "-q", cwd=tmp_path, timeout=600, env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = optuna.load_study(study_name="four", storage=url).get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]

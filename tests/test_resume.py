@@ -28,10 +28,16 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_
 
 def _recipe(name: str, **study) -> dict:
     # ~0.3 s an epoch on one core: long enough to signal a trial between two epochs
-    return tiny_recipe(name=name, study={"n_trials": 2, "heartbeat": 1, **study},
-                       data={"max_samples": 1000}, train={"epochs": 6},
-                       space={"preset": "quick", "overrides": {"optimizer": "adamw", "batch_size": [16],
-                                                              "lr": {"low": 2e-3, "high": 5e-3, "log": True}}})
+    return tiny_recipe(
+        name=name,
+        study={"n_trials": 2, "heartbeat": 1, **study},
+        data={"max_samples": 1000},
+        train={"epochs": 6},
+        space={
+            "preset": "quick",
+            "overrides": {"optimizer": "adamw", "batch_size": [16], "lr": {"low": 2e-3, "high": 5e-3, "log": True}},
+        },
+    )
 
 
 def _metrics(history: list[dict]) -> list[dict]:
@@ -39,9 +45,14 @@ def _metrics(history: list[dict]) -> list[dict]:
 
 
 def _worker(name: str, url: str, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search", "worker", "--study", name, "--no-report"], cwd=cwd,
-                            env={**ENV, "SEARCH_STORAGE": url}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
+        cwd=cwd,
+        env={**ENV, "SEARCH_STORAGE": url},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _reference(tmp_path, name: str) -> dict[int, tuple[list[dict], dict]]:
@@ -106,8 +117,14 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
 
 def test_sigterm_queues_the_trial_again_and_the_printed_command_resumes_it(tmp_path):
     write_recipe(tmp_path / "r.yaml", _recipe("term", heartbeat=20))
-    proc = subprocess.Popen([sys.executable, "-m", "search", "run", "r.yaml"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "run", "r.yaml"],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     _until_epoch(proc, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -131,8 +148,14 @@ def test_sigterm_queues_the_trial_again_and_the_printed_command_resumes_it(tmp_p
 
 def test_ctrl_c_twice_quits_at_once_and_the_trial_is_still_queued_again(tmp_path):
     write_recipe(tmp_path / "r.yaml", _recipe("twice", heartbeat=20))
-    proc = subprocess.Popen([sys.executable, "-m", "search", "run", "r.yaml"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "run", "r.yaml"],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     _until_epoch(proc, 1)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)

@@ -69,7 +69,13 @@ def test_best_then_retrain_reads_the_test_split_once(tmp_path, monkeypatch, spie
     saved = json.loads((tmp_path / "studies/tiny/retrain/test_metrics.json").read_text())
     assert record == saved
     assert record["split"] == "test" and record["pool_label"] == "mini_cnn" and record["epochs"] == 2
-    assert set(record["test_metrics"]) == {"test_loss", "test_accuracy", "test_balanced_accuracy", "test_f1", "test_auc"}
+    assert set(record["test_metrics"]) == {
+        "test_loss",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_f1",
+        "test_auc",
+    }
     acc = record["test_metrics"]["test_accuracy"]
     assert 0.0 <= acc <= 1.0 and f"test_accuracy {acc:.4f}" in out
     best = study.best_trial
@@ -91,15 +97,23 @@ def test_best_then_retrain_reads_the_test_split_once(tmp_path, monkeypatch, spie
     capsys.readouterr()
     assert cli.main(["report", "tiny"]) == 0
     shown = capsys.readouterr().out
-    assert (f"test split (by retrain, evaluated once, n=269): mini_cnn trained on train+val for 2 epochs, seed 0:\n"
-            f"  test_loss {record['test_metrics']['test_loss']:.4f}  test_accuracy {acc:.4f}") in shown
+    assert (
+        f"test split (by retrain, evaluated once, n=269): mini_cnn trained on train+val for 2 epochs, seed 0:\n"
+        f"  test_loss {record['test_metrics']['test_loss']:.4f}  test_accuracy {acc:.4f}"
+    ) in shown
 
 
 def test_retrain_refuses_a_recipe_that_still_searches(tmp_path):
-    f = write_recipe(tmp_path / "search.yaml", tiny_recipe(pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}]))
-    with pytest.raises(retrain.SearchError, match=r"found 2 pool entries; export one with `\S*python\S* -m search best"):
+    f = write_recipe(
+        tmp_path / "search.yaml", tiny_recipe(pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}])
+    )
+    with pytest.raises(
+        retrain.SearchError, match=r"found 2 pool entries; export one with `\S*python\S* -m search best"
+    ):
         retrain.retrain(load_recipe(f))
-    with pytest.raises(retrain.SearchError, match=r"found sampled parameters lr, weight_decay, batch_size, dropout; export"):
+    with pytest.raises(
+        retrain.SearchError, match=r"found sampled parameters lr, weight_decay, batch_size, dropout; export"
+    ):
         retrain.retrain(load_recipe(write_recipe(tmp_path / "one.yaml", tiny_recipe())))
     # A sampled optimizer: momentum's condition reads it and must not fail on its absence.
     f = write_recipe(tmp_path / "opt.yaml", tiny_recipe(space={"preset": "quick", "overrides": {"lr": 0.003}}))
@@ -108,8 +122,25 @@ def test_retrain_refuses_a_recipe_that_still_searches(tmp_path):
 
 
 def test_retrain_needs_its_origin_study(tmp_path):
-    f = write_recipe(tmp_path / "b.yaml", tiny_recipe(study={"name": "x-best", "origin": "x"}, space={
-        "preset": "quick", "overrides": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0, "batch_size": 32,
-                                         "dropout": 0.0, "momentum": None, "backbone_lr_mult": None}}))
-    with pytest.raises(retrain.SearchError, match="study.origin: no study 'x' in sqlite:///.*to record the test metrics on"):
+    f = write_recipe(
+        tmp_path / "b.yaml",
+        tiny_recipe(
+            study={"name": "x-best", "origin": "x"},
+            space={
+                "preset": "quick",
+                "overrides": {
+                    "optimizer": "adamw",
+                    "lr": 0.003,
+                    "weight_decay": 0.0,
+                    "batch_size": 32,
+                    "dropout": 0.0,
+                    "momentum": None,
+                    "backbone_lr_mult": None,
+                },
+            },
+        ),
+    )
+    with pytest.raises(
+        retrain.SearchError, match="study.origin: no study 'x' in sqlite:///.*to record the test metrics on"
+    ):
         retrain.retrain(load_recipe(f), storage=f"sqlite:///{tmp_path}/s.db")

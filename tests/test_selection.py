@@ -24,9 +24,14 @@ DISTS = {"model": CategoricalDistribution(["mini_cnn", "resnet_18"]), "lr": Floa
 
 
 def _add(study, value, label="mini_cnn", lr=1e-3, **attrs):
-    study.add_trial(create_trial(values=value if isinstance(value, list) else [value],
-                                 params={"model": label, "lr": lr}, distributions=DISTS,
-                                 user_attrs={"pool_label": label, **attrs}))
+    study.add_trial(
+        create_trial(
+            values=value if isinstance(value, list) else [value],
+            params={"model": label, "lr": lr},
+            distributions=DISTS,
+            user_attrs={"pool_label": label, **attrs},
+        )
+    )
     return study.get_trials(deepcopy=False)[-1]
 
 
@@ -39,8 +44,14 @@ def _constructed(tmp_path, spread):
     comp = confirm.companion(study, create=True)
     for n, vals in enumerate(spread):
         for i, v in enumerate(vals[1:], start=1):
-            comp.add_trial(create_trial(value=v, params={"model": "mini_cnn", "lr": 1e-3 * (n + 1)},
-                                        distributions=DISTS, user_attrs={"confirms": n, "seed_index": i}))
+            comp.add_trial(
+                create_trial(
+                    value=v,
+                    params={"model": "mini_cnn", "lr": 1e-3 * (n + 1)},
+                    distributions=DISTS,
+                    user_attrs={"confirms": n, "seed_index": i},
+                )
+            )
     return recipe, study
 
 
@@ -81,13 +92,16 @@ def test_winner_stability_on_a_known_spread(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypatch, spied_test_split):  # noqa: F811
     monkeypatch.chdir(tmp_path)
-    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 3, "confirm": {"top_k": 2, "seeds": 3}, "top_k": 1},
-                                          data={"max_samples": 120}))
+    recipe = recipe_from_dict(
+        tiny_recipe(study={"n_trials": 3, "confirm": {"top_k": 2, "seeds": 3}, "top_k": 1}, data={"max_samples": 120})
+    )
     study = st.open_study(recipe)
     st.work(recipe, study, quiet=True)
     assert [r for r in spied_test_split if r[2] != "__len__"] == []  # neither search nor confirmation read test
     main = study.get_trials(deepcopy=False)
-    assert len(main) == 3 and len(workers.counted(main)) == 3 and workers.finished(study) == 3  # nothing added, nothing counted
+    assert (
+        len(main) == 3 and len(workers.counted(main)) == 3 and workers.finished(study) == 3
+    )  # nothing added, nothing counted
     assert all("confirms" not in t.user_attrs for t in main)
     comp = confirm.companion(study)
     runs = comp.get_trials(deepcopy=False)
@@ -107,13 +121,30 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
 
 
 def test_infeasible_trials_are_never_best(tmp_path):
-    recipe = recipe_from_dict(tiny_recipe(study={"name": "f", "storage": f"sqlite:///{tmp_path}/f.db",
-                                                 "constraints": {"params": {"max": 1e6}}}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            study={"name": "f", "storage": f"sqlite:///{tmp_path}/f.db", "constraints": {"params": {"max": 1e6}}}
+        )
+    )
     study = st.open_study(recipe)
-    study.add_trial(create_trial(value=0.99, params={"model": "resnet_18", "lr": 1e-3}, distributions=DISTS,
-                                 user_attrs={"pool_label": "resnet_18"}, system_attrs={"constraints:params": 10.2}))
-    study.add_trial(create_trial(value=0.80, params={"model": "mini_cnn", "lr": 1e-3}, distributions=DISTS,
-                                 user_attrs={"pool_label": "mini_cnn"}, system_attrs={"constraints:params": -0.9}))
+    study.add_trial(
+        create_trial(
+            value=0.99,
+            params={"model": "resnet_18", "lr": 1e-3},
+            distributions=DISTS,
+            user_attrs={"pool_label": "resnet_18"},
+            system_attrs={"constraints:params": 10.2},
+        )
+    )
+    study.add_trial(
+        create_trial(
+            value=0.80,
+            params={"model": "mini_cnn", "lr": 1e-3},
+            distributions=DISTS,
+            user_attrs={"pool_label": "mini_cnn"},
+            system_attrs={"constraints:params": -0.9},
+        )
+    )
     _add(study, 0.75)
     assert selection.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
@@ -150,11 +181,18 @@ def test_a_pruner_or_cmaes_with_several_objectives_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_multi_objective_study_end_to_end(tmp_path):
-    r = tiny_recipe("mo", study={"n_trials": 4, "objectives": ["accuracy", "latency_ms"],
-                                 "sampler": {"name": "tpe", "n_startup_trials": 2},
-                                 "constraints": {"params": {"max": 1.0e6}}},
-                    pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}],
-                    data={"max_samples": 150}, train={"epochs": 1})
+    r = tiny_recipe(
+        "mo",
+        study={
+            "n_trials": 4,
+            "objectives": ["accuracy", "latency_ms"],
+            "sampler": {"name": "tpe", "n_startup_trials": 2},
+            "constraints": {"params": {"max": 1.0e6}},
+        },
+        pool=["mini_cnn", {"model": "resnet_18", "pretrained": False}],
+        data={"max_samples": 150},
+        train={"epochs": 1},
+    )
     write_recipe(tmp_path / "mo.yaml", r)
     proc = run_cli("run", "mo.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -173,7 +211,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
 
     proc = run_cli("report", "mo", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    front_text = proc.stdout[proc.stdout.index("Pareto front:"):].split("\n\n")[0]
+    front_text = proc.stdout[proc.stdout.index("Pareto front:") :].split("\n\n")[0]
     assert all(len(line) <= 100 for line in front_text.splitlines())
     assert all(f"{t.number:>5} mini_cnn" in front_text for t in front)
     png = tmp_path / "studies" / "mo" / "report" / "pareto.png"

@@ -18,8 +18,14 @@ POOL = ["mini_cnn", {"model": "resnet_18", "pretrained": False}, "resnet_18"]  #
 
 
 def _recipe(preset: str = "full", overrides: dict | None = None, train: dict | None = None, **study) -> object:
-    return recipe_from_dict(tiny_recipe(pool=POOL, space={"preset": preset, "overrides": overrides or {}},
-                                        study={"name": "s", **study}, train=train or {}))
+    return recipe_from_dict(
+        tiny_recipe(
+            pool=POOL,
+            space={"preset": preset, "overrides": overrides or {}},
+            study={"name": "s", **study},
+            train=train or {},
+        )
+    )
 
 
 def _ask(recipe, n: int = 40, sampler: optuna.samplers.BaseSampler | None = None):
@@ -60,9 +66,19 @@ def test_conditions_see_the_recipes_train_values():
 
 
 def test_overrides_ranges_choices_fixed_and_removed():
-    r = _recipe("quick", {"lr": {"low": 0.01, "high": 0.02}, "batch_size": [16, 32], "optimizer": "sgd",
-                          "dropout": None, "weight_decay": {"low": 1, "high": 4, "step": 1}, "schedule": ["step"],
-                          "step_size": {"low": 3, "high": 4}}, train={"epochs": 5})  # steps below the epochs
+    r = _recipe(
+        "quick",
+        {
+            "lr": {"low": 0.01, "high": 0.02},
+            "batch_size": [16, 32],
+            "optimizer": "sgd",
+            "dropout": None,
+            "weight_decay": {"low": 1, "high": 4, "step": 1},
+            "schedule": ["step"],
+            "step_size": {"low": 3, "high": 4},
+        },
+        train={"epochs": 5},
+    )  # steps below the epochs
     sampled, fixed = space.resolve(r)
     assert fixed == {"optimizer": "sgd"}
     assert "dropout" not in sampled and sampled["batch_size"].choices == (16, 32)
@@ -92,18 +108,26 @@ def test_every_sampler_runs_ask_tell(name):
     r = _recipe("quick", sampler={"name": name, "n_startup_trials": 2})
     sampler = make_sampler(r)
     rows = _ask(r, n=5, sampler=sampler)
-    expected = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "cmaes": "CmaEsSampler",
-                "qmc": "QMCSampler", "nsga2": "NSGAIISampler"}
+    expected = {
+        "tpe": "TPESampler",
+        "random": "RandomSampler",
+        "gp": "GPSampler",
+        "cmaes": "CmaEsSampler",
+        "qmc": "QMCSampler",
+        "nsga2": "NSGAIISampler",
+    }
     assert isinstance(sampler, getattr(optuna.samplers, expected[name]))
     assert len(rows) == 5 and all(1e-4 <= p["lr"] <= 1e-1 for _, _, p in rows)
 
 
 @pytest.mark.parametrize("name", PRUNERS)
 def test_every_pruner_runs_and_prunes_bad_curves(name):
-    r = _recipe("quick", pruner={"name": name, "warmup_epochs": 1, "min_trials": 2, "reduction_factor": 2},
-                train={"epochs": 4})
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), pruner=make_pruner(r),
-                                direction="maximize", study_name="pruners")  # Hyperband's brackets hash the name
+    r = _recipe(
+        "quick", pruner={"name": name, "warmup_epochs": 1, "min_trials": 2, "reduction_factor": 2}, train={"epochs": 4}
+    )
+    study = optuna.create_study(
+        sampler=optuna.samplers.RandomSampler(seed=0), pruner=make_pruner(r), direction="maximize", study_name="pruners"
+    )  # Hyperband's brackets hash the name
     for i in range(8):
         trial = study.ask()
         space.suggest(trial, r)
@@ -203,25 +227,46 @@ def test_label_smoothing_is_sampled_only_with_cross_entropy():
     assert "label_smoothing" not in space.reachable(focal)
 
 
-@pytest.mark.parametrize("train, overrides, message", [
-    ({"loss": "focal", "label_smoothing": 0.1}, {},
-     "recipe: train.label_smoothing: 0.1 has no effect with train.loss: focal (the focal loss takes no label "
-     "smoothing); remove it or use loss: ce"),
-    ({"loss": "focal"}, {"label_smoothing": 0.05},
-     "recipe: space.overrides.label_smoothing: 0.05 has no effect with train.loss: focal"),
-    ({"epochs": 3}, {"lp_epochs": {"low": 1, "high": 5}},
-     "recipe: space.overrides.lp_epochs: 5 >= train.epochs 3: the backbone would never be unfrozen; "
-     "keep lp_epochs below 3"),
-    ({"epochs": 3, "finetune": "lp_ft", "lp_epochs": 3}, {"finetune": None, "lp_epochs": None},
-     "recipe: train.finetune: 'lp_ft' has no effect with train.lp_epochs 3 >= train.epochs 3 (the backbone "
-     "would never be unfrozen); set lp_epochs below 3"),
-    ({"epochs": 8, "schedule": "step", "step_size": 8}, {"schedule": None, "step_size": None},
-     "recipe: train.schedule: 'step' has no effect with train.step_size 8 >= train.epochs 8 (the learning rate "
-     "would never decay); set step_size below 8"),
-    ({"epochs": 2}, {"schedule": ["cosine", "step"]},
-     "recipe: space.overrides.schedule: 'step' has no effect with train.step_size 10 >= train.epochs 2"),
-    ({"epochs": 6}, {"step_size": [2, 6]}, "recipe: space.overrides.step_size: 6 >= train.epochs 6"),
-])
+@pytest.mark.parametrize(
+    "train, overrides, message",
+    [
+        (
+            {"loss": "focal", "label_smoothing": 0.1},
+            {},
+            "recipe: train.label_smoothing: 0.1 has no effect with train.loss: focal (the focal loss takes no label "
+            "smoothing); remove it or use loss: ce",
+        ),
+        (
+            {"loss": "focal"},
+            {"label_smoothing": 0.05},
+            "recipe: space.overrides.label_smoothing: 0.05 has no effect with train.loss: focal",
+        ),
+        (
+            {"epochs": 3},
+            {"lp_epochs": {"low": 1, "high": 5}},
+            "recipe: space.overrides.lp_epochs: 5 >= train.epochs 3: the backbone would never be unfrozen; "
+            "keep lp_epochs below 3",
+        ),
+        (
+            {"epochs": 3, "finetune": "lp_ft", "lp_epochs": 3},
+            {"finetune": None, "lp_epochs": None},
+            "recipe: train.finetune: 'lp_ft' has no effect with train.lp_epochs 3 >= train.epochs 3 (the backbone "
+            "would never be unfrozen); set lp_epochs below 3",
+        ),
+        (
+            {"epochs": 8, "schedule": "step", "step_size": 8},
+            {"schedule": None, "step_size": None},
+            "recipe: train.schedule: 'step' has no effect with train.step_size 8 >= train.epochs 8 (the learning rate "
+            "would never decay); set step_size below 8",
+        ),
+        (
+            {"epochs": 2},
+            {"schedule": ["cosine", "step"]},
+            "recipe: space.overrides.schedule: 'step' has no effect with train.step_size 10 >= train.epochs 2",
+        ),
+        ({"epochs": 6}, {"step_size": [2, 6]}, "recipe: space.overrides.step_size: 6 >= train.epochs 6"),
+    ],
+)
 def test_settings_without_effect_are_refused_in_one_line(train, overrides, message):
     from search.errors import SearchError
 
@@ -249,9 +294,14 @@ def test_the_preset_keeps_epoch_counts_below_the_epochs(epochs):
 
 
 def _on(dataset: str, **kw) -> object:
-    return recipe_from_dict(tiny_recipe(pool=["resnet_18", "mini_cnn"], data={"dataset": dataset},
-                                        space={"preset": "quick", "overrides": {"channel_reduce": ["mean", "sum"]}},
-                                        **kw))
+    return recipe_from_dict(
+        tiny_recipe(
+            pool=["resnet_18", "mini_cnn"],
+            data={"dataset": dataset},
+            space={"preset": "quick", "overrides": {"channel_reduce": ["mean", "sum"]}},
+            **kw,
+        )
+    )
 
 
 def test_channel_reduce_is_sampled_only_for_gray_data():
@@ -269,9 +319,12 @@ def test_channel_reduce_is_sampled_only_for_gray_data():
 def test_a_fixed_channel_reduce_on_rgb_data_is_refused(tmp_path):
     from search.errors import SearchError
 
-    with pytest.raises(SearchError, match=r"^recipe: train.channel_reduce: 'sum' has no effect on cifar10, whose "
-                                          r"images have 3 channels \(only 1-channel data reduces a pretrained RGB "
-                                          r"stem\); remove it$"):
+    with pytest.raises(
+        SearchError,
+        match=r"^recipe: train.channel_reduce: 'sum' has no effect on cifar10, whose "
+        r"images have 3 channels \(only 1-channel data reduces a pretrained RGB "
+        r"stem\); remove it$",
+    ):
         recipe_from_dict(tiny_recipe(pool=["resnet_18"], data={"dataset": "cifar10"}, train={"channel_reduce": "sum"}))
     assert recipe_from_dict(tiny_recipe(data={"dataset": "digits"}, train={"channel_reduce": "sum"}))
     folder = recipe_from_dict(tiny_recipe(data={"dataset": f"folder:{tmp_path}"}, train={"channel_reduce": "sum"}))

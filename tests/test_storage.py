@@ -38,8 +38,10 @@ SERVERS = {
 
 def _unavailable(kind: str, error: Exception) -> None:
     var, default = SERVERS[kind]
-    msg = (f"no {kind} server at {storage.mask(os.environ.get(var, default))} ({type(error).__name__}); "
-           f"set {var} to a URL of one")
+    msg = (
+        f"no {kind} server at {storage.mask(os.environ.get(var, default))} ({type(error).__name__}); "
+        f"set {var} to a URL of one"
+    )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI: storage test cannot run: {msg}")
     pytest.skip(msg)
@@ -56,17 +58,27 @@ def proxy(db_url: str, *extra: str):
     """`python -m search proxy` in front of db_url on a free loopback port: yields its grpc:// URL.
     Stopped with SIGTERM afterwards, which must end it cleanly (exit 0, no traceback)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", db_url, "--port", str(port), *extra],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "proxy", "--storage", db_url, "--port", str(port), *extra],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()  # the listening line, once the server is up
-    assert f"listening on grpc://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert f"listening on grpc://127.0.0.1:{port}" in line, (
+        line,
+        proc.stderr.read() if proc.poll() is not None else "",
+    )
     try:
         yield f"grpc://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and "Traceback" not in err and "storage proxy stopped" in out, (proc.returncode, err)
+        assert proc.returncode == 0 and "Traceback" not in err and "storage proxy stopped" in out, (
+            proc.returncode,
+            err,
+        )
 
 
 @contextlib.contextmanager
@@ -120,8 +132,17 @@ def redis_url():
 
 def _workers(url: str, name: str, n: int, cwd) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_STORAGE": url}
-    return [subprocess.Popen([sys.executable, "-m", "search", "worker", "--study", name, "--no-report"], cwd=cwd,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
 
 
 def _finish(procs, timeout=240) -> list[tuple[int, str]]:
@@ -173,18 +194,29 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == n and len(workers.counted(trials)) == n, _states(study)
     assert retries[0] in complete or retries[0].user_attrs.get("fail_reason") == "study total reached"
-    assert all(t.user_attrs.get("fail_reason") == "study total reached" for t in trials
-               if t.state == TrialState.FAIL and t.number != victim.number)
-    assert not any("locked" in out or "Traceback" in out or "already reported" in out
-                   for rc, out in results if rc == 0), results
+    assert all(
+        t.user_attrs.get("fail_reason") == "study total reached"
+        for t in trials
+        if t.state == TrialState.FAIL and t.number != victim.number
+    )
+    assert not any(
+        "locked" in out or "Traceback" in out or "already reported" in out for rc, out in results if rc == 0
+    ), results
     assert retries[0].user_attrs["seed"] == dead.user_attrs["seed"]  # the retry reruns the same training
     assert "password" not in str(study.user_attrs["recipe"])
 
 
 def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path):
     url = f"sqlite:///{tmp_path}/many.db"
-    write_recipe(tmp_path / "r.yaml", tiny_recipe(name="many", study={"n_trials": 16, "storage": url, "heartbeat": 2},
-                                                  data={"max_samples": 100}, train={"epochs": 1}))
+    write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            name="many",
+            study={"n_trials": 16, "storage": url, "heartbeat": 2},
+            data={"max_samples": 100},
+            train={"epochs": 1},
+        ),
+    )
     proc = run_cli("run", "r.yaml", "--workers", "16", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started 16 workers" in proc.stdout
@@ -194,7 +226,11 @@ def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 16, _states(study)
     assert len(workers.counted(trials)) == 16
     # 16 processes on 2 cores: every live trial still beats, so none is failed as stale or retried
-    assert not [t.number for t in trials if t.user_attrs.get("fail_reason") == workers.STALE_REASON or "retry_of" in t.user_attrs]
+    assert not [
+        t.number
+        for t in trials
+        if t.user_attrs.get("fail_reason") == workers.STALE_REASON or "retry_of" in t.user_attrs
+    ]
     assert all(t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL)
     assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) > 1
     assert "leaderboard" in proc.stdout  # printed once, by the coordinator
@@ -210,7 +246,9 @@ def test_three_workers_on_journal_storage(kind, tmp_path, request):
     study = st.load_stored(url, "journal")[1]
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == n, _states(study)
-    assert all(isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE)
+    assert all(
+        isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float) for t in trials if t.state == TrialState.COMPLETE
+    )
 
 
 @pytest.mark.parametrize("kind", ["journal", "postgres-proxy"])
@@ -298,9 +336,13 @@ def test_proxy_serves_loopback_only_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("db.internal")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "search", "proxy", "--storage", f"sqlite:///{tmp_path}/a.db",
-                             "--port", str(port)], env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "proxy", "--storage", f"sqlite:///{tmp_path}/a.db", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert f"listening on grpc://127.0.0.1:{port}" in proc.stdout.readline()
     study = optuna.create_study(storage=storage.open_storage(f"grpc://127.0.0.1:{port}"), study_name="p")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)

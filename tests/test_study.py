@@ -11,8 +11,19 @@ from search.storage import open_storage
 from search.study import FIRST_ATTRS
 from tests.conftest import run_cli, wsgi_get
 
-ATTRS = {"pool_label", "params", "epochs", "sec_per_epoch", "seed", "weight_source", "imagenet_overlap",
-         "fail_reason", "input_resolution", "channel_reduce", "device"}
+ATTRS = {
+    "pool_label",
+    "params",
+    "epochs",
+    "sec_per_epoch",
+    "seed",
+    "weight_source",
+    "imagenet_overlap",
+    "fail_reason",
+    "input_resolution",
+    "channel_reduce",
+    "device",
+}
 
 
 def _study(cwd):
@@ -118,7 +129,9 @@ def test_a_retry_reruns_the_dead_trials_seed_and_reports_only_later_epochs(tmp_p
     assert rerun.params == study.get_trials()[0].params and rerun.user_attrs["seed"] == 777
     history = artifacts.history_of(study, rerun)
     assert len(history) == 3 == rerun.user_attrs["epochs"]  # the training ran again from epoch 1 ...
-    assert sorted(rerun.intermediate_values) == [1, 2, 3] and rerun.intermediate_values[1] == 0.111  # ... epoch 1 stands
+    assert (
+        sorted(rerun.intermediate_values) == [1, 2, 3] and rerun.intermediate_values[1] == 0.111
+    )  # ... epoch 1 stands
     assert rerun.intermediate_values[3] == history[2]["val_accuracy"]
 
 
@@ -129,12 +142,20 @@ def test_a_retry_is_not_pruned_on_the_dead_runs_epochs(tmp_path, monkeypatch):
     from search import study as st
 
     monkeypatch.chdir(tmp_path)
-    study, recipe = _dead_trial_retried(tmp_path, study={"n_trials": 2, "pruner": {"name": "median", "warmup_epochs": 0,
-                                                                                   "min_trials": 1}})
+    study, recipe = _dead_trial_retried(
+        tmp_path, study={"n_trials": 2, "pruner": {"name": "median", "warmup_epochs": 0, "min_trials": 1}}
+    )
     dead = study.get_trials()[0]
-    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=0.99, params=dead.params,
-                                        distributions=dead.distributions, user_attrs={"seed": 1},
-                                        intermediate_values={1: 0.99, 2: 0.99, 3: 0.99}))
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.COMPLETE,
+            value=0.99,
+            params=dead.params,
+            distributions=dead.distributions,
+            user_attrs={"seed": 1},
+            intermediate_values={1: 0.99, 2: 0.99, 3: 0.99},
+        )
+    )
     workers.retry(study, dead)
     assert st.work(recipe, study, quiet=True) == 1
     rerun = study.get_trials()[2]
@@ -172,17 +193,21 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
     def build(entry, **kw):
         model = real_build(entry, **kw)
         if entry.label == "too_big":
+
             def oom(module, args):
                 if module.training:
                     raise torch.OutOfMemoryError(f"CUDA out of memory ({len(args[0])} images)")
+
             model.register_forward_pre_hook(oom)
         return model
 
     monkeypatch.setattr(st, "build_model", build)
     monkeypatch.chdir(tmp_path)
-    recipe = recipe_from_dict(tiny_recipe(study={"n_trials": 6}, pool=["mini_cnn", {"model": "mini_cnn",
-                                                                                   "label": "too_big"}],
-                                          train={"epochs": 1}))
+    recipe = recipe_from_dict(
+        tiny_recipe(
+            study={"n_trials": 6}, pool=["mini_cnn", {"model": "mini_cnn", "label": "too_big"}], train={"epochs": 1}
+        )
+    )
     study = st.open_study(recipe, f"journal:{tmp_path}/j.log")
     lines = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
@@ -207,9 +232,14 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
     assert {t.number for t in received} == {t.number for t in trials}
     assert {t.number for t in received if _get_infeasible_trial_score(t) > 0} == {t.number for t in big}
     below, above = _split_trials(study, received, n_below=len(fits))
-    assert {t.number for t in below} == {t.number for t in fits} and {t.number for t in big} <= {t.number for t in above}
-    tpe = optuna.load_study(study_name=study.study_name, storage=study._storage,
-                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=0))
+    assert {t.number for t in below} == {t.number for t in fits} and {t.number for t in big} <= {
+        t.number for t in above
+    }
+    tpe = optuna.load_study(
+        study_name=study.study_name,
+        storage=study._storage,
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=0),
+    )
     entries = parse_pool(recipe.pool)
     drawn = []
     for _ in range(12):

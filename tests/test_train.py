@@ -76,8 +76,9 @@ def test_plateau_decays_and_epochs_since_best():
 
 def test_fit_records_the_scheduled_lr(digits):
     steps = len(digits.train) // 32
-    res = train.fit(mini(digits), digits, hp(epochs=3, schedule="cosine", warmup_epochs=1, min_lr_ratio=0.2),
-                    device="cpu")
+    res = train.fit(
+        mini(digits), digits, hp(epochs=3, schedule="cosine", warmup_epochs=1, min_lr_ratio=0.2), device="cpu"
+    )
     for r in res.history:
         last_step = r["epoch"] * steps - 1
         assert r["lr"] == pytest.approx(3e-3 * train.lr_factor(last_step, 3 * steps, steps, "cosine", min_ratio=0.2))
@@ -136,8 +137,13 @@ def test_linear_probe_keeps_backbone_bit_identical(digits):
 def test_lp_ft_unfreezes_at_configured_epoch(digits):
     model = mini(digits, pretrained=True)
     snapshots = [backbone(model)]
-    res = train.fit(model, digits, hp(epochs=3, finetune="lp_ft", lp_epochs=2, backbone_lr_mult=0.5), device="cpu",
-                    on_epoch=lambda e, r: snapshots.append(backbone(model)))
+    res = train.fit(
+        model,
+        digits,
+        hp(epochs=3, finetune="lp_ft", lp_epochs=2, backbone_lr_mult=0.5),
+        device="cpu",
+        on_epoch=lambda e, r: snapshots.append(backbone(model)),
+    )
     assert [r["backbone_frozen"] for r in res.history] == [1.0, 1.0, 0.0]
     unchanged = [all(torch.equal(s[k], snapshots[0][k]) for k in s) for s in snapshots[1:]]
     assert unchanged == [True, True, False]
@@ -199,7 +205,8 @@ def test_focal_loss_formula_and_class_weights():
     torch.testing.assert_close(train.loss_fn(logits, y, cfg, None), focal.mean())
     torch.testing.assert_close(train.loss_fn(logits, y, cfg, w), (w[y] * focal).sum() / w[y].sum())
     assert train.loss_fn(logits, y, TrainCfg(loss="focal", focal_gamma=0.0), w) == pytest.approx(
-        float(F.cross_entropy(logits, y, weight=w)))
+        float(F.cross_entropy(logits, y, weight=w))
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +229,9 @@ def test_planted_nan_diverges_at_that_epoch(digits):
 
     res = train.fit(model, digits, hp(epochs=4), device="cpu", on_epoch=plant)
     assert (res.status, res.reason, len(res.history)) == ("diverged", "diverged at epoch 3", 2)
-    assert res.best_epoch in (1, 2) and res.last == {k[4:]: v for k, v in res.history[-1].items() if k.startswith("val_")}
+    assert res.best_epoch in (1, 2) and res.last == {
+        k[4:]: v for k, v in res.history[-1].items() if k.startswith("val_")
+    }
 
 
 class _OOM(nn.Module):
@@ -258,17 +267,22 @@ class _Capped(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"class_weights": True, "label_smoothing": 0.1},
-    {"loss": "focal", "class_weights": True},
-    {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 1.0},
-], ids=["ce", "weighted_smoothed", "weighted_focal", "mixup_cutmix"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"class_weights": True, "label_smoothing": 0.1},
+        {"loss": "focal", "class_weights": True},
+        {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 1.0},
+    ],
+    ids=["ce", "weighted_smoothed", "weighted_focal", "mixup_cutmix"],
+)
 def test_out_of_memory_accumulates_the_full_batch_gradient(digits, kw):
     # SGD without momentum: the weights after each step are a function of the gradients alone, so
     # equal weights after 2 epochs (14 steps) mean equal gradients at every step.
-    cfg = hp(epochs=2, batch_size=36, optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.0,
-             schedule="constant", **kw)
+    cfg = hp(
+        epochs=2, batch_size=36, optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.0, schedule="constant", **kw
+    )
     torch.manual_seed(0)
     full = _Capped(cap=10**6)
     capped = _Capped(cap=10)
@@ -292,8 +306,10 @@ def test_micro_batches_of_uneven_size_share_the_loss_exactly():
         for w in (None, weight):
             whole = train.mixed_loss(logits, y, y.flip(0), 0.3, cfg, w)
             d = (train.batch_denominator(y, w), train.batch_denominator(y.flip(0), w))
-            parts = [train.mixed_loss(lc, ya, yb, 0.3, cfg, w, d)
-                     for lc, ya, yb in zip(logits.split(4), y.split(4), y.flip(0).split(4), strict=True)]  # 4, 4, 2
+            parts = [
+                train.mixed_loss(lc, ya, yb, 0.3, cfg, w, d)
+                for lc, ya, yb in zip(logits.split(4), y.split(4), y.flip(0).split(4), strict=True)
+            ]  # 4, 4, 2
             torch.testing.assert_close(sum(parts), whole)
 
 
@@ -339,8 +355,9 @@ def test_keep_best_returns_the_best_epochs_weights(digits, tmp_path):
     res = train.fit(model, digits, hp(epochs=3, lr=1e-2), device="cpu", keep_best=True, seed=5)
     assert res.best_state is not None and res.seed == 5
     assert all(v.device.type == "cpu" for v in res.best_state.values())
-    path = artifacts.save_checkpoint(tmp_path / "ckpt" / "best.pt", res.best_state, {"spec": "mini_cnn"},
-                                     epoch=res.best_epoch)
+    path = artifacts.save_checkpoint(
+        tmp_path / "ckpt" / "best.pt", res.best_state, {"spec": "mini_cnn"}, epoch=res.best_epoch
+    )
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == res.best_epoch and not path.with_name("best.pt.tmp").exists()
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in res.best_state.items())
@@ -351,8 +368,12 @@ def test_keep_best_returns_the_best_epochs_weights(digits, tmp_path):
 
 
 def test_class_weights_and_balanced_sampling_and_focal_run(digits):
-    res = train.fit(mini(digits), digits, hp(epochs=1, class_weights=True, balanced_sampling=True, loss="focal",
-                                             grad_clip=1.0, optimizer="sgd"), device="cpu")
+    res = train.fit(
+        mini(digits),
+        digits,
+        hp(epochs=1, class_weights=True, balanced_sampling=True, loss="focal", grad_clip=1.0, optimizer="sgd"),
+        device="cpu",
+    )
     assert res.status == "ok" and math.isfinite(res.history[0]["train_loss"])
 
 
@@ -360,14 +381,21 @@ def test_plain_module_on_random_uint8_data():
     g = torch.Generator().manual_seed(0)
 
     def split(n):
-        return Split(torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g),
-                     torch.randint(0, 3, (n,), generator=g))
+        return Split(
+            torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=g),
+            torch.randint(0, 3, (n,), generator=g),
+        )
 
     data = Data("rand", split(40), split(20), split(20), ("a", "b", "c"), "none", AugmentCfg(), 12)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     res = train.fit(model, data, hp(batch_size=16, epochs=1), device="cpu", monitor="auc")
-    assert res.history[0]["images_per_s"] > 0 and set(res.best) == {"loss", "accuracy", "balanced_accuracy", "f1",
-                                                                     "auc"}
+    assert res.history[0]["images_per_s"] > 0 and set(res.best) == {
+        "loss",
+        "accuracy",
+        "balanced_accuracy",
+        "f1",
+        "auc",
+    }
 
 
 def test_compile_once_per_architecture_and_shape(digits):
@@ -386,8 +414,13 @@ def test_compile_once_per_architecture_and_shape(digits):
 def test_deterministic_mode_is_restored(digits):
     assert not torch.are_deterministic_algorithms_enabled()
     seen = []
-    train.fit(mini(digits), digits, hp(epochs=1, deterministic=True), device="cpu",
-              on_epoch=lambda e, r: seen.append(torch.are_deterministic_algorithms_enabled()))
+    train.fit(
+        mini(digits),
+        digits,
+        hp(epochs=1, deterministic=True),
+        device="cpu",
+        on_epoch=lambda e, r: seen.append(torch.are_deterministic_algorithms_enabled()),
+    )
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -413,8 +446,9 @@ def test_reuse_host_memory_stops_page_faults_on_each_batch():
     import sys
 
     def faults(mode: str) -> list[int] | None:
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                             check=True, timeout=120).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True, timeout=120
+        ).stdout.split()
         return None if out == ["unsupported"] else [int(n) for n in out]
 
     reused = faults("reuse")
@@ -456,8 +490,9 @@ def test_a_workers_memory_does_not_grow_trial_by_trial():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], capture_output=True, text=True, check=True,
-                         timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", GROWTH_SCRIPT], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
     if out == ["unsupported"]:
         pytest.skip("this C library has no mallopt (not glibc)")
     rss = [float(v) for v in out]
@@ -472,17 +507,21 @@ def _metrics(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
 
 
-@pytest.mark.parametrize("kw", [
-    {"mixup_alpha": 0.2, "cutmix_alpha": 0.5, "mix_prob": 0.7, "dropout": 0.3, "schedule": "cosine"},
-    {"finetune": "lp_ft", "lp_epochs": 2, "schedule": "plateau", "optimizer": "sgd", "label_smoothing": 0.1},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"mixup_alpha": 0.2, "cutmix_alpha": 0.5, "mix_prob": 0.7, "dropout": 0.3, "schedule": "cosine"},
+        {"finetune": "lp_ft", "lp_epochs": 2, "schedule": "plateau", "optimizer": "sgd", "label_smoothing": 0.1},
+    ],
+)
 def test_a_fit_resumed_from_any_epochs_state_ends_exactly_as_the_uninterrupted_one(digits, tmp_path, kw):
     cfg = hp(epochs=4, warmup_epochs=0.5, lr=5e-3, **{k: v for k, v in kw.items() if k != "dropout"})
 
     def model() -> nn.Module:
         torch.manual_seed(11)
-        m = build_model("mini_cnn", num_classes=digits.num_classes, in_chans=1, resolution=8,
-                        dropout=kw.get("dropout", 0.0))
+        m = build_model(
+            "mini_cnn", num_classes=digits.num_classes, in_chans=1, resolution=8, dropout=kw.get("dropout", 0.0)
+        )
         m.info = dataclasses.replace(m.info, pretrained="finetune" in kw)
         return m
 
@@ -499,8 +538,16 @@ def test_a_fit_resumed_from_any_epochs_state_ends_exactly_as_the_uninterrupted_o
         random.random()
         state = torch.load(files[k], weights_only=True)
         seen = []
-        res = train.fit(model(), digits, cfg, device="cpu", seed=3, keep_best=True, state=state,
-                        on_epoch=lambda e, r, seen=seen: seen.append(e))
+        res = train.fit(
+            model(),
+            digits,
+            cfg,
+            device="cpu",
+            seed=3,
+            keep_best=True,
+            state=state,
+            on_epoch=lambda e, r, seen=seen: seen.append(e),
+        )
         assert seen == list(range(k + 1, 5))  # only the epochs after the state run
         assert _metrics(res.history) == _metrics(whole.history), k
         assert res.best_epoch == whole.best_epoch and res.best == whole.best
@@ -515,8 +562,9 @@ def test_stop_ends_the_fit_at_a_step_boundary_as_interrupted(digits):
         return len(calls) > 10  # in the second epoch (7 steps of 32 per epoch)
 
     states = []
-    res = train.fit(mini(digits), digits, hp(epochs=4), device="cpu", stop=stop,
-                    on_state=lambda s: states.append(s["epoch"]))
+    res = train.fit(
+        mini(digits), digits, hp(epochs=4), device="cpu", stop=stop, on_state=lambda s: states.append(s["epoch"])
+    )
     steps = len(digits.train.y) // 32
     assert steps < 10 < 2 * steps + 1
     assert res.status == "interrupted" and res.reason == "stopped in epoch 2; 1 epochs done"

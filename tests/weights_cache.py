@@ -16,7 +16,9 @@ def torchvision_checkpoint(torch_home: Path, filename: str, model: torch.nn.Modu
     return state
 
 
-def hf_checkpoint(hf_cache: Path, repo_id: str, model: torch.nn.Module, revision: str = "0" * 40) -> dict[str, torch.Tensor]:
+def hf_checkpoint(
+    hf_cache: Path, repo_id: str, model: torch.nn.Module, revision: str = "0" * 40
+) -> dict[str, torch.Tensor]:
     """`$HF_HUB_CACHE/models--org--name/snapshots/<rev>/model.safetensors` + `refs/main`."""
     from safetensors.torch import save_file
 

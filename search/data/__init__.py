@@ -30,8 +30,22 @@ from search.data.splits import Raw, Split, read_splits, stratified_split, write_
 from search.errors import SearchError, did_you_mean, one_of
 from search.net import Missing
 
-__all__ = ["Data", "DataCfg", "Raw", "Split", "carve", "carved_splits", "channels", "check", "data_root",
-           "dataset_names", "load_data", "load_raw", "loader_for", "stratified_split"]
+__all__ = [
+    "Data",
+    "DataCfg",
+    "Raw",
+    "Split",
+    "carve",
+    "carved_splits",
+    "channels",
+    "check",
+    "data_root",
+    "dataset_names",
+    "load_data",
+    "load_raw",
+    "loader_for",
+    "stratified_split",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +87,11 @@ class Data:
         return int(self.train.x.shape[1])
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
-                f"{self.num_classes} classes, {self.in_chans}x{self.train.x.shape[2]}x{self.train.x.shape[3]} "
-                f"-> {self.resolution} px")
+        return (
+            f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+            f"{self.num_classes} classes, {self.in_chans}x{self.train.x.shape[2]}x{self.train.x.shape[3]} "
+            f"-> {self.resolution} px"
+        )
 
 
 def data_root(cfg: DataCfg) -> Path:
@@ -95,8 +111,10 @@ LOADERS: dict[str, Loader] = {
     **dict.fromkeys(cifar.CIFAR, cifar.load),
     "galaxy10": galaxy10.load,
     "folder": folder.load,
-    **{name: medmnist.load if medmnist.parts(name)[0] in medmnist.MEDMNIST else medmnist.refuse_multi_label
-       for name in medmnist.names()},
+    **{
+        name: medmnist.load if medmnist.parts(name)[0] in medmnist.MEDMNIST else medmnist.refuse_multi_label
+        for name in medmnist.names()
+    },
 }
 # What `check` lists as still to fetch: the published files behind each set (none for digits, folders).
 DOWNLOADS: dict[str, Callable[[str, Path], list[Download]]] = {
@@ -111,8 +129,11 @@ CHANNELS: dict[str, int] = {
     "digits": 1,
     **dict.fromkeys(cifar.CIFAR, 3),
     "galaxy10": 3,
-    **{name: medmnist.MEDMNIST[medmnist.parts(name)[0]].channels for name in medmnist.names()
-       if medmnist.parts(name)[0] in medmnist.MEDMNIST},
+    **{
+        name: medmnist.MEDMNIST[medmnist.parts(name)[0]].channels
+        for name in medmnist.names()
+        if medmnist.parts(name)[0] in medmnist.MEDMNIST
+    },
 }
 
 

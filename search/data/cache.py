@@ -137,8 +137,7 @@ def _progress(resp: Any, label: str) -> Any:
     from tqdm import tqdm
 
     total = getattr(resp, "headers", {}).get("Content-Length") if hasattr(resp, "headers") else None
-    return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None,
-                leave=False)
+    return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
 
 
 def _record_file(path: Path) -> Path:
@@ -277,4 +276,3 @@ def read_cached(folder: Path, read: Callable[[], Any]) -> Any:
 def mmap_tensor(path: Path) -> torch.Tensor:
     """A .npy file as a tensor backed by the page cache: nothing is read until it is used."""
     return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: writable view, file untouched
-

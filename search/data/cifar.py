@@ -38,22 +38,43 @@ class CifarSet:
 
 CIFAR = {
     "cifar10": CifarSet(
-        Remote("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
-               md5="c58f30108f718f92721af3b95e74349a"),
-        170_498_071, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-        "batches.meta", b"labels", b"label_names"),
+        Remote(
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "cifar-10-python.tar.gz",
+            md5="c58f30108f718f92721af3b95e74349a",
+        ),
+        170_498_071,
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
     "cifar100": CifarSet(
-        Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
-               md5="eb9058c3a382ffc7106e4002c42a8d85"),
-        169_001_437, "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels", b"fine_label_names"),
+        Remote(
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "cifar-100-python.tar.gz",
+            md5="eb9058c3a382ffc7106e4002c42a8d85",
+        ),
+        169_001_437,
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+    ),
 }
 AUGMENT = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
 
 
 def _unpickle(name: str, path: Path) -> dict:
     if not path.is_file():
-        raise SearchError(f"data.dataset '{name}': {path} is missing from {path.parent}; delete that folder and "
-                          "run `python -m search prefetch RECIPE` to unpack the archive again")
+        raise SearchError(
+            f"data.dataset '{name}': {path} is missing from {path.parent}; delete that folder and "
+            "run `python -m search prefetch RECIPE` to unpack the archive again"
+        )
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")  # noqa: S301 - the official CIFAR format is pickle

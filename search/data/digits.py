@@ -18,5 +18,11 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     d = load_digits()
     x = torch.from_numpy(np.clip(d.images * 16, 0, 255).astype(np.uint8)).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
-    return Raw(Split(x, y), None, None, tuple(str(i) for i in range(10)), "none",
-               AugmentCfg(crop="pad", flip=False, rotate=10.0, jitter=0.0))
+    return Raw(
+        Split(x, y),
+        None,
+        None,
+        tuple(str(i) for i in range(10)),
+        "none",
+        AugmentCfg(crop="pad", flip=False, rotate=10.0, jitter=0.0),
+    )

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
-           resolution: int | None) -> tuple[Split, tuple[str, ...]]:
+def _split(
+    name: str, folder: Path, classes: tuple[str, ...] | None, resolution: int | None
+) -> tuple[Split, tuple[str, ...]]:
     from PIL import Image
 
     found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
@@ -35,11 +36,14 @@ def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise SearchError(f"data.dataset '{name}': {folder} has class folders {unknown} that train/ lacks; "
-                          f"classes are {one_of(classes)}")
+        raise SearchError(
+            f"data.dataset '{name}': {folder} has class folders {unknown} that train/ lacks; "
+            f"classes are {one_of(classes)}"
+        )
     if len(classes) < 2:
-        raise SearchError(f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), "
-                          f"found {len(classes)}")
+        raise SearchError(
+            f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), found {len(classes)}"
+        )
     images: list[Image.Image] = []
     labels, files = [], []
     for k, c in enumerate(classes):
@@ -63,8 +67,10 @@ def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
         sizes = {im.size for im in images}
         if len(sizes) > 1:
             a, b = sorted(sizes)[:2]
-            raise SearchError(f"data.dataset '{name}': images under {folder} differ in size ({a[0]}x{a[1]}, "
-                              f"{b[0]}x{b[1]}, ...); set data.resolution to resize them to one square size")
+            raise SearchError(
+                f"data.dataset '{name}': images under {folder} differ in size ({a[0]}x{a[1]}, "
+                f"{b[0]}x{b[1]}, ...); set data.resolution to resize them to one square size"
+            )
     arrays = []
     for im in images:
         im = im.convert(mode)
@@ -84,8 +90,10 @@ def _split(name: str, folder: Path, classes: tuple[str, ...] | None,
 
 def folder_parts(name: str, path: Path) -> dict[str, Path]:
     if not path.is_dir():
-        raise SearchError(f"data.dataset '{name}': {path} is not a directory; expected PATH/CLASS/IMAGE files "
-                          "or PATH/train/CLASS/IMAGE (optionally val/ and test/)")
+        raise SearchError(
+            f"data.dataset '{name}': {path} is not a directory; expected PATH/CLASS/IMAGE files "
+            "or PATH/train/CLASS/IMAGE (optionally val/ and test/)"
+        )
     if not (path / "train").is_dir():
         return {"train": path}
     return {part: path / part for part in ("train", "val", "test") if (path / part).is_dir()}
@@ -122,8 +130,9 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
     aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
     if cache.is_dir():
-        read = read_cached(cache, lambda: (json.loads((cache / "classes.json").read_text()),
-                                           read_splits(cache, tuple(parts))))
+        read = read_cached(
+            cache, lambda: (json.loads((cache / "classes.json").read_text()), read_splits(cache, tuple(parts)))
+        )
         if read is not None:
             classes, got = tuple(read[0]), read[1]
             return Raw(got["train"], got.get("val"), got.get("test"), classes, "unknown", aug, cache)
@@ -134,8 +143,10 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
         if part in parts:
             splits[part] = _split(name, parts[part], classes, resolution)[0]
     if "val" in splits and train.x.shape[1:] != splits["val"].x.shape[1:]:
-        raise SearchError(f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
-                          f"{tuple(splits['val'].x.shape[1:])}; set data.resolution to resize all to one size")
+        raise SearchError(
+            f"data.dataset '{name}': train images are {tuple(train.x.shape[1:])} but val images "
+            f"{tuple(splits['val'].x.shape[1:])}; set data.resolution to resize all to one size"
+        )
     kept: Path | None = cache
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -144,11 +155,14 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
             if stale != cache and len(stale.name) == len(cache.name):
                 discard(stale)
     except OSError as e:
-        log.warning("data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
-                    name, cache.parent, e)
+        log.warning(
+            "data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",
+            name,
+            cache.parent,
+            e,
+        )
         kept = None
     return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug, kept)
-
 
 
 def check(name: str) -> None:
@@ -157,5 +171,6 @@ def check(name: str) -> None:
     train = folder_parts(name, path)["train"]
     classes = [d for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(classes) < 2:
-        raise SearchError(f"data.dataset '{name}': {train} needs one sub-folder per class (at least 2), "
-                          f"found {len(classes)}")
+        raise SearchError(
+            f"data.dataset '{name}': {train} needs one sub-folder per class (at least 2), found {len(classes)}"
+        )

@@ -15,12 +15,23 @@ from search.augment import AugmentCfg
 from search.data.cache import Download, Remote, atomic_dir, fetch, mmap_tensor, unreadable
 from search.data.splits import Raw, Split
 
-GALAXY10 = Remote("https://www.astro.utoronto.ca/~hleung/shared/Galaxy10/Galaxy10_DECals.h5",
-                  "Galaxy10_DECals.h5",
-                  sha256="19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571")
-CLASSES = ("Disturbed", "Merging", "Round Smooth", "In-between Round Smooth", "Cigar Shaped Smooth",
-           "Barred Spiral", "Unbarred Tight Spiral", "Unbarred Loose Spiral", "Edge-on without Bulge",
-           "Edge-on with Bulge")
+GALAXY10 = Remote(
+    "https://www.astro.utoronto.ca/~hleung/shared/Galaxy10/Galaxy10_DECals.h5",
+    "Galaxy10_DECals.h5",
+    sha256="19aefc477c41bb7f77ff07599a6b82a038dc042f889a111b0d4d98bb755c1571",
+)
+CLASSES = (
+    "Disturbed",
+    "Merging",
+    "Round Smooth",
+    "In-between Round Smooth",
+    "Cigar Shaped Smooth",
+    "Barred Spiral",
+    "Unbarred Tight Spiral",
+    "Unbarred Loose Spiral",
+    "Edge-on without Bulge",
+    "Edge-on with Bulge",
+)
 
 
 def _h5_to_npy(name: str, h5: Path, out: Path) -> None:
@@ -32,8 +43,9 @@ def _h5_to_npy(name: str, h5: Path, out: Path) -> None:
             n = images.shape[0]
             if images.ndim != 4 or images.shape[3] != 3 or len(ans) != n:
                 raise ValueError(f"expected images (N, H, W, 3) and ans (N,), got {images.shape} and {ans.shape}")
-            dst = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
-                                            shape=(n, 3, images.shape[1], images.shape[2]))
+            dst = np.lib.format.open_memmap(
+                out / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, images.shape[1], images.shape[2])
+            )
             for i in range(0, n, 512):
                 dst[i : i + 512] = np.asarray(images[i : i + 512], dtype=np.uint8).transpose(0, 3, 1, 2)
             dst.flush()
@@ -41,7 +53,6 @@ def _h5_to_npy(name: str, h5: Path, out: Path) -> None:
             np.save(out / "labels.npy", np.asarray(ans[:], dtype=np.int64))
     except (OSError, KeyError, ValueError) as e:
         raise unreadable(name, h5, e) from None
-
 
 
 def load(name: str, root: Path, resolution: int | None) -> Raw:
@@ -53,8 +64,9 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     x = mmap_tensor(cache / "images.npy")
     y = torch.from_numpy(np.load(cache / "labels.npy"))
     # Galaxies have no up, left or right: flips and any rotation keep the class.
-    return Raw(Split(x, y), None, None, CLASSES, "none",
-               AugmentCfg(crop="pad", flip=True, rotate=180.0, jitter=0.1), cache)
+    return Raw(
+        Split(x, y), None, None, CLASSES, "none", AugmentCfg(crop="pad", flip=True, rotate=180.0, jitter=0.1), cache
+    )
 
 
 def downloads(name: str, root: Path) -> list[Download]:
