@@ -28,8 +28,7 @@ pareto: $(VENV)/.installed
 	$(BIN)/python -m search report digits_pareto
 
 # JOBS=2: pytest-xdist over 2 processes, one test file per process at a time (module fixtures run once).
-# Not the default: test_reuse_host_memory_stops_page_faults_on_each_batch counts page faults and fails
-# in about 2 of 5 runs with another test process beside it.
+# CI runs JOBS=2 (.ci/run); a plain `make test` keeps one process, the simplest to read.
 JOBS ?= 1
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
 

@@ -775,7 +775,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, m
         what += "  (infeasible)"
     head = f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(label, 20):<20} "
     tail = f"{best_so_far(study)}  {secs:.1f}s"
-    return head + fit_line(what, max(20, WIDTH - len(head) - len(tail))) + tail  # a long reason gives way
+    if len(head) + len(what) + len(tail) > WIDTH:  # the outcome first: the best so far gives way, then its end
+        tail = f"  {secs:.1f}s"
+    return head + fit_line(what, max(20, WIDTH - len(head) - len(tail))) + tail
 
 
 # ---------------------------------------------------------------------------
