@@ -1,7 +1,7 @@
 """`python -m search COMMAND`: one handler per subcommand, dispatched by a dict.
 
 User mistakes raise SearchError: printed as one line on stderr, exit code 2.
-About 500 lines: one short handler and one argparse block per command, nothing else.
+About 650 lines: one short handler and one argparse block per command, nothing else.
 """
 
 from __future__ import annotations

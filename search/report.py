@@ -5,8 +5,8 @@ Everything reads the trials as they are, so it works while trials still run.
 PNG plots under `studies/<name>/report/`. matplotlib is imported only when
 plotting (Agg backend), so workers never pay for it.
 
-Longer than most modules (about 700 lines) because every table and plot of one report reads
-the same rows and formats; choosing a winner (best, confirmation, Pareto) is search.selection.
+About 950 lines (formatted) because every table and plot of one report reads the same rows
+and formats, each a short function; choosing a winner (best, confirmation, Pareto) is search.selection.
 """
 
 from __future__ import annotations

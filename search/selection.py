@@ -1,6 +1,7 @@
 """Choosing a winner: the best trial and its fixed recipe (`best`), the leaderboard of
 configurations confirmed over seeds with intervals and winner stability, the Pareto front of
 several objectives and `best --pick`. The report (search.report) prints and writes these.
+About 400 lines, the four ways of choosing, each short.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ running or waiting trials of lower number) ends at once as FAIL with reason
 "study total reached" and is not counted, so any number of workers, runs and
 resumes finish exactly `n_trials`.
 
-About 500 lines; most of it is the objective, one function from sampling to the stored result.
+About 570 lines; most of it is the objective, one function from sampling to the stored result.
 """
 
 from __future__ import annotations

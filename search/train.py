@@ -21,7 +21,7 @@ of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
 on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
 images/s.
 
-About 650 lines, read top to bottom: pure schedule and loss functions first, then `fit`, one
+About 750 lines, read top to bottom: pure schedule and loss functions first, then `fit`, one
 function on purpose (a training step is easier to trust when it is not spread over classes).
 """
 

@@ -16,6 +16,9 @@ in progress is lost, and on the CPU the history is exactly the uninterrupted one
 removed when the trial ends. SIGTERM or Ctrl-C stops the running trial at the next step, queues
 it again and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was
 failed by another (as stale) drops it and goes on: the retry is someone else's.
+
+About 470 lines: the life cycle of a trial across processes is one subject; splitting the
+heartbeat from the retry it triggers, or the retry from the state it resumes, would scatter it.
 """
 
 from __future__ import annotations
