@@ -24,6 +24,7 @@ the entry, its weight file (path, size, modification time), input size, channel
 reduction, the split, the seed, the sample and its images, so a second `rank`
 reads them back in milliseconds and anything that changes them computes anew.
 The score functions are pure numpy in float64.
+
 About 460 lines: the three scores (pure functions, tested against a reference) and the
 feature pass they share; splitting them would separate each formula from its only caller.
 """
