@@ -7,6 +7,7 @@ Also the versions that made a study or a checkpoint (`versions()`), stamped on b
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 from typing import Any, Literal, TypedDict
@@ -68,15 +69,21 @@ class StudyAttrs(TypedDict, total=False):
     confirms_study: str  # on a companion study: the study whose configurations it confirms
 
 
-def versions(device: str | None = None) -> dict[str, str]:
-    """The versions of search, torch, torchvision, timm and optuna (and the device, if given)."""
-    out = {}
+@functools.cache
+def _installed() -> tuple[tuple[str, str], ...]:
+    """Read once per process: every checkpoint and resume state of every trial carries them."""
+    out = []
     for name in ("search", "torch", "torchvision", "timm", "optuna"):
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["python"] = platform.python_version()
+            out.append((name, "not installed"))
+    return (*out, ("python", platform.python_version()))
+
+
+def versions(device: str | None = None) -> dict[str, str]:
+    """The versions of search, torch, torchvision, timm, optuna and Python (and the device, if given)."""
+    out = dict(_installed())
     if device is not None:
         out["device"] = device
     return out
