@@ -331,6 +331,11 @@ def resume_command(recipe: Recipe, storage_url: str) -> str:
     return cmd
 
 
+def cpu_share(n_workers: int, cores: int | None = None) -> int:
+    """CPU threads for each of `n_workers` local workers: the cores divided among them, at least 1."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, n_workers))
+
+
 def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES for each local worker: GPUs round-robin (several workers may share one)."""
     ids = (
@@ -379,8 +384,11 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
         *(["-q"] if quiet else []),
     ]
     procs = []
+    # N local workers share this machine's cores: each gets its share of CPU threads (unless the
+    # user chose), or 2 x N spinning OpenMP pools fight over the same cores.
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(cpu_share(n_workers))}
     for gpu in gpus:
-        env = {**os.environ, "SEARCH_STORAGE": storage_url}
+        env = {**os.environ, **threads, "SEARCH_STORAGE": storage_url}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         procs.append(subprocess.Popen(cmd, env=env))

@@ -131,7 +131,7 @@ def redis_url():
 
 
 def _workers(url: str, name: str, n: int, cwd) -> list[subprocess.Popen]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_STORAGE": url}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SEARCH_STORAGE": url, "OMP_NUM_THREADS": "1"}
     return [
         subprocess.Popen(
             [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
