@@ -839,14 +839,9 @@ def _tau_line(taus: dict[str, tuple[float | None, int]]) -> str:
     )
 
 
-def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
-    """The rank scores next to the fine-tuned results, and Kendall's tau; '' when the study did not rank."""
-    rows = rank_rows(study, recipe)
-    stored = study.user_attrs.get("rank")
-    if not stored:
-        return ""
-    m = recipe.study.metric
-    cells = [
+def _rank_cells(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """The rank-vs-fine-tuning rows as table cells (terminal and Markdown alike)."""
+    return [
         [
             r["rank"],
             r["entry"],
@@ -859,6 +854,16 @@ def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
         ]
         for r in rows
     ]
+
+
+def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
+    """The rank scores next to the fine-tuned results, and Kendall's tau; '' when the study did not rank."""
+    rows = rank_rows(study, recipe)
+    stored = study.user_attrs.get("rank")
+    if not stored:
+        return ""
+    m = recipe.study.metric
+    cells = _rank_cells(rows)
     lines = [f"rank before the search (by {stored['by']}, keep {stored['keep'] or 'all'}) against fine-tuning:"]
     lines += table(
         ["#", "pool entry", "logme", "probe", "knn", f"fine-tuned {m}", "place", "done"],
@@ -889,19 +894,7 @@ def rank_markdown(study: optuna.Study, recipe: Recipe) -> str:
             "place",
             "complete",
         ],
-        [
-            [
-                r["rank"],
-                r["entry"],
-                _fmt(r["logme"], ".4f"),
-                _fmt(r["probe"], ".3f"),
-                _fmt(r["knn"], ".3f"),
-                _fmt(r["fine_tuned_best"], ".4f") if r["kept"] else "dropped",
-                _fmt(r["fine_tuned_place"], "d"),
-                r["complete"],
-            ]
-            for r in rows
-        ],
+        _rank_cells(rows),
     )
     return f"{table}\n\n{_tau_line(rank_tau(study, recipe))}. ![rank]({RANK_PLOT})"
 

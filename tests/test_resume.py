@@ -75,6 +75,19 @@ def _until_epoch(proc: subprocess.Popen, epoch: int) -> int:
     raise AssertionError(f"the worker ended before epoch {epoch}: {proc.wait()} {proc.stderr.read()[-2000:]}")
 
 
+def _run(tmp_path, name: str) -> subprocess.Popen:
+    """`python -m search run` of a one-worker study, its output piped."""
+    write_recipe(tmp_path / "r.yaml", _recipe(name, heartbeat=20))
+    return subprocess.Popen(
+        [sys.executable, "-m", "search", "run", "r.yaml"],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+
+
 def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(tmp_path):
     ref = _reference(tmp_path, "pre")
     url = f"sqlite:///{tmp_path}/pre.db"
@@ -116,15 +129,7 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
 
 
 def test_sigterm_queues_the_trial_again_and_the_printed_command_resumes_it(tmp_path):
-    write_recipe(tmp_path / "r.yaml", _recipe("term", heartbeat=20))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "search", "run", "r.yaml"],
-        cwd=tmp_path,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
+    proc = _run(tmp_path, "term")
     _until_epoch(proc, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -147,15 +152,7 @@ def test_sigterm_queues_the_trial_again_and_the_printed_command_resumes_it(tmp_p
 
 
 def test_ctrl_c_twice_quits_at_once_and_the_trial_is_still_queued_again(tmp_path):
-    write_recipe(tmp_path / "r.yaml", _recipe("twice", heartbeat=20))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "search", "run", "r.yaml"],
-        cwd=tmp_path,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
+    proc = _run(tmp_path, "twice")
     _until_epoch(proc, 1)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
