@@ -9,6 +9,8 @@ import warnings
 from typing import Any
 
 import optuna
+from optuna.storages._grpc.server import make_server
+from optuna.storages._heartbeat import is_heartbeat_enabled
 
 
 def quiet() -> None:
@@ -42,9 +44,14 @@ def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTria
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     """Whether the storage keeps Optuna's heartbeat table (RDB storages opened with one)."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
     return is_heartbeat_enabled(storage)
+
+
+def grpc_server(storage: optuna.storages.BaseStorage, host: str, port: int, executor: Any) -> Any:
+    """Optuna's gRPC storage server (not started): `run_grpc_proxy_server` builds the same server
+    but blocks until it ends and takes no thread pool, and `search proxy` needs to stop it on
+    SIGTERM and bound its database connections by the pool's threads."""
+    return make_server(storage, host, port, executor)
 
 
 def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:

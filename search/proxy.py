@@ -1,4 +1,5 @@
-"""`search proxy`: Optuna's gRPC storage proxy in front of one SQL database, and its client.
+"""`search proxy`: Optuna's gRPC storage proxy in front of one SQL database (its client, the
+grpc:// storage URL, is search.storage's).
 
 Hundreds of workers that each hold their own database connections meet the server's connection
 limit ("too many clients"). The proxy holds a bounded pool of connections (one per server
@@ -11,18 +12,17 @@ next to the database. It listens on 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import ipaddress
-import re
 import signal
 import sys
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import optuna
 
 from search.errors import SearchError
-from search.text import command
+from search.optuna_api import grpc_server
+from search.storage import mask, needs_grpc, open_storage
 
 # What the proxy can stand in front of, and why the others are refused.
 PROXIED = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
@@ -34,54 +34,10 @@ REFUSED = {
     "grpc": "a proxy in front of another proxy adds nothing; point this one at the database",
 }
 REFUSED["rediss"] = REFUSED["redis"]
-READY_TIMEOUT = 10.0  # seconds a client waits for the proxy before giving up
-
-
-def parse_address(url: str) -> tuple[str, int]:
-    """(host, port) of grpc://HOST:PORT (IPv6 hosts in brackets)."""
-    m = re.fullmatch(r"grpc://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?", url)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise SearchError(
-            f"study.storage: '{url}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
-            "the address a `search proxy` listens on)"
-        )
-    return m.group(1).strip("[]"), int(m.group(2))
-
-
-def client(url: str) -> optuna.storages.BaseStorage:
-    """A GrpcStorageProxy for grpc://HOST:PORT, once the proxy answers (else a one-line error)."""
-    _needs_grpc()
-    from optuna.storages import GrpcStorageProxy
-
-    host, port = parse_address(url)
-    with warnings.catch_warnings():  # experimental since 4.2, stable in use; the warning is noise
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = GrpcStorageProxy(host=host, port=port)
-    try:
-        storage.wait_server_ready(timeout=READY_TIMEOUT)
-    except ConnectionError:
-        storage.close()
-        raise SearchError(
-            f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
-            f"start one there with `{command('proxy --storage DATABASE_URL')} "
-            f"--host {host} --port {port}`, or check the address"
-        ) from None
-    return storage
-
-
-def _needs_grpc() -> None:
-    try:
-        import grpc  # noqa: F401
-    except ImportError:
-        raise SearchError(
-            "grpc:// storage and `search proxy` need grpcio; install it with: pip install 'search[grpc]'"
-        ) from None
 
 
 def backend(url: str) -> optuna.storages.BaseStorage:
     """The database storage the proxy serves: an SQL URL only, with Optuna's in-process cache."""
-    from search.storage import mask, open_storage
-
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme in REFUSED:
         raise SearchError(f"proxy --storage: cannot serve '{mask(url)}': {REFUSED[scheme]}")
@@ -107,18 +63,14 @@ def is_loopback(host: str) -> bool:
 
 def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) -> int:
     """Serve the database at `url` on host:port until SIGTERM or Ctrl-C; returns the exit code."""
-    from search.storage import mask
-
-    _needs_grpc()
+    needs_grpc()
     if not 0 < port < 65536:
         raise SearchError(f"proxy --port: {port} is not a port (1-65535; default 13000)")
     if threads < 1:
         raise SearchError(f"proxy --threads: {threads}; give at least 1 (each thread may hold one connection)")
     storage = backend(url)
-    from optuna.storages._grpc.server import make_server
-
     try:
-        server = make_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
+        server = grpc_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
     except RuntimeError as e:  # grpcio raises on a port it cannot bind
         raise SearchError(
             f"proxy: cannot listen on {host}:{port} ({e}); is another proxy running there? choose another --port"

@@ -1,5 +1,6 @@
 """Storages: URLs (`${VAR}` expanded, passwords masked), checks before anything is created, and
-opening (SQL with SQLite locking, journal file, Redis, the gRPC proxy).
+opening (SQL with SQLite locking, journal file, Redis, a client of the gRPC proxy: `search proxy`,
+search.proxy, serves one).
 
 A URL is checked (scheme, variables, reachability, a creatable file) before a study, schema or
 file exists, so a refused run leaves nothing behind.
@@ -9,18 +10,22 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
 from search.errors import SearchError
+from search.text import command
 
 STALE_BEATS = 10  # heartbeats of silence before a running trial is judged dead (a slow process still beats)
 
 STUDIES = Path("studies")
+READY_TIMEOUT = 10.0  # seconds a client waits for the storage proxy before giving up
 
 
 def default_storage(name: str) -> str:
@@ -93,8 +98,6 @@ def _rdb(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
 
 
 def _journal_file(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    from optuna.storages.journal import JournalFileBackend
-
     path = url[len("journal:") :].removeprefix("//")
     if not path:
         raise SearchError("study.storage: 'journal:' needs a file, e.g. journal:/shared/studies/NAME.log")
@@ -103,8 +106,6 @@ def _journal_file(url: str, heartbeat: int | None) -> optuna.storages.BaseStorag
 
 
 def _redis(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    from optuna.storages.journal import JournalRedisBackend
-
     # ?prefix=NAME keeps several users' (or tests') journals apart on one server.
     base, _, query = url.partition("?")
     params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
@@ -116,12 +117,46 @@ def _redis(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalRedisBackend(base, prefix=prefix))
 
 
-def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    """A client of `search proxy` (Optuna's gRPC storage proxy). It keeps no heartbeat table, so
-    dead workers are found by our `heartbeat_at` attr, as on journal storages."""
-    from search.proxy import client
+def parse_address(url: str) -> tuple[str, int]:
+    """(host, port) of grpc://HOST:PORT (IPv6 hosts in brackets)."""
+    m = re.fullmatch(r"grpc://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?", url)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise SearchError(
+            f"study.storage: '{url}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
+            "the address a `search proxy` listens on)"
+        )
+    return m.group(1).strip("[]"), int(m.group(2))
 
-    return client(url)
+
+def needs_grpc() -> None:
+    """grpcio is an extra: say how to install it rather than fail on the import."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise SearchError(
+            "grpc:// storage and `search proxy` need grpcio; install it with: pip install 'search[grpc]'"
+        ) from None
+
+
+def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    """A client of `search proxy` (Optuna's gRPC storage proxy), once the proxy answers. It keeps
+    no heartbeat table, so dead workers are found by our `heartbeat_at` attr, as on journal
+    storages."""
+    needs_grpc()
+    host, port = parse_address(url)
+    with warnings.catch_warnings():  # experimental since 4.2, stable in use; the warning is noise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        storage.wait_server_ready(timeout=READY_TIMEOUT)
+    except ConnectionError:
+        storage.close()
+        raise SearchError(
+            f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
+            f"start one there with `{command('proxy --storage DATABASE_URL')} "
+            f"--host {host} --port {port}`, or check the address"
+        ) from None
+    return storage
 
 
 STORAGES: dict[str, Callable[[str, int | None], optuna.storages.BaseStorage]] = {
