@@ -497,6 +497,238 @@ def predict(
     return torch.cat(out)
 
 
+@dataclass
+class Run:
+    """What every step of one fit uses, fixed for the whole fit: the model and its optimizer, the
+    data where it lives (uint8), the input pipeline's constants and the random generators."""
+
+    model: nn.Module
+    net: nn.Module  # the model's forward, compiled or not
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    hp: TrainCfg
+    dev: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    size: int  # input pixels
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    head: tuple[str, ...]
+    pretrained: bool
+    train_x: torch.Tensor  # uint8 (N, C, H, W), on the device when it fits its share
+    train_y: torch.Tensor  # on the device
+    val_x: torch.Tensor
+    aug: augment.AugmentCfg
+    weight: torch.Tensor | None  # class weights of the loss
+    sample_w: torch.Tensor | None  # per-image weights of balanced sampling
+    gen: torch.Generator  # batch order, augmentation, mix permutations
+    rng: random.Random  # host-side draws (mix lam, cutmix box): no device sync
+
+    @property
+    def cuda(self) -> bool:
+        return self.dev.type == "cuda"
+
+    @property
+    def clip_params(self) -> list[torch.Tensor]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+
+@dataclass
+class FitState:
+    """What a fit carries from epoch to epoch: the state a resumed fit starts from (`restore`)
+    and each finished epoch saves (`snapshot`), in one place."""
+
+    micro: int  # images per forward/backward (smaller after out of memory)
+    frozen: bool  # the backbone is frozen (linear probe, lp_ft's first epochs)
+    epoch: int = 0  # the last finished epoch
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)  # validation metrics of the best epoch
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best)
+
+    def snapshot(self, run: Run) -> dict[str, Any]:
+        """The resume state after epoch `self.epoch`: plain types `torch.load(weights_only=True)` reads."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "micro_batch": self.micro,
+            "frozen": self.frozen,
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng_states(run.gen, run.rng, run.cuda),
+            "history": self.history,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], run: Run) -> FitState:
+        """Weights, optimizer, scaler and every random state back as `snapshot` left them."""
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], run.gen, run.rng, run.cuda)
+        return cls(
+            micro=int(state["micro_batch"]),
+            frozen=bool(state["frozen"]),
+            epoch=int(state["epoch"]),
+            step=int(state["step"]),
+            history=list(state["history"]),
+            best=dict(state["best"]),
+            best_epoch=int(state["best_epoch"]),
+            best_state=state.get("best_state"),
+        )
+
+
+def prepare(
+    model: nn.Module,
+    data: Data,
+    hp: TrainCfg,
+    dev: torch.device,
+    seed: int,
+    amp: bool,
+    compile: bool | str,
+    gpu_memory_share: float,
+) -> Run:
+    """The model on the device (channels_last on CUDA), its precision, the data where it will live,
+    the generators and the optimizer over the parameter groups."""
+    cuda = dev.type == "cuda"
+    info = getattr(model, "info", None)
+    head = info.head if info else ()
+    pretrained = bool(info and info.pretrained)
+    channels_last = cuda  # on CPU, oneDNN's default layout is as fast and skips the conversions
+    amp_dtype = None
+    if amp and cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
+    # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
+    # Data: resident on the device as uint8 when it fits the allowed share of free memory.
+    train_x, val_x = data.train.x, data.val.x
+    if cuda and train_x.numel() + val_x.numel() <= gpu_memory_share * torch.cuda.mem_get_info(dev)[0]:
+        train_x, val_x = train_x.to(dev), val_x.to(dev)
+    weights = class_weights(data.train.y, data.num_classes)
+    set_backbone_frozen(model, head, frozen_at_start(hp, pretrained))
+    return Run(
+        model=model,
+        net=compiled(model, compile) if compile else model,
+        opt=make_optimizer(param_groups(model, hp, head, pretrained), hp, fused=cuda),
+        scaler=scaler,
+        hp=hp,
+        dev=dev,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        size=info.resolution if info else data.resolution,
+        mean=info.mean if info else (0.5,) * data.in_chans,
+        std=info.std if info else (0.25,) * data.in_chans,
+        head=head,
+        pretrained=pretrained,
+        train_x=train_x,
+        train_y=data.train.y.to(dev),
+        val_x=val_x,
+        aug=data.augment.scaled(hp.aug_scale),
+        weight=weights.to(dev) if hp.class_weights else None,
+        sample_w=weights[data.train.y].to(dev) if hp.balanced_sampling else None,
+        gen=torch.Generator(device=dev).manual_seed(seed),
+        rng=random.Random(seed),
+    )
+
+
+def frozen_at_start(hp: TrainCfg, pretrained: bool) -> bool:
+    """A pretrained backbone starts frozen under a linear probe, and under lp_ft's probe epochs."""
+    return pretrained and (hp.finetune == "linear_probe" or (hp.finetune == "lp_ft" and hp.lp_epochs > 0))
+
+
+def schedule(hp: TrainCfg, steps_per_epoch: int) -> Callable[[int, int], float]:
+    """The learning-rate factor as a function of (optimizer step, plateau decays so far)."""
+    total = steps_per_epoch * hp.epochs
+    warmup = round(hp.warmup_epochs * steps_per_epoch)
+    step_every = hp.step_size * steps_per_epoch
+    return lambda step, decays: lr_factor(
+        step,
+        total,
+        warmup,
+        hp.schedule,
+        step_every=step_every,
+        gamma=hp.gamma,
+        min_ratio=hp.min_lr_ratio,
+        decays=decays,
+    )
+
+
+def train_step(
+    run: Run, fs: FitState, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """One optimizer step on a batch; out of memory retries the same step in micro-batches half as
+    large (`fs.micro`, kept for the rest of the fit) until MIN_MICRO_BATCH fails too (raised)."""
+    while True:
+        run.opt.zero_grad(set_to_none=True)
+        try:
+            loss = backward(run.net, xb, ya, yb, lam, run.hp, run.weight, fs.micro, run.scaler, run.dev, run.amp_dtype)
+            if run.hp.grad_clip:
+                run.scaler.unscale_(run.opt)
+                torch.nn.utils.clip_grad_norm_(run.clip_params, run.hp.grad_clip)
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            return loss
+        except torch.OutOfMemoryError:  # in practice in forward/backward, before the update
+            if fs.micro <= MIN_MICRO_BATCH:
+                raise
+        # outside the except: its traceback no longer pins the failed step's tensors
+        run.opt.zero_grad(set_to_none=True)
+        release_step(run.cuda)
+        fs.micro = max(MIN_MICRO_BATCH, fs.micro // 2)
+
+
+def train_epoch(
+    run: Run,
+    fs: FitState,
+    epoch: int,
+    bs: int,
+    lr_at: Callable[[int, int], float],
+    decays: int,
+    stop: Callable[[], bool] | None,
+    on_step: Callable[[int, int, int, int], None] | None,
+) -> float:
+    """One epoch of steps over a fresh order of the training images; the mean training loss.
+
+    Stopped is raised at a step boundary when `stop()` says so."""
+    hp, n = run.hp, len(run.train_y)
+    steps = n // bs  # the last partial batch is dropped: constant shapes, no tiny noisy steps
+    mixing = epoch <= hp.epochs - hp.mix_off_epochs
+    if run.sample_w is not None:
+        order = torch.multinomial(run.sample_w, n, replacement=True, generator=run.gen)
+    else:
+        order = torch.randperm(n, generator=run.gen, device=run.dev)
+    order_x = order.to(run.train_x.device)  # host-resident data: one copy per epoch, no per-step sync
+    loss_sum = torch.zeros((), device=run.dev)
+    for i in range(steps):
+        if stop is not None and stop():
+            raise Stopped
+        f = lr_at(fs.step, decays)
+        for g in run.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        xb = run.train_x.index_select(0, order_x[i * bs : (i + 1) * bs])  # a row copy; [idx] is far slower
+        if xb.device != run.dev:  # host-resident data (too big for its GPU share): pin this batch only
+            xb = xb.pin_memory()
+        xb = xb.to(run.dev, non_blocking=True)
+        yb = run.train_y[order[i * bs : (i + 1) * bs]]
+        xb = augment.augment(
+            xb, run.aug, run.size, run.gen, mean=run.mean, std=run.std, channels_last=run.channels_last
+        )
+        ya, yb2, lam = yb, yb, 1.0
+        if mixing:
+            xb, ya, yb2, lam = mix_batch(xb, yb, hp, run.gen, run.rng)
+        loss_sum += train_step(run, fs, xb, ya, yb2, lam)
+        fs.step += 1
+        if on_step is not None:
+            on_step(epoch, i + 1, steps, bs)
+    return float(loss_sum) / max(1, steps)  # the one sync of the epoch
+
+
 def fit(
     model: nn.Module,
     data: Data,
@@ -531,7 +763,7 @@ def fit(
     the size (gradients accumulated: the same effective batch) until it fits or
     fails at MIN_MICRO_BATCH, which ends the fit as 'oom'. The size that fit is
     kept for the rest of the fit, in each record (`micro_batch`) and the result.
-    `micro_batch` starts there instead of at the full batch (a resumed trial).
+    `micro_batch` starts there instead of at the full batch.
 
     Resuming: `on_state` gets, after every epoch that does not end the fit, the
     state a later fit resumes from when passed as `state` (with the same model,
@@ -545,207 +777,91 @@ def fit(
     if monitor not in METRICS:
         raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
     dev = resolve_device(device)
-    cuda = dev.type == "cuda"
     seed_everything(seed)
-    info = getattr(model, "info", None)
-    size = info.resolution if info else data.resolution
-    mean = info.mean if info else (0.5,) * data.in_chans
-    std = info.std if info else (0.25,) * data.in_chans
-    head = info.head if info else ()
-    pretrained = bool(info and info.pretrained)
-    channels_last = cuda  # on CPU, oneDNN's default layout is as fast and skips the conversions
-    amp_dtype = None
-    if amp and cuda:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
-
-    # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
-    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
-    net = compiled(model, compile) if compile else model
-
-    # Data: resident on the device as uint8 when it fits the allowed share of free memory.
-    train_x, train_y, val_x = data.train.x, data.train.y, data.val.x
-    if cuda:
-        free = torch.cuda.mem_get_info(dev)[0]
-        if train_x.numel() + val_x.numel() <= gpu_memory_share * free:
-            train_x, val_x = train_x.to(dev), val_x.to(dev)
-    train_y = train_y.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)  # batch order, augmentation, mix permutations
-    rng = random.Random(seed)  # host-side draws (mix lam, cutmix box): no device sync
-    weight = class_weights(data.train.y, data.num_classes).to(dev) if hp.class_weights else None
-    sample_w = class_weights(data.train.y, data.num_classes)[data.train.y].to(dev) if hp.balanced_sampling else None
-    aug = data.augment.scaled(hp.aug_scale)
-
-    frozen = pretrained and (hp.finetune == "linear_probe" or (hp.finetune == "lp_ft" and hp.lp_epochs > 0))
-    set_backbone_frozen(model, head, frozen)
-    opt = make_optimizer(param_groups(model, hp, head, pretrained), hp, fused=cuda)
-    clip_params = [p for g in opt.param_groups for p in g["params"]]
-
-    n = len(train_y)
-    bs = min(hp.batch_size, n)
-    steps_per_epoch = n // bs  # drop the last partial batch: constant shapes, no tiny noisy steps
-    total = steps_per_epoch * hp.epochs
-    warmup = round(hp.warmup_epochs * steps_per_epoch)
-    step_every = hp.step_size * steps_per_epoch
-
-    history: list[dict[str, float]] = []
-    best: dict[str, float] = {}
-    status: FitStatus
-    best_epoch, best_state, status, reason = 0, None, "ok", ""
-    t_start = time.perf_counter()
-    step = 0
-    micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))  # kept once reduced
-    first = 1
+    run = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share)
+    bs = min(hp.batch_size, len(run.train_y))
+    lr_at = schedule(hp, len(run.train_y) // bs)
+    micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))
+    fs = FitState(micro, frozen_at_start(hp, run.pretrained))
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"], gen, rng, cuda)
-        history, best, best_epoch = list(state["history"]), dict(state["best"]), int(state["best_epoch"])
-        best_state = state.get("best_state")
-        step, micro, frozen = int(state["step"]), int(state["micro_batch"]), bool(state["frozen"])
-        set_backbone_frozen(model, head, frozen)
-        first = int(state["epoch"]) + 1
-    with determinism(hp.deterministic, cuda), host_memory(dev):
-        for epoch in range(first, hp.epochs + 1):
-            if frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
-                frozen = False
-                set_backbone_frozen(model, head, False)
-            train_mode(model, head, frozen)
-            mixing = epoch <= hp.epochs - hp.mix_off_epochs
-            decays = plateau_decays([h[f"val_{monitor}"] for h in history], monitor) if hp.schedule == "plateau" else 0
-            if cuda:
+        fs = FitState.restore(state, run)
+        set_backbone_frozen(model, run.head, fs.frozen)
+    status: FitStatus = "ok"
+    reason, t_start = "", time.perf_counter()
+    with determinism(hp.deterministic, run.cuda), host_memory(dev):
+        for epoch in range(fs.epoch + 1, hp.epochs + 1):
+            if fs.frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
+                fs.frozen = False
+                set_backbone_frozen(model, run.head, False)
+            train_mode(model, run.head, fs.frozen)
+            values = [h[f"val_{monitor}"] for h in fs.history]
+            decays = plateau_decays(values, monitor) if hp.schedule == "plateau" else 0
+            if run.cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
-            t0 = time.perf_counter()
-            if sample_w is not None:
-                order = torch.multinomial(sample_w, n, replacement=True, generator=gen)
-            else:
-                order = torch.randperm(n, generator=gen, device=dev)
-            order_x = order.to(train_x.device)  # host-resident data: one copy per epoch, no per-step sync
-            loss_sum = torch.zeros((), device=dev)
-            xb = loss = None
-            phase = "train"
+            t0, phase = time.perf_counter(), "train"
             try:
-                for i in range(steps_per_epoch):
-                    if stop is not None and stop():
-                        raise Stopped
-                    f = lr_factor(
-                        step,
-                        total,
-                        warmup,
-                        hp.schedule,
-                        step_every=step_every,
-                        gamma=hp.gamma,
-                        min_ratio=hp.min_lr_ratio,
-                        decays=decays,
-                    )
-                    for g in opt.param_groups:
-                        g["lr"] = g["base_lr"] * f
-                    idx = order[i * bs : (i + 1) * bs]
-                    xb = train_x.index_select(0, order_x[i * bs : (i + 1) * bs])  # a row copy; [idx] is far slower
-                    if xb.device != dev:  # host-resident data (too big for its GPU share): pin this batch only
-                        xb = xb.pin_memory()
-                    xb = xb.to(dev, non_blocking=True)
-                    yb = train_y[idx]
-                    xb = augment.augment(xb, aug, size, gen, mean=mean, std=std, channels_last=channels_last)
-                    ya, yb2, lam = yb, yb, 1.0
-                    if mixing:
-                        xb, ya, yb2, lam = mix_batch(xb, yb, hp, gen, rng)
-                    while True:  # out of memory: the same step again in micro-batches half as large
-                        opt.zero_grad(set_to_none=True)
-                        try:
-                            loss = backward(net, xb, ya, yb2, lam, hp, weight, micro, scaler, dev, amp_dtype)
-                            if hp.grad_clip:
-                                scaler.unscale_(opt)
-                                torch.nn.utils.clip_grad_norm_(clip_params, hp.grad_clip)
-                            scaler.step(opt)
-                            scaler.update()
-                            break
-                        except torch.OutOfMemoryError:  # in practice in forward/backward, before the update
-                            if micro <= MIN_MICRO_BATCH:
-                                raise
-                        # outside the except: its traceback no longer pins the failed step's tensors
-                        opt.zero_grad(set_to_none=True)
-                        release_step(cuda)
-                        micro = max(MIN_MICRO_BATCH, micro // 2)
-                    loss_sum += loss
-                    step += 1
-                    if on_step is not None:
-                        on_step(epoch, i + 1, steps_per_epoch, bs)
-                train_loss = float(loss_sum) / max(1, steps_per_epoch)  # the one sync of the epoch
-                seconds = time.perf_counter() - t0
-                phase = "validation"
-                val_logits = predict(model, val_x, size, mean, std, dev, amp_dtype, channels_last)
-            except torch.OutOfMemoryError:
-                status = "oom"
-                reason = (
-                    f"out of memory at batch size {bs} in micro-batches of {micro}"
-                    if phase == "train"
-                    else f"out of memory in validation (batches of {EVAL_BATCH})"
+                train_loss = train_epoch(run, fs, epoch, bs, lr_at, decays, stop, on_step)
+                seconds, phase = time.perf_counter() - t0, "validation"
+                val_logits = predict(
+                    model, run.val_x, run.size, run.mean, run.std, dev, run.amp_dtype, run.channels_last
                 )
+            except torch.OutOfMemoryError:
+                status, reason = "oom", oom_reason(phase, bs, fs.micro)
             except Stopped:
                 status, reason = "interrupted", f"stopped in epoch {epoch}; {epoch - 1} epochs done"
                 break
             if status == "oom":  # outside the except: its traceback no longer pins the step's tensors
-                xb = loss = None
-                free_memory(model, opt, cuda)
+                free_memory(model, run.opt, run.cuda)
                 break
             val = metrics.evaluate(val_logits, data.val.y)
             if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
                 status, reason = "diverged", f"diverged at epoch {epoch}"
                 break
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                **{f"val_{k}": v for k, v in val.items()},
-                "lr": opt.param_groups[0]["lr"],
-                "backbone_frozen": float(frozen),
-                "seconds": seconds,
-                "images_per_s": steps_per_epoch * bs / max(seconds, 1e-9),
-                "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if cuda else 0) / 2**20,
-                "micro_batch": micro,
-            }
-            history.append(record)
-            if not best or better(val[monitor], best[monitor], monitor):
-                best, best_epoch = val, epoch
-                if keep_best:
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            record = epoch_record(run, fs, epoch, train_loss, val, seconds, len(run.train_y) // bs * bs)
+            fs.history.append(record)
+            fs.epoch = epoch
+            if not fs.best or better(val[monitor], fs.best[monitor], monitor):
+                fs.best, fs.best_epoch = val, epoch
+                fs.best_state = cpu_copy(model) if keep_best else None
             if on_epoch is not None:
                 on_epoch(epoch, record)  # may raise (pruning): nothing after this needs cleanup
-            if hp.patience and epoch - best_epoch >= hp.patience:
+            if hp.patience and epoch - fs.best_epoch >= hp.patience:
                 status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
                 break
             if on_state is not None and epoch < hp.epochs:
-                on_state(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "micro_batch": micro,
-                        "frozen": frozen,
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": rng_states(gen, rng, cuda),
-                        "history": history,
-                        "best": best,
-                        "best_epoch": best_epoch,
-                        "best_state": best_state,
-                    }
-                )
+                on_state(fs.snapshot(run))
             if stop is not None and epoch < hp.epochs and stop():
                 status, reason = "interrupted", f"stopped after epoch {epoch}"
                 break
-    last = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-    return FitResult(
-        status,
-        reason,
-        best_epoch,
-        best,
-        last,
-        history,
-        best_state if keep_best else None,
-        time.perf_counter() - t_start,
-        seed,
-        micro,
-    )
+    last = {k[4:]: v for k, v in fs.history[-1].items() if k.startswith("val_")} if fs.history else {}
+    best_state = fs.best_state if keep_best else None
+    seconds = time.perf_counter() - t_start
+    return FitResult(status, reason, fs.best_epoch, fs.best, last, fs.history, best_state, seconds, seed, fs.micro)
+
+
+def oom_reason(phase: str, bs: int, micro: int) -> str:
+    if phase == "train":
+        return f"out of memory at batch size {bs} in micro-batches of {micro}"
+    return f"out of memory in validation (batches of {EVAL_BATCH})"
+
+
+def epoch_record(
+    run: Run, fs: FitState, epoch: int, train_loss: float, val: dict[str, float], seconds: float, images: int
+) -> dict[str, float]:
+    """What an epoch reports: losses, validation metrics, learning rate, speed, memory, micro-batch."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        **{f"val_{k}": v for k, v in val.items()},
+        "lr": run.opt.param_groups[0]["lr"],
+        "backbone_frozen": float(fs.frozen),
+        "seconds": seconds,
+        "images_per_s": images / max(seconds, 1e-9),
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(run.dev) if run.cuda else 0) / 2**20,
+        "micro_batch": fs.micro,
+    }
+
+
+def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, copied to host memory (a best epoch kept while training goes on)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
