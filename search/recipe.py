@@ -218,7 +218,7 @@ class Recipe(Section):
     def _pool_and_space(self) -> Recipe:
         loader_for(self.data.dataset)  # a misspelt dataset fails here, not at the first trial
         parse_pool(self.pool)
-        check_overrides(self)
+        check_overrides(self.space, self.train, self.data)
         return self
 
     def normalized(self) -> dict[str, Any]:

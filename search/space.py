@@ -21,22 +21,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import optuna
 from pydantic import ValidationError, field_validator, model_validator
 
-from search.data import channels
+from search.data import DataCfg, channels
 from search.errors import SearchError, did_you_mean, one_of
 from search.hparams import TrainCfg
-from search.pool import PoolEntry, parse_pool
+from search.pool import PoolEntry
 from search.section import Section
-
-if TYPE_CHECKING:
-    import optuna
-
-    from search.recipe import Recipe
-
-POOL_PARAM = "model"
+from search.trials import POOL_PARAM
 
 
 class ParamCfg(Section):
@@ -212,12 +207,12 @@ def _from_override(name: str, base: Param, o: ParamCfg) -> Param:
     return Param(kind, cast(o.low), cast(o.high), o.log, o.step, when=base.when)
 
 
-def resolve(recipe: Recipe) -> tuple[dict[str, Param], dict[str, Any]]:
+def resolve(space: SpaceCfg, train: TrainCfg) -> tuple[dict[str, Param], dict[str, Any]]:
     """(sampled params in order, fixed values) after applying the overrides to the preset."""
-    names = list(PRESETS[recipe.space.preset])
+    names = list(PRESETS[space.preset])
     sampled: dict[str, Param] = {n: PARAMS[n] for n in names}
     fixed: dict[str, Any] = {}
-    for name, o in recipe.space.overrides.items():
+    for name, o in space.overrides.items():
         if name not in PARAMS:
             raise SearchError(
                 f"space.overrides: unknown parameter '{name}'{did_you_mean(name, PARAMS)}; tunable: {one_of(PARAMS)}"
@@ -228,7 +223,7 @@ def resolve(recipe: Recipe) -> tuple[dict[str, Param], dict[str, Any]]:
         elif o is not None:
             fixed[name] = o
     for name, (partner, choice, why) in EPOCH_BOUNDED.items():
-        _within_epochs(recipe, sampled, fixed, name, partner, choice, why)
+        _within_epochs(space, train, sampled, fixed, name, partner, choice, why)
     order = list(PARAMS)
     return dict(sorted(sampled.items(), key=lambda kv: order.index(kv[0]))), fixed
 
@@ -241,19 +236,26 @@ EPOCH_BOUNDED = {
 }
 
 
-def _where(recipe: Recipe, name: str) -> str:
+def _where(space: SpaceCfg, name: str) -> str:
     """The key a fixed value comes from: a fixed override, else the train section."""
-    return f"space.overrides.{name}" if recipe.space.overrides.get(name) is not None else f"train.{name}"
+    return f"space.overrides.{name}" if space.overrides.get(name) is not None else f"train.{name}"
 
 
 def _within_epochs(
-    recipe: Recipe, sampled: dict[str, Param], fixed: dict[str, Any], name: str, partner: str, choice: str, why: str
+    space: SpaceCfg,
+    train: TrainCfg,
+    sampled: dict[str, Param],
+    fixed: dict[str, Any],
+    name: str,
+    partner: str,
+    choice: str,
+    why: str,
 ) -> None:
     """Keep `name` below train.epochs: a preset's range is cut there (or dropped), a recipe's value
     at or above it is refused; where `name` cannot be below it, `partner: choice` has no effect and
     is dropped from a preset's choices or refused."""
-    epochs = recipe.train.epochs
-    user = recipe.space.overrides.get(name) is not None
+    epochs = train.epochs
+    user = space.overrides.get(name) is not None
     p = sampled.get(name)
     if p is not None:
         over = [v for v in (p.choices or (p.high,)) if isinstance(v, int | float) and v >= epochs]
@@ -270,67 +272,67 @@ def _within_epochs(
             del sampled[name]  # no value of the preset's range acts: the train value decides below
     if name in sampled:
         return
-    value = fixed.get(name, getattr(recipe.train, name))
+    value = fixed.get(name, getattr(train, name))
     if not isinstance(value, int | float) or value < epochs:  # not a number: _check_value refuses it
         return
     q = sampled.get(partner)
     if q is not None and choice in (q.choices or ()):
-        if recipe.space.overrides.get(partner) is not None:
+        if space.overrides.get(partner) is not None:
             raise SearchError(
-                f"space.overrides.{partner}: '{choice}' has no effect with {_where(recipe, name)} "
+                f"space.overrides.{partner}: '{choice}' has no effect with {_where(space, name)} "
                 f"{value} >= train.epochs {epochs} ({why}); lower {name} or drop '{choice}'"
             )
         sampled[partner] = replace(q, choices=tuple(c for c in q.choices or () if c != choice))
-    elif q is None and fixed.get(partner, getattr(recipe.train, partner)) == choice:
+    elif q is None and fixed.get(partner, getattr(train, partner)) == choice:
         raise SearchError(
-            f"{_where(recipe, partner)}: '{choice}' has no effect with {_where(recipe, name)} "
+            f"{_where(space, partner)}: '{choice}' has no effect with {_where(space, name)} "
             f"{value} >= train.epochs {epochs} ({why}); set {name} below {epochs}"
         )
 
 
-def _check_value(recipe: Recipe, name: str, value: Any) -> None:
+def _check_value(train: TrainCfg, name: str, value: Any) -> None:
     try:
-        TrainCfg.model_validate({**recipe.train.model_dump(), name: value})
+        TrainCfg.model_validate({**train.model_dump(), name: value})
     except ValidationError as e:
         msg = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise SearchError(f"space.overrides.{name}: {value!r} is not a valid value: {msg}") from None
 
 
-def check_overrides(recipe: Recipe) -> None:
+def check_overrides(space: SpaceCfg, train: TrainCfg, data: DataCfg) -> None:
     """Every override names a tunable parameter and only admits values `train` accepts; a value
     the recipe fixes that cannot take effect is refused (see also `_within_epochs`)."""
-    sampled, fixed = resolve(recipe)
+    sampled, fixed = resolve(space, train)
     for name, value in fixed.items():
-        _check_value(recipe, name, value)
+        _check_value(train, name, value)
     for name, p in sampled.items():
         for value in p.choices or (p.low, p.high):
-            _check_value(recipe, name, value)
-    base = {**recipe.train.model_dump(), **fixed}
+            _check_value(train, name, value)
+    base = {**train.model_dump(), **fixed}
     # With these values fixed the param is never sampled either (its condition cannot hold).
     if base["label_smoothing"] > 0 and "loss" not in sampled and base["loss"] == "focal":
         raise SearchError(
-            f"{_where(recipe, 'label_smoothing')}: {base['label_smoothing']:g} has no effect with "
-            f"{_where(recipe, 'loss')}: focal (the focal loss takes no label smoothing); "
+            f"{_where(space, 'label_smoothing')}: {base['label_smoothing']:g} has no effect with "
+            f"{_where(space, 'loss')}: focal (the focal loss takes no label smoothing); "
             "remove it or use loss: ce"
         )
-    chans = channels(recipe.data)
-    if base["channel_reduce"] != TrainCfg().channel_reduce and chans == 3:
+    if base["channel_reduce"] != TrainCfg().channel_reduce and channels(data) == 3:
         raise SearchError(
-            f"{_where(recipe, 'channel_reduce')}: '{base['channel_reduce']}' has no effect on "
-            f"{recipe.data.dataset}, whose images have 3 channels (only 1-channel data reduces a "
+            f"{_where(space, 'channel_reduce')}: '{base['channel_reduce']}' has no effect on "
+            f"{data.dataset}, whose images have 3 channels (only 1-channel data reduces a "
             "pretrained RGB stem); remove it"
         )
 
 
-def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None = None) -> tuple[PoolEntry, TrainCfg]:
-    """Sample the pool entry and the hyperparameters that take effect for it."""
-    entries = entries or parse_pool(recipe.pool)
+def suggest(
+    trial: optuna.Trial, space: SpaceCfg, train: TrainCfg, entries: list[PoolEntry], chans: int | None
+) -> tuple[PoolEntry, TrainCfg]:
+    """Sample the pool entry and the hyperparameters that take effect for it (`chans`: the
+    data's image channels)."""
     by_label = {e.label: e for e in entries}
     label = trial.suggest_categorical(POOL_PARAM, list(by_label))
     entry = by_label[label]
-    sampled, fixed = resolve(recipe)
-    chans = channels(recipe.data, decode=True)
-    values: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
+    sampled, fixed = resolve(space, train)
+    values: dict[str, Any] = {**train.model_dump(), **fixed}
     for name, p in sampled.items():
         if p.when is not None and not p.when(values, entry, chans):
             continue
@@ -342,14 +344,14 @@ def suggest(trial: optuna.Trial, recipe: Recipe, entries: list[PoolEntry] | None
             values[name] = trial.suggest_int(name, int(low), int(high), log=p.log, step=int(p.step or 1))
         else:
             values[name] = trial.suggest_float(name, low, high, log=p.log, step=p.step)
-    return entry, TrainCfg.model_validate({**recipe.train.model_dump(), **values})
+    return entry, TrainCfg.model_validate({**train.model_dump(), **values})
 
 
-def baseline_params(recipe: Recipe, entry: PoolEntry) -> dict[str, Any]:
-    """The `train` defaults for one entry, as values of the sampled parameters (for enqueueing)."""
-    sampled, fixed = resolve(recipe)
-    chans = channels(recipe.data, decode=True)  # as `suggest` sees them, so the queued trial asks the same
-    seen: dict[str, Any] = {**recipe.train.model_dump(), **fixed}
+def baseline_params(space: SpaceCfg, train: TrainCfg, entry: PoolEntry, chans: int | None) -> dict[str, Any]:
+    """The `train` defaults for one entry, as values of the sampled parameters (for enqueueing);
+    `chans` as `suggest` sees them, so the queued trial asks the same."""
+    sampled, fixed = resolve(space, train)
+    seen: dict[str, Any] = {**train.model_dump(), **fixed}
     values: dict[str, Any] = {POOL_PARAM: entry.label}
     for name, p in sampled.items():
         if p.when is not None and not p.when(seen, entry, chans):
@@ -372,16 +374,15 @@ def _options(p: Param) -> tuple[Any, ...]:
     return (p.choices or ()) if p.kind == "cat" else p.bounds
 
 
-def reachable(recipe: Recipe, entries: list[PoolEntry] | None = None) -> dict[str, Param]:
+def reachable(space: SpaceCfg, train: TrainCfg, entries: list[PoolEntry], chans: int | None) -> dict[str, Param]:
     """The sampled params whose condition holds for some pool entry and some earlier values.
 
     A condition reads the params before it; each is tried with its choices (or range ends)
-    when it is itself reachable, else with its fixed or `train` value.
+    when it is itself reachable, else with its fixed or `train` value. `chans` None (an image
+    folder not decoded yet) lets the channel condition hold either way.
     """
-    entries = entries or parse_pool(recipe.pool)
-    sampled, fixed = resolve(recipe)
-    chans = channels(recipe.data)  # None for an image folder: its channels are known once decoded
-    base = {**recipe.train.model_dump(), **fixed}
+    sampled, fixed = resolve(space, train)
+    base = {**train.model_dump(), **fixed}
     out: dict[str, Param] = {}
     for e in entries:
         options: dict[str, tuple[Any, ...]] = {}  # earlier params reachable for this entry
@@ -414,15 +415,14 @@ CONDITION_TEXT: dict[Cond | None, str] = {
 }
 
 
-def describe(recipe: Recipe) -> str:
+def describe(space: SpaceCfg, train: TrainCfg, entries: list[PoolEntry], chans: int | None) -> str:
     """The resolved space, one line per parameter, for `validate`.
 
     Conditional params whose condition can never hold (given the fixed values and the pool)
     are listed apart as never sampled.
     """
-    sampled, fixed = resolve(recipe)
-    entries = parse_pool(recipe.pool)
-    live = reachable(recipe, entries)
+    sampled, fixed = resolve(space, train)
+    live = reachable(space, train, entries, chans)
     lines = [f"  {POOL_PARAM:<18} {{{', '.join(e.label for e in entries)}}}"]
     for name, p in live.items():
         when = f"  ({CONDITION_TEXT.get(p.when, 'conditional')})" if p.when else ""

@@ -9,6 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import space
+from search.data import channels
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
 from search.sampling import make_pruner, make_sampler
@@ -28,13 +29,30 @@ def _recipe(preset: str = "full", overrides: dict | None = None, train: dict | N
     )
 
 
+def _entries(r) -> list:
+    return parse_pool(r.pool)
+
+
+def _suggest(trial, r, entries=None):
+    """space.suggest with the recipe's sections, as the objective calls it."""
+    return space.suggest(trial, r.space, r.train, entries or _entries(r), channels(r.data))
+
+
+def _reachable(r) -> dict:
+    return space.reachable(r.space, r.train, _entries(r), channels(r.data))
+
+
+def _sections(r) -> tuple:
+    return r.space, r.train
+
+
 def _ask(recipe, n: int = 40, sampler: optuna.samplers.BaseSampler | None = None):
     study = optuna.create_study(sampler=sampler or optuna.samplers.RandomSampler(seed=0), direction="maximize")
     entries = parse_pool(recipe.pool)
     out = []
     for i in range(n):
         trial = study.ask()
-        entry, hp = space.suggest(trial, recipe, entries)
+        entry, hp = _suggest(trial, recipe, entries)
         study.tell(trial, float(hp.lr) + i * 1e-6)
         out.append((entry, hp, study.trials[-1].params))
     return out
@@ -62,7 +80,7 @@ def test_conditions_see_the_recipes_train_values():
     r = r.model_copy(update={"space": r.space.model_copy(update={"overrides": {"optimizer": None}})})
     rows = _ask(r, n=5)
     assert all("momentum" in p and "optimizer" not in p for _, _, p in rows)
-    assert "momentum" in space.reachable(r)
+    assert "momentum" in _reachable(r)
 
 
 def test_overrides_ranges_choices_fixed_and_removed():
@@ -79,7 +97,7 @@ def test_overrides_ranges_choices_fixed_and_removed():
         },
         train={"epochs": 5},
     )  # steps below the epochs
-    sampled, fixed = space.resolve(r)
+    sampled, fixed = space.resolve(*_sections(r))
     assert fixed == {"optimizer": "sgd"}
     assert "dropout" not in sampled and sampled["batch_size"].choices == (16, 32)
     for _, hp, params in _ask(r, n=30):
@@ -130,7 +148,7 @@ def test_every_pruner_runs_and_prunes_bad_curves(name):
     )  # Hyperband's brackets hash the name
     for i in range(8):
         trial = study.ask()
-        space.suggest(trial, r)
+        _suggest(trial, r)
         good = i < 4
         pruned = False
         for epoch in range(1, 5):
@@ -151,28 +169,28 @@ def test_every_pruner_runs_and_prunes_bad_curves(name):
 def test_baseline_params_use_train_defaults_where_they_fit():
     r = _recipe()
     entries = {e.label: e for e in parse_pool(r.pool)}
-    pre = space.baseline_params(r, entries["resnet_18"])
-    scratch = space.baseline_params(r, entries["mini_cnn"])
+    pre = space.baseline_params(r.space, r.train, entries["resnet_18"], channels(r.data))
+    scratch = space.baseline_params(r.space, r.train, entries["mini_cnn"], channels(r.data))
     assert pre["model"] == "resnet_18" and pre["optimizer"] == "adamw" and pre["finetune"] == "full"
     assert pre["backbone_lr_mult"] == 1.0 and pre["batch_size"] == 128 and pre["lr"] == 1e-3
     assert "momentum" not in pre and "finetune" not in scratch and "mix_prob" not in scratch
     assert math.isclose(pre["warmup_epochs"], 0.0)
     study = optuna.create_study()
     study.enqueue_trial(pre)
-    entry, hp = space.suggest(study.ask(), r, list(entries.values()))
+    entry, hp = _suggest(study.ask(), r, list(entries.values()))
     assert entry.label == "resnet_18" and hp.lr == 1e-3 and hp.finetune == "full"
 
 
 def test_describe_leaves_out_params_that_can_never_be_sampled():
     r = _recipe(overrides={"optimizer": "adamw", "mixup_alpha": 0.0, "cutmix_alpha": None})
-    text = space.describe(r)
+    text = space.describe(r.space, r.train, _entries(r), channels(r.data))
     live = [line.split()[0] for line in text.splitlines() if not line.strip().startswith("never")]
     assert "momentum" not in live and "nesterov" not in live and "mix_prob" not in live
     assert "backbone_lr_mult" in live and "finetune" in live  # resnet_18 is pretrained
     assert "never sampled (condition cannot hold): momentum (if optimizer=sgd)" in text
     scratch = recipe_from_dict(tiny_recipe(pool=["mini_cnn"], space={"preset": "full", "overrides": {}}))
-    assert {"finetune", "lp_epochs", "backbone_lr_mult"}.isdisjoint(space.reachable(scratch))
-    assert "momentum" in space.reachable(scratch)
+    assert {"finetune", "lp_epochs", "backbone_lr_mult"}.isdisjoint(_reachable(scratch))
+    assert "momentum" in _reachable(scratch)
 
 
 class _Reads(dict):
@@ -212,7 +230,7 @@ def test_the_full_preset_switches_mixing_off_in_some_trials():
     assert all("mix_prob" not in p for _, _, p in rows if p["mixup_alpha"] == 0 and p["cutmix_alpha"] == 0)
     assert {p["mixup_alpha"] for _, _, p in rows} == {0.0, 0.1, 0.2, 0.4}
     # A range written in the recipe stays a float range (the choices only replace the preset's range).
-    sampled, _ = space.resolve(_recipe(overrides={"mixup_alpha": {"low": 0, "high": 1}}))
+    sampled, _ = space.resolve(*_sections(_recipe(overrides={"mixup_alpha": {"low": 0, "high": 1}})))
     assert (sampled["mixup_alpha"].kind, sampled["mixup_alpha"].low, sampled["mixup_alpha"].high) == ("float", 0, 1)
 
 
@@ -224,7 +242,7 @@ def test_label_smoothing_is_sampled_only_with_cross_entropy():
         if p["loss"] == "focal":
             assert hp.label_smoothing == 0.0
     focal = _recipe(train={"loss": "focal"})
-    assert "label_smoothing" not in space.reachable(focal)
+    assert "label_smoothing" not in _reachable(focal)
 
 
 @pytest.mark.parametrize(
@@ -278,7 +296,7 @@ def test_settings_without_effect_are_refused_in_one_line(train, overrides, messa
 @pytest.mark.parametrize("epochs", [1, 2, 3, 6])
 def test_the_preset_keeps_epoch_counts_below_the_epochs(epochs):
     r = _recipe(train={"epochs": epochs})
-    sampled, _ = space.resolve(r)
+    sampled, _ = space.resolve(*_sections(r))
     if epochs > 2:
         assert (sampled["lp_epochs"].low, sampled["lp_epochs"].high) == (1, epochs - 1)
         assert (sampled["step_size"].low, sampled["step_size"].high) == (2, epochs - 1)
@@ -305,10 +323,10 @@ def _on(dataset: str, **kw) -> object:
 
 
 def test_channel_reduce_is_sampled_only_for_gray_data():
-    assert "channel_reduce" in space.reachable(_on("digits"))
-    assert "channel_reduce" not in space.reachable(_on("cifar10"))
-    assert "channel_reduce" not in space.reachable(_on("pathmnist_64"))  # RGB histology
-    assert "channel_reduce" in space.reachable(_on("organamnist_64"))  # gray CT
+    assert "channel_reduce" in _reachable(_on("digits"))
+    assert "channel_reduce" not in _reachable(_on("cifar10"))
+    assert "channel_reduce" not in _reachable(_on("pathmnist_64"))  # RGB histology
+    assert "channel_reduce" in _reachable(_on("organamnist_64"))  # gray CT
     rows = _ask(_on("cifar10"), n=10)
     assert all("channel_reduce" not in p and hp.channel_reduce == "mean" for _, hp, p in rows)
     gray = _ask(_on("digits"), n=40)
