@@ -17,6 +17,7 @@ channel_reduce, mean, std}, "trial", "epoch", "metrics"}`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -31,6 +32,10 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from search import optuna_api
+from search.models import build_model, info_of
+from search.pool import parse_entry
+from search.record import attrs, versions
+from search.trials import order, ranked
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,8 +107,6 @@ class ServedStore:
         self.store = store
 
     def open_reader(self, artifact_id: str) -> Any:
-        import io
-
         try:
             return self.store.open_reader(artifact_id)
         except ArtifactNotFound:
@@ -122,8 +125,6 @@ class ServedStore:
 
 def spec_of(recipe: Recipe, label: str | None) -> str | dict[str, Any]:
     """The pool entry with this label as the recipe writes it (for build_model and exported recipes)."""
-    from search.pool import parse_entry
-
     for spec in recipe.normalized()["pool"]:
         if parse_entry(spec).label == label:
             return {k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
@@ -132,8 +133,6 @@ def spec_of(recipe: Recipe, label: str | None) -> str | dict[str, Any]:
 
 def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> dict[str, Any]:
     """What load_checkpoint needs to rebuild a `build_model` model (weights come from the checkpoint)."""
-    from search.models import info_of
-
     info = info_of(model)
     return {
         "spec": spec_of(recipe, info.label),
@@ -151,8 +150,6 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict
     """Weights + how to rebuild the model (`model_kwargs`); written aside, then renamed (no torn files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    from search.record import versions
-
     torch.save({"state_dict": state_dict, "model": model, "versions": versions(meta.pop("device", None)), **meta}, tmp)
     os.replace(tmp, path)
     return path
@@ -160,10 +157,6 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict
 
 def load_checkpoint(source: str | Path | bytes) -> tuple[nn.Module, dict[str, Any]]:
     """(model with the checkpoint's weights, the checkpoint dict) from a file path or downloaded bytes."""
-    import io
-
-    from search.models import build_model, info_of
-
     f = io.BytesIO(source) if isinstance(source, bytes) else source
     ckpt = torch.load(f, map_location="cpu", weights_only=True)
     m = dict(ckpt["model"])
@@ -184,16 +177,10 @@ def _upload(trial: optuna.Trial, store: FileSystemArtifactStore, path: Path) -> 
 
 
 def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = None) -> set[int]:
-    """Numbers of the k best complete trials (plus `extra`, a still-running (number, value))."""
-    # The first objective is the primary metric in multi-objective studies too.
-    scored = [
-        (t.number, t.values[0]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values
-    ]
-    if extra is not None:
-        scored.append(extra)
-    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    scored.sort(key=lambda nv: (sign * nv[1], nv[0]))  # ties: the earlier trial stays
-    return {n for n, _ in scored[:k]}
+    """Numbers of the k best ranked trials (complete and feasible: search.trials.ranked), with
+    `extra`, a feasible trial finishing now as (number, primary value), placed among them."""
+    scored = [(t.number, t.values[0]) for t in ranked(study)] + ([extra] if extra else [])
+    return set(order(study, scored)[:k])
 
 
 def checkpoint_meta(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
@@ -239,11 +226,16 @@ def prune(
 
 
 def after_fit(
-    trial: optuna.Trial, recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data, result: FitResult
+    trial: optuna.Trial,
+    recipe: Recipe,
+    model: nn.Module,
+    hp: TrainCfg,
+    data: Data,
+    result: FitResult,
+    feasible: bool = True,
 ) -> None:
-    """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k."""
-    from search.models import info_of
-
+    """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k
+    (an infeasible trial keeps none: it can never be chosen)."""
     directory = dir_of(trial.study)
     store = store_for(directory)
     metric = recipe.study.metric
@@ -263,7 +255,7 @@ def after_fit(
         )
         _upload(trial, store, hist)
         k = recipe.study.top_k
-        if k == 0 or result.failed or result.best_state is None:
+        if k == 0 or result.failed or result.best_state is None or not feasible:
             return
         value = result.best[metric]
         if trial.number not in top_numbers(trial.study, k, (trial.number, value)):
@@ -275,7 +267,7 @@ def after_fit(
             trial=trial.number,
             epoch=result.best_epoch,
             metrics=result.best,
-            device=trial.user_attrs.get("device"),
+            device=attrs(trial).get("device"),
         )
         trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
     prune(trial.study, store, k, (trial.number, value))

@@ -27,6 +27,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     ${VAR}, reachability), dataset, weights. Missing files are listed as a checklist. Nothing
     is written, downloaded or decoded."""
     from search import space, storage
+    from search.data import channels
     from search.pool import parse_pool
     from search.text import table
 
@@ -60,7 +61,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     )
     print(f"search space (preset {recipe.space.preset}):")
-    for line in space.describe(recipe).splitlines():  # `model {labels}` of a long pool wraps under itself
+    for line in space.describe(
+        recipe.space, recipe.train, entries, channels(recipe.data)
+    ).splitlines():  # `model {labels}` of a long pool wraps under itself
         say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
@@ -176,6 +179,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
 def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1) -> int:
     from search import report, workers
     from search import study as st
+    from search.record import study_attrs
 
     try:
         if n_workers > 1:
@@ -193,7 +197,7 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
         print(report.leaderboard_text(study, recipe, wide=wide))
-        if study.user_attrs.get("rank"):
+        if study_attrs(study).get("rank"):
             print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
     return 0
@@ -396,6 +400,7 @@ def _stored(args: argparse.Namespace):
 
 def cmd_report(args: argparse.Namespace) -> int:
     from search import report
+    from search.record import study_attrs, versions_line
     from search.text import wrap
 
     recipe, study, _, directory = _stored(args)
@@ -403,13 +408,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     extra = report.selection_text(study, recipe, wide=args.wide)
     if extra:
         print("\n" + extra)
-    if study.user_attrs.get("rank"):
+    if study_attrs(study).get("rank"):
         print("\n" + report.rank_text(study, recipe, wide=args.wide))
     files = report.write_report(study, recipe, directory / "report")
-    if study.user_attrs.get("versions"):
-        from search.record import versions_line
-
-        print(f"\ncreated with {versions_line(study.user_attrs['versions'])}")
+    created = study_attrs(study).get("versions")
+    if created:
+        print(f"\ncreated with {versions_line(created)}")
     print()
     print("\n".join(wrap(f"wrote {directory / 'report'}/: {', '.join(f.name for f in files)}")))
     return 0
@@ -418,8 +422,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search import report, selection
+    from search import selection
     from search.text import command
+    from search.trials import label, value
 
     recipe, study, _, _ = _stored(args)
     if args.pick:
@@ -437,10 +442,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         t, rule = selection.best_choice(study, recipe)
     Path(args.out).write_text(selection.best_yaml(study, recipe, t, rule, path=args.out))
     say = _sayer(args)
-    say(
-        f"best trial {t.number} ({t.user_attrs.get('pool_label')}, val {recipe.study.metric} "
-        f"{report.value(t):.4f}) -> {args.out}"
-    )
+    say(f"best trial {t.number} ({label(t)}, val {recipe.study.metric} {value(t):.4f}) -> {args.out}")
     say(f"rule: {rule}")
     print(f"retrain and test it once:\n  {command('retrain ' + args.out)}")  # whole: it is pasted
     return 0
@@ -458,12 +460,12 @@ def cmd_confirm(args: argparse.Namespace) -> int:
             f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 (the search's own run is seed 1)"
         )
     selection.best_trial(study, recipe)  # a study without a complete trial has nothing to confirm
-    queued = confirm.enqueue(study, recipe, top_k, seeds)
+    queued = confirm.enqueue(study, top_k, seeds)
     print(
         f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
         f"'{confirm.companion_name(study.study_name)}'"
     )
-    confirm.work(recipe, study, quiet=args.quiet)
+    confirm.run(recipe, study, quiet=args.quiet)
     print(selection.confirmed_text(study, recipe, wide=args.wide))
     return 0
 

@@ -14,27 +14,29 @@ the same filter. In their own study they are invisible to all of them by constru
 pop them from the queue like any trials (shared storage shares the work), and the dashboard
 shows them as a study of their own. Each records the trial it confirms (`confirms`), its seed
 index (1 .. seeds - 1; index 0 is the source trial itself) and its seed.
+
+Runs are trained by the same objective as the search's trials (search.objective, not counted
+towards n_trials) in the same work loop (search.workers.drain).
 """
 
 from __future__ import annotations
 
-import math
-import random
-import statistics
 import threading
-import time
-from itertools import product
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import optuna_api
-from search.recipe import Recipe
+from search import optuna_api, workers
+from search.data import load_data
+from search.objective import make_objective
+from search.pool import parse_pool
+from search.recipe import Recipe, recipe_from_dict
+from search.record import attrs
+from search.stats import t_interval
+from search.trials import POOL_PARAM, counted, feasible, label, ranked, value
 
 SUFFIX = "/confirm"
-EXACT_LIMIT = 200_000  # winner stability: enumerate every draw up to this many, else resample
-RESAMPLES = 20_000
 
 
 def companion_name(name: str) -> str:
@@ -71,27 +73,26 @@ def confirm_seed(source_seed: int, index: int) -> int:
 
 def key(t: FrozenTrial) -> tuple[int, int] | None:
     """(source trial number, seed index) of a confirmation trial."""
-    if "confirms" not in t.user_attrs:
+    a = attrs(t)
+    if "confirms" not in a:
         return None
-    return int(t.user_attrs["confirms"]), int(t.user_attrs["seed_index"])
+    return int(a.get("confirms", 0)), int(a.get("seed_index", 0))
 
 
-def enqueue(study: optuna.Study, recipe: Recipe, top_k: int, seeds: int) -> int:
+def enqueue(study: optuna.Study, top_k: int, seeds: int) -> int:
     """Queue the missing confirmation runs of the top_k trials; returns how many were queued.
 
     Idempotent: a (source, seed index) already in the companion study, in any state, is not queued
     again. Two workers queueing at the same moment may both queue one; the later copy ends at
     once as a duplicate when it starts (`objective`).
     """
-    from search.report import complete_trials
-
-    sources = complete_trials(study, recipe)[:top_k]
+    sources = ranked(study)[:top_k]
     c = companion(study, create=True)
     assert c is not None  # created if missing
     have = {key(t) for t in c.get_trials(deepcopy=False)}
     n = 0
     for t in sources:
-        seed = t.user_attrs.get("seed", 0)
+        seed = attrs(t).get("seed", 0)
         for i in range(1, seeds):
             if (t.number, i) in have:
                 continue
@@ -104,20 +105,12 @@ def enqueue(study: optuna.Study, recipe: Recipe, top_k: int, seeds: int) -> int:
 
 
 def _duplicate(trial: optuna.Trial) -> bool:
-    from search.workers import counted
-
     k = key(optuna_api.frozen(trial))
     return any(key(t) == k and t.number < trial.number for t in counted(trial.study.get_trials(deepcopy=False)))
 
 
-def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
+def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     """Run queued confirmation runs in this process until none is left; returns how many ran here."""
-    from search import study as st
-    from search import workers
-    from search.data import load_data
-    from search.pool import parse_pool
-    from search.recipe import recipe_from_dict
-
     c = companion(study)
     if c is None or not any(t.state == TrialState.WAITING for t in c.get_trials(deepcopy=False)):
         return 0
@@ -125,10 +118,10 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     d = recipe.normalized()
     d["study"]["top_k"] = 0  # confirmation runs keep no checkpoints: retrain makes the final model
     run_recipe = recipe_from_dict(d, source="confirmation")
-    entries = parse_pool(recipe.pool)
     data = load_data(recipe.data, recipe.study.seed)  # the same train/val splits as the search
-    inner = st.make_objective(run_recipe, data, entries, recipe.hardware.device, on_line=say, counting=False)
-    hb = recipe.study.heartbeat
+    inner = make_objective(
+        run_recipe, data, parse_pool(recipe.pool), recipe.hardware.device, on_line=say, counting=False
+    )
 
     def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
@@ -136,74 +129,14 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
             raise workers.TrialFailed("duplicate confirmation")
         return inner(trial, lost)
 
-    def line(cs: optuna.Study, t: FrozenTrial) -> None:
-        k = key(t)
-        v = (
-            f"val_{recipe.study.metric} {t.values[0]:.4f}"
-            if t.values
-            else (t.user_attrs.get("fail_reason") or "failed")
-        )
-        if k:
-            say(f"confirm trial {k[0]:>3} seed #{k[1]}  {t.user_attrs.get('pool_label', ''):<24} {v}")
+    def on_end(t: FrozenTrial | None) -> None:
+        k = key(t) if t is not None else None
+        if t is None or k is None:
+            return
+        v = f"val_{recipe.study.metric} {t.values[0]:.4f}" if t.values else (attrs(t).get("fail_reason") or "failed")
+        say(f"confirm trial {k[0]:>3} seed #{k[1]}  {attrs(t).get('pool_label', ''):<24} {v}")
 
-    ran = 0
-    while True:
-        workers.sweep(c, hb)
-        trials = c.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials):
-            workers.stopped()
-            done = workers.run_one(c, objective, hb, say)
-            if done is not None:
-                line(c, done)
-            ran += 1
-            continue
-        if not any(t.state == TrialState.RUNNING for t in trials):
-            return ran
-        time.sleep(min(hb, 5))  # another worker's run may die and be queued again
-
-
-# ---------------------------------------------------------------------------
-# statistics of the stored runs (pure functions)
-
-
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, sample std, low, high): Student-t interval mean +- t_{(1+level)/2, n-1} * std / sqrt(n)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan"), float("nan"), float("nan")
-    std = statistics.stdev(values)
-    half = stats.t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)
-    return mean, std, mean - half, mean + half
-
-
-def winner_stability(values: dict[Any, list[float]], maximize: bool = True, seed: int = 0) -> tuple[Any, float, str]:
-    """How often the configuration with the best mean stays first when one seed per configuration
-    is drawn: (that configuration, the fraction, 'exact' or 'resampled N').
-
-    Every combination of one run per configuration is enumerated when there are at most
-    EXACT_LIMIT; otherwise RESAMPLES draws with a seeded generator. A tie for first counts as a
-    share (1/number tied).
-    """
-    sign = 1 if maximize else -1
-    names = list(values)
-    top = max(names, key=lambda n: sign * statistics.fmean(values[n]))
-    i_top = names.index(top)
-
-    def share(draw: tuple[float, ...]) -> float:
-        best = max(sign * v for v in draw)
-        if sign * draw[i_top] < best:
-            return 0.0
-        return 1 / sum(1 for v in draw if sign * v == best)
-
-    combos = math.prod(len(values[n]) for n in names)
-    if combos <= EXACT_LIMIT:
-        return top, sum(share(d) for d in product(*(values[n] for n in names))) / combos, "exact"
-    rng = random.Random(seed)
-    total = sum(share(tuple(rng.choice(values[n]) for n in names)) for _ in range(RESAMPLES))
-    return top, total / RESAMPLES, f"resampled {RESAMPLES}"
+    return workers.drain(c, objective, recipe.study.heartbeat, say=say, on_end=on_end)
 
 
 def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
@@ -212,9 +145,6 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     Row: trial, entry, seeds (n), values (seed index order), mean, std, low, high (95% t-interval),
     feasible, hyperparameters.
     """
-    from search.report import POOL_PARAM, _label, value
-    from search.sampling import feasible
-
     c = companion(study)
     if c is None:
         return []
@@ -234,7 +164,7 @@ def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial": n,
-                "entry": _label(src),
+                "entry": label(src),
                 "seeds": len(vals),
                 "values": vals,
                 "mean": mean,

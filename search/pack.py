@@ -162,6 +162,13 @@ def gpu_id(device: torch.device) -> str:
     return str(uuid) if uuid else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}-{device.index or 0}"
 
 
+def devices_for(device: torch.device) -> list[torch.device]:
+    """The GPUs a trial may take: the one named (cuda:N), else every visible one (cuda, auto)."""
+    if device.index is not None:
+        return [device]
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
 def ledger_path(device: torch.device) -> Path:
     """The ledger of a physical GPU on this machine ($SEARCH_GPU_LEDGER or the temp dir)."""
     return Path(os.environ.get("SEARCH_GPU_LEDGER", tempfile.gettempdir())) / "search-gpu" / f"{gpu_id(device)}.json"

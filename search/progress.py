@@ -5,6 +5,9 @@ pruned and failed counts, the best value and its trial, elapsed time and ETA) an
 bar for the running trial (epoch, steps, images/s, the trial's ETA), both drawn by tqdm and at
 most 100 columns wide; the epoch and trial-end lines are printed above them. In a log or a
 pipe: only the epoch and trial-end lines, as before, no carriage returns.
+
+The lines themselves are here too: the line a trial prints when it ends (`trial_line`: study
+bar, trial, entry, outcome, best so far, seconds) and the best-so-far text of the study bar.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import shutil
 import sys
 from typing import IO, Any
 
-WIDTH = 100  # columns, at most
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from search.record import attrs
+from search.text import WIDTH, fit_line, shorten
+from search.trials import feasible, label, ranked, value
 
 
 def live_terminal(stream: IO[str] | None = None) -> bool:
@@ -48,8 +57,6 @@ class Progress:
         if self.quiet:
             return
         if self.live and self.study_bar is not None:
-            from tqdm import tqdm
-
             tqdm.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
@@ -58,8 +65,6 @@ class Progress:
         """The study line: `done` of the total ended (counted), and what it stands at."""
         if not self.live:
             return
-        from tqdm import tqdm
-
         if self.study_bar is None:
             self.study_bar = tqdm(
                 total=self.n_total,
@@ -86,8 +91,6 @@ class Progress:
         """Step `i` (1-based) of `steps` of `epoch` ended, `batch` images each."""
         if not self.live:
             return
-        from tqdm import tqdm
-
         if self.trial_bar is None:
             number, label, first = self._trial
             label = label if len(label) <= 24 else label[:23] + "~"
@@ -117,3 +120,48 @@ class Progress:
         if self.study_bar is not None:
             self.study_bar.close()
             self.study_bar = None
+
+
+# ---------------------------------------------------------------------------
+# progress lines
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    filled = min(width, round(width * done / max(total, 1)))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def best_so_far(study: optuna.Study) -> str:
+    """'  best 0.9123 (trial 4)': the best feasible complete trial's primary value, or ''."""
+    top = ranked(study)
+    return f"  best {value(top[0]):.4f} (trial {top[0].number})" if top else ""
+
+
+def outcome(study: optuna.Study, trial: FrozenTrial, metric: str) -> str:
+    """How a trial ended, in a few words: its value(s), or why it was pruned or failed."""
+    a = attrs(trial)
+    if trial.state == TrialState.COMPLETE and len(trial.values or ()) > 1:
+        what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
+    elif trial.state == TrialState.COMPLETE:
+        what = f"val_{metric} {value(trial):.4f}"
+    elif trial.state == TrialState.PRUNED and a.get("status") == "oom":
+        what = f"infeasible: {a.get('fail_reason')}"
+    elif trial.state == TrialState.PRUNED:
+        what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
+    else:
+        what = f"failed: {a.get('fail_reason') or 'error'}"
+    return what if feasible(trial) else what + "  (infeasible)"
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, metric: str) -> str:
+    """One line when a trial ends: study progress bar, trial, entry, outcome, best so far, seconds."""
+    name = label(trial)
+    if name is None:  # ended before sampling (e.g. the study total was already taken)
+        return ""
+    secs = (attrs(trial).get("epochs") or 0) * (attrs(trial).get("sec_per_epoch") or 0.0)
+    what = outcome(study, trial, metric)
+    head = f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(name, 20):<20} "
+    tail = f"{best_so_far(study)}  {secs:.1f}s"
+    if len(head) + len(what) + len(tail) > WIDTH:  # the outcome first: the best so far gives way, then its end
+        tail = f"  {secs:.1f}s"
+    return head + fit_line(what, max(20, WIDTH - len(head) - len(tail))) + tail

@@ -43,8 +43,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from search import weights
+from search.augment import eval_input
+from search.data import data_root, load_data, stratified_split
 from search.errors import SearchError
+from search.models import build_model, info_of, input_resolution
+from search.pool import parse_pool
 from search.section import Section
+from search.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +221,6 @@ def scores(
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its classifier head (`model.info.head`) replaced by the identity, in eval mode."""
-    from search.models import info_of
-
     for name in info_of(model).head:
         model.set_submodule(name, torch.nn.Identity())
     return model.eval()
@@ -227,9 +231,6 @@ def embed(
     model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256, amp: bool = True
 ) -> np.ndarray:
     """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation."""
-    from search.augment import eval_input
-    from search.models import info_of
-
     info = info_of(model)
     cuda = device.type == "cuda"
     model.to(device)
@@ -247,8 +248,6 @@ def embed(
 
 def sample(split: Any, max_images: int, seed: int) -> Any:
     """A stratified, seeded sample of at most `max_images` of a split (the whole split if smaller)."""
-    from search.data import stratified_split
-
     if len(split) <= max_images:
         return split
     _, idx = stratified_split(split.y, max_images / len(split), seed)
@@ -274,8 +273,6 @@ def cache_path(root: Path, dataset: str, entry: Any, key: dict[str, Any]) -> Pat
 
 
 def _weights_key(entry: Any) -> dict[str, Any]:
-    from search import weights
-
     path = weights.fetch(entry)  # the same cache and the same errors as training
     st = path.stat()
     return {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -301,8 +298,6 @@ def entry_features(
     seed: int,
 ) -> tuple[dict[str, np.ndarray], bool, Path]:
     """{split: features} of one pretrained entry, from the cache or computed; (features, cached, path)."""
-    from search.models import build_model, input_resolution
-
     res = input_resolution(entry, data.resolution)
     key = {
         "v": CACHE_VERSION,
@@ -348,10 +343,6 @@ def rank_pool(recipe: Any, data: Any = None, *, on_row: Any = None) -> list[dict
     A failure of one entry (missing weights, a model that cannot take the data) is its row's
     note; the others are still ranked.
     """
-    from search.data import data_root, load_data
-    from search.pool import parse_pool
-    from search.train import resolve_device
-
     cfg = recipe.rank
     seed = recipe.study.seed
     data = data or load_data(recipe.data, seed)

@@ -1,6 +1,8 @@
 """The records the harness keeps in a study: every user attribute of a trial and of a study,
 with its type and meaning, in one place. Code reads and writes them by these names;
-tests/test_record.py checks that a real study stores nothing undeclared here.
+tests/test_record.py checks that a real study stores nothing undeclared here. `attrs(trial)`
+and `study_attrs(study)` read the attributes as the typed records and `set_attrs(trial, ...)`
+writes a trial's, so a misspelt name or a wrong type is a type error, not a silent None.
 
 Also the versions that made a study or a checkpoint (`versions()`), stamped on both.
 """
@@ -10,7 +12,10 @@ from __future__ import annotations
 import functools
 import platform
 from importlib import metadata
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, cast
+
+if TYPE_CHECKING:
+    import optuna
 
 FitStatus = Literal["ok", "early_stopped", "diverged", "oom", "interrupted"]
 
@@ -67,6 +72,22 @@ class StudyAttrs(TypedDict, total=False):
     rank_enqueued: bool
     retrain: dict[str, Any]  # test-split results of the final model(s) (search.retrain)
     confirms_study: str  # on a companion study: the study whose configurations it confirms
+
+
+def attrs(trial: optuna.trial.FrozenTrial | optuna.Trial) -> TrialAttrs:
+    """A trial's user attributes as the declared record (read-only use)."""
+    return cast(TrialAttrs, trial.user_attrs)
+
+
+def study_attrs(study: optuna.Study | optuna.study.StudySummary) -> StudyAttrs:
+    """A study's user attributes as the declared record (read-only use)."""
+    return cast(StudyAttrs, study.user_attrs)
+
+
+def set_attrs(trial: optuna.Trial, **values: Unpack[TrialAttrs]) -> None:
+    """Set declared user attributes of a running trial, in the order given."""
+    for key, v in values.items():
+        trial.set_user_attr(key, v)
 
 
 @functools.cache

@@ -3,29 +3,32 @@
 Everything reads the trials as they are, so it works while trials still run.
 `write_report` puts `leaderboard.md`, `leaderboard.csv`, `trials.csv` and four
 PNG plots under `studies/<name>/report/`. matplotlib is imported only when
-plotting (Agg backend), so workers never pay for it.
+plotting (search.plots), so workers never pay for it.
 
-About 950 lines (formatted) because every table and plot of one report reads the same rows
-and formats, each a short function; choosing a winner (best, confirmation, Pareto) is search.selection.
+About 850 lines (formatted) because every table and plot of one report reads the same rows
+and formats, each a short function; choosing a winner (best, confirmation, Pareto) is
+search.selection, which the report prints and writes.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import artifacts, plots, selection
 from search.recipe import Recipe
-from search.sampling import feasible
+from search.record import attrs, study_attrs
 from search.text import WIDTH, fit_line, shorten, table, wrap, wrap_items
-from search.workers import counted
+from search.trials import POOL_PARAM, counted, feasible, label, ranked, value
 
-POOL_PARAM = "model"  # the categorical of pool labels (space.POOL_PARAM)
 STATE_KEYS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -49,15 +52,6 @@ COLUMNS = (
 )
 
 
-def _label(t: FrozenTrial) -> str | None:
-    return t.user_attrs.get("pool_label") or t.params.get(POOL_PARAM)
-
-
-def value(t: FrozenTrial) -> float | None:
-    """The primary metric of a trial: its value, or its first objective in a multi-objective study."""
-    return t.values[0] if t.values else None
-
-
 def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """One row per pool label, best entry first: best/median value, state counts, s/epoch, params, source."""
     maximize = recipe.study.direction == "maximize"
@@ -65,13 +59,14 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     trials = study.get_trials(deepcopy=False)
     counts = {t.number for t in counted(trials)}
     for t in trials:
-        label = _label(t)
-        if label is None:
+        name = label(t)
+        if name is None:
             continue
+        a = attrs(t)
         r = rows.setdefault(
-            label,
+            name,
             {
-                "entry": label,
+                "entry": name,
                 "values": [],
                 "complete": 0,
                 "pruned": 0,
@@ -80,8 +75,8 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
                 "running": 0,
                 "epoch_seconds": [],
                 "params": None,
-                "source": t.user_attrs.get("weight_source", ""),
-                "overlap": t.user_attrs.get("imagenet_overlap", ""),
+                "source": a.get("weight_source", ""),
+                "overlap": a.get("imagenet_overlap", ""),
             },
         )
         key = STATE_KEYS.get(t.state)
@@ -91,10 +86,11 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
             r[key] += 1
         if t.state == TrialState.COMPLETE and value(t) is not None and feasible(t):
             r["values"].append(value(t))
-        n = t.user_attrs.get("epochs") or 0
-        if n and t.user_attrs.get("sec_per_epoch") is not None:
-            r["epoch_seconds"].append((n, n * t.user_attrs["sec_per_epoch"]))
-        r["params"] = r["params"] or t.user_attrs.get("params")
+        n = a.get("epochs") or 0
+        sec = a.get("sec_per_epoch")
+        if n and sec is not None:
+            r["epoch_seconds"].append((n, n * sec))
+        r["params"] = r["params"] or a.get("params")
     out = []
     for r in rows.values():
         vals = r.pop("values")
@@ -109,17 +105,6 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     return out
 
 
-def complete_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
-    """Complete trials that meet the study's constraints, best first (ties: earlier trial first)."""
-    sign = -1 if recipe.study.direction == "maximize" else 1
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if value(t) is not None and feasible(t)
-    ]
-    return sorted(done, key=lambda t: (sign * t.values[0], t.number))
-
-
 def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> list[dict[str, Any]]:
     """The k best complete trials (k: the recipe's study.top_k, at least 1) with their hyperparameters."""
     k = k if k is not None else max(1, recipe.study.top_k)
@@ -128,11 +113,11 @@ def top_trials(study: optuna.Study, recipe: Recipe, k: int | None = None) -> lis
             "rank": i + 1,
             "trial": t.number,
             "value": value(t),
-            "entry": _label(t),
-            "best_epoch": t.user_attrs.get("best_epoch"),
+            "entry": label(t),
+            "best_epoch": attrs(t).get("best_epoch"),
             "hyperparameters": {n: v for n, v in t.params.items() if n != POOL_PARAM},
         }
-        for i, t in enumerate(complete_trials(study, recipe)[:k])
+        for i, t in enumerate(ranked(study)[:k])
     ]
 
 
@@ -162,6 +147,22 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, 
     return out
 
 
+def _board_cells(r: dict[str, Any], wide: bool) -> list[Any]:
+    """A leaderboard row's cells, from the entry to the parameter count (exact when `wide`)."""
+    return [
+        r["entry"],
+        _fmt(r["best"], ".4f"),
+        _fmt(r["median"], ".4f"),
+        r["complete"],
+        r["pruned"],
+        r["failed"],
+        r["not_counted"],
+        r["running"],
+        _fmt(r["sec_per_epoch"], ".2f"),
+        _fmt(r["params"], ",") if wide else short_count(r["params"]),
+    ]
+
+
 def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bool = False) -> str:
     """The leaderboard, grouped by weight source, in 100 columns (and the `top` best trials when top > 0).
 
@@ -189,21 +190,7 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bo
                 "s/epoch",
                 "params",
             ],
-            [
-                [
-                    r["entry"],
-                    _fmt(r["best"], ".4f"),
-                    _fmt(r["median"], ".4f"),
-                    r["complete"],
-                    r["pruned"],
-                    r["failed"],
-                    r["not_counted"],
-                    r["running"],
-                    _fmt(r["sec_per_epoch"], ".2f"),
-                    _fmt(r["params"], ",") if wide else short_count(r["params"]),
-                ]
-                for r in ordered
-            ],
+            [_board_cells(r, wide) for r in ordered],
             right=[False] + [True] * 9,
             wide=wide,
             indent="  ",
@@ -273,8 +260,6 @@ def _elapsed(seconds: float) -> str:
 
 def running_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> list[str]:
     """The trials running now: epochs reported so far, the last value, time since the start."""
-    import datetime
-
     now = datetime.datetime.now()
     trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not trials:
@@ -286,7 +271,7 @@ def running_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> lis
         rows.append(
             [
                 t.number,
-                _label(t) or "(not sampled yet)",
+                label(t) or "(not sampled yet)",
                 f"{pts[-1][0] if pts else 0}/{recipe.train.epochs}",
                 _fmt(pts[-1][1] if pts else None, ".4f"),
                 _elapsed((now - t.datetime_start).total_seconds()) if t.datetime_start else "-",
@@ -307,7 +292,7 @@ def running_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> lis
 
 def retrain_text(study: optuna.Study, recipe: Recipe) -> list[str]:
     """The retrain's test result (the study's `retrain` record), or nothing before a retrain."""
-    rec = study.user_attrs.get("retrain")
+    rec = study_attrs(study).get("retrain")
     if not rec:
         return []
     metrics = [f"{k} {v:.4f}" for k, v in rec["test_metrics"].items() if isinstance(v, float)]
@@ -386,26 +371,8 @@ def source_rows(study: optuna.Study, recipe: Recipe) -> list[list[Any]]:
 
 
 def markdown(study: optuna.Study, recipe: Recipe) -> str:
-    from search.selection import confirmed_rows  # it builds on this module
-
     m = recipe.study.metric
-    board = [
-        [
-            r["entry"],
-            _fmt(r["best"], ".4f"),
-            _fmt(r["median"], ".4f"),
-            r["complete"],
-            r["pruned"],
-            r["failed"],
-            r["not_counted"],
-            r["running"],
-            _fmt(r["sec_per_epoch"], ".2f"),
-            _fmt(r["params"], ","),
-            r["source"],
-            r["overlap"],
-        ]
-        for r in leaderboard(study, recipe)
-    ]
+    board = [[*_board_cells(r, wide=True), r["source"], r["overlap"]] for r in leaderboard(study, recipe)]
     top = [
         [r["rank"], r["trial"], r["entry"], f"{r['value']:.4f}", r["best_epoch"], _hp_text(r["hyperparameters"])]
         for r in top_trials(study, recipe)
@@ -447,7 +414,7 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
             "## Parameter importances",
             f"{importance_caption(n)}: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()) + ".",
         ]
-    test = study.user_attrs.get("retrain")
+    test = study_attrs(study).get("retrain")
     if test:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in test["test_metrics"].items() if isinstance(v, float))
         parts += [
@@ -461,9 +428,9 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
             f"![{p[:-4]}]({p})"
             for p in ("pareto.png", "confirmed.png")
             if (p == "pareto.png" and len(recipe.study.names) > 1)
-            or (p == "confirmed.png" and confirmed_rows(study, recipe))
+            or (p == "confirmed.png" and selection.confirmed_rows(study, recipe))
         ]
-    if study.user_attrs.get("rank"):
+    if study_attrs(study).get("rank"):
         parts += ["## Rank scores against fine-tuned results", rank_markdown(study, recipe)]
     parts += ["## Plots", *[f"![{p[:-4]}]({p})" for p in PLOTS]]
     return "\n\n".join(parts) + "\n"
@@ -487,17 +454,17 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "trial": t.number,
                 "state": t.state.name,
                 "value": value(t),
-                "entry": _label(t),
-                "source": t.user_attrs.get("weight_source"),
-                "overlap": t.user_attrs.get("imagenet_overlap"),
+                "entry": label(t),
+                "source": attrs(t).get("weight_source"),
+                "overlap": attrs(t).get("imagenet_overlap"),
                 **(
                     {n: v for n, v in zip(study.metric_names or (), t.values or (), strict=False)}
                     if len(study.directions) > 1
                     else {}
                 ),
                 "feasible": feasible(t),
-                "best_epoch": t.user_attrs.get("best_epoch"),
-                "fail_reason": t.user_attrs.get("fail_reason"),
+                "best_epoch": attrs(t).get("best_epoch"),
+                "fail_reason": attrs(t).get("fail_reason"),
                 **{n: v for n, v in t.params.items() if n != POOL_PARAM},
             }
         )
@@ -524,19 +491,12 @@ def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[P
 
 def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
     """pareto.csv/png (several objectives) and confirmed.csv/png (confirmation runs), when they apply."""
-    import matplotlib
-
-    from search.selection import confirmed_rows, pareto_rows, plot_confirmed, plot_pareto  # it builds on this module
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = []
     if len(recipe.study.names) > 1:
-        rows = pareto_rows(study, recipe)
+        rows = selection.pareto_rows(study, recipe)
         _write_csv(directory / "pareto.csv", rows or [{"trial": None}])
-        out += [directory / "pareto.csv", plot_pareto(study, recipe, directory / "pareto.png")]
-    rows = confirmed_rows(study, recipe)
+        out += [directory / "pareto.csv", selection.plot_pareto(study, recipe, directory / "pareto.png")]
+    rows = selection.confirmed_rows(study, recipe)
     if rows:
         _write_csv(
             directory / "confirmed.csv",
@@ -548,63 +508,46 @@ def selection_files(study: optuna.Study, recipe: Recipe, directory: Path) -> lis
                 for r in rows
             ],
         )
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-        plot_confirmed(study, recipe, ax)
-        fig.tight_layout()
-        fig.savefig(directory / "confirmed.png")
-        plt.close(fig)
+        with plots.figure(directory / "confirmed.png") as fig:
+            selection.plot_confirmed(study, recipe, fig.subplots())
         out += [directory / "confirmed.csv", directory / "confirmed.png"]
     return out
 
 
 def selection_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The Pareto front and the confirmed leaderboard, those that apply, for `report`."""
-    from search.selection import confirmed_text, pareto_text  # it builds on this module
-
-    return "\n\n".join(p for p in (pareto_text(study, recipe, wide), confirmed_text(study, recipe, wide)) if p)
+    parts = (selection.pareto_text(study, recipe, wide), selection.confirmed_text(study, recipe, wide))
+    return "\n\n".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------
 # plots
 
 
-def _colors(labels: Sequence[str]) -> dict[str | None, Any]:
-    import matplotlib.pyplot as plt
-
-    cycle = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
-    return {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
-
-
-def _empty(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     """Each trial's value by trial number (pruned: its last reported value), best so far as a step line."""
     m = recipe.study.metric
     labels = [r["entry"] for r in leaderboard(study, recipe)]
-    colors = _colors(labels)
+    colors = plots.colors(labels)
     best, xs, ys = None, [], []
     maximize = recipe.study.direction == "maximize"
     shown = set()
     for t in study.get_trials(deepcopy=False):
-        label = _label(t)
+        name = label(t)
         v = value(t)
         if t.state == TrialState.COMPLETE and v is not None:
-            ax.scatter(t.number, v, color=colors.get(label), label=None if label in shown else label, zorder=3)
-            shown.add(label)
+            ax.scatter(t.number, v, color=colors.get(name), label=None if name in shown else name, zorder=3)
+            shown.add(name)
             if feasible(t):
                 best = v if best is None else (max if maximize else min)(best, v)
         elif t.state == TrialState.PRUNED and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
-            ax.scatter(t.number, last, color=colors.get(label), marker="x", alpha=0.6, zorder=2)
+            ax.scatter(t.number, last, color=colors.get(name), marker="x", alpha=0.6, zorder=2)
         if best is not None:
             xs.append(t.number)
             ys.append(best)
     if not shown:
-        _empty(ax, "no complete trial yet")
+        plots.empty(ax, "no complete trial yet")
         return
     ax.step(xs, ys, where="post", color="black", lw=1, label="best so far")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -614,19 +557,18 @@ def plot_history(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
 
 def plot_entries(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     """Box and jittered strip of complete values per pool entry."""
-    import numpy as np
-
     rows = leaderboard(study, recipe)
-    values = {r["entry"]: [value(t) for t in complete_trials(study, recipe) if _label(t) == r["entry"]] for r in rows}
+    done = ranked(study)
+    values = {r["entry"]: [value(t) for t in done if label(t) == r["entry"]] for r in rows}
     values = {k: v for k, v in values.items() if v}
     if not values:
-        _empty(ax, "no complete trial yet")
+        plots.empty(ax, "no complete trial yet")
         return
-    colors = _colors([r["entry"] for r in rows])
+    colors = plots.colors([r["entry"] for r in rows])
     ax.boxplot(list(values.values()), positions=range(len(values)), widths=0.5, showfliers=False)
     rng = np.random.default_rng(0)
-    for i, (label, v) in enumerate(values.items()):
-        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, color=colors[label], alpha=0.8, zorder=3)
+    for i, (name, v) in enumerate(values.items()):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, color=colors[name], alpha=0.8, zorder=3)
     ax.set_xticks(range(len(values)), list(values), rotation=20, ha="right", fontsize=8)
     ax.set(ylabel=f"val {recipe.study.metric}", title="Complete trials per pool entry")
 
@@ -636,8 +578,6 @@ def curve(study: optuna.Study, t: FrozenTrial, metric: str) -> list[tuple[int, f
     report none) the history artifact it stored when it ended."""
     if t.intermediate_values:
         return sorted(t.intermediate_values.items())
-    from search import artifacts
-
     return [(h["epoch"], h[f"val_{metric}"]) for h in artifacts.history_of(study, t) if f"val_{metric}" in h]
 
 
@@ -645,13 +585,13 @@ def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     """Per-epoch validation metric of every trial (dashed: pruned or still running)."""
     m = recipe.study.metric
     rows = leaderboard(study, recipe)
-    colors = _colors([r["entry"] for r in rows])
+    colors = plots.colors([r["entry"] for r in rows])
     shown = set()
     for t in study.get_trials(deepcopy=False):
         pts = curve(study, t, m)
         if not pts:
             continue
-        label = _label(t)
+        name = label(t)
         style = "-" if t.state == TrialState.COMPLETE else "--"
         # Markers: a trial pruned after its first epoch is one point, not an invisible line.
         ax.plot(
@@ -659,14 +599,14 @@ def plot_curves(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
             style,
             marker="o",
             markersize=3,
-            color=colors.get(label),
+            color=colors.get(name),
             alpha=0.7,
             lw=1,
-            label=None if label in shown else label,
+            label=None if name in shown else name,
         )
-        shown.add(label)
+        shown.add(name)
     if not shown:
-        _empty(ax, "no epoch reported yet")
+        plots.empty(ax, "no epoch reported yet")
         return
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="epoch", ylabel=f"val {m}", title="Validation curves (dashed: pruned or running)")
@@ -702,7 +642,7 @@ def importances(study: optuna.Study) -> dict[str, float] | str:
 def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     imp = importances(study)
     if isinstance(imp, str) or not imp:
-        _empty(ax, imp if isinstance(imp, str) else "no sampled parameter")
+        plots.empty(ax, imp if isinstance(imp, str) else "no sampled parameter")
         return
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     names = list(imp)[::-1]
@@ -722,62 +662,12 @@ def plot_importance(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
 
 
 def plot_all(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = []
     for name, plot in zip(PLOTS, (plot_history, plot_entries, plot_curves, plot_importance), strict=True):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-        plot(study, recipe, ax)
-        fig.tight_layout()
-        fig.savefig(directory / name)
-        plt.close(fig)
+        with plots.figure(directory / name) as fig:
+            plot(study, recipe, fig.subplots())
         out.append(directory / name)
     return out
-
-
-# ---------------------------------------------------------------------------
-# progress lines
-
-
-def bar(done: int, total: int, width: int = 20) -> str:
-    filled = min(width, round(width * done / max(total, 1)))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def best_so_far(study: optuna.Study) -> str:
-    """'  best 0.9123 (trial 4)': the best feasible complete trial's primary value, or ''."""
-    ranked = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and feasible(t)]
-    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    b = min(ranked, key=lambda t: (sign * t.values[0], t.number), default=None)
-    return f"  best {value(b):.4f} (trial {b.number})" if b else ""
-
-
-def trial_line(study: optuna.Study, trial: FrozenTrial, done: int, total: int, metric: str) -> str:
-    """One line when a trial ends: study progress bar, trial, entry, state, value, best so far, seconds."""
-    label = _label(trial)
-    if label is None:  # ended before sampling (e.g. the study total was already taken)
-        return ""
-    secs = (trial.user_attrs.get("epochs") or 0) * (trial.user_attrs.get("sec_per_epoch") or 0.0)
-    if trial.state == TrialState.COMPLETE:
-        what = f"val_{metric} {value(trial):.4f}"
-    elif trial.state == TrialState.PRUNED and trial.user_attrs.get("status") == "oom":
-        what = f"infeasible: {trial.user_attrs.get('fail_reason')}"
-    elif trial.state == TrialState.PRUNED:
-        what = f"pruned at epoch {max(trial.intermediate_values, default=0)}"
-    else:
-        what = f"failed: {trial.user_attrs.get('fail_reason') or 'error'}"
-    if trial.state == TrialState.COMPLETE and len(trial.values or ()) > 1:
-        what = "  ".join(f"{n} {v:.4g}" for n, v in zip(study.metric_names or (), trial.values, strict=False))
-    if not feasible(trial):
-        what += "  (infeasible)"
-    head = f"{bar(done, total, 10)} {done}/{total} trial {trial.number:>3} {shorten(label, 20):<20} "
-    tail = f"{best_so_far(study)}  {secs:.1f}s"
-    if len(head) + len(what) + len(tail) > WIDTH:  # the outcome first: the best so far gives way, then its end
-        tail = f"  {secs:.1f}s"
-    return head + fit_line(what, max(20, WIDTH - len(head) - len(tail))) + tail
 
 
 # ---------------------------------------------------------------------------
@@ -789,7 +679,7 @@ RANK_PLOT = "rank.png"
 
 def rank_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """One row per ranked entry (rank order): its scores, its fine-tuned best and place; [] without a rank."""
-    stored = study.user_attrs.get("rank")
+    stored = study_attrs(study).get("rank")
     if not stored:
         return []
     board = {r["entry"]: r for r in leaderboard(study, recipe)}
@@ -816,7 +706,7 @@ def rank_tau(study: optuna.Study, recipe: Recipe) -> dict[str, tuple[float | Non
 
     For a metric to minimise the fine-tuned ranking is that of -best, so a good score has tau > 0.
     """
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau  # scipy: a heavy import, for this table only
 
     sign = 1 if recipe.study.direction == "maximize" else -1
     rows = [r for r in rank_rows(study, recipe) if r["fine_tuned_best"] is not None]
@@ -859,7 +749,7 @@ def _rank_cells(rows: list[dict[str, Any]]) -> list[list[Any]]:
 def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     """The rank scores next to the fine-tuned results, and Kendall's tau; '' when the study did not rank."""
     rows = rank_rows(study, recipe)
-    stored = study.user_attrs.get("rank")
+    stored = study_attrs(study).get("rank")
     if not stored:
         return ""
     m = recipe.study.metric
@@ -874,8 +764,8 @@ def rank_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
         indent=" ",
         sep="  ",
     )
-    for label, why in stored["unranked"].items():
-        line = f" -  {label if wide else shorten(label, 40)}: not ranked, {why}"
+    for entry, why in stored["unranked"].items():
+        line = f" -  {entry if wide else shorten(entry, 40)}: not ranked, {why}"
         lines.append(line if wide else fit_line(line))
     lines += wrap(_tau_line(rank_tau(study, recipe)), 10**6 if wide else WIDTH)
     return "\n".join(lines)
@@ -901,38 +791,36 @@ def rank_markdown(study: optuna.Study, recipe: Recipe) -> str:
 
 def plot_rank(study: optuna.Study, recipe: Recipe, path: Path) -> None:
     """One panel per score: score against the fine-tuned best of each ranked entry, tau in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rank_rows(study, recipe) if r["fine_tuned_best"] is not None]
     taus = rank_tau(study, recipe)
-    colors = _colors([r["entry"] for r in rank_rows(study, recipe)])
-    fig, axes = plt.subplots(1, len(RANK_SCORES), figsize=(11, 3.8), dpi=100)
+    colors = plots.colors([r["entry"] for r in rank_rows(study, recipe)])
+    with plots.figure(path, (11, 3.8)) as fig:
+        _plot_rank_panels(fig.subplots(1, len(RANK_SCORES)), rows, taus, colors, recipe.study.metric)
+
+
+def _plot_rank_panels(
+    axes: Any, rows: list[dict[str, Any]], taus: dict[str, tuple[float | None, int]], colors: Any, metric: str
+) -> None:
     for ax, k in zip(axes, RANK_SCORES, strict=True):
         if not rows:
-            _empty(ax, "no ranked entry has a fine-tuned result yet")
+            plots.empty(ax, "no ranked entry has a fine-tuned result yet")
             continue
         for r in rows:
             ax.scatter(r[k], r["fine_tuned_best"], color=colors[r["entry"]], label=r["entry"], zorder=3)
         tau, n = taus[k]
         ax.set(
             xlabel=k,
-            ylabel=f"fine-tuned best val {recipe.study.metric}",
+            ylabel=f"fine-tuned best val {metric}",
             title=f"{k}: Kendall tau {_fmt(tau, '+.2f')} (n={n})",
         )
     if rows:
         axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def write_rank(study: optuna.Study, recipe: Recipe, directory: Path) -> list[Path]:
     """rank.csv and rank.png when the study ranked its pool; nothing otherwise."""
     rows = rank_rows(study, recipe)
-    if not study.user_attrs.get("rank"):
+    if not study_attrs(study).get("rank"):
         return []
     csv_path, png = directory / "rank.csv", directory / RANK_PLOT
     _write_csv(csv_path, rows or [{"entry": None}])

@@ -21,23 +21,24 @@ from typing import Any
 import optuna
 import torch
 
-from search import artifacts, metrics, space
+from search import artifacts, metrics, plots, space
 from search import data as datamod
-from search.data import Data, Split
+from search import study as st
+from search.data import Data, Split, channels
 from search.errors import SearchError
 from search.hparams import TrainCfg
 from search.models import build_model, info_of, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
+from search.record import study_attrs
+from search.stats import summarize
+from search.storage import default_storage, mask, open_storage
 from search.text import command, wrap, wrap_items
 from search.train import fit, predict, resolve_device
 
 
 def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Study, str]:
     """The study the results are recorded on (the exporting study, `study.origin`) and its storage URL."""
-    from search import study as st
-    from search.storage import default_storage, mask, open_storage
-
     name = recipe.study.origin or recipe.study.name
     url = storage or recipe.study.storage or default_storage(name)
     store = open_storage(url, heartbeat=None)
@@ -54,9 +55,9 @@ def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Stu
 def fixed_config(recipe: Recipe) -> tuple[PoolEntry, TrainCfg]:
     """(pool entry, train hyperparameters) of a recipe that searches nothing; SearchError otherwise."""
     entries = parse_pool(recipe.pool)
-    fixed = space.resolve(recipe)[1]
+    fixed = space.resolve(recipe.space, recipe.train)[1]
     # A conditional parameter that does not take effect (momentum under adamw) is not a search.
-    sampled = list(space.reachable(recipe, entries))
+    sampled = list(space.reachable(recipe.space, recipe.train, entries, channels(recipe.data)))
     if len(entries) != 1 or sampled:
         what = f"{len(entries)} pool entries" if len(entries) != 1 else f"sampled parameters {', '.join(sampled)}"
         raise SearchError(
@@ -90,27 +91,21 @@ def evaluate_test(model: torch.nn.Module, data: Data, device: torch.device) -> t
 
 
 def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5)), dpi=100)
-    im = ax.imshow(cm.numpy(), cmap="Blues")
-    if n <= 20:  # counts stay legible
-        vmax = int(cm.max())
-        for i in range(n):
-            for j in range(n):
-                v = int(cm[i, j])
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > vmax / 2 else "black")
-        ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with plots.figure(path, (max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5))) as fig:
+        ax = fig.subplots()
+        im = ax.imshow(cm.numpy(), cmap="Blues")
+        if n <= 20:  # counts stay legible
+            vmax = int(cm.max())
+            for i in range(n):
+                for j in range(n):
+                    v = int(cm[i, j])
+                    color = "white" if v > vmax / 2 else "black"
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+            ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(n), classes, fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        fig.colorbar(im, ax=ax, fraction=0.046)
     return path
 
 
@@ -160,17 +155,6 @@ def _train_once(
         )
     values, cm = evaluate_test(model, data, dev)
     return model, result, {f"test_{k}": v for k, v in values.items()}, cm
-
-
-def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per test metric over the seeds: mean, sample std and the 95% Student-t interval (low, high)."""
-    from search.confirm import t_interval
-
-    out = {}
-    for k in per_seed[0]:
-        mean, std, lo, hi = t_interval([m[k] for m in per_seed])
-        out[k] = {"mean": mean, "std": std, "low": lo, "high": hi}
-    return out
 
 
 def retrain(
@@ -243,11 +227,11 @@ def retrain(
         device=str(next(model.parameters()).device),
     )
 
-    if study.user_attrs.get("retrain"):
+    if study_attrs(study).get("retrain"):
         say(
             _fit(
                 f"note: study '{study.study_name}' already had a test evaluation "
-                f"({study.user_attrs['retrain'].get('finished')}); it is replaced by this one"
+                f"({study_attrs(study).get('retrain', {}).get('finished')}); it is replaced by this one"
             )
         )
     store = artifacts.store_for(out.parent)

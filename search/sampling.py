@@ -15,16 +15,14 @@ from search.optuna_api import NumberedQMC
 from search.recipe import BoundCfg, Recipe
 
 
+def trial_seed(study_seed: int, number: int) -> int:
+    """Trial `number`'s training seed: initial weights, data order, augmentation, mixing, dropout."""
+    return (study_seed * 1_000_003 + number) % 2**31
+
+
 def sampler_seed(study_seed: int, number: int) -> int:
     """The sampler's seed for trial `number`: its own stream, apart from the training seed."""
     return int(np.random.SeedSequence([study_seed, number, 1]).generate_state(1)[0])
-
-
-def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether every constraint stored on the trial is satisfied (a trial without any is).
-
-    Reads what `record_constraints` stored, as Optuna's samplers and `best_trials` do."""
-    return all(v <= 0 for v in trial.constraints.values())
 
 
 def constraint_values(bounds: dict[str, BoundCfg], measures: dict[str, Any]) -> dict[str, float]:

@@ -1,30 +1,35 @@
 """Choosing a winner: the best trial and its fixed recipe (`best`), the leaderboard of
 configurations confirmed over seeds with intervals and winner stability, the Pareto front of
 several objectives and `best --pick`. The report (search.report) prints and writes these.
-About 400 lines, the four ways of choosing, each short.
+About 400 lines, the four ways of choosing, each short; every one ranks trials by search.trials.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from search import confirm, plots, space
+from search.artifacts import spec_of
 from search.errors import SearchError
 from search.recipe import Recipe
-from search.report import _colors, _empty, _label, complete_trials, value
-from search.sampling import feasible
+from search.record import attrs
+from search.stats import winner_stability
 from search.text import WIDTH, command, table, wrap
+from search.trials import feasible, label, ranked, value
 
 
 def best_choice(study: optuna.Study, recipe: Recipe) -> tuple[FrozenTrial, str]:
     """(the best trial, the rule that chose it): the highest confirmed mean when configurations were
     confirmed over seeds, else the best single (feasible) trial."""
-    done = complete_trials(study, recipe)
+    done = ranked(study)
     if not done:
         raise SearchError(
             f"study '{study.study_name}' has no complete trial yet; run or resume it first "
@@ -48,9 +53,7 @@ def best_trial(study: optuna.Study, recipe: Recipe) -> FrozenTrial:
 
 def winning_values(recipe: Recipe, t: FrozenTrial) -> dict[str, Any]:
     """The hyperparameters the search sampled in trial `t` (those that took effect), in sampling order."""
-    from search import space
-
-    sampled, _ = space.resolve(recipe)
+    sampled, _ = space.resolve(recipe.space, recipe.train)
     return {n: t.params[n] for n in sampled if n in t.params}
 
 
@@ -63,13 +66,10 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     pool is the winning entry, `study.trial_seed` pins the trial's seed (the same curve), and
     `study.origin` names the study, so `retrain` records its test metrics there.
     """
-    from search import space
-    from search.artifacts import spec_of
-
     t = t or best_trial(study, recipe)
     d = recipe.normalized()
-    d["pool"] = [spec_of(recipe, _label(t))]
-    _, fixed = space.resolve(recipe)
+    d["pool"] = [spec_of(recipe, label(t))]
+    _, fixed = space.resolve(recipe.space, recipe.train)
     won = winning_values(recipe, t)
     if won.get("loss") == "focal" and fixed.get("label_smoothing", recipe.train.label_smoothing):
         # Label smoothing did not act under the sampled focal loss, and a nonzero value beside a fixed
@@ -83,7 +83,7 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
         baselines=False,
         rank=None,
         origin=study.study_name,
-        trial_seed=t.user_attrs.get("seed"),
+        trial_seed=attrs(t).get("seed"),
         confirm=None,
     )  # the same seed: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
@@ -96,15 +96,13 @@ def best_yaml(
 ) -> str:
     """best_recipe as YAML: a header naming the trial, its metric and what to do with the file, and
     `train:` with the trial's sampled values first, under a comment saying so."""
-    import yaml
-
     if t is None:
         t, rule = best_choice(study, recipe)
     d = json.loads(json.dumps(best_recipe(study, recipe, t)))
     won = winning_values(recipe, t)
     head = [
-        f"Best trial {t.number} of study '{study.study_name}': {_label(t)}, val {recipe.study.metric} "
-        f"{value(t):.4f} (epoch {t.user_attrs.get('best_epoch')}), seed {t.user_attrs.get('seed')}.",
+        f"Best trial {t.number} of study '{study.study_name}': {label(t)}, val {recipe.study.metric} "
+        f"{value(t):.4f} (epoch {attrs(t).get('best_epoch')}), seed {attrs(t).get('seed')}.",
         *([f"Chosen by: {rule}."] if rule else []),
         "Nothing is sampled: the pool is that entry, every value is in train:, the seed is pinned (study.trial_seed).",
         f"Train it once more (the same curve): {command('run ' + path)}",
@@ -130,15 +128,11 @@ def best_yaml(
 
 def confirmed_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     """Configurations trained over several seeds (see search.confirm), best mean first."""
-    from search.confirm import confirmed
-
-    return [r for r in confirmed(study, recipe) if r["seeds"] >= 2]
+    return [r for r in confirm.confirmed(study, recipe) if r["seeds"] >= 2]
 
 
 def stability(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[int, float, str] | None:
     """(top trial, how often it stays first with one seed drawn per configuration, method)."""
-    from search.confirm import winner_stability
-
     feasible = [r for r in rows if r["feasible"]]
     if len(feasible) < 2:
         return None
@@ -194,9 +188,9 @@ def plot_confirmed(study: optuna.Study, recipe: Recipe, ax: Any) -> None:
     """Each confirmed configuration's runs, mean and 95% t-interval, coloured by pool entry."""
     rows = confirmed_rows(study, recipe)
     if not rows:
-        _empty(ax, "no confirmation runs yet (study.confirm or `search confirm STUDY`)")
+        plots.empty(ax, "no confirmation runs yet (study.confirm or `search confirm STUDY`)")
         return
-    colors = _colors(list(dict.fromkeys(r["entry"] for r in rows)))
+    colors = plots.colors(list(dict.fromkeys(r["entry"] for r in rows)))
     shown = set()
     for i, r in enumerate(rows):
         c = colors[r["entry"]]
@@ -230,7 +224,7 @@ def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -
 
 def front_trials(study: optuna.Study, recipe: Recipe) -> list[FrozenTrial]:
     """The feasible complete trials on the Pareto front, best primary metric first."""
-    done = complete_trials(study, recipe)  # feasible only: an infeasible trial is never on the front
+    done = ranked(study)  # feasible only: an infeasible trial is never on the front
     keep = set(pareto_front([t.values for t in done], recipe.study.directions))
     return [t for i, t in enumerate(done) if i in keep]
 
@@ -254,7 +248,7 @@ def pareto_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> str:
     lines = wrap(f"Pareto front: {len(front)} trials ({dirs}{note})", 10**6 if wide else WIDTH)
     lines += table(
         ["trial", "pool entry", *names],
-        [[t.number, _label(t), *_objective_cells(t, recipe)] for t in front],
+        [[t.number, label(t), *_objective_cells(t, recipe)] for t in front],
         right=[True, False] + [True] * len(names),
         shrink=1,
         wide=wide,
@@ -268,7 +262,7 @@ def pareto_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
     return [
         {
             "trial": t.number,
-            "entry": _label(t),
+            "entry": label(t),
             **dict(zip(recipe.study.names, t.values, strict=True)),
             "feasible": feasible(t),
             "on_front": t.number in front,
@@ -281,62 +275,40 @@ def pareto_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
 def plot_pareto(study: optuna.Study, recipe: Recipe, path: Path) -> Path:
     """The first objective against each other one: trials coloured by pool entry, front ringed and
     joined, infeasible trials grey crosses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = recipe.study.names
     rows = pareto_rows(study, recipe)
-    colors = _colors(list(dict.fromkeys(r["entry"] for r in rows)))
     others = names[1:]
-    fig, axes = plt.subplots(1, len(others), figsize=(6.5 * len(others), 4.5), dpi=100, squeeze=False)
-    for ax, other in zip(axes[0], others, strict=True):
-        shown = set()
-        for r in rows:
-            if not r["feasible"]:
-                ax.scatter(
-                    r[other],
-                    r[names[0]],
-                    color="grey",
-                    marker="x",
-                    alpha=0.6,
-                    label=None if "infeasible" in shown else "infeasible",
-                )
-                shown.add("infeasible")
-                continue
-            ax.scatter(
-                r[other],
-                r[names[0]],
-                color=colors[r["entry"]],
-                alpha=0.8,
-                zorder=3,
-                edgecolors="black" if r["on_front"] else "none",
-                linewidths=1.5,
-                s=60 if r["on_front"] else 30,
-                label=None if r["entry"] in shown else r["entry"],
-            )
-            shown.add(r["entry"])
-        pairs = [(r[other], r[names[0]]) for r in rows if r["on_front"]]
-        if pairs and len(names) == 2:  # with more objectives the front is not a line in each projection
-            pairs.sort()
-            ax.step(
-                *zip(*pairs, strict=True),
-                where="post" if recipe.study.directions[1] == "minimize" else "pre",
-                color="black",
-                lw=1,
-                alpha=0.6,
-                label="Pareto front",
-            )
-        if not rows:
-            _empty(ax, "no complete trial yet")
-        ax.set(xlabel=other, ylabel=f"val {names[0]}", title=f"{names[0]} against {other} (ringed: Pareto front)")
-        if rows:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with plots.figure(path, (6.5 * len(others), 4.5)) as fig:
+        for ax, other in zip(fig.subplots(1, len(others), squeeze=False)[0], others, strict=True):
+            _plot_projection(ax, rows, names, other, recipe.study.directions)
     return path
+
+
+def _plot_projection(
+    ax: Any, rows: list[dict[str, Any]], names: list[str], other: str, directions: Sequence[str]
+) -> None:
+    """The primary objective against `other`: trials by entry, the front ringed (and joined for two)."""
+    colors = plots.colors(list(dict.fromkeys(r["entry"] for r in rows)))
+    shown = set()
+    for r in rows:
+        name = r["entry"] if r["feasible"] else "infeasible"
+        style = (
+            {"color": colors[name], "alpha": 0.8, "zorder": 3, "linewidths": 1.5}
+            | ({"edgecolors": "black", "s": 60} if r["on_front"] else {"edgecolors": "none", "s": 30})
+            if r["feasible"]
+            else {"color": "grey", "marker": "x", "alpha": 0.6}
+        )
+        ax.scatter(r[other], r[names[0]], label=None if name in shown else name, **style)
+        shown.add(name)
+    pairs = sorted((r[other], r[names[0]]) for r in rows if r["on_front"])
+    if pairs and len(names) == 2:  # with more objectives the front is not a line in each projection
+        where = "post" if directions[1] == "minimize" else "pre"
+        ax.step(*zip(*pairs, strict=True), where=where, color="black", lw=1, alpha=0.6, label="Pareto front")
+    if not rows:
+        plots.empty(ax, "no complete trial yet")
+    ax.set(xlabel=other, ylabel=f"val {names[0]}", title=f"{names[0]} against {other} (ringed: Pareto front)")
+    if rows:
+        ax.legend(fontsize=8)
 
 
 CONDITION_OPS = {
@@ -350,8 +322,6 @@ CONDITION_OPS = {
 
 def parse_pick(text: str) -> list[tuple[str, str, float]]:
     """'latency_ms<=5, params<1e6' -> [(name, op, number), ...]."""
-    import re
-
     out = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>)\s*([-+0-9.eE]+)", part)
@@ -371,7 +341,7 @@ def _measure(t: FrozenTrial, name: str, recipe: Recipe) -> float | None:
     names = recipe.study.names
     if name in names and t.values:
         return t.values[names.index(name)]
-    v = t.user_attrs.get(name, t.user_attrs.get(f"best_{name}"))
+    v = t.user_attrs.get(name, t.user_attrs.get(f"best_{name}"))  # a measure or a best_ metric: named at run time
     return v if isinstance(v, (int, float)) else None
 
 

@@ -22,12 +22,15 @@ unpickling would import or call something else is refused, naming the file.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
 
 from search.builtins import BUILTINS
 from search.errors import SearchError
@@ -192,12 +195,8 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
 
             return load_file(str(path), device="cpu")
         if path.suffix == ".npz":  # a few timm weights (Google's ViTs): arrays only, no pickles allowed
-            import numpy as np
-
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        import argparse
-
         # timm's training checkpoints keep their argparse.Namespace; timm allows it too.
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:

@@ -37,24 +37,21 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import optuna
 from optuna.trial import TrialState
 
 from search import artifacts, optuna_api, pack
 from search.recipe import Recipe
+from search.record import attrs
 from search.storage import STALE_BEATS, mask
+from search.text import command
+from search.trials import STALE_REASON
 
 log = logging.getLogger("search")
 
-STALE_REASON = "worker died (no heartbeat)"
-
-
-NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reasons that free their slot
-
-
-HEARTBEAT_ATTR = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
+HEARTBEAT_ATTR: Final = "heartbeat_at"  # epoch seconds of a running trial's last sign of life
 
 
 MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this (preemptions do not count)
@@ -132,7 +129,7 @@ def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
     return [
         optuna_api.trial_id(t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if now - (t.user_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start or datetime.now()).timestamp()) > older_than
+        if now - (attrs(t).get(HEARTBEAT_ATTR) or (t.datetime_start or datetime.now()).timestamp()) > older_than
     ]
 
 
@@ -194,37 +191,6 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
     finally:
         stop.set()
         thread.join()
-
-
-def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The trials that take one of the study's n_trials slots.
-
-    Finished, pruned, running and queued trials count; so do failures of the trial itself
-    (diverged, out of memory, invalid combination). A FAIL counts not when it says it frees its
-    slot (interrupted, total reached, worker died), has no reason (its process died before
-    writing one), or was retried: the retry holds the slot instead.
-    """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return [
-        t
-        for t in trials
-        if t.state in live
-        or (
-            t.state == TrialState.FAIL
-            and t.number not in retried
-            and t.user_attrs.get("fail_reason") not in (*NOT_COUNTED, None)
-        )
-    ]
-
-
-def finished(study: optuna.Study) -> int:
-    """Trials that ended and count towards the total."""
-    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished())
-
-
-def remaining(study: optuna.Study, n_trials: int) -> int:
-    return max(0, n_trials - len(counted(study.get_trials(deepcopy=False))))
 
 
 STOP = threading.Event()  # set by the first SIGTERM / SIGINT: the running trial stops at its next step
@@ -303,7 +269,7 @@ def run_one(
         except Exception as e:
             if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    if trial.user_attrs.get("fail_reason") is None:
+                    if attrs(trial).get("fail_reason") is None:
                         trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}"[:500])
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
@@ -314,17 +280,48 @@ def run_one(
     frozen = optuna_api.frozen(trial)
     if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
         say(
-            f"trial {trial.number:>3} was failed by another worker ({frozen.user_attrs.get('fail_reason')}); "
+            f"trial {trial.number:>3} was failed by another worker ({attrs(frozen).get('fail_reason')}); "
             "dropped here, its retry runs from its saved state"
         )
         return None
     return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
 
 
+def drain(
+    study: optuna.Study,
+    objective: Callable[..., float | list[float]],
+    heartbeat: int,
+    *,
+    more: Callable[[list[optuna.trial.FrozenTrial]], bool] = lambda trials: False,
+    deadline: float | None = None,
+    say: Callable[[str], None] = print,
+    on_end: Callable[[optuna.trial.FrozenTrial | None], None] = lambda t: None,
+) -> int:
+    """Run trials in this process until none is left to run; returns how many ran here.
+
+    A trial is run while one is queued (WAITING) or `more(trials)` asks for a new one (the
+    search, below its total). When none is, but other workers' trials still run, this worker
+    waits (a SIGTERM or Ctrl-C ends the wait): if one of them dies, its retry is queued and run
+    here. Stale trials are swept before each; `deadline` (epoch seconds) stops the loop between
+    trials; `on_end` gets each finished trial (None: lost to another worker).
+    """
+    ran = 0
+    while deadline is None or time.time() < deadline:
+        stopped()
+        sweep(study, heartbeat)
+        trials = study.get_trials(deepcopy=False)
+        if more(trials) or any(t.state == TrialState.WAITING for t in trials):
+            on_end(run_one(study, objective, heartbeat, say))
+            ran += 1
+        elif any(t.state == TrialState.RUNNING for t in trials):
+            STOP.wait(min(heartbeat, 5))
+        else:
+            break
+    return ran
+
+
 def resume_command(recipe: Recipe, storage_url: str) -> str:
     """The command that continues the study (the stored recipe, the same storage)."""
-    from search.text import command
-
     cmd = command(f"worker --storage '{mask(storage_url)}' --study {recipe.study.name}")
     if mask(storage_url) != storage_url:
         cmd += "   (password masked: write it in, or put it in an environment variable: ${PGPASSWORD}-style ${VAR})"
@@ -459,7 +456,7 @@ def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[st
     import torch
 
     mine = directory / f"trial-{trial.number}.pt"
-    source = directory / f"trial-{trial.user_attrs['retry_of']}.pt"
+    source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
     path = mine if mine.exists() else source
     if not path.exists():
         return None, f"no saved state at {source}: trained from the first epoch"

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from search import optuna_api, workers
 from search.storage import open_storage
+from search.trials import NOT_COUNTED, STALE_REASON, counted, finished, remaining
 
 DIST = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
@@ -46,14 +47,14 @@ def test_what_takes_a_slot_of_the_total(study):
     _ended(study, "pruned at epoch 2", TrialState.PRUNED)
     _ended(study, "diverged at epoch 3")  # the trial's own failure counts
     _ended(study, "out of memory at batch size 512 in micro-batches of 1", TrialState.PRUNED)
-    for reason in workers.NOT_COUNTED:
+    for reason in NOT_COUNTED:
         _ended(study, reason)  # interrupted, past the total, dead worker: free their slot
     _ended(study, None)  # a process that died before writing a reason
     _running(study)
     study.enqueue_trial({"lr": 0.01})
-    numbers = [t.number for t in workers.counted(study.get_trials())]
+    numbers = [t.number for t in counted(study.get_trials())]
     assert numbers == [0, 1, 2, 3, 8, 9]
-    assert workers.finished(study) == 4 and workers.remaining(study, 10) == 4 and workers.remaining(study, 3) == 0
+    assert finished(study) == 4 and remaining(study, 10) == 4 and remaining(study, 3) == 0
 
 
 def test_a_stale_trial_is_failed_with_its_reason_and_its_retry_holds_the_slot(study):
@@ -64,18 +65,18 @@ def test_a_stale_trial_is_failed_with_its_reason_and_its_retry_holds_the_slot(st
     assert workers.fail_stale(study, older_than=50) == [dead.number]
     trials = study.get_trials()
     assert trials[dead.number].state == TrialState.FAIL
-    assert trials[dead.number].user_attrs["fail_reason"] == workers.STALE_REASON
+    assert trials[dead.number].user_attrs["fail_reason"] == STALE_REASON
     assert trials[live.number].state == TrialState.RUNNING
     [retry] = [t for t in trials if t.state == TrialState.WAITING]
     assert retry.params == trials[dead.number].params and retry.intermediate_values == {1: 0.3}
     assert retry.user_attrs["retry_of"] == dead.number and workers.HEARTBEAT_ATTR not in retry.user_attrs
     assert retry.system_attrs["failed_trial"] == dead.number and retry.system_attrs["deaths"] == 1
-    assert [t.number for t in workers.counted(trials)] == [live.number, retry.number]  # the dead one frees its slot
+    assert [t.number for t in counted(trials)] == [live.number, retry.number]  # the dead one frees its slot
     assert workers.fail_stale(study, older_than=50) == []  # judged once
 
 
 def test_the_retry_limit_counts_dead_workers_not_preemptions(study):
-    t = _ended(study, workers.STALE_REASON)
+    t = _ended(study, STALE_REASON)
     for _ in range(workers.MAX_RETRIES):
         workers.retry(study, t)
         t = study.tell(study.ask(), state=TrialState.FAIL)  # the queued retry's worker dies too
@@ -105,9 +106,10 @@ def test_sqlite_heartbeat_table_judges_with_its_grace_period(tmp_path):
 
 def test_a_trial_past_the_total_ends_at_once_as_not_counted(tmp_path):
     from search.data import load_data
+    from search.objective import make_objective
     from search.pool import parse_pool
     from search.recipe import recipe_from_dict
-    from search.study import make_objective, open_study
+    from search.study import open_study
     from tests.conftest import tiny_recipe
 
     recipe = recipe_from_dict(tiny_recipe(name="full", study={"n_trials": 1}, data={"max_samples": 100}))
@@ -118,4 +120,4 @@ def test_a_trial_past_the_total_ends_at_once_as_not_counted(tmp_path):
     )
     ended = workers.run_one(study, objective, heartbeat=5, say=lambda s: None)  # no Study.optimize around it
     assert ended.state == TrialState.FAIL and ended.user_attrs["fail_reason"] == "study total reached"
-    assert [t.number for t in workers.counted(study.get_trials())] == [0]
+    assert [t.number for t in counted(study.get_trials())] == [0]

@@ -15,9 +15,10 @@ import sqlalchemy
 import torch
 import torchvision.models as tvm
 
-from search import sampling, text, weights, workers
+from search import sampling, text, weights
 from search.errors import SearchError
 from search.pool import parse_entry
+from search.trials import STALE_REASON
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 from tests.test_data import write_folder, write_medmnist
 from tests.test_storage import database
@@ -423,7 +424,7 @@ def test_the_leaderboard_shows_not_counted_trials_apart_from_failures():
     add(TrialState.FAIL, "diverged (loss nan)")  # the trial's own failure: counts
     add(TrialState.FAIL, "interrupted")
     add(TrialState.FAIL, "study total reached")
-    add(TrialState.FAIL, workers.STALE_REASON)
+    add(TrialState.FAIL, STALE_REASON)
     [row] = report.leaderboard(study, recipe)
     assert (row["complete"], row["failed"], row["not_counted"]) == (1, 1, 3)
     board = report.leaderboard_text(study, recipe)

@@ -9,8 +9,8 @@ import pytest
 from optuna_dashboard import wsgi
 
 from search import artifacts
+from search.objective import FIRST_ATTRS
 from search.storage import open_storage
-from search.study import FIRST_ATTRS
 from tests.conftest import wsgi_get
 
 pytestmark = pytest.mark.slow  # the dashboard over a study run through the CLI

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search import cli, report, selection, space
+from search import cli, progress, report, selection, space
 from search.errors import SearchError
 from search.recipe import load_recipe, recipe_from_dict
 from search.storage import open_storage
@@ -155,14 +155,14 @@ def test_progress_line():
     t.set_user_attr("epochs", 2)
     t.set_user_attr("sec_per_epoch", 1.125)
     study.tell(t, 0.875)
-    line = report.trial_line(study, study.trials[0], 3, 12, "accuracy")
+    line = progress.trial_line(study, study.trials[0], 3, 12, "accuracy")
     assert line == ("[##........] 3/12 trial   0 mini_cnn             val_accuracy 0.8750  best 0.8750 (trial 0)  2.2s")
     t = study.ask()
     t.suggest_categorical("model", ["mini_cnn"])
     t.set_user_attr("pool_label", "timm/convnext_tiny.fb_in22k_ft_in1k@112")
     t.set_user_attr("fail_reason", "invalid combination: " + "x" * 200)
     study.tell(t, state=TrialState.FAIL)
-    long = report.trial_line(study, study.trials[1], 30, 120, "accuracy")
+    long = progress.trial_line(study, study.trials[1], 30, 120, "accuracy")
     assert (
         len(long) == 100
         and long.endswith("…  0.0s")
@@ -170,7 +170,7 @@ def test_progress_line():
     )
     t = study.ask()  # ended before sampling: nothing to say
     study.tell(t, state=TrialState.FAIL)
-    assert report.trial_line(study, study.trials[2], 3, 12, "accuracy") == ""
+    assert progress.trial_line(study, study.trials[2], 3, 12, "accuracy") == ""
 
 
 @pytest.mark.slow
@@ -204,7 +204,7 @@ def test_best_yaml_reads_as_the_winner(demo_study, tmp_path, capsys):
 
     fixed = load_recipe(out)
     assert (fixed.study.name, fixed.study.n_trials, fixed.study.origin) == ("tiny-best", 1, "tiny")
-    assert space.resolve(fixed) == ({}, {})  # nothing sampled, nothing left in overrides
+    assert space.resolve(fixed.space, fixed.train) == ({}, {})  # nothing sampled, nothing left in overrides
     assert {k: getattr(fixed.train, k) for k in won} == won
     assert fixed.data == recipe.data and fixed.train.model_dump() == {**recipe.train.model_dump(), **won}
 
@@ -225,7 +225,7 @@ def test_best_of_a_focal_trial_exports_a_recipe_that_loads(tmp_path):
         optuna.trial.create_trial(params={"model": "mini_cnn", "loss": "focal"}, distributions=dists, value=0.9)
     )
     exported = recipe_from_dict(best_recipe(study, recipe, study.trials[0]))
-    assert space.resolve(exported) == ({}, {})
+    assert space.resolve(exported.space, exported.train) == ({}, {})
     assert exported.train.loss == "focal" and exported.train.label_smoothing == 0.0
 
 

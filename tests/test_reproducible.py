@@ -9,10 +9,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import optuna_api, sampling, space, workers
+from search import optuna_api, sampling, space
 from search import study as st
+from search.data import channels
 from search.pool import parse_pool
 from search.recipe import recipe_from_dict
+from search.trials import counted
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # fresh processes and workers compared trial by trial
@@ -83,7 +85,7 @@ def _draw(study: optuna.Study, recipe, entries) -> optuna.Trial:
     """What the objective does before training: the trial's sampler seed, then the suggestions."""
     trial = study.ask()
     optuna_api.reseed_sampler(study.sampler, sampling.sampler_seed(recipe.study.seed, trial.number))
-    space.suggest(trial, recipe, entries)
+    space.suggest(trial, recipe.space, recipe.train, entries, channels(recipe.data))
     return trial
 
 
@@ -137,7 +139,7 @@ def test_a_queued_trial_keeps_its_params_and_its_seed(tmp_path):
     first, second = study.get_trials()
     assert first.state == second.state == TrialState.COMPLETE
     assert first.params["lr"] == 0.003 and first.user_attrs["seed"] == 12345
-    assert second.user_attrs["seed"] == st.trial_seed(0, 1)
+    assert second.user_attrs["seed"] == sampling.trial_seed(0, 1)
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe", "qmc"])
@@ -159,7 +161,7 @@ def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = optuna.load_study(study_name="four", storage=url).get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 24 and len(workers.counted(trials)) == 24
+    assert len(done) == 24 and len(counted(trials)) == 24
     assert len({t.user_attrs["worker"] for t in done}) == 4  # all four took part
     configs = [tuple(sorted(t.params.items())) for t in done]
     assert len(set(configs)) == 24, [c for c in configs if configs.count(c) > 1]

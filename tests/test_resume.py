@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from search import artifacts, workers
 from search import study as st
 from search.recipe import recipe_from_dict
+from search.trials import STALE_REASON, counted, finished
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # killed, preempted and interrupted worker processes
@@ -112,10 +113,10 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0 and "Traceback" not in err, err[-2000:]
     trials = study.get_trials()
-    assert len(workers.counted(trials)) == 2 and workers.finished(study) == 2
+    assert len(counted(trials)) == 2 and finished(study) == 2
     done = {t.user_attrs["retry_of"]: t for t in trials if t.state == TrialState.COMPLETE}
     assert sorted(done) == sorted([killed, preempted]), [(t.number, t.state, t.user_attrs) for t in trials]
-    assert trials[killed].user_attrs["fail_reason"] == workers.STALE_REASON
+    assert trials[killed].user_attrs["fail_reason"] == STALE_REASON
     assert trials[preempted].user_attrs["fail_reason"] == "interrupted"
     assert done[killed].user_attrs["resumed_from_epoch"] in (2, 3)  # the kill may beat epoch 3's save
     assert done[preempted].user_attrs["resumed_from_epoch"] == 2

@@ -13,10 +13,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats
 
-from search import confirm, report, sampling, selection, storage, workers
+from search import confirm, report, sampling, selection, storage
+from search import stats as search_stats
 from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
+from search.trials import counted, feasible, finished, ranked
 from tests.conftest import run_cli, tiny_recipe, write_recipe, wsgi_get
 from tests.test_retrain import spied_test_split  # noqa: F401 - the fixture
 
@@ -82,11 +84,11 @@ def test_winner_stability_on_a_known_spread(tmp_path, monkeypatch):
     top, share, how = selection.stability(selection.confirmed_rows(study, recipe), recipe)
     assert (top, how) == (0, "exact") and share == pytest.approx(2 / 3)
     # A tie for first counts as a share: A = [0.85, 0.87] against B = [0.85]: (1/2 + 1) / 2.
-    assert confirm.winner_stability({"a": [0.85, 0.87], "b": [0.85]}) == ("a", pytest.approx(0.75), "exact")
+    assert search_stats.winner_stability({"a": [0.85, 0.87], "b": [0.85]}) == ("a", pytest.approx(0.75), "exact")
     assert "winner stability: trial 0 is first in 66.7% of draws" in selection.confirmed_text(study, recipe)
-    monkeypatch.setattr(confirm, "EXACT_LIMIT", 1)
-    top, share, how = confirm.winner_stability({i: v for i, v in enumerate(spread)})
-    assert top == 0 and how == f"resampled {confirm.RESAMPLES}" and share == pytest.approx(2 / 3, abs=0.015)
+    monkeypatch.setattr(search_stats, "EXACT_LIMIT", 1)
+    top, share, how = search_stats.winner_stability({i: v for i, v in enumerate(spread)})
+    assert top == 0 and how == f"resampled {search_stats.RESAMPLES}" and share == pytest.approx(2 / 3, abs=0.015)
 
 
 @pytest.mark.slow
@@ -99,13 +101,11 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
     st.work(recipe, study, quiet=True)
     assert [r for r in spied_test_split if r[2] != "__len__"] == []  # neither search nor confirmation read test
     main = study.get_trials(deepcopy=False)
-    assert (
-        len(main) == 3 and len(workers.counted(main)) == 3 and workers.finished(study) == 3
-    )  # nothing added, nothing counted
+    assert len(main) == 3 and len(counted(main)) == 3 and finished(study) == 3  # nothing added, nothing counted
     assert all("confirms" not in t.user_attrs for t in main)
     comp = confirm.companion(study)
     runs = comp.get_trials(deepcopy=False)
-    top2 = [t.number for t in report.complete_trials(study, recipe)[:2]]
+    top2 = [t.number for t in ranked(study)[:2]]
     assert sorted(confirm.key(t) for t in runs) == sorted((n, i) for n in top2 for i in (1, 2))
     for t in runs:
         src = main[t.user_attrs["confirms"]]
@@ -115,7 +115,7 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
     # The main study's sampler sees its own trials only; another worker finds nothing left to do.
     assert st.work(recipe, study, quiet=True) == 0 and len(comp.get_trials(deepcopy=False)) == 4
     # Queueing again is idempotent; a racing duplicate ends at once without training.
-    assert confirm.enqueue(study, recipe, 2, 3) == 0
+    assert confirm.enqueue(study, 2, 3) == 0
     rows = selection.confirmed_rows(study, recipe)
     assert [r["seeds"] for r in rows] == [3, 3]
 
@@ -148,7 +148,7 @@ def test_infeasible_trials_are_never_best(tmp_path):
     _add(study, 0.75)
     assert selection.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
-    assert [t.number for t in report.complete_trials(study, recipe)] == [1, 2]
+    assert [t.number for t in ranked(study)] == [1, 2]
     assert sampling.constraint_values(recipe.study.constraints, {"params": 2e6}) == {"params": pytest.approx(1.0)}
     assert sampling.constraint_values(recipe.study.constraints, {"params": 5e5}) == {"params": pytest.approx(-0.5)}
     assert [t.number for t in study.best_trials] == [1]  # Optuna reads the same stored values
@@ -206,7 +206,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
         assert set(t.constraints) == {"params", "out_of_memory"}  # as Optuna's samplers read them
         assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] / 1e6 - 1)
     front = selection.front_trials(study, recipe)
-    assert front and all(sampling.feasible(t) for t in front)
+    assert front and all(feasible(t) for t in front)
     assert all(t.user_attrs["pool_label"] == "mini_cnn" for t in front)  # resnet_18 (11M params) is infeasible
 
     proc = run_cli("report", "mo", cwd=tmp_path)

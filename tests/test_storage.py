@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from search import storage, workers
 from search import study as st
 from search.recipe import recipe_from_dict
+from search.trials import STALE_REASON, counted, remaining
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # real worker processes and database servers
@@ -192,7 +193,7 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     assert retries[0].params == dead.params
     assert set(dead.intermediate_values.items()) <= set(retries[0].intermediate_values.items())
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == n and len(workers.counted(trials)) == n, _states(study)
+    assert len(complete) == n and len(counted(trials)) == n, _states(study)
     assert retries[0] in complete or retries[0].user_attrs.get("fail_reason") == "study total reached"
     assert all(
         t.user_attrs.get("fail_reason") == "study total reached"
@@ -224,12 +225,10 @@ def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path
     study = optuna.load_study(study_name="many", storage=url)
     trials = study.get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 16, _states(study)
-    assert len(workers.counted(trials)) == 16
+    assert len(counted(trials)) == 16
     # 16 processes on 2 cores: every live trial still beats, so none is failed as stale or retried
     assert not [
-        t.number
-        for t in trials
-        if t.user_attrs.get("fail_reason") == workers.STALE_REASON or "retry_of" in t.user_attrs
+        t.number for t in trials if t.user_attrs.get("fail_reason") == STALE_REASON or "retry_of" in t.user_attrs
     ]
     assert all(t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL)
     assert len({t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}) > 1
@@ -271,9 +270,9 @@ def _fail_stale_round(url, capsys):
     assert f"failed 1 stale trial(s): {dead.number}" in capsys.readouterr().out
     trials = st.load_stored(url, "stale")[1].get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].user_attrs["fail_reason"] == workers.STALE_REASON
+    assert trials[1].user_attrs["fail_reason"] == STALE_REASON
     assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == dead.number
-    assert len(workers.counted(trials)) == 2  # the retry holds the dead trial's slot
+    assert len(counted(trials)) == 2  # the retry holds the dead trial's slot
     assert main(["fail-stale", "--storage", url, "--study", "stale", "--older-than", "300"]) == 0
     assert "failed 0 stale trial(s)" in capsys.readouterr().out
 
@@ -306,7 +305,7 @@ def test_changed_recipe_is_refused_on_a_shared_database(rdb_url):
         st.open_study(changed, rdb_url)
     stored, again = st.load_stored(rdb_url, "refuse")
     assert stored.train.epochs == 2 and [t.state for t in again.get_trials()] == [TrialState.WAITING]
-    assert workers.remaining(again, 2) == 1  # the queued trial holds its slot
+    assert remaining(again, 2) == 1  # the queued trial holds its slot
 
 
 def test_proxy_command_refuses_what_it_cannot_serve_in_one_line(tmp_path):

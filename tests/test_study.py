@@ -7,8 +7,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search import artifacts, workers
+from search.objective import FIRST_ATTRS
 from search.storage import open_storage
-from search.study import FIRST_ATTRS
+from search.trials import counted
 from tests.conftest import run_cli, wsgi_get
 
 ATTRS = {
@@ -104,7 +105,7 @@ def _dead_trial_retried(tmp_path, **over):
     recipe = recipe_from_dict(tiny_recipe(train={"epochs": 3}, **over))
     study = st.open_study(recipe, f"journal:{tmp_path}/j.log")
     dead = study.ask()
-    suggest(dead, recipe, parse_pool(recipe.pool))
+    suggest(dead, recipe.space, recipe.train, parse_pool(recipe.pool), 1)  # digits: 1 channel
     dead.set_user_attr("seed", 777)
     dead.report(0.111, 1)
     study.tell(dead, state=TrialState.FAIL)
@@ -182,13 +183,14 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
     import torch
     from optuna.samplers._tpe.sampler import _get_infeasible_trial_score, _split_trials
 
-    from search import space
+    from search import objective, space
     from search import study as st
+    from search.data import channels
     from search.pool import parse_pool
     from search.recipe import recipe_from_dict
     from tests.conftest import tiny_recipe
 
-    real_build = st.build_model
+    real_build = objective.build_model
 
     def build(entry, **kw):
         model = real_build(entry, **kw)
@@ -201,7 +203,7 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
             model.register_forward_pre_hook(oom)
         return model
 
-    monkeypatch.setattr(st, "build_model", build)
+    monkeypatch.setattr(objective, "build_model", build)
     monkeypatch.chdir(tmp_path)
     recipe = recipe_from_dict(
         tiny_recipe(
@@ -224,7 +226,7 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
         assert t.state == TrialState.COMPLETE and t.constraints == {"out_of_memory": 0.0}
         assert t.user_attrs["micro_batch"] == 32
     assert any("infeasible: out of memory at batch size 32" in line for line in lines), lines
-    assert len(workers.counted(trials)) == 6 and study.best_trial.user_attrs["pool_label"] == "mini_cnn"
+    assert len(counted(trials)) == 6 and study.best_trial.user_attrs["pool_label"] == "mini_cnn"
 
     # What TPE receives: the stored COMPLETE and PRUNED trials; the OOM ones as infeasible, all
     # on the "bad" side of its split, so it proposes the feasible entry.
@@ -244,6 +246,6 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
     drawn = []
     for _ in range(12):
         t = tpe.ask()
-        drawn.append(space.suggest(t, recipe, entries)[0].label)
+        drawn.append(space.suggest(t, recipe.space, recipe.train, entries, channels(recipe.data))[0].label)
         tpe.tell(t, state=TrialState.FAIL)  # FAIL: invisible to the sampler, the stored trials stay its data
     assert drawn.count("too_big") <= 2, drawn

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from search.errors import SearchError
 from search.net import network_up as _network_up
@@ -134,8 +135,6 @@ def fetch(name: str, remote: Remote, root: Path) -> Path:
 
 def _progress(resp: Any, label: str) -> Any:
     """A byte progress bar for a download on a terminal (tqdm stays silent in logs and pipes)."""
-    from tqdm import tqdm
-
     total = getattr(resp, "headers", {}).get("Content-Length") if hasattr(resp, "headers") else None
     return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
 
