@@ -1,4 +1,7 @@
-"""The package's import graph: no module of `search` imports itself back through others at import time."""
+"""The package's import graph: no module of `search` imports itself back through others, counting
+every import: at the top, under `if TYPE_CHECKING:` and inside functions. Imports inside functions
+are allowed only where they buy start-up time: in `cli.py` (each command imports what it runs) and
+of heavy or optional third-party libraries; any other one would hide a cycle, and fails here."""
 
 from __future__ import annotations
 
@@ -20,29 +23,53 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def _top_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
-    """Imports that run when the module is imported: top-level ones and those under module-level
-    `if`/`try`, but not under `if TYPE_CHECKING:` (never run) nor inside functions and classes."""
+# Where a function may import: the CLI (start-up speed) ...
+LOCAL_IMPORTERS = {"search.cli"}
+# ... and, anywhere, libraries that are heavy to import (workers, `validate` and `--help` never pay
+# for plots, scipy, timm or the dashboard) or optional (an extra, or not on every platform).
+LOCAL_LIBRARIES = {
+    "torch",
+    "torchvision",
+    "timm",
+    "huggingface_hub",
+    "safetensors",
+    "matplotlib",
+    "scipy",
+    "sklearn",
+    "h5py",
+    "PIL",
+    "optuna_dashboard",
+    "grpc",
+    "redis",
+    "fcntl",
+}
+
+
+def _all_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+
+
+def _local_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports inside functions (at any depth)."""
     out: list[ast.Import | ast.ImportFrom] = []
-    for node in body:
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            out.append(node)
-        elif isinstance(node, ast.If):
-            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
-                out += _top_level(node.body)
-            out += _top_level(node.orelse)
-        elif isinstance(node, ast.Try):
-            for part in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
-                out += _top_level(part)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            out += [n for n in _all_imports(node) if n not in out]
     return out
 
 
+def _root(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name.split(".")[0] for a in node.names]
+    return ["." if node.level else (node.module or "").split(".")[0]]
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package's modules that `name` imports at import time (`from search.data import cifar`
-    counts as search.data.cifar, `from search.data import Data` as search.data)."""
+    """The package's modules that `name` imports anywhere in its file (`from search.data import
+    cifar` counts as search.data.cifar, `from search.data import Data` as search.data)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in _top_level(ast.parse(path.read_text()).body):
+    for node in _all_imports(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in known}
             continue
@@ -104,6 +131,30 @@ def test_the_graph_sees_the_package():
     assert {"search.data", "search.data.cache", "search.data.cifar", "search.recipe", "search.space"} <= set(g)
     assert "search.data.cifar" in g["search.data"] and "search.data.cache" in g["search.data.cifar"]
     assert g["search.recipe"] >= {"search.data", "search.space", "search.pool", "search.hparams"}
+    assert "search.study" in g["search.cli"]  # imported inside the command functions: counted too
+
+
+def test_a_hidden_cycle_is_seen(tmp_path):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    (tmp_path / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\n")
+    known = {"a", "b", "c"}
+    g = {m: imports_of(m, tmp_path / f"{m}.py", known) for m in known}
+    assert g == {"a": {"b"}, "b": {"a"}, "c": {"a"}} and cycles(g) == [["a", "b"]]
+
+
+def test_functions_import_only_heavy_libraries_outside_the_cli():
+    """A function-local import of a package module (or of a light library) is a hidden dependency:
+    move it to the top, or break the cycle that made it local."""
+    bad = []
+    for name, path in modules().items():
+        if name in LOCAL_IMPORTERS:
+            continue
+        for node in _local_imports(ast.parse(path.read_text())):
+            roots = [r for r in _root(node) if r not in LOCAL_LIBRARIES]
+            if roots:
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {', '.join(roots)} in a function")
+    assert bad == []
 
 
 def test_cycles_are_found():
@@ -111,7 +162,7 @@ def test_cycles_are_found():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycle_among_the_package_modules():
+def test_no_import_cycle_among_the_package_modules_counting_every_import():
     assert cycles(graph()) == []
 
 
