@@ -3,6 +3,12 @@
 Decoded once with PIL into memory-mappable .npy files under the data root, keyed
 by a digest of the folder's file names, sizes and mtimes, so later processes
 skip PIL and an edited folder is decoded afresh.
+
+Decoding streams: a first pass reads only each file's header (size, mode) to
+choose the channels and the array's shape, a second decodes one image at a time
+straight into its row of the preallocated array (JPEGs at a reduced scale where
+the target size allows), so a folder of 12-megapixel photos needs the memory of
+its resized array plus one photo.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import glob
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,16 +30,18 @@ from search.data.cache import atomic_dir, discard, read_cached, unreadable
 from search.data.splits import Raw, Split, read_splits, write_splits
 from search.errors import SearchError, one_of
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Modes decoded to one channel; a folder is gray only if every image is.
+GRAY_MODES = frozenset({"1", "L", "I;16", "I"})
 
 
-def _split(
-    name: str, folder: Path, classes: tuple[str, ...] | None, resolution: int | None
-) -> tuple[Split, tuple[str, ...]]:
-    from PIL import Image
-
+def _classes(name: str, folder: Path, classes: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The class folders of one part; val/ and test/ may only hold train's classes."""
     found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
     if classes is None:
         classes = found
@@ -44,48 +55,103 @@ def _split(
         raise SearchError(
             f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), found {len(classes)}"
         )
-    images: list[Image.Image] = []
-    labels, files = [], []
+    return classes
+
+
+def _image_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """(file, label) of every image, by class then name."""
+    out = []
     for k, c in enumerate(classes):
         d = folder / c
         for p in sorted(d.iterdir()) if d.is_dir() else []:
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(p) as opened:
-                    opened.load()
-                    images.append(opened.copy())
-            except OSError as e:
-                raise unreadable(name, p, e) from None
-            labels.append(k)
-            files.append(p)
-    if not images:
-        raise SearchError(f"data.dataset '{name}': no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
-    mode = "L" if gray else "RGB"
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                out.append((p, k))
+    return out
+
+
+@contextmanager
+def _opened(name: str, path: Path) -> Iterator[Image.Image]:
+    """`Image.open(path)`, which reads the header only; an unreadable file is a SearchError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except OSError as e:
+        raise unreadable(name, path, e) from None
+
+
+def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
+    """(size, mode) from the file's header, without decoding its pixels."""
+    with _opened(name, path) as im:
+        size, mode = im.size, im.mode
+    return size, mode
+
+
+def _scaled(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The size with the shorter side at `resolution`, the aspect ratio kept."""
+    w, h = size
+    s = resolution / min(w, h)
+    return max(resolution, round(w * s)), max(resolution, round(h * s))
+
+
+def _fit(im: Image.Image, resolution: int | None) -> Image.Image:
+    """Shorter side to `resolution`, then a centre crop: square images without distortion."""
+    from PIL import Image
+
     if resolution is None:
-        sizes = {im.size for im in images}
+        return im
+    im = im.resize(_scaled(im.size, resolution), Image.Resampling.BILINEAR)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def _decoded(name: str, path: Path, mode: str, resolution: int | None) -> np.ndarray:
+    """One image as uint8 (C, H, W) in `mode` ("L" or "RGB"), fitted to `resolution`."""
+    with _opened(name, path) as im:
+        if resolution is not None:
+            # A JPEG decodes at 1/2, 1/4 or 1/8 scale where that still covers the fitted size:
+            # a 12-megapixel photo fitted to 64 px decodes to 1/64 of its pixels.
+            im.draft(None, _scaled(im.size, resolution))
+        im.load()
+        pixels = np.asarray(_fit(im if im.mode == mode else im.convert(mode), resolution), dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _split(
+    name: str, folder: Path, classes: tuple[str, ...] | None, resolution: int | None
+) -> tuple[Split, tuple[str, ...]]:
+    classes = _classes(name, folder, classes)
+    files = _image_files(folder, classes)
+    if not files:
+        raise SearchError(f"data.dataset '{name}': no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    # Pass 1, headers only: the channels and the shape, before any pixel is decoded.
+    headers = [_header(name, p) for p, _ in files]
+    mode = "L" if all(m in GRAY_MODES for _, m in headers) else "RGB"
+    if resolution is None:
+        sizes = {s for s, _ in headers}
         if len(sizes) > 1:
             a, b = sorted(sizes)[:2]
             raise SearchError(
                 f"data.dataset '{name}': images under {folder} differ in size ({a[0]}x{a[1]}, "
                 f"{b[0]}x{b[1]}, ...); set data.resolution to resize them to one square size"
             )
-    arrays = []
-    for im in images:
-        im = im.convert(mode)
-        if resolution is not None:
-            # Shorter side to `resolution`, then a centre crop: square images without distortion.
-            w, h = im.size
-            s = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BILINEAR)
-            w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        pixels = np.asarray(im, dtype=np.uint8)
-        arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(arrays))
-    return Split(x, torch.tensor(labels, dtype=torch.int64)), classes
+        w, h = headers[0][0]
+    else:
+        w = h = resolution
+    # Pass 2: one image decoded at a time, straight into its row.
+    x = np.empty((len(files), 1 if mode == "L" else 3, h, w), dtype=np.uint8)
+    for i, (p, _) in enumerate(files):
+        pixels = _decoded(name, p, mode, resolution)
+        if pixels.shape != x.shape[1:]:  # a header that lied about the size
+            raise SearchError(
+                f"data.dataset '{name}': {p} decodes to {pixels.shape[2]}x{pixels.shape[1]} pixels but its header "
+                f"says {w}x{h}; remove it from the folder or re-save it"
+            )
+        x[i] = pixels
+    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
+    return Split(torch.from_numpy(x), labels), classes
 
 
 def folder_parts(name: str, path: Path) -> dict[str, Path]:
