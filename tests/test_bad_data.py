@@ -7,8 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,41 @@ import pytest
 from PIL import Image
 
 from search import data
-from search.data import DataCfg
+from search.data import DataCfg, load_data, load_raw
 from search.errors import SearchError
 from tests.conftest import ROOT
+from tests.test_data import write_folder
+
+# ---------------------------------------------------------------------------
+# writers of hostile and odd files
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` gray pixels: a decompression bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def noise(fmt: str, size: int = 200) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(b, fmt)
+    return b.getvalue()
+
+
+def broken_png_chunk() -> bytes:
+    """A PNG whose second IDAT chunk has a garbage type: PIL reads the header, then fails mid-decode."""
+    png = noise("PNG")
+    second = png.index(b"IDAT", png.index(b"IDAT") + 4)
+    return png[:second] + b"\x00\x01\x02\x03" + png[second + 4 :]
+
+
+def truncated_ihdr() -> bytes:
+    body = struct.pack(">II", 10, 10)  # width and height, without depth and colour type
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 8) + b"IHDR" + body + struct.pack(">I", zlib.crc32(b"IHDR" + body))
 
 
 def one_error(fn) -> str:
@@ -39,6 +74,51 @@ def decoded_afresh():
     data._raw.cache_clear()
     yield
     data._raw.cache_clear()
+
+
+# ---------------------------------------------------------------------------
+# decompression bombs and malformed files
+
+
+@pytest.mark.parametrize(
+    "width, height, shown",
+    [
+        (10000, 10000, "10000x10000 = 100000000 pixels"),  # PIL only warns: refused here
+        (20000, 20000, "400000000 pixels"),  # over twice PIL's limit: PIL refuses, named here
+    ],
+)
+def test_a_decompression_bomb_is_refused_with_its_pixel_count(tmp_path, width, height, shown):
+    write_folder(tmp_path, n=3)
+    bomb = tmp_path / "cat" / "bomb.png"
+    bomb.write_bytes(png_claiming(width, height))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # no warning besides the refusal
+        message = one_error(lambda: load_data(fcfg(tmp_path)))
+    assert f"{bomb} has {shown}, over the limit of 89478485" in message
+    assert "decompression bombs; remove it from the folder or re-save it smaller" in message
+
+
+@pytest.mark.parametrize(
+    "file, content, error",
+    [
+        ("notes.jpg", b"not an image at all", "UnidentifiedImageError"),
+        ("cut.jpg", noise("JPEG")[:2000], "OSError: image file is truncated"),
+        ("chunk.png", broken_png_chunk(), "SyntaxError: broken PNG file"),
+        ("ihdr.png", truncated_ihdr(), "ValueError: Truncated IHDR chunk"),
+    ],
+)
+def test_a_malformed_image_is_one_line_naming_it(tmp_path, file, content, error):
+    write_folder(tmp_path, n=3)
+    (tmp_path / "dog" / file).write_bytes(content)
+    message = one_error(lambda: load_data(fcfg(tmp_path, resolution=8)))
+    assert message.startswith(f"data.dataset 'folder:{tmp_path}': cannot decode {tmp_path / 'dog' / file} ({error}")
+    assert message.endswith("remove it from the folder or re-save it (PNG or JPEG)")
+
+
+def test_hidden_files_beside_the_images_are_skipped(tmp_path):
+    write_folder(tmp_path, n=3)
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    assert len(load_raw(fcfg(tmp_path)).train) == 6
 
 
 # ---------------------------------------------------------------------------

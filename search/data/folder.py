@@ -8,7 +8,8 @@ Decoding streams: a first pass reads only each file's header (size, mode) to
 choose the channels and the array's shape, a second decodes one image at a time
 straight into its row of the preallocated array (JPEGs at a reduced scale where
 the target size allows), so a folder of 12-megapixel photos needs the memory of
-its resized array plus one photo.
+its resized array plus one photo. Every way a file can fail (not an image,
+truncated, malformed, a decompression bomb) is one `SearchError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import glob
 import hashlib
 import json
 import logging
+import re
+import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import atomic_dir, discard, read_cached, unreadable
+from search.data.cache import atomic_dir, discard, read_cached
 from search.data.splits import Raw, Split, read_splits, write_splits
 from search.errors import SearchError, one_of
 
@@ -38,6 +42,12 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Modes decoded to one channel; a folder is gray only if every image is.
 GRAY_MODES = frozenset({"1", "L", "I;16", "I"})
+# PIL's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 9459 x 9459), held here so
+# that a process which lifted PIL's global still refuses such files, with the file named.
+MAX_PIXELS = 89_478_485
+# What PIL's plugins raise for a malformed file (besides OSError, which covers unreadable,
+# truncated and unidentified files); anything else is a bug and keeps its traceback.
+MALFORMED = (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError)
 
 
 def _classes(name: str, folder: Path, classes: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -59,26 +69,55 @@ def _classes(name: str, folder: Path, classes: tuple[str, ...] | None) -> tuple[
 
 
 def _image_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """(file, label) of every image, by class then name."""
+    """(file, label) of every image, by class then name. Hidden files are skipped: `._IMG.jpg` is the
+    resource fork macOS leaves beside IMG.jpg on a copy, not an image."""
     out = []
     for k, c in enumerate(classes):
         d = folder / c
         for p in sorted(d.iterdir()) if d.is_dir() else []:
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
                 out.append((p, k))
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _undecodable(name: str, path: Path, e: BaseException) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': cannot decode {path} ({type(e).__name__}: {_one_line(e)}); "
+        "remove it from the folder or re-save it (PNG or JPEG)"
+    )
+
+
+def _too_large(name: str, path: Path, pixels: str) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': {path} has {pixels} pixels, over the limit of {MAX_PIXELS} that guards "
+        "against decompression bombs; remove it from the folder or re-save it smaller"
+    )
+
+
 @contextmanager
 def _opened(name: str, path: Path) -> Iterator[Image.Image]:
-    """`Image.open(path)`, which reads the header only; an unreadable file is a SearchError naming it."""
+    """`Image.open(path)` (which reads the header only), refused above MAX_PIXELS; what PIL raises
+    for a malformed file, here or while decoding in the block, becomes one SearchError naming it."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            yield im
-    except OSError as e:
-        raise unreadable(name, path, e) from None
+        with warnings.catch_warnings():
+            # Refused below with the file named, instead of PIL's warning for 1-2x its limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise _too_large(name, path, f"{w}x{h} = {w * h}")
+                yield im
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused by Image.open itself
+        counted = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(name, path, counted.group(1) if counted else "too many") from None
+    except MALFORMED as e:
+        raise _undecodable(name, path, e) from None
 
 
 def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
