@@ -122,6 +122,60 @@ def test_hidden_files_beside_the_images_are_skipped(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# 16- and 32-bit pixels
+
+SIXTEEN = np.array([[0, 128, 129, 257, 1000, 32768, 65534, 65535]], dtype=np.uint16)
+EIGHT = [0, 0, 1, 1, 4, 128, 255, 255]  # v * 255 / 65535, rounded
+
+
+def gray_folder(root: Path, odd: Image.Image, name: str = "odd.png", rgb: bool = False) -> Path:
+    """Two classes of three 8x1 images; cat's third is `odd` (a class's files load in name order)."""
+    write_folder(root, n=2, size=(8, 1), mode="L")
+    odd.save(root / "cat" / name)
+    Image.new("RGB" if rgb else "L", (8, 1)).save(root / "dog" / "2.png")
+    return root
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path):
+    assert np.rint(SIXTEEN[0].astype(float) * 255 / 65535).tolist() == EIGHT
+    png = Image.fromarray(SIXTEEN)
+    assert png.mode == "I;16"
+    raw = load_raw(fcfg(gray_folder(tmp_path / "gray", png)))
+    assert raw.train.x.shape == (6, 1, 1, 8) and raw.train.x[2, 0, 0].tolist() == EIGHT
+    assert raw.train.x[1, 0, 0].tolist() == [1] * 8  # the 8-bit images beside it as they are
+
+    mixed = load_raw(fcfg(gray_folder(tmp_path / "mixed", png, rgb=True)))  # an RGB image: gray replicated
+    assert mixed.train.x.shape == (6, 3, 1, 8) and mixed.train.x[2, :, 0].tolist() == [EIGHT] * 3
+
+    flat = Image.fromarray(np.full((30, 40), 1000, dtype=np.uint16))  # resized in 16 bits, then scaled
+    resized = load_raw(fcfg(gray_folder(tmp_path / "resized", flat), resolution=8))
+    assert resized.train.x[2].unique().tolist() == [4]
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [SIXTEEN.astype(">u2"), SIXTEEN.astype(np.int32)],  # big-endian 16-bit TIFF; 32-bit TIFF of 16-bit data
+    ids=["I;16B", "I"],
+)
+def test_sixteen_bit_data_in_other_tiff_modes_scales_the_same(tmp_path, pixels):
+    tiff = Image.fromarray(pixels)
+    assert tiff.mode == ("I;16B" if pixels.dtype == np.dtype(">u2") else "I")
+    raw = load_raw(fcfg(gray_folder(tmp_path, tiff, "odd.tif")))
+    assert raw.train.x[2, 0, 0].tolist() == EIGHT
+
+
+def test_pixels_without_an_eight_bit_meaning_are_refused(tmp_path):
+    wide = Image.fromarray(np.array([[-5, 0, 7, 70000, 1, 2, 3, 4]], dtype=np.int32))
+    message = one_error(lambda: load_raw(fcfg(gray_folder(tmp_path / "wide", wide, "odd.tif"))))
+    assert f"{tmp_path / 'wide' / 'cat' / 'odd.tif'} holds 32-bit pixels from -5 to 70000, outside" in message
+    assert "re-save it with 8- or 16-bit pixels" in message
+
+    floats = Image.fromarray(np.linspace(0, 1, 8, dtype=np.float32)[None])
+    message = one_error(lambda: load_raw(fcfg(gray_folder(tmp_path / "float", floats, "odd.tif"))))
+    assert f"{tmp_path / 'float' / 'cat' / 'odd.tif'} holds 32-bit float pixels" in message
+
+
+# ---------------------------------------------------------------------------
 # a folder of large photos
 
 MEASURE = """

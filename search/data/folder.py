@@ -9,7 +9,8 @@ choose the channels and the array's shape, a second decodes one image at a time
 straight into its row of the preallocated array (JPEGs at a reduced scale where
 the target size allows), so a folder of 12-megapixel photos needs the memory of
 its resized array plus one photo. Every way a file can fail (not an image,
-truncated, malformed, a decompression bomb) is one `SearchError` naming the file.
+truncated, malformed, a decompression bomb, pixels with no 8-bit meaning) is
+one `SearchError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit gray, as 16-bit PNG and TIFF open
 # Modes decoded to one channel; a folder is gray only if every image is.
-GRAY_MODES = frozenset({"1", "L", "I;16", "I"})
+GRAY_MODES = frozenset({"1", "L", "I", *SIXTEEN_BIT})
 # PIL's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 9459 x 9459), held here so
 # that a process which lifted PIL's global still refuses such files, with the file named.
 MAX_PIXELS = 89_478_485
@@ -124,6 +126,11 @@ def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
     """(size, mode) from the file's header, without decoding its pixels."""
     with _opened(name, path) as im:
         size, mode = im.size, im.mode
+    if mode == "F":
+        raise SearchError(
+            f"data.dataset '{name}': {path} holds 32-bit float pixels, which have no fixed range to map to "
+            "8 bits; remove it from the folder or re-save it with 8- or 16-bit pixels"
+        )
     return size, mode
 
 
@@ -146,6 +153,24 @@ def _fit(im: Image.Image, resolution: int | None) -> Image.Image:
     return im.crop((left, top, left + resolution, top + resolution))
 
 
+def _wide_gray(name: str, path: Path, im: Image.Image, resolution: int | None) -> np.ndarray:
+    """A 16- or 32-bit gray image as uint8 (H, W): v * 255 / 65535, rounded, never clipped.
+
+    Mode "I" (32-bit integers, as some TIFF writers store 16-bit data) is read
+    on the same 16-bit scale, so such a copy of a 16-bit image decodes to the
+    same pixels; values outside 0..65535 have no such meaning and are refused.
+    """
+    wide = im if im.mode == "I" else im.convert("I")  # exact: 16-bit values in 32-bit integers
+    lo, hi = cast("tuple[int, int]", wide.getextrema())  # one band: (min, max)
+    if lo < 0 or hi > 65535:
+        raise SearchError(
+            f"data.dataset '{name}': {path} holds 32-bit pixels from {lo} to {hi}, outside the 16-bit range "
+            "0..65535 that is scaled to 8 bits; remove it from the folder or re-save it with 8- or 16-bit pixels"
+        )
+    # Fitted before scaling: one rounding, of the small image. 255 / 65535 = 1 / 257.
+    return ((np.asarray(_fit(wide, resolution), dtype=np.int64) + 128) // 257).astype(np.uint8)
+
+
 def _decoded(name: str, path: Path, mode: str, resolution: int | None) -> np.ndarray:
     """One image as uint8 (C, H, W) in `mode` ("L" or "RGB"), fitted to `resolution`."""
     with _opened(name, path) as im:
@@ -154,6 +179,9 @@ def _decoded(name: str, path: Path, mode: str, resolution: int | None) -> np.nda
             # a 12-megapixel photo fitted to 64 px decodes to 1/64 of its pixels.
             im.draft(None, _scaled(im.size, resolution))
         im.load()
+        if im.mode in SIXTEEN_BIT or im.mode == "I":
+            gray = _wide_gray(name, path, im, resolution)
+            return np.repeat(gray[None], 1 if mode == "L" else 3, axis=0)
         pixels = np.asarray(_fit(im if im.mode == mode else im.convert(mode), resolution), dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
