@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from search import data
-from search.data import DataCfg, load_data, load_raw
+from search.data import DataCfg, carve, load_data, load_raw, split_sizes
+from search.data.splits import Raw, Split
 from search.errors import SearchError
 from tests.conftest import ROOT
 from tests.test_data import write_folder
@@ -173,6 +175,61 @@ def test_pixels_without_an_eight_bit_meaning_are_refused(tmp_path):
     floats = Image.fromarray(np.linspace(0, 1, 8, dtype=np.float32)[None])
     message = one_error(lambda: load_raw(fcfg(gray_folder(tmp_path / "float", floats, "odd.tif"))))
     assert f"{tmp_path / 'float' / 'cat' / 'odd.tif'} holds 32-bit float pixels" in message
+
+
+# ---------------------------------------------------------------------------
+# splits that would be empty, labels out of range
+
+
+def test_two_images_per_class_are_refused_before_any_decoding(tmp_path, monkeypatch):
+    write_folder(tmp_path, n=2)
+    want = (
+        f"data.dataset 'folder:{tmp_path}': the val split carved from train would be empty (train 2, val 0, "
+        "test 2 images of 2 classes; at most 2 images in a class); add images (a class needs 3 to give one to "
+        "each split), or split the folder yourself: PATH/train/CLASS and PATH/val/CLASS"
+    )
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("decoded an image"))
+    assert one_error(lambda: data.check(fcfg(tmp_path))) == want  # what `validate` and `run` check first
+    monkeypatch.undo()
+    assert one_error(lambda: load_data(fcfg(tmp_path))) == want
+
+
+def test_empty_splits_name_their_counts_and_fix(tmp_path):
+    write_folder(tmp_path / "given" / "train", n=1)
+    write_folder(tmp_path / "given" / "val", n=1)  # test carved from 1 image per class: none
+    message = one_error(lambda: load_data(fcfg(tmp_path / "given")))
+    assert "the test split carved from train would be empty (train 2, val 2, test 0 images of 2 classes" in message
+    assert "a class needs 2 to give one to each split" in message and "PATH/test/CLASS" in message
+
+    (tmp_path / "hollow" / "val" / "cat").mkdir(parents=True)
+    write_folder(tmp_path / "hollow" / "train", n=3)
+    message = one_error(lambda: data.check(fcfg(tmp_path / "hollow")))
+    assert "val/ holds no images (train 4, val 0, test 2 images of 2 classes)" in message
+
+    write_folder(tmp_path / "many", classes=tuple(f"c{i}" for i in range(12)), n=3)  # 1 train image per class
+    message = one_error(lambda: load_data(fcfg(tmp_path / "many", max_samples=10)))
+    assert message.startswith("data.max_samples 10: the stratified subsample of the 12 train images would be empty")
+    assert message.endswith("raise data.max_samples to 12 or remove it")
+
+    high = fcfg(tmp_path / "many", test_split=0.9, val_split=0.9)  # test takes 14 of 16, val 1 of 2
+    assert "add images (a class needs 16 to give one to each split)" in one_error(lambda: data.check(high))
+    higher = fcfg(tmp_path / "many", test_split=0.99)  # test takes all but one of up to 150
+    assert "lower data.test_split (0.99) and data.val_split (0.15)" in one_error(lambda: data.check(higher))
+
+
+@pytest.mark.parametrize("official", [(), ("val",), ("test",), ("val", "test")])
+@pytest.mark.parametrize("fractions", [(0.15, 0.15), (0.5, 0.3), (0.9, 0.05)])
+def test_split_sizes_are_what_carving_gives(official, fractions):
+    counts = np.array([0, 1, 2, 3, 4, 5, 7, 10, 31])
+    labels = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
+    split = Split(torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8), labels)
+    given = {p: split if p in official else None for p in ("val", "test")}
+    raw = Raw(split, given["val"], given["test"], tuple(map(str, range(len(counts)))), "unknown")
+    cfg = DataCfg(val_split=fractions[0], test_split=fractions[1])
+    want = split_sizes({"train": counts, **dict.fromkeys(official, counts)}, cfg)
+    for seed in (0, 1):
+        for part, got in zip(("train", "val", "test"), carve(raw, cfg, seed), strict=True):
+            assert np.bincount(got.y.numpy(), minlength=len(counts)).tolist() == want[part].tolist(), part
 
 
 # ---------------------------------------------------------------------------

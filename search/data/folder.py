@@ -298,12 +298,16 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug, kept)
 
 
-def check(name: str) -> None:
-    """Refuses a folder that is not there or has fewer than two classes, reading no image."""
-    path = Path(name.removeprefix("folder:")).expanduser().resolve()
-    train = folder_parts(name, path)["train"]
-    classes = [d for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if len(classes) < 2:
-        raise SearchError(
-            f"data.dataset '{name}': {train} needs one sub-folder per class (at least 2), found {len(classes)}"
-        )
+def check(name: str) -> dict[str, np.ndarray]:
+    """Images per class of each part (train; val/ and test/ where given), reading no image.
+
+    Refuses a folder that is not there, has fewer than two classes, or whose
+    val/ or test/ hold classes that train/ lacks.
+    """
+    parts = folder_parts(name, Path(name.removeprefix("folder:")).expanduser().resolve())
+    classes = _classes(name, parts["train"], None)
+    counts = {}
+    for part, folder in parts.items():
+        labels = [k for _, k in _image_files(folder, _classes(name, folder, classes))]
+        counts[part] = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return counts
