@@ -23,8 +23,11 @@ from search import data
 from search.data import DataCfg, carve, load_data, load_raw, split_sizes
 from search.data.splits import Raw, Split
 from search.errors import SearchError
+from tests import test_data
 from tests.conftest import ROOT
-from tests.test_data import write_folder
+from tests.test_data import write_folder, write_medmnist
+
+published, offline_network = test_data.published, test_data.offline_network  # the fixtures, shared
 
 # ---------------------------------------------------------------------------
 # writers of hostile and odd files
@@ -230,6 +233,17 @@ def test_split_sizes_are_what_carving_gives(official, fractions):
     for seed in (0, 1):
         for part, got in zip(("train", "val", "test"), carve(raw, cfg, seed), strict=True):
             assert np.bincount(got.y.numpy(), minlength=len(counts)).tolist() == want[part].tolist(), part
+
+
+def test_labels_out_of_range_are_refused_at_load(tmp_path, offline_network, published):
+    path = tmp_path / "pathmnist.npz"
+    arrays = write_medmnist(path, 28, 3, 9)
+    arrays["val_labels"][3] = 9  # pathmnist has 9 classes: 0..8
+    np.savez_compressed(path, **arrays)
+    published("pathmnist", path)
+    message = one_error(lambda: load_data(DataCfg(dataset="pathmnist", root=str(tmp_path))))
+    assert message.startswith("data.dataset 'pathmnist': val label 9 is outside 0..8 (its 9 classes); the files")
+    assert message.endswith("delete them and run `python -m search prefetch RECIPE`")
 
 
 # ---------------------------------------------------------------------------

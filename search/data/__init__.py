@@ -4,9 +4,9 @@ process and split without ever touching the official test split for selection.
 A source module (`digits`, `cifar`, `medmnist`, `galaxy10`, `folder`) returns
 `Raw` (official splits it has, class names, ImageNet overlap, augmentation
 defaults); `load_data` adds the seeded stratified carve-outs and the
-`max_samples` subsample and returns `Data`, which training consumes. Splits
-that would be empty are refused at load, before any trial (and, for image
-folders, by `check` from the file counts alone). The file
+`max_samples` subsample and returns `Data`, which training consumes. Labels
+outside the classes and splits that would be empty are refused at load, before
+any trial (and, for image folders, by `check` from the file counts alone). The file
 machinery the sources share (downloads, checksums, locks, atomic directories)
 is `search.data.cache`.
 """
@@ -170,10 +170,27 @@ def loader_for(name: str) -> Loader:
 PARTS = ("train", "val", "test")
 
 
+def check_labels(name: str, raw: Raw, root: Path) -> None:
+    """Refuses a label outside 0..classes-1 here, where a device would stop on an assert mid-trial."""
+    n = len(raw.classes)
+    for part, split in zip(PARTS, (raw.train, raw.val, raw.test), strict=True):
+        if split is None or len(split) == 0:
+            continue
+        lo, hi = int(split.y.min()), int(split.y.max())
+        if lo < 0 or hi >= n:
+            raise SearchError(
+                f"data.dataset '{name}': {part} label {lo if lo < 0 else hi} is outside 0..{n - 1} (its "
+                f"{n} classes); the files under {raw.cache or root} are damaged or not the official ones: "
+                "delete them and run `python -m search prefetch RECIPE`"
+            )
+
+
 @lru_cache(maxsize=4)
 def _raw(name: str, root: Path, resolution: int | None) -> Raw:
     """Decode once per process: every trial of this worker reuses the tensors."""
-    return loader_for(name)(name, root, resolution)
+    raw = loader_for(name)(name, root, resolution)
+    check_labels(name, raw, root)
+    return raw
 
 
 def load_raw(cfg: DataCfg) -> Raw:
