@@ -23,8 +23,9 @@ from search import data
 from search.data import DataCfg, carve, load_data, load_raw, split_sizes
 from search.data.splits import Raw, Split
 from search.errors import SearchError
+from search.recipe import MAX_WORKERS, recipe_from_dict
 from tests import test_data
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_recipe
 from tests.test_data import write_folder, write_medmnist
 
 published, offline_network = test_data.published, test_data.offline_network  # the fixtures, shared
@@ -244,6 +245,18 @@ def test_labels_out_of_range_are_refused_at_load(tmp_path, offline_network, publ
     message = one_error(lambda: load_data(DataCfg(dataset="pathmnist", root=str(tmp_path))))
     assert message.startswith("data.dataset 'pathmnist': val label 9 is outside 0..8 (its 9 classes); the files")
     assert message.endswith("delete them and run `python -m search prefetch RECIPE`")
+
+
+# ---------------------------------------------------------------------------
+# bounds
+
+
+def test_resolution_and_workers_are_bounded():
+    message = one_error(lambda: recipe_from_dict(tiny_recipe(data={"resolution": 4096})))
+    assert message == "recipe: data.resolution: Input should be less than or equal to 1024 (got 4096)"
+    message = one_error(lambda: recipe_from_dict(tiny_recipe(hardware={"workers": MAX_WORKERS + 1})))
+    assert message == f"recipe: hardware.workers: Input should be less than or equal to {MAX_WORKERS} (got 257)"
+    assert recipe_from_dict(tiny_recipe(data={"resolution": 1024}, hardware={"workers": MAX_WORKERS}))
 
 
 # ---------------------------------------------------------------------------
