@@ -25,7 +25,8 @@ from search.data.splits import Raw, Split
 from search.errors import SearchError
 from search.recipe import MAX_WORKERS, recipe_from_dict
 from tests import test_data
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.test_checks import in_process, left_behind
 from tests.test_data import write_folder, write_medmnist
 
 published, offline_network = test_data.published, test_data.offline_network  # the fixtures, shared
@@ -257,6 +258,64 @@ def test_resolution_and_workers_are_bounded():
     message = one_error(lambda: recipe_from_dict(tiny_recipe(hardware={"workers": MAX_WORKERS + 1})))
     assert message == f"recipe: hardware.workers: Input should be less than or equal to {MAX_WORKERS} (got 257)"
     assert recipe_from_dict(tiny_recipe(data={"resolution": 1024}, hardware={"workers": MAX_WORKERS}))
+
+
+# ---------------------------------------------------------------------------
+# through the CLI: exit 2, one line, nothing created
+
+
+def refused(monkeypatch, capsys, tmp_path: Path, command: str, recipe: dict) -> str:
+    """`python -m search COMMAND` on `recipe` in this process: its one error line, once checked
+    that it exited 2 and left nothing in its working directory."""
+    cwd = tmp_path / "work"
+    cwd.mkdir(exist_ok=True)
+    write_recipe(cwd / "r.yaml", recipe)
+    code, _, err = in_process(monkeypatch, capsys, tmp_path, cwd, command, "r.yaml")
+    assert code == 2 and left_behind(cwd) == [], err
+    (line,) = err.strip().splitlines()
+    return line
+
+
+def test_bad_data_is_refused_by_validate_and_run_before_a_study_exists(
+    tmp_path, monkeypatch, capsys, offline_network, published
+):
+    few = tmp_path / "few"
+    write_folder(few, n=2)
+    for command in ("validate", "run"):
+        line = refused(monkeypatch, capsys, tmp_path, command, tiny_recipe(data={"dataset": f"folder:{few}"}))
+        assert line.startswith(f"error: data.dataset 'folder:{few}': the val split carved from train would be empty")
+
+    cut = tmp_path / "cut"
+    write_folder(cut, n=3)
+    (cut / "dog" / "cut.jpg").write_bytes(noise("JPEG")[:2000])
+    recipe = tiny_recipe(data={"dataset": f"folder:{cut}", "resolution": 16})
+    line = refused(monkeypatch, capsys, tmp_path, "run", recipe)
+    assert line.startswith(f"error: data.dataset 'folder:{cut}': cannot decode {cut / 'dog' / 'cut.jpg'} (OSError")
+
+    path = tmp_path / "data" / "pathmnist.npz"  # the data root in_process sets
+    path.parent.mkdir()
+    arrays = write_medmnist(path, 28, 3, 9)
+    arrays["train_labels"][0] = 200
+    np.savez_compressed(path, **arrays)
+    published("pathmnist", path)
+    line = refused(monkeypatch, capsys, tmp_path, "run", tiny_recipe(data={"dataset": "pathmnist"}))
+    assert line.startswith("error: data.dataset 'pathmnist': train label 200 is outside 0..8 (its 9 classes)")
+
+
+@pytest.mark.slow
+def test_a_decompression_bomb_stops_run_with_exit_2_and_no_study(tmp_path):
+    images, cwd = tmp_path / "images", tmp_path / "work"
+    write_folder(images, n=3)
+    (images / "dog" / "bomb.png").write_bytes(png_claiming(30000, 30000))
+    cwd.mkdir()
+    write_recipe(cwd / "r.yaml", tiny_recipe(data={"dataset": f"folder:{images}", "resolution": 32}))
+    proc = run_cli("run", "r.yaml", cwd=cwd, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data.dataset 'folder:{images}': {images / 'dog' / 'bomb.png'} has 900000000 pixels, over the "
+        "limit of 89478485 that guards against decompression bombs; remove it from the folder or re-save it smaller"
+    ]
+    assert left_behind(cwd) == []  # no studies/, no database
 
 
 # ---------------------------------------------------------------------------
