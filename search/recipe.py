@@ -184,11 +184,16 @@ class StudyCfg(Section):
 PoolSpec = Annotated[str | PoolEntryCfg, Field(union_mode="left_to_right")]
 
 
+# Local worker processes at most: each is a process with its own model and CPU threads, so far
+# more than a machine's cores or GPUs is a typo; the CLI's --workers can share the bound.
+MAX_WORKERS = 256
+
+
 class HardwareCfg(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     amp: bool = True  # bf16 autocast on CUDA; always off on CPU
     compile: bool = False  # torch.compile, once per architecture and input shape
-    workers: int = Field(1, ge=1)  # local worker processes for `run`
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)  # local worker processes for `run`
     gpu_memory_share: float = Field(0.5, gt=0, le=1)  # keep data on GPU if it fits this share
     # Several trials per GPU (search/pack.py): null = off (workers as --workers places them);
     # auto = while measured free memory holds the next trial's probe + margin; N = N at most.

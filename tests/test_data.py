@@ -148,7 +148,7 @@ def test_cifar10_official_batches(tmp_path, offline_network):
 
 
 def test_cifar100_fine_labels(tmp_path, offline_network):
-    write_cifar100(tmp_path)
+    write_cifar100(tmp_path, n_train=200)  # 2 per class: 1 carved into val
     d = load_data(cfg("cifar100", tmp_path), seed=0)
     assert d.num_classes == 100 and d.classes[7] == "c7"
     assert len(d.test) == 20 and d.test.y.tolist() == list(range(20))

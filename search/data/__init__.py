@@ -4,7 +4,9 @@ process and split without ever touching the official test split for selection.
 A source module (`digits`, `cifar`, `medmnist`, `galaxy10`, `folder`) returns
 `Raw` (official splits it has, class names, ImageNet overlap, augmentation
 defaults); `load_data` adds the seeded stratified carve-outs and the
-`max_samples` subsample and returns `Data`, which training consumes. The file
+`max_samples` subsample and returns `Data`, which training consumes. Labels
+outside the classes and splits that would be empty are refused at load, before
+any trial (and, for image folders, by `check` from the file counts alone). The file
 machinery the sources share (downloads, checksums, locks, atomic directories)
 is `search.data.cache`.
 """
@@ -21,12 +23,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from search.augment import AugmentCfg
 from search.data import cifar, digits, folder, galaxy10, medmnist
 from search.data.cache import Download, atomic_dir, discard, read_cached, verify
-from search.data.splits import Raw, Split, read_splits, stratified_split, write_splits
+from search.data.splits import Raw, Split, n_out, read_splits, stratified_split, write_splits
 from search.errors import SearchError, did_you_mean, one_of
 from search.net import Missing
 
@@ -44,10 +47,15 @@ __all__ = [
     "load_data",
     "load_raw",
     "loader_for",
+    "split_sizes",
     "stratified_split",
 ]
 
 log = logging.getLogger(__name__)
+
+# Every image is held decoded at data.resolution, uint8 (N, C, R, R): 3 MiB per RGB image at 1024 px,
+# 48 MiB at 4096, where 10,000 images would need 480 GiB.
+MAX_RESOLUTION = 1024
 
 
 class DataCfg(BaseModel):
@@ -57,7 +65,7 @@ class DataCfg(BaseModel):
 
     dataset: str = "digits"
     root: str | None = None  # data cache; default $SEARCH_DATA or the user cache dir
-    resolution: int | None = Field(None, ge=8)  # size the data-following models see
+    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)  # size the data-following models see
     val_split: float = Field(0.15, gt=0, lt=1)  # carved from train when there is no official val
     test_split: float = Field(0.15, gt=0, lt=1)  # carved when there is no official test
     max_samples: int | None = Field(None, ge=10)  # stratified subsample of train
@@ -163,17 +171,45 @@ def loader_for(name: str) -> Loader:
     return LOADERS[key]
 
 
+PARTS = ("train", "val", "test")
+
+
+def check_labels(name: str, raw: Raw, root: Path) -> None:
+    """Refuses a label outside 0..classes-1 here, where a device would stop on an assert mid-trial."""
+    n = len(raw.classes)
+    for part, split in zip(PARTS, (raw.train, raw.val, raw.test), strict=True):
+        if split is None or len(split) == 0:
+            continue
+        lo, hi = int(split.y.min()), int(split.y.max())
+        if lo < 0 or hi >= n:
+            raise SearchError(
+                f"data.dataset '{name}': {part} label {lo if lo < 0 else hi} is outside 0..{n - 1} (its "
+                f"{n} classes); the files under {raw.cache or root} are damaged or not the official ones: "
+                "delete them and run `python -m search prefetch RECIPE`"
+            )
+
+
 @lru_cache(maxsize=4)
 def _raw(name: str, root: Path, resolution: int | None) -> Raw:
     """Decode once per process: every trial of this worker reuses the tensors."""
-    return loader_for(name)(name, root, resolution)
+    raw = loader_for(name)(name, root, resolution)
+    check_labels(name, raw, root)
+    return raw
 
 
 def load_raw(cfg: DataCfg) -> Raw:
-    """The loader's official splits, fetched and unpacked on first use (what `prefetch` calls)."""
+    """The loader's official splits, fetched and unpacked on first use (what `prefetch` calls);
+    refused if `load_data` would split them into an empty train, val or test split."""
     is_folder = cfg.dataset.startswith("folder:")
     # Only image folders are decoded at a chosen size; other sets ignore data.resolution here.
-    return _raw(cfg.dataset, data_root(cfg), cfg.resolution if is_folder else None)
+    raw = _raw(cfg.dataset, data_root(cfg), cfg.resolution if is_folder else None)
+    counts = {
+        p: np.bincount(s.y.numpy(), minlength=len(raw.classes))
+        for p, s in zip(PARTS, (raw.train, raw.val, raw.test), strict=True)
+        if s is not None
+    }
+    check_split_sizes(cfg, counts)
+    return raw
 
 
 # ---------------------------------------------------------------------------
@@ -183,16 +219,17 @@ def load_raw(cfg: DataCfg) -> Raw:
 def check(cfg: DataCfg, verify_files: bool = True) -> list[Missing]:
     """Everything about `data` that needs no decoding; returns the files still to fetch.
 
-    Refuses unknown and multi-label sets and image folders that are not there;
-    verifies present official files against their checksums (once: recorded),
-    without moving a bad one (this is a check, not a use).
+    Refuses unknown and multi-label sets, image folders that are not there and
+    folders too small to split (from their file counts); verifies present
+    official files against their checksums (once: recorded), without moving a
+    bad one (this is a check, not a use).
     """
     name = cfg.dataset
     loader = loader_for(name)
     if loader is medmnist.refuse_multi_label:
         loader(name, data_root(cfg), None)  # raises its refusal
     if name.startswith("folder:"):
-        folder.check(name)
+        check_split_sizes(cfg, folder.check(name))
         return []
     out = []
     root = data_root(cfg)
@@ -227,6 +264,72 @@ def carve(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Split]:
         keep, out = stratified_split(train.y, cfg.val_split, seed + 1)
         train, val = train.take(keep), train.take(out)
     return train, val, test
+
+
+def split_sizes(counts: dict[str, np.ndarray], cfg: DataCfg) -> dict[str, np.ndarray]:
+    """Images per class of train, val and test as `carve` splits them, from the images per class of
+    the official splits (`counts`: train, and val and test where given); no seed changes them."""
+    train, sizes = counts["train"], dict(counts)
+    for part, fraction in (("test", cfg.test_split), ("val", cfg.val_split)):  # carve's order
+        if part not in counts:
+            out = np.array([n_out(int(n), fraction) for n in train], dtype=np.int64)
+            train, sizes[part] = train - out, out
+    sizes["train"] = train
+    return sizes
+
+
+def _least_per_class(official: tuple[str, ...], cfg: DataCfg) -> int | None:
+    """The fewest images a class needs for each carved split to get one of them (None: over 100,
+    the fractions leave too little)."""
+    given = {p: np.ones(1, dtype=np.int64) for p in official}
+    for n in range(1, 101):
+        if all(s[0] > 0 for s in split_sizes({**given, "train": np.array([n])}, cfg).values()):
+            return n
+    return None
+
+
+def check_split_sizes(cfg: DataCfg, counts: dict[str, np.ndarray]) -> None:
+    """Refuses a dataset that `load_data` would split into an empty train, val or test split (2 images
+    per class leave val empty, and every trial fails), with the counts and what to change; from
+    the counts alone, so `validate` checks an image folder without decoding it."""
+    name, sizes = cfg.dataset, split_sizes(counts, cfg)
+    totals = {p: int(sizes[p].sum()) for p in PARTS}
+    found = ", ".join(f"{p} {totals[p]}" for p in PARTS) + f" images of {len(sizes['train'])} classes"
+    is_folder = name.startswith("folder:")
+    for part in PARTS:
+        if totals[part]:
+            continue
+        if part in counts and is_folder:  # a val/ or test/ with class folders but no images
+            raise SearchError(
+                f"data.dataset '{name}': {part}/ holds no images ({found}); put images in its class folders, "
+                "or remove it to carve that split from train"
+            )
+        if part in counts:
+            raise SearchError(
+                f"data.dataset '{name}': the official {part} split holds no images ({found}); the files under "
+                f"{data_root(cfg)} are damaged or not the official ones: delete them and run "
+                "`python -m search prefetch RECIPE`"
+            )
+        least = _least_per_class(tuple(p for p in ("val", "test") if p in counts), cfg)
+        fix = (
+            f"add images (a class needs {least} to give one to each split)"
+            if least
+            else f"lower data.test_split ({cfg.test_split}) and data.val_split ({cfg.val_split})"
+        )
+        if is_folder:
+            fix += f", or split the folder yourself: PATH/train/CLASS and PATH/{part}/CLASS"
+        raise SearchError(
+            f"data.dataset '{name}': the {part} split carved from train would be empty ({found}; at most "
+            f"{int(counts['train'].max(initial=0))} images in a class); {fix}"
+        )
+    if cfg.max_samples and cfg.max_samples < totals["train"]:
+        sub = sum(n_out(int(n), cfg.max_samples / totals["train"]) for n in sizes["train"])
+        if sub == 0:
+            raise SearchError(
+                f"data.max_samples {cfg.max_samples}: the stratified subsample of the {totals['train']} train "
+                "images would be empty (no class has two of them, and a class with one is left out); "
+                f"raise data.max_samples to {totals['train']} or remove it"
+            )
 
 
 KEEP_CARVED = 4  # carve-out directories kept per dataset, most recently used first (each is a full copy)

@@ -3,6 +3,14 @@
 Decoded once with PIL into memory-mappable .npy files under the data root, keyed
 by a digest of the folder's file names, sizes and mtimes, so later processes
 skip PIL and an edited folder is decoded afresh.
+
+Decoding streams: a first pass reads only each file's header (size, mode) to
+choose the channels and the array's shape, a second decodes one image at a time
+straight into its row of the preallocated array (JPEGs at a reduced scale where
+the target size allows), so a folder of 12-megapixel photos needs the memory of
+its resized array plus one photo. Every way a file can fail (not an image,
+truncated, malformed, a decompression bomb, pixels with no 8-bit meaning) is
+one `SearchError` naming the file.
 """
 
 from __future__ import annotations
@@ -11,26 +19,41 @@ import glob
 import hashlib
 import json
 import logging
+import re
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import atomic_dir, discard, read_cached, unreadable
+from search.data.cache import atomic_dir, discard, read_cached
 from search.data.splits import Raw, Split, read_splits, write_splits
 from search.errors import SearchError, one_of
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit gray, as 16-bit PNG and TIFF open
+# Modes decoded to one channel; a folder is gray only if every image is.
+GRAY_MODES = frozenset({"1", "L", "I", *SIXTEEN_BIT})
+# PIL's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 9459 x 9459), held here so
+# that a process which lifted PIL's global still refuses such files, with the file named.
+MAX_PIXELS = 89_478_485
+# What PIL's plugins raise for a malformed file (besides OSError, which covers unreadable,
+# truncated and unidentified files); anything else is a bug and keeps its traceback.
+MALFORMED = (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError)
 
 
-def _split(
-    name: str, folder: Path, classes: tuple[str, ...] | None, resolution: int | None
-) -> tuple[Split, tuple[str, ...]]:
-    from PIL import Image
-
+def _classes(name: str, folder: Path, classes: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The class folders of one part; val/ and test/ may only hold train's classes."""
     found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
     if classes is None:
         classes = found
@@ -44,48 +67,158 @@ def _split(
         raise SearchError(
             f"data.dataset '{name}': {folder} needs one sub-folder per class (at least 2), found {len(classes)}"
         )
-    images: list[Image.Image] = []
-    labels, files = [], []
+    return classes
+
+
+def _image_files(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """(file, label) of every image, by class then name. Hidden files are skipped: `._IMG.jpg` is the
+    resource fork macOS leaves beside IMG.jpg on a copy, not an image."""
+    out = []
     for k, c in enumerate(classes):
         d = folder / c
         for p in sorted(d.iterdir()) if d.is_dir() else []:
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(p) as opened:
-                    opened.load()
-                    images.append(opened.copy())
-            except OSError as e:
-                raise unreadable(name, p, e) from None
-            labels.append(k)
-            files.append(p)
-    if not images:
-        raise SearchError(f"data.dataset '{name}': no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
-    mode = "L" if gray else "RGB"
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                out.append((p, k))
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _undecodable(name: str, path: Path, e: BaseException) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': cannot decode {path} ({type(e).__name__}: {_one_line(e)}); "
+        "remove it from the folder or re-save it (PNG or JPEG)"
+    )
+
+
+def _too_large(name: str, path: Path, pixels: str) -> SearchError:
+    return SearchError(
+        f"data.dataset '{name}': {path} has {pixels} pixels, over the limit of {MAX_PIXELS} that guards "
+        "against decompression bombs; remove it from the folder or re-save it smaller"
+    )
+
+
+@contextmanager
+def _opened(name: str, path: Path) -> Iterator[Image.Image]:
+    """`Image.open(path)` (which reads the header only), refused above MAX_PIXELS; what PIL raises
+    for a malformed file, here or while decoding in the block, becomes one SearchError naming it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Refused below with the file named, instead of PIL's warning for 1-2x its limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise _too_large(name, path, f"{w}x{h} = {w * h}")
+                yield im
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused by Image.open itself
+        counted = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(name, path, counted.group(1) if counted else "too many") from None
+    except MALFORMED as e:
+        raise _undecodable(name, path, e) from None
+
+
+def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
+    """(size, mode) from the file's header, without decoding its pixels."""
+    with _opened(name, path) as im:
+        size, mode = im.size, im.mode
+    if mode == "F":
+        raise SearchError(
+            f"data.dataset '{name}': {path} holds 32-bit float pixels, which have no fixed range to map to "
+            "8 bits; remove it from the folder or re-save it with 8- or 16-bit pixels"
+        )
+    return size, mode
+
+
+def _scaled(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The size with the shorter side at `resolution`, the aspect ratio kept."""
+    w, h = size
+    s = resolution / min(w, h)
+    return max(resolution, round(w * s)), max(resolution, round(h * s))
+
+
+def _fit(im: Image.Image, resolution: int | None) -> Image.Image:
+    """Shorter side to `resolution`, then a centre crop: square images without distortion."""
+    from PIL import Image
+
     if resolution is None:
-        sizes = {im.size for im in images}
+        return im
+    im = im.resize(_scaled(im.size, resolution), Image.Resampling.BILINEAR)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def _wide_gray(name: str, path: Path, im: Image.Image, resolution: int | None) -> np.ndarray:
+    """A 16- or 32-bit gray image as uint8 (H, W): v * 255 / 65535, rounded, never clipped.
+
+    Mode "I" (32-bit integers, as some TIFF writers store 16-bit data) is read
+    on the same 16-bit scale, so such a copy of a 16-bit image decodes to the
+    same pixels; values outside 0..65535 have no such meaning and are refused.
+    """
+    wide = im if im.mode == "I" else im.convert("I")  # exact: 16-bit values in 32-bit integers
+    lo, hi = cast("tuple[int, int]", wide.getextrema())  # one band: (min, max)
+    if lo < 0 or hi > 65535:
+        raise SearchError(
+            f"data.dataset '{name}': {path} holds 32-bit pixels from {lo} to {hi}, outside the 16-bit range "
+            "0..65535 that is scaled to 8 bits; remove it from the folder or re-save it with 8- or 16-bit pixels"
+        )
+    # Fitted before scaling: one rounding, of the small image. 255 / 65535 = 1 / 257.
+    return ((np.asarray(_fit(wide, resolution), dtype=np.int64) + 128) // 257).astype(np.uint8)
+
+
+def _decoded(name: str, path: Path, mode: str, resolution: int | None) -> np.ndarray:
+    """One image as uint8 (C, H, W) in `mode` ("L" or "RGB"), fitted to `resolution`."""
+    with _opened(name, path) as im:
+        if resolution is not None:
+            # A JPEG decodes at 1/2, 1/4 or 1/8 scale where that still covers the fitted size:
+            # a 12-megapixel photo fitted to 64 px decodes to 1/64 of its pixels.
+            im.draft(None, _scaled(im.size, resolution))
+        im.load()
+        if im.mode in SIXTEEN_BIT or im.mode == "I":
+            gray = _wide_gray(name, path, im, resolution)
+            return np.repeat(gray[None], 1 if mode == "L" else 3, axis=0)
+        pixels = np.asarray(_fit(im if im.mode == mode else im.convert(mode), resolution), dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _split(
+    name: str, folder: Path, classes: tuple[str, ...] | None, resolution: int | None
+) -> tuple[Split, tuple[str, ...]]:
+    classes = _classes(name, folder, classes)
+    files = _image_files(folder, classes)
+    if not files:
+        raise SearchError(f"data.dataset '{name}': no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    # Pass 1, headers only: the channels and the shape, before any pixel is decoded.
+    headers = [_header(name, p) for p, _ in files]
+    mode = "L" if all(m in GRAY_MODES for _, m in headers) else "RGB"
+    if resolution is None:
+        sizes = {s for s, _ in headers}
         if len(sizes) > 1:
             a, b = sorted(sizes)[:2]
             raise SearchError(
                 f"data.dataset '{name}': images under {folder} differ in size ({a[0]}x{a[1]}, "
                 f"{b[0]}x{b[1]}, ...); set data.resolution to resize them to one square size"
             )
-    arrays = []
-    for im in images:
-        im = im.convert(mode)
-        if resolution is not None:
-            # Shorter side to `resolution`, then a centre crop: square images without distortion.
-            w, h = im.size
-            s = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BILINEAR)
-            w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        pixels = np.asarray(im, dtype=np.uint8)
-        arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(arrays))
-    return Split(x, torch.tensor(labels, dtype=torch.int64)), classes
+        w, h = headers[0][0]
+    else:
+        w = h = resolution
+    # Pass 2: one image decoded at a time, straight into its row.
+    x = np.empty((len(files), 1 if mode == "L" else 3, h, w), dtype=np.uint8)
+    for i, (p, _) in enumerate(files):
+        pixels = _decoded(name, p, mode, resolution)
+        if pixels.shape != x.shape[1:]:  # a header that lied about the size
+            raise SearchError(
+                f"data.dataset '{name}': {p} decodes to {pixels.shape[2]}x{pixels.shape[1]} pixels but its header "
+                f"says {w}x{h}; remove it from the folder or re-save it"
+            )
+        x[i] = pixels
+    labels = torch.tensor([k for _, k in files], dtype=torch.int64)
+    return Split(torch.from_numpy(x), labels), classes
 
 
 def folder_parts(name: str, path: Path) -> dict[str, Path]:
@@ -165,12 +298,16 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     return Raw(train, splits.get("val"), splits.get("test"), classes, "unknown", aug, kept)
 
 
-def check(name: str) -> None:
-    """Refuses a folder that is not there or has fewer than two classes, reading no image."""
-    path = Path(name.removeprefix("folder:")).expanduser().resolve()
-    train = folder_parts(name, path)["train"]
-    classes = [d for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if len(classes) < 2:
-        raise SearchError(
-            f"data.dataset '{name}': {train} needs one sub-folder per class (at least 2), found {len(classes)}"
-        )
+def check(name: str) -> dict[str, np.ndarray]:
+    """Images per class of each part (train; val/ and test/ where given), reading no image.
+
+    Refuses a folder that is not there, has fewer than two classes, or whose
+    val/ or test/ hold classes that train/ lacks.
+    """
+    parts = folder_parts(name, Path(name.removeprefix("folder:")).expanduser().resolve())
+    classes = _classes(name, parts["train"], None)
+    counts = {}
+    for part, folder in parts.items():
+        labels = [k for _, k in _image_files(folder, _classes(name, folder, classes))]
+        counts[part] = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return counts

@@ -43,6 +43,13 @@ class Raw:
     cache: Path | None = None  # the .npy directory behind it, where carve-outs are kept too
 
 
+def n_out(n: int, fraction: float) -> int:
+    """How many of a class's `n` samples `stratified_split` moves out: `fraction` of them rounded,
+    at least one and at most all but one; none of a class with fewer than two. Seed-free, so split
+    sizes are known from class counts alone (`search.data.split_sizes`)."""
+    return 0 if n < 2 else min(max(int(round(fraction * n)), 1), n - 1)
+
+
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, out): `fraction` of every class goes out, seeded, classes with 1 sample stay."""
     rng = np.random.default_rng(seed)
@@ -50,10 +57,9 @@ def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.nd
     keep, out = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_out = int(round(fraction * len(idx))) if len(idx) > 1 else 0
-        n_out = min(max(n_out, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        out.append(idx[:n_out])
-        keep.append(idx[n_out:])
+        k = n_out(len(idx), fraction)
+        out.append(idx[:k])
+        keep.append(idx[k:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(out))
 
 
