@@ -1,11 +1,24 @@
-"""The data root's file machinery: official downloads, checksums, locks and atomic directories.
+"""The data root's file machinery: official downloads, checksums, records of what was checked,
+locks and atomic directories.
 
-A published file is fetched once (checksum-verified, retried, renamed into
-place) and verified once before its first use (`.FILE.verified` records the
-result); what is built from it (unpacked archives, .npy caches) is written
-under a temporary name and renamed into place under an advisory lock, so
-concurrent processes on one machine or a shared filesystem build it once and
-never read half of it.
+A published file is fetched once (checksum-verified, retried, written to a
+temporary file of its own under the file's build lock and renamed into place)
+and verified before its first use; what is built from it (unpacked archives,
+.npy caches) is written under a temporary name and renamed into place under an
+advisory lock, so concurrent processes on one machine or a shared filesystem
+build it once and never read half of it.
+
+Every file in a data root may have been copied in by someone else, so nothing
+in it vouches for itself. What this machine has checked is recorded outside
+the data root, in a per-user state directory (`$XDG_STATE_HOME/search/verified`,
+by default `~/.local/state/search/verified`, mode 0700): one JSON file per
+checked path, named by a digest of its real path, holding the file's identity
+(device, inode, size, mtime_ns, ctime_ns) and its digest. A copy (`cp -a`,
+`rsync -a`) has another device or inode, and ctime cannot be set with
+`os.utime`, so a swapped file with a forged size and mtime is hashed again. A
+record is kept only in a directory the user owns that nobody else may write
+to; `.FILE.verified` files in a data root (what earlier versions wrote beside
+the file) are ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -79,57 +93,91 @@ def _checksum(remote: Remote) -> tuple[str, str] | None:
     return None
 
 
-def missing_error(name: str, path: Path, why: str) -> SearchError:
+def missing_error(name: str, path: Path, why: str, for_dir: Path | None = None) -> SearchError:
+    # A directory built from the file that is there already was built elsewhere (or changed): it is
+    # used only once checked against the file, so say why a file is needed beside its product.
+    checked = (
+        f", and {for_dir}, which was not built on this machine, is only used once checked against it"
+        if for_dir is not None and for_dir.is_dir()
+        else ""
+    )
     return SearchError(
-        f"data.dataset '{name}': {path} is missing ({why}); on a machine with internet run "
+        f"data.dataset '{name}': {path} is missing ({why}){checked}; on a machine with internet run "
         f"`python -m search prefetch RECIPE` and copy {path.parent} over, or point data.root / $SEARCH_DATA "
         "at a directory that has it"
     )
 
 
-def fetch(name: str, remote: Remote, root: Path) -> Path:
+def fetch(name: str, remote: Remote, root: Path, for_dir: Path | None = None) -> Path:
     """The file under `root`, verified (once) or downloaded first if missing: checksum-verified,
-    retried, renamed into place, with a progress bar on a terminal."""
+    retried, renamed into place, with a progress bar on a terminal. `for_dir`: the directory built
+    from it, named in the error when the file is missing."""
     path = root / remote.file
     if path.is_file():
         verify(name, remote, path)
         return path
     host = urllib.parse.urlparse(remote.url).hostname or ""
     if _offline():
-        raise missing_error(name, path, "offline mode: SEARCH_OFFLINE is set")
+        raise missing_error(name, path, "offline mode: SEARCH_OFFLINE is set", for_dir)
     if not _network_up(host):
-        raise missing_error(name, path, f"no network: {host} unreachable")
+        raise missing_error(name, path, f"no network: {host} unreachable", for_dir)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    with build_lock(path):
+        if path.is_file():  # downloaded meanwhile by the process that held the lock
+            verify(name, remote, path)
+            return path
+        _download(name, remote, path)
+    return path
+
+
+def _part(path: Path) -> Path:
+    """A new empty file beside `path` that no other download writes into.
+
+    O_EXCL under a random name, as mkstemp does, but with the usual mode
+    (0666 less the umask): mkstemp's 0600 would follow the file into place and
+    shut the other users of a shared data root out.
+    """
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _download(name: str, remote: Remote, path: Path) -> None:
+    tmp = _part(path)
     check = _checksum(remote)
     last: Exception | None = None
-    for attempt in range(1, RETRIES + 1):
-        try:
-            h = hashlib.new(check[0]) if check else None
-            with _open_url(remote.url) as resp, open(tmp, "wb") as out, _progress(resp, remote.file) as bar:
-                for block in iter(lambda: resp.read(CHUNK), b""):
-                    out.write(block)
-                    bar.update(len(block))
-                    if h:
-                        h.update(block)
-        except OSError as e:  # URLError, timeouts, resets: try again
-            last = e
-            tmp.unlink(missing_ok=True)
-            log.warning("download of %s failed (attempt %d/%d): %s", remote.url, attempt, RETRIES, e)
-            time.sleep(min(2**attempt, 10) if attempt < RETRIES else 0)
-            continue
-        if check and h is not None and h.hexdigest() != check[1]:
-            tmp.unlink(missing_ok=True)
-            raise SearchError(
-                f"data.dataset '{name}': {remote.url} has {check[0]} {h.hexdigest()}, expected {check[1]}; "
-                f"the download was discarded and {path} not written; retry `python -m search prefetch RECIPE`, "
-                "or place a good copy there"
-            )
-        os.replace(tmp, path)  # atomic: readers see no file or the whole verified file
-        if check:
-            _record(path, *check)
-        return path
-    raise missing_error(name, path, f"download failed {RETRIES} times: {last}")
+    try:
+        for attempt in range(1, RETRIES + 1):
+            try:
+                h = hashlib.new(check[0]) if check else None
+                with _open_url(remote.url) as resp, open(tmp, "wb") as out, _progress(resp, remote.file) as bar:
+                    for block in iter(lambda: resp.read(CHUNK), b""):
+                        out.write(block)
+                        bar.update(len(block))
+                        if h:
+                            h.update(block)
+            except OSError as e:  # URLError, timeouts, resets: try again
+                last = e
+                log.warning("download of %s failed (attempt %d/%d): %s", remote.url, attempt, RETRIES, e)
+                time.sleep(min(2**attempt, 10) if attempt < RETRIES else 0)
+                continue
+            if check and h is not None and h.hexdigest() != check[1]:
+                raise SearchError(
+                    f"data.dataset '{name}': {remote.url} has {check[0]} {h.hexdigest()}, expected {check[1]}; "
+                    f"the download was discarded and {path} not written; retry `python -m search prefetch RECIPE`, "
+                    "or place a good copy there"
+                )
+            os.replace(tmp, path)  # atomic: readers see no file or the whole verified file
+            if check:
+                _record(path, *check)
+            return
+        raise missing_error(name, path, f"download failed {RETRIES} times: {last}")
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted download leaves nothing behind
 
 
 def _progress(resp: Any, label: str) -> Any:
@@ -140,48 +188,124 @@ def _progress(resp: Any, label: str) -> Any:
     return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
 
 
-def _record_file(path: Path) -> Path:
-    return path.with_name(f".{path.name}.verified")
+# ---------------------------------------------------------------------------
+# records of what this machine checked: outside the data root
 
 
-def _record(path: Path, algo: str, digest: str) -> None:
-    """Note that `path`, at its present size and mtime, has this digest (best effort: a read-only
-    data root only means the next process hashes the file again)."""
-    st = path.stat()
-    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, algo: digest}
-    tmp = _record_file(path).with_suffix(f".{os.getpid()}.tmp")
+def state_dir() -> Path:
+    """Where this user's records live: $XDG_STATE_HOME/search/verified, else ~/.local/state/search/verified."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec: a relative path there is invalid and ignored.
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state") / "search" / "verified"
+
+
+def _records(create: bool) -> Path | None:
+    """The state directory, or None where it holds nothing to trust (absent, not the user's own, or
+    writable by others: anyone who can write a record could vouch for any file)."""
+    d = state_dir()
     try:
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, _record_file(path))
+        if create:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = d.stat()
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        log.debug("verification record of %s not written: %s", path, e)
+        if create:
+            log.warning("data: no record of checked files kept (%s); every process checks them again", e)
+        return None
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        log.warning(
+            "data: %s is not private to this user (owner %d, mode %o); its records are ignored: "
+            "`chmod 700` it or set $XDG_STATE_HOME",
+            d,
+            st.st_uid,
+            st.st_mode & 0o777,
+        )
+        return None
+    return d
+
+
+def _record_name(real: str) -> str:
+    return hashlib.sha256(real.encode()).hexdigest() + ".json"
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What changes when a file is replaced, copied or written: ctime too, which `os.utime` cannot set."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    d = _records(create=False)
+    if d is None:
+        return None
+    real = os.path.realpath(path)
+    try:
+        rec = json.loads((d / _record_name(real)).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("path") == real else None
+
+
+def _write_record(path: Path, rec: dict[str, Any]) -> None:
+    """Best effort: without a record the next process only checks the file again."""
+    d = _records(create=True)
+    if d is None:
+        return
+    real = os.path.realpath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=d)  # 0600: records are private
+    except OSError as e:
+        log.debug("record of %s not written: %s", path, e)
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**rec, "path": real}, f)
+        os.replace(tmp, d / _record_name(real))
+    except OSError as e:
+        log.debug("record of %s not written: %s", path, e)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _forget(path: Path) -> None:
+    d = _records(create=False)
+    if d is not None:
+        (d / _record_name(os.path.realpath(path))).unlink(missing_ok=True)
+
+
+def _record(path: Path, algo: str, digest: str, st: os.stat_result | None = None) -> None:
+    """Note that `path`, as it is now (or was at `st`), has this digest."""
+    try:
+        st = st or path.stat()
+    except OSError:
+        return
+    _write_record(path, {"identity": _identity(st), algo: digest})
 
 
 def _recorded(path: Path, algo: str, digest: str) -> bool:
-    """Whether a verification record vouches for the file as it is now (same size and mtime)."""
+    """Whether this machine's record vouches for the file as it is now (same identity, same digest)."""
+    rec = _read_record(path)
     try:
-        rec = json.loads(_record_file(path).read_text())
         st = path.stat()
-    except (OSError, ValueError):
+    except OSError:
         return False
-    return rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns and rec.get(algo) == digest
+    return rec is not None and rec.get("identity") == _identity(st) and rec.get(algo) == digest
 
 
 def verify(name: str, remote: Remote, path: Path, aside: bool = True) -> None:
     """Check a local file against its published checksum before its first use.
 
-    Hashing a 16 GB file takes minutes, so a good result is recorded beside it
-    (`.FILE.verified`: size, mtime, digest) and later processes trust the record
-    while the file is unchanged. A bad file is refused (and, with `aside`, renamed
-    to FILE.corrupt so that the next prefetch downloads it again); it is never used.
+    Hashing a 16 GB file takes minutes, so a good result is recorded in the
+    state directory (the file's identity and digest) and later processes on
+    this machine trust the record while the file is unchanged. A bad file is
+    refused (and, with `aside`, renamed to FILE.corrupt so that the next
+    prefetch downloads it again); it is never used.
     """
     check = _checksum(remote)
     if check is None or _recorded(path, *check):
         return
+    before = path.stat()
     got = file_digest(path, check[0])
     if got == check[1]:
-        _record(path, *check)
+        if _identity(path.stat()) == _identity(before):  # not written while it was read
+            _record(path, *check, before)
         return
     fix = "delete it and run `python -m search prefetch RECIPE` to download it again"
     if aside:
@@ -207,14 +331,20 @@ def build_lock(final: Path) -> Iterator[None]:
 
     An advisory lock on a hidden file beside it; where there is no `fcntl`
     (Windows) or the filesystem refuses locks, everyone builds and the first
-    rename wins, as without a lock.
+    rename wins, as without a lock; where the lock file cannot be made (a
+    read-only data root) nothing is locked.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(final.parent / f".{final.name}.lock", "a") as f:
+    try:
+        f = open(final.parent / f".{final.name}.lock", "a")  # noqa: SIM115 - closed below
+    except OSError:  # a read-only data root: nothing is built there, reading needs no lock
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError:
