@@ -8,6 +8,7 @@ import pickle
 import sqlite3
 import tarfile
 import urllib.error
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,6 +190,32 @@ def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, pub
     ):
         load_data(cfg("bloodmnist", tmp_path))
     assert not (tmp_path / "bloodmnist.npy").exists()  # no half-built cache left behind
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_medmnist_members_other_than_the_official_arrays_are_refused(tmp_path, offline_network, published):
+    arrays = write_medmnist(tmp_path / "src.npz", 28, 3, 9)
+    root = tmp_path / "root"
+    root.mkdir()
+    npz = root / "pathmnist.npz"
+    with zipfile.ZipFile(npz, "w") as z:
+        for key, a in arrays.items():
+            z.writestr(f"{key}.npy", npy_bytes(a))
+        z.writestr("../escape.npy", npy_bytes(np.zeros(3, dtype=np.uint8)))  # a name that is a path out
+    published("pathmnist", npz)  # even a file with the published checksum
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("pathmnist", root))
+    assert str(e.value) == (
+        f"data.dataset 'pathmnist': {npz} holds a member '../escape.npy', and an official MedMNIST .npz holds "
+        f"only {', '.join(medmnist.MEMBERS)}; not the official file: delete it and run "
+        "`python -m search prefetch RECIPE`"
+    )
+    assert not list(tmp_path.rglob("escape.npy")) and [p.name for p in visible(root)] == ["pathmnist.npz"]
 
 
 def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path, offline_network, monkeypatch):

@@ -405,4 +405,6 @@ def read_cached(folder: Path, read: Callable[[], Any]) -> Any:
 
 def mmap_tensor(path: Path) -> torch.Tensor:
     """A .npy file as a tensor backed by the page cache: nothing is read until it is used."""
-    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: writable view, file untouched
+    return torch.from_numpy(
+        np.load(path, mmap_mode="c", allow_pickle=False)
+    )  # copy-on-write: writable view, file untouched

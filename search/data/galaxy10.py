@@ -62,7 +62,7 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
         h5 = fetch(name, GALAXY10, root)
         atomic_dir(cache, lambda tmp: _h5_to_npy(name, h5, tmp))
     x = mmap_tensor(cache / "images.npy")
-    y = torch.from_numpy(np.load(cache / "labels.npy"))
+    y = torch.from_numpy(np.load(cache / "labels.npy", allow_pickle=False))
     # Galaxies have no up, left or right: flips and any rotation keep the class.
     return Raw(
         Split(x, y), None, None, CLASSES, "none", AugmentCfg(crop="pad", flip=True, rotate=180.0, jitter=0.1), cache
