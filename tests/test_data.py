@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import sqlite3
 import tarfile
@@ -231,7 +232,6 @@ def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path
 
 
 def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, offline_network, published, monkeypatch):
-    import os
 
     npz = tmp_path / "bloodmnist.npz"
     write_medmnist(npz, 28, 3, 8)
@@ -493,7 +493,6 @@ def test_image_folder_caches_per_resolution_side_by_side(tmp_path):
 
 
 def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_network, published, monkeypatch):
-    import os
 
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
     published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
@@ -537,3 +536,102 @@ def test_a_damaged_folder_cache_is_decoded_again(tmp_path):
     again = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root), seed=0)
     assert again.classes == first.classes and (cache / "classes.json").is_file()
     assert torch.equal(again.train.x, first.train.x)
+
+
+# ---------------------------------------------------------------------------
+# derived caches: trusted only as this machine built or checked them
+
+
+@pytest.fixture
+def machine(tmp_path_factory, monkeypatch):
+    """`machine()`: from now on, another machine sharing the data root (its own, empty, records)."""
+
+    def switch() -> None:
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        data._raw.cache_clear()
+
+    switch()
+    return switch
+
+
+def inodes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in visible(folder)}
+
+
+def test_a_swapped_file_in_an_unpacked_cache_is_refused(tmp_path, offline_network, published, machine):
+    arrays = write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)
+    published("pathmnist", tmp_path / "pathmnist.npz")
+    load_data(cfg("pathmnist", tmp_path))
+    labels = tmp_path / "pathmnist.npy" / "train_labels.npy"
+    np.save(labels, np.roll(arrays["train_labels"], 1))  # other labels, same shape and dtype
+    data._raw.cache_clear()  # a new process of the same machine: its record no longer vouches for it
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("pathmnist", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'pathmnist': {labels} differs from what pathmnist.npz (md5 "
+        f"{medmnist.remote('pathmnist').md5}) gives (it was not built on this machine, or was changed since); "
+        f"nothing of it was used: delete {tmp_path / 'pathmnist.npy'} so that it is built again"
+    )
+    assert np.array_equal(np.load(labels, allow_pickle=False), np.roll(arrays["train_labels"], 1))  # left alone
+    assert [p.name for p in visible(tmp_path)] == ["pathmnist.npy", "pathmnist.npz"]  # no check directory left
+
+
+def test_another_machines_cache_is_checked_against_the_source_and_never_replaced(
+    tmp_path, offline_network, published, machine, monkeypatch
+):
+    write_medmnist(tmp_path / "bloodmnist.npz", 28, 3, 8)
+    published("bloodmnist", tmp_path / "bloodmnist.npz")
+    first = load_data(cfg("bloodmnist", tmp_path))
+    cache_dir = tmp_path / "bloodmnist.npy"
+    built = inodes(cache_dir)
+    machine()  # a machine that did not build it: unpacks the .npz beside it and compares
+    again = load_data(cfg("bloodmnist", tmp_path))
+    assert torch.equal(again.train.x, first.train.x) and inodes(cache_dir) == built  # read, not replaced
+    assert [p.name for p in visible(tmp_path)] == ["bloodmnist.npy", "bloodmnist.npz"]
+    # Recorded now: the next process of that machine reads the cache alone, even after a touch.
+    data._raw.cache_clear()
+    os.utime(cache_dir / "val_images.npy")
+    monkeypatch.setattr(medmnist, "_npz_to_npy", lambda *a: pytest.fail("unpacked the .npz again"))
+    assert torch.equal(load_data(cfg("bloodmnist", tmp_path)).val.x, first.val.x)
+    # A third machine without the .npz cannot check the cache: refused, naming the file to copy.
+    (tmp_path / "bloodmnist.npz").unlink()
+    machine()
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("bloodmnist", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'bloodmnist': {tmp_path / 'bloodmnist.npz'} is missing (no network: zenodo.org "
+        f"unreachable), and {cache_dir}, which was not built on this machine, is only used once checked against "
+        f"it; on a machine with internet run `python -m search prefetch RECIPE` and copy {tmp_path} over, or "
+        "point data.root / $SEARCH_DATA at a directory that has it"
+    )
+    # The offline checklist lists the file too, rather than trusting the directory.
+    assert [m.path for m in data.check(cfg("bloodmnist", tmp_path))] == [tmp_path / "bloodmnist.npz"]
+
+
+def test_a_folder_cache_that_differs_is_left_alone_and_not_used(tmp_path, machine, caplog):
+    write_folder(tmp_path / "imgs", n=3)
+    name, root = f"folder:{tmp_path / 'imgs'}", tmp_path / "root"
+    first = load_data(cfg(name, root), seed=0)
+    (cache_dir,) = visible(root / "folders")
+    x = np.load(cache_dir / "train_images.npy", allow_pickle=False)
+    np.save(cache_dir / "train_images.npy", 255 - x)  # another machine's (or a hostile) copy
+    machine()
+    again = load_data(cfg(name, root), seed=0)
+    assert torch.equal(again.train.x, first.train.x)  # this process's own decoding, not the copy
+    assert np.array_equal(np.load(cache_dir / "train_images.npy", allow_pickle=False), 255 - x)  # left alone
+    assert f"{cache_dir / 'train_images.npy'} differs from what the images under" in caplog.text
+    assert "this process uses its own copy" in caplog.text
+
+
+def test_a_swapped_carve_out_is_not_used(tmp_path, offline_network, published, machine, caplog):
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
+    c = cfg("galaxy10", tmp_path)
+    first = load_data(c, seed=1)
+    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed1-val0.15-test0.15"
+    y = np.load(kept / "test_labels.npy", allow_pickle=False)
+    np.save(kept / "test_labels.npy", (y + 1) % 10)
+    data._raw.cache_clear()
+    again = load_data(c, seed=1)
+    assert torch.equal(again.test.y, first.test.y)  # carved again in memory
+    assert f"{kept / 'test_labels.npy'} differs" in caplog.text

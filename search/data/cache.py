@@ -19,6 +19,18 @@ checked path, named by a digest of its real path, holding the file's identity
 record is kept only in a directory the user owns that nobody else may write
 to; `.FILE.verified` files in a data root (what earlier versions wrote beside
 the file) are ignored.
+
+A directory built from a checked source (the .npy caches of CIFAR, MedMNIST,
+Galaxy10 and image folders; carve-outs) is recorded the same way by the machine
+that built it: each file's identity and content digest (`derived_dir`). One
+this machine has no valid record for is never trusted as it is: it is built
+again from the source into a temporary directory beside it and compared, file
+by file; recorded when it matches, and otherwise refused (the official sets:
+one line naming the file that differs and the folder to delete) or left
+unused (image folders and carve-outs, which each process can build again in
+memory). Where the source is not there to compare with, the error names it.
+The directory itself is only ever read, never replaced: several machines may
+share the data root, and each checks for itself.
 """
 
 from __future__ import annotations
@@ -63,12 +75,14 @@ class Remote:
 
 
 class Download(NamedTuple):
-    """A file a dataset needs, for the offline checklist: nothing to fetch once `unpacked` exists."""
+    """A file a dataset needs, for the offline checklist: nothing to fetch once `unpacked` exists and
+    this machine's record vouches for it, or where `alt` (read in the file's place) exists."""
 
     remote: Remote
-    unpacked: Path  # the directory it is unpacked into
+    unpacked: Path  # the directory built from it (`derived_dir`, keyed by `source_key(remote)`)
     size: int | None  # bytes
     bound: bool  # `size` is only an upper bound
+    alt: Path | None = None  # a directory read instead of the file where there is one
 
 
 def _open_url(url: str, timeout: float = 60.0) -> Any:
@@ -357,30 +371,201 @@ def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     with build_lock(final):
-        if final.is_dir():  # built by the process that held the lock
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
-        try:
-            build(tmp)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():  # else built by the process that held the lock
+            _build_in_place(final, build)
     return final
+
+
+def _build_in_place(final: Path, build: Callable[[Path], None]) -> None:
+    """`atomic_dir`'s work, for a caller that holds the build lock."""
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def discard(folder: Path) -> None:
     """Remove a cache directory: renamed aside first, so nobody ever reads it half-deleted."""
     gone = folder.with_name(f"{folder.name}.{os.getpid()}.gone.tmp")
+    _forget(folder)
     try:
         os.replace(folder, gone)
     except OSError:
         return  # gone already
     shutil.rmtree(gone, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# derived directories: built from a checked source, trusted only as this machine built or checked them
+
+
+def source_key(remote: Remote) -> str:
+    """What a directory built from a published file stands for: the file and its published checksum
+    (a record vouches only for a directory built from that very file)."""
+    check = _checksum(remote)
+    return f"{remote.file} ({check[0]} {check[1]})" if check else remote.file
+
+
+def _npy_header(f: Any) -> bytes:
+    """A .npy file's dtype, shape and order (what its header says, however numpy padded it)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran, dtype = read[version](f)
+    except (ValueError, KeyError, EOFError, SyntaxError) as e:
+        return f"not a plain .npy file: {e}\n".encode()  # never what np.save writes
+    return f"npy {np.lib.format.dtype_to_descr(dtype)!r} {shape} {fortran}\n".encode()
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of what a file holds; for a .npy file of its dtype, shape, order and data, so that two
+    machines whose numpy versions lay the header out differently agree on the same array."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".npy":
+            h.update(_npy_header(f))
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """The files of a derived directory: not hidden ones (locks), not sub-directories (carve-outs)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def _checked(path: Path) -> dict[str, Any] | None:
+    """A file's identity and content digest, or None where it changed while it was read."""
+    before = _identity(path.stat())
+    digest = content_digest(path)
+    return {"identity": before, "sha256": digest} if _identity(path.stat()) == before else None
+
+
+def _record_dir(folder: Path, source: str, files: dict[str, Any] | None = None) -> None:
+    if files is None:
+        files = {}
+        for f in _listing(folder):
+            got = _checked(folder / f)
+            if got is None:  # written meanwhile: not vouched for, checked by the next process
+                return
+            files[f] = got
+    _write_record(folder, {"source": source, "files": files})
+
+
+def recorded_dir(folder: Path, source: str, rehash: bool = True) -> bool:
+    """Whether this machine's record vouches for `folder` as it is now: built (or checked) here from
+    `source`, every recorded file there and unchanged, or (`rehash`) hashed again to the recorded
+    digest (a `touch`, a copy back in place)."""
+    rec = _read_record(folder)
+    if rec is None or rec.get("source") != source or not isinstance(rec.get("files"), dict) or not rec["files"]:
+        return False
+    again = {}
+    try:
+        for f, want in rec["files"].items():
+            if not isinstance(want, dict) or "/" in f or f.startswith("."):
+                return False
+            if want.get("identity") == _identity((folder / f).stat()):
+                continue
+            got = _checked(folder / f) if rehash else None
+            if got is None or got["sha256"] != want.get("sha256"):
+                return False
+            again[f] = got
+    except OSError:  # a recorded file is gone
+        return False
+    if again:
+        _write_record(folder, {**rec, "files": {**rec["files"], **again}})
+    return True
+
+
+def _compare(folder: Path, fresh: Path) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(missing, different, the checked files): `folder`'s files against a fresh build of them."""
+    missing, different, files = [], [], {}
+    for f in _listing(fresh):
+        try:
+            got = _checked(folder / f)
+        except FileNotFoundError:
+            missing.append(f)
+            continue
+        if got is None or got["sha256"] != content_digest(fresh / f):
+            different.append(f)
+        else:
+            files[f] = got
+    return missing, different, files
+
+
+@contextmanager
+def _scratch(beside: Path) -> Iterator[Path]:
+    """An empty temporary directory beside `beside`, or in the system's temporary directory where the
+    data root is read-only (a shared root often is); removed afterwards."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{beside.name}.", suffix=".check.tmp", dir=beside.parent))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{beside.name}.", suffix=".check.tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def derived_dir(name: str, folder: Path, build: Callable[[Path], None], source: str, strict: bool = True) -> bool:
+    """`folder`, built from `source` by `build` (into the empty directory it is given), fit to read.
+
+    Built here if missing (atomically, under its lock) and recorded; trusted while
+    this machine's record vouches for it (`recorded_dir`). A directory with no
+    valid record here (built by another machine sharing the root, copied in,
+    changed) is checked: built afresh into a temporary directory beside it,
+    the files compared by content digest, recorded when they match; the
+    directory itself is only read, never replaced, as another machine may be
+    using it. When they differ, `strict` refuses with one line naming the file
+    and the folder to delete; otherwise (caches that are cheap to build again
+    in memory) returns False after a warning, and the caller uses its own
+    copy; a damaged one (files missing) is removed and built again.
+    """
+    if folder.is_dir() and recorded_dir(folder, source):
+        return True
+    with build_lock(folder):
+        if not folder.is_dir():
+            _build_in_place(folder, build)
+            _record_dir(folder, source)
+            return True
+        if recorded_dir(folder, source):  # checked meanwhile by another process of this machine
+            return True
+        with _scratch(folder) as fresh:
+            build(fresh)
+            missing, different, files = _compare(folder, fresh)
+        if not missing and not different:
+            _record_dir(folder, source, files)
+            return True
+        what = (
+            f"{folder / missing[0]} is missing"
+            if missing
+            else f"{folder / different[0]} differs from what {source} gives"
+        )
+        if strict:
+            raise SearchError(
+                f"data.dataset '{name}': {what} (it was not built on this machine, or was changed since); "
+                f"nothing of it was used: delete {folder} so that it is built again"
+            )
+        if missing:  # damaged (a removal cut short): nobody can use it, build it again
+            discard(folder)
+            _build_in_place(folder, build)
+            _record_dir(folder, source)
+            return True
+    log.warning(
+        "data.dataset '%s': %s (another machine's library versions, or a changed file); this process uses "
+        "its own copy and leaves the directory as it is: delete %s to have it built again here",
+        name,
+        what,
+        folder,
+    )
+    return False
 
 
 def read_cached(folder: Path, read: Callable[[], Any]) -> Any:
@@ -405,6 +590,5 @@ def read_cached(folder: Path, read: Callable[[], Any]) -> Any:
 
 def mmap_tensor(path: Path) -> torch.Tensor:
     """A .npy file as a tensor backed by the page cache: nothing is read until it is used."""
-    return torch.from_numpy(
-        np.load(path, mmap_mode="c", allow_pickle=False)
-    )  # copy-on-write: writable view, file untouched
+    # Copy-on-write: a writable view, the file untouched.
+    return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))

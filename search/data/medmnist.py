@@ -2,7 +2,10 @@
 
 The official .npz is fetched and verified once, then streamed into uncompressed
 memory-mappable .npy files (the 224 px sets are ~16 GB decompressed); the
-official train/val/test splits are used as they are.
+official train/val/test splits are used as they are. Only the six official
+arrays are unpacked, under their own names; the .npy directory is a derived
+cache (`search.data.cache.derived_dir`): another machine's is checked against
+the .npz before use.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import Download, Remote, atomic_dir, fetch, mmap_tensor, unreadable
+from search.data.cache import Download, Remote, derived_dir, fetch, mmap_tensor, source_key, unreadable
 from search.data.splits import Raw, Split
 from search.errors import SearchError, one_of
 
@@ -314,12 +317,12 @@ def remote(name: str) -> Remote:
 
 
 def load(name: str, root: Path, resolution: int | None) -> Raw:
-    """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files."""
+    """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files
+    (checked against the .npz where this machine did not unpack them: `derived_dir`)."""
     s = MEDMNIST[parts(name)[0]]
     cache = root / f"{name}.npy"
-    if not cache.is_dir():
-        npz = fetch(name, remote(name), root)
-        atomic_dir(cache, lambda tmp: _npz_to_npy(name, npz, tmp))
+    r = remote(name)
+    derived_dir(name, cache, lambda tmp: _npz_to_npy(name, fetch(name, r, root, for_dir=cache), tmp), source_key(r))
     splits: dict[str, Split] = {}
     for part in ("train", "val", "test"):
         xi, yi = cache / f"{part}_images.npy", cache / f"{part}_labels.npy"
