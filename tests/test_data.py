@@ -6,7 +6,10 @@ import hashlib
 import io
 import os
 import pickle
+import re
+import shutil
 import sqlite3
+import struct
 import tarfile
 import urllib.error
 import zipfile
@@ -29,8 +32,38 @@ from tests.conftest import run_cli, write_recipe
 # writers of the official formats
 
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2 and its numpy did, which wrote the official batches: strings as Python 2
+    strings (Python 3's protocol 2 calls `_codecs.encode` for bytes, a global the official files never
+    name) and numpy's array reconstruction under its old name, `numpy.core.multiarray`."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("ascii") if isinstance(obj, str) else obj
+        n = len(raw)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def py2_pickle(obj: object) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
-    """cifar-10-batches-py/ as in the official archive: pickled dicts with bytes keys."""
+    """cifar-10-batches-py/ as in the official archive: dicts with bytes keys, pickled by Python 2."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -42,9 +75,9 @@ def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0
             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
             b"filenames": [b"f.png"] * n,
         }
-        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(pickle.dumps(d, protocol=2))
+        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(py2_pickle(d))
     meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
     return folder
 
 
@@ -58,9 +91,9 @@ def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
             b"fine_labels": [int(v) for v in np.arange(n) % 100],
             b"coarse_labels": [0] * n,
         }
-        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+        (folder / name).write_bytes(py2_pickle(d))
     meta = {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": [b"x"] * 20}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "meta").write_bytes(py2_pickle(meta))
     return folder
 
 
@@ -154,6 +187,79 @@ def test_cifar100_fine_labels(tmp_path, offline_network):
     d = load_data(cfg("cifar100", tmp_path), seed=0)
     assert d.num_classes == 100 and d.classes[7] == "c7"
     assert len(d.test) == 20 and d.test.y.tolist() == list(range(20))
+
+
+class Runs:
+    """Unpickled, runs a shell command: what a swapped batch file can hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "data_batch_1"])
+def test_a_crafted_cifar_pickle_is_refused_before_anything_in_it_runs(tmp_path, offline_network, victim):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "MARKER"
+    key = b"label_names" if victim == "batches.meta" else b"data"
+    (folder / victim).write_bytes(py2_pickle({key: Runs(f"touch {marker}"), b"labels": [0]}))
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("cifar10", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'cifar10': {folder / victim} is not an official CIFAR batch: it asks for "
+        f"{os.system.__module__}.system, which an official batch never does, and was refused before anything in "
+        f"it ran; delete {folder} and run `python -m search prefetch RECIPE` to fetch the official archive"
+    )
+    assert not marker.exists() and [p.name for p in visible(tmp_path)] == ["cifar-10-batches-py"]
+
+
+@pytest.mark.parametrize(
+    "batch, found",
+    [
+        (
+            {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]},
+            "b'data' must be uint8 (N, 3072), found float32",
+        ),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+            "b'labels' must be 2 ints in 0..9, found int 10",
+        ),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "b'labels' must be 2 ints in 0..9, found 1 of them"),
+    ],
+)
+def test_a_cifar_batch_of_another_form_is_refused(tmp_path, offline_network, batch, found):
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(py2_pickle(batch))
+    with pytest.raises(
+        SearchError, match=rf"{folder / 'test_batch'} is not an official CIFAR batch \({re.escape(found)}"
+    ):
+        load_data(cfg("cifar10", tmp_path))
+
+
+def test_cifar_batches_are_read_once_then_only_the_npy_files(tmp_path, offline_network, machine):
+    folder = write_cifar10(tmp_path)
+    first = load_data(cfg("cifar10", tmp_path), seed=0)
+    cache_dir = tmp_path / "cifar10.npy"
+    assert [p.name for p in visible(cache_dir)] == [
+        "classes.json",
+        "test_images.npy",
+        "test_labels.npy",
+        "train_images.npy",
+        "train_labels.npy",
+    ]
+    images = np.load(cache_dir / "train_images.npy", allow_pickle=False)
+    assert images.shape == (100, 3, 32, 32) and images.dtype == np.uint8
+    assert np.load(cache_dir / "test_labels.npy", allow_pickle=False).dtype == np.int64
+    shutil.rmtree(folder)  # the pickles are never opened again
+    data._raw.cache_clear()
+    again = load_data(cfg("cifar10", tmp_path), seed=0)
+    assert again.classes == first.classes and torch.equal(again.train.x, first.train.x)
+    assert torch.equal(again.test.y, first.test.y)
+    machine()  # another machine cannot check the cache without a source: refused, naming the archive
+    with pytest.raises(SearchError, match=r"cifar-10-python.tar.gz is missing .*cifar10.npy, which was not built"):
+        load_data(cfg("cifar10", tmp_path), seed=0)
 
 
 @pytest.mark.parametrize("name, size, channels, flip", [("pathmnist", 28, 3, True), ("organamnist_64", 64, 1, False)])
@@ -355,7 +461,7 @@ def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
     return calls
 
 
-def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
+def test_download_checksum_retry_and_read_in_place(tmp_path, monkeypatch):
     blob = cifar_archive(tmp_path)
     remote = cifar.CIFAR["cifar10"].remote
     good = Remote(remote.url, remote.file, md5=hashlib.md5(blob).hexdigest())
@@ -366,7 +472,7 @@ def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
     assert calls == [remote.url] * 3  # two failures retried
     assert len(d.test) == 10 and len(d.train) + len(d.val) == 50
     assert (root / "cifar-10-python.tar.gz").read_bytes() == blob
-    assert [p.name for p in visible(root)] == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert [p.name for p in visible(root)] == ["cifar-10-python.tar.gz", "cifar10.npy"]  # read, not unpacked
 
 
 def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):

@@ -530,6 +530,7 @@ def derived_dir(name: str, folder: Path, build: Callable[[Path], None], source: 
     """
     if folder.is_dir() and recorded_dir(folder, source):
         return True
+    folder.parent.mkdir(parents=True, exist_ok=True)  # a data root used for the first time
     with build_lock(folder):
         if not folder.is_dir():
             _build_in_place(folder, build)
