@@ -429,14 +429,19 @@ def cifar_archive(tmp_path: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "name, file", [("pathmnist_224", "pathmnist_224.npz"), ("cifar100", "cifar-100-python.tar.gz")]
+)
+def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch, name, file):
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
     monkeypatch.setattr(cache, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
+    root = tmp_path / "root"
     with pytest.raises(SearchError) as e:
-        load_data(cfg("pathmnist_224", tmp_path))
+        load_data(cfg(name, root))
     msg = str(e.value)
-    assert str(tmp_path / "pathmnist_224.npz") in msg and "python -m search prefetch RECIPE" in msg
+    assert str(root / file) in msg and "python -m search prefetch RECIPE" in msg
     assert "\n" not in msg
+    assert not root.exists()  # refused before anything was written
 
 
 def test_missing_dataset_without_network(tmp_path, offline_network):

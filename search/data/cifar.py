@@ -215,6 +215,8 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     from then on; the official test split, val carved from train."""
     s = CIFAR[name]
     cache = root / f"{name}.npy"
+    if not cache.is_dir() and not (root / s.folder).is_dir():
+        fetch(name, s.remote, root)  # before anything is written: a refused load leaves the data root as it was
     derived_dir(name, cache, lambda tmp: _build(name, s, root, cache, tmp), source_key(s.remote))
     try:
         got = read_splits(cache, ("train", "test"))

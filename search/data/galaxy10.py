@@ -61,6 +61,8 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     """Galaxy10 DECals, decoded once into memory-mappable .npy files (checked against the .h5 where
     this machine did not decode them: `derived_dir`); all of it is train."""
     cache = root / "Galaxy10_DECals.npy"
+    if not cache.is_dir():
+        fetch(name, GALAXY10, root)  # before anything is written: a refused load leaves the data root as it was
     derived_dir(
         name, cache, lambda tmp: _h5_to_npy(name, fetch(name, GALAXY10, root, for_dir=cache), tmp), source_key(GALAXY10)
     )

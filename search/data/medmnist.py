@@ -322,6 +322,8 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     s = MEDMNIST[parts(name)[0]]
     cache = root / f"{name}.npy"
     r = remote(name)
+    if not cache.is_dir():
+        fetch(name, r, root)  # before anything is written: a refused load leaves the data root as it was
     derived_dir(name, cache, lambda tmp: _npz_to_npy(name, fetch(name, r, root, for_dir=cache), tmp), source_key(r))
     splits: dict[str, Split] = {}
     for part in ("train", "val", "test"):
