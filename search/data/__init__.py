@@ -5,8 +5,14 @@ A source module (`digits`, `cifar`, `medmnist`, `galaxy10`, `folder`) returns
 `Raw` (official splits it has, class names, ImageNet overlap, augmentation
 defaults); `load_data` adds the seeded stratified carve-outs and the
 `max_samples` subsample and returns `Data`, which training consumes. The file
-machinery the sources share (downloads, checksums, locks, atomic directories)
-is `search.data.cache`.
+machinery the sources share (downloads, checksums, records of what was
+checked, locks, atomic directories) is `search.data.cache`.
+
+Carve-outs kept on disk (`carved_splits`) are derived caches like the
+sources' .npy directories, trusted only as this machine built or checked
+them; as carving again is cheap, one that differs from this process's own
+carving is not refused but left alone (another machine may use it) and not
+used: the process carves in memory, with a warning.
 """
 
 from __future__ import annotations
