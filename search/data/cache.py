@@ -9,16 +9,9 @@ advisory lock, so concurrent processes on one machine or a shared filesystem
 build it once and never read half of it.
 
 Every file in a data root may have been copied in by someone else, so nothing
-in it vouches for itself. What this machine has checked is recorded outside
-the data root, in a per-user state directory (`$XDG_STATE_HOME/search/verified`,
-by default `~/.local/state/search/verified`, mode 0700): one JSON file per
-checked path, named by a digest of its real path, holding the file's identity
-(device, inode, size, mtime_ns, ctime_ns) and its digest. A copy (`cp -a`,
-`rsync -a`) has another device or inode, and ctime cannot be set with
-`os.utime`, so a swapped file with a forged size and mtime is hashed again. A
-record is kept only in a directory the user owns that nobody else may write
-to; `.FILE.verified` files in a data root (what earlier versions wrote beside
-the file) are ignored.
+in it vouches for itself: what this machine has checked is recorded outside
+the data root (`search.data.records`), and a `.FILE.verified` beside a file
+(what earlier versions wrote) is ignored.
 
 A directory built from a checked source (the .npy caches of CIFAR, MedMNIST,
 Galaxy10 and image folders; carve-outs) is recorded the same way by the machine
@@ -31,12 +24,14 @@ unused (image folders and carve-outs, which each process can build again in
 memory). Where the source is not there to compare with, the error names it.
 The directory itself is only ever read, never replaced: several machines may
 share the data root, and each checks for itself.
+
+About 480 lines, read top to bottom: downloads, verification, locks and atomic
+directories, then the derived directories, which use all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -54,6 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from search.data.records import CHUNK, checked, content_digest, forget_record, identity, read_record, write_record
 from search.errors import SearchError
 from search.net import network_up as _network_up
 from search.net import offline as _offline
@@ -61,7 +57,6 @@ from search.net import offline as _offline
 log = logging.getLogger(__name__)
 
 RETRIES = 3
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -202,105 +197,23 @@ def _progress(resp: Any, label: str) -> Any:
     return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
 
 
-# ---------------------------------------------------------------------------
-# records of what this machine checked: outside the data root
-
-
-def state_dir() -> Path:
-    """Where this user's records live: $XDG_STATE_HOME/search/verified, else ~/.local/state/search/verified."""
-    base = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec: a relative path there is invalid and ignored.
-    return (Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state") / "search" / "verified"
-
-
-def _records(create: bool) -> Path | None:
-    """The state directory, or None where it holds nothing to trust (absent, not the user's own, or
-    writable by others: anyone who can write a record could vouch for any file)."""
-    d = state_dir()
-    try:
-        if create:
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = d.stat()
-    except OSError as e:
-        if create:
-            log.warning("data: no record of checked files kept (%s); every process checks them again", e)
-        return None
-    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
-        log.warning(
-            "data: %s is not private to this user (owner %d, mode %o); its records are ignored: "
-            "`chmod 700` it or set $XDG_STATE_HOME",
-            d,
-            st.st_uid,
-            st.st_mode & 0o777,
-        )
-        return None
-    return d
-
-
-def _record_name(real: str) -> str:
-    return hashlib.sha256(real.encode()).hexdigest() + ".json"
-
-
-def _identity(st: os.stat_result) -> list[int]:
-    """What changes when a file is replaced, copied or written: ctime too, which `os.utime` cannot set."""
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    d = _records(create=False)
-    if d is None:
-        return None
-    real = os.path.realpath(path)
-    try:
-        rec = json.loads((d / _record_name(real)).read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("path") == real else None
-
-
-def _write_record(path: Path, rec: dict[str, Any]) -> None:
-    """Best effort: without a record the next process only checks the file again."""
-    d = _records(create=True)
-    if d is None:
-        return
-    real = os.path.realpath(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=d)  # 0600: records are private
-    except OSError as e:
-        log.debug("record of %s not written: %s", path, e)
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({**rec, "path": real}, f)
-        os.replace(tmp, d / _record_name(real))
-    except OSError as e:
-        log.debug("record of %s not written: %s", path, e)
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _forget(path: Path) -> None:
-    d = _records(create=False)
-    if d is not None:
-        (d / _record_name(os.path.realpath(path))).unlink(missing_ok=True)
-
-
 def _record(path: Path, algo: str, digest: str, st: os.stat_result | None = None) -> None:
     """Note that `path`, as it is now (or was at `st`), has this digest."""
     try:
         st = st or path.stat()
     except OSError:
         return
-    _write_record(path, {"identity": _identity(st), algo: digest})
+    write_record(path, {"identity": identity(st), algo: digest})
 
 
 def _recorded(path: Path, algo: str, digest: str) -> bool:
     """Whether this machine's record vouches for the file as it is now (same identity, same digest)."""
-    rec = _read_record(path)
+    rec = read_record(path)
     try:
         st = path.stat()
     except OSError:
         return False
-    return rec is not None and rec.get("identity") == _identity(st) and rec.get(algo) == digest
+    return rec is not None and rec.get("identity") == identity(st) and rec.get(algo) == digest
 
 
 def verify(name: str, remote: Remote, path: Path, aside: bool = True) -> None:
@@ -318,7 +231,7 @@ def verify(name: str, remote: Remote, path: Path, aside: bool = True) -> None:
     before = path.stat()
     got = file_digest(path, check[0])
     if got == check[1]:
-        if _identity(path.stat()) == _identity(before):  # not written while it was read
+        if identity(path.stat()) == identity(before):  # not written while it was read
             _record(path, *check, before)
         return
     fix = "delete it and run `python -m search prefetch RECIPE` to download it again"
@@ -394,7 +307,7 @@ def _build_in_place(final: Path, build: Callable[[Path], None]) -> None:
 def discard(folder: Path) -> None:
     """Remove a cache directory: renamed aside first, so nobody ever reads it half-deleted."""
     gone = folder.with_name(f"{folder.name}.{os.getpid()}.gone.tmp")
-    _forget(folder)
+    forget_record(folder)
     try:
         os.replace(folder, gone)
     except OSError:
@@ -413,57 +326,27 @@ def source_key(remote: Remote) -> str:
     return f"{remote.file} ({check[0]} {check[1]})" if check else remote.file
 
 
-def _npy_header(f: Any) -> bytes:
-    """A .npy file's dtype, shape and order (what its header says, however numpy padded it)."""
-    try:
-        version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        shape, fortran, dtype = read[version](f)
-    except (ValueError, KeyError, EOFError, SyntaxError) as e:
-        return f"not a plain .npy file: {e}\n".encode()  # never what np.save writes
-    return f"npy {np.lib.format.dtype_to_descr(dtype)!r} {shape} {fortran}\n".encode()
-
-
-def content_digest(path: Path) -> str:
-    """sha256 of what a file holds; for a .npy file of its dtype, shape, order and data, so that two
-    machines whose numpy versions lay the header out differently agree on the same array."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.suffix == ".npy":
-            h.update(_npy_header(f))
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _listing(folder: Path) -> list[str]:
     """The files of a derived directory: not hidden ones (locks), not sub-directories (carve-outs)."""
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-
-
-def _checked(path: Path) -> dict[str, Any] | None:
-    """A file's identity and content digest, or None where it changed while it was read."""
-    before = _identity(path.stat())
-    digest = content_digest(path)
-    return {"identity": before, "sha256": digest} if _identity(path.stat()) == before else None
 
 
 def _record_dir(folder: Path, source: str, files: dict[str, Any] | None = None) -> None:
     if files is None:
         files = {}
         for f in _listing(folder):
-            got = _checked(folder / f)
+            got = checked(folder / f)
             if got is None:  # written meanwhile: not vouched for, checked by the next process
                 return
             files[f] = got
-    _write_record(folder, {"source": source, "files": files})
+    write_record(folder, {"source": source, "files": files})
 
 
 def recorded_dir(folder: Path, source: str, rehash: bool = True) -> bool:
     """Whether this machine's record vouches for `folder` as it is now: built (or checked) here from
     `source`, every recorded file there and unchanged, or (`rehash`) hashed again to the recorded
     digest (a `touch`, a copy back in place)."""
-    rec = _read_record(folder)
+    rec = read_record(folder)
     if rec is None or rec.get("source") != source or not isinstance(rec.get("files"), dict) or not rec["files"]:
         return False
     again = {}
@@ -471,16 +354,16 @@ def recorded_dir(folder: Path, source: str, rehash: bool = True) -> bool:
         for f, want in rec["files"].items():
             if not isinstance(want, dict) or "/" in f or f.startswith("."):
                 return False
-            if want.get("identity") == _identity((folder / f).stat()):
+            if want.get("identity") == identity((folder / f).stat()):
                 continue
-            got = _checked(folder / f) if rehash else None
+            got = checked(folder / f) if rehash else None
             if got is None or got["sha256"] != want.get("sha256"):
                 return False
             again[f] = got
     except OSError:  # a recorded file is gone
         return False
     if again:
-        _write_record(folder, {**rec, "files": {**rec["files"], **again}})
+        write_record(folder, {**rec, "files": {**rec["files"], **again}})
     return True
 
 
@@ -489,7 +372,7 @@ def _compare(folder: Path, fresh: Path) -> tuple[list[str], list[str], dict[str,
     missing, different, files = [], [], {}
     for f in _listing(fresh):
         try:
-            got = _checked(folder / f)
+            got = checked(folder / f)
         except FileNotFoundError:
             missing.append(f)
             continue
