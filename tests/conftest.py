@@ -15,14 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def data_root_of_the_session(tmp_path_factory):
-    """$SEARCH_DATA in a temporary directory: nothing a test decodes or caches lands in the user's data root."""
-    before = os.environ.get("SEARCH_DATA")
+    """$SEARCH_DATA in a temporary directory: nothing a test decodes or caches lands in the user's data root;
+    and $XDG_STATE_HOME too: the records of checked data files stay out of the user's state directory."""
+    names = ("SEARCH_DATA", "XDG_STATE_HOME")
+    before = {k: os.environ.get(k) for k in names}
     os.environ["SEARCH_DATA"] = str(tmp_path_factory.mktemp("data-root"))
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
     yield
-    if before is None:
-        os.environ.pop("SEARCH_DATA", None)
-    else:
-        os.environ["SEARCH_DATA"] = before
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def run_cli(

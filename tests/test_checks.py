@@ -16,6 +16,7 @@ import torch
 import torchvision.models as tvm
 
 from search import sampling, text, weights
+from search.data import records
 from search.errors import SearchError
 from search.pool import parse_entry
 from search.trials import STALE_REASON
@@ -357,7 +358,8 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     assert cli.main(["prefetch", str(recipe)]) == 0
     assert len(urls) == 3 and urls[2].startswith("https://zenodo.org/")
     assert "data pathmnist: 30 train / 10 val / 12 test" in capsys.readouterr().out
-    assert (tmp_path / "data" / ".pathmnist.npz.verified").is_file()
+    assert not list((tmp_path / "data").glob(".*.verified"))  # nothing in the data root vouches for a file
+    assert records.read_record(tmp_path / "data" / "pathmnist.npz")["md5"]  # this machine's record does
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
     assert cli.main(["validate", str(recipe)]) == 0 and len(urls) == 3
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
+import re
+import shutil
 import sqlite3
+import struct
 import tarfile
 import urllib.error
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,8 +32,38 @@ from tests.conftest import run_cli, write_recipe
 # writers of the official formats
 
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2 and its numpy did, which wrote the official batches: strings as Python 2
+    strings (Python 3's protocol 2 calls `_codecs.encode` for bytes, a global the official files never
+    name) and numpy's array reconstruction under its old name, `numpy.core.multiarray`."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("ascii") if isinstance(obj, str) else obj
+        n = len(raw)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def py2_pickle(obj: object) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
-    """cifar-10-batches-py/ as in the official archive: pickled dicts with bytes keys."""
+    """cifar-10-batches-py/ as in the official archive: dicts with bytes keys, pickled by Python 2."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -40,9 +75,9 @@ def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0
             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
             b"filenames": [b"f.png"] * n,
         }
-        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(pickle.dumps(d, protocol=2))
+        (folder / (f"data_batch_{i + 1}" if i < 5 else "test_batch")).write_bytes(py2_pickle(d))
     meta = {b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
     return folder
 
 
@@ -56,9 +91,9 @@ def write_cifar100(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
             b"fine_labels": [int(v) for v in np.arange(n) % 100],
             b"coarse_labels": [0] * n,
         }
-        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+        (folder / name).write_bytes(py2_pickle(d))
     meta = {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": [b"x"] * 20}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "meta").write_bytes(py2_pickle(meta))
     return folder
 
 
@@ -154,6 +189,79 @@ def test_cifar100_fine_labels(tmp_path, offline_network):
     assert len(d.test) == 20 and d.test.y.tolist() == list(range(20))
 
 
+class Runs:
+    """Unpickled, runs a shell command: what a swapped batch file can hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("victim", ["batches.meta", "data_batch_1"])
+def test_a_crafted_cifar_pickle_is_refused_before_anything_in_it_runs(tmp_path, offline_network, victim):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "MARKER"
+    key = b"label_names" if victim == "batches.meta" else b"data"
+    (folder / victim).write_bytes(py2_pickle({key: Runs(f"touch {marker}"), b"labels": [0]}))
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("cifar10", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'cifar10': {folder / victim} is not an official CIFAR batch: it asks for "
+        f"{os.system.__module__}.system, which an official batch never does, and was refused before anything in "
+        f"it ran; delete {folder} and run `python -m search prefetch RECIPE` to fetch the official archive"
+    )
+    assert not marker.exists() and [p.name for p in visible(tmp_path)] == ["cifar-10-batches-py"]
+
+
+@pytest.mark.parametrize(
+    "batch, found",
+    [
+        (
+            {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]},
+            "b'data' must be uint8 (N, 3072), found float32",
+        ),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+            "b'labels' must be 2 ints in 0..9, found int 10",
+        ),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "b'labels' must be 2 ints in 0..9, found 1 of them"),
+    ],
+)
+def test_a_cifar_batch_of_another_form_is_refused(tmp_path, offline_network, batch, found):
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(py2_pickle(batch))
+    with pytest.raises(
+        SearchError, match=rf"{folder / 'test_batch'} is not an official CIFAR batch \({re.escape(found)}"
+    ):
+        load_data(cfg("cifar10", tmp_path))
+
+
+def test_cifar_batches_are_read_once_then_only_the_npy_files(tmp_path, offline_network, machine):
+    folder = write_cifar10(tmp_path)
+    first = load_data(cfg("cifar10", tmp_path), seed=0)
+    cache_dir = tmp_path / "cifar10.npy"
+    assert [p.name for p in visible(cache_dir)] == [
+        "classes.json",
+        "test_images.npy",
+        "test_labels.npy",
+        "train_images.npy",
+        "train_labels.npy",
+    ]
+    images = np.load(cache_dir / "train_images.npy", allow_pickle=False)
+    assert images.shape == (100, 3, 32, 32) and images.dtype == np.uint8
+    assert np.load(cache_dir / "test_labels.npy", allow_pickle=False).dtype == np.int64
+    shutil.rmtree(folder)  # the pickles are never opened again
+    data._raw.cache_clear()
+    again = load_data(cfg("cifar10", tmp_path), seed=0)
+    assert again.classes == first.classes and torch.equal(again.train.x, first.train.x)
+    assert torch.equal(again.test.y, first.test.y)
+    machine()  # another machine cannot check the cache without a source: refused, naming the archive
+    with pytest.raises(SearchError, match=r"cifar-10-python.tar.gz is missing .*cifar10.npy, which was not built"):
+        load_data(cfg("cifar10", tmp_path), seed=0)
+
+
 @pytest.mark.parametrize("name, size, channels, flip", [("pathmnist", 28, 3, True), ("organamnist_64", 64, 1, False)])
 def test_medmnist_npz_official_splits_and_mmap_cache(tmp_path, offline_network, published, name, size, channels, flip):
     classes = 9 if name == "pathmnist" else 11
@@ -191,6 +299,32 @@ def test_truncated_npz_names_the_file_and_the_fix(tmp_path, offline_network, pub
     assert not (tmp_path / "bloodmnist.npy").exists()  # no half-built cache left behind
 
 
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_medmnist_members_other_than_the_official_arrays_are_refused(tmp_path, offline_network, published):
+    arrays = write_medmnist(tmp_path / "src.npz", 28, 3, 9)
+    root = tmp_path / "root"
+    root.mkdir()
+    npz = root / "pathmnist.npz"
+    with zipfile.ZipFile(npz, "w") as z:
+        for key, a in arrays.items():
+            z.writestr(f"{key}.npy", npy_bytes(a))
+        z.writestr("../escape.npy", npy_bytes(np.zeros(3, dtype=np.uint8)))  # a name that is a path out
+    published("pathmnist", npz)  # even a file with the published checksum
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("pathmnist", root))
+    assert str(e.value) == (
+        f"data.dataset 'pathmnist': {npz} holds a member '../escape.npy', and an official MedMNIST .npz holds "
+        f"only {', '.join(medmnist.MEMBERS)}; not the official file: delete it and run "
+        "`python -m search prefetch RECIPE`"
+    )
+    assert not list(tmp_path.rglob("escape.npy")) and [p.name for p in visible(root)] == ["pathmnist.npz"]
+
+
 def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path, offline_network, monkeypatch):
     write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)  # the right format, not the official file
     monkeypatch.setattr(medmnist, "_npz_to_npy", lambda *a: pytest.fail("decoded an unverified file"))
@@ -204,7 +338,6 @@ def test_medmnist_file_with_a_wrong_checksum_is_refused_before_decoding(tmp_path
 
 
 def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, offline_network, published, monkeypatch):
-    import os
 
     npz = tmp_path / "bloodmnist.npz"
     write_medmnist(npz, 28, 3, 8)
@@ -214,7 +347,7 @@ def test_a_verified_file_is_not_hashed_again_until_it_changes(tmp_path, offline_
     monkeypatch.setattr(cache, "file_digest", lambda path, algo: hashed.append(path) or real(path, algo))
     remote = medmnist.remote("bloodmnist")
     cache.verify("bloodmnist", remote, npz)
-    assert hashed == [npz] and (tmp_path / ".bloodmnist.npz.verified").is_file()
+    assert hashed == [npz] and [p.name for p in visible(tmp_path)] == ["bloodmnist.npz"]  # recorded elsewhere
     cache.verify("bloodmnist", remote, npz)  # another process: the record vouches for it
     assert hashed == [npz]
     os.utime(npz, ns=(0, 0))  # touched (or replaced): hashed again, and still good
@@ -296,14 +429,19 @@ def cifar_archive(tmp_path: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "name, file", [("pathmnist_224", "pathmnist_224.npz"), ("cifar100", "cifar-100-python.tar.gz")]
+)
+def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch, name, file):
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
     monkeypatch.setattr(cache, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
+    root = tmp_path / "root"
     with pytest.raises(SearchError) as e:
-        load_data(cfg("pathmnist_224", tmp_path))
+        load_data(cfg(name, root))
     msg = str(e.value)
-    assert str(tmp_path / "pathmnist_224.npz") in msg and "python -m search prefetch RECIPE" in msg
+    assert str(root / file) in msg and "python -m search prefetch RECIPE" in msg
     assert "\n" not in msg
+    assert not root.exists()  # refused before anything was written
 
 
 def test_missing_dataset_without_network(tmp_path, offline_network):
@@ -328,7 +466,7 @@ def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
     return calls
 
 
-def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
+def test_download_checksum_retry_and_read_in_place(tmp_path, monkeypatch):
     blob = cifar_archive(tmp_path)
     remote = cifar.CIFAR["cifar10"].remote
     good = Remote(remote.url, remote.file, md5=hashlib.md5(blob).hexdigest())
@@ -339,7 +477,7 @@ def test_download_checksum_retry_and_unpack(tmp_path, monkeypatch):
     assert calls == [remote.url] * 3  # two failures retried
     assert len(d.test) == 10 and len(d.train) + len(d.val) == 50
     assert (root / "cifar-10-python.tar.gz").read_bytes() == blob
-    assert [p.name for p in visible(root)] == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert [p.name for p in visible(root)] == ["cifar-10-python.tar.gz", "cifar10.npy"]  # read, not unpacked
 
 
 def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
@@ -350,7 +488,7 @@ def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
         match=r"has md5 [0-9a-f]{32}, expected c58f30108f718f92721af3b95e74349a; the download was discarded",
     ):
         load_data(cfg("cifar10", root))
-    assert list(root.iterdir()) == []  # neither the file nor a .part
+    assert visible(root) == []  # neither the file nor a temporary one (only the hidden lock)
 
 
 def test_corrupt_local_archive_is_moved_aside(tmp_path, offline_network):
@@ -466,7 +604,6 @@ def test_image_folder_caches_per_resolution_side_by_side(tmp_path):
 
 
 def test_only_the_most_recently_used_carve_outs_are_kept(tmp_path, offline_network, published, monkeypatch):
-    import os
 
     write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
     published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
@@ -510,3 +647,102 @@ def test_a_damaged_folder_cache_is_decoded_again(tmp_path):
     again = load_data(cfg(f"folder:{tmp_path / 'imgs'}", root), seed=0)
     assert again.classes == first.classes and (cache / "classes.json").is_file()
     assert torch.equal(again.train.x, first.train.x)
+
+
+# ---------------------------------------------------------------------------
+# derived caches: trusted only as this machine built or checked them
+
+
+@pytest.fixture
+def machine(tmp_path_factory, monkeypatch):
+    """`machine()`: from now on, another machine sharing the data root (its own, empty, records)."""
+
+    def switch() -> None:
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        data._raw.cache_clear()
+
+    switch()
+    return switch
+
+
+def inodes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in visible(folder)}
+
+
+def test_a_swapped_file_in_an_unpacked_cache_is_refused(tmp_path, offline_network, published, machine):
+    arrays = write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)
+    published("pathmnist", tmp_path / "pathmnist.npz")
+    load_data(cfg("pathmnist", tmp_path))
+    labels = tmp_path / "pathmnist.npy" / "train_labels.npy"
+    np.save(labels, np.roll(arrays["train_labels"], 1))  # other labels, same shape and dtype
+    data._raw.cache_clear()  # a new process of the same machine: its record no longer vouches for it
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("pathmnist", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'pathmnist': {labels} differs from what pathmnist.npz (md5 "
+        f"{medmnist.remote('pathmnist').md5}) gives (it was not built on this machine, or was changed since); "
+        f"nothing of it was used: delete {tmp_path / 'pathmnist.npy'} so that it is built again"
+    )
+    assert np.array_equal(np.load(labels, allow_pickle=False), np.roll(arrays["train_labels"], 1))  # left alone
+    assert [p.name for p in visible(tmp_path)] == ["pathmnist.npy", "pathmnist.npz"]  # no check directory left
+
+
+def test_another_machines_cache_is_checked_against_the_source_and_never_replaced(
+    tmp_path, offline_network, published, machine, monkeypatch
+):
+    write_medmnist(tmp_path / "bloodmnist.npz", 28, 3, 8)
+    published("bloodmnist", tmp_path / "bloodmnist.npz")
+    first = load_data(cfg("bloodmnist", tmp_path))
+    cache_dir = tmp_path / "bloodmnist.npy"
+    built = inodes(cache_dir)
+    machine()  # a machine that did not build it: unpacks the .npz beside it and compares
+    again = load_data(cfg("bloodmnist", tmp_path))
+    assert torch.equal(again.train.x, first.train.x) and inodes(cache_dir) == built  # read, not replaced
+    assert [p.name for p in visible(tmp_path)] == ["bloodmnist.npy", "bloodmnist.npz"]
+    # Recorded now: the next process of that machine reads the cache alone, even after a touch.
+    data._raw.cache_clear()
+    os.utime(cache_dir / "val_images.npy")
+    monkeypatch.setattr(medmnist, "_npz_to_npy", lambda *a: pytest.fail("unpacked the .npz again"))
+    assert torch.equal(load_data(cfg("bloodmnist", tmp_path)).val.x, first.val.x)
+    # A third machine without the .npz cannot check the cache: refused, naming the file to copy.
+    (tmp_path / "bloodmnist.npz").unlink()
+    machine()
+    with pytest.raises(SearchError) as e:
+        load_data(cfg("bloodmnist", tmp_path))
+    assert str(e.value) == (
+        f"data.dataset 'bloodmnist': {tmp_path / 'bloodmnist.npz'} is missing (no network: zenodo.org "
+        f"unreachable), and {cache_dir}, which was not built on this machine, is only used once checked against "
+        f"it; on a machine with internet run `python -m search prefetch RECIPE` and copy {tmp_path} over, or "
+        "point data.root / $SEARCH_DATA at a directory that has it"
+    )
+    # The offline checklist lists the file too, rather than trusting the directory.
+    assert [m.path for m in data.check(cfg("bloodmnist", tmp_path))] == [tmp_path / "bloodmnist.npz"]
+
+
+def test_a_folder_cache_that_differs_is_left_alone_and_not_used(tmp_path, machine, caplog):
+    write_folder(tmp_path / "imgs", n=3)
+    name, root = f"folder:{tmp_path / 'imgs'}", tmp_path / "root"
+    first = load_data(cfg(name, root), seed=0)
+    (cache_dir,) = visible(root / "folders")
+    x = np.load(cache_dir / "train_images.npy", allow_pickle=False)
+    np.save(cache_dir / "train_images.npy", 255 - x)  # another machine's (or a hostile) copy
+    machine()
+    again = load_data(cfg(name, root), seed=0)
+    assert torch.equal(again.train.x, first.train.x)  # this process's own decoding, not the copy
+    assert np.array_equal(np.load(cache_dir / "train_images.npy", allow_pickle=False), 255 - x)  # left alone
+    assert f"{cache_dir / 'train_images.npy'} differs from what the images under" in caplog.text
+    assert "this process uses its own copy" in caplog.text
+
+
+def test_a_swapped_carve_out_is_not_used(tmp_path, offline_network, published, machine, caplog):
+    write_galaxy10(tmp_path / "Galaxy10_DECals.h5", per_class=10)
+    published("galaxy10", tmp_path / "Galaxy10_DECals.h5")
+    c = cfg("galaxy10", tmp_path)
+    first = load_data(c, seed=1)
+    kept = tmp_path / "Galaxy10_DECals.npy" / "carved-testseed0-seed1-val0.15-test0.15"
+    y = np.load(kept / "test_labels.npy", allow_pickle=False)
+    np.save(kept / "test_labels.npy", (y + 1) % 10)
+    data._raw.cache_clear()
+    again = load_data(c, seed=1)
+    assert torch.equal(again.test.y, first.test.y)  # carved again in memory
+    assert f"{kept / 'test_labels.npy'} differs" in caplog.text

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import urllib.error
@@ -49,28 +50,91 @@ def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
+@pytest.fixture
+def state(tmp_path_factory, monkeypatch) -> Path:
+    """This test's own state directory: the records in it are this test's."""
+    home = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home / "search" / "verified"
+
+
+def records(state: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(state.glob("*.json"))]
+
+
+def identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def spy_hashing(monkeypatch) -> list[Path]:
+    """The files hashed from now on."""
+    hashed: list[Path] = []
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p, algo: hashed.append(p) or real(p, algo))
+    return hashed
+
+
 # ---------------------------------------------------------------------------
 # fetch
 
 
-def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeypatch):
+def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeypatch, state):
     calls = network(monkeypatch, fail_first=2)
     md5 = hashlib.md5(PAYLOAD).hexdigest()
     path = cache.fetch("set", remote(md5=md5), tmp_path)
     assert path == tmp_path / "set.bin" and path.read_bytes() == PAYLOAD
     assert calls == [URL] * 3  # two resets, then the file
-    rec = json.loads((tmp_path / ".set.bin.verified").read_text())
-    assert rec == {"size": len(PAYLOAD), "mtime_ns": path.stat().st_mtime_ns, "md5": md5}
-    assert visible(tmp_path) == [".set.bin.verified", "set.bin"]  # no .part left
+    # The record is this user's, outside the data root, keyed by the real path.
+    assert records(state) == [{"identity": identity(path), "md5": md5, "path": os.path.realpath(path)}]
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert visible(tmp_path) == ["set.bin"]  # no temporary file, no record beside it
 
 
-def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch):
+def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch, state):
     calls = network(monkeypatch)
     (tmp_path / "set.bin").write_bytes(PAYLOAD)
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     assert cache.fetch("set", remote(sha256=sha), tmp_path) == tmp_path / "set.bin"
     assert calls == []
-    assert json.loads((tmp_path / ".set.bin.verified").read_text())["sha256"] == sha
+    assert [r["sha256"] for r in records(state)] == [sha]
+
+
+def test_concurrent_first_downloads_fetch_once_into_one_intact_file(tmp_path, monkeypatch):
+    calls = network(monkeypatch)
+
+    class Slow(io.BytesIO):
+        def read(self, n=-1):
+            time.sleep(0.005)  # long enough for the other threads to arrive meanwhile
+            return super().read(n)
+
+    monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: calls.append(url) or Slow(PAYLOAD))
+    monkeypatch.setattr(cache, "CHUNK", 1024)  # many reads: the downloads would overlap
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.fetch("set", remote(md5=md5), tmp_path))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [URL] and results == [tmp_path / "set.bin"] * 3  # one download, the others waited for it
+    assert (tmp_path / "set.bin").read_bytes() == PAYLOAD
+    assert visible(tmp_path) == ["set.bin"]  # no temporary file left
+
+
+def test_an_interrupted_download_leaves_no_temporary_file(tmp_path, monkeypatch):
+    network(monkeypatch)
+
+    class Cut(io.BytesIO):
+        def read(self, n=-1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: Cut(PAYLOAD))
+    with pytest.raises(KeyboardInterrupt):
+        cache.fetch("set", remote(), tmp_path)
+    assert visible(tmp_path) == []
 
 
 def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch):
@@ -103,33 +167,68 @@ def test_fetch_offline_names_the_file_and_the_fix_without_probing(tmp_path, monk
     )
 
 
-def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch):
+def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch, state):
     network(monkeypatch)
     cache.fetch("set", remote(), tmp_path)
-    assert visible(tmp_path) == ["set.bin"]
+    assert visible(tmp_path) == ["set.bin"] and records(state) == []
 
 
 # ---------------------------------------------------------------------------
 # verify and its records
 
 
-def test_verify_trusts_its_record_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+def test_verify_trusts_its_record_only_while_the_file_is_unchanged(tmp_path, monkeypatch, state):
     path = tmp_path / "set.bin"
     path.write_bytes(PAYLOAD)
     md5 = hashlib.md5(PAYLOAD).hexdigest()
-    hashed = []
-    real = cache.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda p, algo: hashed.append(p) or real(p, algo))
+    hashed = spy_hashing(monkeypatch)
     cache.verify("set", remote(md5=md5), path)
     cache.verify("set", remote(md5=md5), path)
     assert hashed == [path]  # the second time the record vouched for it
     os.utime(path, ns=(0, 0))
     cache.verify("set", remote(md5=md5), path)
     assert hashed == [path, path]
+    # A copy (cp -a keeps size and mtime) is another file: no record vouches for it.
+    (tmp_path / "copy").mkdir()
+    copy = Path(shutil.copy2(path, tmp_path / "copy" / "set.bin"))
+    cache.verify("set", remote(md5=md5), copy)
+    assert hashed == [path, path, copy]
     # A record for another digest vouches for nothing.
-    (tmp_path / ".set.bin.verified").write_text(json.dumps({"size": len(PAYLOAD), "mtime_ns": 0, "md5": "1" * 32}))
+    with pytest.raises(SearchError, match="expected 1{32}"):
+        cache.verify("set", remote(md5="1" * 32), path, aside=False)
+    assert len(hashed) == 4
+
+
+def test_a_swapped_file_with_forged_size_mtime_and_record_is_hashed_and_refused(tmp_path, monkeypatch, state):
+    path = tmp_path / "set.bin"
+    path.write_bytes(PAYLOAD)
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
     cache.verify("set", remote(md5=md5), path)
-    assert len(hashed) == 3
+    was = path.stat()
+    time.sleep(0.02)  # past the coarse clock tick that stamps ctime
+    evil = PAYLOAD.replace(b"official", b"poisoned")
+    path.write_bytes(evil)  # in place: same inode, same size
+    os.utime(path, ns=(was.st_atime_ns, was.st_mtime_ns))  # and the old mtime
+    forged = {"size": was.st_size, "mtime_ns": was.st_mtime_ns, "md5": md5}
+    (tmp_path / ".set.bin.verified").write_text(json.dumps(forged))  # the old kind of record, copied beside it
+    now = path.stat()
+    assert [now.st_ino, now.st_size, now.st_mtime_ns] == [was.st_ino, was.st_size, was.st_mtime_ns]
+    assert now.st_ctime_ns != was.st_ctime_ns  # what os.utime cannot set
+    hashed = spy_hashing(monkeypatch)
+    with pytest.raises(SearchError, match=r"set.bin has md5 [0-9a-f]{32}, expected [0-9a-f]{32} .*not the official"):
+        cache.verify("set", remote(md5=md5), path, aside=False)
+    assert hashed == [path]
+
+
+def test_records_in_a_state_directory_others_can_write_are_ignored(tmp_path, monkeypatch, state, caplog):
+    path = tmp_path / "set.bin"
+    path.write_bytes(PAYLOAD)
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    cache.verify("set", remote(md5=md5), path)
+    state.chmod(0o777)
+    hashed = spy_hashing(monkeypatch)
+    cache.verify("set", remote(md5=md5), path)
+    assert hashed == [path] and "is not private to this user" in caplog.text
 
 
 def test_verify_moves_a_bad_file_aside_or_leaves_it_for_a_check(tmp_path):
@@ -147,13 +246,11 @@ def test_verify_moves_a_bad_file_aside_or_leaves_it_for_a_check(tmp_path):
 def test_a_record_that_cannot_be_written_is_not_an_error(tmp_path, monkeypatch):
     path = tmp_path / "set.bin"
     path.write_bytes(PAYLOAD)
-
-    def refuse(*a, **k):
-        raise PermissionError(30, "Read-only file system")
-
-    monkeypatch.setattr(Path, "write_text", refuse)
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be")
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker))
     cache.verify("set", remote(md5=hashlib.md5(PAYLOAD).hexdigest()), path)
-    assert visible(tmp_path) == ["set.bin"]
+    assert visible(tmp_path) == ["set.bin", "state"]
 
 
 # ---------------------------------------------------------------------------

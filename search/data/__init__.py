@@ -6,9 +6,15 @@ A source module (`digits`, `cifar`, `medmnist`, `galaxy10`, `folder`) returns
 defaults); `load_data` adds the seeded stratified carve-outs and the
 `max_samples` subsample and returns `Data`, which training consumes. Labels
 outside the classes and splits that would be empty are refused at load, before
-any trial (and, for image folders, by `check` from the file counts alone). The file
-machinery the sources share (downloads, checksums, locks, atomic directories)
-is `search.data.cache`.
+any trial (and, for image folders, by `check` from the file counts alone). The
+file machinery the sources share (downloads, checksums, records of what was
+checked, locks, atomic directories) is `search.data.cache`.
+
+Carve-outs kept on disk (`carved_splits`) are derived caches like the
+sources' .npy directories, trusted only as this machine built or checked
+them; as carving again is cheap, one that differs from this process's own
+carving is not refused but left alone (another machine may use it) and not
+used: the process carves in memory, with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from search.augment import AugmentCfg
 from search.data import cifar, digits, folder, galaxy10, medmnist
-from search.data.cache import Download, atomic_dir, discard, read_cached, verify
+from search.data.cache import Download, derived_dir, discard, read_cached, recorded_dir, source_key, verify
 from search.data.splits import Raw, Split, n_out, read_splits, stratified_split, write_splits
 from search.errors import SearchError, did_you_mean, one_of
 from search.net import Missing
@@ -222,7 +228,10 @@ def check(cfg: DataCfg, verify_files: bool = True) -> list[Missing]:
     Refuses unknown and multi-label sets, image folders that are not there and
     folders too small to split (from their file counts); verifies present
     official files against their checksums (once: recorded), without moving a
-    bad one (this is a check, not a use).
+    bad one (this is a check, not a use). A directory built from a file stands
+    in for it only where this machine's record vouches for it: one built
+    elsewhere is checked against the file on first use, so the file is needed
+    (and listed when missing).
     """
     name = cfg.dataset
     loader = loader_for(name)
@@ -236,8 +245,10 @@ def check(cfg: DataCfg, verify_files: bool = True) -> list[Missing]:
     downloads = DOWNLOADS.get(name)
     for d in downloads(name, root) if downloads else []:
         path = root / d.remote.file
-        if d.unpacked.is_dir():
-            continue  # unpacked from a verified file already
+        if d.unpacked.is_dir() and recorded_dir(d.unpacked, source_key(d.remote), rehash=verify_files):
+            continue  # built (or checked) on this machine from the verified file
+        if d.alt is not None and d.alt.is_dir():
+            continue  # read in the file's place (CIFAR's unpacked batches)
         if path.is_file():
             if verify_files:
                 verify(name, d.remote, path, aside=False)
@@ -357,15 +368,27 @@ def carved_splits(raw: Raw, cfg: DataCfg, seed: int) -> tuple[Split, Split, Spli
     instead of holding its own copy of the carved train split (~2.5 GB for
     Galaxy10). One directory per seed and fractions, written once under a
     lock; the KEEP_CARVED most recently used are kept.
+
+    A carve-out is a derived cache (`search.data.cache.derived_dir`) of the
+    dataset's own (checked) cache: one this machine has no record of is
+    compared with this process's carving, which is cheap; one that differs is
+    left alone (another machine's, perhaps another numpy) and this process
+    keeps its own copy, with a warning; never refused.
     """
     if raw.cache is None or (raw.val is not None and raw.test is not None):
         return carve(raw, cfg, seed)
     where = raw.cache / f"carved-testseed{TEST_SEED}-seed{seed}-val{cfg.val_split!r}-test{cfg.test_split!r}"
     parts = ("train", "val", "test")
+    source = f"the carving of {raw.cache}"
+
+    def build(tmp: Path) -> None:
+        write_splits(dict(zip(parts, carve(raw, cfg, seed), strict=True)), tmp)
+
     read = None
     try:
         for _ in range(2):  # a damaged directory is removed by read_cached and built once more
-            atomic_dir(where, lambda tmp: write_splits(dict(zip(parts, carve(raw, cfg, seed), strict=True)), tmp))
+            if not derived_dir(cfg.dataset, where, build, source, strict=False):
+                break  # not what this process carves: its own copy below
             read = read_cached(where, lambda: read_splits(where, parts))
             if read is not None:
                 break

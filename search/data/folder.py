@@ -11,6 +11,14 @@ the target size allows), so a folder of 12-megapixel photos needs the memory of
 its resized array plus one photo. Every way a file can fail (not an image,
 truncated, malformed, a decompression bomb, pixels with no 8-bit meaning) is
 one `SearchError` naming the file.
+
+The decoded copy is a derived cache (`search.data.cache.derived_dir`), trusted
+only as this machine built or checked it. One it has no record of (another
+machine's, on a shared root) is checked against this process's own decoding,
+which the folder always allows and which costs what the cache saves once;
+where they differ (another Pillow, a changed file) the copy is left alone for
+its owner, this process uses its own decoding, and a warning says so. Nothing
+is refused: the images under PATH are the user's own data.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import atomic_dir, discard, read_cached
+from search.data.cache import derived_dir, discard, read_cached, recorded_dir
 from search.data.splits import Raw, Split, read_splits, write_splits
 from search.errors import SearchError, one_of
 
@@ -259,10 +267,12 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     path = Path(name.removeprefix("folder:")).expanduser().resolve()
     parts = folder_parts(name, path)
     key = f"{path.name or 'root'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-r{resolution or 'native'}"
-    cache = root / "folders" / f"{key}-{folder_signature(parts)}.npy"
+    signature = folder_signature(parts)
+    cache = root / "folders" / f"{key}-{signature}.npy"
+    source = f"the images under {path} ({signature})"
     # Unknown content: mild geometry, flips on (the common case for photos); recipes can switch them off.
     aug = AugmentCfg(crop="pad", flip=True, rotate=0.0, jitter=0.0)
-    if cache.is_dir():
+    if cache.is_dir() and recorded_dir(cache, source):  # else decoded below, and checked against it
         read = read_cached(
             cache, lambda: (json.loads((cache / "classes.json").read_text()), read_splits(cache, tuple(parts)))
         )
@@ -283,10 +293,12 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
     kept: Path | None = cache
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_dir(cache, lambda tmp: _write_cache(splits, classes, tmp))
-        for stale in cache.parent.glob(f"{glob.escape(key)}-*.npy"):
-            if stale != cache and len(stale.name) == len(cache.name):
-                discard(stale)
+        if derived_dir(name, cache, lambda tmp: _write_cache(splits, classes, tmp), source, strict=False):
+            for stale in cache.parent.glob(f"{glob.escape(key)}-*.npy"):
+                if stale != cache and len(stale.name) == len(cache.name):
+                    discard(stale)
+        else:  # not what this machine decodes: left alone, and this process keeps its own copy
+            kept = None
     except OSError as e:
         log.warning(
             "data.dataset '%s': decoded images not cached under %s (%s); every process decodes them again",

@@ -1,7 +1,9 @@
 """`galaxy10`: Galaxy10 DECals (astroNN), 17,736 RGB 256x256 galaxies in 10 classes, one .h5 file.
 
 There is no official split: train/val/test are stratified seeded carve-outs,
-kept as memory-mapped files beside the decoded images (`carved_splits`).
+kept as memory-mapped files beside the decoded images (`carved_splits`). The
+decoded .npy directory is a derived cache (`search.data.cache.derived_dir`):
+another machine's is checked against the .h5 before use.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import Download, Remote, atomic_dir, fetch, mmap_tensor, unreadable
+from search.data.cache import Download, Remote, derived_dir, fetch, mmap_tensor, source_key, unreadable
 from search.data.splits import Raw, Split
 
 GALAXY10 = Remote(
@@ -56,13 +58,16 @@ def _h5_to_npy(name: str, h5: Path, out: Path) -> None:
 
 
 def load(name: str, root: Path, resolution: int | None) -> Raw:
-    """Galaxy10 DECals, decoded once into memory-mappable .npy files; all of it is train."""
+    """Galaxy10 DECals, decoded once into memory-mappable .npy files (checked against the .h5 where
+    this machine did not decode them: `derived_dir`); all of it is train."""
     cache = root / "Galaxy10_DECals.npy"
     if not cache.is_dir():
-        h5 = fetch(name, GALAXY10, root)
-        atomic_dir(cache, lambda tmp: _h5_to_npy(name, h5, tmp))
+        fetch(name, GALAXY10, root)  # before anything is written: a refused load leaves the data root as it was
+    derived_dir(
+        name, cache, lambda tmp: _h5_to_npy(name, fetch(name, GALAXY10, root, for_dir=cache), tmp), source_key(GALAXY10)
+    )
     x = mmap_tensor(cache / "images.npy")
-    y = torch.from_numpy(np.load(cache / "labels.npy"))
+    y = torch.from_numpy(np.load(cache / "labels.npy", allow_pickle=False))
     # Galaxies have no up, left or right: flips and any rotation keep the class.
     return Raw(
         Split(x, y), None, None, CLASSES, "none", AugmentCfg(crop="pad", flip=True, rotate=180.0, jitter=0.1), cache

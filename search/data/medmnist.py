@@ -2,7 +2,10 @@
 
 The official .npz is fetched and verified once, then streamed into uncompressed
 memory-mappable .npy files (the 224 px sets are ~16 GB decompressed); the
-official train/val/test splits are used as they are.
+official train/val/test splits are used as they are. Only the six official
+arrays are unpacked, under their own names; the .npy directory is a derived
+cache (`search.data.cache.derived_dir`): another machine's is checked against
+the .npz before use.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from search.augment import AugmentCfg
-from search.data.cache import Download, Remote, atomic_dir, fetch, mmap_tensor, unreadable
+from search.data.cache import Download, Remote, derived_dir, fetch, mmap_tensor, source_key, unreadable
 from search.data.splits import Raw, Split
 from search.errors import SearchError, one_of
 
@@ -237,6 +240,30 @@ def parts(name: str) -> tuple[str, int]:
     return flag, int(size) if size else 28
 
 
+# The arrays of an official .npz, by member name: the only names ever written out.
+MEMBERS = tuple(f"{part}_{kind}.npy" for part in ("train", "val", "test") for kind in ("images", "labels"))
+
+
+def _members(name: str, npz: Path, z: zipfile.ZipFile) -> list[str]:
+    """The archive's members, refused unless exactly the official arrays: a member's name becomes an
+    output path, so `../x.npy` or `/etc/x.npy` must never get that far."""
+    names = z.namelist()
+    fix = "not the official file: delete it and run `python -m search prefetch RECIPE`"
+    for member in names:
+        if member not in MEMBERS:
+            raise SearchError(
+                f"data.dataset '{name}': {npz} holds a member {member!r}, and an official MedMNIST .npz holds "
+                f"only {one_of(MEMBERS)}; {fix}"
+            )
+    odd = [m for m in MEMBERS if names.count(m) != 1]
+    if odd:
+        raise SearchError(
+            f"data.dataset '{name}': {npz} lacks or repeats {one_of(odd)}, and an official MedMNIST .npz holds "
+            f"each of {one_of(MEMBERS)} once; {fix}"
+        )
+    return names
+
+
 def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
     """Stream every array of the .npz into an uncompressed (N, C, H, W) .npy, chunk by chunk.
 
@@ -244,7 +271,7 @@ def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
     """
     try:
         with zipfile.ZipFile(npz) as z:
-            for member in z.namelist():
+            for member in _members(name, npz, z):
                 key = member.removesuffix(".npy")
                 with z.open(member) as f:
                     version = np.lib.format.read_magic(f)
@@ -253,9 +280,13 @@ def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
                         if version == (1, 0)
                         else np.lib.format.read_array_header_2_0(f)
                     )
+                    images = key.endswith("_images")
                     if fortran:
                         raise ValueError(f"{member} is Fortran-ordered")
-                    images = key.endswith("_images")
+                    if (dtype != np.uint8) if images else (dtype.kind not in "iu"):  # as published
+                        raise ValueError(f"{member} holds {dtype}, not {'uint8' if images else 'integers'}")
+                    if len(shape) not in ((3, 4) if images else (1, 2)) or images and shape[3:] not in ((), (3,)):
+                        raise ValueError(f"{member} has shape {shape}")
                     target = (shape[0], 1, *shape[1:3]) if images and len(shape) == 3 else shape
                     if images and len(shape) == 4:
                         target = (shape[0], shape[3], shape[1], shape[2])
@@ -286,12 +317,14 @@ def remote(name: str) -> Remote:
 
 
 def load(name: str, root: Path, resolution: int | None) -> Raw:
-    """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files."""
+    """A MedMNIST 2-D set from its official .npz, unpacked once into memory-mappable .npy files
+    (checked against the .npz where this machine did not unpack them: `derived_dir`)."""
     s = MEDMNIST[parts(name)[0]]
     cache = root / f"{name}.npy"
+    r = remote(name)
     if not cache.is_dir():
-        npz = fetch(name, remote(name), root)
-        atomic_dir(cache, lambda tmp: _npz_to_npy(name, npz, tmp))
+        fetch(name, r, root)  # before anything is written: a refused load leaves the data root as it was
+    derived_dir(name, cache, lambda tmp: _npz_to_npy(name, fetch(name, r, root, for_dir=cache), tmp), source_key(r))
     splits: dict[str, Split] = {}
     for part in ("train", "val", "test"):
         xi, yi = cache / f"{part}_images.npy", cache / f"{part}_labels.npy"
@@ -301,7 +334,7 @@ def load(name: str, root: Path, resolution: int | None) -> Raw:
                 "so that it is rebuilt from the .npz"
             )
         x = mmap_tensor(xi)
-        labels = np.load(yi)
+        labels = np.load(yi, allow_pickle=False)
         if labels.ndim == 2 and labels.shape[1] > 1:
             raise SearchError(
                 f"data.dataset '{name}': labels are multi-label ({labels.shape[1]} per image); "

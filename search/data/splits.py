@@ -72,7 +72,8 @@ def write_splits(splits: dict[str, Split], out: Path) -> None:
 def read_splits(folder: Path, parts: tuple[str, ...]) -> dict[str, Split]:
     return {
         part: Split(
-            mmap_tensor(folder / f"{part}_images.npy"), torch.from_numpy(np.load(folder / f"{part}_labels.npy"))
+            mmap_tensor(folder / f"{part}_images.npy"),
+            torch.from_numpy(np.load(folder / f"{part}_labels.npy", allow_pickle=False)),
         )
         for part in parts
     }
