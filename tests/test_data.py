@@ -26,7 +26,7 @@ from search import data
 from search.data import DataCfg, cache, cifar, galaxy10, load_data, medmnist
 from search.data.cache import Remote
 from search.errors import SearchError
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import run_inline, write_recipe
 
 # ---------------------------------------------------------------------------
 # writers of the official formats
@@ -527,7 +527,7 @@ def test_one_trial_on_tiny_cifar10_through_the_cli(tmp_path):
         "hardware": {"device": "cpu"},
     }
     write_recipe(tmp_path / "r.yaml", recipe)
-    proc = run_cli("run", "r.yaml", cwd=tmp_path, env={"SEARCH_OFFLINE": "1"})
+    proc = run_inline("run", "r.yaml", cwd=tmp_path, env={"SEARCH_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "cifar10: " in proc.stdout
     with sqlite3.connect(tmp_path / "studies" / "tinycifar.db") as db:
@@ -746,3 +746,14 @@ def test_a_swapped_carve_out_is_not_used(tmp_path, offline_network, published, m
     again = load_data(c, seed=1)
     assert torch.equal(again.test.y, first.test.y)  # carved again in memory
     assert f"{kept / 'test_labels.npy'} differs" in caplog.text
+
+
+def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
+    from search.data import digits
+
+    path = digits.csv_file()
+    assert path is not None and path.name == "digits.csv.gz"
+    images, labels = digits.read(path)
+    ref_images, ref_labels = digits.read(None)  # sklearn.datasets.load_digits
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, ref_images)
+    assert np.array_equal(labels, ref_labels) and sorted(set(labels.tolist())) == list(range(10))
