@@ -218,6 +218,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     Parameters are counted with an ImageNet head (1,000 classes, 3 channels; mini_cnn 10 classes)
     unless --classes / --channels give the data's shape, which is what a study's leaderboard counts.
     """
+    import torch
+
     from search.builtins import BUILTINS
     from search.models import build_model, input_resolution
     from search.pool import parse_entry
@@ -246,15 +248,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         b = BUILTINS.get(e.arch) if e.builtin else None
         res = input_resolution(e, None) if (not b or b.resolution) else None
         classes = args.classes or (10 if b and not b.default_tag else 1000)  # default: the specification's heads
-        params = sum(
-            p.numel()
-            for p in build_model(
+        with torch.device("meta"):  # shapes only: counting allocates nothing (seconds saved per model)
+            model = build_model(
                 {"model": e.model, "pretrained": False},
                 num_classes=classes,
                 in_chans=args.channels or 3,
                 resolution=res or args.size or 224,
-            ).parameters()
-        )
+            )
+        params = sum(p.numel() for p in model.parameters())
         out.append(
             {
                 "label": e.label,
