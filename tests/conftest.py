@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -37,6 +39,39 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+def run_inline(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m search ARGS` run in this process: the same stdout, stderr (log lines included) and
+    exit code as `run_cli`, without a new interpreter's seconds of imports. For tests of what a
+    command prints and does; `run_cli` where the process itself is the subject (signals, exit
+    codes of a crash, environments, several processes)."""
+    from search import cli as search_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    here = Path.cwd()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:
+        os.environ.update(env or {})
+        os.chdir(cwd or here)
+        root.addHandler(handler)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = search_cli.main(list(args))
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        root.removeHandler(handler)
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["search", *args], code, out.getvalue(), err.getvalue())
 
 
 def wsgi_get(app, path: str) -> tuple[str, bytes]:
@@ -79,6 +114,6 @@ def demo_study(tmp_path_factory) -> Path:
     """A finished 3-trial study, run once through the CLI; returns its working directory."""
     cwd = tmp_path_factory.mktemp("demo")
     write_recipe(cwd / "tiny.yaml", tiny_recipe())
-    proc = run_cli("run", "tiny.yaml", cwd=cwd)
+    proc = run_inline("run", "tiny.yaml", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd

@@ -25,7 +25,7 @@ from search.data.splits import Raw, Split
 from search.errors import SearchError
 from search.recipe import MAX_WORKERS, recipe_from_dict
 from tests import test_data
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_inline, tiny_recipe, write_recipe
 from tests.test_checks import in_process, left_behind
 from tests.test_data import write_folder, write_medmnist
 
@@ -309,7 +309,7 @@ def test_a_decompression_bomb_stops_run_with_exit_2_and_no_study(tmp_path):
     (images / "dog" / "bomb.png").write_bytes(png_claiming(30000, 30000))
     cwd.mkdir()
     write_recipe(cwd / "r.yaml", tiny_recipe(data={"dataset": f"folder:{images}", "resolution": 32}))
-    proc = run_cli("run", "r.yaml", cwd=cwd, timeout=120)
+    proc = run_inline("run", "r.yaml", cwd=cwd)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: data.dataset 'folder:{images}': {images / 'dog' / 'bomb.png'} has 900000000 pixels, over the "

@@ -9,7 +9,7 @@ import pytest
 from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import run_inline, tiny_recipe, write_recipe
 
 RECIPES = [
     ({"study": {"n_trials": 0}}, r"study.n_trials: .*greater than or equal to 1"),
@@ -129,7 +129,7 @@ def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
         (("run", "ok.yaml", "--workers", "-1"), "--workers"),
     ]
     for args, key in cases:
-        proc = run_cli(*args, cwd=tmp_path)
+        proc = run_inline(*args, cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], (args, proc.stderr)
     assert not (tmp_path / "studies").exists()

@@ -20,7 +20,7 @@ from search.data import records
 from search.errors import SearchError
 from search.pool import parse_entry
 from search.trials import STALE_REASON
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import run_inline, tiny_recipe, write_recipe
 from tests.test_data import write_folder, write_medmnist
 from tests.test_storage import database
 from tests.weights_cache import torchvision_checkpoint
@@ -80,7 +80,7 @@ def test_a_crafted_pickle_in_the_torchvision_cache_is_refused_and_never_run(tmp_
     cwd = tmp_path / "work"
     cwd.mkdir()
     write_recipe(cwd / "r.yaml", tiny_recipe(pool=["resnet_18"]))
-    proc = run_cli("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
+    proc = run_inline("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"weights file {path} needs code to be unpickled, and is refused" in lines[0]
@@ -109,7 +109,7 @@ def test_a_crafted_pickle_in_the_hugging_face_cache_is_refused_and_never_run(tmp
     cwd = tmp_path / "work"
     cwd.mkdir()
     write_recipe(cwd / "r.yaml", tiny_recipe(pool=["timm/resnet18.a1_in1k"]))
-    proc = run_cli("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
+    proc = run_inline("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
     assert proc.returncode == 2, proc.stderr
     assert f"weights file {path} needs code to be unpickled" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -157,7 +157,7 @@ def test_a_medmnist_file_with_a_wrong_checksum_is_refused_before_training(tmp_pa
     code, _, err = in_process(monkeypatch, capsys, tmp_path, cwd, "validate", "r.yaml")
     assert code == 2 and "expected a8b06965200029087d5bd730944a56c1" in err
     assert (tmp_path / "data" / "pathmnist.npz").is_file()  # validate only looks
-    proc = run_cli("run", "r.yaml", cwd=cwd, env=env)
+    proc = run_inline("run", "r.yaml", cwd=cwd, env=env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "pathmnist.npz has md5" in proc.stderr and "(the published checksum): not the official file" in proc.stderr
     assert "epoch" not in proc.stdout and left_behind(cwd) == []
@@ -196,7 +196,7 @@ def test_a_refused_run_leaves_nothing_and_validate_refuses_it_too(tmp_path, monk
     cwd = tmp_path / "work"
     cwd.mkdir()
     write_recipe(cwd / "r.yaml", tiny_recipe(**over))
-    run = run_cli("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
+    run = run_inline("run", "r.yaml", cwd=cwd, env=offline_env(tmp_path))
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), lines
@@ -231,14 +231,14 @@ def tables(url: str) -> list[str]:
 @pytest.mark.slow
 def test_refusals_leave_a_fresh_postgresql_database_empty(tmp_path, fresh_pg):
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"storage": fresh_pg}, data={"dataset": "chestmnist"}))
-    assert run_cli("run", "r.yaml", cwd=tmp_path).returncode == 2
+    assert run_inline("run", "r.yaml", cwd=tmp_path).returncode == 2
     assert tables(fresh_pg) == []
-    proc = run_cli("worker", "--storage", fresh_pg, "--study", "nosuch", cwd=tmp_path)
+    proc = run_inline("worker", "--storage", fresh_pg, "--study", "nosuch", cwd=tmp_path)
     assert proc.returncode == 2 and "no study 'nosuch'" in proc.stderr and "studies there: none" in proc.stderr
     assert tables(fresh_pg) == []
     # The corrected recipe is then accepted: no stale study with the bad recipe in the way.
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"storage": fresh_pg, "n_trials": 1}, train={"epochs": 1}))
-    proc = run_cli("run", "r.yaml", cwd=tmp_path)
+    proc = run_inline("run", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "studies" in tables(fresh_pg)
 
@@ -247,13 +247,13 @@ def test_refusals_leave_a_fresh_postgresql_database_empty(tmp_path, fresh_pg):
 def test_a_worker_on_an_empty_sqlite_file_or_journal_creates_nothing(tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch()
-    proc = run_cli("worker", "--storage", f"sqlite:///{empty}", "--study", "nosuch", cwd=tmp_path)
+    proc = run_inline("worker", "--storage", f"sqlite:///{empty}", "--study", "nosuch", cwd=tmp_path)
     assert proc.returncode == 2 and "no study 'nosuch'" in proc.stderr
     assert empty.stat().st_size == 0
     with sqlite3.connect(empty) as db:
         assert db.execute("select name from sqlite_master").fetchall() == []
     journal = tmp_path / "j" / "study.log"
-    proc = run_cli("worker", "--storage", f"journal:{journal}", "--study", "nosuch", cwd=tmp_path)
+    proc = run_inline("worker", "--storage", f"journal:{journal}", "--study", "nosuch", cwd=tmp_path)
     assert proc.returncode == 2 and "no study 'nosuch'" in proc.stderr
     assert not journal.parent.exists()
 
@@ -263,7 +263,7 @@ def test_a_worker_on_an_empty_sqlite_file_or_journal_creates_nothing(tmp_path):
 def test_a_recipe_that_is_not_utf8_text_is_one_line(tmp_path, blob):
     (tmp_path / "r.yaml").write_bytes(blob)
     for command in ("validate", "run"):
-        proc = run_cli(command, "r.yaml", cwd=tmp_path)
+        proc = run_inline(command, "r.yaml", cwd=tmp_path)
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "r.yaml: not a text recipe" in lines[0] and "UTF-8" in lines[0]

@@ -12,7 +12,7 @@ from search import morph
 from search.builtins import MiniCNN
 from search.errors import SearchError
 from search.models import build_model
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from tests.weights_cache import hf_checkpoint, torchvision_checkpoint
 
 VIT = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -160,7 +160,7 @@ def test_cli_missing_weights_exits_2(tmp_path):
     write_recipe(tmp_path / "r.yaml", tiny_recipe(pool=["resnet_18"]))
     env = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_CACHE": str(tmp_path / "hf"), "SEARCH_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
+    proc = run_inline("run", "r.yaml", cwd=tmp_path, env=env)
     assert time.perf_counter() - t0 < 30  # includes interpreter start-up
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

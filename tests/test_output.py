@@ -14,7 +14,7 @@ from search import confirm, text
 from search import study as st
 from search.models import build_model
 from search.recipe import recipe_from_dict
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import run_inline, tiny_recipe, write_recipe
 
 WIDTH = 100
 LONG = "mini_cnn_with_a_label_long_enough_to_overflow_any_leaderboard_column"
@@ -159,7 +159,7 @@ def _assert_fits(out: str, what: str) -> None:
 
 @pytest.mark.slow
 def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
-    proc = run_cli("report", "wide", cwd=wide_studies)
+    proc = run_inline("report", "wide", cwd=wide_studies)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     _assert_fits(out, "report")
@@ -178,7 +178,7 @@ def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
     hp_lines = out[out.index("top 3 trials:") : out.index("confirmed over seeds")].splitlines()
     assert any(line.startswith(" " * 20) and "step_size=" in line for line in hp_lines)  # wrapped, not cut
 
-    wide = run_cli("report", "wide", "--wide", cwd=wide_studies)
+    wide = run_inline("report", "wide", "--wide", cwd=wide_studies)
     assert wide.returncode == 0, wide.stderr
     assert LONG in wide.stdout and "123,456,789" in wide.stdout and "…" not in wide.stdout
     assert max(len(line) for line in wide.stdout.splitlines()) > WIDTH
@@ -190,23 +190,23 @@ def test_report_tables_fit_100_columns_and_names_stay_distinct(wide_studies):
 
 @pytest.mark.slow
 def test_pareto_front_and_best_refusal_fit(wide_studies):
-    proc = run_cli("report", "wide2", cwd=wide_studies)
+    proc = run_inline("report", "wide2", cwd=wide_studies)
     assert proc.returncode == 0, proc.stderr
     _assert_fits(proc.stdout, "report of two objectives")
     assert "Pareto front: 10 trials" in proc.stdout
-    best = run_cli("best", "wide2", cwd=wide_studies)
+    best = run_inline("best", "wide2", cwd=wide_studies)
     assert best.returncode == 2
     _assert_fits("\n".join(best.stderr.splitlines()[:-1]), "best's Pareto table")  # the last: the error line
 
 
 @pytest.mark.slow
 def test_best_confirm_models_and_validate_fit(wide_studies, tmp_path):
-    best = run_cli("best", "wide", "--out", "b.yaml", cwd=wide_studies)
+    best = run_inline("best", "wide", "--out", "b.yaml", cwd=wide_studies)
     assert best.returncode == 0, best.stderr
     _assert_fits(best.stdout, "best")
     _assert_fits((wide_studies / "b.yaml").read_text(), "best.yaml")
 
-    models = run_cli("models", cwd=tmp_path)
+    models = run_inline("models", cwd=tmp_path)
     assert models.returncode == 0, models.stderr
     _assert_fits(models.stdout, "models")
     lines = models.stdout.splitlines()
@@ -219,22 +219,22 @@ def test_best_confirm_models_and_validate_fit(wide_studies, tmp_path):
     assert "params: counted with an ImageNet head (1,000 classes; mini_cnn 10)" in models.stdout
 
     name = "timm/mobilenetv3_large_100.ra4_e3600_r224_in1k"
-    one = run_cli("models", name, cwd=tmp_path)
+    one = run_inline("models", name, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     _assert_fits(one.stdout, "models NAME")
     [row] = [line for line in one.stdout.splitlines() if line.startswith("timm/")]
     assert "…" in row and row.split()[1:4] == ["ra4_e3600_r224_in1k", "in1k", "full"]  # the tag stays readable
-    wide = run_cli("models", name, "--wide", cwd=tmp_path)
+    wide = run_inline("models", name, "--wide", cwd=tmp_path)
     assert name in wide.stdout and "5,483,032" in wide.stdout
 
-    as_csv = run_cli("models", "--csv", cwd=tmp_path)
+    as_csv = run_inline("models", "--csv", cwd=tmp_path)
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     mini = build_model({"model": "mini_cnn", "pretrained": False}, num_classes=10, in_chans=3, resolution=224)
     assert len(rows) == 9 and rows[0]["label"] == "mini_cnn"
     assert int(rows[0]["params"]) == sum(p.numel() for p in mini.parameters())
 
     f = write_recipe(tmp_path / "long.yaml", tiny_recipe("long", pool=POOL))
-    val = run_cli("validate", str(f), cwd=tmp_path)
+    val = run_inline("validate", str(f), cwd=tmp_path)
     assert val.returncode == 0, val.stderr
     _assert_fits(val.stdout, "validate")
     assert "timm/vit_base_patch16_clip_224-scratch@224" in val.stdout  # the pool table: all fit whole
@@ -266,7 +266,7 @@ def test_running_study_state_counts_and_empty_top(tmp_path):
             intermediate_values={1: 0.3},
         )
     )
-    proc = run_cli("report", "empty", "--storage", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path)
+    proc = run_inline("report", "empty", "--storage", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "top trials: none yet, no trial has completed (1 pruned)" in proc.stdout
     assert "top 3 trials:" not in proc.stdout

@@ -247,7 +247,7 @@ def test_scores_rank_checkpoints_of_known_quality(known_caches, monkeypatch, tmp
 
 @pytest.mark.slow
 def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
-    from tests.conftest import run_cli, write_recipe
+    from tests.conftest import run_inline, write_recipe
 
     env = {
         "HF_HUB_CACHE": str(known_caches / "hf"),
@@ -256,7 +256,7 @@ def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
         "SEARCH_DATA": str(tmp_path / "data"),
     }
     write_recipe(tmp_path / "r.yaml", _known_recipe("cli", rank={"max_images": 300, "by": "knn"}))
-    proc = run_cli("rank", "r.yaml", "-q", cwd=tmp_path, env=env)
+    proc = run_inline("rank", "r.yaml", "-q", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert all(len(line) <= 100 for line in lines if "rank-features" not in line)
@@ -265,7 +265,7 @@ def test_cli_rank_table_and_missing_weights(known_caches, tmp_path):
     assert "mini_cnn" in table[-1] and "scratch: not rankable" in table[-1]
     assert "ranked by knn on 300 train" in proc.stdout
     write_recipe(tmp_path / "bad.yaml", _known_recipe("cli", pool=["resnet_18"]))
-    proc = run_cli("rank", "bad.yaml", cwd=tmp_path, env=env)
+    proc = run_inline("rank", "bad.yaml", cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "resnet18-f37072fd.pth" in proc.stderr and "prefetch" in proc.stderr
 
@@ -279,7 +279,7 @@ def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
 
     import optuna
 
-    from tests.conftest import run_cli, write_recipe
+    from tests.conftest import run_inline, write_recipe
 
     env = {
         "HF_HUB_CACHE": str(known_caches / "hf"),
@@ -300,7 +300,7 @@ def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
             train={"epochs": 1},
         ),
     )
-    proc = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
+    proc = run_inline("run", "r.yaml", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"rank: keeping {labels[0]}, {labels[1]}; dropped {labels[2]}" in proc.stdout
     assert "Kendall's tau with the fine-tuned ranking (2 entries)" in proc.stdout
@@ -312,10 +312,10 @@ def test_study_rank_keep_2_end_to_end(known_caches, tmp_path):
     assert stored["order"] == labels[:2] and stored["dropped"] == [labels[2]] and stored["by"] == "logme"
     assert [r["entry"] for r in stored["rows"]] == labels
     # a second run reads the stored decision: nothing is ranked again
-    again = run_cli("run", "r.yaml", cwd=tmp_path, env=env)
+    again = run_inline("run", "r.yaml", cwd=tmp_path, env=env)
     assert again.returncode == 0 and "ranking 3 pool entries" not in again.stdout
     assert f"dropped {labels[2]}" in again.stdout
-    rep = run_cli("report", name, cwd=tmp_path, env=env)
+    rep = run_inline("report", name, cwd=tmp_path, env=env)
     assert rep.returncode == 0, rep.stderr
     lines = rep.stdout.splitlines()
     row = next(line for line in lines if line.startswith(" 3  "))

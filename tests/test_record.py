@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from search import artifacts, record
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 
 METRIC_KEYS = {"best_accuracy", "best_balanced_accuracy", "best_f1", "best_auc", "best_loss"}
 
@@ -37,6 +37,6 @@ def test_checkpoints_carry_the_versions_and_device_and_report_shows_the_study_s(
     with store.open_reader(best.user_attrs["checkpoint"]) as f:
         ckpt = torch.load(f, weights_only=True)
     assert ckpt["versions"]["device"] == "cpu" and ckpt["versions"]["optuna"] == optuna.__version__
-    out = run_cli("report", "tiny", cwd=demo_study)
+    out = run_inline("report", "tiny", cwd=demo_study)
     assert out.returncode == 0, out.stderr
     assert f"created with search {study.user_attrs['versions']['search']}, torch " in out.stdout

@@ -16,7 +16,7 @@ from search.recipe import load_recipe, recipe_from_dict
 from search.storage import open_storage
 from search.study import load_stored
 from search.text import shorten
-from tests.conftest import run_cli, tiny_recipe
+from tests.conftest import run_inline, tiny_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -69,7 +69,7 @@ def test_leaderboard_numbers_equal_the_trials(demo_study):
 
 @pytest.mark.slow
 def test_report_command_writes_tables_and_plots(demo_study):
-    proc = run_cli("report", "tiny", cwd=demo_study)
+    proc = run_inline("report", "tiny", cwd=demo_study)
     assert proc.returncode == 0, proc.stderr
     assert "leaderboard (validation accuracy)" in proc.stdout and "top 3 trials:" in proc.stdout
     out = demo_study / "studies" / "tiny" / "report"

@@ -151,7 +151,9 @@ def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_pa
             tmp_path / "r.yaml",
             tiny_recipe(
                 name="four",
-                study={"n_trials": 24, "storage": url, "sampler": {"name": sampler, "n_startup_trials": 8}},
+                # 12 trials, 4 of them model-based (after 4 random ones), 1 epoch of the smallest model:
+                # enough for 4 workers to ask at once and for TPE to model, little else to wait for.
+                study={"n_trials": 12, "storage": url, "sampler": {"name": sampler, "n_startup_trials": 4}},
                 data={"max_samples": 100},
                 train={"epochs": 1},
                 space=SPACE,
@@ -161,7 +163,7 @@ def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = optuna.load_study(study_name="four", storage=url).get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 24 and len(counted(trials)) == 24
+    assert len(done) == 12 and len(counted(trials)) == 12
     assert len({t.user_attrs["worker"] for t in done}) == 4  # all four took part
     configs = [tuple(sorted(t.params.items())) for t in done]
-    assert len(set(configs)) == 24, [c for c in configs if configs.count(c) > 1]
+    assert len(set(configs)) == 12, [c for c in configs if configs.count(c) > 1]

@@ -19,7 +19,7 @@ from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
 from search.trials import counted, feasible, finished, ranked
-from tests.conftest import run_cli, tiny_recipe, write_recipe, wsgi_get
+from tests.conftest import run_inline, tiny_recipe, write_recipe, wsgi_get
 from tests.test_retrain import spied_test_split  # noqa: F401 - the fixture
 
 DISTS = {"model": CategoricalDistribution(["mini_cnn", "resnet_18"]), "lr": FloatDistribution(1e-4, 1e-1, log=True)}
@@ -165,17 +165,17 @@ def test_pareto_front_and_pick():
 @pytest.mark.slow
 def test_a_pruner_or_cmaes_with_several_objectives_is_one_line(tmp_path):
     r = tiny_recipe(study={"objectives": ["accuracy", "latency_ms"], "pruner": "median"})
-    proc = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    proc = run_inline("validate", str(write_recipe(tmp_path / "r.yaml", r)))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.rstrip().endswith("(Optuna cannot prune multi-objective trials); set study.pruner: none")
     r["study"].update(pruner="none", sampler="cmaes")
-    proc = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    proc = run_inline("validate", str(write_recipe(tmp_path / "r.yaml", r)))
     assert proc.returncode == 2 and "optimizes one objective only" in proc.stderr and "nsga2" in proc.stderr
     r["study"].update(sampler="nsga2", objectives=["latency_ms", "accuracy"])
-    proc = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    proc = run_inline("validate", str(write_recipe(tmp_path / "r.yaml", r)))
     assert proc.returncode == 2 and "put one of accuracy" in proc.stderr
     r["study"].update(objectives=["accuracy"], constraints={"loss": {"max": 1}})
-    proc = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    proc = run_inline("validate", str(write_recipe(tmp_path / "r.yaml", r)))
     assert proc.returncode == 2 and "measured before training" in proc.stderr
 
 
@@ -194,7 +194,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
         train={"epochs": 1},
     )
     write_recipe(tmp_path / "mo.yaml", r)
-    proc = run_cli("run", "mo.yaml", cwd=tmp_path)
+    proc = run_inline("run", "mo.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     url = f"sqlite:///{tmp_path}/studies/mo.db"
     recipe, study = st.load_stored(url, "mo")
@@ -209,7 +209,7 @@ def test_multi_objective_study_end_to_end(tmp_path):
     assert front and all(feasible(t) for t in front)
     assert all(t.user_attrs["pool_label"] == "mini_cnn" for t in front)  # resnet_18 (11M params) is infeasible
 
-    proc = run_cli("report", "mo", cwd=tmp_path)
+    proc = run_inline("report", "mo", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     front_text = proc.stdout[proc.stdout.index("Pareto front:") :].split("\n\n")[0]
     assert all(len(line) <= 100 for line in front_text.splitlines())
@@ -217,10 +217,10 @@ def test_multi_objective_study_end_to_end(tmp_path):
     png = tmp_path / "studies" / "mo" / "report" / "pareto.png"
     assert png.stat().st_size > 10_000 and matplotlib.image.imread(png).shape[0] > 300
 
-    proc = run_cli("best", "mo", cwd=tmp_path)
+    proc = run_inline("best", "mo", cwd=tmp_path)
     assert proc.returncode == 2 and "Pareto front" in proc.stderr and "--pick" in proc.stderr.splitlines()[-1]
     slowest = max(t.values[1] for t in front)
-    proc = run_cli("best", "mo", "--pick", f"latency_ms<={slowest}", "--out", "b.yaml", cwd=tmp_path)
+    proc = run_inline("best", "mo", "--pick", f"latency_ms<={slowest}", "--out", "b.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     chosen = max(front, key=lambda t: (t.values[0], -t.number))
     assert f"best trial {chosen.number} " in proc.stdout and "on the Pareto front" in proc.stdout

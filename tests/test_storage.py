@@ -26,7 +26,7 @@ from search import storage, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, remaining
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_cli, run_inline, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # real worker processes and database servers
 
@@ -319,13 +319,13 @@ def test_proxy_command_refuses_what_it_cannot_serve_in_one_line(tmp_path):
         (("--storage", f"sqlite:///{tmp_path}/a.db", "--port", "70000"), "--port"),
     ]
     for args, key in cases:
-        proc = run_cli("proxy", *args, cwd=tmp_path, env={"SEARCH_STORAGE": ""}, timeout=60)
+        proc = run_inline("proxy", *args, cwd=tmp_path, env={"SEARCH_STORAGE": ""})
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], (args, proc.stderr)
         assert "s3cret" not in proc.stderr + proc.stdout
-    proc = run_cli("worker", "--storage", f"grpc://127.0.0.1:{free_port()}", "--study", "x", cwd=tmp_path, timeout=60)
+    proc = run_inline("worker", "--storage", f"grpc://127.0.0.1:{free_port()}", "--study", "x", cwd=tmp_path)
     assert proc.returncode == 2 and "no storage proxy answers at grpc://127.0.0.1:" in proc.stderr, proc.stderr
-    proc = run_cli("worker", "--storage", "grpc://somewhere", "--study", "x", cwd=tmp_path, timeout=60)
+    proc = run_inline("worker", "--storage", "grpc://somewhere", "--study", "x", cwd=tmp_path)
     assert proc.returncode == 2 and "is not grpc://HOST:PORT" in proc.stderr, proc.stderr
 
 

@@ -10,7 +10,7 @@ from search import artifacts, workers
 from search.objective import FIRST_ATTRS
 from search.storage import open_storage
 from search.trials import counted
-from tests.conftest import run_cli, wsgi_get
+from tests.conftest import run_inline, wsgi_get
 
 ATTRS = {
     "pool_label",
@@ -53,7 +53,7 @@ def test_run_records_trials_with_attrs(demo_study):
 
 @pytest.mark.slow
 def test_second_run_keeps_total(demo_study):
-    proc = run_cli("run", "tiny.yaml", cwd=demo_study)
+    proc = run_inline("run", "tiny.yaml", cwd=demo_study)
     assert proc.returncode == 0, proc.stderr
     assert "0 of 3 trials to run" in proc.stdout
     assert "mini_cnn" in proc.stdout  # the leaderboard
@@ -66,10 +66,10 @@ def test_raising_the_total_continues_a_changed_recipe_is_refused(tmp_path):
     from tests.conftest import tiny_recipe, write_recipe
 
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"n_trials": 1}, train={"epochs": 1}))
-    assert run_cli("run", "r.yaml", cwd=tmp_path).returncode == 0
-    proc = run_cli("run", "r.yaml", "--set", "study.n_trials=2", "--set", "train.epochs=2", cwd=tmp_path)
+    assert run_inline("run", "r.yaml", cwd=tmp_path).returncode == 0
+    proc = run_inline("run", "r.yaml", "--set", "study.n_trials=2", "--set", "train.epochs=2", cwd=tmp_path)
     assert proc.returncode == 2 and "different recipe" in proc.stderr and "train.epochs: 1 -> 2" in proc.stderr
-    proc = run_cli("run", "r.yaml", "--set", "study.n_trials=2", cwd=tmp_path)
+    proc = run_inline("run", "r.yaml", "--set", "study.n_trials=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/tiny.db")
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
@@ -170,7 +170,7 @@ def test_a_diverged_trial_is_one_progress_line_not_a_traceback(tmp_path):
 
     space = {"preset": "quick", "overrides": {"optimizer": "sgd", "lr": 1e38, "weight_decay": 0.0, "batch_size": [32]}}
     write_recipe(tmp_path / "r.yaml", tiny_recipe(study={"n_trials": 1}, space=space))
-    proc = run_cli("run", "r.yaml", cwd=tmp_path)
+    proc = run_inline("run", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "failed: diverged at epoch" in proc.stdout, proc.stdout
     assert "Traceback" not in proc.stderr and "failed with value None" not in proc.stderr, proc.stderr
