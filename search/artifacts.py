@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
+from bottle import HTTPError  # type: ignore[import-untyped]  # optuna-dashboard's web framework: ServedStore
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
@@ -98,13 +99,25 @@ REMOVED_NOTE = (
 )
 
 
-class ServedStore:
-    """The artifact store as the dashboard serves it: a deleted checkpoint downloads as a short
-    "removed" note instead of failing with HTTP 500. Optuna keeps finished trials read-only, so
-    their listing cannot drop the file; this makes the listed entry say what happened to it."""
+READ_ONLY = (
+    "artifacts are served read-only: this dashboard may not {what} them; "
+    "restart `search dashboard` with --allow-writes to allow it"
+)
 
-    def __init__(self, store: FileSystemArtifactStore) -> None:
+
+class ServedStore:
+    """The artifact store as the dashboard serves it.
+
+    A deleted checkpoint downloads as a short "removed" note instead of failing with HTTP 500:
+    Optuna keeps finished trials read-only, so their listing cannot drop the file; this makes the
+    listed entry say what happened to it. Uploads and deletions are refused (HTTP 403 with the
+    reason, which optuna-dashboard shows) unless `writable`: its API has no authentication, and
+    the files are the study's checkpoints.
+    """
+
+    def __init__(self, store: FileSystemArtifactStore, writable: bool = False) -> None:
         self.store = store
+        self.writable = writable
 
     def open_reader(self, artifact_id: str) -> Any:
         try:
@@ -113,10 +126,18 @@ class ServedStore:
             return io.BytesIO(REMOVED_NOTE)
 
     def write(self, artifact_id: str, content_body: Any) -> None:
+        self._may("upload")
         self.store.write(artifact_id, content_body)
 
     def remove(self, artifact_id: str) -> None:
+        self._may("delete")
         self.store.remove(artifact_id)
+
+    def _may(self, what: str) -> None:
+        # bottle's HTTPError: optuna-dashboard's API views answer it with its status and reason
+        # (any other exception becomes a logged "internal server error").
+        if not self.writable:
+            raise HTTPError(403, READ_ONLY.format(what=what))
 
 
 # ---------------------------------------------------------------------------

@@ -482,19 +482,31 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from search import artifacts, storage
+    from search.net import is_loopback
 
     _, _, url, directory = _stored(args)
     from optuna_dashboard import run_server
 
+    where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"  # IPv6 bracketed
+    if not is_loopback(args.host):
+        # optuna-dashboard's API has no authentication: say what anyone on the network may do.
+        may = "upload and delete artifacts, " if args.allow_writes else ""
+        print(
+            f"warning: optuna-dashboard has no authentication; anyone who reaches {where} "
+            f"can {may}delete studies and trials and change notes in {storage.mask(url)}. Keep it on "
+            "a private network, or serve on 127.0.0.1 and reach it through an SSH tunnel.",
+            file=sys.stderr,
+        )
+    writes = "uploads and deletions allowed" if args.allow_writes else "read-only: --allow-writes to upload or delete"
     print(
-        f"optuna-dashboard on http://{args.host}:{args.port}/dashboard/ with artifacts from\n"
-        f"  {directory / 'artifacts'}   (Ctrl-C to stop)"
+        f"optuna-dashboard on http://{where}/dashboard/ with artifacts from\n"
+        f"  {directory / 'artifacts'}   ({writes}; Ctrl-C to stop)"
     )
     run_server(
         storage.open_storage(url, heartbeat=None),
         host=args.host,
         port=args.port,
-        artifact_store=artifacts.ServedStore(artifacts.store_for(directory)),
+        artifact_store=artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
     )
     return 0
 
@@ -617,8 +629,22 @@ def parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
-            sp.add_argument("--host", default="127.0.0.1")
-            sp.add_argument("--port", type=int, default=8080)
+            sp.description = (
+                "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
+                "reaches it can delete studies and trials and change notes; artifacts are read-only "
+                "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
+            )
+            sp.add_argument(
+                "--host",
+                default="127.0.0.1",
+                help="address to listen on (default 127.0.0.1; any other warns: for a private network only)",
+            )
+            sp.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+            sp.add_argument(
+                "--allow-writes",
+                action="store_true",
+                help="let the dashboard upload and delete artifacts (default: served read-only)",
+            )
     px = sub.add_parser(
         "proxy",
         help="serve a study database to many workers (grpc://HOST:PORT storage URLs)",

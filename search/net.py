@@ -1,7 +1,9 @@
-"""The network: whether to use it, and whether it answers (both fast, for offline compute nodes)."""
+"""The network: whether to use it, whether it answers (both fast, for offline compute nodes), and
+whether a server's address is reachable only from this machine."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +24,16 @@ def network_up(host: str) -> bool:
         socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
         return True
     except OSError:
+        return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server listening on `host` is reachable only from this machine (the servers warn otherwise)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
         return False
 
 

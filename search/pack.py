@@ -18,14 +18,27 @@ tensors then reuse that cached block. Trials running on a GPU are listed in a
 ledger file next to the lock (process ids; dead ones are dropped). Every
 machine's workers follow the same rule on their own GPUs: nothing is shared
 beyond the machine but the probes, which are stored in the study.
+
+The lock and the ledger live in a directory of the user's own
+(`$SEARCH_GPU_LEDGER`, else `<temp dir>/search-gpu-<uid>`, created mode 700):
+a shared temp directory is anyone's, and a ledger there could be forged, or
+linked to a file of the user's that admission would overwrite. A directory
+that someone else owns or may write is refused with one line (no fallback:
+the user's processes must all meet in the same place, and a silent
+alternative would split them), and files in it are opened without following
+links and replaced whole through a fresh file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
+import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,10 +48,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from search.errors import SearchError
+
 PROBE_PREFIX = "memory_probe:"  # study user attr per (entry, resolution, batch size, precision): peak bytes
 POLL_SECONDS = 1.0  # how often a waiting worker measures its GPU's free memory again
 AUTO_WORKERS_PER_GPU = 8  # local workers started per GPU under trials_per_gpu: auto (at most)
 GIB = 2**30
+LEDGER_ENV = "SEARCH_GPU_LEDGER"  # the directory of this user's GPU ledgers (default: ledger_dir)
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC  # ledger files: never through a link, never into a child
 
 
 # ---------------------------------------------------------------------------
@@ -169,9 +186,131 @@ def devices_for(device: torch.device) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
 
+def ledger_dir() -> Path:
+    """This user's directory of GPU ledgers: $SEARCH_GPU_LEDGER, else <temp dir>/search-gpu-<uid>.
+
+    Per user, because nobody else may write it (see `_open_dir`); every process of the user on
+    this machine reaches the same one, which is what a ledger is for. Another user's trials on
+    the same GPU are seen only through its measured free memory.
+    """
+    chosen = os.environ.get(LEDGER_ENV)
+    return Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"search-gpu-{os.getuid()}"
+
+
 def ledger_path(device: torch.device) -> Path:
-    """The ledger of a physical GPU on this machine ($SEARCH_GPU_LEDGER or the temp dir)."""
-    return Path(os.environ.get("SEARCH_GPU_LEDGER", tempfile.gettempdir())) / "search-gpu" / f"{gpu_id(device)}.json"
+    """The ledger of a physical GPU on this machine, in `ledger_dir()`."""
+    return ledger_dir() / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gpu_id(device))}.json"
+
+
+def untrusted(mode: int, owner: int, uid: int, directory: bool) -> str | None:
+    """Why a ledger directory (or file in it) of this mode and owner is not user `uid`'s alone, or None.
+
+    A directory someone else owns or may write lets them plant the ledger (forged trials) or a
+    link from it to a file of the user's (which admission would then overwrite).
+    """
+    if stat.S_ISLNK(mode):
+        return "it is a symbolic link"
+    if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+        return f"it is not a {'directory' if directory else 'regular file'}"
+    if owner != uid:
+        return f"it is owned by uid {owner}, not by you (uid {uid})"
+    if mode & 0o022:
+        return f"others may write it (mode {stat.S_IMODE(mode):o})"
+    return None
+
+
+def _refused(path: Path, why: str, directory: bool) -> SearchError:
+    fix = (
+        f"remove it, or set {LEDGER_ENV} to a directory of your own that only you may write "
+        "(created with mode 700 when missing)"
+        if directory
+        else "remove it while no worker of yours runs (the ledger is rebuilt from running processes)"
+    )
+    what = "directory" if directory else "file"
+    return SearchError(f"GPU ledger {what} {path} is refused: {why}; {fix}")
+
+
+def _why_not_opened(e: OSError, path: Path) -> str:
+    # O_NOFOLLOW refuses a link with ELOOP, or ENOTDIR where O_DIRECTORY is also asked for.
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "it is a symbolic link" if path.is_symlink() else "it is not a directory"
+    return e.strerror or str(e)
+
+
+def _checked(fd: int, path: Path, directory: bool) -> int:
+    """`fd` when what it opened is the user's alone (`untrusted`); else it is closed and refused."""
+    st = os.fstat(fd)
+    why = untrusted(st.st_mode, st.st_uid, os.getuid(), directory)
+    if why:
+        os.close(fd)
+        raise _refused(path, why, directory)
+    return fd
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of the ledger directory, created with mode 700 if missing, refused if not the
+    user's alone. Ledger files are opened relative to it: nothing is looked up by path again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = False
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+        created = True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+    except OSError as e:
+        raise _refused(path, _why_not_opened(e, path), True) from None
+    fd = _checked(fd, path, True)
+    if created:
+        os.fchmod(fd, 0o700)  # exactly 700, whatever the umask left
+    return fd
+
+
+def _open_file(dirfd: int, path: Path, flags: int) -> int:
+    """A ledger or lock file in the directory `dirfd`, never through a link (FileNotFoundError passes)."""
+    try:
+        fd = os.open(path.name, flags | NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=dirfd)  # NONBLOCK: a FIFO never hangs
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise
+        raise _refused(path, _why_not_opened(e, path), False) from None
+    return _checked(fd, path, False)
+
+
+def parse_ledger(data: bytes) -> dict[str, int] | None:
+    """A ledger's {pid: need bytes}, or None for a torn or foreign one (admission starts it again)."""
+    try:
+        ledger = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(ledger, dict):
+        return None
+    ok = all(re.fullmatch(r"[0-9]{1,10}", k) and type(v) is int for k, v in ledger.items())
+    return ledger if ok else None
+
+
+def _read(dirfd: int, path: Path) -> dict[str, int] | None:
+    """The ledger at `path` in `dirfd`; None when it is missing, torn or foreign."""
+    try:
+        fd = _open_file(dirfd, path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return parse_ledger(f.read())
+
+
+def _write(dirfd: int, path: Path, ledger: dict[str, int]) -> None:
+    """Write the ledger whole to a new file of a unique name (as mkstemp makes one: O_EXCL, never
+    through a link), then rename it over the old one: readers see one ledger or the other."""
+    tmp = f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600, dir_fd=dirfd)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(ledger))
+        os.replace(tmp, path.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dirfd)
+        raise
 
 
 def _alive(pid: int) -> bool:
@@ -186,24 +325,28 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[dict[str, int]]:
-    """The ledger {pid: need bytes} of the GPU, under its lock; changes to the dict are written back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """The ledger {pid: need bytes} of the GPU, under its lock; changes to the dict are written back.
+
+    The directory must be the user's alone (`_open_dir`); the lock and the ledger are opened in it
+    without following links, and refused when they are not the user's regular files.
+    """
+    dirfd = _open_dir(path.parent)
+    try:
+        lock = _open_file(dirfd, path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT)
         try:
-            ledger = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
-        except (OSError, ValueError):
-            ledger = {}  # a torn ledger: start again (its trials' memory still shows as used)
-        ledger = {pid: n for pid, n in ledger.items() if _alive(int(pid))}
-        before = dict(ledger)
-        try:
-            yield ledger
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stored = _read(dirfd, path)
+            ledger = {pid: n for pid, n in (stored or {}).items() if _alive(int(pid))}
+            before = dict(ledger)
+            try:
+                yield ledger
+            finally:
+                if ledger != before or stored is None:
+                    _write(dirfd, path, ledger)
         finally:
-            if ledger != before or not path.is_file():
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(ledger))
-                tmp.replace(path)
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)  # and with it the lock
+    finally:
+        os.close(dirfd)
 
 
 def reserve(device: torch.device, nbytes: int) -> None:
@@ -216,10 +359,11 @@ def reserve(device: torch.device, nbytes: int) -> None:
 
 def _running(path: Path) -> int:
     """Trials in a GPU's ledger now, read without its lock (an ordering hint only)."""
+    dirfd = _open_dir(path.parent)
     try:
-        return sum(_alive(int(pid)) for pid in json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return 0
+        return sum(_alive(int(pid)) for pid in _read(dirfd, path) or {})
+    finally:
+        os.close(dirfd)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ next to the database. It listens on 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 import optuna
 
 from search.errors import SearchError
+from search.net import is_loopback
 from search.optuna_api import grpc_server
 from search.storage import mask, needs_grpc, open_storage
 
@@ -50,15 +50,6 @@ def backend(url: str) -> optuna.storages.BaseStorage:
     # so dead workers are found by the `heartbeat_at` attr they write (see study.sweep).
     storage = open_storage(url, heartbeat=None)
     return optuna.storages.get_storage(storage)  # the cache Optuna's docs ask for in front of an RDB
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) -> int:

@@ -18,6 +18,8 @@ Caches are copied between machines, so a cached file is data, never code:
 every one is read with `torch.load(weights_only=True)` or as safetensors (never
 through torchvision's own loader, which unpickles anything). A file whose
 unpickling would import or call something else is refused, naming the file.
+A trial reads its weights file once: timm builds from the tensors read here,
+never from the path, so the bytes checked are the bytes used.
 """
 
 from __future__ import annotations
@@ -238,15 +240,39 @@ def check(entry: PoolEntry) -> Path:
     return path
 
 
+def timm_state(checkpoint: Any, path: Path) -> dict[str, Any]:
+    """The state dict in a timm checkpoint `path` held, picked as timm's own file loader picks it
+    (timm.models.load_state_dict: EMA weights first, then 'state_dict', then 'model'; the
+    DataParallel and torch.compile prefixes dropped)."""
+    import timm
+
+    if not isinstance(checkpoint, dict):
+        raise SearchError(
+            f"weights file {path} holds a {type(checkpoint).__name__}, not a state dict; delete it and run "
+            f"`{command('prefetch RECIPE')}` again"
+        )
+    key = next((k for k in ("state_dict_ema", "model_ema") if checkpoint.get(k) is not None), None)
+    key = key or next((k for k in ("state_dict", "model") if k in checkpoint), None)
+    return timm.models.clean_state_dict(checkpoint[key] if key else checkpoint)
+
+
 def source_state(entry: PoolEntry) -> dict[str, Any]:
-    """The pretrained state dict as published (3 channels, original head and size)."""
+    """The pretrained state dict as published (3 channels, original head and size).
+
+    The file is read once, by `safe_load`: timm gets the tensors read there (its pretrained
+    config's `state_dict`), never the path, so what was checked is what is used, whatever
+    happens to the file meanwhile. timm still adapts them as it does a file of its own (the
+    family's checkpoint filter, the stem's channels, the classifier).
+    """
     path = fetch(entry)
     if _torchvision_name(entry):
         return safe_load(path)
     import timm
     import torch
 
-    safe_load(path, mmap=True)  # timm reads it weights_only too; this gives the one-line refusal
-    model = timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    state = timm_state(safe_load(path), path)
+    # source "": the registry's default, where an in-memory state dict comes before any file, URL or hub.
+    overlay = {"state_dict": state, "source": ""}
+    model = timm.create_model(entry.timm_name, pretrained=True, pretrained_cfg_overlay=overlay)
     with torch.no_grad():
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

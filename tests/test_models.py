@@ -124,6 +124,71 @@ def test_timm_model_from_hf_cache(caches):
     assert m.info.resolution == 224
 
 
+TINY_VIT = "timm/test_vit.r160_in1k"  # timm's own test ViT: position embeddings and a checkpoint filter, 0.4M params
+
+
+def _hf_file(hf: Path, repo_id: str, filename: str, state: dict[str, torch.Tensor]) -> Path:
+    """The HF cache's snapshot file of a repo, written aside and renamed in (as another process would)."""
+    from safetensors.torch import save_file
+
+    snap = hf / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True, exist_ok=True)
+    (snap.parents[1] / "refs").mkdir(exist_ok=True)
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    tmp = snap / f".{filename}.tmp"
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    else:
+        torch.save(state, tmp)
+    tmp.replace(snap / filename)
+    return snap / filename
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_timm_weights_are_read_once_and_what_was_read_is_loaded(caches, monkeypatch, filename):
+    """A trial reads a timm weights file once, through the safe loader, and timm builds from those
+    tensors: the file replaced right after that read (by another process) changes nothing."""
+    import safetensors.torch
+    import timm
+
+    from search import weights
+
+    first = {k: v.clone() for k, v in timm.create_model("test_vit").state_dict().items()}
+    torch.manual_seed(1)
+    second = timm.create_model("test_vit").state_dict()
+    path = _hf_file(caches / "hf", "timm/test_vit.r160_in1k", filename, first)
+    reads: list[str] = []
+    safe_load, torch_load, st_load = weights.safe_load, torch.load, safetensors.torch.load_file
+
+    def read_then_replace(p, mmap=False):
+        got = safe_load(p, mmap)
+        _hf_file(caches / "hf", "timm/test_vit.r160_in1k", filename, second)
+        return got
+
+    def counted(load):
+        return lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k)
+
+    monkeypatch.setattr(weights, "safe_load", read_then_replace)
+    monkeypatch.setattr(torch, "load", counted(torch_load))  # how timm reads a .bin or .pth file
+    monkeypatch.setattr(safetensors.torch, "load_file", counted(st_load))  # ... and a .safetensors one
+    m = build_model(TINY_VIT, num_classes=3, in_chans=3)
+    assert reads == [str(path)]
+    _assert_rest_equal(m, first, set())
+    assert not torch.equal(first["pos_embed"], second["pos_embed"])  # the replacement differs
+
+
+def test_a_timm_training_checkpoint_yields_the_weights_timm_would_take(tmp_path):
+    from search import weights
+
+    one, two = torch.ones(2), torch.full((2,), 2.0)
+    got = weights.timm_state({"state_dict": {"module.w": one}, "state_dict_ema": {"_orig_mod.w": two}}, tmp_path)
+    assert list(got) == ["w"] and torch.equal(got["w"], two)  # EMA first, wrapper prefixes dropped
+    assert torch.equal(weights.timm_state({"model": {"w": one}, "epoch": 3}, tmp_path)["w"], one)
+    assert list(weights.timm_state({"w": one}, tmp_path)) == ["w"]
+    with pytest.raises(SearchError, match=r"^weights file .* holds a list, not a state dict; delete it and run"):
+        weights.timm_state([one], tmp_path / "x.pth")
+
+
 def test_missing_weights_fail_fast_with_one_line(caches):
     t0 = time.perf_counter()
     with pytest.raises(SearchError) as e:

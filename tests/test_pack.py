@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from search import pack
+from search.errors import SearchError
 
 GIB = 2**30
 
@@ -138,3 +141,121 @@ def test_a_trial_takes_the_gpu_that_admits_it(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+# ---------------------------------------------------------------------------
+# the ledger's directory and files: the user's own, never through a link
+
+OTHER_UID = 65534  # nobody: stands for another user (chown needs root; the tests run as root here)
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+
+
+def test_the_ledger_directory_is_per_user_and_made_private(tmp_path, monkeypatch):
+    monkeypatch.delenv(pack.LEDGER_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    home = pack.ledger_dir()
+    assert home == tmp_path / f"search-gpu-{os.getuid()}"  # not one shared search-gpu for everyone
+    with pack._locked(home / "gpu0.json") as running:
+        running[str(os.getpid())] = GIB
+    assert stat.S_IMODE(os.lstat(home).st_mode) == 0o700 and os.lstat(home).st_uid == os.getuid()
+    assert json.loads((home / "gpu0.json").read_text()) == {str(os.getpid()): GIB}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in home.iterdir()} == {0o600}
+    monkeypatch.setenv(pack.LEDGER_ENV, str(tmp_path / "mine" / "gpus"))
+    assert pack.ledger_dir() == tmp_path / "mine" / "gpus"
+    with pack._locked(pack.ledger_dir() / "gpu0.json"):
+        pass
+    assert stat.S_IMODE(os.lstat(tmp_path / "mine" / "gpus").st_mode) == 0o700
+
+
+def _another_users(d):
+    d.mkdir()
+    os.chown(d, OTHER_UID, OTHER_UID)
+
+
+def _writable_by_all(d):
+    d.mkdir()
+    os.chmod(d, 0o777)
+
+
+def _a_link_to_a_private_dir(d):
+    (d.parent / "real").mkdir(mode=0o700)
+    d.symlink_to(d.parent / "real")
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        pytest.param(_another_users, f"owned by uid {OTHER_UID}, not by you", marks=as_root),
+        (_writable_by_all, "others may write it (mode 777)"),
+        (_a_link_to_a_private_dir, "it is a symbolic link"),
+    ],
+)
+def test_a_ledger_directory_that_is_not_the_users_alone_is_refused(tmp_path, monkeypatch, make, why):
+    monkeypatch.setattr(pack, "POLL_SECONDS", 0.01)
+    d = tmp_path / "search-gpu"
+    make(d)
+    with pytest.raises(SearchError) as e:
+        with pack.gpu_slot(
+            [torch.device("cpu")], GIB, "auto", 0.05, measure=lambda d: (0, GIB), ledgers=[d / "g.json"]
+        ):
+            raise AssertionError("admitted through a directory that is not the user's")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"GPU ledger directory {d} is refused: ") and why in msg
+    assert "set SEARCH_GPU_LEDGER to a directory of your own" in msg
+    assert os.listdir(d) == [] and not (tmp_path / "real" / "g.json").exists()  # nothing written there
+
+
+@pytest.mark.parametrize("name", ["g.lock", "g.json"])
+def test_a_linked_lock_or_ledger_is_refused_and_its_target_untouched(tmp_path, name):
+    d = tmp_path / "gpus"
+    d.mkdir(mode=0o700)
+    victim = tmp_path / "victim"  # a file of the user's that a planted link points at
+    victim.write_text(json.dumps({str(os.getpid()): 1}))
+    (d / name).symlink_to(victim)
+    before = victim.read_bytes()
+    with pytest.raises(SearchError, match=rf"^GPU ledger file {d / name} is refused: it is a symbolic link; remove it"):
+        with pack._locked(d / "g.json") as running:
+            running.clear()
+    assert victim.read_bytes() == before and (d / name).is_symlink()
+
+
+@as_root
+def test_a_ledger_file_of_another_user_is_refused(tmp_path):
+    d = tmp_path / "gpus"
+    d.mkdir(mode=0o700)
+    (d / "g.json").write_text(json.dumps({str(os.getppid()): 1}))  # a forged trial
+    os.chown(d / "g.json", OTHER_UID, OTHER_UID)
+    with pytest.raises(SearchError, match=f"g.json is refused: it is owned by uid {OTHER_UID}"):
+        with pack._locked(d / "g.json"):
+            pass
+
+
+def test_the_ledger_is_replaced_whole_through_a_fresh_file(tmp_path):
+    d = tmp_path / "gpus"
+    d.mkdir(mode=0o700)
+    ledger = d / "g.json"
+    with pack._locked(ledger) as running:
+        running[str(os.getpid())] = 5
+    os.link(ledger, tmp_path / "second-name")  # the old file, reachable elsewhere: never written in place
+    with pack._locked(ledger) as running:
+        running[str(os.getpid())] = 6
+    assert json.loads(ledger.read_text()) == {str(os.getpid()): 6}
+    assert json.loads((tmp_path / "second-name").read_text()) == {str(os.getpid()): 5}
+    assert sorted(p.name for p in d.iterdir()) == ["g.json", "g.lock"]  # no temp file left
+    assert pack._running(ledger) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "parsed"),
+    [
+        (b'{"12": 5}', {"12": 5}),
+        (b"", None),
+        (b'{"12": 5', None),  # torn
+        (b"[1, 2]", None),
+        (b'{"../x": 5}', None),
+        (b'{"\xc2\xb2": 5}', None),  # a digit to str.isdigit, not to int()
+        (b'{"12": "5"}', None),
+    ],
+)
+def test_a_ledger_that_is_not_pids_and_bytes_starts_again(data, parsed):
+    assert pack.parse_ledger(data) == parsed
