@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
-from bottle import HTTPError  # type: ignore[import-untyped]  # optuna-dashboard's web framework: ServedStore
+from bottle import HTTPError  # optuna-dashboard's web framework: ServedStore
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
