@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import logging
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from search import optuna_api
+from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
 from search.record import attrs, versions
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from search.hparams import TrainCfg
     from search.recipe import Recipe
     from search.train import FitResult
+
+log = logging.getLogger("search")
 
 STUDIES = Path("studies")
 CHECKPOINT_SUFFIX = "-best.pt"
@@ -170,9 +174,10 @@ def model_kwargs(recipe: Recipe, model: nn.Module, hp: TrainCfg, data: Data) -> 
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], model: dict[str, Any], **meta: Any) -> Path:
     """Weights + how to rebuild the model (`model_kwargs`); written aside, then renamed (no torn files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state_dict, "model": model, "versions": versions(meta.pop("device", None)), **meta}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(
+            {"state_dict": state_dict, "model": model, "versions": versions(meta.pop("device", None)), **meta}, tmp
+        )
     return path
 
 
@@ -204,23 +209,43 @@ def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = N
     return set(order(study, scored)[:k])
 
 
-def checkpoint_meta(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+ARTIFACT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # Optuna's: uuid4
+
+
+def records(trial: optuna.trial.FrozenTrial) -> list[dict[str, str]]:
+    """The trial's artifact records (Optuna's `artifacts:*` system attrs) that are well formed: a
+    JSON object with a uuid `artifact_id` and a `filename`. A shared database is written by every
+    worker and anyone with access to it; a malformed record (no filename, an id like '../x') is
+    skipped with a warning rather than failing every trial that reads it."""
+    out = []
+    for key, raw in trial.system_attrs.items():
+        if not key.startswith("artifacts:") or raw is None:
+            continue
+        try:
+            meta = json.loads(raw) if isinstance(raw, str) else raw
+            ok = ARTIFACT_ID.fullmatch(meta["artifact_id"]) and isinstance(meta["filename"], str)
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if ok:
+            out.append(meta)
+        else:
+            log.warning("trial %d: artifact record %s is malformed (%.80r); skipped", trial.number, key, raw)
+    return out
+
+
+def checkpoint_meta(trial: optuna.trial.FrozenTrial) -> list[dict[str, str]]:
     """Artifact metadata of a trial's checkpoints (live or deleted)."""
-    metas = [json.loads(v) for key, v in trial.system_attrs.items() if key.startswith("artifacts:")]
-    return [m for m in metas if m and m["filename"].endswith(CHECKPOINT_SUFFIX)]
+    return [m for m in records(trial) if m["filename"].endswith(CHECKPOINT_SUFFIX)]
 
 
 def history_of(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
     """The per-epoch records a finished trial stored as its history artifact ([] when none is kept)."""
-    metas = [json.loads(v) for key, v in trial.system_attrs.items() if key.startswith("artifacts:")]
-    store = None
-    for meta in metas:
-        if meta and meta["filename"].endswith(HISTORY_SUFFIX):
-            store = store or store_for(dir_of(study))
+    for meta in records(trial):
+        if meta["filename"].endswith(HISTORY_SUFFIX):
             try:
-                with store.open_reader(meta["artifact_id"]) as f:
+                with store_for(dir_of(study)).open_reader(meta["artifact_id"]) as f:
                     return json.load(f)["history"]
-            except (ArtifactNotFound, ValueError, KeyError):
+            except (ArtifactNotFound, ValueError, KeyError, TypeError):
                 return []
     return []
 

@@ -1,6 +1,8 @@
 """`python -m search COMMAND`: one handler per subcommand, dispatched by a dict.
 
-User mistakes raise SearchError: printed as one line on stderr, exit code 2.
+User mistakes raise SearchError: printed as one line on stderr, exit code 2; so do argparse's own
+(an unknown command or option, a value of the wrong type), with the closest match. `validate`
+exits 3 where the recipe is valid but files it needs are missing here (see `_verdict`).
 About 650 lines: one short handler and one argparse block per command, nothing else.
 """
 
@@ -10,10 +12,14 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
-from search.errors import SearchError
+from search.errors import SearchError, did_you_mean, one_of
+
+MISSING_FILES = 3  # `validate`: the recipe is valid, but files it needs are not on this machine yet
 
 
 def _recipe(args: argparse.Namespace):
@@ -107,34 +113,42 @@ def _offline_checks(recipe, entries) -> tuple[list, list[str]]:
 
 
 def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> int:
-    """Print the checklist of missing files and one line per problem; 0 when there is neither."""
+    """Print the checklist of missing files and one line per problem.
+
+    Exit code: 0 with neither; 2 with a problem, or with files `prefetch` could not fetch; for
+    `validate`, MISSING_FILES (3) when the recipe is valid and only files are missing here, so a
+    script can tell "fix the recipe" (2) from "fetch first" (3).
+    """
     from search.net import checklist
     from search.text import command as cmd
 
     prefetch = cmd(f"prefetch {recipe}")
-
     if missing:
         print(checklist(missing))
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    if missing:
-        print(
-            f"error: {command}: {len(missing)} file(s) missing, listed above; download each URL to its path, "
-            f"or run `{prefetch}` with internet and copy them over",
-            file=sys.stderr,
-        )
-    return 2 if missing or problems else 0
+    if not missing:
+        return 2 if problems else 0
+    fetch = f"download each URL to its path, or run `{prefetch}` with internet and copy them over"
+    if command == "validate" and not problems:
+        print(f"validate: the recipe is valid; {len(missing)} file(s) it needs are not here yet, listed above: {fetch}")
+        return MISSING_FILES
+    print(f"error: {command}: {len(missing)} file(s) missing, listed above; {fetch}", file=sys.stderr)
+    return 2
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from search import storage, workers
     from search import study as st
+    from search.recipe import MAX_WORKERS
 
     recipe = _recipe(args)
     url = recipe.study.storage or storage.default_storage(recipe.study.name)
     n_workers = workers.default_workers(recipe) if args.workers is None else args.workers
-    if n_workers < 0:
-        raise SearchError(f"--workers {n_workers}: give 0 (only create the study) or more local worker processes")
+    if not 0 <= n_workers <= MAX_WORKERS:
+        raise SearchError(
+            f"run --workers {n_workers}: give 0 (only create the study) to {MAX_WORKERS} local worker processes"
+        )
     st.check_all(recipe, url)  # nothing is written before every check passed
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
@@ -167,7 +181,14 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
     from search import workers
 
     url = _storage_arg(args)
-    _, study = st.load_stored(url, args.study)
+    recipe, study = st.load_stored(url, args.study)
+    floor = 2 * recipe.study.heartbeat
+    if args.older_than < floor:
+        raise SearchError(
+            f"fail-stale --older-than {args.older_than:g}: live trials beat every {recipe.study.heartbeat} s "
+            f"(study.heartbeat), so anything under {floor} s would fail trials that are running; give "
+            f"--older-than {floor} or more"
+        )
     failed = workers.fail_stale(study, args.older_than)
     print(
         f"failed {len(failed)} stale trial(s){': ' + ', '.join(map(str, failed)) if failed else ''}; "
@@ -386,7 +407,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         import json as _json
         from pathlib import Path
 
-        Path(args.json).write_text(_json.dumps(rows, indent=2))
+        from search.files import write_text
+
+        write_text(Path(args.json), _json.dumps(rows, indent=2))
     return 0
 
 
@@ -424,6 +447,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from search import selection
+    from search.files import write_text
     from search.text import command
     from search.trials import label, value
 
@@ -441,7 +465,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         )
     else:
         t, rule = selection.best_choice(study, recipe)
-    Path(args.out).write_text(selection.best_yaml(study, recipe, t, rule, path=args.out))
+    write_text(Path(args.out), selection.best_yaml(study, recipe, t, rule, path=args.out))
     say = _sayer(args)
     say(f"best trial {t.number} ({label(t)}, val {recipe.study.metric} {value(t):.4f}) -> {args.out}")
     say(f"rule: {rule}")
@@ -454,8 +478,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
     recipe, study, _, _ = _stored(args)
     cfg = recipe.study.confirm
-    top_k = args.top_k or (cfg.top_k if cfg else 3)
-    seeds = args.seeds or (cfg.seeds if cfg else 3)
+    top_k = args.top_k if args.top_k is not None else (cfg.top_k if cfg else 3)
+    seeds = args.seeds if args.seeds is not None else (cfg.seeds if cfg else 3)
     if top_k < 1 or seeds < 2:
         raise SearchError(
             f"confirm: --top-k {top_k} --seeds {seeds}: need top-k >= 1 and seeds >= 2 (the search's own run is seed 1)"
@@ -539,10 +563,47 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like a recipe's (the subcommands' parsers are of
+    this class too: argparse makes them with the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SearchError(usage_error(self.prog, message))
+
+
+def usage_error(prog: str, message: str) -> str:
+    """argparse's message as one line: what was wrong, the allowed values (closest first), the fix."""
+    choice = re.fullmatch(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        allowed = [c.strip(" '") for c in choice.group(3).split(",")]
+        what = "command" if choice.group(1) in ("command", "{" + ",".join(allowed) + "}") else choice.group(1)
+        bad = choice.group(2)
+        hint = did_you_mean(bad, allowed, cutoff=0.6)  # short words: a swapped pair of letters is 0.67 alike
+        return f"{prog}: unknown {what} '{bad}'{hint}; allowed: {one_of(allowed)}"
+    number = re.fullmatch(r"argument (\S+): invalid (int|float) value: '([^']*)'", message)
+    if number:
+        kind = "a whole number" if number.group(2) == "int" else "a number"
+        return f"{prog} {number.group(1)}: '{number.group(3)}' is not {kind}; e.g. {number.group(1)} 4"
+    typed = re.fullmatch(r"argument (\S+): (.*)", message)  # a type's own message (study names)
+    if typed:
+        return f"{prog} {typed.group(1)}: {typed.group(2)}"
+    return f"{prog}: {message}; see `{prog} --help`"
+
+
+def study_name(text: str) -> str:
+    """A study name given on the command line, held to the recipe's rule: it names files under studies/."""
+    from search.recipe import STUDY_NAME
+
+    if not re.fullmatch(STUDY_NAME, text):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a study name: letters, digits, '_', '.' and '-', starting with a letter or digit "
+            "(as study.name in a recipe)"
+        )
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m search", description="Architecture and hyperparameter search for image classifiers."
-    )
+    p = Parser(prog="python -m search", description="Architecture and hyperparameter search for image classifiers.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -577,7 +638,7 @@ def parser() -> argparse.ArgumentParser:
     rk.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     w = sub.add_parser("worker", help="join a study from this machine, using the recipe stored in it")
     w.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
-    w.add_argument("--study", required=True, help="study name")
+    w.add_argument("--study", required=True, type=study_name, help="study name")
     w.add_argument("-q", "--quiet", action="store_true")
     w.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
     wide(w)
@@ -585,7 +646,7 @@ def parser() -> argparse.ArgumentParser:
         "fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage"
     )
     fs.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
-    fs.add_argument("--study", required=True, help="study name")
+    fs.add_argument("--study", required=True, type=study_name, help="study name")
     fs.add_argument(
         "--older-than",
         type=float,
@@ -608,7 +669,7 @@ def parser() -> argparse.ArgumentParser:
         ("confirm", "train the top configurations again with further seeds (never on test)"),
     ):
         sp = sub.add_parser(name, help=help)
-        sp.add_argument("study", help="study name")
+        sp.add_argument("study", type=study_name, help="study name")
         sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
         if name != "dashboard":
             wide(sp)
@@ -673,7 +734,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

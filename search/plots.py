@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from search.files import replacing
+
 SIZE = (7.0, 4.2)  # inches at 100 dpi: 700 x 420 pixels, readable in a Markdown page
 
 
@@ -45,6 +47,7 @@ def figure(path: Path, size: tuple[float, float] = SIZE) -> Iterator[Any]:
     try:
         yield fig
         fig.tight_layout()
-        fig.savefig(path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)

@@ -47,6 +47,7 @@ from search import weights
 from search.augment import eval_input
 from search.data import data_root, load_data, stratified_split
 from search.errors import SearchError
+from search.files import replacing
 from search.models import build_model, info_of, input_resolution
 from search.pool import parse_pool
 from search.section import Section
@@ -279,10 +280,8 @@ def _weights_key(entry: Any) -> dict[str, Any]:
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{time.monotonic_ns()}.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stubs match **arrays against allow_pickle
-    tmp.replace(path)  # readers never see half a file
+    with replacing(path) as tmp, open(tmp, "wb") as f:  # readers never see half a file
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs match **arrays against allow_pickle
 
 
 def entry_features(

@@ -93,8 +93,11 @@ class ConfirmCfg(Section):
     seeds: int = Field(3, ge=2)  # seeds per configuration, the search's own run included
 
 
+STUDY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names files under studies/: no '/', no leading '.'
+
+
 class StudyCfg(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=STUDY_NAME)
     storage: str | None = None  # default: sqlite:///studies/<name>.db
     n_trials: int = Field(20, ge=1)  # the study's total, across all workers and runs
     timeout: float | None = Field(None, gt=0)  # seconds, study-wide, from the start of the latest `run`
@@ -115,7 +118,8 @@ class StudyCfg(Section):
     baselines: bool = False  # enqueue one default-hyperparameter trial per pool entry first
     rank: StudyRankCfg | None = None  # rank the pool before the search (see the rank section)
     top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
-    origin: str | None = None  # study a `best` recipe was exported from; `retrain` records test metrics there
+    # study a `best` recipe was exported from; `retrain` records test metrics there (a name: it names files)
+    origin: str | None = Field(None, pattern=STUDY_NAME)
 
     @model_validator(mode="after")
     def _direction(self) -> StudyCfg:

@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import artifacts, plots, selection
+from search.files import replacing, write_text
 from search.recipe import Recipe
 from search.record import attrs, study_attrs
 from search.text import WIDTH, fit_line, shorten, table, wrap, wrap_items
@@ -438,7 +439,7 @@ def markdown(study: optuna.Study, recipe: Recipe) -> str:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
@@ -475,7 +476,7 @@ def write_report(study: optuna.Study, recipe: Recipe, directory: Path) -> list[P
     """Markdown, CSVs and PNG plots under `directory`; returns the files written."""
     directory.mkdir(parents=True, exist_ok=True)
     md = directory / "leaderboard.md"
-    md.write_text(markdown(study, recipe))
+    write_text(md, markdown(study, recipe))
     board, trials = directory / "leaderboard.csv", directory / "trials.csv"
     _write_csv(board, leaderboard(study, recipe) or [dict.fromkeys(COLUMNS)])
     _write_csv(trials, trial_rows(study) or [{"trial": None}])

@@ -26,13 +26,14 @@ from search import data as datamod
 from search import study as st
 from search.data import Data, Split, channels
 from search.errors import SearchError
+from search.files import write_text
 from search.hparams import TrainCfg
 from search.models import build_model, info_of, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
 from search.record import study_attrs
 from search.stats import summarize
-from search.storage import default_storage, mask, open_storage
+from search.storage import default_storage, open_storage
 from search.text import command, wrap, wrap_items
 from search.train import fit, predict, resolve_device
 
@@ -41,14 +42,16 @@ def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Stu
     """The study the results are recorded on (the exporting study, `study.origin`) and its storage URL."""
     name = recipe.study.origin or recipe.study.name
     url = storage or recipe.study.storage or default_storage(name)
+    if recipe.study.origin:  # it must exist: a misspelt origin creates no database
+        try:
+            return st.load_stored(url, name)[1], url
+        except SearchError as e:
+            raise SearchError(
+                f"study.origin: {e}; pass --storage URL of that study, or remove study.origin to record on a new study"
+            ) from None
     store = open_storage(url, heartbeat=None)
     if name in {s.study_name for s in optuna.get_all_study_summaries(store)}:
         return optuna.load_study(study_name=name, storage=store), url
-    if recipe.study.origin:
-        raise SearchError(
-            f"study.origin: no study '{name}' in {mask(url)} to record the test metrics on; "
-            "pass --storage URL of that study, or remove study.origin to record on a new study"
-        )
     return st.open_study(recipe, url), url
 
 
@@ -212,8 +215,8 @@ def retrain(
     }
     if seeds > 1:
         record["test_summary"] = summarize([r["test_metrics"] for r in runs])
-    (out / "test_metrics.json").write_text(json.dumps(record, indent=1))
-    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    write_text(out / "test_metrics.json", json.dumps(record, indent=1))
+    write_text(out / "history.json", json.dumps(result.history, indent=1))
     title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']}, seed {seed})"
     plot_confusion(cm, data.classes, title, out / "confusion.png")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

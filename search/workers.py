@@ -43,6 +43,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import artifacts, optuna_api, pack
+from search.files import replacing
 from search.recipe import Recipe
 from search.record import attrs
 from search.storage import STALE_BEATS, mask
@@ -441,13 +442,8 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     sees all of it once the name does)."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path, durable=True) as tmp:
+        torch.save(state, tmp)
 
 
 def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:

@@ -123,3 +123,36 @@ def test_dashboard_serves_the_best_checkpoint_which_reproduces_its_score(demo_st
         app, f"/artifacts/{study._study_id}/{trial['trial_id']}/{'0' * 8}-0000-0000-0000-{'0' * 12}"
     )
     assert status.startswith("404")
+
+
+def test_malformed_artifact_records_are_skipped_with_a_warning(tmp_path, caplog):
+    """Records in a shared database are anyone's to write: no filename, an id that climbs out of
+    the store, or not JSON at all must not fail the trials that read them."""
+    import logging
+    import uuid
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    good = {"artifact_id": str(uuid.uuid4()), "filename": "trial-0-best.pt"}
+    bad = {
+        "artifacts:a": json.dumps({"artifact_id": "../../etc/passwd", "filename": "x-best.pt"}),
+        "artifacts:b": json.dumps({"artifact_id": str(uuid.uuid4())}),  # no filename
+        "artifacts:c": "not json",
+        "artifacts:d": json.dumps(good),
+    }
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/a.db", direction="maximize")
+    study.add_trial(
+        create_trial(
+            state=TrialState.COMPLETE,
+            value=0.5,
+            params={"lr": 0.1},
+            distributions={"lr": FloatDistribution(0.01, 1.0)},
+            system_attrs=bad,
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="search"):
+        assert artifacts.checkpoint_meta(study.trials[0]) == [good]
+        assert artifacts.prune(study, artifacts.store_for(tmp_path / "s"), k=0) == []  # the good one: not there
+    assert sum("malformed" in r.message for r in caplog.records) == 6  # three bad records, read twice
+    assert not (tmp_path / "etc").exists()

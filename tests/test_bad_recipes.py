@@ -118,7 +118,6 @@ def test_changed_recipe_is_refused_and_the_study_kept(existing):
     _unchanged(url, stored, n)
 
 
-@pytest.mark.slow
 def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
     write_recipe(tmp_path / "ok.yaml", tiny_recipe())
     write_recipe(tmp_path / "bad.yaml", tiny_recipe(study={"name": "tiny", "pruner": "medain"}))
@@ -127,9 +126,16 @@ def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
         (("run", "ok.yaml", "--set", "study.storage=ftp://x"), "unsupported URL 'ftp://x'"),
         (("worker", "--storage", f"sqlite:///{tmp_path}/none.db", "--study", "nope"), "no study database at"),
         (("run", "ok.yaml", "--workers", "-1"), "--workers"),
+        (("run", "ok.yaml", "--workers", "300"), "run --workers 300: give 0 (only create the study) to 256"),
+        (("run", "ok.yaml", "--workers", "abc"), "run --workers: 'abc' is not a whole number; e.g. --workers 4"),
+        (("rn", "ok.yaml"), "unknown command 'rn' (did you mean 'run'?); allowed: run, validate,"),
+        (("report", "../../tmp/x"), "report study: '../../tmp/x' is not a study name"),
+        (("worker", "--study", "a/b", "--storage", "sqlite:///x.db"), "--study: 'a/b' is not a study name"),
+        (("best", "nosuch"), "no study database at studies/nosuch.db"),
+        (("run", "ok.yaml", "--set", "study.origin=../../x"), "study.origin: String should match pattern"),
     ]
     for args, key in cases:
         proc = run_inline(*args, cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], (args, proc.stderr)
-    assert not (tmp_path / "studies").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "ok.yaml"]  # no study, no database

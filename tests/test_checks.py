@@ -205,9 +205,9 @@ def test_a_refused_run_leaves_nothing_and_validate_refuses_it_too(tmp_path, monk
     if case in (
         "missing weights",
         "missing data offline",
-    ):  # validate lists it with the others: the file on stdout, the count on stderr
-        assert code == 2 and "error: validate: 1 file(s) missing" in err
-        assert re.search(message.split(" ")[0], out), out
+    ):  # the recipe is valid: validate lists the file and says so, with its own exit code
+        assert code == 3 and "validate: the recipe is valid; 1 file(s) it needs are not here yet" in out
+        assert err == "" and re.search(message.split(" ")[0], out), out
     else:
         assert code == 2 and re.search(message, err), err
     assert left_behind(cwd) == []
@@ -280,7 +280,7 @@ def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeyp
     )
     for command in ("prefetch", "validate"):
         code, out, err = in_process(monkeypatch, capsys, tmp_path, tmp_path, command, "r.yaml")
-        assert code == 2, err
+        assert code == (2 if command == "prefetch" else 3), err  # validate: a valid recipe, files to fetch
         assert "3 file(s) missing on this machine" in out
         assert f"resnet_18 weights [46.8 MB]: {tmp_path / 'torch/hub/checkpoints/resnet18-f37072fd.pth'}" in out
         assert "from https://download.pytorch.org/models/resnet18-f37072fd.pth" in out
@@ -292,11 +292,16 @@ def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeyp
         assert f"data pathmnist_64 [up to 1.3 GB]: {tmp_path / 'data' / 'pathmnist_64.npz'}" in out
         assert "from https://zenodo.org/records/10519652/files/pathmnist_64.npz?download=1" in out
         assert "mini_cnn weights" not in out
-        assert err.strip().splitlines() == [
-            f"error: {command}: 3 file(s) missing, listed above; download each URL "
-            f"to its path, or run `{text.command('prefetch r.yaml')}` with internet "
+        fetch = (
+            f"download each URL to its path, or run `{text.command('prefetch r.yaml')}` with internet "
             "and copy them over"
-        ]
+        )
+        if command == "prefetch":
+            assert err.strip().splitlines() == [f"error: prefetch: 3 file(s) missing, listed above; {fetch}"]
+        else:
+            assert err == "" and out.strip().endswith(
+                f"validate: the recipe is valid; 3 file(s) it needs are not here yet, listed above: {fetch}"
+            )
         assert max(len(line) for line in out.splitlines()) <= 100 or "from https://" in out
     assert left_behind(tmp_path) == [
         "unused",

@@ -37,3 +37,21 @@ def test_missing_recipe_file(tmp_path):
     proc = run_cli("run", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: recipe file not found: nope.yaml"
+
+
+def test_usage_mistakes_are_one_line_with_the_closest_match(tmp_path):
+    """argparse's own errors (a misspelt command, a value of the wrong type) as a recipe's are: one
+    line, exit 2, no usage block."""
+    write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    proc = run_cli("rnu", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: python -m search: unknown command 'rnu' (did you mean 'run'?); allowed: run, validate, "
+        "prefetch, rank, worker, fail-stale, models, report, best, dashboard, confirm, proxy, retrain"
+    ]
+    proc = run_cli("run", "r.yaml", "--workers", "abc", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: python -m search run --workers: 'abc' is not a whole number; e.g. --workers 4"
+    ]
+    assert not (tmp_path / "studies").exists()

@@ -249,3 +249,24 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
         drawn.append(space.suggest(t, recipe.space, recipe.train, entries, channels(recipe.data))[0].label)
         tpe.tell(t, state=TrialState.FAIL)  # FAIL: invisible to the sampler, the stored trials stay its data
     assert drawn.count("too_big") <= 2, drawn
+
+
+@pytest.mark.slow
+def test_fail_stale_and_confirm_refuse_values_that_would_hurt_the_study(demo_study):
+    """--older-than under two heartbeats would fail live trials; --top-k 0 and --seeds 0 are not
+    defaults in disguise. One line, exit 2, and the study untouched."""
+    url = f"sqlite:///{demo_study}/studies/tiny.db"
+    before = [(t.number, t.state) for t in optuna.load_study(study_name="tiny", storage=url).trials]
+    cases = [
+        (
+            ("fail-stale", "--storage", "sqlite:///studies/tiny.db", "--study", "tiny", "--older-than", "0"),
+            "fail-stale --older-than 0: live trials beat every 20 s (study.heartbeat), so anything under 40 s",
+        ),
+        (("confirm", "tiny", "--top-k", "0"), "confirm: --top-k 0 --seeds 3: need top-k >= 1 and seeds >= 2"),
+        (("confirm", "tiny", "--seeds", "0"), "confirm: --top-k 3 --seeds 0: need top-k >= 1 and seeds >= 2"),
+    ]
+    for args, message in cases:
+        proc = run_inline(*args, cwd=demo_study)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
+    assert [(t.number, t.state) for t in optuna.load_study(study_name="tiny", storage=url).trials] == before
+    assert "tiny/confirm" not in {s.study_name for s in optuna.get_all_study_summaries(url)}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -52,6 +51,7 @@ from tqdm import tqdm
 
 from search.data.records import CHUNK, checked, content_digest, forget_record, identity, read_record, write_record
 from search.errors import SearchError
+from search.files import new_beside
 from search.net import network_up as _network_up
 from search.net import offline as _offline
 
@@ -140,24 +140,8 @@ def fetch(name: str, remote: Remote, root: Path, for_dir: Path | None = None) ->
     return path
 
 
-def _part(path: Path) -> Path:
-    """A new empty file beside `path` that no other download writes into.
-
-    O_EXCL under a random name, as mkstemp does, but with the usual mode
-    (0666 less the umask): mkstemp's 0600 would follow the file into place and
-    shut the other users of a shared data root out.
-    """
-    while True:
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.part")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-
-
 def _download(name: str, remote: Remote, path: Path) -> None:
-    tmp = _part(path)
+    tmp = new_beside(path, ".part")  # unique: concurrent first downloads never share one
     check = _checksum(remote)
     last: Exception | None = None
     try:

@@ -1,0 +1,50 @@
+"""Files written through a unique temporary file and a rename: whole or not at all, never shared."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+from search.files import new_beside, replacing, write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_text(tmp_path / "best.yaml", "old\n")
+    with pytest.raises(RuntimeError), replacing(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer died")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
+
+
+def test_writers_at_once_each_get_their_own_file_and_one_wins_whole(tmp_path):
+    path = tmp_path / "report.md"
+    names: list[str] = []
+
+    def write(i: int) -> None:
+        with replacing(path) as tmp:
+            names.append(tmp.name)
+            tmp.write_text(str(i) * 10_000)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == 8 and all(n.startswith(".report.md.") for n in names)
+    text = path.read_text()
+    assert len(text) == 10_000 and len(set(text)) == 1  # one writer's content, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_the_new_file_has_the_usual_mode_and_follows_no_link(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_text(tmp_path / "a" / "m.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # others of a shared studies/ can read it
+    tmp = new_beside(tmp_path / "x")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".x.") and tmp.read_bytes() == b""
