@@ -1,6 +1,6 @@
-"""Storages: URLs (`${VAR}` filled in, passwords masked), checks before anything is created, and
-opening (SQL with SQLite locking, journal file, Redis, a client of the gRPC proxy: `search proxy`,
-search.proxy, serves one).
+"""Storages: URLs (`${VAR}` filled in from the variables a user allows, passwords masked),
+checks before anything is created, and opening (SQL with SQLite locking, journal file, Redis, a
+client of the gRPC proxy: `search proxy`, search.proxy, serves one).
 
 A URL is read as SQLAlchemy reads it, for masking as for connecting, so what is hidden is what
 the driver takes for the password; what it cannot read unambiguously is masked wholesale and
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
@@ -45,6 +45,13 @@ HIDDEN = "***"
 # ${NAME} only: `$NAME` and a lone `$` are literal (passwords contain them), and so is every `$` of
 # a value, since the URL is scanned once, before any value is put in.
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Variables a URL may read unless SEARCH_STORAGE_VARS allows more: a recipe is shared, and a
+# `${VAR}` in its storage URL sends that variable's value to the host the recipe names.
+ALLOWED_PREFIXES = ("SEARCH_", "PG", "MYSQL_", "REDIS_")
+# ... except these two: whole URLs and the allow-list itself, never a part of a URL.
+NOT_BY_DEFAULT = ("SEARCH_STORAGE", "SEARCH_STORAGE_VARS")
+ALLOW_VAR = "SEARCH_STORAGE_VARS"
 
 # Query keys whose values are masked (psycopg's password, sslpassword, MySQL's passwd, tokens...).
 SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred|^pw$", re.IGNORECASE)
@@ -170,6 +177,16 @@ def _scrub(text: str, url: str) -> str:
     return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", rf"\1{HIDDEN}@", text)
 
 
+def allowed_var(name: str, env: Mapping[str, str] = os.environ) -> bool:
+    """May a storage URL read this variable? Names starting SEARCH_, PG, MYSQL_ or REDIS_ (not
+    SEARCH_STORAGE, SEARCH_STORAGE_VARS), and those SEARCH_STORAGE_VARS lists: comma-separated
+    names, or prefixes ending in *."""
+    extra = [e.strip() for e in env.get(ALLOW_VAR, "").split(",") if e.strip()]
+    if name in extra or any(e.endswith("*") and name.startswith(e[:-1]) for e in extra):
+        return True
+    return name.startswith(ALLOWED_PREFIXES) and name not in NOT_BY_DEFAULT
+
+
 def _quoted_spans(url: str) -> list[tuple[int, int]]:
     """Where a value is URL-quoted: the user and password, and each query value (host, port,
     database and paths take values literally)."""
@@ -189,10 +206,17 @@ def _quoted_spans(url: str) -> list[tuple[int, int]]:
 def expand(url: str) -> str:
     """${NAME} in a storage URL taken from the environment, so passwords stay out of recipes.
 
-    A value that lands in the user, password or a query value is URL-quoted (a password may hold
-    / @ ? $ %); elsewhere it is taken literally.
+    Only variables `allowed_var` admits are read. A value that lands in the user, password or a
+    query value is URL-quoted (a password may hold / @ ? $ %); elsewhere it is taken literally.
     """
     refs = list(VAR.finditer(url))
+    for m in refs:
+        if not allowed_var(m.group(1)):
+            raise SearchError(
+                f"study.storage: '{mask(url)}' reads environment variable {m.group(1)}, which a storage URL may "
+                f"not read (allowed: {', '.join(p + '*' for p in ALLOWED_PREFIXES)}); if this URL is yours, "
+                f"allow it: export {ALLOW_VAR}={m.group(1)} (names or PREFIX*, comma-separated)"
+            )
     quoted = _quoted_spans(url)
     out, last = [], 0
     for m in refs:
