@@ -44,7 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     say(f"recipe {args.recipe}: ok")
     say(
         f"study {s.name}: {s.n_trials} trials, {s.direction} val {s.metric}, sampler {s.sampler.name}, "
-        f"pruner {s.pruner.name}, storage {storage.mask(url)}"
+        f"pruner {s.pruner.name}, storage {storage.where(url)}"  # the host, before check_storage connects
     )
     say(f"data {recipe.data.dataset}; train {recipe.train.epochs} epochs")
     if s.rank is not None:
@@ -149,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SearchError(
             f"run --workers {n_workers}: give 0 (only create the study) to {MAX_WORKERS} local worker processes"
         )
+    _sayer(args)(f"storage: {storage.where(url)}")  # where a password goes, before it is sent
     st.check_all(recipe, url)  # nothing is written before every check passed
     study = st.open_study(recipe, url, force=args.force)
     st.start_clock(study, recipe)
@@ -169,9 +170,12 @@ def _storage_arg(args: argparse.Namespace) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from search import storage
     from search import study as st
 
     url = _storage_arg(args)
+    if not args.no_report:  # the workers of `run --workers`: their run said it once
+        _sayer(args)(f"storage: {storage.where(url)}")  # where a password goes, before it is sent
     recipe, study = st.load_stored(url, args.study)
     return _work(recipe, study, url, args)
 

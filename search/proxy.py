@@ -22,7 +22,7 @@ import optuna
 from search.errors import SearchError
 from search.net import is_loopback
 from search.optuna_api import grpc_server
-from search.storage import mask, needs_grpc, open_storage
+from search.storage import mask, needs_grpc, open_storage, where
 
 # What the proxy can stand in front of, and why the others are refused.
 PROXIED = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
@@ -76,11 +76,11 @@ def serve(url: str, host: str, port: int, threads: int = 10, ready: Any = None) 
     if not is_loopback(host):
         print(
             f"warning: the storage proxy protocol has no authentication or encryption; anyone who reaches "
-            f"{host}:{port} can read and change every study in {mask(url)}. Keep it on a private network.",
+            f"{host}:{port} can read and change every study in {where(url)}. Keep it on a private network.",
             file=sys.stderr,
         )
     print(
-        f"storage proxy for {mask(url)} listening on grpc://{_bracket(host)}:{port} "
+        f"storage proxy for {where(url)} listening on grpc://{_bracket(host)}:{port} "
         f"({threads} threads); workers: --storage grpc://{_bracket(host)}:{port}  (Ctrl-C to stop)",
         flush=True,
     )

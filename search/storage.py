@@ -1,9 +1,16 @@
-"""Storages: URLs (`${VAR}` expanded, passwords masked), checks before anything is created, and
-opening (SQL with SQLite locking, journal file, Redis, a client of the gRPC proxy: `search proxy`,
-search.proxy, serves one).
+"""Storages: URLs (`${VAR}` filled in from the variables a user allows, passwords masked),
+checks before anything is created, and opening (SQL with SQLite locking, journal file, Redis, a
+client of the gRPC proxy: `search proxy`, search.proxy, serves one).
+
+A URL is read as SQLAlchemy reads it, for masking as for connecting, so what is hidden is what
+the driver takes for the password; what it cannot read unambiguously is masked wholesale and
+refused before connecting.
 
 A URL is checked (scheme, variables, reachability, a creatable file) before a study, schema or
 file exists, so a refused run leaves nothing behind.
+
+About 550 lines: reading a URL (masking, variables, what is refused) and opening it share one
+parser and one list of schemes; apart, the two would drift.
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import optuna
 import sqlalchemy
@@ -32,27 +40,196 @@ def default_storage(name: str) -> str:
     return f"sqlite:///{STUDIES / name}.db"
 
 
+HIDDEN = "***"
+
+# ${NAME} only: `$NAME` and a lone `$` are literal (passwords contain them), and so is every `$` of
+# a value, since the URL is scanned once, before any value is put in.
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Variables a URL may read unless SEARCH_STORAGE_VARS allows more: a recipe is shared, and a
+# `${VAR}` in its storage URL sends that variable's value to the host the recipe names.
+ALLOWED_PREFIXES = ("SEARCH_", "PG", "MYSQL_", "REDIS_")
+# ... except these two: whole URLs and the allow-list itself, never a part of a URL.
+NOT_BY_DEFAULT = ("SEARCH_STORAGE", "SEARCH_STORAGE_VARS")
+ALLOW_VAR = "SEARCH_STORAGE_VARS"
+
+# Query keys whose values are masked (psycopg's password, sslpassword, MySQL's passwd, tokens...).
+SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred|^pw$", re.IGNORECASE)
+QUERY_PAIR = re.compile(r"([?&;]([^?&;=#]*)=)([^&;#]*)")
+
+# SQLAlchemy's own URL pattern (sqlalchemy.engine.url._parse_url, which exposes no spans): where
+# `${VAR}` lands in a URL is decided exactly as the drivers will later read it.
+URL_PARTS = re.compile(
+    r"""
+        (?P<name>[\w\+]+)://
+        (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
+        (?:(?:\[(?P<ipv6host>[^/\?]+)\]|(?P<ipv4host>[^/:\?]+))?(?::(?P<port>[^/\?]*))?)?
+        (?:/(?P<database>[^\?]*))?
+        (?:\?(?P<query>.*))?
+    """,
+    re.X,
+)
+
+
+def _secret_key(key: str) -> bool:
+    return bool(SECRET_KEY.search(key))
+
+
+def _conservative(url: str) -> str:
+    """A URL SQLAlchemy cannot read, or reads ambiguously: all between :// and the last @ hidden,
+    and the values of secret-looking query keys."""
+    start = url.find("://") + 3 if "://" in url else 0
+    at = url.rfind("@")
+    out = url[:start] + HIDDEN + url[at:] if at >= start else url
+    return QUERY_PAIR.sub(lambda m: m.group(1) + (HIDDEN if _secret_key(m.group(2)) else m.group(3)), out)
+
+
+def _tokens(url: str) -> tuple[str, dict[str, str], str]:
+    """The URL with each ${NAME} replaced by a token of digits (which SQLAlchemy's parsing and
+    quoting leave alone, in a port too), {token: '${NAME}'}, and one more token, unused."""
+    base = "730195"  # no prefix of it is a suffix: a token is never found straddling other digits
+    while base in url:
+        base += "4"
+    refs: dict[str, str] = {}
+
+    def token(m: re.Match[str]) -> str:
+        t = f"{base}{len(refs):03d}"
+        refs[t] = m.group(0)
+        return t
+
+    return VAR.sub(token, url), refs, f"{base}999"
+
+
+def _ambiguous(u: sqlalchemy.engine.URL, text: str) -> bool:
+    """A password with a raw '@': where it ends and the host begins is a guess."""
+    return "@" in (u.host or "") or (u.password is not None and text.split("://", 1)[1].count("@") > 1)
+
+
+def _parse(text: str) -> sqlalchemy.engine.URL | None:
+    """The URL as SQLAlchemy reads it, or None when it cannot, or cannot tell the host from the password."""
+    try:
+        u = sqlalchemy.engine.make_url(text)
+    except Exception:  # noqa: BLE001 - ArgumentError, or ValueError of a port that is not a number
+        return None
+    return None if _ambiguous(u, text) else u
+
+
+def _values(v: str | tuple[str, ...]) -> tuple[str, ...]:
+    return v if isinstance(v, tuple) else (v,)
+
+
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***, for logs, messages and the stored recipe."""
-    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+    """The URL for logs, messages, printed commands and the stored recipe: its password and the
+    values of secret-looking query keys (password, passwd, pwd, secret, token, key...) as ***.
+
+    As written when nothing is secret; else as SQLAlchemy renders it. A password or query value
+    that is exactly one ${NAME} stays (a name, not a secret: the command still works pasted).
+    A journal path is a file name and kept whole; a URL SQLAlchemy cannot read, or that has '@'
+    in its password, loses everything between :// and its last @.
+    """
+    if _scheme(url) == "journal":
+        return url
+    if "://" not in url:
+        return _conservative(url)
+    text, refs, masked = _tokens(url)
+    u = _parse(text)
+    if u is None:
+        return _conservative(url)
+    hide_password = bool(u.password) and u.password not in refs
+    hidden = [k for k, v in u.query.items() if _secret_key(k) and any(x not in refs for x in _values(v))]
+    if not hide_password and not hidden:
+        return url
+    u = u.update_query_dict(dict.fromkeys(hidden, masked))
+    out = u.render_as_string(hide_password=hide_password).replace(masked, HIDDEN)
+    for t, ref in refs.items():
+        out = out.replace(t, ref)
+    return out
+
+
+def _secrets(full: str) -> list[str]:
+    """What may be a password in a URL: its password and secret query values, as written, quoted
+    and unquoted (longest first)."""
+    found: list[str] = []
+    u = _parse(full) if "://" in full else None
+    if u is None:
+        start = full.find("://") + 3 if "://" in full else 0
+        segment = full[start : full.rfind("@")] if full.rfind("@") > start else ""
+        found += [segment, segment.partition(":")[2]]
+    else:
+        found += [u.password or ""]
+        found += [x for k, v in u.query.items() if _secret_key(k) for x in _values(v)]
+    m = re.match(r"[^:/]*:([^@]*)@", full.partition("://")[2])
+    found += [m.group(1)] if m else []
+    found += [m.group(3) for m in QUERY_PAIR.finditer(full) if _secret_key(m.group(2))]
+    forms = {
+        f(s)
+        for s in found
+        for f in (str, quote_plus, unquote, unquote_plus, lambda x: quote(x, safe=""), lambda x: quote(x, safe=" +"))
+    }
+    return sorted((s for s in forms if s), key=len, reverse=True)
 
 
 def _scrub(text: str, url: str) -> str:
-    """Text (e.g. a driver's error) with the URL's password removed wherever it appears."""
-    m = re.search(r"://[^:/@]*:([^/]*)@", url)
-    return mask(text.replace(m.group(1), "***") if m and m.group(1) else text)
+    """Text (e.g. a driver's error) with the URL's password removed wherever it appears: raw,
+    quoted or unquoted, and any user:password@ of a URL quoted in it."""
+    for secret in _secrets(url):
+        text = text.replace(secret, HIDDEN)
+    return re.sub(r"(://[^\s:/@]*:)[^\s@]*@", rf"\1{HIDDEN}@", text)
+
+
+def allowed_var(name: str, env: Mapping[str, str] = os.environ) -> bool:
+    """May a storage URL read this variable? Names starting SEARCH_, PG, MYSQL_ or REDIS_ (not
+    SEARCH_STORAGE, SEARCH_STORAGE_VARS), and those SEARCH_STORAGE_VARS lists: comma-separated
+    names, or prefixes ending in *."""
+    extra = [e.strip() for e in env.get(ALLOW_VAR, "").split(",") if e.strip()]
+    if name in extra or any(e.endswith("*") and name.startswith(e[:-1]) for e in extra):
+        return True
+    return name.startswith(ALLOWED_PREFIXES) and name not in NOT_BY_DEFAULT
+
+
+def _quoted_spans(url: str) -> list[tuple[int, int]]:
+    """Where a value is URL-quoted: the user and password, and each query value (host, port,
+    database and paths take values literally)."""
+    m = URL_PARTS.match(url) if "://" in url else None
+    if m is None:
+        return []
+    spans = [m.span(g) for g in ("username", "password") if m.group(g) is not None]
+    if m.group("query") is not None:
+        start = m.start("query")
+        for pair in re.finditer(r"[^&]+", m.group("query")):
+            key, eq, _ = pair.group(0).partition("=")
+            if eq:
+                spans.append((start + pair.start() + len(key) + 1, start + pair.end()))
+    return spans
 
 
 def expand(url: str) -> str:
-    """${VAR} in a storage URL taken from the environment, so passwords stay out of recipes."""
-    out = os.path.expandvars(url)
-    missing = re.findall(r"\$\{?(\w+)", out)
-    if missing:
-        raise SearchError(
-            f"study.storage: environment variable {missing[0]} in '{mask(url)}' is not set; "
-            f"export {missing[0]}=... before starting the study or its workers"
-        )
-    return out
+    """${NAME} in a storage URL taken from the environment, so passwords stay out of recipes.
+
+    Only variables `allowed_var` admits are read. A value that lands in the user, password or a
+    query value is URL-quoted (a password may hold / @ ? $ %); elsewhere it is taken literally.
+    """
+    refs = list(VAR.finditer(url))
+    for m in refs:
+        if not allowed_var(m.group(1)):
+            raise SearchError(
+                f"study.storage: '{mask(url)}' reads environment variable {m.group(1)}, which a storage URL may "
+                f"not read (allowed: {', '.join(p + '*' for p in ALLOWED_PREFIXES)}); if this URL is yours, "
+                f"allow it: export {ALLOW_VAR}={m.group(1)} (names or PREFIX*, comma-separated)"
+            )
+    quoted = _quoted_spans(url)
+    out, last = [], 0
+    for m in refs:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            raise SearchError(
+                f"study.storage: environment variable {m.group(1)} in '{mask(url)}' is not set; "
+                f"export {m.group(1)}=... before starting the study or its workers"
+            )
+        inside = any(a <= m.start() and m.end() <= b for a, b in quoted)
+        out += [url[last : m.start()], quote(value, safe="") if inside else value]
+        last = m.end()
+    return "".join(out) + url[last:]
 
 
 # Plain schemes get the drivers this package installs (SQLAlchemy would pick psycopg2/MySQLdb).
@@ -74,9 +251,20 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _rdb(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    scheme, rest = url.split("://", 1)
-    url = f"{DRIVERS.get(scheme, scheme)}://{rest}"
+def _driver_url(full: str) -> str:
+    """The URL a driver gets: this package's driver for a plain scheme; a server's URL as SQLAlchemy
+    renders it, so user, password and database are quoted whole (Optuna also runs str.format on
+    it, which a raw { or } in a password would break)."""
+    scheme, rest = full.split("://", 1)
+    if scheme.startswith("sqlite"):
+        return full  # no credentials; the path stays as written (artifacts are found beside it)
+    u = sqlalchemy.engine.make_url(full)
+    return u.set(drivername=DRIVERS.get(scheme, scheme)).render_as_string(hide_password=False)
+
+
+def _rdb(full: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
+    scheme, rest = full.split("://", 1)
+    url = _driver_url(full)
     sqlite = scheme.startswith("sqlite")
     if sqlite and rest.startswith("/") and rest != "/:memory:":
         Path(rest[1:]).parent.mkdir(parents=True, exist_ok=True)
@@ -105,14 +293,19 @@ def _journal_file(url: str, heartbeat: int | None) -> optuna.storages.BaseStorag
     return optuna.storages.JournalStorage(JournalFileBackend(path))
 
 
-def _redis(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
-    # ?prefix=NAME keeps several users' (or tests') journals apart on one server.
-    base, _, query = url.partition("?")
-    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
-    prefix = params.pop("prefix", "")
-    base += ("?" + "&".join(f"{k}={v}" for k, v in params.items())) if params else ""
+def _redis_url(full: str) -> tuple[str, str]:
+    """(URL for redis-py, key prefix): ?prefix=NAME is ours (it keeps several users' or tests'
+    journals apart on one server), the rest redis-py's. Rendered by SQLAlchemy, so a password
+    with / ? # reaches redis-py's urlparse quoted, and ?password= stays."""
+    u = sqlalchemy.engine.make_url(full)
+    prefix = _values(u.query.get("prefix", ""))[0]
+    return u.difference_update_query(["prefix"]).render_as_string(hide_password=False), prefix
+
+
+def _redis(full: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     import redis
 
+    base, prefix = _redis_url(full)
     redis.Redis.from_url(base, socket_connect_timeout=10).ping()  # fail now, clearly, not at the first write
     return optuna.storages.JournalStorage(JournalRedisBackend(base, prefix=prefix))
 
@@ -122,7 +315,7 @@ def parse_address(url: str) -> tuple[str, int]:
     m = re.fullmatch(r"grpc://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?", url)
     if not m or not 0 < int(m.group(2)) < 65536:
         raise SearchError(
-            f"study.storage: '{url}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
+            f"study.storage: '{mask(url)}' is not grpc://HOST:PORT (e.g. grpc://10.0.0.5:13000, "
             "the address a `search proxy` listens on)"
         )
     return m.group(1).strip("[]"), int(m.group(2))
@@ -152,7 +345,7 @@ def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     except ConnectionError:
         storage.close()
         raise SearchError(
-            f"study.storage: no storage proxy answers at {url} within {READY_TIMEOUT:g} s; "
+            f"study.storage: no storage proxy answers at {mask(url)} within {READY_TIMEOUT:g} s; "
             f"start one there with `{command('proxy --storage DATABASE_URL')} "
             f"--host {host} --port {port}`, or check the address"
         ) from None
@@ -176,8 +369,15 @@ def _scheme(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
 
 
+# Servers reached with credentials: their URLs must read unambiguously before anything connects.
+SERVERS = ("postgresql", "postgres", "mysql", "mariadb", "redis", "rediss")
+
+
 def resolve_url(url: str) -> str:
-    """The URL with ${VAR} filled in, after its scheme is checked (nothing is opened)."""
+    """The URL with ${VAR} filled in, after its scheme is checked (nothing is opened).
+
+    A server's URL that SQLAlchemy cannot read, or in which a raw '@' leaves the host unclear, is
+    refused here: guessed at, a piece of the password would go out as a host name."""
     scheme = _scheme(url)
     if scheme not in STORAGES or (scheme != "journal" and "://" not in url):
         raise SearchError(
@@ -186,7 +386,24 @@ def resolve_url(url: str) -> str:
             "journal:PATH.log (shared filesystem), redis://HOST:PORT or grpc://HOST:PORT "
             "(a `search proxy` in front of a database)"
         )
-    return expand(url)
+    full = expand(url)
+    if scheme in SERVERS and _parse(full) is None:
+        raise SearchError(
+            f"study.storage: cannot read '{mask(url)}' as USER:PASSWORD@HOST:PORT/DB; write @ : / ? in a "
+            "user or password as %40 %3A %2F %3F (or put the password in an environment variable: "
+            ":${SEARCH_DB_PASSWORD}@), and give the port as a number"
+        )
+    return full
+
+
+def where(url: str) -> str:
+    """The storage as it will be opened, ${VAR} filled in and passwords masked: printed before
+    connecting, so the host a password goes to is seen (the URL masked as written if it cannot
+    be resolved; resolving says why)."""
+    try:
+        return mask(resolve_url(url))
+    except SearchError:
+        return mask(url)
 
 
 def storage_error(url: str, full: str, e: Exception) -> SearchError:
@@ -196,7 +413,7 @@ def storage_error(url: str, full: str, e: Exception) -> SearchError:
     text = " ".join(str(root if root is not e and str(root) else e).split()) or type(e).__name__
     text = re.sub(r"\(Background on this error at: \S+\)", "", text).strip()
     return SearchError(
-        f"study.storage: cannot open {mask(url)}: {_scrub(text, full)[:300]}; "
+        f"study.storage: cannot open {mask(full)}: {_scrub(text, full)[:300]}; "
         "check the URL, that the server runs, and that the database exists"
     )
 
@@ -231,11 +448,8 @@ def _reach_file(full: str) -> None:
 
 
 def _engine(full: str) -> sqlalchemy.engine.Engine:
-    scheme, rest = full.split("://", 1)
-    args = {} if scheme.startswith("sqlite") else {"connect_timeout": 10}
-    return sqlalchemy.create_engine(
-        f"{DRIVERS.get(scheme, scheme)}://{rest}", poolclass=sqlalchemy.pool.NullPool, connect_args=args
-    )
+    args = {} if full.startswith("sqlite") else {"connect_timeout": 10}
+    return sqlalchemy.create_engine(_driver_url(full), poolclass=sqlalchemy.pool.NullPool, connect_args=args)
 
 
 def _reach_server(full: str) -> None:
@@ -250,8 +464,12 @@ def _reach_server(full: str) -> None:
 def _reach_redis(full: str) -> None:
     import redis
 
-    base = full.partition("?")[0]
-    redis.Redis.from_url(base, socket_connect_timeout=10).ping()
+    redis.Redis.from_url(_redis_url(full)[0], socket_connect_timeout=10).ping()
+
+
+def _reach_grpc(full: str) -> None:
+    """The address only: a proxy that is not up yet is waited for when the storage is opened."""
+    parse_address(full)
 
 
 REACHABLE: dict[str, Callable[[str], None]] = {
@@ -263,6 +481,7 @@ REACHABLE: dict[str, Callable[[str], None]] = {
     "mariadb": _reach_server,
     "redis": _reach_redis,
     "rediss": _reach_redis,
+    "grpc": _reach_grpc,
 }
 
 
@@ -322,7 +541,7 @@ STUDY_NAMES: dict[str, Callable[[str], list[str] | None]] = {
 def study_names(url: str) -> list[str] | None:
     """The study names in the storage, read without writing anything (None: this storage cannot
     be listed without opening it)."""
-    full = expand(url)
+    full = resolve_url(url)
     lister = STUDY_NAMES.get(_scheme(url))
     try:
         return lister(full) if lister else None

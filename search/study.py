@@ -40,7 +40,8 @@ log = logging.getLogger("search")
 
 
 def stored_form(recipe: Recipe) -> dict[str, Any]:
-    """What the study keeps: the normalized recipe, storage password masked."""
+    """What the study keeps: the normalized recipe, its storage URL as written (${VAR} not filled
+    in: no value of the environment is stored) with any password written into it masked."""
     d = recipe.normalized()
     if d["study"]["storage"]:
         d["study"]["storage"] = mask(d["study"]["storage"])

@@ -322,10 +322,13 @@ def drain(
 
 
 def resume_command(recipe: Recipe, storage_url: str) -> str:
-    """The command that continues the study (the stored recipe, the same storage)."""
+    """The command that continues the study (the stored recipe, the same storage): the URL as
+    written, ${VAR} kept (the worker fills it in), a password written into it masked."""
     cmd = command(f"worker --storage '{mask(storage_url)}' --study {recipe.study.name}")
     if mask(storage_url) != storage_url:
-        cmd += "   (password masked: write it in, or put it in an environment variable: ${PGPASSWORD}-style ${VAR})"
+        cmd += (
+            "   (password masked: export it, e.g. as SEARCH_DB_PASSWORD, and write ${SEARCH_DB_PASSWORD} in its place)"
+        )
     return cmd
 
 
