@@ -27,13 +27,15 @@ pareto: $(VENV)/.installed
 	$(BIN)/python -m search run recipes/digits_pareto.yaml
 	$(BIN)/python -m search report digits_pareto
 
-# JOBS=2: pytest-xdist over 2 processes, one test file per process at a time (module fixtures run once).
-# CI runs JOBS=2 (.ci/run); a plain `make test` keeps one process, the simplest to read.
+# JOBS=2: pytest-xdist over 2 processes, test by test (expensive fixtures are built once per run:
+# tests/conftest.py built_once). CI runs JOBS=2 (.ci/run) and prints the 15 slowest tests; a plain
+# `make test` keeps one process, the simplest to read.
 JOBS ?= 1
-XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist load)
+DURATIONS ?= 0
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q $(XDIST)
+	$(BIN)/python -m pytest -q $(XDIST) $(if $(filter-out 0,$(DURATIONS)),--durations=$(DURATIONS))
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow"

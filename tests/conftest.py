@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -29,6 +31,23 @@ def data_root_of_the_session(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory built by the first test process of the run that asks for it and reused by the
+    others (pytest-xdist's workers share the parent of their temporary directories): expensive
+    fixtures (trained checkpoints) are paid once per run, not once per process."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            path.mkdir(exist_ok=True)
+            build(path)
+            done.touch()
+    return path
 
 
 def run_cli(

@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cli, tiny_recipe, write_recipe
-
-pytestmark = pytest.mark.slow  # each test runs the CLI in a subprocess
+from tests.conftest import run_cli, run_inline, tiny_recipe, write_recipe
 
 
 @pytest.mark.parametrize(
@@ -17,7 +15,7 @@ pytestmark = pytest.mark.slow  # each test runs the CLI in a subprocess
 )
 def test_validate_bad_recipe_exits_2_with_one_line(tmp_path, over, key):
     f = write_recipe(tmp_path / "bad.yaml", tiny_recipe(**over))
-    proc = run_cli("validate", str(f), cwd=tmp_path)
+    proc = run_inline("validate", str(f), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and lines[0].startswith("error: ")
@@ -26,7 +24,7 @@ def test_validate_bad_recipe_exits_2_with_one_line(tmp_path, over, key):
 
 def test_validate_prints_space(tmp_path):
     f = write_recipe(tmp_path / "ok.yaml", tiny_recipe())
-    proc = run_cli("validate", str(f), "--set", "train.epochs=3", cwd=tmp_path)
+    proc = run_inline("validate", str(f), "--set", "train.epochs=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "lr                 float [0.002, 0.005] log" in proc.stdout
     assert "optimizer          = 'adamw' (fixed)" in proc.stdout
@@ -34,11 +32,12 @@ def test_validate_prints_space(tmp_path):
 
 
 def test_missing_recipe_file(tmp_path):
-    proc = run_cli("run", "nope.yaml", cwd=tmp_path)
+    proc = run_inline("run", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: recipe file not found: nope.yaml"
 
 
+@pytest.mark.slow  # the real entry point, `python -m search`, in a subprocess
 def test_usage_mistakes_are_one_line_with_the_closest_match(tmp_path):
     """argparse's own errors (a misspelt command, a value of the wrong type) as a recipe's are: one
     line, exit 2, no usage block."""

@@ -14,7 +14,7 @@ import termios
 import pytest
 
 from search.progress import Progress
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_inline, tiny_recipe, write_recipe
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -67,7 +67,7 @@ def test_a_terminal_shows_live_study_and_trial_bars_within_100_columns(tmp_path)
 @pytest.mark.slow
 def test_a_pipe_gets_plain_lines_only_at_epoch_and_trial_ends(tmp_path):
     _recipe(tmp_path, "plain")
-    proc = run_cli("run", "r.yaml", cwd=tmp_path)
+    proc = run_inline("run", "r.yaml", cwd=tmp_path)  # stdout is not a terminal: as in a pipe
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout and "img/s" not in proc.stdout
     epoch_lines = [line for line in proc.stdout.splitlines() if re.match(r"trial +\d+ \S+ +epoch +\d+", line)]

@@ -188,18 +188,21 @@ def _train(epochs: int, data, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def known_caches(tmp_path_factory):
-    """HF caches holding the 3-, 1- and 0-epoch checkpoints under three timm tags of one architecture."""
+    """HF caches holding the 3-, 1- and 0-epoch checkpoints under three timm tags of one architecture
+    (trained once per run, whichever test process asks first)."""
     from search.data import load_data
     from search.recipe import DataCfg
+    from tests.conftest import built_once
     from tests.weights_cache import hf_checkpoint
 
-    root = tmp_path_factory.mktemp("known")
-    data = load_data(DataCfg(dataset="digits"), 0)
-    for name, epochs in KNOWN.items():
-        hf_checkpoint(root / "hf", name, _train(epochs, data, seed=1))
-    return root
+    def build(root):
+        data = load_data(DataCfg(dataset="digits"), 0)
+        for name, epochs in KNOWN.items():
+            hf_checkpoint(root / "hf", name, _train(epochs, data, seed=1))
+
+    return built_once(tmp_path_factory, "known-quality-caches", build)
 
 
 def _known_recipe(name: str, **over) -> dict:

@@ -142,7 +142,9 @@ def test_a_queued_trial_keeps_its_params_and_its_seed(tmp_path):
     assert second.user_attrs["seed"] == sampling.trial_seed(0, 1)
 
 
-@pytest.mark.parametrize("sampler", ["random", "tpe", "qmc"])
+# TPE, the default sampler, end to end; every sampler's per-trial seeding is proven without processes
+# by test_interleaved_workers_never_repeat_and_a_resume_replays_nothing.
+@pytest.mark.parametrize("sampler", ["tpe"])
 def test_four_workers_on_postgresql_never_repeat_a_configuration(sampler, tmp_path):
     from tests.test_storage import database
 

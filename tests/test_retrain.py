@@ -140,7 +140,9 @@ def test_retrain_needs_its_origin_study(tmp_path):
             },
         ),
     )
-    with pytest.raises(
-        retrain.SearchError, match="study.origin: no study 'x' in sqlite:///.*to record the test metrics on"
-    ):
+    with pytest.raises(retrain.SearchError, match=r"study.origin: no study database at .*s\.db; .*remove study.origin"):
+        retrain.retrain(load_recipe(f), storage=f"sqlite:///{tmp_path}/s.db")
+    assert not (tmp_path / "s.db").exists()  # a misspelt origin creates no database
+    optuna.create_study(study_name="y", storage=f"sqlite:///{tmp_path}/s.db")
+    with pytest.raises(retrain.SearchError, match=r"study.origin: no study 'x' in sqlite:///.*studies there: y"):
         retrain.retrain(load_recipe(f), storage=f"sqlite:///{tmp_path}/s.db")

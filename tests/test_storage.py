@@ -166,7 +166,15 @@ def _states(study) -> dict[str, int]:
     return out
 
 
-def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_path):
+# PostgreSQL judges dead workers by Optuna's heartbeat table, the proxy by the heartbeat attribute;
+# MariaDB takes the first path too, and runs real worker processes in tests/test_secrets.py.
+@pytest.mark.parametrize("server", ["postgres", "postgres-proxy"])
+def test_three_workers_and_a_killed_one_finish_exactly_n_trials(server, tmp_path):
+    with database(server) as url:
+        _killed_one(url, tmp_path)
+
+
+def _killed_one(rdb_url: str, tmp_path) -> None:
     n = 4
     # heartbeat 2: a beat through a proxy on a loaded 2-core box can land over a second late
     recipe, study = _create(rdb_url, "shared", study={"n_trials": n, "heartbeat": 2}, train={"epochs": 3})
@@ -207,13 +215,15 @@ def test_three_workers_and_a_killed_one_finish_exactly_n_trials(rdb_url, tmp_pat
     assert "password" not in str(study.user_attrs["recipe"])
 
 
-def test_sixteen_workers_on_one_sqlite_file_with_a_two_second_heartbeat(tmp_path):
+def test_sixteen_workers_on_one_sqlite_file_with_a_four_second_heartbeat(tmp_path):
     url = f"sqlite:///{tmp_path}/many.db"
     write_recipe(
         tmp_path / "r.yaml",
         tiny_recipe(
             name="many",
-            study={"n_trials": 16, "storage": url, "heartbeat": 2},
+            # Stale after 10 silent beats: 40 s. With 2 s, 16 workers starting at once beside another
+            # test's workers on 2 cores were seen to miss 20 s (a load of 20 processes per core).
+            study={"n_trials": 16, "storage": url, "heartbeat": 4},
             data={"max_samples": 100},
             train={"epochs": 1},
         ),
