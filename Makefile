@@ -31,7 +31,7 @@ pareto: $(VENV)/.installed
 # tests/conftest.py built_once). CI runs JOBS=2 (.ci/run) and prints the 15 slowest tests; a plain
 # `make test` keeps one process, the simplest to read.
 JOBS ?= 1
-XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist load)
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
 DURATIONS ?= 0
 
 test: $(VENV)/.installed-dev

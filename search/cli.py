@@ -3,7 +3,8 @@
 User mistakes raise SearchError: printed as one line on stderr, exit code 2; so do argparse's own
 (an unknown command or option, a value of the wrong type), with the closest match. `validate`
 exits 3 where the recipe is valid but files it needs are missing here (see `_verdict`).
-About 650 lines: one short handler and one argparse block per command, nothing else.
+About 750 lines: one short handler and one argparse block per command, and the one-line form of
+argparse's errors.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def backend(url: str) -> optuna.storages.BaseStorage:
             "postgresql+psycopg://USER:PASS@HOST/DB or mysql+pymysql://USER:PASS@HOST/DB"
         )
     # No Optuna heartbeat on the database side: its clients cannot record one through the proxy,
-    # so dead workers are found by the `heartbeat_at` attr they write (see study.sweep).
+    # so dead workers are found by the `heartbeat_at` attr they write (see workers.sweep).
     storage = open_storage(url, heartbeat=None)
     return optuna.storages.get_storage(storage)  # the cache Optuna's docs ask for in front of an RDB
 

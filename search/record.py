@@ -23,7 +23,7 @@ FitStatus = Literal["ok", "early_stopped", "diverged", "oom", "interrupted"]
 class TrialAttrs(TypedDict, total=False):
     """User attributes of a trial, in the order the dashboard shows them as columns."""
 
-    # what users filter on first (search.study.FIRST_ATTRS)
+    # what users filter on first (search.objective.FIRST_ATTRS)
     pool_label: str  # the pool entry, e.g. resnet_18 or timm/convnext_tiny.fb_in22k@112
     weight_source: str  # imagenet-1k, imagenet-21k, ssl, swsl, clip, dinov2, none
     imagenet_overlap: str  # none, semantic, possible: how the data relates to ImageNet's labels

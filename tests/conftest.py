@@ -18,6 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_thread_per_test_process():
+    """Under pytest-xdist, each test process (and every process a test starts) computes on one thread:
+    two processes of two spinning OpenMP threads each on two cores run slower than one thread each."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    os.environ.pop("OMP_NUM_THREADS", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def data_root_of_the_session(tmp_path_factory):
     """$SEARCH_DATA in a temporary directory: nothing a test decodes or caches lands in the user's data root;
     and $XDG_STATE_HOME too: the records of checked data files stay out of the user's state directory."""
@@ -136,3 +153,11 @@ def demo_study(tmp_path_factory) -> Path:
     proc = run_inline("run", "tiny.yaml", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the end-to-end tests (marked slow) are handed out first, so that the many
+    short ones fill both processes' last minutes instead of one long test running alone at the end
+    (the same stable order in every process, as xdist requires)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
