@@ -1,6 +1,6 @@
 # make demo: create .venv (first time), install, run the offline demo study.
 # make test: create .venv (first time), install with dev extras, run the whole suite.
-# make test-fast: the suite without the end-to-end tests marked slow (under 2 minutes on 2 cores).
+# make test-fast: the suite without the end-to-end tests marked slow (under 90 s on 2 cores).
 # make lint: formatting, lint and type checks (what CI runs before the tests).
 PYTHON ?= python3
 VENV := .venv
@@ -27,9 +27,9 @@ pareto: $(VENV)/.installed
 	$(BIN)/python -m search run recipes/digits_pareto.yaml
 	$(BIN)/python -m search report digits_pareto
 
-# JOBS=2: pytest-xdist over 2 processes, test by test (expensive fixtures are built once per run:
-# tests/conftest.py built_once). CI runs JOBS=2 (.ci/run) and prints the 15 slowest tests; a plain
-# `make test` keeps one process, the simplest to read.
+# JOBS=2: pytest-xdist over 2 processes, test by test, an idle one taking tests from the other's queue
+# (expensive fixtures are built once per run: tests/conftest.py built_once). CI runs JOBS=2 (.ci/run) and
+# prints the 15 slowest tests; a plain `make test` keeps one process, the simplest to read.
 JOBS ?= 1
 XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
 DURATIONS ?= 0
