@@ -122,6 +122,7 @@ def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> i
     """
     from search.net import checklist
     from search.text import command as cmd
+    from search.text import wrap
 
     prefetch = cmd(f"prefetch {recipe}")
     if missing:
@@ -132,7 +133,8 @@ def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> i
         return 2 if problems else 0
     fetch = f"download each URL to its path, or run `{prefetch}` with internet and copy them over"
     if command == "validate" and not problems:
-        print(f"validate: the recipe is valid; {len(missing)} file(s) it needs are not here yet, listed above: {fetch}")
+        line = f"validate: the recipe is valid; {len(missing)} file(s) it needs are not here yet, listed above: {fetch}"
+        print("\n".join(wrap(line)))
         return MISSING_FILES
     print(f"error: {command}: {len(missing)} file(s) missing, listed above; {fetch}", file=sys.stderr)
     return 2

@@ -299,7 +299,7 @@ def test_prefetch_and_validate_list_every_missing_file_offline(tmp_path, monkeyp
         if command == "prefetch":
             assert err.strip().splitlines() == [f"error: prefetch: 3 file(s) missing, listed above; {fetch}"]
         else:
-            assert err == "" and out.strip().endswith(
+            assert err == "" and " ".join(out.split()).endswith(  # wrapped at 100 columns
                 f"validate: the recipe is valid; 3 file(s) it needs are not here yet, listed above: {fetch}"
             )
         assert max(len(line) for line in out.splitlines()) <= 100 or "from https://" in out
