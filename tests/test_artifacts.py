@@ -70,6 +70,27 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
     assert [h["history"][0]["val_accuracy"] for h in hist] == values
 
 
+def test_an_infeasible_trial_keeps_no_checkpoint_and_frees_its_place(tmp_path):
+    """A trial that violates a constraint can never be chosen: it writes no checkpoint, and a
+    feasible trial finishing after it takes the top-k place the infeasible one's value would hold."""
+    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 1}, data={"max_samples": 50}))
+    data = load_data(recipe.data, 0)
+    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    study = optuna.create_study(
+        study_name="tiny", direction="maximize", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
+    )
+    for v, feasible in ((0.9, False), (0.5, True)):
+        trial = study.ask()
+        trial.set_constraint("params", 0.0 if feasible else 1.0)  # as sampling.record_constraints stores it
+        res = FitResult("ok", "", 1, {"accuracy": v}, {"accuracy": v}, [{"epoch": 1, "val_accuracy": v}], state)
+        artifacts.after_fit(trial, recipe, model, recipe.train, data, res, feasible)
+        study.tell(trial, v)
+    assert [len(artifacts.checkpoint_meta(t)) for t in study.get_trials()] == [0, 1]
+    assert artifacts.top_numbers(study, 1) == {1}  # the 0.9 trial is not ranked at all
+    assert artifacts.top_numbers(study, 1, (2, 0.6)) == {2}
+
+
 def test_no_checkpoints_when_top_k_is_zero(tmp_path):
     recipe = recipe_from_dict(tiny_recipe(study={"top_k": 0}, data={"max_samples": 50}))
     data = load_data(recipe.data, 0)
