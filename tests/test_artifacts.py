@@ -38,15 +38,21 @@ def test_study_dir_follows_the_storage_file(tmp_path):
     assert artifacts.dir_of(study) == tmp_path / "a" / "x"
 
 
-def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
-    """Trials finish in an order where earlier leaders drop out; their checkpoint files are deleted."""
-    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 2}, data={"max_samples": 50}))
+def _finishing(tmp_path, top_k: int):
+    """(recipe, data, model, its weights, a study) for trials that end through artifacts.after_fit."""
+    recipe = recipe_from_dict(tiny_recipe(study={"top_k": top_k}, data={"max_samples": 50}))
     data = load_data(recipe.data, 0)
     model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     study = optuna.create_study(
         study_name="tiny", direction="maximize", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
     )
+    return recipe, data, model, state, study
+
+
+def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
+    """Trials finish in an order where earlier leaders drop out; their checkpoint files are deleted."""
+    recipe, data, model, state, study = _finishing(tmp_path, top_k=2)
     values = [0.5, 0.7, 0.6, 0.9, 0.4, 0.8]
     for v in values:
         trial = study.ask()
@@ -73,13 +79,7 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
 def test_an_infeasible_trial_keeps_no_checkpoint_and_frees_its_place(tmp_path):
     """A trial that violates a constraint can never be chosen: it writes no checkpoint, and a
     feasible trial finishing after it takes the top-k place the infeasible one's value would hold."""
-    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 1}, data={"max_samples": 50}))
-    data = load_data(recipe.data, 0)
-    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    study = optuna.create_study(
-        study_name="tiny", direction="maximize", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
-    )
+    recipe, data, model, state, study = _finishing(tmp_path, top_k=1)
     for v, feasible in ((0.9, False), (0.5, True)):
         trial = study.ask()
         trial.set_constraint("params", 0.0 if feasible else 1.0)  # as sampling.record_constraints stores it
@@ -92,12 +92,7 @@ def test_an_infeasible_trial_keeps_no_checkpoint_and_frees_its_place(tmp_path):
 
 
 def test_no_checkpoints_when_top_k_is_zero(tmp_path):
-    recipe = recipe_from_dict(tiny_recipe(study={"top_k": 0}, data={"max_samples": 50}))
-    data = load_data(recipe.data, 0)
-    model = build_model("mini_cnn", num_classes=data.num_classes, in_chans=data.in_chans, resolution=8)
-    study = optuna.create_study(
-        study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db", heartbeat=None)
-    )
+    recipe, data, model, _, study = _finishing(tmp_path, top_k=0)
     trial = study.ask()
     artifacts.after_fit(
         trial,
