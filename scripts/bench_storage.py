@@ -1,7 +1,7 @@
 """Load test of a shared study: many light clients, directly on PostgreSQL and through `search proxy`.
 
 Each client process runs the harness's own trial life cycle without training: ask, a sampled
-parameter, the `heartbeat_at` beat (search.study.beating), one report per epoch, tell. The
+parameter, the `heartbeat_at` beat (search.workers.beating), one report per epoch, tell. The
 database is PostgreSQL on loopback with a dedicated role whose CONNECTION LIMIT is below what
 the clients need (each direct client holds at least one connection), in a database of its own;
 both are dropped at the end. Nothing server-wide is changed.
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from search import storage, workers  # noqa: E402
+from search.trials import finished  # noqa: E402
 
 EPOCHS = 3
 
@@ -86,7 +87,7 @@ def check(url: str, name: str, trials: int) -> str:
         and len(t.intermediate_values) == EPOCHS
         and isinstance(t.user_attrs.get(workers.HEARTBEAT_ATTR), float)
     ]
-    n = workers.finished(study)
+    n = finished(study)
     store.engine.dispose()
     if len(got) == len(good) == trials == n:
         return ""
