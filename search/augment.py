@@ -23,37 +23,12 @@ PIL + torchvision.transforms.v2 + DataLoader pipeline.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentCfg:
-    """Which augmentations run and how strong; datasets give defaults, recipes override."""
-
-    crop: Literal["pad", "resized", "none"] = (
-        "pad"  # 'pad': shift by up to pad_fraction of the size (zero fill); 'resized': area min_scale-1; 'none'
-    )
-    flip: bool = True  # horizontal, p = 0.5
-    rotate: float = 0.0  # max degrees either way
-    jitter: float = 0.0  # brightness and contrast factors in [1 - jitter, 1 + jitter]
-    pad_fraction: float = 0.125  # 4 px at 32 px
-    min_scale: float = 0.35  # random resized crop: smallest area fraction
-
-    def scaled(self, s: float) -> AugmentCfg:
-        """The same switches at strength `s` (1 = as configured, 0 = geometry only resamples)."""
-        return AugmentCfg(
-            self.crop,
-            self.flip,
-            self.rotate * s,
-            min(self.jitter * s, 1.0),
-            self.pad_fraction * s,
-            1 - (1 - self.min_scale) * min(s, 1 / (1 - self.min_scale)),
-        )
+from search.datasets import AugmentCfg
 
 
 def _rand(n: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -1,69 +1,20 @@
-"""The built-in architectures: one record each, which pool parsing, model building and weight
-loading all read.
-
-A record names its builder (or the timm architecture that builds it), its published
-weights (tag -> source, and the torchvision weight enum member where torchvision hosts
-them), its fixed input size if it has one, and the stem rule of ResNet's small inputs.
-Registering a name twice raises; `tests/test_builtins.py` checks every record against
-the libraries (enum members exist, parameter counts match the published weights).
+"""The built-in architectures' constructors: torch modules built for the data's classes, channels
+and input size. What each built-in is (weights, sources, input size, the timm architecture of a
+timm-built one) is plain data in `search.archs`; a built-in without a timm architecture is built
+here, by its entry in BUILDERS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from search.archs import SMALL_STEM_MAX
+
 # (num_classes, in_chans, input size, dropout) -> (model, stem module name, head module names)
 Builder = Callable[[int, int, int, float], tuple[nn.Module, str, tuple[str, ...]]]
-
-SMALL_STEM_MAX = 32  # ResNet-18 switches to the 3x3 stride-1 stem at or below this size
-
-
-@dataclass(frozen=True)
-class Weights:
-    """One published set of a built-in's weights."""
-
-    source: str  # one of pool.SOURCES
-    torchvision: str | None = None  # the weight enum member, e.g. 'ResNet18_Weights.IMAGENET1K_V1'; None: timm's
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """What a built-in architecture is: how it is built, its weights and its input size."""
-
-    default_tag: str | None  # None: scratch only
-    weights: dict[str, Weights] = field(default_factory=dict)  # tag -> weights
-    resolution: int | None = None  # fixed input size; None: follows the data's resolution
-    build: Builder | None = None  # None: timm builds `timm`
-    timm: str | None = None  # the timm architecture of a timm-built built-in
-    small_stem: int | None = None  # inputs at or below this size get a 3x3 stride-1 stem, kernels resized
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.build is None) == (self.timm is None):
-            raise ValueError(
-                f"a built-in is built by its builder or by timm, got build={self.build} and timm={self.timm!r}"
-            )
-        if self.default_tag is not None and self.default_tag not in self.weights:
-            raise ValueError(
-                f"expected the default tag among the weights {list(self.weights)}, got '{self.default_tag}'"
-            )
-        if self.timm and any(w.torchvision for w in self.weights.values()):
-            raise ValueError(f"timm-built '{self.timm}' cannot load torchvision weights")
-
-
-BUILTINS: dict[str, Builtin] = {}
-
-
-def register(name: str, builtin: Builtin) -> Builtin:
-    """Add a built-in; a name is registered once."""
-    if name in BUILTINS:
-        raise ValueError(f"built-in '{name}' is registered already; pick another name")
-    BUILTINS[name] = builtin
-    return builtin
 
 
 class MiniCNN(nn.Module):
@@ -128,34 +79,10 @@ def _convnext_tiny(num_classes: int, in_chans: int, res: int, p: float) -> tuple
     return m, "features.0.0", ("classifier.2",)
 
 
-register("mini_cnn", Builtin(None, build=_mini_cnn, note="3 conv blocks + global pooling, trained from scratch"))
-register(
-    "resnet_18",
-    Builtin(
-        "tv_in1k",
-        {"tv_in1k": Weights("in1k", "ResNet18_Weights.IMAGENET1K_V1")},
-        build=_resnet_18,
-        small_stem=SMALL_STEM_MAX,
-        note="3x3 stride-1 stem without max-pool at <= 32 px",
-    ),
-)
-register(
-    "efficientnet_b0",
-    Builtin(
-        "tv_in1k", {"tv_in1k": Weights("in1k", "EfficientNet_B0_Weights.IMAGENET1K_V1")}, 224, build=_efficientnet_b0
-    ),
-)
-register(
-    "convnext_tiny",
-    Builtin("tv_in1k", {"tv_in1k": Weights("in1k", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1")}, 224, build=_convnext_tiny),
-)
-register(
-    "vit_tiny",
-    Builtin(
-        "augreg_in21k_ft_in1k",
-        {"augreg_in21k_ft_in1k": Weights("in21k_ft_in1k"), "augreg_in21k": Weights("in21k")},
-        224,
-        timm="vit_tiny_patch16_224",
-        note="timm has no ImageNet-1k-only ViT-Tiny: the bare name is augreg_in21k_ft_in1k",
-    ),
-)
+# The constructor of every built-in that timm does not build (search.archs: `Builtin.timm` is None).
+BUILDERS: dict[str, Builder] = {
+    "mini_cnn": _mini_cnn,
+    "resnet_18": _resnet_18,
+    "efficientnet_b0": _efficientnet_b0,
+    "convnext_tiny": _convnext_tiny,
+}

@@ -34,7 +34,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     ${VAR}, reachability), dataset, weights. Missing files are listed as a checklist. Nothing
     is written, downloaded or decoded."""
     from search import space, storage
-    from search.data import channels
+    from search.datasets import channels
     from search.pool import parse_pool
     from search.text import table
 
@@ -248,7 +248,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from search.builtins import BUILTINS
+    from search.archs import BUILTINS
     from search.models import build_model, input_resolution
     from search.pool import parse_entry
     from search.report import short_count

@@ -15,17 +15,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from search.metrics import Direction
-
-# What a study can optimize or constrain besides the validation metrics, and the direction of each
-# (train_seconds is timed by the study; the others are measured here, before training).
-MEASURES: dict[str, Direction] = {
-    "params": "minimize",
-    "flops": "minimize",
-    "latency_ms": "minimize",
-    "throughput": "maximize",
-    "train_seconds": "minimize",
-}
 WARMUP, REPEATS = 5, 30  # latency: untimed calls first (allocator, kernels), then the timed ones
 THROUGHPUT_BATCH, THROUGHPUT_REPEATS = 64, 5
 

@@ -6,23 +6,11 @@ convention for recall; for F1 a class predicted but absent counts with F1 0).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Direction = Literal["minimize", "maximize"]
-
-NAMES = ("loss", "accuracy", "balanced_accuracy", "f1", "auc")
-# The metrics a study can monitor and the direction each implies.
-METRICS: dict[str, Direction] = {
-    "accuracy": "maximize",
-    "balanced_accuracy": "maximize",
-    "f1": "maximize",
-    "auc": "maximize",
-    "loss": "minimize",
-}
+NAMES = ("loss", "accuracy", "balanced_accuracy", "f1", "auc")  # what a study may monitor: search.recipe.METRICS
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Model building: the built-ins (search.builtins) and any timm model, with pretrained
+"""Model building: the built-ins (search.archs, search.builtins) and any timm model, with pretrained
 weights morphed to the data (channels, resolution, classes).
 
 `build_model` returns an `nn.Module` carrying `model.info` (`ModelInfo`): the
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from search import morph, weights
-from search.builtins import BUILTINS
+from search.archs import BUILTINS
+from search.builtins import BUILDERS
 from search.errors import SearchError
 from search.pool import PoolEntry, parse_entry
 
@@ -186,8 +187,8 @@ def build_model(
     adapt = None
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    if builtin is not None and builtin.build is not None:
-        model, stem, head = builtin.build(num_classes, in_chans, res, dropout)
+    if builtin is not None and builtin.timm is None:
+        model, stem, head = BUILDERS[entry.arch](num_classes, in_chans, res, dropout)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if pretrained else (SCRATCH_MEAN * 3, SCRATCH_STD * 3)
     else:
         model, stem, head, cfg = _build_timm(entry, num_classes, in_chans, res, dropout)

@@ -24,6 +24,7 @@ import optuna
 
 from search import artifacts, pack, space
 from search.data import Data
+from search.device import resolve_device
 from search.hparams import TrainCfg
 from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
@@ -34,7 +35,7 @@ from search.recipe import CONSTRAINABLE, Recipe
 from search.record import attrs, set_attrs, versions
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
 from search.text import shorten
-from search.train import FitResult, fit, resolve_device, seed_everything
+from search.train import FitResult, fit, seed_everything
 from search.trials import counted
 from search.workers import (
     STATE_FORMAT,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from search.builtins import BUILTINS
+from search.archs import BUILTINS
 from search.errors import SearchError, did_you_mean, one_of
 from search.section import Section
 

@@ -36,36 +36,26 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from search import weights
 from search.augment import eval_input
-from search.data import data_root, load_data, stratified_split
+from search.data import Data, data_root, load_data, stratified_split
+from search.device import resolve_device
 from search.errors import SearchError
 from search.files import replacing
 from search.models import build_model, info_of, input_resolution
 from search.pool import parse_pool
-from search.section import Section
-from search.train import resolve_device
+from search.recipe import RankCfg, Recipe
 
 log = logging.getLogger(__name__)
 
 SCORES = ("logme", "probe", "knn")
-
-
-class RankCfg(Section):
-    """`python -m search rank` and `study.rank`: frozen-feature scores of the pool entries."""
-
-    max_images: int = Field(2000, ge=10)  # stratified sample of train the features are taken on
-    max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
-    by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
-    knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
-    batch_size: int = Field(256, ge=1)  # images per forward pass
 
 
 T_MAX = 1e8  # alpha / beta at which the evidence of a featureless target is taken
@@ -289,7 +279,7 @@ def entry_features(
     data: Any,
     splits: dict[str, Any],
     *,
-    cfg: Any,
+    cfg: RankCfg,
     channel_reduce: str,
     device: torch.device,
     amp: bool,
@@ -334,7 +324,9 @@ def entry_features(
 # the pool
 
 
-def rank_pool(recipe: Any, data: Any = None, *, on_row: Any = None) -> list[dict[str, Any]]:
+def rank_pool(
+    recipe: Recipe, data: Data | None = None, *, on_row: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
     """Score every pool entry; rows sorted by `rank.by` (best first), then unrankable entries.
 
     Each row: entry, status (`ok`, `scratch` or `failed`), the three scores, feature dimension,

@@ -16,15 +16,31 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from search.data import DataCfg, loader_for
+from search.datasets import DataCfg, check_name
 from search.errors import SearchError, did_you_mean, one_of
 from search.hparams import TrainCfg
-from search.measure import MEASURES
-from search.metrics import METRICS
 from search.pool import PoolEntryCfg, parse_pool
-from search.rank import RankCfg
 from search.section import Section
 from search.space import SpaceCfg, check_overrides
+
+Direction = Literal["minimize", "maximize"]
+# The validation metrics a study can monitor (search.metrics computes them) and the direction each implies.
+METRICS: dict[str, Direction] = {
+    "accuracy": "maximize",
+    "balanced_accuracy": "maximize",
+    "f1": "maximize",
+    "auc": "maximize",
+    "loss": "minimize",
+}
+# What a study can optimize or constrain besides the validation metrics, and the direction of each
+# (train_seconds is timed by the study; search.measure measures the others, before training).
+MEASURES: dict[str, Direction] = {
+    "params": "minimize",
+    "flops": "minimize",
+    "latency_ms": "minimize",
+    "throughput": "maximize",
+    "train_seconds": "minimize",
+}
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "cmaes", "qmc")
 MULTI_SAMPLERS = ("tpe", "nsga2", "gp", "random", "qmc")  # those Optuna runs with several objectives
@@ -69,6 +85,16 @@ class StudyRankCfg(Section):
 
     keep: int | None = Field(None, ge=1)  # sample only the K best ranked entries (unrankable ones stay)
     order: bool = False  # enqueue one baseline trial per kept entry, best ranked first
+
+
+class RankCfg(Section):
+    """`python -m search rank` and `study.rank`: frozen-feature scores of the pool entries (search.rank)."""
+
+    max_images: int = Field(2000, ge=10)  # stratified sample of train the features are taken on
+    max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
+    by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
+    knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
+    batch_size: int = Field(256, ge=1)  # images per forward pass
 
 
 class BoundCfg(Section):
@@ -225,7 +251,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _pool_and_space(self) -> Recipe:
-        loader_for(self.data.dataset)  # a misspelt dataset fails here, not at the first trial
+        check_name(self.data.dataset)  # a misspelt dataset fails here, not at the first trial
         parse_pool(self.pool)
         check_overrides(self.space, self.train, self.data)
         return self

@@ -24,7 +24,9 @@ import torch
 from search import artifacts, metrics, plots, space
 from search import data as datamod
 from search import study as st
-from search.data import Data, Split, channels
+from search.data import Data, Split
+from search.datasets import channels
+from search.device import resolve_device
 from search.errors import SearchError
 from search.files import write_text
 from search.hparams import TrainCfg
@@ -35,7 +37,7 @@ from search.record import study_attrs
 from search.stats import summarize
 from search.storage import default_storage, open_storage
 from search.text import command, wrap, wrap_items
-from search.train import fit, predict, resolve_device
+from search.train import fit, predict
 
 
 def target_study(recipe: Recipe, storage: str | None = None) -> tuple[optuna.Study, str]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import ValidationError, field_validator, model_validator
 
-from search.data import DataCfg, channels
+from search.datasets import DataCfg, channels
 from search.errors import SearchError, did_you_mean, one_of
 from search.hparams import TrainCfg
 from search.pool import PoolEntry

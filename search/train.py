@@ -47,9 +47,10 @@ from torch import nn
 
 from search import augment, metrics
 from search.data import Data
+from search.device import resolve_device
 from search.errors import SearchError
 from search.hparams import TrainCfg
-from search.metrics import METRICS
+from search.recipe import METRICS
 from search.record import FitStatus
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
@@ -277,18 +278,6 @@ def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------
 # device, seeds, freezing
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when visible, else cpu; a named CUDA device that is not there is a user error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SearchError(f"hardware.device: '{device}' but no CUDA device is visible; use device: auto or cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SearchError(f"hardware.device: '{device}' but MPS is not available; use device: auto or cpu")
-    return dev
 
 
 _HOST_MEMORY_REUSED: bool | None = None

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from search.builtins import BUILTINS
+from search.archs import BUILTINS
 from search.errors import SearchError
 from search.net import Missing, network_up, offline
 from search.pool import PoolEntry

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from search import augment as augment_module
 from search.augment import (
-    AugmentCfg,
     augment,
     eval_input,
     sampling_grid,
@@ -19,6 +18,7 @@ from search.augment import (
     shift_flip,
     shrink_size,
 )
+from search.datasets import AugmentCfg
 
 
 def normalize(xf: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

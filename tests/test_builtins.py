@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from search.builtins import BUILTINS, Builtin, Weights, register
+from search.archs import BUILTINS, Builtin, Weights, register
+from search.builtins import BUILDERS
 from search.models import build_model, input_resolution
 from search.pool import OVERLAP_OF, SOURCES, parse_entry
 
@@ -18,11 +19,11 @@ def test_record_fields(name):
     b = BUILTINS[name]
     assert isinstance(b, Builtin) and name.isidentifier()
     assert (b.default_tag is None) == (not b.weights)  # scratch-only exactly when there are no weights
-    assert (b.build is None) != (b.timm is None)
+    assert (name in BUILDERS) != (b.timm is not None)  # built by its constructor or by timm
     for tag, w in b.weights.items():
         assert isinstance(w, Weights) and w.source in SOURCES and w.source != "none", tag
     assert b.resolution is None or b.resolution >= 8
-    assert b.small_stem is None or (b.build is not None and b.resolution is None)
+    assert b.small_stem is None or (name in BUILDERS and b.resolution is None)
 
 
 @pytest.mark.parametrize("name", [n for n, b in BUILTINS.items() for w in b.weights.values() if w.torchvision])
@@ -34,7 +35,7 @@ def test_torchvision_weights_exist_and_fit_the_builder(name):
     for tag, w in b.weights.items():
         enum = get_weight(w.torchvision)
         assert enum.url.startswith("https://download.pytorch.org/models/"), tag
-        model, _, _ = b.build(1000, 3, b.resolution or 224, 0.0)
+        model, _, _ = BUILDERS[name](1000, 3, b.resolution or 224, 0.0)
         assert sum(p.numel() for p in model.parameters()) == enum.meta["num_params"], tag
         assert len(enum.meta["categories"]) == 1000
 
@@ -71,17 +72,20 @@ def test_parsed_and_built_as_the_record_says(name, in_chans):
     assert m(torch.zeros(2, in_chans, res, res)).shape == (2, 5)
 
 
+def test_every_constructor_builds_a_builtin():
+    assert set(BUILDERS) == {n for n, b in BUILTINS.items() if b.timm is None}
+
+
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="built-in 'resnet_18' is registered already"):
-        register("resnet_18", Builtin(None, build=BUILTINS["mini_cnn"].build))
+        register("resnet_18", Builtin(None))
     assert BUILTINS["resnet_18"].default_tag == "tv_in1k"
 
 
 def test_contradictory_records_are_refused():
-    build = BUILTINS["mini_cnn"].build
-    with pytest.raises(ValueError, match="built by its builder or by timm"):
-        Builtin(None, build=build, timm="vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="small_stem needs a constructor"):
+        Builtin(None, timm="vit_tiny_patch16_224", small_stem=32)
     with pytest.raises(ValueError, match=r"expected the default tag among the weights \['a'\], got 'b'"):
-        Builtin("b", {"a": Weights("in1k")}, build=build)
+        Builtin("b", {"a": Weights("in1k")})
     with pytest.raises(ValueError, match="cannot load torchvision weights"):
         Builtin("a", {"a": Weights("in1k", "ResNet18_Weights.IMAGENET1K_V1")}, timm="vit_tiny_patch16_224")

@@ -330,7 +330,8 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     import torch.hub
 
     from search import cli
-    from search.data import cache, medmnist
+    from search.data import cache
+    from search.datasets import MEDMNIST
     from tests.weights_cache import hf_checkpoint
 
     for k, v in offline_env(tmp_path).items():
@@ -340,9 +341,9 @@ def test_prefetch_fetches_every_file_when_connected(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(cache, "_network_up", lambda host: True)
     write_medmnist(tmp_path / "pathmnist.npz", 28, 3, 9)
     blob = (tmp_path / "pathmnist.npz").read_bytes()
-    path = medmnist.MEDMNIST["pathmnist"]
+    path = MEDMNIST["pathmnist"]
     md5 = (hashlib.md5(blob).hexdigest(), *path.md5[1:])
-    monkeypatch.setitem(medmnist.MEDMNIST, "pathmnist", dataclasses.replace(path, md5=md5))
+    monkeypatch.setitem(MEDMNIST, "pathmnist", dataclasses.replace(path, md5=md5))
     urls = []
     monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: urls.append(url) or io.BytesIO(blob))
     monkeypatch.setattr(

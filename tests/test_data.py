@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from search import data
-from search.data import DataCfg, cache, cifar, galaxy10, load_data, medmnist
+from search import data, datasets
+from search.data import cache, cifar, galaxy10, load_data, medmnist
 from search.data.cache import Remote
+from search.datasets import DataCfg
 from search.errors import SearchError
 from tests.conftest import run_inline, write_recipe
 
@@ -148,10 +149,10 @@ def published(monkeypatch):
             g = galaxy10.GALAXY10
             monkeypatch.setattr(galaxy10, "GALAXY10", Remote(g.url, g.file, sha256=hashlib.sha256(blob).hexdigest()))
             return
-        flag, size = medmnist.parts(name)
-        md5s = list(medmnist.MEDMNIST[flag].md5)
-        md5s[medmnist.SIZES.index(size)] = hashlib.md5(blob).hexdigest()
-        monkeypatch.setitem(medmnist.MEDMNIST, flag, replace(medmnist.MEDMNIST[flag], md5=tuple(md5s)))
+        flag, size = datasets.medmnist_parts(name)
+        md5s = list(datasets.MEDMNIST[flag].md5)
+        md5s[datasets.SIZES.index(size)] = hashlib.md5(blob).hexdigest()
+        monkeypatch.setitem(datasets.MEDMNIST, flag, replace(datasets.MEDMNIST[flag], md5=tuple(md5s)))
 
     return publish
 
@@ -757,3 +758,9 @@ def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
     ref_images, ref_labels = digits.read(None)  # sklearn.datasets.load_digits
     assert images.shape == (1797, 8, 8) and np.array_equal(images, ref_images)
     assert np.array_equal(labels, ref_labels) and sorted(set(labels.tolist())) == list(range(10))
+
+
+def test_every_name_the_recipe_accepts_has_a_loader():
+    """`search.datasets` (checked without torch) and the loaders here name the same sets."""
+    assert set(data.LOADERS) == {*datasets.names(), "folder"}
+    assert set(data.DOWNLOADS) <= set(datasets.names())

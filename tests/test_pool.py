@@ -148,7 +148,7 @@ def test_parse_entry(spec, label, source, overlap, tag, pretrained):
 def test_vit_tiny_bare_name_is_the_in21k_fine_tune():
     e = parse_entry("vit_tiny")
     assert e.timm_name == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    from search.pool import BUILTINS
+    from search.archs import BUILTINS
 
     assert "no ImageNet-1k-only ViT-Tiny" in BUILTINS["vit_tiny"].note
 

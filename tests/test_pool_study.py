@@ -51,7 +51,7 @@ def test_mixed_resolution_pool_runs_on_cpu(tmp_path, monkeypatch):
 
 def _data(overlap: str) -> Data:
     s = Split(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
-    from search.augment import AugmentCfg
+    from search.datasets import AugmentCfg
 
     return Data("cifar10", s, s, s, ("a", "b"), overlap, AugmentCfg(), 8)
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from search import optuna_api, sampling, space
 from search import study as st
-from search.data import channels
+from search.datasets import channels
 from search.pool import parse_pool
 from search.recipe import recipe_from_dict
 from search.trials import counted

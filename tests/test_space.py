@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import space
-from search.data import channels
+from search.datasets import channels
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
 from search.sampling import make_pruner, make_sampler

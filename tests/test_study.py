@@ -185,7 +185,7 @@ def test_out_of_memory_at_the_smallest_micro_batch_reaches_the_sampler_as_infeas
 
     from search import objective, space
     from search import study as st
-    from search.data import channels
+    from search.datasets import channels
     from search.pool import parse_pool
     from search.recipe import recipe_from_dict
     from tests.conftest import tiny_recipe

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from search import train
-from search.augment import AugmentCfg
 from search.data import Data, Split, load_data
+from search.datasets import AugmentCfg
 from search.models import build_model
 from search.recipe import DataCfg, TrainCfg
 
@@ -426,7 +426,8 @@ def test_deterministic_mode_is_restored(digits):
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-from search.augment import AugmentCfg, augment
+from search.augment import augment
+from search.datasets import AugmentCfg
 from search.train import reuse_host_memory
 if sys.argv[1] == "reuse" and not reuse_host_memory():
     print("unsupported")

@@ -27,29 +27,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from search.augment import AugmentCfg
 from search.data import cifar, digits, folder, galaxy10, medmnist
 from search.data.cache import Download, derived_dir, discard, read_cached, recorded_dir, source_key, verify
 from search.data.splits import Raw, Split, n_out, read_splits, stratified_split, write_splits
-from search.errors import SearchError, did_you_mean, one_of
+from search.datasets import (
+    CIFAR_SETS,
+    FOLDER,
+    MEDMNIST,
+    AugmentCfg,
+    DataCfg,
+    check_name,
+    medmnist_names,
+    medmnist_parts,
+)
+from search.errors import SearchError
 from search.net import Missing
 
 __all__ = [
     "Data",
-    "DataCfg",
     "Raw",
     "Split",
     "carve",
     "carved_splits",
-    "channels",
     "check",
     "data_root",
-    "dataset_names",
     "load_data",
     "load_raw",
     "loader_for",
@@ -58,27 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Every image is held decoded at data.resolution, uint8 (N, C, R, R): 3 MiB per RGB image at 1024 px,
-# 48 MiB at 4096, where 10,000 images would need 480 GiB.
-MAX_RESOLUTION = 1024
-
-
-class DataCfg(BaseModel):
-    """The recipe's `data` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: str = "digits"
-    root: str | None = None  # data cache; default $SEARCH_DATA or the user cache dir
-    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)  # size the data-following models see
-    val_split: float = Field(0.15, gt=0, lt=1)  # carved from train when there is no official val
-    test_split: float = Field(0.15, gt=0, lt=1)  # carved when there is no official test
-    max_samples: int | None = Field(None, ge=10)  # stratified subsample of train
-    flip: bool | None = None  # None: the dataset's default
-    crop: Literal["pad", "resized", "none"] | None = None
-    rotate: float | None = Field(None, ge=0, le=180)  # degrees
-    jitter: float | None = Field(None, ge=0, le=1)  # brightness/contrast strength
 
 
 @dataclass(frozen=True)
@@ -122,59 +105,25 @@ Loader = Callable[[str, Path, int | None], Raw]  # (name, data root, resolution)
 
 LOADERS: dict[str, Loader] = {
     "digits": digits.load,
-    **dict.fromkeys(cifar.CIFAR, cifar.load),
+    **dict.fromkeys(CIFAR_SETS, cifar.load),
     "galaxy10": galaxy10.load,
     "folder": folder.load,
     **{
-        name: medmnist.load if medmnist.parts(name)[0] in medmnist.MEDMNIST else medmnist.refuse_multi_label
-        for name in medmnist.names()
+        name: medmnist.load if medmnist_parts(name)[0] in MEDMNIST else medmnist.refuse_multi_label
+        for name in medmnist_names()
     },
 }
 # What `check` lists as still to fetch: the published files behind each set (none for digits, folders).
 DOWNLOADS: dict[str, Callable[[str, Path], list[Download]]] = {
-    **dict.fromkeys(cifar.CIFAR, cifar.downloads),
+    **dict.fromkeys(CIFAR_SETS, cifar.downloads),
     "galaxy10": galaxy10.downloads,
-    **dict.fromkeys(medmnist.names(), medmnist.downloads),
+    **dict.fromkeys(medmnist_names(), medmnist.downloads),
 }
-
-
-# Image channels of the sets whose channels are known before decoding (not image folders).
-CHANNELS: dict[str, int] = {
-    "digits": 1,
-    **dict.fromkeys(cifar.CIFAR, 3),
-    "galaxy10": 3,
-    **{
-        name: medmnist.MEDMNIST[medmnist.parts(name)[0]].channels
-        for name in medmnist.names()
-        if medmnist.parts(name)[0] in medmnist.MEDMNIST
-    },
-}
-
-
-def channels(cfg: DataCfg, decode: bool = False) -> int | None:
-    """The dataset's image channels: known for the named sets; for an image folder None, or with
-    `decode` read from its decoded images (once per process, as `load_data` decodes them)."""
-    if cfg.dataset in CHANNELS:
-        return CHANNELS[cfg.dataset]
-    if decode and cfg.dataset.startswith("folder:"):
-        return int(load_raw(cfg).train.x.shape[1])
-    return None
-
-
-def dataset_names() -> list[str]:
-    """Every name `data.dataset` accepts, MedMNIST sizes folded (`pathmnist[_64|_128|_224]`)."""
-    sizes = "[" + "|".join(f"_{s}" for s in medmnist.SIZES[1:]) + "]"
-    plain = [k for k in LOADERS if k != "folder" and k not in medmnist.names()]
-    return [*plain, *(f"{flag}{sizes}" for flag in medmnist.MEDMNIST), "folder:PATH"]
 
 
 def loader_for(name: str) -> Loader:
-    key = "folder" if name.startswith("folder:") else name
-    if key not in LOADERS:
-        raise SearchError(
-            f"data.dataset: unknown dataset '{name}'{did_you_mean(name, LOADERS)}; allowed: {one_of(dataset_names())}"
-        )
-    return LOADERS[key]
+    check_name(name)
+    return LOADERS["folder" if name.startswith(FOLDER) else name]
 
 
 PARTS = ("train", "val", "test")

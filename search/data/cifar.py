@@ -31,9 +31,9 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from search.augment import AugmentCfg
 from search.data.cache import Download, Remote, derived_dir, fetch, source_key, unreadable
 from search.data.splits import Raw, Split, read_splits, write_splits
+from search.datasets import AugmentCfg
 from search.errors import SearchError
 
 

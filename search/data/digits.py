@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.augment import AugmentCfg
 from search.data.splits import Raw, Split
+from search.datasets import AugmentCfg
 
 
 def csv_file() -> Path | None:

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from search.augment import AugmentCfg
 from search.data.cache import derived_dir, discard, read_cached, recorded_dir
 from search.data.splits import Raw, Split, read_splits, write_splits
+from search.datasets import AugmentCfg
 from search.errors import SearchError, one_of
 
 if TYPE_CHECKING:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.augment import AugmentCfg
 from search.data.cache import Download, Remote, derived_dir, fetch, mmap_tensor, source_key, unreadable
 from search.data.splits import Raw, Split
+from search.datasets import AugmentCfg
 
 GALAXY10 = Remote(
     "https://www.astro.utoronto.ca/~hleung/shared/Galaxy10/Galaxy10_DECals.h5",

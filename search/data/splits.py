@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.augment import AugmentCfg
 from search.data.cache import mmap_tensor
+from search.datasets import AugmentCfg
 
 
 @dataclass(frozen=True)
