@@ -16,48 +16,37 @@ shows them as a study of their own. Each records the trial it confirms (`confirm
 index (1 .. seeds - 1; index 0 is the source trial itself) and its seed.
 
 Runs are trained by the same objective as the search's trials (search.objective, not counted
-towards n_trials) in the same work loop (search.workers.drain).
+towards n_trials) in the same work loop (search.workers.drain). Reading them (the companion
+study, the rows of `report` and `best`) is search.confirmed, which trains nothing.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import optuna_api, workers
+from search.confirmed import companion, companion_name, key
 from search.data import load_data
 from search.objective import make_objective
 from search.pool import parse_pool
 from search.recipe import Recipe, recipe_from_dict
 from search.record import attrs
-from search.stats import t_interval
-from search.trials import POOL_PARAM, counted, feasible, label, ranked, value
-
-SUFFIX = "/confirm"
+from search.trials import counted, ranked
 
 
-def companion_name(name: str) -> str:
-    return name + SUFFIX
-
-
-def companion(study: optuna.Study, create: bool = False) -> optuna.Study | None:
-    """The study holding `study`'s confirmation runs (None if it has none and create is False)."""
-    name = companion_name(study.study_name)
-    sampler = optuna.samplers.RandomSampler(seed=0)  # every parameter is fixed by the queue: nothing is drawn
-    if name in {
-        s.study_name for s in optuna.get_all_study_summaries(optuna_api.storage_of(study), include_best_trial=False)
-    }:
-        return optuna.load_study(study_name=name, storage=optuna_api.storage_of(study), sampler=sampler)
-    if not create:
-        return None
+def create_companion(study: optuna.Study) -> optuna.Study:
+    """The study holding `study`'s confirmation runs, created if it has none."""
+    c = companion(study)
+    if c is not None:
+        return c
     c = optuna.create_study(
-        study_name=name,
+        study_name=companion_name(study.study_name),
         storage=optuna_api.storage_of(study),
         directions=study.directions,
-        sampler=sampler,
+        sampler=optuna.samplers.RandomSampler(seed=0),  # every parameter is fixed by the queue
         load_if_exists=True,
     )
     if study.metric_names:
@@ -71,14 +60,6 @@ def confirm_seed(source_seed: int, index: int) -> int:
     return source_seed if index == 0 else (source_seed * 1_000_003 + 7_919 * index) % 2**31
 
 
-def key(t: FrozenTrial) -> tuple[int, int] | None:
-    """(source trial number, seed index) of a confirmation trial."""
-    a = attrs(t)
-    if "confirms" not in a:
-        return None
-    return int(a.get("confirms", 0)), int(a.get("seed_index", 0))
-
-
 def enqueue(study: optuna.Study, top_k: int, seeds: int) -> int:
     """Queue the missing confirmation runs of the top_k trials; returns how many were queued.
 
@@ -87,8 +68,7 @@ def enqueue(study: optuna.Study, top_k: int, seeds: int) -> int:
     once as a duplicate when it starts (`objective`).
     """
     sources = ranked(study)[:top_k]
-    c = companion(study, create=True)
-    assert c is not None  # created if missing
+    c = create_companion(study)
     have = {key(t) for t in c.get_trials(deepcopy=False)}
     n = 0
     for t in sources:
@@ -137,44 +117,3 @@ def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         say(f"confirm trial {k[0]:>3} seed #{k[1]}  {attrs(t).get('pool_label', ''):<24} {v}")
 
     return workers.drain(c, objective, recipe.study.heartbeat, say=say, on_end=on_end)
-
-
-def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
-    """One row per confirmed configuration (source trial + its complete runs), best mean first.
-
-    Row: trial, entry, seeds (n), values (seed index order), mean, std, low, high (95% t-interval),
-    feasible, hyperparameters.
-    """
-    c = companion(study)
-    if c is None:
-        return []
-    runs: dict[int, dict[int, float]] = {}
-    for t in c.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        k, v = key(t), value(t)
-        if k and v is not None:
-            runs.setdefault(k[0], {}).setdefault(k[1], v)
-    rows: list[dict[str, Any]] = []
-    for n, more in runs.items():
-        src = optuna_api.trial_by_number(study, n)
-        first = value(src)
-        if src.state != TrialState.COMPLETE or first is None:
-            continue
-        vals = [first] + [more[i] for i in sorted(more)]
-        mean, std, lo, hi = t_interval(vals)
-        rows.append(
-            {
-                "trial": n,
-                "entry": label(src),
-                "seeds": len(vals),
-                "values": vals,
-                "mean": mean,
-                "std": std,
-                "low": lo,
-                "high": hi,
-                "feasible": feasible(src),
-                "hyperparameters": {k: v for k, v in src.params.items() if k != POOL_PARAM},
-            }
-        )
-    sign = -1 if recipe.study.direction == "maximize" else 1
-    rows.sort(key=lambda r: (sign * r["mean"], r["trial"]))
-    return rows

@@ -16,7 +16,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from search import confirm, plots, space
+from search import confirmed, plots, space
 from search.artifacts import spec_of
 from search.errors import SearchError
 from search.recipe import Recipe
@@ -127,8 +127,8 @@ def best_yaml(
 
 
 def confirmed_rows(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
-    """Configurations trained over several seeds (see search.confirm), best mean first."""
-    return [r for r in confirm.confirmed(study, recipe) if r["seeds"] >= 2]
+    """Configurations trained over several seeds (see search.confirmed), best mean first."""
+    return [r for r in confirmed.confirmed(study) if r["seeds"] >= 2]
 
 
 def stability(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[int, float, str] | None:

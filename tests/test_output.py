@@ -86,7 +86,7 @@ def wide_studies(tmp_path_factory):
     study = st.open_study(one)
     for i in range(10):
         _add(study, i, [0.5 + 0.04 * i])
-    comp = confirm.companion(study, create=True)
+    comp = confirm.create_companion(study)
     for n in (7, 8, 9):
         for k in (1, 2):
             comp.add_trial(

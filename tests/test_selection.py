@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats
 
-from search import confirm, report, sampling, selection, storage
+from search import confirm, confirmed, report, sampling, selection, storage
 from search import stats as search_stats
 from search import study as st
 from search.errors import SearchError
@@ -43,7 +43,7 @@ def _constructed(tmp_path, spread):
     study = st.open_study(recipe)
     for i, vals in enumerate(spread):
         _add(study, vals[0], lr=1e-3 * (i + 1), seed=i)
-    comp = confirm.companion(study, create=True)
+    comp = confirm.create_companion(study)
     for n, vals in enumerate(spread):
         for i, v in enumerate(vals[1:], start=1):
             comp.add_trial(
@@ -103,10 +103,10 @@ def test_confirmation_runs_are_not_sampled_counted_or_tested(tmp_path, monkeypat
     main = study.get_trials(deepcopy=False)
     assert len(main) == 3 and len(counted(main)) == 3 and finished(study) == 3  # nothing added, nothing counted
     assert all("confirms" not in t.user_attrs for t in main)
-    comp = confirm.companion(study)
+    comp = confirmed.companion(study)
     runs = comp.get_trials(deepcopy=False)
     top2 = [t.number for t in ranked(study)[:2]]
-    assert sorted(confirm.key(t) for t in runs) == sorted((n, i) for n in top2 for i in (1, 2))
+    assert sorted(confirmed.key(t) for t in runs) == sorted((n, i) for n in top2 for i in (1, 2))
     for t in runs:
         src = main[t.user_attrs["confirms"]]
         assert t.state == TrialState.COMPLETE and t.params == src.params
