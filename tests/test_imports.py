@@ -1,12 +1,17 @@
-"""The package's import graph: no module of `search` imports itself back through others, counting
-every import: at the top, under `if TYPE_CHECKING:` and inside functions. Imports inside functions
-are allowed only where they buy start-up time: in `cli.py` (each command imports what it runs) and
-of heavy or optional third-party libraries; any other one would hide a cycle, and fails here."""
+"""The package's import graph: no module of `search` imports itself back through others, and none
+imports from a layer above its own (LAYERS, bottom to top), counting every import: at the top,
+under `if TYPE_CHECKING:` and inside functions. Imports inside functions are allowed only where
+they buy start-up time: in `cli.py` (each command imports what it runs) and of heavy or optional
+third-party libraries; any other one would hide a cycle, and fails here. Loading a recipe imports
+no torch, and reading a study's results imports nothing that trains."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import search
@@ -86,6 +91,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
@@ -130,7 +136,7 @@ def test_the_graph_sees_the_package():
     g = graph()
     assert {"search.data", "search.data.cache", "search.data.cifar", "search.recipe", "search.space"} <= set(g)
     assert "search.data.cifar" in g["search.data"] and "search.data.cache" in g["search.data.cifar"]
-    assert g["search.recipe"] >= {"search.data", "search.space", "search.pool", "search.hparams"}
+    assert g["search.recipe"] >= {"search.datasets", "search.space", "search.pool", "search.hparams"}
     assert "search.study" in g["search.cli"]  # imported inside the command functions: counted too
 
 
@@ -178,3 +184,108 @@ def test_the_data_package_imports_no_recipe_and_the_space_no_recipe():
                 todo += g.get(n, ())
     for m in ("search.data", "search.space", "search.pool", "search.hparams", "search.metrics"):
         assert "search.recipe" not in reach[m], m
+
+
+# ---------------------------------------------------------------------------
+# layers: a module imports only from its own layer or below (a package's sub-modules share its layer)
+
+LAYERS: list[tuple[str, set[str]]] = [
+    (
+        "base",
+        {
+            "search",
+            "search.errors",
+            "search.text",
+            "search.files",
+            "search.stats",
+            "search.metrics",
+            "search.morph",
+            "search.section",
+            "search.record",
+            "search.optuna_api",
+            "search.trials",
+            "search.confirmed",
+            "search.net",
+        },
+    ),
+    ("config", {"search.recipe", "search.hparams", "search.space", "search.pool", "search.datasets", "search.archs"}),
+    (
+        "data, models",
+        {
+            "search.data",
+            "search.builtins",
+            "search.models",
+            "search.weights",
+            "search.augment",
+            "search.storage",
+            "search.device",
+        },
+    ),
+    ("train", {"search.train", "search.measure", "search.rank"}),
+    # progress: the live trial lines, which the objective feeds and the workers print
+    ("trial", {"search.objective", "search.sampling", "search.pack", "search.artifacts", "search.progress"}),
+    ("workers", {"search.workers"}),
+    ("study", {"search.study", "search.confirm", "search.proxy"}),
+    ("results", {"search.selection", "search.report", "search.plots", "search.retrain"}),
+    ("cli", {"search.cli", "search.__main__"}),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of a module (or of the package that holds it); None if unassigned."""
+    for i, (_, names) in enumerate(LAYERS):
+        if any(module == n or (n != "search" and module.startswith(n + ".")) for n in names):
+            return i
+    return None
+
+
+def upward(g: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one, as 'a (layer) imports b (layer)'."""
+    out = []
+    for m in sorted(g):
+        for n in sorted(g[m]):
+            lm, ln = layer_of(m), layer_of(n)
+            if lm is not None and ln is not None and ln > lm:
+                out.append(f"{m} ({LAYERS[lm][0]}) imports {n} ({LAYERS[ln][0]})")
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in sorted(modules()) if layer_of(m) is None]
+    assert missing == [], f"{', '.join(missing)}: no layer; add each to LAYERS in tests/test_imports.py"
+    named = [n for _, names in LAYERS for n in names]
+    assert sorted(set(named) - set(modules())) == [], "LAYERS names a module the package no longer has"
+    assert len(named) == len(set(named)), "a module is in two layers"
+
+
+def test_an_upward_import_is_seen():
+    g = {"search.recipe": {"search.train"}, "search.train": {"search.recipe"}, "search.data.cifar": {"search.errors"}}
+    assert upward(g) == ["search.recipe (config) imports search.train (train)"]
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    assert upward(graph()) == []
+
+
+def _imported_by(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (this process's imports do not count)."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT.parent,
+    )
+    return set(out.stdout.split())
+
+
+def test_loading_a_recipe_imports_no_torch():
+    held = _imported_by("import search.recipe\nsearch.recipe.load_recipe('recipes/digits.yaml')")
+    assert "search.recipe" in held and "torch" not in held
+    assert not {"search.data", "search.models", "search.train"} & held
+
+
+def test_reading_results_imports_nothing_that_trains():
+    held = _imported_by("import search.report, search.selection")
+    assert {"search.report", "search.selection", "search.confirmed"} <= held
+    assert not {"search.train", "search.objective", "search.workers", "search.confirm"} & held
