@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from search.augment import AugmentCfg, augment
+from search.augment import augment
+from search.datasets import AugmentCfg
 from search.train import reuse_host_memory
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

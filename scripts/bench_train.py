@@ -36,8 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from search import augment  # noqa: E402
-from search.augment import AugmentCfg  # noqa: E402
 from search.data import Data, Split  # noqa: E402
+from search.datasets import AugmentCfg  # noqa: E402
 from search.hparams import TrainCfg  # noqa: E402
 from search.models import build_model  # noqa: E402
 from search.train import fit  # noqa: E402
