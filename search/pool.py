@@ -154,72 +154,88 @@ def _split(model: str) -> tuple[str, str, str | None, bool]:
     return arch, arch, tag or None, True
 
 
-def parse_entry(spec: Any) -> PoolEntry:
-    """A recipe's pool entry (string or mapping) -> PoolEntry."""
-    if hasattr(spec, "model_dump"):
+def _mapping(spec: object) -> dict[str, Any]:
+    """A pool entry as a mapping with a 'model' name (a string entry is the name alone)."""
+    if isinstance(spec, PoolEntryCfg):
         spec = {k: v for k, v in spec.model_dump().items() if v is not None}
     if isinstance(spec, str):
         spec = {"model": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
         raise SearchError(f"expected a model name or a mapping with 'model', got {spec!r}")
-    written = spec["model"].strip()
-    model, arch, tag, builtin = _split(written)
-    pretrained = spec.get("pretrained")
-    resolution = spec.get("resolution")
-    source = spec.get("source")
+    return spec
 
+
+def _builtin_weights(
+    written: str, arch: str, tag: str | None, pretrained: bool | None, source: str | None
+) -> tuple[str | None, bool, str]:
+    """(tag, pretrained, source) of a built-in: its default weights unless told otherwise."""
+    b = BUILTINS[arch]
+    if tag is not None and tag not in b.weights:
+        allowed = one_of(b.weights) or "none (scratch only)"
+        raise SearchError(f"'{written}': unknown weights '{tag}'{did_you_mean(tag, b.weights)}; allowed: {allowed}")
+    if pretrained is None:
+        pretrained = b.default_tag is not None
+    if pretrained and b.default_tag is None:
+        raise SearchError(f"'{arch}' has no pretrained weights; remove 'pretrained: true'")
+    tag = (tag or b.default_tag) if pretrained else None
+    return tag, bool(pretrained), source or (b.weights[tag].source if tag else "none")
+
+
+def _timm_weights(
+    written: str, model: str, arch: str, tag: str | None, pretrained: bool | None, source: str | None
+) -> tuple[str | None, bool, str]:
+    """(tag, pretrained, source) of a timm model: the tag must be named, or scratch said."""
+    if pretrained is None and tag is None:  # scratch or a forgotten tag: the user says which
+        tags = _timm_tags(arch)
+        some = ", ".join(tags[:3]) + (", ..." if len(tags) > 3 else "") if tags else "none in timm"
+        raise SearchError(
+            f"'{written}': no pretrained tag; name the weights as timm/{arch}.<tag> ({some}) "
+            f"or write {{model: {written}, pretrained: false}} for scratch"
+        )
+    if pretrained is None:
+        pretrained = tag is not None
+    if pretrained and tag is None:
+        raise SearchError(f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false")
+    if not pretrained:
+        tag = None
+    check_timm_name(PoolEntry(written, model, arch, tag, False, bool(pretrained), "none", "none", None))
+    return tag, bool(pretrained), source if source is not None else classify_tag(arch, tag)[0]
+
+
+def _label(written: str, model: str, arch: str, builtin: bool, pretrained: bool, resolution: int | None) -> str:
+    """The label an entry gets unless it names one: as written, saying when there are no weights."""
+    label = written
+    if builtin and not pretrained and BUILTINS[arch].default_tag is not None:
+        label = f"{arch}-scratch"
+    elif not builtin and not pretrained:
+        label = f"{model}-scratch"  # as the built-ins: a label says when there are no weights
+    return label + (f"@{resolution}" if resolution else "")
+
+
+def parse_entry(spec: object) -> PoolEntry:
+    """A recipe's pool entry (string, mapping or PoolEntryCfg) -> PoolEntry."""
+    m = _mapping(spec)
+    written = m["model"].strip()
+    model, arch, tag, builtin = _split(written)
+    pretrained, source = m.get("pretrained"), m.get("source")
     if builtin:
-        b = BUILTINS[arch]
-        if tag is not None and tag not in b.weights:
-            allowed = one_of(b.weights) or "none (scratch only)"
-            raise SearchError(f"'{written}': unknown weights '{tag}'{did_you_mean(tag, b.weights)}; allowed: {allowed}")
-        if pretrained is None:
-            pretrained = b.default_tag is not None
-        if pretrained and b.default_tag is None:
-            raise SearchError(f"'{arch}' has no pretrained weights; remove 'pretrained: true'")
-        tag = (tag or b.default_tag) if pretrained else None
-        source = source or (b.weights[tag].source if tag else "none")
+        tag, pretrained, source = _builtin_weights(written, arch, tag, pretrained, source)
     else:
-        if pretrained is None and tag is None:  # scratch or a forgotten tag: the user says which
-            tags = _timm_tags(arch)
-            some = ", ".join(tags[:3]) + (", ..." if len(tags) > 3 else "") if tags else "none in timm"
-            raise SearchError(
-                f"'{written}': no pretrained tag; name the weights as timm/{arch}.<tag> ({some}) "
-                f"or write {{model: {written}, pretrained: false}} for scratch"
-            )
-        if pretrained is None:
-            pretrained = tag is not None
-        if pretrained and tag is None:
-            raise SearchError(
-                f"'{written}': name the pretrained weights as timm/{arch}.<tag>, or set pretrained: false"
-            )
-        if not pretrained:
-            tag = None
-        check_timm_name(PoolEntry(written, model, arch, tag, False, bool(pretrained), "none", "none", None))
-        if source is None:
-            source = classify_tag(arch, tag)[0]
+        tag, pretrained, source = _timm_weights(written, model, arch, tag, pretrained, source)
     if source not in SOURCES:
         raise SearchError(f"'{written}': source '{source}' is not one of {one_of(SOURCES)}")
     if not pretrained and source != "none":
         raise SearchError(f"'{written}': a model without pretrained weights has source 'none'")
-    overlap = OVERLAP_OF[source] if builtin or spec.get("source") else classify_tag(arch, tag)[1]
-
-    label = spec.get("label")
-    if label is None:
-        label = written
-        if builtin and not pretrained and BUILTINS[arch].default_tag is not None:
-            label = f"{arch}-scratch"
-        elif not builtin and not pretrained:
-            label = f"{model}-scratch"  # as the built-ins: a label says when there are no weights
-        if resolution:
-            label += f"@{resolution}"
+    overlap = OVERLAP_OF[source] if builtin or m.get("source") else classify_tag(arch, tag)[1]
+    resolution = m.get("resolution")
+    label = m.get("label")
     return PoolEntry(
-        label=label,
+        label=_label(written, model, arch, builtin, pretrained, resolution) if label is None else label,
         model=model,
         arch=arch,
         tag=tag,
         builtin=builtin,
-        pretrained=bool(pretrained),
+        pretrained=pretrained,
         source=source,
         overlap=overlap,
         resolution=resolution,
