@@ -225,3 +225,46 @@ def build_model(
 def info_of(model: nn.Module) -> ModelInfo:
     """`model.info` as set by build_model (typed: nn.Module's own attribute lookup says Tensor | Module)."""
     return cast(ModelInfo, model.info)
+
+
+def catalog(
+    name: str | None = None, *, classes: int | None = None, channels: int | None = None, size: int | None = None
+) -> list[dict[str, Any]]:
+    """What `python -m search models` lists: every built-in (pretrained and scratch), or one named
+    entry, with its weights, source, overlap, input size and parameter count.
+
+    Parameters are counted with an ImageNet head (1,000 classes, 3 channels; a scratch-only built-in
+    10 classes) unless `classes` / `channels` give the data's shape; entries that follow the data's
+    size are counted at `size` (default 224). On the meta device: shapes only, nothing allocated.
+    """
+    if name:
+        entries = [parse_entry(name)]
+    else:
+        entries = [parse_entry(n) for n in BUILTINS] + [
+            parse_entry({"model": n, "pretrained": False}) for n in BUILTINS if BUILTINS[n].default_tag
+        ]
+    rows = []
+    for e in entries:
+        b = BUILTINS.get(e.arch) if e.builtin else None
+        res = input_resolution(e, None) if (not b or b.resolution) else None
+        n_classes = classes or (10 if b and not b.default_tag else 1000)  # default: the specification's heads
+        with torch.device("meta"):  # shapes only: counting allocates nothing (seconds saved per model)
+            model = build_model(
+                {"model": e.model, "pretrained": False},
+                num_classes=n_classes,
+                in_chans=channels or 3,
+                resolution=res or size or 224,
+            )
+        rows.append(
+            {
+                "label": e.label,
+                "weights": e.tag or "none",
+                "source": e.source,
+                "overlap": e.overlap,
+                "resolution": res or size or "data",
+                "classes": n_classes,
+                "params": sum(p.numel() for p in model.parameters()),
+                "note": b.note if b else "",
+            }
+        )
+    return rows
