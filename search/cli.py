@@ -246,89 +246,49 @@ def cmd_models(args: argparse.Namespace) -> int:
     Parameters are counted with an ImageNet head (1,000 classes, 3 channels; mini_cnn 10 classes)
     unless --classes / --channels give the data's shape, which is what a study's leaderboard counts.
     """
-    import torch
+    from search.models import catalog
 
-    from search.archs import BUILTINS
-    from search.models import build_model, input_resolution
-    from search.pool import parse_entry
-    from search.report import short_count
-    from search.text import table, wrap
-
-    if (
-        args.classes is not None
-        and args.classes < 2
-        or args.channels not in (None, 1, 3)
-        or args.size is not None
-        and args.size < 8
-    ):
+    bad_size = args.size is not None and args.size < 8
+    if (args.classes is not None and args.classes < 2) or args.channels not in (None, 1, 3) or bad_size:
         raise SearchError(
             f"models: --classes {args.classes} --channels {args.channels} --size {args.size}: give "
             "2 or more classes, 1 (gray) or 3 (RGB) channels and 8 px or more"
         )
-    if args.name:
-        rows = [parse_entry(args.name)]
-    else:
-        rows = [parse_entry(n) for n in BUILTINS] + [
-            parse_entry({"model": n, "pretrained": False}) for n in BUILTINS if BUILTINS[n].default_tag
-        ]
-    out: list[dict] = []
-    for e in rows:
-        b = BUILTINS.get(e.arch) if e.builtin else None
-        res = input_resolution(e, None) if (not b or b.resolution) else None
-        classes = args.classes or (10 if b and not b.default_tag else 1000)  # default: the specification's heads
-        with torch.device("meta"):  # shapes only: counting allocates nothing (seconds saved per model)
-            model = build_model(
-                {"model": e.model, "pretrained": False},
-                num_classes=classes,
-                in_chans=args.channels or 3,
-                resolution=res or args.size or 224,
-            )
-        params = sum(p.numel() for p in model.parameters())
-        out.append(
-            {
-                "label": e.label,
-                "weights": e.tag or "none",
-                "source": e.source,
-                "overlap": e.overlap,
-                "resolution": res or args.size or "data",
-                "classes": classes,
-                "params": params,
-                "note": b.note if b else "",
-            }
-        )
+    out = catalog(args.name, classes=args.classes, channels=args.channels, size=args.size)
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
-    if args.csv:
+    elif args.csv:
         import csv
 
         w = csv.DictWriter(sys.stdout, fieldnames=list(out[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(out)
-        return 0
+    else:
+        _print_models(out, args)
+    return 0
+
+
+def _print_models(out: list[dict], args: argparse.Namespace) -> None:
+    """The `models` table, its numbered notes, and what the parameter counts assume."""
+    from search.report import short_count
+    from search.text import table, wrap
+
     notes = list(dict.fromkeys(r["note"] for r in out if r["note"]))  # numbered below the table
-    print(
-        "\n".join(
-            table(
-                ["model", "weights", "source", "overlap", "input", "params", "note"],
-                [
-                    [
-                        r["label"],
-                        r["weights"],
-                        r["source"],
-                        r["overlap"],
-                        r["resolution"],
-                        f"{r['params']:,}" if args.wide else short_count(r["params"]),
-                        notes.index(r["note"]) + 1 if r["note"] else "",
-                    ]
-                    for r in out
-                ],
-                right=[False, False, False, False, True, True, True],
-                wide=args.wide,
-                sep="  ",
-            )
-        )
-    )
+    rows = [
+        [
+            r["label"],
+            r["weights"],
+            r["source"],
+            r["overlap"],
+            r["resolution"],
+            f"{r['params']:,}" if args.wide else short_count(r["params"]),
+            notes.index(r["note"]) + 1 if r["note"] else "",
+        ]
+        for r in out
+    ]
+    header = ["model", "weights", "source", "overlap", "input", "params", "note"]
+    right = [False, False, False, False, True, True, True]
+    print("\n".join(table(header, rows, right=right, wide=args.wide, sep="  ")))
     for i, n in enumerate(notes):
         print("\n".join(wrap(f"{i + 1:>2}  {n}", 10**6 if args.wide else 100, indent="    ")))
     if args.classes or args.channels or args.size:
@@ -343,7 +303,6 @@ def cmd_models(args: argparse.Namespace) -> int:
             "gives digits' counts. input 'data': the entry follows the images' size."
         )
     print("\n".join(wrap(note, 10**6 if args.wide else 100)))
-    return 0
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -609,134 +568,189 @@ def study_name(text: str) -> str:
     return text
 
 
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m search", description="Architecture and hyperparameter search for image classifiers.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------
+# each command's arguments
 
-    def wide(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--wide",
-            action="store_true",
-            help="names in full and exact counts: lines may pass 100 columns (tables are also written as CSV)",
-        )
 
-    def with_recipe(name: str, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("recipe", help="recipe YAML file")
-        sp.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe value (repeatable)")
-        return sp
+def _wide(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--wide",
+        action="store_true",
+        help="names in full and exact counts: lines may pass 100 columns (tables are also written as CSV)",
+    )
 
-    run = with_recipe("run", "run (or continue) the study of a recipe")
-    run.add_argument("--force", action="store_true", help="continue a study even if its recipe changed")
-    run.add_argument("-q", "--quiet", action="store_true")
-    wide(run)
-    run.add_argument(
+
+def _quiet(sp: argparse.ArgumentParser, help: str | None = None) -> None:
+    sp.add_argument("-q", "--quiet", action="store_true", help=help)
+
+
+def _with_recipe(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("recipe", help="recipe YAML file")
+    sp.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe value (repeatable)")
+
+
+def _by_name(sp: argparse.ArgumentParser) -> None:
+    """A stored study named on the command line (report, best, dashboard, confirm)."""
+    sp.add_argument("study", type=study_name, help="study name")
+    sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
+
+
+def _joined(sp: argparse.ArgumentParser) -> None:
+    """A study joined by URL and name, its recipe read from the storage (worker, fail-stale)."""
+    sp.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
+    sp.add_argument("--study", required=True, type=study_name, help="study name")
+
+
+def _run_args(sp: argparse.ArgumentParser) -> None:
+    _with_recipe(sp)
+    sp.add_argument("--force", action="store_true", help="continue a study even if its recipe changed")
+    _quiet(sp)
+    _wide(sp)
+    sp.add_argument(
         "--workers",
         type=int,
         metavar="N",
         help="local worker processes (default hardware.workers; "
         "GPUs round-robin; 0: only create the study, start workers elsewhere)",
     )
-    wide(with_recipe("validate", "check a recipe and print the resolved search space"))
-    with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
-    rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
-    rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")
-    rk.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    w = sub.add_parser("worker", help="join a study from this machine, using the recipe stored in it")
-    w.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
-    w.add_argument("--study", required=True, type=study_name, help="study name")
-    w.add_argument("-q", "--quiet", action="store_true")
-    w.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
-    wide(w)
-    fs = sub.add_parser(
-        "fail-stale", help="fail (and queue again) trials without a sign of life, e.g. on journal storage"
-    )
-    fs.add_argument("--storage", help="storage URL of the study (default: $SEARCH_STORAGE)")
-    fs.add_argument("--study", required=True, type=study_name, help="study name")
-    fs.add_argument(
+
+
+def _validate_args(sp: argparse.ArgumentParser) -> None:
+    _with_recipe(sp)
+    _wide(sp)
+
+
+def _rank_args(sp: argparse.ArgumentParser) -> None:
+    _with_recipe(sp)
+    _quiet(sp, "only the ranked table")
+    sp.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+
+def _worker_args(sp: argparse.ArgumentParser) -> None:
+    _joined(sp)
+    _quiet(sp)
+    sp.add_argument("--no-report", action="store_true", help="no leaderboard at the end (workers of `run --workers`)")
+    _wide(sp)
+
+
+def _fail_stale_args(sp: argparse.ArgumentParser) -> None:
+    _joined(sp)
+    sp.add_argument(
         "--older-than",
         type=float,
         required=True,
         metavar="SECONDS",
         help="fail RUNNING trials with no heartbeat for this long",
     )
-    m = sub.add_parser("models", help="list built-in models, or classify a timm name")
-    m.add_argument("name", nargs="?", help="e.g. timm/convnext_tiny.fb_in22k")
-    m.add_argument("--json", action="store_true")
-    m.add_argument("--csv", action="store_true", help="the table as CSV")
-    wide(m)
-    m.add_argument("--classes", type=int, metavar="N", help="count parameters with an N-class head (the data's)")
-    m.add_argument("--channels", type=int, metavar="C", help="count parameters for C input channels (1 or 3)")
-    m.add_argument("--size", type=int, metavar="PX", help="input size of the entries that follow the data")
-    for name, help in (
-        ("report", "leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/"),
-        ("best", "export the best trial as a recipe that searches nothing"),
-        ("dashboard", "open optuna-dashboard on a study, with its artifacts"),
-        ("confirm", "train the top configurations again with further seeds (never on test)"),
-    ):
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("study", type=study_name, help="study name")
-        sp.add_argument("--storage", help="storage URL (default sqlite:///studies/STUDY.db)")
-        if name != "dashboard":
-            wide(sp)
-        if name == "best":
-            sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
-            sp.add_argument(
-                "--pick",
-                metavar="CONDITION",
-                help="several objectives: the best primary metric on "
-                "the Pareto front under CONDITION, e.g. 'latency_ms<=5' (comma: and)",
-            )
-        if name == "confirm":
-            sp.add_argument("--top-k", type=int, help="configurations to confirm (default study.confirm, else 3)")
-            sp.add_argument(
-                "--seeds",
-                type=int,
-                help="seeds per configuration, its search run included (default study.confirm, else 3)",
-            )
-            sp.add_argument("-q", "--quiet", action="store_true")
-        if name == "dashboard":
-            sp.description = (
-                "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
-                "reaches it can delete studies and trials and change notes; artifacts are read-only "
-                "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
-            )
-            sp.add_argument(
-                "--host",
-                default="127.0.0.1",
-                help="address to listen on (default 127.0.0.1; any other warns: for a private network only)",
-            )
-            sp.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-            sp.add_argument(
-                "--allow-writes",
-                action="store_true",
-                help="let the dashboard upload and delete artifacts (default: served read-only)",
-            )
-    px = sub.add_parser(
-        "proxy",
-        help="serve a study database to many workers (grpc://HOST:PORT storage URLs)",
-        description="Optuna's gRPC storage proxy in front of one SQL database: workers use "
-        "--storage grpc://HOST:PORT and the database sees at most --threads connections. "
-        "The protocol is unauthenticated: keep it on a private network.",
+
+
+def _models_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name", nargs="?", help="e.g. timm/convnext_tiny.fb_in22k")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--csv", action="store_true", help="the table as CSV")
+    _wide(sp)
+    sp.add_argument("--classes", type=int, metavar="N", help="count parameters with an N-class head (the data's)")
+    sp.add_argument("--channels", type=int, metavar="C", help="count parameters for C input channels (1 or 3)")
+    sp.add_argument("--size", type=int, metavar="PX", help="input size of the entries that follow the data")
+
+
+def _report_args(sp: argparse.ArgumentParser) -> None:
+    _by_name(sp)
+    _wide(sp)
+
+
+def _best_args(sp: argparse.ArgumentParser) -> None:
+    _report_args(sp)
+    sp.add_argument("--out", default="best.yaml", help="recipe file to write (default best.yaml)")
+    sp.add_argument(
+        "--pick",
+        metavar="CONDITION",
+        help="several objectives: the best primary metric on "
+        "the Pareto front under CONDITION, e.g. 'latency_ms<=5' (comma: and)",
     )
-    px.add_argument("--storage", help="database URL (default: $SEARCH_STORAGE); ${VAR} taken from the environment")
-    px.add_argument(
+
+
+def _dashboard_args(sp: argparse.ArgumentParser) -> None:
+    sp.description = (
+        "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
+        "reaches it can delete studies and trials and change notes; artifacts are read-only "
+        "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
+    )
+    _by_name(sp)
+    sp.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other warns: for a private network only)",
+    )
+    sp.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    sp.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let the dashboard upload and delete artifacts (default: served read-only)",
+    )
+
+
+def _confirm_args(sp: argparse.ArgumentParser) -> None:
+    _report_args(sp)
+    sp.add_argument("--top-k", type=int, help="configurations to confirm (default study.confirm, else 3)")
+    sp.add_argument(
+        "--seeds", type=int, help="seeds per configuration, its search run included (default study.confirm, else 3)"
+    )
+    _quiet(sp)
+
+
+def _proxy_args(sp: argparse.ArgumentParser) -> None:
+    sp.description = (
+        "Optuna's gRPC storage proxy in front of one SQL database: workers use "
+        "--storage grpc://HOST:PORT and the database sees at most --threads connections. "
+        "The protocol is unauthenticated: keep it on a private network."
+    )
+    sp.add_argument("--storage", help="database URL (default: $SEARCH_STORAGE); ${VAR} taken from the environment")
+    sp.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines, on a private network only)",
     )
-    px.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
-    px.add_argument("--threads", type=int, default=10, help="server threads = most database connections (default 10)")
-    rt = with_recipe("retrain", "train a `best` recipe on train+val, evaluate once on the test split")
-    rt.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
-    rt.add_argument(
+    sp.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
+    sp.add_argument("--threads", type=int, default=10, help="server threads = most database connections (default 10)")
+
+
+def _retrain_args(sp: argparse.ArgumentParser) -> None:
+    _with_recipe(sp)
+    sp.add_argument("--storage", help="storage URL of the study to record on (default: the recipe's)")
+    sp.add_argument(
         "--seeds",
         type=int,
         default=1,
         metavar="N",
         help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)",
     )
+
+
+# Each command's one-line help and its arguments, in the order --help lists them (handlers: COMMANDS).
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": ("run (or continue) the study of a recipe", _run_args),
+    "validate": ("check a recipe and print the resolved search space", _validate_args),
+    "prefetch": ("download the pool's weights and the dataset into their caches", _with_recipe),
+    "rank": ("score the pool's pretrained entries on frozen features (LogME, probe, kNN)", _rank_args),
+    "worker": ("join a study from this machine, using the recipe stored in it", _worker_args),
+    "fail-stale": ("fail (and queue again) trials without a sign of life, e.g. on journal storage", _fail_stale_args),
+    "models": ("list built-in models, or classify a timm name", _models_args),
+    "report": ("leaderboard, top trials, CSV/Markdown and plots under studies/STUDY/report/", _report_args),
+    "best": ("export the best trial as a recipe that searches nothing", _best_args),
+    "dashboard": ("open optuna-dashboard on a study, with its artifacts", _dashboard_args),
+    "confirm": ("train the top configurations again with further seeds (never on test)", _confirm_args),
+    "proxy": ("serve a study database to many workers (grpc://HOST:PORT storage URLs)", _proxy_args),
+    "retrain": ("train a `best` recipe on train+val, evaluate once on the test split", _retrain_args),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m search", description="Architecture and hyperparameter search for image classifiers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (help, arguments) in SUBCOMMANDS.items():
+        arguments(sub.add_parser(name, help=help))
     return p
 
 

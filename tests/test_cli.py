@@ -54,3 +54,10 @@ def test_usage_mistakes_are_one_line_with_the_closest_match(tmp_path):
         "error: python -m search run --workers: 'abc' is not a whole number; e.g. --workers 4"
     ]
     assert not (tmp_path / "studies").exists()
+
+
+def test_every_command_has_arguments_and_a_handler():
+    from search import cli
+
+    assert list(cli.SUBCOMMANDS) == list(cli.parser()._subparsers._group_actions[0].choices)
+    assert set(cli.SUBCOMMANDS) == set(cli.COMMANDS)
