@@ -182,7 +182,15 @@ def test_the_data_package_imports_no_recipe_and_the_space_no_recipe():
             if n not in reach[m]:
                 reach[m].add(n)
                 todo += g.get(n, ())
-    for m in ("search.data", "search.space", "search.pool", "search.hparams", "search.metrics"):
+    for m in (
+        "search.data",
+        "search.datasets",
+        "search.archs",
+        "search.space",
+        "search.pool",
+        "search.hparams",
+        "search.metrics",
+    ):
         assert "search.recipe" not in reach[m], m
 
 

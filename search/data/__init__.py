@@ -9,6 +9,8 @@ outside the classes and splits that would be empty are refused at load, before
 any trial (and, for image folders, by `check` from the file counts alone). The
 file machinery the sources share (downloads, checksums, records of what was
 checked, locks, atomic directories) is `search.data.cache`.
+The names a recipe may give, the `data` section and `AugmentCfg` are
+`search.datasets`, which a recipe is checked against without importing torch.
 
 Carve-outs kept on disk (`carved_splits`) are derived caches like the
 sources' .npy directories, trusted only as this machine built or checked
