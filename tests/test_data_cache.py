@@ -11,7 +11,6 @@ import os
 import shutil
 import threading
 import time
-import urllib.error
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from search.data import cache
 from search.data.cache import Remote
 from search.errors import SearchError
+from tests.conftest import fake_network
 
 PAYLOAD = b"the official file\n" * 1000
 URL = "https://example.org/files/set.bin"
@@ -29,24 +29,6 @@ URL = "https://example.org/files/set.bin"
 
 def remote(**checksum: str) -> Remote:
     return Remote(URL, "set.bin", **checksum)
-
-
-def network(monkeypatch, payload: bytes = PAYLOAD, fail_first: int = 0) -> list[str]:
-    """A network that serves `payload` after `fail_first` connection resets; returns the URLs asked for."""
-    calls: list[str] = []
-
-    def open_url(url, timeout=60.0):
-        calls.append(url)
-        if len(calls) <= fail_first:
-            raise urllib.error.URLError("connection reset")
-        return io.BytesIO(payload)
-
-    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(cache, "_network_up", lambda host: True)
-    monkeypatch.setattr(cache, "_open_url", open_url)
-    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
-    return calls
 
 
 def visible(folder: Path) -> list[str]:
@@ -83,7 +65,7 @@ def spy_hashing(monkeypatch) -> list[Path]:
 
 
 def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeypatch, state):
-    calls = network(monkeypatch, fail_first=2)
+    calls = fake_network(monkeypatch, PAYLOAD, fail_first=2)
     md5 = hashlib.md5(PAYLOAD).hexdigest()
     path = cache.fetch("set", remote(md5=md5), tmp_path)
     assert path == tmp_path / "set.bin" and path.read_bytes() == PAYLOAD
@@ -95,7 +77,7 @@ def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeyp
 
 
 def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch, state):
-    calls = network(monkeypatch)
+    calls = fake_network(monkeypatch, PAYLOAD)
     (tmp_path / "set.bin").write_bytes(PAYLOAD)
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     assert cache.fetch("set", remote(sha256=sha), tmp_path) == tmp_path / "set.bin"
@@ -130,7 +112,7 @@ def locked(final: Path) -> bool:
 
 
 def test_concurrent_first_downloads_fetch_once_into_one_intact_file(tmp_path, monkeypatch):
-    calls = network(monkeypatch)
+    calls = fake_network(monkeypatch, PAYLOAD)
     all_meet_at_the_lock(monkeypatch, 3)
     serve, held = cache._open_url, []
     monkeypatch.setattr(
@@ -152,7 +134,7 @@ def test_concurrent_first_downloads_fetch_once_into_one_intact_file(tmp_path, mo
 
 
 def test_an_interrupted_download_leaves_no_temporary_file(tmp_path, monkeypatch):
-    network(monkeypatch)
+    fake_network(monkeypatch, PAYLOAD)
 
     class Cut(io.BytesIO):
         def read(self, n=-1):
@@ -165,7 +147,7 @@ def test_an_interrupted_download_leaves_no_temporary_file(tmp_path, monkeypatch)
 
 
 def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch):
-    network(monkeypatch, payload=b"something else")
+    fake_network(monkeypatch, b"something else")
     with pytest.raises(
         SearchError,
         match=r"set.bin has md5 [0-9a-f]{32}, expected 0{32}; the download was "
@@ -176,7 +158,7 @@ def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch
 
 
 def test_fetch_gives_up_after_the_retries_with_the_last_error(tmp_path, monkeypatch):
-    calls = network(monkeypatch, fail_first=cache.RETRIES)
+    calls = fake_network(monkeypatch, PAYLOAD, fail_first=cache.RETRIES)
     with pytest.raises(SearchError, match=r"set.bin is missing \(download failed 3 times: .*connection reset"):
         cache.fetch("set", remote(), tmp_path)
     assert len(calls) == cache.RETRIES and visible(tmp_path) == []
@@ -195,7 +177,7 @@ def test_fetch_offline_names_the_file_and_the_fix_without_probing(tmp_path, monk
 
 
 def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch, state):
-    network(monkeypatch)
+    fake_network(monkeypatch, PAYLOAD)
     cache.fetch("set", remote(), tmp_path)
     assert visible(tmp_path) == ["set.bin"] and records(state) == []
 

@@ -74,7 +74,7 @@ def linked_pages() -> list[Path]:
 
 def elsewhere(cmd: str) -> str | None:
     words = shlex.split(cmd, comments=True)
-    return next((why for mark, why in ELSEWHERE.items() if mark in words or any(mark in w for w in words)), None)
+    return next((why for mark, why in ELSEWHERE.items() if any(mark in w for w in words)), None)
 
 
 def activated_env(tmp: Path) -> dict[str, str]:
