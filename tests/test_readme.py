@@ -4,11 +4,11 @@ order the README gives them and then page after page in the order the README lin
 
 The demo recipe is made small (3 trials of 1 epoch on 150 images, mini_cnn only), and so is the
 README's first study of your own (on a generated image folder). Every command is the page's line,
-comment and all; the first goes through bash in an activated environment, the dashboard serves from
-its own process on a free port, the others run in this one (seconds of imports each saved), each
-distinct command once. A command that needs what this machine has not (a placeholder such as NAME,
-a database server, a dataset download, another study) is parsed instead: its command, options and
-values must still exist as printed.
+comment and all. The dashboard goes through bash in an activated environment, as a user types it,
+and serves from its own process on a free port; the others run in this one (a new interpreter would
+cost seconds of imports each and test nothing more), each distinct command once. A command that
+needs what this machine has not (a placeholder such as NAME, a database server, a dataset download,
+another study) is parsed instead: its command, options and values must still exist as printed.
 """
 
 from __future__ import annotations
@@ -215,10 +215,6 @@ def _dashboard(cmd: str, cwd: Path, env: dict) -> None:
     assert f"optuna-dashboard on http://127.0.0.1:{port}/dashboard/ with artifacts from" in out
 
 
-def _shell(cmd: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def _inline(cmd: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """The page's line as its shell would split it (comment dropped), run in this process."""
     words = shlex.split(cmd, comments=True)
@@ -238,11 +234,9 @@ def _parses(cmd: str) -> None:
 
 @pytest.mark.slow
 def test_every_command_of_the_readme_and_the_docs_works_as_written_after_the_demo(tmp_path):
-    """The demo, then every command in the README's order, then each docs page's. The first line
-    of the walk goes through bash in an activated environment, as a user types it, and so does the
-    dashboard (it serves); the others run in this process on the same study (each new interpreter
-    would cost seconds of imports and test nothing more), and a command printed on two pages runs
-    once."""
+    """The demo, then every command in the README's order, then each docs page's, on the same
+    study: the dashboard through bash in an activated environment (it serves), the others in this
+    process; a command printed on two pages runs once."""
     env = activated_env(tmp_path)
     small_demo(tmp_path)
     small_own_study(tmp_path)
@@ -264,7 +258,7 @@ def test_every_command_of_the_readme_and_the_docs_works_as_written_after_the_dem
         if " dashboard " in cmd:
             _dashboard(cmd, tmp_path, env)
             continue
-        proc = (_shell if len(ran) == 1 else _inline)(cmd, tmp_path, env)
+        proc = _inline(cmd, tmp_path, env)
         assert proc.returncode == 0, (page.name, cmd, proc.stdout[-2000:], proc.stderr[-3000:])
         printed = proc.stdout + proc.stderr
         suggested += [m.group(0) for m in re.finditer(r"\S*python\S* -m search \S+", printed)]
