@@ -275,8 +275,20 @@ def test_an_upward_import_is_seen():
     assert upward(g) == ["search.recipe (config) imports search.train (train)"]
 
 
+# Imports against the order that are on their way out, each with why it is still there. A pair
+# that is gone must leave this set too (the test below says so).
+PENDING = {
+    # the objective takes the resume-state helpers and the trial exceptions from workers until they
+    # move to a module of the trial layer (resume) and the base (errors)
+    "search.objective (trial) imports search.workers (workers)",
+}
+
+
 def test_no_module_imports_from_a_layer_above_its_own():
-    assert upward(graph()) == []
+    found = upward(graph())
+    assert [u for u in found if u not in PENDING] == []
+    gone = sorted(PENDING - set(found))
+    assert gone == [], f"{gone}: no longer imported; remove from PENDING in tests/test_imports.py"
 
 
 def _imported_by(code: str) -> set[str]:
