@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import confirm, optuna_api, rank, space, weights, workers
+from search import confirm, optuna_api, rank, space, warmstart, weights, workers
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -45,15 +45,19 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
     d = recipe.normalized()
     if d["study"]["storage"]:
         d["study"]["storage"] = mask(d["study"]["storage"])
+    if d["study"]["warm_start"]:
+        name, at, url = d["study"]["warm_start"]["from"].partition("@")  # NAME@STORAGE: as a storage URL
+        d["study"]["warm_start"]["from"] = name + at + (mask(url) if url else "")
     return d
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm"):
+    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm", "warm_start", "budget", "stop"):
         d["study"].pop(key, None)
     d.pop("hardware", None)
+    d.pop("tracking", None)
     return d
 
 
@@ -256,6 +260,9 @@ def _search(
     say = progress.say
     if recipe.study.rank is not None:
         entries = ranked_entries(study, recipe, entries, data, say)
+    warm = warmstart.queue(study, recipe, entries, data.in_chans)  # before the baselines: queued first
+    if warm:
+        say(warm)
     enqueue_baselines(study, recipe, entries, data)
     hb, n_total = recipe.study.heartbeat, recipe.study.n_trials
     workers.sweep(study, hb)
