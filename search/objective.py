@@ -303,6 +303,7 @@ class Epochs:
     ) -> None:
         self.trial, self.recipe, self.label, self.on_line, self.lost = trial, recipe, label, on_line, lost
         self.history: list[dict[str, float]] = list(state["history"]) if state else []
+        self.resumed = len(self.history)  # epochs a retry takes over: trained by the trial it retries
         self.reported = set(frozen(trial).intermediate_values) if "retry_of" in attrs(trial) else set()
         self.reports = len(recipe.study.names) == 1  # Optuna neither takes intermediate values nor prunes several
 
@@ -317,7 +318,9 @@ class Epochs:
         # Short attributes: the per-epoch history is in the intermediate values and, when the
         # trial ends, its history artifact; the dashboard's table stays one line a row.
         seconds = round(sum(r["seconds"] for r in self.history) / len(self.history), 3)
-        set_attrs(trial, epochs=len(self.history), sec_per_epoch=seconds)
+        set_attrs(
+            trial, epochs=len(self.history), sec_per_epoch=seconds, trained_epochs=len(self.history) - self.resumed
+        )
         if attrs(trial).get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
             set_attrs(trial, micro_batch=int(record["micro_batch"]))
         self.on_line(

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import confirm, optuna_api, rank, space, warmstart, weights, workers
+from search import budget, confirm, optuna_api, rank, space, warmstart, weights, workers
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -245,13 +245,24 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         progress.close()
 
 
-def _show(progress: Progress, study: optuna.Study) -> None:
-    """The study line of a live display: counted trials ended, pruned, failed, best so far."""
+def _show(progress: Progress, study: optuna.Study, recipe: Recipe) -> None:
+    """The study line of a live display: counted trials ended, pruned, failed, best so far, budget used."""
     if progress.live:
-        ended = [t for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished()]
+        trials = study.get_trials(deepcopy=False)
+        ended = [t for t in counted(trials) if t.state.is_finished()]
         pruned = sum(t.state == TrialState.PRUNED for t in ended)
         failed = sum(t.state == TrialState.FAIL for t in ended)
-        progress.study(len(ended), pruned, failed, best_so_far(study))
+        spent = budget.text(recipe.study.budget, budget.used(trials, recipe.train.epochs))
+        progress.study(len(ended), pruned, failed, best_so_far(study) + (f"  {spent}" if spent else ""))
+
+
+def closing(recipe: Recipe) -> Callable[[list[FrozenTrial]], str | None]:
+    """Why the search takes no further trial (study.budget spent), or None."""
+
+    def closed(trials: list[FrozenTrial]) -> str | None:
+        return budget.spent(recipe.study.budget, budget.used(trials, recipe.train.epochs))
+
+    return closed
 
 
 def _search(
@@ -274,9 +285,15 @@ def _search(
         line = done and trial_line(study, done, finished(study), n_total, recipe.study.metric)
         if line:
             say(line)
-        _show(progress, study)
+        if line and recipe.study.budget and not progress.live:
+            say(
+                "  "
+                + budget.text(recipe.study.budget, budget.used(study.get_trials(deepcopy=False), recipe.train.epochs))
+            )
+        _show(progress, study, recipe)
 
-    _show(progress, study)
+    _show(progress, study, recipe)
+    closed = closing(recipe)
     ran = workers.drain(
         study,
         objective,
@@ -285,7 +302,12 @@ def _search(
         deadline=deadline,
         say=say,
         on_end=on_end,
+        closed=closed,
     )
+    reason = closed(study.get_trials(deepcopy=False))
+    if reason:
+        study.set_user_attr("ended", reason)  # for the report: why the study ended before n_trials
+        say(f"the search stopped taking trials: {reason}")
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")
         return ran
