@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import budget, confirm, optuna_api, rank, space, warmstart, weights, workers
+from search import artifacts, budget, confirm, optuna_api, rank, space, tracking, warmstart, weights, workers
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -169,6 +169,7 @@ def check_all(recipe: Recipe, url: str) -> list[PoolEntry]:
     process's memory for the trials that follow.
     """
     check_storage(url)
+    tracking.check(recipe.tracking)
     entries = parse_pool(recipe.pool)
     check_data(recipe.data)
     preflight(entries)
@@ -279,9 +280,18 @@ def _search(
     workers.sweep(study, hb)
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     deadline = _deadline(study, recipe)
-    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress)
+    tracker = None
+    if recipe.tracking.mlflow or recipe.tracking.tensorboard:
+        tracker = tracking.Tracker(recipe, study, artifacts.dir_of(study))
+        for line in tracker.where():
+            say(line)
+    objective = make_objective(
+        recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress, tracker=tracker
+    )
 
     def on_end(done: FrozenTrial | None) -> None:
+        if done is not None and tracker is not None:
+            tracker.end(done)
         line = done and trial_line(study, done, finished(study), n_total, recipe.study.metric)
         if line:
             say(line)
@@ -308,6 +318,8 @@ def _search(
     if reason:
         study.set_user_attr("ended", reason)  # for the report: why the study ended before n_trials
         say(f"the search stopped taking trials: {reason}")
+    if tracker is not None:
+        tracker.finish(done=bool(reason) or finished(study) >= n_total)
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")
         return ran

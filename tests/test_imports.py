@@ -42,6 +42,8 @@ LOCAL_LIBRARIES = {
     "grpc",
     "redis",
     "fcntl",
+    "mlflow",
+    "tensorboard",
 }
 
 
