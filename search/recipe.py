@@ -209,6 +209,11 @@ class StudyCfg(Section):
                     f"sampler '{self.sampler.name}' optimizes one objective only, and objectives "
                     f"lists {len(names)}; use one of {one_of(MULTI_SAMPLERS)}"
                 )
+            if self.stop is not None and self.stop.terminator:
+                raise ValueError(
+                    f"stop.terminator judges one objective, and objectives lists {len(names)}; "
+                    "remove study.stop.terminator (patience follows the first objective)"
+                )
             if self.pruner.name != "none":
                 raise ValueError(
                     f"pruner '{self.pruner.name}' cannot run with {len(names)} objectives "

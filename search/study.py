@@ -23,7 +23,19 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import artifacts, budget, confirm, optuna_api, rank, space, tracking, warmstart, weights, workers
+from search import (
+    artifacts,
+    budget,
+    confirm,
+    optuna_api,
+    rank,
+    space,
+    stopping,
+    tracking,
+    warmstart,
+    weights,
+    workers,
+)
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -257,15 +269,6 @@ def _show(progress: Progress, study: optuna.Study, recipe: Recipe) -> None:
         progress.study(len(ended), pruned, failed, best_so_far(study) + (f"  {spent}" if spent else ""))
 
 
-def closing(recipe: Recipe) -> Callable[[list[FrozenTrial]], str | None]:
-    """Why the search takes no further trial (study.budget spent), or None."""
-
-    def closed(trials: list[FrozenTrial]) -> str | None:
-        return budget.spent(recipe.study.budget, budget.used(trials, recipe.train.epochs))
-
-    return closed
-
-
 def _search(
     recipe: Recipe, study: optuna.Study, entries: list[PoolEntry], data: Data, progress: Progress, quiet: bool
 ) -> int:
@@ -303,7 +306,7 @@ def _search(
         _show(progress, study, recipe)
 
     _show(progress, study, recipe)
-    closed = closing(recipe)
+    closed = stopping.closing(recipe, study)  # a budget spent, a stop rule
     ran = workers.drain(
         study,
         objective,
