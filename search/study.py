@@ -266,7 +266,8 @@ def _show(progress: Progress, study: optuna.Study, recipe: Recipe) -> None:
         pruned = sum(t.state == TrialState.PRUNED for t in ended)
         failed = sum(t.state == TrialState.FAIL for t in ended)
         spent = budget.text(recipe.study.budget, budget.used(trials, recipe.train.epochs))
-        progress.study(len(ended), pruned, failed, best_so_far(study) + (f"  {spent}" if spent else ""))
+        spent = spent.replace("budget used: ", "  budget ")  # the bar's line holds 100 columns
+        progress.study(len(ended), pruned, failed, best_so_far(study) + spent)
 
 
 def _search(
