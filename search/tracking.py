@@ -130,7 +130,22 @@ class Tracker:
 
         with locked(self.study, "mlflow"):
             self.client = MlflowClient(tracking_uri=self.uri)
-            self.parent, _ = once(self.study, "mlflow_run_id", self._new_parent)
+            parent, _ = once(self.study, "mlflow_run_id", self._new_parent)
+            if not self._exists(parent):  # the study was tracked at another URI before: a parent here
+                parent = self._new_parent()
+                self.study.set_user_attr("mlflow_run_id", parent)
+            self.parent = parent
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def _new_parent(self) -> str:
         name = self.cfg.experiment or self.study.study_name
@@ -165,6 +180,8 @@ class Tracker:
         tags = {k: str(a.get(k)) for k in TAGS if a.get(k) is not None}
         tags.update(trial_number=str(trial.number), state="RUNNING")
         run_id = self._run_of(trial)
+        if run_id is not None and not self._exists(run_id):
+            run_id = None  # tracked at another URI before
         if run_id is not None:  # a retry: the same run goes on
             self.client.update_run(run_id, status="RUNNING")
         else:

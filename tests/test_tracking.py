@@ -135,3 +135,16 @@ def test_a_tracking_server_that_is_away_fails_no_trial_and_warns_once_per_worker
     assert proc.stderr.count(f"tracking: MLflow at {uri} is not answering") == 2
     trials = optuna.load_study(study_name="away", storage=f"sqlite:///{tmp_path}/studies/away.db").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+
+
+@pytest.mark.slow
+def test_a_study_tracked_at_another_uri_gets_a_parent_there(tmp_path):
+    write_recipe(tmp_path / "r.yaml", tiny_recipe("moved", study={"n_trials": 1}, train={"epochs": 1}))
+    for i, n in enumerate((1, 2)):
+        uri = f"sqlite:///{tmp_path}/m{i}.db"
+        over = ("--set", f"tracking.mlflow={uri}", "--set", f"study.n_trials={n}")
+        proc = run_inline("run", "r.yaml", *over, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "not answering" not in proc.stderr
+        _, parents, nested = _runs(uri, "moved")
+        assert len(parents) == 1 and [r.data.tags["trial_number"] for r in nested] == [str(n - 1)]
