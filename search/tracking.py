@@ -57,8 +57,8 @@ def mlflow_uri(cfg: TrackingCfg, study_dir: Path) -> str | None:
     """The tracking URI: as given, or for `true` a SQLite file next to the study's own files."""
     if cfg.mlflow is False:
         return None
-    if cfg.mlflow is True:
-        return f"sqlite:///{(study_dir / 'mlflow.db').resolve()}"
+    if cfg.mlflow is True:  # relative as the default storage is: from where the study runs
+        return f"sqlite:///{study_dir / 'mlflow.db'}"
     return cfg.mlflow
 
 

@@ -70,8 +70,8 @@ def test_six_trials_two_workers_one_parent_six_nested_runs_and_event_files(tmp_p
         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "follow it in MLflow: mlflow ui --backend-store-uri sqlite:///studies/trk/mlflow.db" in proc.stdout
     uri = f"sqlite:///{tmp_path}/studies/trk/mlflow.db"
-    assert f"follow it in MLflow: mlflow ui --backend-store-uri {uri}" in proc.stdout
     trials = optuna.load_study(study_name="trk", storage=f"sqlite:///{tmp_path}/studies/trk.db").get_trials()
     client, parents, nested = _runs(uri, "trk")
     assert len(parents) == 1 and len(nested) == 6 and parents[0].info.status == "FINISHED"
