@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from search import pack  # noqa: E402
-from search.augment import AugmentCfg  # noqa: E402
 from search.data import Data, Split  # noqa: E402
+from search.datasets import AugmentCfg  # noqa: E402
 from search.models import build_model  # noqa: E402
 from search.recipe import TrainCfg  # noqa: E402
 from search.train import fit  # noqa: E402

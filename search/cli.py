@@ -228,6 +228,11 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
         if study_attrs(study).get("rank"):
             print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
+        if recipe.tracking.mlflow:
+            from search import artifacts, tracking
+
+            uri = tracking.mlflow_uri(recipe.tracking, artifacts.dir_of(study))
+            print(f"follow it in MLflow: {tracking.ui_command(uri or '')}")
     return 0
 
 
@@ -440,7 +445,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from search import confirm, selection
+    from search import confirm, confirmed, selection
 
     recipe, study, _, _ = _stored(args)
     cfg = recipe.study.confirm
@@ -454,7 +459,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     queued = confirm.enqueue(study, top_k, seeds)
     print(
         f"confirming the top {top_k} configurations over {seeds} seeds: {queued} runs queued in study "
-        f"'{confirm.companion_name(study.study_name)}'"
+        f"'{confirmed.companion_name(study.study_name)}'"
     )
     confirm.run(recipe, study, quiet=args.quiet)
     print(selection.confirmed_text(study, recipe, wide=args.wide))

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from search import data
-from search.data import DataCfg, carve, load_data, load_raw, split_sizes
+from search.data import carve, load_data, load_raw, split_sizes
 from search.data.splits import Raw, Split
+from search.datasets import DataCfg
 from search.errors import SearchError
 from search.recipe import MAX_WORKERS, recipe_from_dict
 from tests import test_data
@@ -326,7 +327,8 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from search.data import DataCfg, folder, load_data, load_raw
+from search.data import folder, load_data, load_raw
+from search.datasets import DataCfg
 
 def peak_rss():
     # This process's own peak (VmHWM), not ru_maxrss: on Linux that also counts the parent forked from.

@@ -48,10 +48,18 @@ LOCAL_LIBRARIES = {
     "grpc",
     "redis",
     "fcntl",
+    "mlflow",
+    "tensorboard",
 }
 # ... and torch's modules that `import torch` leaves unloaded: the compiler (a second of imports, only
-# under hardware.compile) and the FLOP counter (only for a `flops` objective).
-LOCAL_TORCH_MODULES = {"torch._dynamo", "torch.utils.flop_counter"}
+# under hardware.compile), the FLOP counter (only for a `flops` objective) and TensorBoard's writer
+# (the optional tensorboard package, only under tracking.tensorboard).
+LOCAL_TORCH_MODULES = {
+    "torch._dynamo",
+    "torch.utils.flop_counter",
+    "torch.utils.tensorboard",
+    "torch.utils.tensorboard.summary",
+}
 
 
 def _all_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -218,6 +226,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "search.trials",
             "search.confirmed",
             "search.net",
+            "search.once",
         },
     ),
     ("config", {"search.recipe", "search.hparams", "search.space", "search.pool", "search.datasets", "search.archs"}),
@@ -235,9 +244,22 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("train", {"search.train", "search.measure", "search.rank"}),
     # progress: the live trial lines, which the objective feeds and the workers print
-    ("trial", {"search.objective", "search.sampling", "search.pack", "search.artifacts", "search.progress"}),
+    (
+        "trial",
+        {
+            "search.objective",
+            "search.sampling",
+            "search.pack",
+            "search.artifacts",
+            "search.progress",
+            "search.tracking",
+        },
+    ),
     ("workers", {"search.workers"}),
-    ("study", {"search.study", "search.confirm", "search.proxy"}),
+    (
+        "study",
+        {"search.study", "search.confirm", "search.proxy", "search.budget", "search.stopping", "search.warmstart"},
+    ),
     ("results", {"search.selection", "search.report", "search.plots", "search.retrain"}),
     ("cli", {"search.cli", "search.__main__"}),
 ]
