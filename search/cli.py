@@ -516,28 +516,34 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from search.net import is_loopback
 
     _, _, url, directory = _stored(args)
-    from optuna_dashboard import run_server
+    from search import dashboard
 
     where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"  # IPv6 bracketed
     if not is_loopback(args.host):
         # optuna-dashboard's API has no authentication: say what anyone on the network may do.
-        may = "upload and delete artifacts, " if args.allow_writes else ""
+        may = (
+            "change, finish and delete studies, trials, notes and artifacts"
+            if args.allow_writes
+            else "read every trial and artifact"
+        )
         print(
             f"warning: optuna-dashboard has no authentication; anyone who reaches {where} "
-            f"can {may}delete studies and trials and change notes in {storage.mask(url)}. Keep it on "
+            f"can {may} in {storage.mask(url)}. Keep it on "
             "a private network, or serve on 127.0.0.1 and reach it through an SSH tunnel.",
             file=sys.stderr,
         )
-    writes = "uploads and deletions allowed" if args.allow_writes else "read-only: --allow-writes to upload or delete"
+    writes = "writes allowed" if args.allow_writes else "read-only: --allow-writes to change the study or its artifacts"
     print(
         f"optuna-dashboard on http://{where}/dashboard/ with artifacts from\n"
         f"  {directory / 'artifacts'}   ({writes}; Ctrl-C to stop)"
     )
-    run_server(
+    dashboard.serve(
         storage.open_storage(url, heartbeat=None),
-        host=args.host,
-        port=args.port,
-        artifact_store=artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        args.host,
+        args.port,
+        args.allow_writes,
+        args.allow_host,
     )
     return 0
 
@@ -698,9 +704,10 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
             sp.description = (
-                "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
-                "reaches it can delete studies and trials and change notes; artifacts are read-only "
-                "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
+                "optuna-dashboard on a study, with its artifacts. Its API has no authentication, so it "
+                "is served read-only (pages, trials, artifacts) unless --allow-writes, and answers only "
+                "requests that name it: its address, localhost, or an --allow-host name. It listens on "
+                "127.0.0.1 unless told otherwise."
             )
             sp.add_argument(
                 "--host",
@@ -711,7 +718,16 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--allow-writes",
                 action="store_true",
-                help="let the dashboard upload and delete artifacts (default: served read-only)",
+                help="let the dashboard change the study: tell, attributes, notes, rename, delete, "
+                "artifact uploads and deletions (default: served read-only)",
+            )
+            sp.add_argument(
+                "--allow-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a host name the dashboard is reached by besides its address and localhost "
+                "(e.g. the machine's name behind a tunnel or proxy); repeatable",
             )
     px = sub.add_parser(
         "proxy",
