@@ -503,11 +503,15 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from search.retrain import retrain
+    from search.retrain import Stopped, retrain
 
     if args.seeds < 1:
         raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
-    retrain(_recipe(args), args.storage, seeds=args.seeds)
+    try:
+        retrain(_recipe(args), args.storage, seeds=args.seeds)
+    except Stopped as e:
+        print(e.message, file=sys.stderr)
+        return 130 if e.signal_name == "SIGINT" else 143
     return 0
 
 
