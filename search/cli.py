@@ -74,7 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
-        storage.check_storage(url)
+        if not storage.check_storage(url, connect=not args.offline):
+            say(f"not checked (--offline): that the storage at {storage.where(url)} answers; nothing was contacted")
     except SearchError as e:
         problems.insert(0, str(e))
     return _verdict(missing, problems, "validate", args.recipe)
@@ -648,7 +649,13 @@ def parser() -> argparse.ArgumentParser:
         help="local worker processes (default hardware.workers; "
         "GPUs round-robin; 0: only create the study, start workers elsewhere)",
     )
-    wide(with_recipe("validate", "check a recipe and print the resolved search space"))
+    va = with_recipe("validate", "check a recipe and print the resolved search space")
+    wide(va)
+    va.add_argument(
+        "--offline",
+        action="store_true",
+        help="contact nothing: no database server, no download, no network (says what it did not check)",
+    )
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
     rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")

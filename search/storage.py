@@ -532,18 +532,26 @@ REACHABLE: dict[str, Callable[[str], None]] = {
 }
 
 
-def check_storage(url: str) -> None:
-    """Scheme, ${VAR} and reachability of a storage URL, creating nothing."""
+SERVERS = ("postgresql", "postgres", "mysql", "mariadb", "redis", "rediss")  # reached over the network
+
+
+def check_storage(url: str, connect: bool = True) -> bool:
+    """Scheme, ${VAR} and reachability of a storage URL, creating nothing. With `connect` false a
+    database server is not contacted (files and addresses are still checked); returns whether
+    the storage's reachability was checked."""
     full = resolve_url(url)
     reach = REACHABLE.get(_scheme(url))
     if reach is None:
-        return
+        return True
+    if not connect and _scheme(url) in SERVERS:
+        return False
     try:
         reach(full)
     except SearchError:
         raise
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
         raise storage_error(url, full, e) from None
+    return True
 
 
 def _names_rdb(full: str) -> list[str]:
