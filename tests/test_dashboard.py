@@ -313,7 +313,8 @@ def test_the_running_dashboard_refuses_writes_and_foreign_hosts(running, served)
     assert status == 403 and b"attacker.example" in answer
     status, answer = request(port, "GET", "/dashboard", host=f"localhost:{port}")
     assert status == 200 and b"<html" in answer.lower()
-    for path in ["/dashboard", f"/dashboard/studies/{sid}", "/api/meta", "/api/studies", f"/api/studies/{sid}"]:
+    reads = ["/dashboard", f"/dashboard/studies/{sid}", "/static/bundle.js", "/api/meta", "/api/studies"]
+    for path in [*reads, f"/api/studies/{sid}", f"/csv/{sid}"]:
         assert request(port, "GET", path)[0] == 200, path
     assert request(port, "HEAD", "/dashboard")[0] == 200
     assert request(port, "GET", f"/artifacts/{sid}/{tid}/{kept}") == (200, b'{"history": []}')
