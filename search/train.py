@@ -419,8 +419,13 @@ def inductor_cache() -> Path:
     <temp dir>/search-inductor-<uid>, made 700 and refused unless the user's alone (as the GPU
     ledger's). Inductor loads pickled code from it: its own default, /tmp/torchinductor_<user>,
     is checked by nobody, and another user who creates it first decides what runs. Set in the
-    environment, where inductor and its compile workers read it."""
+    environment, where inductor and its compile workers read it (a value equal to inductor's
+    default is taken as unset: torch writes it there on import)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch-free module
+
     chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen and Path(chosen) == Path(default_cache_dir()):
+        chosen = None  # not the user's choice: importing torch._dynamo fills in inductor's default
     path = Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"search-inductor-{os.getuid()}"
     own_directory(path.absolute(), "inductor cache directory", INDUCTOR_CACHE_ENV)
     os.environ[INDUCTOR_CACHE_ENV] = str(path.absolute())
@@ -430,9 +435,9 @@ def inductor_cache() -> Path:
 def compiled(model: nn.Module, backend: bool | str) -> nn.Module:
     """torch.compile'd forward. Dynamo caches graphs on the forward's code, so every model of
     one architecture, input shape, dropout and frozen state reuses one compilation per process."""
+    inductor_cache()
     import torch._dynamo  # noqa: F401 - loaded lazily by torch; its config is needed first
 
-    inductor_cache()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # A compiled Module is an OptimizedModule (a Module); torch's stubs type the result as a callable.
     return torch.compile(  # type: ignore[return-value]

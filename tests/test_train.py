@@ -591,6 +591,10 @@ def test_the_inductor_cache_is_the_users_own(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(path)  # where inductor then writes and reads
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(train.INDUCTOR_CACHE_ENV, default_cache_dir())  # as importing torch._dynamo sets it
+    assert train.inductor_cache() == path
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     os.chmod(shared, 0o777)
