@@ -9,13 +9,15 @@ was started with --allow-writes. Notes are refused too: they are unbounded text 
 reaches the port would write into the shared storage, and a study's notes are not worth that.
 
 The Host header is checked against the names the dashboard is known by (the address it listens
-on, the localhost names and --allow-host), and a write's Origin header, when sent, as well: a
-web page the user visits can otherwise reach a dashboard on 127.0.0.1 through a name it
-controls (DNS rebinding) or send it requests from another origin.
+on, or any IP address when that is a wildcard; the localhost names; --allow-host), and a
+write's Origin header, when sent, as well: a web page the user visits can otherwise reach a
+dashboard on 127.0.0.1 through a name it controls (DNS rebinding) or send it requests from
+another origin.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,6 +29,7 @@ from optuna_dashboard import wsgi
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 READS = ("GET", "HEAD")
 WILDCARDS = ("0.0.0.0", "::", "")
+ANY_ADDRESS = "*address*"  # in allowed_hosts: any IP address names the dashboard (it listens on a wildcard)
 
 READ_ONLY = (
     "this dashboard is read-only: it may not {method} {path}; "
@@ -48,12 +51,24 @@ def host_of(value: str) -> str:
 
 
 def allowed_hosts(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
-    """The names a request may use: the address listened on (unless a wildcard), the localhost
-    names and `extra` (--allow-host)."""
+    """The names a request may use: the address listened on, the localhost names and `extra`
+    (--allow-host). Listening on a wildcard (0.0.0.0, ::), ANY_ADDRESS stands for every IP address
+    of the machine: an address is never a rebinding vector, which needs a name."""
     names = {*LOCAL_NAMES, *(host_of(h) for h in extra)}
-    if host_of(bound) not in WILDCARDS:
-        names.add(host_of(bound))
+    names.add(ANY_ADDRESS if host_of(bound) in WILDCARDS else host_of(bound))
     return frozenset(names)
+
+
+def _named(host: str, hosts: frozenset[str]) -> bool:
+    if host in hosts:
+        return True
+    if ANY_ADDRESS not in hosts:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def guard(app: App, hosts: frozenset[str], allow_writes: bool = False) -> App:
@@ -77,7 +92,7 @@ def refusal(environ: dict[str, Any], hosts: frozenset[str], allow_writes: bool) 
     if not raw:
         return "400 Bad Request", "no Host header; the dashboard answers only requests that name it"
     host = host_of(raw)
-    if host not in hosts:
+    if not _named(host, hosts):
         return "403 Forbidden", FOREIGN_HOST.format(host=host)
     method = environ.get("REQUEST_METHOD", "GET").upper()
     if method in READS:
@@ -85,7 +100,7 @@ def refusal(environ: dict[str, Any], hosts: frozenset[str], allow_writes: bool) 
     if not allow_writes:
         return "403 Forbidden", READ_ONLY.format(method=method, path=environ.get("PATH_INFO", "/"))
     origin = environ.get("HTTP_ORIGIN")
-    if origin and (origin == "null" or host_of(urlsplit(origin).netloc) not in hosts):
+    if origin and (origin == "null" or not _named(host_of(urlsplit(origin).netloc), hosts)):
         return "403 Forbidden", FOREIGN_ORIGIN.format(origin=origin)
     return "", ""
 

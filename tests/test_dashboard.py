@@ -165,6 +165,15 @@ def test_host_of_a_header(header, name):
     assert dashboard.host_of(header) == name
 
 
+def test_on_a_wildcard_address_any_ip_names_the_dashboard_but_no_other_name(running, monkeypatch, capsys):
+    served, _ = dashboard_cli(monkeypatch, capsys, running[0], "--host", "0.0.0.0")
+    for host in ("0.0.0.0:8080", "10.1.2.3:8080", "[fe80::1]:8080", "localhost"):
+        assert wsgi_call(served["app"], "GET", "/api/studies", HTTP_HOST=host)[0].startswith("200"), host
+    assert wsgi_call(served["app"], "GET", "/api/studies", HTTP_HOST="gpu1.lab:8080")[0].startswith("403")
+    served, _ = dashboard_cli(monkeypatch, capsys, running[0], "--host", "127.0.0.1")
+    assert wsgi_call(served["app"], "GET", "/api/studies", HTTP_HOST="10.1.2.3:8080")[0].startswith("403")
+
+
 def test_the_guard_passes_reads_and_named_hosts_only(running, monkeypatch, capsys):
     url, study, trial, kept = running
     sid, tid = study._study_id, trial._trial_id
