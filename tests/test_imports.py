@@ -44,9 +44,9 @@ LOCAL_LIBRARIES = {
     "redis",
     "fcntl",
 }
-# ... and torch's modules that `import torch` leaves unloaded: the compiler (a second of imports, only
-# under hardware.compile) and the FLOP counter (only for a `flops` objective).
-LOCAL_TORCH_MODULES = {"torch._dynamo", "torch.utils.flop_counter"}
+# ... and torch's modules that `import torch` leaves unloaded: the compiler and its cache directory (a
+# second of imports, only under hardware.compile) and the FLOP counter (only for a `flops` objective).
+LOCAL_TORCH_MODULES = {"torch._dynamo", "torch._inductor.runtime.cache_dir_utils", "torch.utils.flop_counter"}
 
 
 def _all_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
