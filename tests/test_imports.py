@@ -43,10 +43,19 @@ LOCAL_LIBRARIES = {
     "grpc",
     "redis",
     "fcntl",
+    "mlflow",
+    "tensorboard",
 }
 # ... and torch's modules that `import torch` leaves unloaded: the compiler and its cache directory (a
-# second of imports, only under hardware.compile) and the FLOP counter (only for a `flops` objective).
-LOCAL_TORCH_MODULES = {"torch._dynamo", "torch._inductor.runtime.cache_dir_utils", "torch.utils.flop_counter"}
+# second of imports, only under hardware.compile), the FLOP counter (only for a `flops` objective)
+# and TensorBoard's writer (the optional tensorboard package, only under tracking.tensorboard).
+LOCAL_TORCH_MODULES = {
+    "torch._dynamo",
+    "torch._inductor.runtime.cache_dir_utils",
+    "torch.utils.flop_counter",
+    "torch.utils.tensorboard",
+    "torch.utils.tensorboard.summary",
+}
 
 
 def _all_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
