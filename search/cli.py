@@ -421,12 +421,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _stored(args: argparse.Namespace):
-    from search import artifacts, storage
+    from search import storage
     from search import study as st
 
     url = args.storage or storage.default_storage(args.study)
     recipe, study = st.load_stored(url, args.study)
-    return recipe, study, url, artifacts.study_dir(args.study, artifacts.url_file(url))
+    return recipe, study, url, storage.study_dir(args.study, storage.url_file(url))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

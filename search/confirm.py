@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import optuna_api, workers
 from search.data import load_data
+from search.errors import TrialFailed
 from search.objective import make_objective
 from search.pool import parse_pool
 from search.recipe import Recipe, recipe_from_dict
@@ -126,7 +127,7 @@ def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
             trial.set_user_attr("fail_reason", "duplicate confirmation")
-            raise workers.TrialFailed("duplicate confirmation")
+            raise TrialFailed("duplicate confirmation")
         return inner(trial, lost)
 
     def on_end(t: FrozenTrial | None) -> None:

@@ -24,30 +24,21 @@ import optuna
 
 from search import artifacts, pack, space
 from search.data import Data
+from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
 from search.hparams import TrainCfg
 from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
 from search.optuna_api import frozen, reseed_sampler
 from search.pool import PoolEntry
+from search.process import STOP, WORKER
 from search.progress import Progress
 from search.recipe import CONSTRAINABLE, Recipe
 from search.record import attrs, set_attrs, versions
+from search.resume import STATE_FORMAT, resume_dir, save_state, take_state
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
 from search.text import shorten
 from search.train import FitResult, fit, resolve_device, seed_everything
 from search.trials import counted
-from search.workers import (
-    STATE_FORMAT,
-    STOP,
-    WORKER,
-    TotalReached,
-    TrialFailed,
-    TrialInterrupted,
-    TrialLost,
-    resume_dir,
-    save_state,
-    take_state,
-)
 
 FIRST_ATTRS = ("pool_label", "weight_source", "imagenet_overlap", "seed", "fail_reason")  # what users filter on
 

@@ -33,7 +33,7 @@ from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
 from search.record import study_attrs
 from search.stats import summarize
-from search.storage import default_storage, open_storage
+from search.storage import default_storage, open_storage, study_dir, url_file
 from search.text import command, wrap, wrap_items
 from search.train import fit, predict, resolve_device
 
@@ -198,7 +198,7 @@ def retrain(
     assert kept is not None  # seed_list is never empty
     model, result, test, cm, seed = kept
 
-    out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
+    out = study_dir(study.study_name, url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "split": "test",

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import confirm, optuna_api, rank, space, weights, workers
+from search import confirm, optuna_api, process, rank, space, weights, workers
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -222,7 +222,7 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     other workers' trials still run, this worker waits: if one of them dies, its
     retry is run here, so the study still ends with n_trials.
     """
-    with workers.stopping_on_signals():
+    with process.stopping_on_signals():
         return _work(recipe, study, quiet=quiet)
 
 

@@ -1,5 +1,5 @@
-"""Workers: heartbeats, stale trials and their retries, the saved state a retry resumes from,
-counting towards the total, one trial's ask/run/tell, stopping on a signal, the local process pool.
+"""Workers: heartbeats, stale trials and their retries, counting towards the total, one trial's
+ask/run/tell, the work loop, the local process pool.
 
 Dead workers: every running trial records a sign of life from a thread of its own, independent
 of training progress (Optuna's heartbeat on RDB storages, a `heartbeat_at` attr everywhere). A
@@ -8,42 +8,34 @@ queued again as a WAITING copy (same params, seed and intermediate values); the 
 slot, so the dead trial does not count. Workers wait for the last running trials before they
 exit, so a retry is always picked up.
 
-Resuming: a running trial saves its full training state at every epoch end, atomically, to
-`trial-N.pt` under the study's resume directory (`study.checkpoint_dir`/NAME, default
-`studies/NAME/resume`; a shared path for many machines). A retry (of a dead, preempted or
-interrupted trial) takes that file over and goes on from the epoch after it: at most the epoch
-in progress is lost, and on the CPU the history is exactly the uninterrupted one's. The file is
-removed when the trial ends. SIGTERM or Ctrl-C stops the running trial at the next step, queues
-it again and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was
-failed by another (as stale) drops it and goes on: the retry is someone else's.
-
-About 470 lines: the life cycle of a trial across processes is one subject; splitting the
-heartbeat from the retry it triggers, or the retry from the state it resumes, would scatter it.
+Resuming: a running trial saves its full training state at every epoch end (search.resume); a
+retry (of a dead, preempted or interrupted trial) takes it over and goes on from the epoch after
+it. SIGTERM or Ctrl-C (search.process) stops the running trial at the next step, queues it again
+and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was failed by
+another (as stale) drops it and goes on: the retry is someone else's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 import optuna
 from optuna.trial import TrialState
 
-from search import artifacts, optuna_api, pack
-from search.files import replacing
+from search import optuna_api, pack
+from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
+from search.process import STOP, STOPPED_BY, stopped
 from search.recipe import Recipe
 from search.record import attrs
 from search.storage import STALE_BEATS, mask
@@ -56,25 +48,6 @@ HEARTBEAT_ATTR: Final = "heartbeat_at"  # epoch seconds of a running trial's las
 
 
 MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this (preemptions do not count)
-
-
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: which process ran it
-
-
-class TrialFailed(Exception):
-    """A trial that ended without a result (diverged, out of memory, invalid combination)."""
-
-
-class TrialLost(Exception):
-    """Another worker failed this trial (as stale) while it ran here: its retry runs elsewhere."""
-
-
-class TrialInterrupted(Exception):
-    """SIGTERM or Ctrl-C stopped the trial: its last epoch is saved and it is queued again."""
-
-
-class TotalReached(Exception):
-    """The study's total is taken; this trial does not count."""
 
 
 RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted")  # not carried to a retry
@@ -194,48 +167,6 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
         thread.join()
 
 
-STOP = threading.Event()  # set by the first SIGTERM / SIGINT: the running trial stops at its next step
-
-
-_STOPPED_BY: list[str] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    name = signal.Signals(signum).name
-    if STOP.is_set():  # the second one: now
-        raise KeyboardInterrupt(name)
-    _STOPPED_BY[:] = [name]
-    STOP.set()
-    again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
-    print(
-        f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
-        f"queued again ({again} quits at once)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-@contextlib.contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT set STOP (the second raises KeyboardInterrupt) while the block runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    STOP.clear()
-    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def stopped() -> None:
-    """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
-    if STOP.is_set():
-        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
-
-
 def run_one(
     study: optuna.Study,
     objective: Callable[..., float | list[float]],
@@ -275,7 +206,7 @@ def run_one(
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
     except TrialInterrupted as e:
-        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else str(e)) from None
+        raise KeyboardInterrupt(STOPPED_BY[0] if STOPPED_BY else str(e)) from None
     finally:
         gc.collect()
     frozen = optuna_api.frozen(trial)
@@ -428,51 +359,3 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
         )
         return 1
     return 0
-
-
-STATE_FORMAT = 1  # of the per-epoch resume files
-
-
-def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
-    """Where a study's running trials keep their last epoch's state."""
-    if recipe.study.checkpoint_dir:
-        return Path(recipe.study.checkpoint_dir).expanduser() / study.study_name
-    return artifacts.dir_of(study) / "resume"
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
-    sees all of it once the name does)."""
-    import torch
-
-    with replacing(path, durable=True) as tmp:
-        torch.save(state, tmp)
-
-
-def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
-    """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
-    that dies in turn leaves it to the next), or None and why it starts over."""
-    import torch
-
-    mine = directory / f"trial-{trial.number}.pt"
-    source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
-    path = mine if mine.exists() else source
-    if not path.exists():
-        return None, f"no saved state at {source}: trained from the first epoch"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, and say so
-        return None, f"saved state {path} unreadable ({type(e).__name__}: {e}): trained from the first epoch"
-    meta = state.get("trial", {}) if isinstance(state, dict) else {}
-    if (
-        meta.get("format") != STATE_FORMAT
-        or meta.get("seed") != seed
-        or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)
-    ):
-        return (
-            None,
-            f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch",
-        )
-    if path != mine:
-        os.replace(path, mine)
-    return state, ""

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
-from search import artifacts
+from search import artifacts, storage
 from search.data import load_data
 from search.models import build_model
 from search.recipe import recipe_from_dict
@@ -30,12 +31,12 @@ def kept(trial, store) -> bool:
 
 
 def test_study_dir_follows_the_storage_file(tmp_path):
-    assert artifacts.study_dir("x", artifacts.url_file("sqlite:///studies/x.db")) == artifacts.STUDIES / "x"
-    assert artifacts.study_dir("x", artifacts.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
-    assert artifacts.study_dir("x", artifacts.url_file("journal:///shared/j.log")) == artifacts.Path("/shared/x")
-    assert artifacts.study_dir("x", artifacts.url_file("postgresql+psycopg://u@h/db")) == artifacts.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file("sqlite:///studies/x.db")) == storage.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
+    assert storage.study_dir("x", storage.url_file("journal:///shared/j.log")) == Path("/shared/x")
+    assert storage.study_dir("x", storage.url_file("postgresql+psycopg://u@h/db")) == storage.STUDIES / "x"
     study = optuna.create_study(study_name="x", storage=open_storage(f"sqlite:///{tmp_path}/a/x.db", heartbeat=None))
-    assert artifacts.dir_of(study) == tmp_path / "a" / "x"
+    assert storage.dir_of(study) == tmp_path / "a" / "x"
 
 
 def _finishing(tmp_path, top_k: int):
