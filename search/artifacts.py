@@ -248,7 +248,8 @@ def after_fit(
     feasible: bool = True,
 ) -> None:
     """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k
-    (an infeasible trial keeps none: it can never be chosen)."""
+    (an infeasible trial keeps none: it can never be chosen). The checkpoints it displaces are
+    deleted once its end is told (`prune`, from search.objective.told), not before."""
     directory = dir_of(trial.study)
     store = store_for(directory)
     metric = recipe.study.metric
@@ -283,4 +284,3 @@ def after_fit(
             device=attrs(trial).get("device"),
         )
         trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
-    prune(trial.study, store, k, (trial.number, value))

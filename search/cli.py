@@ -207,6 +207,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
 def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1) -> int:
     from search import report, workers
     from search import study as st
+    from search.outage import EXIT_STORAGE_GONE, StorageGone
     from search.record import study_attrs
 
     try:
@@ -222,6 +223,13 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
             file=sys.stderr,
         )
         return 130 if str(e) in ("", "SIGINT") else 143
+    except StorageGone as e:
+        print(
+            f"error: {e}; this worker stops, its running trial keeps its saved state and is queued again "
+            f"by the next sweep.\nresume with: {workers.resume_command(recipe, url)}",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE_GONE
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
         print(report.leaderboard_text(study, recipe, wide=wide))

@@ -27,11 +27,13 @@ from search import confirm, optuna_api, process, rank, space, weights, workers
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
-from search.objective import make_objective
+from search.objective import make_objective, told
+from search.outage import Patience
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
 from search.progress import Progress, best_so_far, trial_line
 from search.recipe import Recipe, recipe_from_dict
 from search.record import study_attrs, versions
+from search.resume import resume_dir, study_id, tidy
 from search.sampling import make_pruner, make_sampler
 from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
 from search.trials import counted, finished
@@ -51,7 +53,7 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm"):
+    for key in ("storage", "timeout", "n_trials", "heartbeat", "storage_patience", "confirm"):
         d["study"].pop(key, None)
     d.pop("hardware", None)
     return d
@@ -91,6 +93,7 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
         )
     if old is None:
         study.set_user_attr("versions", versions())  # what created it; each checkpoint carries its own
+    study_id(study)  # set at creation (an older study gets one now): resume states carry it
     if old != new:
         study.set_user_attr("recipe", new)
     if study.metric_names != recipe.study.names and len(study.directions) == len(recipe.study.names):
@@ -132,6 +135,7 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     study = optuna.load_study(
         study_name=name, storage=storage, sampler=make_sampler(recipe), pruner=make_pruner(recipe)
     )
+    study_id(study)
     return recipe, study
 
 
@@ -258,10 +262,14 @@ def _search(
         entries = ranked_entries(study, recipe, entries, data, say)
     enqueue_baselines(study, recipe, entries, data)
     hb, n_total = recipe.study.heartbeat, recipe.study.n_trials
-    workers.sweep(study, hb)
+    patience = Patience(recipe.study.storage_patience, say)
+    workers.sweep(study, hb, patience)
+    tidy(resume_dir(study, recipe), patience.call(lambda: study.get_trials(deepcopy=False), "reading the trials"))
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     deadline = _deadline(study, recipe)
-    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress)
+    objective = make_objective(
+        recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress, patience=patience
+    )
 
     def on_end(done: FrozenTrial | None) -> None:
         line = done and trial_line(study, done, finished(study), n_total, recipe.study.metric)
@@ -278,6 +286,8 @@ def _search(
         deadline=deadline,
         say=say,
         on_end=on_end,
+        patience=patience,
+        on_told=told(recipe, study),
     )
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from search import optuna_api, pack
 from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
+from search.outage import DEFAULT_PATIENCE, Patience, StorageGone, unreachable
 from search.process import STOP, STOPPED_BY, stopped
 from search.recipe import Recipe
 from search.record import attrs
@@ -57,11 +58,14 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     """Queue a WAITING copy of a dead (or, died=False, preempted) worker's trial: same params and
     seed, its intermediate values kept; it resumes from the trial's last saved epoch.
 
-    `fail_stale` calls this for each trial it fails as stale. The copy records the original in
-    the system attrs Optuna's RetryHeartbeatStaleTrialCallback uses (`failed_trial`,
-    `retry_history`), so its helpers work; `deaths` counts the dead workers only, so a trial
-    preempted any number of times is always queued again.
+    Idempotent: a trial is queued again once. `fail_stale` calls this for each trial it fails as
+    stale. The copy records the original in the system attrs Optuna's
+    RetryHeartbeatStaleTrialCallback uses (`failed_trial`, `retry_history`), so its helpers work;
+    `deaths` counts the dead workers only, so a trial preempted any number of times is always
+    queued again.
     """
+    if any(attrs(t).get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        return  # queued already: by a call tried again after its write went through, or by another worker
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     deaths = trial.system_attrs.get("deaths", 0) + int(died)
     if deaths > MAX_RETRIES:
@@ -83,12 +87,18 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     )
 
 
-def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
+def sweep(study: optuna.Study, heartbeat: int, patience: Patience | None = None) -> list[int]:
     """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
-    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats)."""
-    return fail_stale(
-        study, None if optuna_api.heartbeat_enabled(optuna_api.storage_of(study)) else STALE_BEATS * heartbeat
-    )
+    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats).
+
+    Within STALE_BEATS heartbeats of the storage coming back after an outage nothing is judged:
+    the live workers' beats were refused too, and need time to reach the storage again.
+    """
+    patience = patience or Patience(DEFAULT_PATIENCE)
+    if time.time() - patience.back_at < STALE_BEATS * heartbeat:
+        return []
+    rdb = optuna_api.heartbeat_enabled(optuna_api.storage_of(study))
+    return patience.call(lambda: fail_stale(study, None if rdb else STALE_BEATS * heartbeat), "sweep")
 
 
 def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
@@ -131,13 +141,17 @@ def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int
 
 
 @contextlib.contextmanager
-def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None = None) -> Iterator[None]:
+def beating(
+    trial: optuna.Trial, interval: float, lost: threading.Event | None = None, patience: Patience | None = None
+) -> Iterator[None]:
     """Record a sign of life on the trial every `interval` s, from a thread of its own: Optuna's
     heartbeat on RDB storages, and the user attr `heartbeat_at` (epoch seconds) everywhere.
 
     Journal and gRPC storages have no heartbeat of their own; on RDB storages the attr lets
     `fail-stale` judge any storage the same way. When the storage refuses the beat because the
-    trial has finished (another worker failed it as stale), `lost` is set and beating stops.
+    trial has finished (another worker failed it as stale), `lost` is set and beating stops. A
+    beat the storage could not take is noted on `patience` (one line an outage) and tried at the
+    next interval.
     """
     stop = threading.Event()
     storage, trial_id = optuna_api.storage_of(trial.study), optuna_api.trial_id(trial)
@@ -149,12 +163,17 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
                 if rdb:
                     optuna_api.record_heartbeat(storage, trial_id)
                 storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                if patience is not None:
+                    patience.up()
             except optuna.exceptions.UpdateFinishedTrialError:
                 if lost is not None:
                     lost.set()
                 return
             except Exception as e:  # noqa: BLE001 - a missed beat is not worth killing the trial
-                log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
+                if patience is not None and unreachable(e):
+                    patience.down(e, "heartbeat")
+                else:
+                    log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
             if stop.wait(interval):
                 return
 
@@ -172,6 +191,8 @@ def run_one(
     objective: Callable[..., float | list[float]],
     heartbeat: int,
     say: Callable[[str], None] = print,
+    patience: Patience | None = None,
+    on_told: Callable[[optuna.trial.FrozenTrial], None] = lambda t: None,
 ) -> optuna.trial.FrozenTrial | None:
     """Ask for a trial (a queued one first), run it with a heartbeat, tell its end.
 
@@ -180,14 +201,20 @@ def run_one(
     trial"), and an interrupted trial is queued again. Returns the finished trial, or None
     when it was lost to another worker. KeyboardInterrupt (a signal) propagates after the
     trial is queued again; an unexpected error after the trial is failed with its reason.
+
+    Every storage call waits out an outage (`patience`). A trial the storage failed under is
+    queued again, never failed: its retry resumes from the saved state. StorageGone (past the
+    patience) propagates with the trial left RUNNING and its state kept, for a sweep to queue.
+    `on_told` gets each trial once its end is told (its saved state may go then, not before).
     """
-    trial = optuna_api.ask(study)
+    patience = patience or Patience(DEFAULT_PATIENCE)
+    trial = patience.call(lambda: optuna_api.ask(study), "ask")
     lost = threading.Event()
     values: float | list[float] | None = None
     state = TrialState.FAIL
     try:
         try:
-            with beating(trial, heartbeat, lost):
+            with beating(trial, heartbeat, lost, patience):
                 values = objective(trial, lost)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
@@ -195,10 +222,15 @@ def run_one(
         except (TrialFailed, TotalReached):
             pass
         except (TrialInterrupted, KeyboardInterrupt):
-            retry(study, optuna_api.frozen(trial), died=False)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _again(study, trial, patience, "interrupted")
+            raise
+        except StorageGone:
             raise
         except Exception as e:
+            if unreachable(e):  # a storage call of the trial that did not wait: queued again, not failed
+                say(f"trial {trial.number:>3} stopped by the storage outage ({type(e).__name__}); queued again")
+                _again(study, trial, patience, "storage unreachable")
+                return None
             if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     if attrs(trial).get("fail_reason") is None:
@@ -209,14 +241,32 @@ def run_one(
         raise KeyboardInterrupt(STOPPED_BY[0] if STOPPED_BY else str(e)) from None
     finally:
         gc.collect()
-    frozen = optuna_api.frozen(trial)
+    frozen = patience.call(lambda: optuna_api.frozen(trial), "reading the trial")
     if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
         say(
             f"trial {trial.number:>3} was failed by another worker ({attrs(frozen).get('fail_reason')}); "
             "dropped here, its retry runs from its saved state"
         )
         return None
-    return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    told = patience.call(
+        lambda: study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True),
+        "tell",
+    )
+    on_told(told)
+    return told
+
+
+def _again(study: optuna.Study, trial: optuna.Trial, patience: Patience, reason: str) -> None:
+    """Queue a running trial again (its retry resumes from the saved state) and fail this copy,
+    which then frees its slot; both writes wait out an outage, and `retry` is idempotent."""
+
+    def write() -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("fail_reason", reason)
+        retry(study, optuna_api.frozen(trial), died=False)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+    patience.call(write, "queueing the trial again")
 
 
 def drain(
@@ -228,6 +278,8 @@ def drain(
     deadline: float | None = None,
     say: Callable[[str], None] = print,
     on_end: Callable[[optuna.trial.FrozenTrial | None], None] = lambda t: None,
+    patience: Patience | None = None,
+    on_told: Callable[[optuna.trial.FrozenTrial], None] = lambda t: None,
 ) -> int:
     """Run trials in this process until none is left to run; returns how many ran here.
 
@@ -235,15 +287,17 @@ def drain(
     search, below its total). When none is, but other workers' trials still run, this worker
     waits (a SIGTERM or Ctrl-C ends the wait): if one of them dies, its retry is queued and run
     here. Stale trials are swept before each; `deadline` (epoch seconds) stops the loop between
-    trials; `on_end` gets each finished trial (None: lost to another worker).
+    trials; `on_end` gets each finished trial (None: lost to another worker); `on_told` each
+    trial told. Storage calls wait out an outage for `patience`; past it StorageGone propagates.
     """
+    patience = patience or Patience(DEFAULT_PATIENCE)
     ran = 0
     while deadline is None or time.time() < deadline:
         stopped()
-        sweep(study, heartbeat)
-        trials = study.get_trials(deepcopy=False)
+        sweep(study, heartbeat, patience)
+        trials = patience.call(lambda: study.get_trials(deepcopy=False), "reading the trials")
         if more(trials) or any(t.state == TrialState.WAITING for t in trials):
-            on_end(run_one(study, objective, heartbeat, say))
+            on_end(run_one(study, objective, heartbeat, say, patience, on_told))
             ran += 1
         elif any(t.state == TrialState.RUNNING for t in trials):
             STOP.wait(min(heartbeat, 5))

@@ -61,6 +61,7 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
         res = FitResult("ok", "", 1, {"accuracy": v}, {"accuracy": v}, hist, state)
         artifacts.after_fit(trial, recipe, model, recipe.train, data, res)
         study.tell(trial, v)
+        artifacts.prune(study, artifacts.store_for(tmp_path / "tiny"), 2)  # once the end is told
     store = artifacts.store_for(tmp_path / "tiny")
     live = {t.number for t in study.get_trials() if kept(t, store)}
     assert live == {3, 5}  # 0.9 and 0.8
