@@ -201,3 +201,57 @@ def test_the_states_nothing_will_resume_are_removed(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["notes.txt", "trial-2.pt", "trial-42.pt", "trial-5.pt", "trial-7.pt"]
     assert resume.disk_use(tmp_path) == (5, 4 * 1 + len("not ours"))
+
+
+def test_the_report_says_how_much_disk_the_study_holds(tmp_path):
+    from search import report
+    from search.recipe import recipe_from_dict
+    from search.storage import open_storage
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(name="d", study={"checkpoint_dir": str(tmp_path / "states")}))
+    study = optuna.create_study(study_name="d", storage=open_storage(f"sqlite:///{tmp_path}/d.db", heartbeat=None))
+    (tmp_path / "states" / "d").mkdir(parents=True)
+    (tmp_path / "states" / "d" / "trial-0.pt").write_bytes(b"x" * 3 * 2**20)
+    (tmp_path / "d" / "artifacts").mkdir(parents=True)
+    (tmp_path / "d" / "artifacts" / "a").write_bytes(b"x" * 2048)
+    line = report.disk_text(study, recipe)
+    assert line == "disk held: resume states 1 files, 3.0 MB; artifacts (checkpoints, histories) 1 files, 2.0 KB"
+    assert line in report.report_text(study, recipe)
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_good_state_and_the_trial_goes_on(tmp_path, monkeypatch, capsys):
+    """The resume state's write fails with ENOSPC at epochs 2 and 3 (space comes back at 4; the
+    last epoch saves none): one line says so, the epoch-1 state stays whole meanwhile, and the
+    trial completes."""
+    import errno
+
+    from search import study as st
+    from search.recipe import recipe_from_dict
+    from tests.conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(name="full", study={"n_trials": 1}, train={"epochs": 5}))
+    study = st.open_study(recipe, f"sqlite:///{tmp_path}/full.db")
+    states = resume.resume_dir(study, recipe)
+    save, during = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") in (2, 3) and "trial" in obj:
+            during.append(torch.load(states / "trial-0.pt", weights_only=True)["epoch"])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    st.work(recipe, study)
+    out = capsys.readouterr().out
+    assert during == [1, 1]  # the last good state, whole, while the disk was full
+    said = [line for line in out.splitlines() if "resume state" in line]
+    assert said == [
+        f"trial   0 resume state of epoch 2 not saved (No space left on device: {states}); "
+        "epoch 1's is kept; training goes on",
+        "trial   0 resume state saved again (epoch 4)",
+    ]
+    [t] = study.get_trials()
+    assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [1, 2, 3, 4, 5]
+    assert list(states.iterdir()) == []  # told: its state went, and no temp file is left
