@@ -252,7 +252,7 @@ def run_one(
         lambda: study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True),
         "tell",
     )
-    on_told(told)
+    patience.call(lambda: on_told(told), "after the tell")
     return told
 
 

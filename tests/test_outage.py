@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from optuna.trial import TrialState
 from search import resume
 from search import study as st
 from search.recipe import recipe_from_dict
-from search.trials import counted
+from search.trials import STALE_REASON, counted
 from tests.conftest import ROOT, tiny_recipe
 from tests.test_storage import free_port
 
@@ -141,3 +142,47 @@ def test_two_workers_ride_out_a_database_restart_mid_epoch(tmp_path):
         assert len(counted(trials)) == n
         assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in trials)
         assert not list(resume.resume_dir(study, recipe).glob("*"))  # no state or temp file left
+
+
+def _until(proc: subprocess.Popen, mark: str) -> None:
+    for line in proc.stdout:
+        if mark in line:
+            return
+    raise AssertionError(f"the worker ended before '{mark}': {proc.wait()}")
+
+
+def test_after_kills_and_retries_no_state_or_temp_file_is_left(tmp_path):
+    """A 20-trial study whose first worker is killed (-9) and whose second is preempted (SIGTERM),
+    with a temp file a killed writer left long ago: once a third worker finishes it, the resume
+    directory is empty."""
+    n = 20
+    url = f"sqlite:///{tmp_path}/leak.db"
+    recipe = recipe_from_dict(
+        tiny_recipe(name="leak", study={"n_trials": n, "heartbeat": 1}, data={"max_samples": 300}, train={"epochs": 3})
+    )
+    study = st.open_study(recipe, url)
+    states = resume.resume_dir(study, recipe)
+    states.mkdir(parents=True)
+    torn = states / ".trial-7.pt.0123456789ab.tmp"
+    torn.write_bytes(b"torn")
+    os.utime(torn, (time.time() - 2 * resume.STALE_TEMP,) * 2)
+    first = _worker("leak", url, tmp_path)
+    _until(first, " epoch   2 ")
+    first.kill()
+    first.communicate(timeout=60)
+    second = _worker("leak", url, tmp_path)
+    _until(second, " epoch   2 ")
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=120)
+    assert second.returncode == 143
+    assert list(states.glob("trial-*.pt"))  # the killed and the preempted trials' states wait for their retries
+    third = _worker("leak", url, tmp_path)
+    out, _ = third.communicate(timeout=600)
+    assert third.returncode == 0 and "Traceback" not in out, out[-3000:]
+    trials = study.get_trials()
+    assert len(counted(trials)) == n and all(t.state == TrialState.COMPLETE for t in counted(trials))
+    assert {t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL} == {
+        "interrupted",
+        STALE_REASON,
+    }
+    assert sorted(p.name for p in states.iterdir()) == []  # no state, no temp file
