@@ -103,13 +103,13 @@ def _read(proc: subprocess.Popen, lines: list[str], seen: threading.Event, mark:
 
 
 def test_two_workers_ride_out_a_database_restart_mid_epoch(tmp_path):
-    n, epochs = 6, 8
+    n, epochs = 6, 6
     with private_postgres() as pg:
         recipe = recipe_from_dict(
             tiny_recipe(
                 name="outage",
                 study={"n_trials": n, "heartbeat": 2, "storage_patience": 120},
-                data={"max_samples": 1000},
+                data={"max_samples": 600},
                 train={"epochs": epochs},
                 space={"preset": "quick", "overrides": {"optimizer": "adamw", "batch_size": [16]}},
             )
@@ -158,7 +158,7 @@ def test_after_kills_and_retries_no_state_or_temp_file_is_left(tmp_path):
     n = 20
     url = f"sqlite:///{tmp_path}/leak.db"
     recipe = recipe_from_dict(
-        tiny_recipe(name="leak", study={"n_trials": n, "heartbeat": 1}, data={"max_samples": 300}, train={"epochs": 3})
+        tiny_recipe(name="leak", study={"n_trials": n, "heartbeat": 1}, data={"max_samples": 300}, train={"epochs": 2})
     )
     study = st.open_study(recipe, url)
     states = resume.resume_dir(study, recipe)
@@ -167,11 +167,11 @@ def test_after_kills_and_retries_no_state_or_temp_file_is_left(tmp_path):
     torn.write_bytes(b"torn")
     os.utime(torn, (time.time() - 2 * resume.STALE_TEMP,) * 2)
     first = _worker("leak", url, tmp_path)
-    _until(first, " epoch   2 ")
+    _until(first, " epoch   1 ")
     first.kill()
     first.communicate(timeout=60)
     second = _worker("leak", url, tmp_path)
-    _until(second, " epoch   2 ")
+    _until(second, " epoch   1 ")
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=120)
     assert second.returncode == 143
