@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from search.files import replacing
@@ -45,8 +46,6 @@ def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
     sees all of it once the name does)."""
-    import torch
-
     with replacing(path, durable=True) as tmp:
         torch.save(state, tmp)
 
@@ -71,8 +70,6 @@ def fingerprint(recipe: Recipe, data: Any) -> str:
     """What a saved state's training depends on besides its parameters and seed: the recipe (less
     the budget, storage and hardware settings a study may change between runs) and the data
     (shapes, labels and a sample of the images)."""
-    import torch
-
     d = recipe.normalized()
     for key in ("storage", "timeout", "n_trials", "heartbeat", "storage_patience", "confirm"):
         d["study"].pop(key, None)
@@ -130,8 +127,6 @@ def take_state(
     """For a retry: the state its predecessor saved (or the trial's own, from an earlier attempt),
     moved to this trial's own file (so a retry that dies in turn leaves it to the next), or None
     and why it starts over. A state that is not this run's (`mismatch`) is never restored."""
-    import torch
-
     mine = directory / f"trial-{trial.number}.pt"
     source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
     candidates = [p for p in dict.fromkeys((mine, source)) if p.exists()]

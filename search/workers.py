@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from search import optuna_api, pack
@@ -333,8 +334,6 @@ def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str 
 def default_workers(recipe: Recipe) -> int:
     """Local workers for `run` without --workers: hardware.workers, or under trials_per_gpu on a
     CUDA machine as many as its GPUs may hold at once (`pack.local_workers`)."""
-    import torch
-
     hw = recipe.hardware
     if (
         hw.workers > 1
@@ -353,8 +352,6 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
     environment (SEARCH_STORAGE), not on a command line others can read. SIGTERM is passed on
     to every worker; the run then ends with KeyboardInterrupt. Returns 0, or 1 if a worker failed.
     """
-    import torch
-
     gpus: list[str | None] = [None] * n_workers
     packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
     if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
