@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from search.archs import BUILTINS
+from search.datasets import MAX_RESOLUTION
 from search.errors import SearchError, did_you_mean, one_of
 from search.section import Section
 
@@ -43,16 +44,13 @@ OVERLAP_OF = {
 }
 
 
-MAX_RESOLUTION = 1024  # px, as search.data.MAX_RESOLUTION (a test holds them equal)
-
-
 class PoolEntryCfg(Section):
     """A pool entry written as a mapping (the recipe's `pool` section; a string entry is the name alone)."""
 
     model: str
     pretrained: bool | None = None  # None: the builder's default
-    # Bounded as data.resolution (search.data.MAX_RESOLUTION, a layer above): an entry's input
-    # size sets the memory of every batch it trains on.
+    # Bounded as data.resolution (search.datasets.MAX_RESOLUTION): an entry's input size sets the
+    # memory of every batch it trains on.
     resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)
     label: str | None = None
     source: str | None = None  # weight source, for timm tags the classifier does not know

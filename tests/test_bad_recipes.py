@@ -144,6 +144,6 @@ def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
 
 
 def test_a_pool_entry_is_bounded_as_the_data_is():
-    from search import data, pool
+    from search import datasets, pool
 
-    assert pool.MAX_RESOLUTION == data.MAX_RESOLUTION
+    assert pool.PoolEntryCfg.model_fields["resolution"].metadata[-1].le == datasets.MAX_RESOLUTION
