@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 
-from search import artifacts, pack, space
+from search import artifacts, pack, space, weights
 from search.data import Data
 from search.hparams import TrainCfg
 from search.measure import measure as measure_model
@@ -137,6 +137,7 @@ def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: st
     reason is known (null is also what `counted` reads as "no reason")."""
     first = {
         **entry.attrs(),
+        **({"weights_sha256": weights.file_sha256(weights.fetch(entry))} if entry.weights else {}),
         "seed": seed,
         "fail_reason": None,
         "input_resolution": resolution,
