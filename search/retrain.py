@@ -5,9 +5,15 @@ training has ended: nothing is selected on it. The recipe must fix everything
 (one pool entry, nothing sampled), as `python -m search best` writes it. The
 model trains for the full `train.epochs` (no early stopping: there is no
 held-out data left to stop on) and its final weights are the result. Test
-metrics (keys prefixed `test_`), a confusion-matrix PNG, the history and the
-final checkpoint go to `studies/<study>/retrain/` and onto the study
-(`user_attrs["retrain"]` plus study artifacts the dashboard serves).
+metrics (keys prefixed `test_`), a confusion-matrix PNG, the history, the
+recipe and the final checkpoint go to `studies/<study>/retrain/` and onto the
+study (`user_attrs["retrain"]` plus study artifacts the dashboard serves).
+
+`--tta flip` adds test-time augmentation to that one evaluation: the softmax
+probabilities of each image and its mirror image are averaged. Both metric sets
+are reported, the plain ones exactly as without TTA; neither chooses anything.
+(`search export` reads the test split once more, to check the exported model
+against this one: agreement of two copies of the final model, no metric.)
 """
 
 from __future__ import annotations
@@ -84,13 +90,34 @@ def merge_train_val(data: Data) -> Data:
     return Data(data.name, train, data.val, none, data.classes, data.overlap, data.augment, data.resolution)
 
 
-def evaluate_test(model: torch.nn.Module, data: Data, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
-    """The one evaluation on the official test split: (metrics, confusion matrix)."""
-    test = data.test  # the only read of the test split in the package
+TTA_TEXT = {"flip": "image and mirror image"}
+# Test-time augmentation: the views of a batch of uint8 images (B, C, H, W) besides the images themselves.
+TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "flip": lambda x: [x.flip(-1)],  # the mirror image (left-right)
+}
+
+
+def evaluate_test(
+    model: torch.nn.Module, data: Data, device: torch.device, tta: str | None = None
+) -> tuple[dict[str, float], torch.Tensor, dict[str, float] | None]:
+    """The one evaluation on the official test split: (metrics, confusion matrix, metrics with TTA
+    or None). The plain metrics are computed as without `tta`; with it, the softmax
+    probabilities of the image and its TTA_VIEWS are averaged."""
+    test = data.test  # the only read of the test split in the training code
     info = info_of(model)
-    logits = predict(model, test.x, info.resolution, info.mean, info.std, device, None, False)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return predict(model, x, info.resolution, info.mean, info.std, device, None, False)
+
+    logits = logits_of(test.x)
     cm = metrics.confusion(logits.argmax(1), test.y, data.num_classes)
-    return metrics.evaluate(logits, test.y), cm
+    plain = metrics.evaluate(logits, test.y)
+    if tta is None:
+        return plain, cm, None
+    views = TTA_VIEWS[tta](test.x)
+    probs = sum((logits_of(v).softmax(1) for v in views), logits.softmax(1)) / (1 + len(views))
+    # log of the averaged probabilities: what metrics.evaluate reads as logits gives them back by softmax
+    return plain, cm, metrics.evaluate(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), test.y)
 
 
 def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path: Path) -> Path:
@@ -121,8 +148,9 @@ def _train_once(
     seed: int,
     dev: torch.device,
     say: Callable[[str], None],
-) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor]:
-    """One final model under `seed`: (model, fit result, test metrics, confusion matrix)."""
+    tta: str | None = None,
+) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor, dict[str, float] | None]:
+    """One final model under `seed`: (model, fit result, test metrics, confusion matrix, TTA metrics)."""
     torch.manual_seed(seed)  # the initial weights follow the seed as well as the training
     model = build_model(
         entry,
@@ -156,20 +184,28 @@ def _train_once(
             f"retrain of {entry.label} (seed {seed}) failed: {result.reason}; lower train.lr or "
             "train.batch_size in the recipe and run it again"
         )
-    values, cm = evaluate_test(model, data, dev)
-    return model, result, {f"test_{k}": v for k, v in values.items()}, cm
+    values, cm, with_tta = evaluate_test(model, data, dev, tta)
+    tested = {f"test_{k}": v for k, v in (with_tta or {}).items()} if tta else None
+    return model, result, {f"test_{k}": v for k, v in values.items()}, cm, tested
 
 
 def retrain(
-    recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print, seeds: int = 1
+    recipe: Recipe,
+    storage: str | None = None,
+    say: Callable[[str], None] = print,
+    seeds: int = 1,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Train on train+val for train.epochs under `seeds` seeds (study.seed, +1, ...), test each
-    final model once, write and record the results; returns the record.
+    final model once (also with test-time augmentation `tta`, a TTA_VIEWS name), write and record
+    the results; returns the record.
 
     The checkpoint kept is the first seed's: chosen before any test result is seen, so keeping it
     selects nothing on the test split.
     """
     entry, hp = fixed_config(recipe)
+    if tta is not None and tta not in TTA_VIEWS:
+        raise SearchError(f"retrain --tta {tta}: unknown test-time augmentation; allowed: {', '.join(TTA_VIEWS)}")
     study, url = target_study(recipe, storage)
     data = datamod.load_data(recipe.data, recipe.study.seed)
     dev = resolve_device(recipe.hardware.device)
@@ -183,8 +219,10 @@ def retrain(
     )
     runs: list[dict[str, Any]] = []
     kept = None
+    if tta == "flip" and not data.augment.flip:
+        say(_fit(f"note: {data.name} trains without flips (augment.flip off): mirror images may score lower"))
     for seed in seed_list:
-        model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say)
+        model, result, test, cm, tested = _train_once(recipe, entry, hp, data, fit_data, seed, dev, say, tta)
         runs.append({"seed": seed, "test_metrics": test, "epochs": len(result.history)})
         say(
             "\n".join(
@@ -193,10 +231,21 @@ def retrain(
                 )
             )
         )
+        if tta is not None and tested is not None:
+            runs[-1]["test_metrics_tta"] = tested
+            say(
+                "\n".join(
+                    wrap_items(
+                        f"test with TTA {tta}, seed {seed} ({TTA_TEXT[tta]}, probabilities averaged; "
+                        "never selected on):",
+                        [f"{k} {v:.4f}" for k, v in tested.items()],
+                    )
+                )
+            )
         if kept is None:
-            kept = (model, result, test, cm, seed)
+            kept = (model, result, test, cm, seed, tested)
     assert kept is not None  # seed_list is never empty
-    model, result, test, cm, seed = kept
+    model, result, test, cm, seed, tested = kept
 
     out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
     out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +257,7 @@ def retrain(
         "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS},
         "seed": seed,
         "test_metrics": test,
+        **({"tta": tta, "test_metrics_tta": tested} if tested is not None else {}),
         "seeds": runs,
         "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
         "dir": str(out),
@@ -217,6 +267,7 @@ def retrain(
         record["test_summary"] = summarize([r["test_metrics"] for r in runs])
     write_text(out / "test_metrics.json", json.dumps(record, indent=1))
     write_text(out / "history.json", json.dumps(result.history, indent=1))
+    write_text(out / "recipe.json", json.dumps(st.stored_form(recipe), indent=1))  # what `search export` rebuilds
     title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={record['n_test']}, seed {seed})"
     plot_confusion(cm, data.classes, title, out / "confusion.png")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -256,7 +307,7 @@ def retrain(
         )
     say(
         _fit(
-            f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
+            f"wrote {out}/test_metrics.json, confusion.png, recipe.json, model.pt ({record['checkpoint']}); "
             f"recorded on study '{study.study_name}'"
         )
     )
