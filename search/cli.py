@@ -507,7 +507,38 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
-    retrain(_recipe(args), args.storage, seeds=args.seeds)
+    retrain(_recipe(args), args.storage, seeds=args.seeds, tta=args.tta)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import export
+
+    if args.trial is not None:
+        src = export.from_trial(args.run, args.trial, args.storage)
+    else:
+        src = export.from_retrain(Path(args.run))
+    say = _sayer(args)
+    export.export(src, Path(args.out) if args.out else None, tolerance=args.tolerance, bench_runs=args.bench, say=say)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import predict  # onnxruntime, numpy and Pillow: no torch on this path
+
+    if args.top_k < 1:
+        raise SearchError(f"predict --top-k {args.top_k}: give 1 or more classes per image")
+    rows = predict.predict(args.model, args.images, args.top_k)
+    if args.csv:
+        predict.write_csv(rows, Path(args.csv))
+    if not args.quiet:
+        print("\n".join(predict.lines(rows)))
+    if args.csv:
+        print(f"wrote {args.csv}: {len(rows)} rows (path, top1, p1, ...)")
     return 0
 
 
@@ -565,6 +596,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "best": cmd_best,
     "confirm": cmd_confirm,
     "retrain": cmd_retrain,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "dashboard": cmd_dashboard,
     "proxy": cmd_proxy,
 }
@@ -737,6 +770,42 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)",
     )
+    rt.add_argument(
+        "--tta",
+        choices=["flip"],
+        help="also report the test metrics with test-time augmentation (flip: the image and its mirror)",
+    )
+    ex = sub.add_parser(
+        "export",
+        help="write a final model as ONNX + safetensors, checked against PyTorch (needs the export extra)",
+        description="RUN is a `retrain` output directory (studies/STUDY/retrain), or a study name with "
+        "--trial N for that trial's kept checkpoint. The ONNX model is compared with PyTorch on the whole "
+        "test split (a retrain) or validation split (a trial); a difference over --tolerance is an error.",
+    )
+    ex.add_argument("run", help="retrain output directory, or STUDY with --trial")
+    ex.add_argument("--trial", type=int, metavar="N", help="export trial N's kept checkpoint of study RUN")
+    ex.add_argument("--storage", help="storage URL of the study (with --trial; default sqlite:///studies/STUDY.db)")
+    ex.add_argument("--out", metavar="DIR", help="output directory (default: RUN, or studies/STUDY/export/trial-N)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (default 1e-4)")
+    ex.add_argument(
+        "--bench",
+        nargs="?",
+        type=int,
+        const=20,
+        default=0,
+        metavar="RUNS",
+        help="CPU latency of onnxruntime and PyTorch eager, batch 1 and 32 (median of RUNS, default 20)",
+    )
+    wide(ex)
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes of images with an exported model (onnxruntime; no PyTorch needed)",
+    )
+    pr.add_argument("model", help="model.onnx from `search export`, or its directory")
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (default 5)")
+    pr.add_argument("--csv", metavar="FILE", help="write path, top1, p1, top2, p2, ... per image")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no per-image lines (with --csv)")
     return p
 
 

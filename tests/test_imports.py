@@ -41,6 +41,8 @@ LOCAL_LIBRARIES = {
     "optuna_dashboard",
     "grpc",
     "redis",
+    "onnx",
+    "onnxruntime",
     "fcntl",
 }
 
