@@ -17,6 +17,7 @@ for this agreement of two copies of one final model; no metric is computed on it
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import statistics
@@ -64,8 +65,6 @@ class Exportable:
 
 def need(module: str) -> Any:
     """Import an optional dependency of export/predict, or one line naming the extra."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
