@@ -219,7 +219,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def bench(model: torch.nn.Module, blob: bytes, repeats: int = 20) -> dict[str, dict[str, float]]:
     """CPU latency in ms (median of `repeats` runs) of onnxruntime and PyTorch eager, batch 1 and 32."""
     info = info_of(model)
-    sess = session(blob)
+    sess = session(blob, threads=torch.get_num_threads())  # side by side: the same threads as PyTorch
     out: dict[str, dict[str, float]] = {"onnxruntime": {}, "pytorch": {}}
     model.eval()
     for n in (1, 32):

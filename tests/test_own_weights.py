@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from search import cli, morph, rank, weights
+from search import artifacts, cli, morph, rank, weights
 from search import data as datamod
 from search import study as st
 from search.data import Split
@@ -223,3 +223,21 @@ def test_a_pool_of_two_files_and_scratch_records_each_file_and_the_trained_one_b
     rows = {r["entry"]: r for r in rank.rank_pool(recipe, datamod.load_data(recipe.data, 0))}
     assert rows["resnet_18+trained"]["status"] == rows["resnet_18+random"]["status"] == "ok"
     assert rows["resnet_18-scratch"]["status"] == "scratch"
+
+
+def test_a_retrain_checkpoint_and_an_export_safetensors_are_usable_as_they_are(tmp_path):
+    """model.pt (state dict beside its build record) and model.safetensors (with metadata): head dropped."""
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    trained = build_model("mini_cnn", num_classes=4, in_chans=1, resolution=8)
+    artifacts.save_checkpoint(tmp_path / "model.pt", trained.state_dict(), {"spec": "mini_cnn"}, trial=None)
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    (tmp_path / "model.safetensors").write_bytes(save(state, metadata={"search": "{}"}))
+    for name in ("model.pt", "model.safetensors"):
+        entry = parse_entry({"model": "mini_cnn", "weights": str(tmp_path / name), "source": "ssl", "label": name})
+        m = build_model(entry, num_classes=10, in_chans=1, resolution=8)
+        assert all(
+            torch.equal(v, trained.state_dict()[k]) for k, v in m.state_dict().items() if k.startswith("features")
+        )
+        assert m.fc.weight.shape == (10, 128)
