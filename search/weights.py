@@ -253,11 +253,9 @@ def _unreadable(path: Path, e: Exception, fix: str) -> SearchError:
 
 def _fix(entry: PoolEntry) -> str | None:
     """The advice of a bad file's error: None (fetch it again) for a cache, the user's own file otherwise."""
-    return (
-        f"check that it is a plain state dict (safetensors, or torch.save of tensors) at {entry.weights}"
-        if (entry.weights)
-        else None
-    )
+    if not entry.weights:
+        return None
+    return f"check that it is a plain state dict (safetensors, or torch.save of tensors) at {entry.weights}"
 
 
 def check(entry: PoolEntry) -> Path:
