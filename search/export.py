@@ -107,10 +107,9 @@ def from_trial(study_name: str, number: int, storage: str | None = None) -> Expo
             f"trials do); export one of those, or `{command('retrain best.yaml')}` and export that"
         ) from None
     model, ckpt = artifacts.load_checkpoint(blob)
-    return Exportable(
-        model, recipe, "val", dict(ckpt.get("metrics") or {}), f"study {study_name}, trial {number}",
-        directory / "export" / f"trial-{number}",
-    )  # fmt: skip
+    metrics = dict(ckpt.get("metrics") or {})  # validation metrics of its best epoch
+    out = directory / "export" / f"trial-{number}"
+    return Exportable(model, recipe, "val", metrics, f"study {study_name}, trial {number}", out)
 
 
 def fingerprint(recipe: Recipe) -> str:
