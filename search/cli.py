@@ -366,7 +366,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         wanted = data.check(recipe.data)
         try:
             summary = data.load_data(recipe.data, recipe.study.seed).summary()
-            print(f"data {summary}; cached under {data.data_root(recipe.data)}")
+            print(f"data {summary};\n  cached under {data.data_root(recipe.data)}")  # a path: a line of its own
         except SearchError as err:
             if not wanted:
                 raise

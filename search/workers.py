@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from search import artifacts, optuna_api, pack
@@ -348,8 +349,6 @@ def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str 
 def default_workers(recipe: Recipe) -> int:
     """Local workers for `run` without --workers: hardware.workers, or under trials_per_gpu on a
     CUDA machine as many as its GPUs may hold at once (`pack.local_workers`)."""
-    import torch
-
     hw = recipe.hardware
     if (
         hw.workers > 1
@@ -368,8 +367,6 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
     environment (SEARCH_STORAGE), not on a command line others can read. SIGTERM is passed on
     to every worker; the run then ends with KeyboardInterrupt. Returns 0, or 1 if a worker failed.
     """
-    import torch
-
     gpus: list[str | None] = [None] * n_workers
     packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
     if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
@@ -443,8 +440,6 @@ def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
     sees all of it once the name does)."""
-    import torch
-
     with replacing(path, durable=True) as tmp:
         torch.save(state, tmp)
 
@@ -452,8 +447,6 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
     """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
     that dies in turn leaves it to the next), or None and why it starts over."""
-    import torch
-
     mine = directory / f"trial-{trial.number}.pt"
     source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
     path = mine if mine.exists() else source

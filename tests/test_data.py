@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import struct
 import tarfile
-import urllib.error
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from search import data
 from search.data import DataCfg, cache, cifar, galaxy10, load_data, medmnist
 from search.data.cache import Remote
 from search.errors import SearchError
-from tests.conftest import run_inline, write_recipe
+from tests.conftest import fake_network, run_inline, write_recipe
 
 # ---------------------------------------------------------------------------
 # writers of the official formats
@@ -449,21 +448,6 @@ def test_missing_dataset_without_network(tmp_path, offline_network):
         SearchError, match=r"Galaxy10_DECals.h5 is missing \(no network: www.astro.utoronto.ca unreachable\)"
     ):
         load_data(cfg("galaxy10", tmp_path))
-
-
-def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
-    calls: list[str] = []
-
-    def open_url(url, timeout=60.0):
-        calls.append(url)
-        if len(calls) <= fail_first:
-            raise urllib.error.URLError("connection reset")
-        return io.BytesIO(payload)
-
-    monkeypatch.setattr(cache, "_network_up", lambda host: True)
-    monkeypatch.setattr(cache, "_open_url", open_url)
-    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
-    return calls
 
 
 def test_download_checksum_retry_and_read_in_place(tmp_path, monkeypatch):
