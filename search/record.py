@@ -59,6 +59,9 @@ class TrialAttrs(TypedDict, total=False):
     best_loss: float
     train_seconds: float
     checkpoint: str  # artifact id of the best-epoch weights, while the trial is in the top-k
+    warm_start_of: str  # a configuration queued by study.warm_start: SOURCE#N (trial N of study SOURCE)
+    trained_epochs: int  # epochs this trial trained itself (a retry's resumed ones not included)
+    mlflow_run_id: str  # its MLflow run (tracking.mlflow); a retry continues it
     confirms: int  # a confirmation run (companion study NAME/confirm): the trial it confirms
     seed_index: int  # and which of its seeds (0: the search's own run)
 
@@ -73,6 +76,9 @@ class StudyAttrs(TypedDict, total=False):
     rank: dict[str, Any]  # the pool ranking and the decision taken from it (search.rank)
     rank_enqueued: bool
     retrain: dict[str, Any]  # test-split results of the final model(s) (search.retrain)
+    warm_start: dict[str, Any]  # what study.warm_start queued: from, queued, changes, line (search.warmstart)
+    ended: str  # why the search stopped taking trials before n_trials (budget spent, a stop rule)
+    mlflow_run_id: str  # the study's parent run (tracking.mlflow)
     confirms_study: str  # on a companion study: the study whose configurations it confirms
 
 

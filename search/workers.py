@@ -78,7 +78,7 @@ class TotalReached(Exception):
     """The study's total is taken; this trial does not count."""
 
 
-RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted")  # not carried to a retry
+RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted", "trained_epochs")  # not carried
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = True) -> None:
@@ -298,6 +298,7 @@ def drain(
     deadline: float | None = None,
     say: Callable[[str], None] = print,
     on_end: Callable[[optuna.trial.FrozenTrial | None], None] = lambda t: None,
+    closed: Callable[[list[optuna.trial.FrozenTrial]], str | None] = lambda trials: None,
 ) -> int:
     """Run trials in this process until none is left to run; returns how many ran here.
 
@@ -305,14 +306,16 @@ def drain(
     search, below its total). When none is, but other workers' trials still run, this worker
     waits (a SIGTERM or Ctrl-C ends the wait): if one of them dies, its retry is queued and run
     here. Stale trials are swept before each; `deadline` (epoch seconds) stops the loop between
-    trials; `on_end` gets each finished trial (None: lost to another worker).
+    trials; `on_end` gets each finished trial (None: lost to another worker). While `closed(trials)`
+    gives a reason (a budget spent, a stop rule), no trial is taken, queued ones neither; the loop
+    waits for running trials (their end may reopen it) and then ends.
     """
     ran = 0
     while deadline is None or time.time() < deadline:
         stopped()
         sweep(study, heartbeat)
         trials = study.get_trials(deepcopy=False)
-        if more(trials) or any(t.state == TrialState.WAITING for t in trials):
+        if closed(trials) is None and (more(trials) or any(t.state == TrialState.WAITING for t in trials)):
             on_end(run_one(study, objective, heartbeat, say))
             ran += 1
         elif any(t.state == TrialState.RUNNING for t in trials):

@@ -45,10 +45,18 @@ LOCAL_LIBRARIES = {
     "onnx",
     "onnxruntime",
     "fcntl",
+    "mlflow",
+    "tensorboard",
 }
 # ... and torch's modules that `import torch` leaves unloaded: the compiler (a second of imports, only
-# under hardware.compile) and the FLOP counter (only for a `flops` objective).
-LOCAL_TORCH_MODULES = {"torch._dynamo", "torch.utils.flop_counter"}
+# under hardware.compile), the FLOP counter (only for a `flops` objective) and TensorBoard's writer
+# (the optional tensorboard package, only under tracking.tensorboard).
+LOCAL_TORCH_MODULES = {
+    "torch._dynamo",
+    "torch.utils.flop_counter",
+    "torch.utils.tensorboard",
+    "torch.utils.tensorboard.summary",
+}
 
 
 def _all_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
