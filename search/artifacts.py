@@ -21,10 +21,11 @@ import io
 import json
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import optuna
 import torch
@@ -91,10 +92,23 @@ def dir_of(study: optuna.Study) -> Path:
     return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))
 
 
+class WholeFileStore(FileSystemArtifactStore):
+    """Optuna's file store, with each artifact written to a temporary file beside it and renamed
+    into place: a reader (the dashboard, `report`, another worker) sees no file or the whole file,
+    never a half-written one, and a write that fails (a full disk, a kill) leaves no file under
+    the artifact's id. `upload_artifact` records an artifact on its trial only after `write`
+    returned, so no record points at a missing or truncated file."""
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = Path(self._get_filepath(artifact_id))
+        with replacing(path, durable=True) as tmp, open(tmp, "wb") as f:
+            shutil.copyfileobj(content_body, f)
+
+
 def store_for(directory: Path) -> FileSystemArtifactStore:
     """The artifact store of a study directory (created on first use)."""
     (directory / "artifacts").mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(directory / "artifacts")
+    return WholeFileStore(directory / "artifacts")
 
 
 REMOVED_NOTE = (

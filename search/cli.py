@@ -74,7 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
-        storage.check_storage(url)
+        if not storage.check_storage(url, connect=not args.offline):
+            say(f"not checked (--offline): that the storage at {storage.where(url)} answers; nothing was contacted")
     except SearchError as e:
         problems.insert(0, str(e))
     return _verdict(missing, problems, "validate", args.recipe)
@@ -508,11 +509,15 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from search.retrain import retrain
+    from search.retrain import Stopped, retrain
 
     if args.seeds < 1:
         raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
-    retrain(_recipe(args), args.storage, seeds=args.seeds, tta=args.tta)
+    try:
+        retrain(_recipe(args), args.storage, seeds=args.seeds, tta=args.tta)
+    except Stopped as e:
+        print(e.message, file=sys.stderr)
+        return 130 if e.signal_name == "SIGINT" else 143
     return 0
 
 
@@ -552,28 +557,34 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from search.net import is_loopback
 
     _, _, url, directory = _stored(args)
-    from optuna_dashboard import run_server
+    from search import dashboard
 
     where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"  # IPv6 bracketed
     if not is_loopback(args.host):
         # optuna-dashboard's API has no authentication: say what anyone on the network may do.
-        may = "upload and delete artifacts, " if args.allow_writes else ""
+        may = (
+            "change, finish and delete studies, trials, notes and artifacts"
+            if args.allow_writes
+            else "read every trial and artifact"
+        )
         print(
             f"warning: optuna-dashboard has no authentication; anyone who reaches {where} "
-            f"can {may}delete studies and trials and change notes in {storage.mask(url)}. Keep it on "
+            f"can {may} in {storage.mask(url)}. Keep it on "
             "a private network, or serve on 127.0.0.1 and reach it through an SSH tunnel.",
             file=sys.stderr,
         )
-    writes = "uploads and deletions allowed" if args.allow_writes else "read-only: --allow-writes to upload or delete"
+    writes = "writes allowed" if args.allow_writes else "read-only: --allow-writes to change the study or its artifacts"
     print(
         f"optuna-dashboard on http://{where}/dashboard/ with artifacts from\n"
         f"  {directory / 'artifacts'}   ({writes}; Ctrl-C to stop)"
     )
-    run_server(
+    dashboard.serve(
         storage.open_storage(url, heartbeat=None),
-        host=args.host,
-        port=args.port,
-        artifact_store=artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        args.host,
+        args.port,
+        args.allow_writes,
+        args.allow_host,
     )
     return 0
 
@@ -676,7 +687,13 @@ def parser() -> argparse.ArgumentParser:
         help="local worker processes (default hardware.workers; "
         "GPUs round-robin; 0: only create the study, start workers elsewhere)",
     )
-    wide(with_recipe("validate", "check a recipe and print the resolved search space"))
+    va = with_recipe("validate", "check a recipe and print the resolved search space")
+    wide(va)
+    va.add_argument(
+        "--offline",
+        action="store_true",
+        help="contact nothing: no database server, no download, no network (says what it did not check)",
+    )
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
     rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")
@@ -736,9 +753,10 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
             sp.description = (
-                "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
-                "reaches it can delete studies and trials and change notes; artifacts are read-only "
-                "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
+                "optuna-dashboard on a study, with its artifacts. Its API has no authentication, so it "
+                "is served read-only (pages, trials, artifacts) unless --allow-writes, and answers only "
+                "requests that name it: its address, localhost, or an --allow-host name. It listens on "
+                "127.0.0.1 unless told otherwise."
             )
             sp.add_argument(
                 "--host",
@@ -749,7 +767,16 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--allow-writes",
                 action="store_true",
-                help="let the dashboard upload and delete artifacts (default: served read-only)",
+                help="let the dashboard change the study: tell, attributes, notes, rename, delete, "
+                "artifact uploads and deletions (default: served read-only)",
+            )
+            sp.add_argument(
+                "--allow-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a host name the dashboard is reached by besides its address and localhost "
+                "(e.g. the machine's name behind a tunnel or proxy); repeatable",
             )
     px = sub.add_parser(
         "proxy",

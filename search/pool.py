@@ -45,12 +45,17 @@ OVERLAP_OF = {
 }
 
 
+MAX_RESOLUTION = 1024  # px, as search.data.MAX_RESOLUTION (a test holds them equal)
+
+
 class PoolEntryCfg(Section):
     """A pool entry written as a mapping (the recipe's `pool` section; a string entry is the name alone)."""
 
     model: str
     pretrained: bool | None = None  # None: the builder's default
-    resolution: int | None = Field(None, ge=8)
+    # Bounded as data.resolution (search.data.MAX_RESOLUTION, a layer above): an entry's input
+    # size sets the memory of every batch it trains on.
+    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)
     label: str | None = None
     source: str | None = None  # weight source, for timm tags the classifier does not know
     weights: str | None = None  # a local weights file (.safetensors, .pt, .pth, .bin) instead of published ones

@@ -131,8 +131,24 @@ def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
     return [
         optuna_api.trial_id(t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if now - (attrs(t).get(HEARTBEAT_ATTR) or (t.datetime_start or datetime.now()).timestamp()) > older_than
+        if now - last_sign_of_life(t, now, older_than) > older_than
     ]
+
+
+def last_sign_of_life(t: optuna.trial.FrozenTrial, now: float, older_than: float) -> float:
+    """Epoch seconds of a running trial's last heartbeat (`heartbeat_at`), else of its start.
+
+    Anyone with access to the storage can write the attribute: one that is not a finite number,
+    or that lies further in the future than a clock can be off (it would pin a dead trial as
+    alive), is ignored with a warning, and the trial is judged by its start."""
+    start = (t.datetime_start or datetime.now()).timestamp()
+    beat = attrs(t).get(HEARTBEAT_ATTR)
+    if beat is None:
+        return start
+    if type(beat) not in (int, float) or not (0 < beat <= now + older_than):  # NaN fails both
+        log.warning("trial %d: %s is %.40r, not a time up to now; judged by its start", t.number, HEARTBEAT_ATTR, beat)
+        return start
+    return float(beat)
 
 
 def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:

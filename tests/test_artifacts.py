@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import errno
+import io
 import json
+import uuid
 
 import optuna
 import pytest
 import torch
+from optuna.artifacts import upload_artifact
 
 from search import artifacts
 from search.data import load_data
@@ -172,3 +176,55 @@ def test_malformed_artifact_records_are_skipped_with_a_warning(tmp_path, caplog)
         assert artifacts.prune(study, artifacts.store_for(tmp_path / "s"), k=0) == []  # the good one: not there
     assert sum("malformed" in r.message for r in caplog.records) == 6  # three bad records, read twice
     assert not (tmp_path / "etc").exists()
+
+
+class Source(io.RawIOBase):
+    """Bytes to upload that check, as they are read, that nothing is at `final` yet; and fail
+    with a full disk after `fail_after` bytes when given."""
+
+    def __init__(self, data: bytes, final, fail_after: int | None = None) -> None:
+        self.data, self.final, self.fail_after, self.pos = data, final, fail_after, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        assert not self.final.exists(), "a reader could see a partial artifact"
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(b), len(self.data) - self.pos, 1000)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_an_artifact_appears_whole_or_not_at_all(tmp_path):
+    store = artifacts.store_for(tmp_path)
+    data = bytes(range(256)) * 40  # 10 kB, read in 1 kB pieces
+    aid = str(uuid.uuid4())
+    final = tmp_path / "artifacts" / aid
+    with pytest.raises(OSError, match="No space left"):  # a full disk half-way: no file, no temporary file
+        store.write(aid, Source(data, final, fail_after=5000))
+    assert list(final.parent.iterdir()) == []
+    store.write(aid, Source(data, final))  # checks at every read that nothing is at `final` yet
+    assert [p.name for p in final.parent.iterdir()] == [aid] and final.read_bytes() == data
+
+
+def test_an_artifact_is_recorded_only_once_written(tmp_path, monkeypatch):
+    store = artifacts.store_for(tmp_path / "x")
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/x.db", heartbeat=None))
+    trial = study.ask()
+    (tmp_path / "upload.bin").write_bytes(b"x" * 1000)
+
+    def full_disk(src, dst, *args):
+        dst.write(src.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts.shutil, "copyfileobj", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        upload_artifact(artifact_store=store, file_path=str(tmp_path / "upload.bin"), study_or_trial=trial)
+    assert list((tmp_path / "x" / "artifacts").iterdir()) == [] and artifacts.records(study.trials[0]) == []
+    monkeypatch.undo()
+    aid = upload_artifact(artifact_store=store, file_path=str(tmp_path / "upload.bin"), study_or_trial=trial)
+    [record] = artifacts.records(study.trials[0])
+    assert record["artifact_id"] == aid and (tmp_path / "x" / "artifacts" / aid).read_bytes() == b"x" * 1000

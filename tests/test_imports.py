@@ -48,11 +48,12 @@ LOCAL_LIBRARIES = {
     "mlflow",
     "tensorboard",
 }
-# ... and torch's modules that `import torch` leaves unloaded: the compiler (a second of imports, only
-# under hardware.compile), the FLOP counter (only for a `flops` objective) and TensorBoard's writer
-# (the optional tensorboard package, only under tracking.tensorboard).
+# ... and torch's modules that `import torch` leaves unloaded: the compiler and its cache directory (a
+# second of imports, only under hardware.compile), the FLOP counter (only for a `flops` objective)
+# and TensorBoard's writer (the optional tensorboard package, only under tracking.tensorboard).
 LOCAL_TORCH_MODULES = {
     "torch._dynamo",
+    "torch._inductor.runtime.cache_dir_utils",
     "torch.utils.flop_counter",
     "torch.utils.tensorboard",
     "torch.utils.tensorboard.summary",
