@@ -34,11 +34,11 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from search import optuna_api
 from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
 from search.record import attrs, versions
+from search.storage import dir_of
 from search.trials import order, ranked
 
 if TYPE_CHECKING:
@@ -51,45 +51,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("search")
 
-STUDIES = Path("studies")
 CHECKPOINT_SUFFIX = "-best.pt"
 HISTORY_SUFFIX = "-history.json"
 
 
 # ---------------------------------------------------------------------------
 # where a study's files live
-
-
-def storage_file(storage: Any) -> Path | None:
-    """The SQLite or journal file behind an Optuna storage (None for server storages)."""
-    backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache
-    url = getattr(backend, "url", None)
-    if isinstance(url, str) and url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])
-    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
-    return Path(path) if path else None
-
-
-def url_file(url: str) -> Path | None:
-    """The SQLite or journal file of a storage URL (None for server storages)."""
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])
-    if url.startswith("journal:"):
-        return Path(url[len("journal:") :].removeprefix("//"))
-    return None
-
-
-def study_dir(name: str, file: Path | None) -> Path:
-    """`<dir of the study file>/<name>/`: `studies/<name>/` for the default storage.
-
-    Server storages (PostgreSQL, MySQL, Redis) keep files under ./studies/<name>/
-    of the machine that writes them.
-    """
-    return (file.parent if file else STUDIES) / name
-
-
-def dir_of(study: optuna.Study) -> Path:
-    return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))
 
 
 class WholeFileStore(FileSystemArtifactStore):
@@ -295,7 +262,8 @@ def after_fit(
     feasible: bool = True,
 ) -> None:
     """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k
-    (an infeasible trial keeps none: it can never be chosen)."""
+    (an infeasible trial keeps none: it can never be chosen). The checkpoints it displaces are
+    deleted once its end is told (`prune`, from search.objective.told), not before."""
     directory = dir_of(trial.study)
     store = store_for(directory)
     metric = recipe.study.metric
@@ -330,4 +298,3 @@ def after_fit(
             device=attrs(trial).get("device"),
         )
         trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
-    prune(trial.study, store, k, (trial.number, value))

@@ -208,6 +208,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
 def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1) -> int:
     from search import report, workers
     from search import study as st
+    from search.outage import EXIT_STORAGE_GONE, StorageGone
     from search.record import study_attrs
 
     try:
@@ -223,6 +224,13 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
             file=sys.stderr,
         )
         return 130 if str(e) in ("", "SIGINT") else 143
+    except StorageGone as e:
+        print(
+            f"error: {e}; this worker stops, its running trial keeps its saved state and is queued again "
+            f"by the next sweep.\nresume with: {workers.resume_command(recipe, url)}",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE_GONE
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
         print(report.leaderboard_text(study, recipe, wide=wide))
@@ -230,9 +238,10 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
             print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
         if recipe.tracking.mlflow:
-            from search import artifacts, tracking
+            from search import tracking
+            from search.storage import dir_of
 
-            uri = tracking.mlflow_uri(recipe.tracking, artifacts.dir_of(study))
+            uri = tracking.mlflow_uri(recipe.tracking, dir_of(study))
             print(f"follow it in MLflow: {tracking.ui_command(uri or '')}")
     return 0
 
@@ -427,12 +436,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _stored(args: argparse.Namespace):
-    from search import artifacts, storage
+    from search import storage
     from search import study as st
 
     url = args.storage or storage.default_storage(args.study)
     recipe, study = st.load_stored(url, args.study)
-    return recipe, study, url, artifacts.study_dir(args.study, artifacts.url_file(url))
+    return recipe, study, url, storage.study_dir(args.study, storage.url_file(url))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

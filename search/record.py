@@ -71,6 +71,7 @@ class StudyAttrs(TypedDict, total=False):
 
     recipe: dict[str, Any]  # the normalized recipe, storage password masked
     versions: dict[str, str]  # what created the study (versions())
+    study_id: str  # a UUID set at creation: resume states carry it (search.resume)
     deadline: float | None  # epoch seconds when study.timeout ends the search
     baselines_enqueued: bool
     rank: dict[str, Any]  # the pool ranking and the decision taken from it (search.rank)

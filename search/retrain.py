@@ -51,7 +51,7 @@ from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
 from search.record import study_attrs
 from search.stats import summarize
-from search.storage import default_storage, open_storage
+from search.storage import default_storage, open_storage, study_dir, url_file
 from search.text import command, wrap, wrap_items
 from search.train import fit, predict, resolve_device
 
@@ -362,7 +362,7 @@ def retrain(
     data = datamod.load_data(recipe.data, recipe.study.seed)
     fit_data = merge_train_val(data)
     seed_list = [recipe.study.seed + i for i in range(seeds)]
-    out = artifacts.study_dir(study.study_name, artifacts.url_file(url)) / "retrain"
+    out = study_dir(study.study_name, url_file(url)) / "retrain"
     partial = out.with_name("retrain.partial")
     key = recipe_key(recipe) + (f"+tta-{tta}" if tta else "")  # a kept seed has the metrics asked for
     ctx = {"partial": partial, "key": key, "say": say, "dev": resolve_device(recipe.hardware.device), "tta": tta}

@@ -27,6 +27,7 @@ import optuna
 import sqlalchemy
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalRedisBackend
 
+from search import optuna_api
 from search.errors import SearchError
 from search.text import command
 
@@ -602,3 +603,39 @@ def study_names(url: str) -> list[str] | None:
         return lister(full) if lister else None
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
         raise storage_error(url, full, e) from None
+
+
+# ---------------------------------------------------------------------------
+# where a study's files live
+
+
+def storage_file(storage: Any) -> Path | None:
+    """The SQLite or journal file behind an Optuna storage (None for server storages)."""
+    backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache
+    url = getattr(backend, "url", None)
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
+    return Path(path) if path else None
+
+
+def url_file(url: str) -> Path | None:
+    """The SQLite or journal file of a storage URL (None for server storages)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :].removeprefix("//"))
+    return None
+
+
+def study_dir(name: str, file: Path | None) -> Path:
+    """`<dir of the study file>/<name>/`: `studies/<name>/` for the default storage.
+
+    Server storages (PostgreSQL, MySQL, Redis) keep files under ./studies/<name>/
+    of the machine that writes them.
+    """
+    return (file.parent if file else STUDIES) / name
+
+
+def dir_of(study: optuna.Study) -> Path:
+    return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))

@@ -4,13 +4,14 @@ import errno
 import io
 import json
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
 from optuna.artifacts import upload_artifact
 
-from search import artifacts
+from search import artifacts, storage
 from search.data import load_data
 from search.models import build_model
 from search.recipe import recipe_from_dict
@@ -34,12 +35,12 @@ def kept(trial, store) -> bool:
 
 
 def test_study_dir_follows_the_storage_file(tmp_path):
-    assert artifacts.study_dir("x", artifacts.url_file("sqlite:///studies/x.db")) == artifacts.STUDIES / "x"
-    assert artifacts.study_dir("x", artifacts.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
-    assert artifacts.study_dir("x", artifacts.url_file("journal:///shared/j.log")) == artifacts.Path("/shared/x")
-    assert artifacts.study_dir("x", artifacts.url_file("postgresql+psycopg://u@h/db")) == artifacts.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file("sqlite:///studies/x.db")) == storage.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
+    assert storage.study_dir("x", storage.url_file("journal:///shared/j.log")) == Path("/shared/x")
+    assert storage.study_dir("x", storage.url_file("postgresql+psycopg://u@h/db")) == storage.STUDIES / "x"
     study = optuna.create_study(study_name="x", storage=open_storage(f"sqlite:///{tmp_path}/a/x.db", heartbeat=None))
-    assert artifacts.dir_of(study) == tmp_path / "a" / "x"
+    assert storage.dir_of(study) == tmp_path / "a" / "x"
 
 
 def _finishing(tmp_path, top_k: int):
@@ -64,6 +65,7 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
         res = FitResult("ok", "", 1, {"accuracy": v}, {"accuracy": v}, hist, state)
         artifacts.after_fit(trial, recipe, model, recipe.train, data, res)
         study.tell(trial, v)
+        artifacts.prune(study, artifacts.store_for(tmp_path / "tiny"), 2)  # once the end is told
     store = artifacts.store_for(tmp_path / "tiny")
     live = {t.number for t in study.get_trials() if kept(t, store)}
     assert live == {3, 5}  # 0.9 and 0.8

@@ -15,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search import artifacts, workers
+from search import artifacts, resume, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, finished
@@ -91,7 +91,7 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
     url = f"sqlite:///{tmp_path}/pre.db"
     recipe = recipe_from_dict(_recipe("pre"))
     study = st.open_study(recipe, url)
-    resume_dir = workers.resume_dir(study, recipe)
+    resume_dir = resume.resume_dir(study, recipe)
 
     first = _worker("pre", url, tmp_path)
     killed = _until_epoch(first, 3)
@@ -168,7 +168,7 @@ def test_a_retry_without_a_readable_state_starts_over_and_says_so(tmp_path):
     trial = study.ask({"model": optuna.distributions.CategoricalDistribution(["mini_cnn"])})
     study.tell(trial, state=TrialState.FAIL)
     workers.retry(study, study.get_trials()[0])
-    where = workers.resume_dir(study, recipe)
+    where = resume.resume_dir(study, recipe)
     where.mkdir(parents=True)
     (where / "trial-0.pt").write_bytes(b"torn")
     st.work(recipe, study, quiet=True)
