@@ -482,10 +482,41 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
     try:
-        retrain(_recipe(args), args.storage, seeds=args.seeds)
+        retrain(_recipe(args), args.storage, seeds=args.seeds, tta=args.tta)
     except Stopped as e:
         print(e.message, file=sys.stderr)
         return 130 if e.signal_name == "SIGINT" else 143
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import export
+
+    if args.trial is not None:
+        src = export.from_trial(args.run, args.trial, args.storage)
+    else:
+        src = export.from_retrain(Path(args.run))
+    say = _sayer(args)
+    export.export(src, Path(args.out) if args.out else None, tolerance=args.tolerance, bench_runs=args.bench, say=say)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import predict  # onnxruntime, numpy and Pillow: no torch on this path
+
+    if args.top_k < 1:
+        raise SearchError(f"predict --top-k {args.top_k}: give 1 or more classes per image")
+    rows = predict.predict(args.model, args.images, args.top_k)
+    if args.csv:
+        predict.write_csv(rows, Path(args.csv))
+    if not args.quiet:
+        print("\n".join(predict.lines(rows)))
+    if args.csv:
+        print(f"wrote {args.csv}: {len(rows)} rows (path, top1, p1, ...)")
     return 0
 
 
@@ -549,6 +580,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "best": cmd_best,
     "confirm": cmd_confirm,
     "retrain": cmd_retrain,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "dashboard": cmd_dashboard,
     "proxy": cmd_proxy,
 }
@@ -765,6 +798,42 @@ def _retrain_args(sp: argparse.ArgumentParser) -> None:
         metavar="N",
         help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)",
     )
+    sp.add_argument(
+        "--tta",
+        choices=["flip"],
+        help="also report the test metrics with test-time augmentation (flip: the image and its mirror)",
+    )
+
+
+def _export_args(sp: argparse.ArgumentParser) -> None:
+    sp.description = (
+        "RUN is a `retrain` output directory (studies/STUDY/retrain), or a study name with "
+        "--trial N for that trial's kept checkpoint. The ONNX model is compared with PyTorch on the whole "
+        "test split (a retrain) or validation split (a trial); a difference over --tolerance is an error."
+    )
+    sp.add_argument("run", help="retrain output directory, or STUDY with --trial")
+    sp.add_argument("--trial", type=int, metavar="N", help="export trial N's kept checkpoint of study RUN")
+    sp.add_argument("--storage", help="storage URL of the study (with --trial; default sqlite:///studies/STUDY.db)")
+    sp.add_argument("--out", metavar="DIR", help="output directory (default: RUN, or studies/STUDY/export/trial-N)")
+    sp.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (default 1e-4)")
+    sp.add_argument(
+        "--bench",
+        nargs="?",
+        type=int,
+        const=20,
+        default=0,
+        metavar="RUNS",
+        help="CPU latency of onnxruntime and PyTorch eager, batch 1 and 32 (median of RUNS, default 20)",
+    )
+    _wide(sp)
+
+
+def _predict_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("model", help="model.onnx from `search export`, or its directory")
+    sp.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    sp.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (default 5)")
+    sp.add_argument("--csv", metavar="FILE", help="write path, top1, p1, top2, p2, ... per image")
+    _quiet(sp, "no per-image lines (with --csv)")
 
 
 # Each command's one-line help and its arguments, in the order --help lists them (handlers: COMMANDS).
@@ -782,6 +851,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "confirm": ("train the top configurations again with further seeds (never on test)", _confirm_args),
     "proxy": ("serve a study database to many workers (grpc://HOST:PORT storage URLs)", _proxy_args),
     "retrain": ("train a `best` recipe on train+val, evaluate once on the test split", _retrain_args),
+    "export": (
+        "write a final model as ONNX + safetensors, checked against PyTorch (needs the export extra)",
+        _export_args,
+    ),
+    "predict": ("top-k classes of images with an exported model (onnxruntime; no PyTorch needed)", _predict_args),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import torch
 
-from search import artifacts, pack, space
+from search import artifacts, pack, space, weights
 from search.data import Data
 from search.device import resolve_device
 from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
@@ -144,6 +144,7 @@ def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: st
     reason is known (null is also what `counted` reads as "no reason")."""
     first = {
         **entry.attrs(),
+        **({"weights_sha256": weights.file_sha256(weights.fetch(entry))} if entry.weights else {}),
         "seed": seed,
         "fail_reason": None,
         "input_resolution": resolution,

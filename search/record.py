@@ -31,6 +31,8 @@ class TrialAttrs(TypedDict, total=False):
     fail_reason: str | None  # why it did not complete; None while running (and for a process that died)
     arch: str  # the entry's architecture
     tag: str  # its timm pretrained tag ('' for built-ins)
+    weights_file: str  # an own weights file the entry names (pool entry `weights:`)
+    weights_sha256: str  # and its sha256, read when the trial starts
     input_resolution: int  # pixels the model sees
     channel_reduce: str  # how pretrained RGB stems take 1-channel data
     device: str  # where it trained (cpu, cuda:0)

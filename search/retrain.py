@@ -5,9 +5,15 @@ training has ended: nothing is selected on it. The recipe must fix everything
 (one pool entry, nothing sampled), as `python -m search best` writes it. The
 model trains for the full `train.epochs` (no early stopping: there is no
 held-out data left to stop on) and its final weights are the result. Test
-metrics (keys prefixed `test_`), a confusion-matrix PNG, the history and the
-final checkpoint go to `studies/<study>/retrain/` and onto the study
-(`user_attrs["retrain"]` plus study artifacts the dashboard serves).
+metrics (keys prefixed `test_`), a confusion-matrix PNG, the history, the
+recipe and the final checkpoint go to `studies/<study>/retrain/` and onto the
+study (`user_attrs["retrain"]` plus study artifacts the dashboard serves).
+
+`--tta flip` adds test-time augmentation to that one evaluation: the softmax
+probabilities of each image and its mirror image are averaged. Both metric sets
+are reported, the plain ones exactly as without TTA; neither chooses anything.
+(`search export` reads the test split once more, to check the exported model
+against this one: agreement of two copies of the final model, no metric.)
 
 Each seed's result is kept in `studies/<study>/retrain.partial/` as it finishes, so a run stopped
 by SIGTERM or Ctrl-C (exit 143 / 130, one line) goes on with the next seed when it is run again;
@@ -98,13 +104,34 @@ def merge_train_val(data: Data) -> Data:
     return Data(data.name, train, data.val, none, data.classes, data.overlap, data.augment, data.resolution)
 
 
-def evaluate_test(model: torch.nn.Module, data: Data, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
-    """The one evaluation on the official test split: (metrics, confusion matrix)."""
-    test = data.test  # the only read of the test split in the package
+TTA_TEXT = {"flip": "image and mirror image"}
+# Test-time augmentation: the views of a batch of uint8 images (B, C, H, W) besides the images themselves.
+TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "flip": lambda x: [x.flip(-1)],  # the mirror image (left-right)
+}
+
+
+def evaluate_test(
+    model: torch.nn.Module, data: Data, device: torch.device, tta: str | None = None
+) -> tuple[dict[str, float], torch.Tensor, dict[str, float] | None]:
+    """The one evaluation on the official test split: (metrics, confusion matrix, metrics with TTA
+    or None). The plain metrics are computed as without `tta`; with it, the softmax
+    probabilities of the image and its TTA_VIEWS are averaged."""
+    test = data.test  # the only read of the test split in the training code
     info = info_of(model)
-    logits = predict(model, test.x, info.resolution, info.mean, info.std, device, None, False)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return predict(model, x, info.resolution, info.mean, info.std, device, None, False)
+
+    logits = logits_of(test.x)
     cm = metrics.confusion(logits.argmax(1), test.y, data.num_classes)
-    return metrics.evaluate(logits, test.y), cm
+    plain = metrics.evaluate(logits, test.y)
+    if tta is None:
+        return plain, cm, None
+    views = TTA_VIEWS[tta](test.x)
+    probs = sum((logits_of(v).softmax(1) for v in views), logits.softmax(1)) / (1 + len(views))
+    # log of the averaged probabilities: what metrics.evaluate reads as logits gives them back by softmax
+    return plain, cm, metrics.evaluate(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), test.y)
 
 
 def plot_confusion(cm: torch.Tensor, classes: tuple[str, ...], title: str, path: Path) -> Path:
@@ -135,8 +162,9 @@ def _train_once(
     seed: int,
     dev: torch.device,
     say: Callable[[str], None],
-) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor]:
-    """One final model under `seed`: (model, fit result, test metrics, confusion matrix)."""
+    tta: str | None = None,
+) -> tuple[torch.nn.Module, Any, dict[str, float], torch.Tensor, dict[str, float] | None]:
+    """One final model under `seed`: (model, fit result, test metrics, confusion matrix, TTA metrics)."""
     torch.manual_seed(seed)  # the initial weights follow the seed as well as the training
     model = build_model(
         entry,
@@ -170,8 +198,9 @@ def _train_once(
             f"retrain of {entry.label} (seed {seed}) failed: {result.reason}; lower train.lr or "
             "train.batch_size in the recipe and run it again"
         )
-    values, cm = evaluate_test(model, data, dev)
-    return model, result, {f"test_{k}": v for k, v in values.items()}, cm
+    values, cm, with_tta = evaluate_test(model, data, dev, tta)
+    tested = {f"test_{k}": v for k, v in (with_tta or {}).items()} if tta else None
+    return model, result, {f"test_{k}": v for k, v in values.items()}, cm, tested
 
 
 class Stopped(KeyboardInterrupt):
@@ -230,7 +259,7 @@ def _run_seed(
     if run is not None:
         say(f"seed {seed}: tested in an earlier run; kept, not trained again")
         return run
-    model, result, test, cm = _train_once(recipe, entry, hp, data, fit_data, seed, ctx["dev"], say)
+    model, result, test, cm, tested = _train_once(recipe, entry, hp, data, fit_data, seed, ctx["dev"], say, ctx["tta"])
     if first:  # the checkpoint kept: written before the record that says the seed is done
         artifacts.save_checkpoint(
             partial / f"seed-{seed}.pt",
@@ -245,6 +274,7 @@ def _run_seed(
         "key": key,
         "seed": seed,
         "test_metrics": test,
+        **({"tta": ctx["tta"], "test_metrics_tta": tested} if tested is not None else {}),
         "epochs": len(result.history),
         "history": result.history,
         "confusion": cm.tolist(),
@@ -275,10 +305,16 @@ def _replace_dir(out: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_results(
-    out: Path, record: dict[str, Any], run: dict[str, Any], checkpoint: Path, classes: tuple[str, ...], title: str
+    out: Path,
+    record: dict[str, Any],
+    run: dict[str, Any],
+    checkpoint: Path,
+    classes: tuple[str, ...],
+    title: str,
+    recipe: dict[str, Any],
 ) -> None:
-    """model.pt, test_metrics.json (with the checkpoint's SHA-256), history.json and confusion.png
-    in place of `out`, all from one run."""
+    """model.pt, test_metrics.json (with the checkpoint's SHA-256), history.json, confusion.png
+    and recipe.json (what `search export` rebuilds) in place of `out`, all from one run."""
 
     def write(new: Path) -> None:
         shutil.copyfile(checkpoint, new / "model.pt")
@@ -286,6 +322,7 @@ def _write_results(
         (new / "history.json").write_text(json.dumps(run["history"], indent=1))
         plot_confusion(torch.tensor(run["confusion"]), classes, title, new / "confusion.png")
         (new / "test_metrics.json").write_text(json.dumps(record, indent=1))
+        (new / "recipe.json").write_text(json.dumps(recipe, indent=1))
 
     _replace_dir(out, write)
 
@@ -306,23 +343,31 @@ def _say_summary(record: dict[str, Any], metric: str, say: Callable[[str], None]
 
 
 def retrain(
-    recipe: Recipe, storage: str | None = None, say: Callable[[str], None] = print, seeds: int = 1
+    recipe: Recipe,
+    storage: str | None = None,
+    say: Callable[[str], None] = print,
+    seeds: int = 1,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Train on train+val for train.epochs under `seeds` seeds (study.seed, +1, ...), test each
-    final model once, write and record the results; returns the record. SIGTERM or Ctrl-C raise
+    final model once (also with test-time augmentation `tta`, a TTA_VIEWS name), write and record
+    the results; returns the record. SIGTERM or Ctrl-C raise
     `Stopped` with the seeds finished kept for the next run.
 
     The checkpoint kept is the first seed's: chosen before any test result is seen, so keeping it
     selects nothing on the test split.
     """
     entry, hp = fixed_config(recipe)
+    if tta is not None and tta not in TTA_VIEWS:
+        raise SearchError(f"retrain --tta {tta}: unknown test-time augmentation; allowed: {', '.join(TTA_VIEWS)}")
     study, url = target_study(recipe, storage)
     data = datamod.load_data(recipe.data, recipe.study.seed)
     fit_data = merge_train_val(data)
     seed_list = [recipe.study.seed + i for i in range(seeds)]
     out = study_dir(study.study_name, url_file(url)) / "retrain"
     partial = out.with_name("retrain.partial")
-    ctx = {"partial": partial, "key": recipe_key(recipe), "say": say, "dev": resolve_device(recipe.hardware.device)}
+    key = recipe_key(recipe) + (f"+tta-{tta}" if tta else "")  # a kept seed has the metrics asked for
+    ctx = {"partial": partial, "key": key, "say": say, "dev": resolve_device(recipe.hardware.device), "tta": tta}
     say(
         _fit(
             f"retrain {entry.label} on {len(fit_data.train)} train+val images for {hp.epochs} epochs, "
@@ -330,6 +375,8 @@ def retrain(
         )
     )
     runs: list[dict[str, Any]] = []
+    if tta == "flip" and not data.augment.flip:
+        say(_fit(f"note: {data.name} trains without flips (augment.flip off): mirror images may score lower"))
     with sigterm_interrupts():
         try:
             for seed in seed_list:
@@ -343,6 +390,16 @@ def retrain(
                         )
                     )
                 )
+                if tta is not None and "test_metrics_tta" in runs[-1]:
+                    say(
+                        "\n".join(
+                            wrap_items(
+                                f"test with TTA {tta}, seed {seed} ({TTA_TEXT[tta]}, probabilities averaged; "
+                                "never selected on):",
+                                [f"{k} {v:.4f}" for k, v in runs[-1]["test_metrics_tta"].items()],
+                            )
+                        )
+                    )
             return _finish(recipe, study, entry, hp, data, runs, out, say)
         except KeyboardInterrupt as e:
             raise _stopped_message(e, [r["seed"] for r in runs], partial) from None
@@ -370,7 +427,8 @@ def _finish(
         "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in space.PARAMS},
         "seed": seed,
         "test_metrics": test,
-        "seeds": [{k: r[k] for k in ("seed", "test_metrics", "epochs")} for r in runs],
+        **({"tta": kept["tta"], "test_metrics_tta": kept["test_metrics_tta"]} if "test_metrics_tta" in kept else {}),
+        "seeds": [{k: r[k] for k in ("seed", "test_metrics", "test_metrics_tta", "epochs") if k in r} for r in runs],
         "checkpoint": f"model.pt: seed {seed}, the first (kept before any test result)",
         "dir": str(out),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -379,7 +437,8 @@ def _finish(
         record["test_summary"] = summarize([r["test_metrics"] for r in runs])
     partial = out.with_name("retrain.partial")
     title = f"{entry.label}: test accuracy {test['test_accuracy']:.4f} (n={n_test}, seed {seed})"
-    _write_results(out, record, kept, partial / f"seed-{seed}.pt", data.classes, title)
+    recipe_json = st.stored_form(recipe)
+    _write_results(out, record, kept, partial / f"seed-{seed}.pt", data.classes, title, recipe_json)
     shutil.rmtree(partial, ignore_errors=True)
 
     if study_attrs(study).get("retrain"):
@@ -397,7 +456,7 @@ def _finish(
         _say_summary(record, recipe.study.metric, say)
     say(
         _fit(
-            f"wrote {out}/test_metrics.json, confusion.png, model.pt ({record['checkpoint']}); "
+            f"wrote {out}/test_metrics.json, confusion.png, recipe.json, model.pt ({record['checkpoint']}); "
             f"recorded on study '{study.study_name}'"
         )
     )

@@ -77,7 +77,8 @@ def test_usage_mistakes_are_one_line_with_the_closest_match(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: python -m search: unknown command 'rnu' (did you mean 'run'?); allowed: run, validate, "
-        "prefetch, rank, worker, fail-stale, models, report, best, dashboard, confirm, proxy, retrain"
+        "prefetch, rank, worker, fail-stale, models, report, best, dashboard, confirm, proxy, retrain, export, "
+        "predict"
     ]
     proc = run_cli("run", "r.yaml", "--workers", "abc", cwd=tmp_path)
     assert proc.returncode == 2

@@ -47,6 +47,8 @@ LOCAL_LIBRARIES = {
     "optuna_dashboard",
     "grpc",
     "redis",
+    "onnx",
+    "onnxruntime",
     "fcntl",
     "mlflow",
     "tensorboard",
@@ -264,7 +266,18 @@ LAYERS: list[tuple[str, set[str]]] = [
         "study",
         {"search.study", "search.confirm", "search.proxy", "search.budget", "search.stopping", "search.warmstart"},
     ),
-    ("results", {"search.selection", "search.report", "search.plots", "search.retrain", "search.dashboard"}),
+    (
+        "results",
+        {
+            "search.selection",
+            "search.report",
+            "search.plots",
+            "search.retrain",
+            "search.dashboard",
+            "search.export",
+            "search.predict",
+        },
+    ),
     ("cli", {"search.cli", "search.__main__"}),
 ]
 

@@ -29,10 +29,11 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_
 
 
 def _recipe(name: str, **study) -> dict:
-    # ~0.3 s an epoch on one core: long enough to signal a trial between two epochs
+    # ~0.3 s an epoch on one core: long enough to signal a trial between two epochs. A heartbeat of
+    # 2 s: a killed trial is stale after 20 s, longer than a worker takes to start on a busy machine
     return tiny_recipe(
         name=name,
-        study={"n_trials": 2, "heartbeat": 1, **study},
+        study={"n_trials": 2, "heartbeat": 2, **study},
         data={"max_samples": 1000},
         train={"epochs": 6},
         space={

@@ -7,16 +7,19 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import matplotlib.image
 import optuna
 import pytest
 import torch
 
-from search import artifacts, cli, retrain
+from search import artifacts, cli, metrics, retrain
 from search import data as datamod
 from search import study as st
+from search.augment import AugmentCfg
 from search.data import Split
+from search.models import build_model
 from search.recipe import load_recipe, recipe_from_dict
 from search.train import predict
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
@@ -223,3 +226,42 @@ def test_a_seed_kept_for_another_recipe_is_trained_again(tmp_path, monkeypatch):
     assert not any("earlier run" in line for line in said) and any("seed 0 epoch   1/1" in line for line in said)
     assert record["epochs"] == 1 and not partial.exists()
     assert (tmp_path / "studies/fixed/retrain/model.pt").is_file()
+
+
+def test_retrain_tta_flip_reports_both_sets_and_the_plain_one_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict(
+        tiny_recipe(space={"preset": "quick", "overrides": FIXED}, data={"max_samples": 150}, train={"epochs": 1})
+    )
+    plain = retrain.retrain(recipe, storage="sqlite:///plain.db", say=lambda _: None)
+    lines: list[str] = []
+    with_tta = retrain.retrain(recipe, storage="sqlite:///tta.db", say=lines.append, tta="flip")
+    assert with_tta["test_metrics"] == plain["test_metrics"]  # bit for bit: the same floats
+    assert "tta" not in plain and "test_metrics_tta" not in plain
+    tta = with_tta["test_metrics_tta"]
+    assert with_tta["tta"] == "flip" and set(tta) == set(plain["test_metrics"])
+    assert tta != plain["test_metrics"] and 0.0 <= tta["test_accuracy"] <= 1.0
+    assert with_tta["seeds"][0]["test_metrics_tta"] == tta
+    text = "\n".join(lines)
+    assert "test, seed 0 (official split, evaluated once):" in text
+    assert "test with TTA flip, seed 0 (image and mirror image, probabilities averaged; never selected on):" in text
+    assert "note: digits trains without flips" in text and all(len(x) <= 100 for x in text.splitlines())
+    saved = json.loads((Path(with_tta["dir"]) / "test_metrics.json").read_text())
+    assert saved["test_metrics_tta"] == tta
+    with pytest.raises(retrain.SearchError, match="retrain --tta crop: unknown test-time augmentation; allowed: flip"):
+        retrain.retrain(recipe, storage="sqlite:///tta.db", tta="crop")
+
+
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("mini_cnn", num_classes=3, in_chans=1, resolution=8).eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    split = Split(x, torch.arange(6) % 3)
+    data = datamod.Data("d", split, split, split, ("a", "b", "c"), "none", AugmentCfg(), 8)
+    plain, cm, tta = retrain.evaluate_test(model, data, torch.device("cpu"), "flip")
+    info = model.info
+    p = [
+        predict(model, v, 8, info.mean, info.std, torch.device("cpu"), None, False).softmax(1) for v in (x, x.flip(-1))
+    ]
+    want = metrics.evaluate(((p[0] + p[1]) / 2).log(), data.test.y)
+    assert tta == pytest.approx(want, abs=1e-6) and plain == retrain.evaluate_test(model, data, torch.device("cpu"))[0]
