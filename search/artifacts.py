@@ -37,7 +37,7 @@ from search import optuna_api
 from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
-from search.record import attrs, versions
+from search.record import attrs, optuna_artifacts, set_attrs, versions
 from search.trials import order, ranked
 
 if TYPE_CHECKING:
@@ -218,8 +218,8 @@ def records(trial: optuna.trial.FrozenTrial) -> list[dict[str, str]]:
     worker and anyone with access to it; a malformed record (no filename, an id like '../x') is
     skipped with a warning rather than failing every trial that reads it."""
     out = []
-    for key, raw in trial.system_attrs.items():
-        if not key.startswith("artifacts:") or raw is None:
+    for key, raw in optuna_artifacts(trial).items():
+        if raw is None:
             continue
         try:
             meta = json.loads(raw) if isinstance(raw, str) else raw
@@ -315,5 +315,5 @@ def after_fit(
             metrics=result.best,
             device=attrs(trial).get("device"),
         )
-        trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
+        set_attrs(trial, checkpoint=_upload(trial, store, ckpt))
     prune(trial.study, store, k, (trial.number, value))

@@ -31,7 +31,7 @@ from search.optuna_api import frozen, reseed_sampler
 from search.pool import PoolEntry
 from search.progress import Progress
 from search.recipe import CONSTRAINABLE, Recipe
-from search.record import attrs, set_attrs, versions
+from search.record import attrs, set_attr, set_attrs, versions
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
 from search.text import shorten
 from search.train import FitResult, fit, resolve_device, seed_everything
@@ -96,7 +96,7 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
     seed = seed_of(trial, recipe)
     res, dev = input_resolution(entry, s.data.resolution), resolve_device(s.device)
     for k, v in trial_attrs(entry, seed, res, hp.channel_reduce, str(dev)).items():
-        trial.set_user_attr(k, v)
+        set_attr(trial, k, v)
     try:
         model = build(trial, entry, hp, s.data, res, seed)
         slot = gpu_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
@@ -170,7 +170,7 @@ def measure(trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res:
     wanted = [n for n in (*recipe.study.names, *recipe.study.constraints) if n in CONSTRAINABLE]
     measures = measure_model(model, wanted, in_chans, res, dev)
     for k, v in measures.items():
-        trial.set_user_attr(k, v)
+        set_attr(trial, k, v)
     return measures
 
 
@@ -365,7 +365,7 @@ def outcome(
     measures: dict[str, Any],
 ) -> float | list[float]:
     """Record how the trial ended; its value(s), or PRUNED (out of memory) / FAIL (diverged)."""
-    ok = all(v <= 0 for v in constraints(trial.user_attrs, recipe.study.constraints).values())
+    ok = all(v <= 0 for v in constraints(attrs(trial), recipe.study.constraints).values())
     artifacts.after_fit(trial, recipe, model, hp, data, result, ok)  # history; checkpoint while in the top-k
     set_attrs(trial, status=result.status)
     peak = max((r["peak_memory_mb"] for r in result.history), default=0.0)
@@ -382,7 +382,7 @@ def outcome(
         raise TrialFailed(result.reason)
     set_attrs(trial, best_epoch=result.best_epoch)
     for k, v in result.best.items():
-        trial.set_user_attr(f"best_{k}", round(v, 6))  # a short cell; full values in the history
+        set_attr(trial, f"best_{k}", round(v, 6))  # a short cell; full values in the history
     record_constraints(trial, recipe.study.constraints)
     measures["train_seconds"] = round(sum(r["seconds"] for r in result.history), 3)
     set_attrs(trial, train_seconds=measures["train_seconds"])

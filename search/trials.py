@@ -11,7 +11,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.record import attrs
+from search.record import attrs, system_attrs
 
 POOL_PARAM = "model"  # the categorical parameter of pool labels (search.space samples it)
 
@@ -67,7 +67,7 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     slot (interrupted, total reached, worker died), has no reason (its process died before
     writing one), or was retried: the retry holds the slot instead.
     """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = {n for t in trials for n in system_attrs(t).get("retry_history", ())}
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     return [
         t

@@ -45,7 +45,15 @@ from optuna.trial import TrialState
 from search import artifacts, optuna_api, pack
 from search.files import replacing
 from search.recipe import Recipe
-from search.record import attrs
+from search.record import (
+    attrs,
+    new_attrs,
+    new_system_attrs,
+    omit,
+    set_attrs,
+    set_stored_attrs,
+    system_attrs,
+)
 from search.storage import STALE_BEATS, mask
 from search.text import command
 from search.trials import STALE_REASON
@@ -89,22 +97,20 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     `retry_history`), so its helpers work; `deaths` counts the dead workers only, so a trial
     preempted any number of times is always queued again.
     """
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    deaths = trial.system_attrs.get("deaths", 0) + int(died)
+    past = system_attrs(trial)
+    history = [*past.get("retry_history", []), trial.number]
+    deaths = past.get("deaths", 0) + int(died)
     if deaths > MAX_RETRIES:
         return
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESUME_ATTRS}
     study.add_trial(
         optuna.create_trial(
             state=TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
-            user_attrs={**user_attrs, "retry_of": trial.number},
-            system_attrs={
-                "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                "retry_history": history,
-                "deaths": deaths,
-            },
+            user_attrs=new_attrs(omit(attrs(trial), RESUME_ATTRS), retry_of=trial.number),
+            system_attrs=new_system_attrs(
+                failed_trial=past.get("failed_trial", trial.number), retry_history=history, deaths=deaths
+            ),
             intermediate_values=trial.intermediate_values,
         )
     )
@@ -145,7 +151,7 @@ def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int
     for trial_id in _stale_ids(study, older_than):
         # A finished trial takes no attrs, so the reason goes on while it is still RUNNING.
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+            set_stored_attrs(storage, trial_id, fail_reason=STALE_REASON)
         try:
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
@@ -175,7 +181,7 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
             try:
                 if rdb:
                     optuna_api.record_heartbeat(storage, trial_id)
-                storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                set_stored_attrs(storage, trial_id, heartbeat_at=time.time())
             except optuna.exceptions.UpdateFinishedTrialError:
                 if lost is not None:
                     lost.set()
@@ -271,7 +277,7 @@ def run_one(
             if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     if attrs(trial).get("fail_reason") is None:
-                        trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}"[:500])
+                        set_attrs(trial, fail_reason=f"error: {type(e).__name__}: {e}"[:500])
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
     except TrialInterrupted as e:
