@@ -38,7 +38,7 @@ from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
 from search.record import attrs, optuna_artifacts, set_attrs, versions
-from search.trials import order, ranked
+from search.trials import best_first, ranked
 
 if TYPE_CHECKING:
     from torch import nn
@@ -206,7 +206,7 @@ def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = N
     """Numbers of the k best ranked trials (complete and feasible: search.trials.ranked), with
     `extra`, a feasible trial finishing now as (number, primary value), placed among them."""
     scored = [(t.number, t.values[0]) for t in ranked(study)] + ([extra] if extra else [])
-    return set(order(study, scored)[:k])
+    return set(best_first(study, scored)[:k])
 
 
 ARTIFACT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # Optuna's: uuid4

@@ -99,11 +99,13 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
         set_attr(trial, k, v)
     try:
         model = build(trial, entry, hp, s.data, res, seed)
-        slot = gpu_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
-        measures = measure(trial, recipe, model, s.data.in_chans, res, dev)  # before training: pruned trials have them
+        slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
+        measures = record_measures(
+            trial, recipe, model, s.data.in_chans, res, dev
+        )  # before training: pruned trials have them
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
         state = resume(trial, recipe, path, seed, entry.label, s.on_line)
-        result = train(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
+        result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
     except KeyboardInterrupt:
         set_attrs(trial, fail_reason="interrupted")
         raise
@@ -165,7 +167,9 @@ def build(trial: optuna.Trial, entry: PoolEntry, hp: TrainCfg, data: Data, res: 
         raise TrialFailed(f"invalid combination: {e}") from None
 
 
-def measure(trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res: int, dev: Any) -> dict[str, Any]:
+def record_measures(
+    trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res: int, dev: Any
+) -> dict[str, Any]:
     """The measures an objective or constraint of the study needs (params, flops, latency, ...), recorded."""
     wanted = [n for n in (*recipe.study.names, *recipe.study.constraints) if n in CONSTRAINABLE]
     measures = measure_model(model, wanted, in_chans, res, dev)
@@ -174,7 +178,7 @@ def measure(trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res:
     return measures
 
 
-def gpu_slot(
+def device_slot(
     trial: optuna.Trial,
     recipe: Recipe,
     data: Data,
@@ -193,13 +197,13 @@ def gpu_slot(
     precision = pack.precision_name(dev, recipe.hardware.amp)
     key = pack.probe_key(entry.label, res, batch_size, precision)
 
-    def measure() -> int:
+    def probe_step() -> int:
         shape = build_model(
             entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res, pretrained=False
         )  # the same shapes, no weights to load
         return pack.measure_step(shape, data.in_chans, res, batch_size, data.num_classes, dev, precision)
 
-    peak = pack.probe(trial.study, key, measure, pack.ledger_path(dev))
+    peak = pack.probe(trial.study, key, probe_step, pack.ledger_path(dev))
     need = peak + data.train.x.numel() + data.val.x.numel()  # uint8 images, kept on the GPU when they fit
     set_attrs(trial, memory_probe_mb=round(peak / 2**20, 1))
     return pack.gpu_slot(
@@ -231,7 +235,7 @@ def resume(
     return state
 
 
-def train(
+def fit_trial(
     trial: optuna.Trial,
     s: Setup,
     model: Any,
@@ -279,7 +283,7 @@ def train(
     finally:
         if shown is not None:
             shown.close_trial()
-    stopped(trial, result, lost)
+    raise_if_interrupted(trial, result, lost)
     path.unlink(missing_ok=True)
     return result
 
@@ -345,7 +349,7 @@ class Epochs:
         save_state(path, {"trial": meta, **state})
 
 
-def stopped(trial: optuna.Trial, result: FitResult, lost: threading.Event) -> None:
+def raise_if_interrupted(trial: optuna.Trial, result: FitResult, lost: threading.Event) -> None:
     """A fit that stopped early: lost to another worker, or interrupted (queued again by the loop)."""
     if result.status != "interrupted":
         return

@@ -236,7 +236,7 @@ def stopping_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def stopped() -> None:
+def raise_if_stopped() -> None:
     """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
     if STOP.is_set():
         raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
@@ -314,7 +314,7 @@ def drain(
     """
     ran = 0
     while deadline is None or time.time() < deadline:
-        stopped()
+        raise_if_stopped()
         sweep(study, heartbeat)
         trials = study.get_trials(deepcopy=False)
         if more(trials) or any(t.state == TrialState.WAITING for t in trials):

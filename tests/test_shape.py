@@ -44,6 +44,16 @@ def test_fit_reads_top_to_bottom():
 def test_the_objective_reads_claim_to_outcome():
     lines, deep = shape(objective.objective)
     assert lines <= 60 and deep <= 5, (lines, deep)
-    steps = ["claim(", "reseed_sampler(", "space.suggest(", "build(", "gpu_slot(", "resume(", "train(", "outcome("]
+    steps = [
+        "claim(",
+        "reseed_sampler(",
+        "space.suggest(",
+        "build(",
+        "device_slot(",
+        "record_measures(",
+        "resume(",
+        "fit_trial(",
+        "outcome(",
+    ]
     source = inspect.getsource(objective.objective)
     assert [source.index(s) for s in steps] == sorted(source.index(s) for s in steps)

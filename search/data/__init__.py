@@ -37,7 +37,7 @@ from search.data import cifar, digits, folder, galaxy10, medmnist
 from search.data.cache import Download, derived_dir, discard, read_cached, recorded_dir, source_key, verify
 from search.data.splits import Raw, Split, n_out, read_splits, stratified_split, write_splits
 from search.errors import SearchError, did_you_mean, one_of
-from search.net import Missing
+from search.reach import Missing
 
 __all__ = [
     "Data",

@@ -52,8 +52,8 @@ from tqdm import tqdm
 from search.data.records import CHUNK, checked, content_digest, forget_record, identity, read_record, write_record
 from search.errors import SearchError
 from search.files import new_beside
-from search.net import network_up as _network_up
-from search.net import offline as _offline
+from search.reach import network_up as _network_up
+from search.reach import offline as _offline
 
 log = logging.getLogger(__name__)
 
