@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
@@ -120,6 +121,27 @@ def wsgi_get(app, path: str) -> tuple[str, bytes]:
     status = []
     body = b"".join(app(env, lambda s, h, *a: status.append(s)))
     return status[0], body
+
+
+def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
+    """A network that serves `payload` after `fail_first` connection resets, retried without
+    waiting; returns the URLs asked for."""
+    from search.data import cache
+
+    calls: list[str] = []
+
+    def open_url(url, timeout=60.0):
+        calls.append(url)
+        if len(calls) <= fail_first:
+            raise urllib.error.URLError("connection reset")
+        return io.BytesIO(payload)
+
+    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cache, "_network_up", lambda host: True)
+    monkeypatch.setattr(cache, "_open_url", open_url)
+    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
+    return calls
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

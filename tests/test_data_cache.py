@@ -10,7 +10,6 @@ import os
 import shutil
 import threading
 import time
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 from search.data import cache
 from search.data.cache import Remote
 from search.errors import SearchError
+from tests.conftest import fake_network
 
 PAYLOAD = b"the official file\n" * 1000
 URL = "https://example.org/files/set.bin"
@@ -29,21 +29,7 @@ def remote(**checksum: str) -> Remote:
 
 
 def network(monkeypatch, payload: bytes = PAYLOAD, fail_first: int = 0) -> list[str]:
-    """A network that serves `payload` after `fail_first` connection resets; returns the URLs asked for."""
-    calls: list[str] = []
-
-    def open_url(url, timeout=60.0):
-        calls.append(url)
-        if len(calls) <= fail_first:
-            raise urllib.error.URLError("connection reset")
-        return io.BytesIO(payload)
-
-    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(cache, "_network_up", lambda host: True)
-    monkeypatch.setattr(cache, "_open_url", open_url)
-    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
-    return calls
+    return fake_network(monkeypatch, payload, fail_first)
 
 
 def visible(folder: Path) -> list[str]:

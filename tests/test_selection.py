@@ -25,13 +25,14 @@ from tests.test_retrain import spied_test_split  # noqa: F401 - the fixture
 DISTS = {"model": CategoricalDistribution(["mini_cnn", "resnet_18"]), "lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
 
-def _add(study, value, label="mini_cnn", lr=1e-3, **attrs):
+def _add(study, value, label="mini_cnn", lr=1e-3, system_attrs=None, **attrs):
     study.add_trial(
         create_trial(
             values=value if isinstance(value, list) else [value],
             params={"model": label, "lr": lr},
             distributions=DISTS,
             user_attrs={"pool_label": label, **attrs},
+            system_attrs=system_attrs,
         )
     )
     return study.get_trials(deepcopy=False)[-1]
@@ -127,24 +128,8 @@ def test_infeasible_trials_are_never_best(tmp_path):
         )
     )
     study = st.open_study(recipe)
-    study.add_trial(
-        create_trial(
-            value=0.99,
-            params={"model": "resnet_18", "lr": 1e-3},
-            distributions=DISTS,
-            user_attrs={"pool_label": "resnet_18"},
-            system_attrs={"constraints:params": 10.2},
-        )
-    )
-    study.add_trial(
-        create_trial(
-            value=0.80,
-            params={"model": "mini_cnn", "lr": 1e-3},
-            distributions=DISTS,
-            user_attrs={"pool_label": "mini_cnn"},
-            system_attrs={"constraints:params": -0.9},
-        )
-    )
+    _add(study, 0.99, "resnet_18", system_attrs={"constraints:params": 10.2})
+    _add(study, 0.80, "mini_cnn", system_attrs={"constraints:params": -0.9})
     _add(study, 0.75)
     assert selection.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
