@@ -20,7 +20,7 @@ import logging
 import platform
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, cast
 
@@ -104,28 +104,54 @@ MEMORY_PROBE = "memory_probe:"  # a study attr per probed configuration (search.
 
 def fits(value: Any, tp: Any) -> bool:
     """Whether a stored (JSON) value is of the declared type `tp` (an int is a float; a bool is no int)."""
+    return _checker(tp)(value)
+
+
+@functools.cache
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    """A predicate for values of type `tp`, built once per type (attrs() runs for every trial read)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return True
+        return lambda v: True
     if tp is type(None):
-        return value is None
+        return lambda v: v is None
     if origin in (typing.Union, types.UnionType):
-        return any(fits(value, a) for a in args)
+        alternatives = [_checker(a) for a in args]
+        return lambda v: any(c(v) for c in alternatives)
     if origin is Literal:
-        return value in args
+        return lambda v: isinstance(v, str | int) and v in args
     if origin is dict:
-        return isinstance(value, dict) and all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items())
+        key, item = _checker(args[0]), _checker(args[1])
+        return lambda v: isinstance(v, dict) and all(key(k) and item(x) for k, x in v.items())
     if origin is list:
-        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
-    if isinstance(value, bool) and tp is not bool:
-        return False
-    return isinstance(value, (int, float) if tp is float else tp)
+        item = _checker(args[0])
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    kinds = (int, float) if tp is float else tp
+    if tp is bool:
+        return lambda v: isinstance(v, bool)
+    return lambda v: isinstance(v, kinds) and not isinstance(v, bool)
 
 
 @functools.cache
 def declared(record: type) -> dict[str, Any]:
     """The names and types of a record (TrialAttrs, TrialSystemAttrs, StudyAttrs)."""
     return typing.get_type_hints(record)
+
+
+@functools.cache
+def _exact(record: type) -> dict[str, frozenset[type]]:
+    """The plain types each name's value may have (str, int, float, None), for a quick first look."""
+    plain = {str, int, float, bool, type(None)}
+    out = {}
+    for k, tp in declared(record).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        out[k] = frozenset(a for a in args if a in plain) | ({int} if float in args else set())
+    return out
+
+
+@functools.cache
+def _checkers(record: type) -> dict[str, Callable[[Any], bool]]:
+    return {k: _checker(tp) for k, tp in declared(record).items()}
 
 
 def _type_name(tp: Any) -> str:
@@ -137,12 +163,16 @@ _WARNED: set[tuple[str, str]] = set()
 
 def _checked(values: Mapping[str, Any], record: type, where: str) -> Any:
     """`values` without the declared names whose value is of another type (each warned once)."""
-    types_of = declared(record)
+    exact, checks, probe = _exact(record), _checkers(record), _checker(int)
     wrong = [
         k
         for k, v in values.items()
-        if not fits(v, types_of[k] if k in types_of else int if k.startswith(MEMORY_PROBE) else Any)
+        if type(v) not in exact.get(k, ())
+        and not (checks[k](v) if k in checks else probe(v) if k.startswith(MEMORY_PROBE) else True)
     ]
+    if not wrong:
+        return values
+    types_of = declared(record)
     for k in wrong:
         if (where, k) not in _WARNED:
             _WARNED.add((where, k))
@@ -154,7 +184,7 @@ def _checked(values: Mapping[str, Any], record: type, where: str) -> Any:
                 type(values[k]).__name__,
                 _type_name(types_of.get(k, int)),
             )
-    return {k: v for k, v in values.items() if k not in wrong} if wrong else values
+    return {k: v for k, v in values.items() if k not in wrong}
 
 
 def attrs(trial: optuna.trial.FrozenTrial | optuna.Trial) -> TrialAttrs:
