@@ -100,9 +100,7 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
     try:
         model = build(trial, entry, hp, s.data, res, seed)
         slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
-        measures = record_measures(
-            trial, recipe, model, s.data.in_chans, res, dev
-        )  # before training: pruned trials have them
+        measures = record_measures(trial, recipe, model, s.data.in_chans, res, dev)  # before fit: pruned ones have them
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
         state = resume(trial, recipe, path, seed, entry.label, s.on_line)
         result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
