@@ -7,8 +7,8 @@ of val (`rank.max_val_images`). Three scores, higher is better:
 
 - **LogME** (You et al., ICML 2021): the log marginal evidence of a Bayesian
   linear model from the train features to each one-hot label column, with the
-  prior precision alpha and noise precision beta set by the paper's fixed-point
-  iteration, divided by n and averaged over classes. Invariant to a global scale
+  prior precision alpha and noise precision beta that maximise it (a one-dimensional
+  search over alpha / beta, beta closed-form), divided by n and averaged over classes. Invariant to a global scale
   and to rotations of the features, not to per-dimension scaling.
 - **probe**: validation accuracy of a closed-form ridge classifier on the
   standardised train features (one-hot targets); the ridge strength is picked
@@ -68,8 +68,10 @@ class RankCfg(Section):
     batch_size: int = Field(256, ge=1)  # images per forward pass
 
 
-T_MAX = 1e8  # alpha / beta at which the evidence of a featureless target is taken
+LOG_T_SPAN = (-12.0, 8.0)  # log10 of (alpha / beta) / largest eigenvalue searched, plus the limit at infinity
+T_GRID = 241  # points on that span (1/12 decade apart) before each local maximum is refined
 RIDGE_GRID = tuple(10.0**k for k in range(-4, 5))  # x mean eigenvalue of the train Gram matrix
+TIE = 1e-9  # relative difference below which two criteria are a tie (decided the same way on every host)
 WIDTH = 100  # columns of the table
 CACHE_VERSION = 1  # bump when the features of an unchanged key would change
 
@@ -78,68 +80,91 @@ CACHE_VERSION = 1  # bump when the features of an unchanged key would change
 # scores: pure functions of feature matrices (n, d) and integer labels (n,)
 
 
-def _evidence(
-    sigma: np.ndarray, x2: np.ndarray, res_x2: float, y2: float, n: int, d: int, tol: float, max_iter: int
-) -> float:
-    """LogME evidence / n of one target, from the spectrum of F^T F.
+def _profile(s: np.ndarray, sigma: np.ndarray, x2: np.ndarray, res: float, n: int) -> np.ndarray:
+    """Log evidence / n of one target at alpha / beta = s (in units of the largest eigenvalue of
+    F^T F), with beta at its optimum for that ratio, for every s.
 
-    sigma: the d eigenvalues of F^T F (zeros included); x2: squared projections of y on the
-    left singular vectors (paired with sigma); res_x2: |y|^2 minus their sum (the part of y
-    outside the span of F).
+    For a fixed t = alpha / beta the posterior mean m = (F^T F + t I)^-1 F^T y does not depend on
+    beta, and the evidence is d/2 log t - 1/2 sum log(t + sigma_i) + n/2 log beta - beta/2 E(t)
+    - n/2 log 2 pi with E(t) = |F m - y|^2 + t |m|^2 = res + sum x_i t / (t + sigma_i); so
+    beta = n / E(t). Zero eigenvalues cancel between the first two terms and are left out.
+    sigma: the nonzero eigenvalues / the largest; x2: squared projections of y on their left
+    singular vectors; res: |y|^2 minus their sum (the part of y outside the span of F).
     """
-    # With no signal in F the evidence keeps growing as alpha / beta -> infinity (the prior pins
-    # the weights at 0); the iteration stops at T_MAX times the largest eigenvalue, where the
-    # fitted weights are below 1e-8 of their unregularised size and the evidence is at its limit.
-    t_max = T_MAX * max(float(sigma.max()), 1e-300)
-    alpha, beta = 1.0, 1.0
-    for _ in range(max_iter):
-        t = alpha / beta
-        gamma = float((sigma / (sigma + t)).sum())
-        m2 = float((sigma * x2 / (t + sigma) ** 2).sum())  # |m|^2
-        res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + res_x2  # |F m - y|^2
-        if m2 <= 0 or gamma / m2 > t_max * (n - gamma) / res2:
-            t = t_max
-            break
-        alpha, beta = gamma / m2, (n - gamma) / res2
-        if abs(alpha / beta - t) <= tol * t:
-            t = alpha / beta
-            break
-    gamma = float((sigma / (sigma + t)).sum())
-    m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-    res2 = float((x2 * (t / (sigma + t)) ** 2).sum()) + res_x2
-    if t == t_max:  # beta at the limit, alpha from the ratio
-        beta = (n - gamma) / res2
-        alpha = t * beta
-    evidence = (
-        d / 2 * np.log(alpha)
-        + n / 2 * np.log(beta)
-        - 0.5 * np.log(alpha + beta * sigma).sum()
-        - beta / 2 * res2
-        - alpha / 2 * m2
-        - n / 2 * np.log(2 * np.pi)
-    )
-    return float(evidence) / n
+    ratio = sigma / np.asarray(s, dtype=np.float64)[..., None]
+    e = res + (x2 / (1.0 + ratio)).sum(-1)
+    return (-0.5 * np.log1p(ratio).sum(-1) - n / 2 * np.log(e / n) - n / 2 * (1 + np.log(2 * np.pi))) / n
 
 
-def logme(features: np.ndarray, labels: np.ndarray, *, tol: float = 1e-10, max_iter: int = 1000) -> float:
-    """LogME of features (n, d) for integer labels (n,): the mean over classes of the maximised
-    log evidence / n of y_k = [label == k] (the paper's Algorithm 1, iterated to convergence)."""
+def _golden(f: Any, lo: float, hi: float, steps: int = 60) -> tuple[float, float]:
+    """(argmax, max) of a function unimodal on [lo, hi], by golden-section search."""
+    g = (np.sqrt(5.0) - 1) / 2
+    a, b = lo + (1 - g) * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
+        if fa >= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - g) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(b)
+    return (a, fa) if fa >= fb else (b, fb)
+
+
+def _max_evidence(sigma: np.ndarray, x2: np.ndarray, res: float, y2: float, n: int) -> float:
+    """The maximum over alpha, beta > 0 of the log evidence / n of one target.
+
+    The profile over u = log10(alpha / beta / sigma_max) is scanned on T_GRID points of
+    LOG_T_SPAN, every local maximum of the scan refined by golden-section search between its
+    neighbours, and the best compared with the limit alpha / beta -> infinity (the prior pins the
+    weights at 0: F carries nothing of y), where the evidence tends to that of y ~ N(0, |y|^2/n I).
+    Working in units of the largest eigenvalue makes a global scale of F exactly irrelevant.
+    """
+    limit = (-n / 2 * np.log(y2 / n) - n / 2 * (1 + np.log(2 * np.pi))) / n
+    if len(sigma) == 0:
+        return float(limit)
+    u = np.linspace(*LOG_T_SPAN, T_GRID)
+    p = _profile(10.0**u, sigma, x2, res, n)
+    best = float(limit)
+    for i in np.flatnonzero((p >= np.roll(p, 1)) & (p >= np.roll(p, -1))):  # includes the ends
+        lo, hi = u[max(i - 1, 0)], u[min(i + 1, len(u) - 1)]
+        _, top = _golden(lambda v: float(_profile(10.0**v, sigma, x2, res, n)), lo, hi)
+        best = max(best, top, float(p[i]))
+    return best
+
+
+def logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """LogME of features (n, d) for integer labels (n,): the mean over classes of the log evidence
+    / n of y_k = [label == k], maximised over the prior precision alpha and noise precision beta.
+
+    One SVD of the features; per class, a one-dimensional search over alpha / beta with beta
+    optimal for each ratio (`_max_evidence`), so the result is the global maximum whatever the
+    feature scale, not the fixed point the paper's iteration reaches from alpha = beta = 1.
+
+    Degenerate inputs: singular values below max(n, d) x machine epsilon x the largest count as 0
+    (duplicate rows, constant or collinear features); with n <= d every label column lies in the
+    span of F and the maximum stays finite as alpha / beta -> 0, unless F has rank below n
+    (duplicate rows): then the evidence grows without bound there and the value at the lower end
+    of LOG_T_SPAN is returned. All-zero features, or a target F carries nothing of, give the
+    limit alpha / beta -> infinity. One class gives the evidence of a constant column.
+    """
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     n, d = f.shape
     if n != len(y) or n < 2:
         raise ValueError(f"logme needs n >= 2 features with one label each, got {f.shape} and {y.shape}")
     u, s, _ = np.linalg.svd(f, full_matrices=False)  # u: (n, k), k = min(n, d)
-    sigma = np.zeros(d)
-    sigma[: len(s)] = s**2  # eigenvalues of F^T F; d - k of them are 0 when n < d
+    keep = s > (s[0] if len(s) else 0.0) * max(n, d) * np.finfo(np.float64).eps
+    u, s = u[:, keep], s[keep]
+    sigma = (s / s[0]) ** 2 if len(s) else s  # eigenvalues of F^T F / the largest
     out = []
     for c in np.unique(y):
         yc = (y == c).astype(np.float64)
         x = u.T @ yc
-        x2 = np.zeros(d)
-        x2[: len(x)] = x**2
         y2 = float(yc @ yc)
-        out.append(_evidence(sigma, x2, max(y2 - float(x @ x), 0.0), y2, n, d, tol, max_iter))
+        out.append(_max_evidence(sigma, x**2, max(y2 - float(x @ x), 0.0), y2, n))
     return float(np.mean(out))
 
 
@@ -153,7 +178,14 @@ def linear_probe(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     """Validation accuracy of ridge regression onto one-hot labels (argmax), with an intercept.
 
     The ridge strength is the one of RIDGE_GRID (times the mean eigenvalue of the Gram matrix)
-    with the least generalised cross-validation error on train; no randomness.
+    with the least generalised cross-validation error on train; strengths within a relative TIE
+    of that least error count as equal and the strongest of them is taken, so rounding on another
+    host cannot flip the choice between two near-equal ones. No randomness, no iteration.
+
+    Degenerate inputs: constant features are left at 0 after standardising; with n <= d or
+    duplicate rows the fit interpolates at the weakest strengths and GCV (whose denominator
+    n - dof stays positive) picks a stronger one; one class in train predicts that class; one
+    class in val is scored like any other (the accuracy on it).
     """
     tr, va = _standardise(np.asarray(train_f, np.float64), np.asarray(val_f, np.float64))
     classes, yi = np.unique(train_y, return_inverse=True)
@@ -164,16 +196,13 @@ def linear_probe(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     s2 = s**2
     scale = float(s2.sum() / max(tr.shape[1], 1)) or 1.0
     n = len(tr)
-    best = None
-    for lam in (g * scale for g in RIDGE_GRID):
+    lams = np.array(RIDGE_GRID) * scale
+    gcv = np.empty(len(lams))
+    for i, lam in enumerate(lams):
         shrink = s2 / (s2 + lam)
         fitted = u @ (shrink[:, None] * uty)
-        dof = float(shrink.sum())
-        gcv = float(((t - t_mean - fitted) ** 2).sum()) / max(n - dof, 1e-9) ** 2
-        if best is None or gcv < best[0]:
-            best = (gcv, lam)
-    assert best is not None  # RIDGE_GRID is not empty
-    lam = best[1]
+        gcv[i] = float(((t - t_mean - fitted) ** 2).sum()) / max(n - float(shrink.sum()), 1e-9) ** 2
+    lam = lams[np.flatnonzero(gcv <= gcv.min() * (1 + TIE))[-1]]
     w = vt.T @ ((s / (s2 + lam))[:, None] * uty)
     pred = classes[np.argmax(va @ w + t_mean, axis=1)]
     return float((pred == np.asarray(val_y)).mean())
@@ -183,7 +212,12 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     """Validation accuracy of a k-nearest-neighbour majority vote on cosine similarity.
 
     Ties go to the class whose neighbours have the larger summed similarity (the tie-break
-    term is below half a vote, so it never overrules a majority).
+    term is below half a vote, so it never overrules a majority). Similarities are rounded to
+    12 decimals first, so equal ones are equal on every host: among equally similar training
+    images the earlier ones are the neighbours, and a vote still tied goes to the smaller label.
+
+    Degenerate inputs: an all-zero feature row has similarity 0 to everything; duplicate rows
+    are separate neighbours; k is capped at the train size; one class in val is scored as any.
     """
 
     def unit(a: np.ndarray) -> np.ndarray:
@@ -195,8 +229,8 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     k = max(1, min(k, len(tr)))
     correct = 0
     for start in range(0, len(va), 1024):  # (1024, n_train) similarities at a time
-        sim = va[start : start + 1024] @ tr.T
-        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        sim = np.round(va[start : start + 1024] @ tr.T, 12)
+        nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         near = np.take_along_axis(sim, nn, axis=1)
         votes = np.zeros((len(sim), len(classes)))
         rows = np.repeat(np.arange(len(sim)), k)

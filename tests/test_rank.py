@@ -8,56 +8,41 @@ import pytest
 from search import rank
 
 
-def reference_logme(f: np.ndarray, labels: np.ndarray) -> float:
-    """The paper's Algorithm 1 written out with matrices: no SVD, explicit A = alpha I + beta F^T F.
-
-    For each one-hot column y: repeat gamma = sum beta s_i / (alpha + beta s_i) (s_i the
-    eigenvalues of F^T F), m = beta A^-1 F^T y, alpha = gamma / m^T m, beta = (n - gamma) /
-    |F m - y|^2 until alpha / beta settles; then the log evidence
-    n/2 log beta + d/2 log alpha - n/2 log 2 pi - beta/2 |F m - y|^2 - alpha/2 m^T m - 1/2 log |A|,
-    divided by n, averaged over the classes. Where F carries nothing of y the maximum lies at
-    alpha / beta -> infinity: the iteration stops at 1e8 x the largest eigenvalue and keeps
-    beta = (n - gamma) / |F m - y|^2 there.
-    """
-    f = f.astype(np.float64)
+def _evidence_on(t: np.ndarray, f: np.ndarray, y: np.ndarray, lam: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The paper's log evidence / n term by term at each alpha / beta = t, beta optimal for t:
+    m = (F^T F + t I)^-1 F^T y (= beta A^-1 F^T y with A = alpha I + beta F^T F), beta = n / E with
+    E = |F m - y|^2 + t |m|^2, then n/2 log beta + d/2 log alpha - n/2 log 2 pi - beta/2 |F m - y|^2
+    - alpha/2 |m|^2 - 1/2 log |A|."""
     n, d = f.shape
-    ftf = f.T @ f
-    s = np.linalg.eigvalsh(ftf).clip(min=0)
+    m = v @ ((v.T @ (f.T @ y))[:, None] / (lam[:, None] + t))  # (d, len(t))
+    fit2 = ((f @ m - y[:, None]) ** 2).sum(0)
+    m2 = (m**2).sum(0)
+    beta = n / (fit2 + t * m2)
+    alpha = t * beta
+    logdet = np.log(alpha[:, None] + beta[:, None] * lam).sum(1)
+    ev = n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
+    return (ev - beta / 2 * fit2 - alpha / 2 * m2 - logdet / 2) / n
+
+
+def grid_logme(f: np.ndarray, labels: np.ndarray) -> float:
+    """Brute force: the evidence of each one-hot column on a grid of log(alpha / beta) from 25
+    decades below to 12 above the largest eigenvalue of F^T F (1,500 points), then a 1,001-point grid
+    two steps either side of the best; its maximum or the limit alpha / beta -> infinity (where F
+    carries nothing of y: the evidence of y ~ N(0, |y|^2 / n)), averaged over classes."""
+    f = f.astype(np.float64)
+    n, _ = f.shape
+    lam, v = np.linalg.eigh(f.T @ f)
+    lam = lam.clip(min=0)
+    coarse = np.linspace(np.log(lam.max()) - 25 * np.log(10), np.log(lam.max()) + 12 * np.log(10), 1500)
+    step = coarse[1] - coarse[0]
     out = []
     for c in np.unique(labels):
         y = (labels == c).astype(np.float64)
-        alpha, beta = 1.0, 1.0
-        for _ in range(5000):
-            a = alpha * np.eye(d) + beta * ftf
-            m = beta * np.linalg.solve(a, f.T @ y)
-            gamma = np.sum(beta * s / (alpha + beta * s))
-            new_alpha = gamma / (m @ m)
-            new_beta = (n - gamma) / np.sum((f @ m - y) ** 2)
-            if new_alpha / new_beta > 1e8 * s.max():  # no signal: take the limit
-                beta = 1.0
-                alpha = 1e8 * s.max()
-                a = alpha * np.eye(d) + beta * ftf
-                m = beta * np.linalg.solve(a, f.T @ y)
-                gamma = np.sum(beta * s / (alpha + beta * s))
-                beta = (n - gamma) / np.sum((f @ m - y) ** 2)
-                alpha = 1e8 * s.max() * beta
-                break
-            done = abs(new_alpha / new_beta - alpha / beta) <= 1e-12 * alpha / beta
-            alpha, beta = new_alpha, new_beta
-            if done:
-                break
-        a = alpha * np.eye(d) + beta * ftf
-        m = beta * np.linalg.solve(a, f.T @ y)
-        _, logdet = np.linalg.slogdet(a)
-        ev = (
-            n / 2 * np.log(beta)
-            + d / 2 * np.log(alpha)
-            - n / 2 * np.log(2 * np.pi)
-            - beta / 2 * np.sum((f @ m - y) ** 2)
-            - alpha / 2 * (m @ m)
-            - logdet / 2
-        )
-        out.append(ev / n)
+        ev = _evidence_on(np.exp(coarse), f, y, lam, v)
+        at = coarse[np.nanargmax(ev)]
+        fine = _evidence_on(np.exp(np.linspace(at - 2 * step, at + 2 * step, 1001)), f, y, lam, v)
+        limit = (-n / 2 * np.log(y @ y / n) - n / 2 * (1 + np.log(2 * np.pi))) / n
+        out.append(max(float(np.nanmax(fine)), float(np.nanmax(ev)), limit))
     return float(np.mean(out))
 
 
@@ -69,15 +54,48 @@ def structured(n: int, d: int, classes: int, seed: int, noise: float = 1.0) -> t
     return centres[y] + noise * rng.normal(size=(n, d)), y
 
 
-@pytest.mark.parametrize("n,d,classes", [(200, 16, 2), (300, 32, 5), (150, 64, 10), (40, 80, 3)])
-@pytest.mark.parametrize("kind", ["random", "structured"])
-def test_logme_matches_the_plain_reference(n, d, classes, kind):
-    rng = np.random.default_rng(n + d + classes)
-    if kind == "random":
-        f, y = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d), rng.integers(0, classes, n)
-    else:
-        f, y = structured(n, d, classes, seed=d)
-    assert rank.logme(f, y) == pytest.approx(reference_logme(f, y), rel=1e-6)
+def features(kind: str, n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "random":  # labels independent of the features, uneven dimension scales
+        rng = np.random.default_rng(seed)
+        return rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d), rng.integers(0, classes, n)
+    return structured(n, d, classes, seed=seed)  # separable class means
+
+
+@pytest.mark.parametrize("n,d,classes", [(40, 80, 3), (30, 200, 5), (200, 16, 2), (150, 64, 10)])
+@pytest.mark.parametrize("kind", ["separable", "random"])
+@pytest.mark.parametrize("seed", [0, 1, 80])
+def test_logme_is_the_maximum_evidence_at_every_scale(n, d, classes, kind, seed):
+    f, y = features(kind, n, d, classes, seed)
+    best = grid_logme(f, y)
+    for c in (1e-3, 0.5, 1, 2, 10, 1e3):  # a global scale is absorbed by alpha: one maximum for all
+        assert rank.logme(c * f, y) == pytest.approx(best, rel=1e-6)
+
+
+def test_logme_finds_the_maximum_the_fixed_point_iteration_misses():
+    """n < d, separable classes: the paper's iteration from alpha = beta = 1 stops at a lower
+    stationary point for some feature scales; the maximum is the same at every scale."""
+    f, y = structured(40, 80, 3, seed=80)
+    best = grid_logme(f, y)
+    assert best == pytest.approx(0.7916878858766015, rel=1e-6)
+    for c in (0.5, 1, 2, 10):
+        assert rank.logme(c * f + 1e-6 * np.random.default_rng(0).normal(size=f.shape), y) == pytest.approx(best)
+
+
+def test_logme_degenerate_inputs():
+    f, y = structured(60, 12, 3, seed=3)
+    base = rank.logme(f, y)
+    # a constant feature and a copy of a column add no rank: the spectrum, and the score, are unchanged
+    wider = np.hstack([f, np.zeros((60, 1)), f[:, :1]])
+    assert np.isfinite(rank.logme(wider, y))
+    assert rank.logme(np.hstack([f, np.zeros((60, 3))]), y) == pytest.approx(base, rel=1e-9)
+    # features that carry nothing: the limit alpha / beta -> infinity, the evidence of N(0, |y|^2 / n)
+    n, fraction = 60, np.bincount(y) / 60
+    limit = np.mean([(-n / 2 * np.log(p) - n / 2 * (1 + np.log(2 * np.pi))) / n for p in fraction])
+    assert rank.logme(np.zeros((60, 12)), y) == pytest.approx(limit, rel=1e-12)
+    # one class: a constant column, finite
+    assert np.isfinite(rank.logme(f, np.zeros(60, dtype=int)))
+    with pytest.raises(ValueError, match="n >= 2"):
+        rank.logme(f[:1], y[:1])
 
 
 def test_logme_invariances():
@@ -122,6 +140,29 @@ def test_knn_matches_a_plain_vote(k):
     got = rank.knn_accuracy(tr, ytr, va, yva, k)
     assert got == pytest.approx(reference_knn(tr, ytr, va, yva, k))
     assert rank.knn_accuracy(tr * 5, ytr, va * 0.1, yva, k) == got  # cosine: per-image scale is ignored
+
+
+def test_knn_ties_are_decided_the_same_way_everywhere():
+    tr = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # two identical images, different labels
+    va = np.array([[2.0, 0.0]])
+    assert rank.knn_accuracy(tr, np.array([1, 0, 0]), va, np.array([1]), k=1) == 1.0  # the earlier one
+    assert rank.knn_accuracy(tr, np.array([0, 1, 0]), va, np.array([0]), k=1) == 1.0
+    # k=2: one vote each, equal similarity: the smaller label
+    assert rank.knn_accuracy(tr, np.array([1, 0, 0]), va, np.array([0]), k=2) == 1.0
+    # similarities equal up to rounding are equal
+    nudged = tr + np.array([[0.0, 1e-15], [0.0, 0.0], [0.0, 0.0]])
+    assert rank.knn_accuracy(nudged, np.array([1, 0, 0]), va, np.array([1]), k=1) == 1.0
+
+
+def test_linear_probe_on_degenerate_inputs():
+    f, y = structured(40, 80, 4, seed=7)  # n < d
+    tr, ytr, va, yva = f[:30], y[:30], f[30:], y[30:]
+    acc = rank.linear_probe(tr, ytr, va, yva)
+    assert acc >= 0.9  # separable class means: a strong enough ridge still finds them
+    wide = np.hstack([tr, np.ones((30, 5)), tr[:, :3]])  # constant and duplicate columns
+    assert rank.linear_probe(wide, ytr, np.hstack([va, np.ones((10, 5)), va[:, :3]]), yva) >= 0.9
+    assert rank.linear_probe(np.vstack([tr, tr]), np.hstack([ytr, ytr]), va, yva) >= 0.9  # duplicate rows
+    assert rank.linear_probe(tr, np.zeros(30, dtype=int), va, np.zeros(10, dtype=int)) == 1.0  # one class
 
 
 def test_linear_probe_is_deterministic_and_scale_free():
