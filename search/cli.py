@@ -228,6 +228,11 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
         if study_attrs(study).get("rank"):
             print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
+        if recipe.tracking.mlflow:
+            from search import artifacts, tracking
+
+            uri = tracking.mlflow_uri(recipe.tracking, artifacts.dir_of(study))
+            print(f"follow it in MLflow: {tracking.ui_command(uri or '')}")
     return 0
 
 
@@ -366,7 +371,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         wanted = data.check(recipe.data)
         try:
             summary = data.load_data(recipe.data, recipe.study.seed).summary()
-            print(f"data {summary}; cached under {data.data_root(recipe.data)}")
+            print(f"data {summary};\n  cached under {data.data_root(recipe.data)}")  # a path: a line of its own
         except SearchError as err:
             if not wanted:
                 raise

@@ -34,6 +34,7 @@ from search.recipe import CONSTRAINABLE, Recipe
 from search.record import attrs, set_attr, set_attrs, versions
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
 from search.text import shorten
+from search.tracking import Tracker
 from search.train import FitResult, fit, resolve_device, seed_everything
 from search.trials import counted
 from search.workers import (
@@ -63,6 +64,7 @@ class Setup:
     on_line: Callable[[str], None]
     counting: bool  # takes a slot of n_trials (confirmation runs do not)
     progress: Progress | None
+    tracker: Tracker | None = None  # MLflow / TensorBoard (search.tracking)
 
 
 def make_objective(
@@ -74,6 +76,7 @@ def make_objective(
     *,
     counting: bool = True,
     progress: Progress | None = None,
+    tracker: Tracker | None = None,
 ) -> Callable[..., float | list[float]]:
     """The trial function `objective(trial, lost=None)`, returning the objective value(s).
 
@@ -81,7 +84,9 @@ def make_objective(
     Ctrl-C) end the training at the next step: TrialLost, or TrialInterrupted after the trial
     is queued again. A live `progress` gets the trial's steps (search.progress).
     """
-    return functools.partial(objective, setup=Setup(recipe, data, entries, device, on_line, counting, progress))
+    return functools.partial(
+        objective, setup=Setup(recipe, data, entries, device, on_line, counting, progress, tracker)
+    )
 
 
 def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup: Setup) -> float | list[float]:
@@ -97,6 +102,8 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
     res, dev = input_resolution(entry, s.data.resolution), resolve_device(s.device)
     for k, v in trial_attrs(entry, seed, res, hp.channel_reduce, str(dev)).items():
         set_attr(trial, k, v)
+    if s.tracker is not None:
+        s.tracker.start(trial)
     try:
         model = build(trial, entry, hp, s.data, res, seed)
         slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
@@ -248,7 +255,7 @@ def fit_trial(
 ) -> FitResult:
     """`fit` in the trial's slot, every epoch reported and its state saved; the saved state is
     removed when the trial ends here (nothing will resume it)."""
-    recipe, epochs = s.recipe, Epochs(trial, s.recipe, label, s.on_line, lost, state)
+    recipe, epochs = s.recipe, Epochs(trial, s.recipe, label, s.on_line, lost, state, s.tracker)
     shown = s.progress if s.progress is not None and s.progress.live else None
     if shown is not None:
         shown.trial(trial.number, label, hp.epochs, int(state["epoch"]) + 1 if state else 1)
@@ -302,9 +309,12 @@ class Epochs:
         on_line: Callable[[str], None],
         lost: threading.Event,
         state: dict[str, Any] | None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.trial, self.recipe, self.label, self.on_line, self.lost = trial, recipe, label, on_line, lost
+        self.tracker = tracker
         self.history: list[dict[str, float]] = list(state["history"]) if state else []
+        self.resumed = len(self.history)  # epochs a retry takes over: trained by the trial it retries
         self.reported = set(frozen(trial).intermediate_values) if "retry_of" in attrs(trial) else set()
         self.reports = len(recipe.study.names) == 1  # Optuna neither takes intermediate values nor prunes several
 
@@ -313,13 +323,17 @@ class Epochs:
         if self.lost.is_set():
             raise TrialLost(f"trial {trial.number} was failed by another worker")
         self.history.append(record)
+        if self.tracker is not None:
+            self.tracker.epoch(trial, epoch, record)
         fresh = self.reports and epoch not in self.reported
         if fresh:
             trial.report(record[f"val_{metric}"], epoch)
         # Short attributes: the per-epoch history is in the intermediate values and, when the
         # trial ends, its history artifact; the dashboard's table stays one line a row.
         seconds = round(sum(r["seconds"] for r in self.history) / len(self.history), 3)
-        set_attrs(trial, epochs=len(self.history), sec_per_epoch=seconds)
+        set_attrs(
+            trial, epochs=len(self.history), sec_per_epoch=seconds, trained_epochs=len(self.history) - self.resumed
+        )
         if attrs(trial).get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
             set_attrs(trial, micro_batch=int(record["micro_batch"]))
         self.on_line(

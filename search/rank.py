@@ -128,8 +128,9 @@ def _max_evidence(sigma: np.ndarray, x2: np.ndarray, res: float, y2: float, n: i
     u = np.linspace(*LOG_T_SPAN, T_GRID)
     p = _profile(10.0**u, sigma, x2, res, n)
     best = float(limit)
-    for i in np.flatnonzero((p >= np.roll(p, 1)) & (p >= np.roll(p, -1))):  # includes the ends
-        lo, hi = u[max(i - 1, 0)], u[min(i + 1, len(u) - 1)]
+    padded = np.concatenate([[-np.inf], p, [-np.inf]])
+    for i in np.flatnonzero((p >= padded[:-2]) & (p >= padded[2:])).tolist():  # the ends included
+        lo, hi = float(u[max(i - 1, 0)]), float(u[min(i + 1, len(u) - 1)])
         _, top = _golden(lambda v: float(_profile(10.0**v, sigma, x2, res, n)), lo, hi)
         best = max(best, top, float(p[i]))
     return best

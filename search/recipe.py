@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from search.data import DataCfg, loader_for
 from search.errors import SearchError, did_you_mean, one_of
@@ -96,6 +96,44 @@ class ConfirmCfg(Section):
 STUDY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names files under studies/: no '/', no leading '.'
 
 
+class WarmStartCfg(Section):
+    """`study.warm_start`: the best configurations of an earlier study, queued first (search.warmstart)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    source: str = Field(alias="from", min_length=1)  # NAME, NAME@STORAGE or a `best` recipe (.yaml)
+    top_k: int = Field(5, ge=1)  # configurations taken, best first (one from a best.yaml)
+
+
+class BudgetCfg(Section):
+    """`study.budget`: what all workers together may spend, counted from what every trial recorded."""
+
+    epochs: int | None = Field(None, ge=1)  # epochs trained, summed over trials
+    hours: float | None = Field(None, gt=0)  # trial wall time, summed over trials
+    device_hours: float | None = Field(None, gt=0)  # wall time of the trials that ran on a GPU (or MPS)
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetCfg:
+        if self.epochs is None and self.hours is None and self.device_hours is None:
+            raise ValueError("a budget needs epochs, hours or device_hours, e.g. {epochs: 200}")
+        return self
+
+
+class StopCfg(Section):
+    """`study.stop`: end the search before n_trials when more trials will not help (search.stopping)."""
+
+    patience: int | None = Field(None, ge=1)  # finished trials in a row without improving on the best
+    min_delta: float = Field(0.0, ge=0)  # an improvement is a gain of more than this
+    terminator: bool = False  # Optuna's Terminator: regret bound below the error of a result
+    min_trials: int = Field(10, ge=2)  # complete trials before the Terminator judges
+
+    @model_validator(mode="after")
+    def _some(self) -> StopCfg:
+        if self.patience is None and not self.terminator:
+            raise ValueError("a stop rule needs patience: N, terminator: true or both")
+        return self
+
+
 class StudyCfg(Section):
     name: str = Field(pattern=STUDY_NAME)
     storage: str | None = None  # default: sqlite:///studies/<name>.db
@@ -120,6 +158,9 @@ class StudyCfg(Section):
     top_k: int = Field(3, ge=0)  # checkpoints kept as artifacts
     # study a `best` recipe was exported from; `retrain` records test metrics there (a name: it names files)
     origin: str | None = Field(None, pattern=STUDY_NAME)
+    warm_start: WarmStartCfg | None = None  # queue an earlier study's best configurations first
+    budget: BudgetCfg | None = None  # stop taking trials when spent (epochs, hours, device-hours)
+    stop: StopCfg | None = None  # stop taking trials when more will not help (patience, terminator)
 
     @model_validator(mode="after")
     def _direction(self) -> StudyCfg:
@@ -168,6 +209,11 @@ class StudyCfg(Section):
                     f"sampler '{self.sampler.name}' optimizes one objective only, and objectives "
                     f"lists {len(names)}; use one of {one_of(MULTI_SAMPLERS)}"
                 )
+            if self.stop is not None and self.stop.terminator:
+                raise ValueError(
+                    f"stop.terminator judges one objective, and objectives lists {len(names)}; "
+                    "remove study.stop.terminator (patience follows the first objective)"
+                )
             if self.pruner.name != "none":
                 raise ValueError(
                     f"pruner '{self.pruner.name}' cannot run with {len(names)} objectives "
@@ -214,6 +260,14 @@ class HardwareCfg(Section):
         )
 
 
+class TrackingCfg(Section):
+    """`tracking`: follow the study in MLflow and/or TensorBoard (off by default; search.tracking)."""
+
+    mlflow: str | bool = False  # a tracking URI, or true: a SQLite file next to the study
+    tensorboard: str | None = None  # a directory: one event directory per trial, and the hparams summary
+    experiment: str | None = None  # the MLflow experiment (default: the study name)
+
+
 class Recipe(Section):
     study: StudyCfg
     data: DataCfg = DataCfg()
@@ -222,6 +276,7 @@ class Recipe(Section):
     train: TrainCfg = TrainCfg()
     hardware: HardwareCfg = HardwareCfg()
     rank: RankCfg = RankCfg()
+    tracking: TrackingCfg = TrackingCfg()
 
     @model_validator(mode="after")
     def _pool_and_space(self) -> Recipe:

@@ -69,6 +69,9 @@ class TrialAttrs(TypedDict, total=False):
     best_loss: float
     train_seconds: float
     checkpoint: str  # artifact id of the best-epoch weights, while the trial is in the top-k
+    warm_start_of: str  # a configuration queued by study.warm_start: SOURCE#N (trial N of study SOURCE)
+    trained_epochs: int  # epochs this trial trained itself (a retry's resumed ones not included)
+    mlflow_run_id: str  # its MLflow run (tracking.mlflow); a retry continues it
     confirms: int  # a confirmation run (companion study NAME/confirm): the trial it confirms
     seed_index: int  # and which of its seeds (0: the search's own run)
     source_seed: int  # and the seed of the trial it confirms
@@ -93,6 +96,9 @@ class StudyAttrs(TypedDict, total=False):
     rank: dict[str, Any]  # the pool ranking and the decision taken from it (search.rank)
     rank_enqueued: bool
     retrain: dict[str, Any]  # test-split results of the final model(s) (search.retrain)
+    warm_start: dict[str, Any]  # what study.warm_start queued: from, queued, changes, line (search.warmstart)
+    ended: str  # why the search stopped taking trials before n_trials (budget spent, a stop rule)
+    mlflow_run_id: str  # the study's parent run (tracking.mlflow)
     confirms_study: str  # on a companion study: the study whose configurations it confirms
 
 
@@ -267,6 +273,15 @@ def set_study_attrs(study: optuna.Study, **values: Unpack[StudyAttrs]) -> None:
     """Set declared user attributes of a study, in the order given."""
     for key, v in values.items():
         study.set_user_attr(key, v)
+
+
+def set_study_attr(study: optuna.Study, name: str, value: Any) -> None:
+    """Set one declared study attribute named at run time (search.once); TypeError for an
+    undeclared name or a value of another type."""
+    types_of = declared(StudyAttrs)
+    if name not in types_of or not fits(value, types_of[name]):
+        raise TypeError(f"study attribute {name!r} = {value!r}: not declared as such in search.record.StudyAttrs")
+    study.set_user_attr(name, value)
 
 
 def set_memory_probe(study: optuna.Study, key: str, peak: int) -> None:

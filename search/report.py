@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import artifacts, plots, selection
+from search import artifacts, budget, plots, selection
 from search.files import replacing, write_text
 from search.recipe import Recipe
 from search.record import attrs, study_attrs
@@ -209,6 +209,7 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bo
             i += len(group)
     if any(r["not_counted"] for r in rows):
         lines.append("n/c: not counted toward n_trials (retried after a dead worker, interrupted, or past the total)")
+    lines += ending_text(study, recipe)
     if top:
         lines += ["", *top_text(study, recipe, top, wide)]
     return "\n".join(lines)
@@ -328,6 +329,19 @@ def importance_text(study: optuna.Study) -> list[str]:
         [f"{k} {v:.2f}" + ("," if i < len(imp) - 1 else "") for i, (k, v) in enumerate(imp.items())],
         sep=" ",
     )
+
+
+def ending_text(study: optuna.Study, recipe: Recipe) -> list[str]:
+    """The budget used (study.budget) and why the search ended before n_trials, if it did."""
+    lines = []
+    if recipe.study.budget is not None:
+        lines.append(
+            budget.text(recipe.study.budget, budget.used(study.get_trials(deepcopy=False), recipe.train.epochs))
+        )
+    ended = study_attrs(study).get("ended")
+    if ended:
+        lines.append(f"ended before {recipe.study.n_trials} trials: {ended}")
+    return lines
 
 
 def report_text(study: optuna.Study, recipe: Recipe, top: int = 3, wide: bool = False) -> str:

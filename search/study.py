@@ -23,7 +23,19 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import confirm, optuna_api, rank, space, weights, workers
+from search import (
+    artifacts,
+    budget,
+    confirm,
+    optuna_api,
+    rank,
+    space,
+    stopping,
+    tracking,
+    warmstart,
+    weights,
+    workers,
+)
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
@@ -45,15 +57,19 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
     d = recipe.normalized()
     if d["study"]["storage"]:
         d["study"]["storage"] = mask(d["study"]["storage"])
+    if d["study"]["warm_start"]:
+        name, at, url = d["study"]["warm_start"]["from"].partition("@")  # NAME@STORAGE: as a storage URL
+        d["study"]["warm_start"]["from"] = name + at + (mask(url) if url else "")
     return d
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm"):
+    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm", "warm_start", "budget", "stop"):
         d["study"].pop(key, None)
     d.pop("hardware", None)
+    d.pop("tracking", None)
     return d
 
 
@@ -165,6 +181,7 @@ def check_all(recipe: Recipe, url: str) -> list[PoolEntry]:
     process's memory for the trials that follow.
     """
     check_storage(url)
+    tracking.check(recipe.tracking)
     entries = parse_pool(recipe.pool)
     check_data(recipe.data)
     preflight(entries)
@@ -241,13 +258,16 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         progress.close()
 
 
-def _show(progress: Progress, study: optuna.Study) -> None:
-    """The study line of a live display: counted trials ended, pruned, failed, best so far."""
+def _show(progress: Progress, study: optuna.Study, recipe: Recipe) -> None:
+    """The study line of a live display: counted trials ended, pruned, failed, best so far, budget used."""
     if progress.live:
-        ended = [t for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished()]
+        trials = study.get_trials(deepcopy=False)
+        ended = [t for t in counted(trials) if t.state.is_finished()]
         pruned = sum(t.state == TrialState.PRUNED for t in ended)
         failed = sum(t.state == TrialState.FAIL for t in ended)
-        progress.study(len(ended), pruned, failed, best_so_far(study))
+        spent = budget.text(recipe.study.budget, budget.used(trials, recipe.train.epochs))
+        spent = spent.replace("budget used: ", "  budget ")  # the bar's line holds 100 columns
+        progress.study(len(ended), pruned, failed, best_so_far(study) + spent)
 
 
 def _search(
@@ -256,20 +276,38 @@ def _search(
     say = progress.say
     if recipe.study.rank is not None:
         entries = ranked_entries(study, recipe, entries, data, say)
+    warm = warmstart.queue(study, recipe, entries, data.in_chans)  # before the baselines: queued first
+    if warm:
+        say(warm)
     enqueue_baselines(study, recipe, entries, data)
     hb, n_total = recipe.study.heartbeat, recipe.study.n_trials
     workers.sweep(study, hb)
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     deadline = _deadline(study, recipe)
-    objective = make_objective(recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress)
+    tracker = None
+    if recipe.tracking.mlflow or recipe.tracking.tensorboard:
+        tracker = tracking.Tracker(recipe, study, artifacts.dir_of(study))
+        for line in tracker.where():
+            say(line)
+    objective = make_objective(
+        recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress, tracker=tracker
+    )
 
     def on_end(done: FrozenTrial | None) -> None:
+        if done is not None and tracker is not None:
+            tracker.end(done)
         line = done and trial_line(study, done, finished(study), n_total, recipe.study.metric)
         if line:
             say(line)
-        _show(progress, study)
+        if line and recipe.study.budget and not progress.live:
+            say(
+                "  "
+                + budget.text(recipe.study.budget, budget.used(study.get_trials(deepcopy=False), recipe.train.epochs))
+            )
+        _show(progress, study, recipe)
 
-    _show(progress, study)
+    _show(progress, study, recipe)
+    closed = stopping.closing(recipe, study)  # a budget spent, a stop rule
     ran = workers.drain(
         study,
         objective,
@@ -278,7 +316,14 @@ def _search(
         deadline=deadline,
         say=say,
         on_end=on_end,
+        closed=closed,
     )
+    reason = closed(study.get_trials(deepcopy=False))
+    if reason:
+        set_study_attrs(study, ended=reason)  # for the report: why the study ended before n_trials
+        say(f"the search stopped taking trials: {reason}")
+    if tracker is not None:
+        tracker.finish(done=bool(reason) or finished(study) >= n_total)
     if deadline is not None and time.time() >= deadline:
         say(f"study timeout of {recipe.study.timeout:g} s reached")
         return ran

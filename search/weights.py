@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 
 from search.builtins import BUILTINS
 from search.errors import SearchError
@@ -44,8 +45,6 @@ HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def torch_checkpoints() -> Path:
-    import torch
-
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
@@ -143,10 +142,9 @@ def fetch(entry: PoolEntry) -> Path:
             except Exception as e:  # noqa: BLE001 - try the next file name, then report all
                 errors.append(f"{name}: {e}")
         raise missing_error(entry, "download failed: " + "; ".join(errors))
-    from torch.hub import download_url_to_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    download_url_to_file(where, str(path), progress=True)  # writes a temp file, then renames
+    torch.hub.download_url_to_file(where, str(path), progress=True)  # writes a temp file, then renames
     return path
 
 
@@ -173,7 +171,6 @@ def missing(entry: PoolEntry) -> Missing | None:
 def _timm_bytes(entry: PoolEntry) -> int | None:
     """About how large a timm checkpoint is: 4 bytes per parameter, counted without allocating any."""
     import timm
-    import torch
 
     try:
         with torch.device("meta"):
@@ -188,8 +185,6 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
 
     `mmap` reads the pickle but maps the tensors (a cheap check of a large file).
     """
-    import torch
-
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -268,7 +263,6 @@ def source_state(entry: PoolEntry) -> dict[str, Any]:
     if _torchvision_name(entry):
         return safe_load(path)
     import timm
-    import torch
 
     state = timm_state(safe_load(path), path)
     # source "": the registry's default, where an in-memory state dict comes before any file, URL or hub.

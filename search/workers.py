@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from search import artifacts, optuna_api, pack
@@ -85,7 +86,7 @@ class TotalReached(Exception):
     """The study's total is taken; this trial does not count."""
 
 
-RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted")  # not carried to a retry
+RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted", "trained_epochs")  # not carried
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = True) -> None:
@@ -303,6 +304,7 @@ def drain(
     deadline: float | None = None,
     say: Callable[[str], None] = print,
     on_end: Callable[[optuna.trial.FrozenTrial | None], None] = lambda t: None,
+    closed: Callable[[list[optuna.trial.FrozenTrial]], str | None] = lambda trials: None,
 ) -> int:
     """Run trials in this process until none is left to run; returns how many ran here.
 
@@ -310,14 +312,16 @@ def drain(
     search, below its total). When none is, but other workers' trials still run, this worker
     waits (a SIGTERM or Ctrl-C ends the wait): if one of them dies, its retry is queued and run
     here. Stale trials are swept before each; `deadline` (epoch seconds) stops the loop between
-    trials; `on_end` gets each finished trial (None: lost to another worker).
+    trials; `on_end` gets each finished trial (None: lost to another worker). While `closed(trials)`
+    gives a reason (a budget spent, a stop rule), no trial is taken, queued ones neither; the loop
+    waits for running trials (their end may reopen it) and then ends.
     """
     ran = 0
     while deadline is None or time.time() < deadline:
         raise_if_stopped()
         sweep(study, heartbeat)
         trials = study.get_trials(deepcopy=False)
-        if more(trials) or any(t.state == TrialState.WAITING for t in trials):
+        if closed(trials) is None and (more(trials) or any(t.state == TrialState.WAITING for t in trials)):
             on_end(run_one(study, objective, heartbeat, say))
             ran += 1
         elif any(t.state == TrialState.RUNNING for t in trials):
@@ -354,8 +358,6 @@ def gpu_assignment(n_workers: int, visible: str | None, count: int) -> list[str 
 def default_workers(recipe: Recipe) -> int:
     """Local workers for `run` without --workers: hardware.workers, or under trials_per_gpu on a
     CUDA machine as many as its GPUs may hold at once (`pack.local_workers`)."""
-    import torch
-
     hw = recipe.hardware
     if (
         hw.workers > 1
@@ -374,8 +376,6 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
     environment (SEARCH_STORAGE), not on a command line others can read. SIGTERM is passed on
     to every worker; the run then ends with KeyboardInterrupt. Returns 0, or 1 if a worker failed.
     """
-    import torch
-
     gpus: list[str | None] = [None] * n_workers
     packed = recipe.hardware.trials_per_gpu is not None  # each trial takes the GPU that admits it
     if recipe.hardware.device in ("auto", "cuda") and torch.cuda.is_available() and not packed:
@@ -449,8 +449,6 @@ def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
     sees all of it once the name does)."""
-    import torch
-
     with replacing(path, durable=True) as tmp:
         torch.save(state, tmp)
 
@@ -458,8 +456,6 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
     """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
     that dies in turn leaves it to the next), or None and why it starts over."""
-    import torch
-
     mine = directory / f"trial-{trial.number}.pt"
     source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
     path = mine if mine.exists() else source

@@ -10,10 +10,14 @@ import sys
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from wsgiref.util import setup_testing_defaults
 
+import optuna
 import pytest
 import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,27 +127,6 @@ def wsgi_get(app, path: str) -> tuple[str, bytes]:
     return status[0], body
 
 
-def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
-    """A network that serves `payload` after `fail_first` connection resets, retried without
-    waiting; returns the URLs asked for."""
-    from search.data import cache
-
-    calls: list[str] = []
-
-    def open_url(url, timeout=60.0):
-        calls.append(url)
-        if len(calls) <= fail_first:
-            raise urllib.error.URLError("connection reset")
-        return io.BytesIO(payload)
-
-    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(cache, "_network_up", lambda host: True)
-    monkeypatch.setattr(cache, "_open_url", open_url)
-    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
-    return calls
-
-
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -165,6 +148,63 @@ def tiny_recipe(name: str = "tiny", **over) -> dict:
     for key, value in over.items():
         r[key] = {**r.get(key, {}), **value} if isinstance(value, dict) else value
     return r
+
+
+def pool_trial(
+    study: optuna.Study,
+    value: float | list[float] | None,
+    label: str = "mini_cnn",
+    *,
+    params: dict[str, Any] | None = None,
+    dists: dict[str, BaseDistribution] | None = None,
+    attrs: dict[str, Any] | None = None,
+    state: TrialState = TrialState.COMPLETE,
+    **more: Any,
+) -> FrozenTrial:
+    """A finished trial of pool entry `label`, made with Optuna's create_trial (no training), added to
+    `study` and returned as stored. Its params are `model` = label and `params`, over `dists` (by default
+    the model's alone; a study's trials must share them); its user attributes the pool label and `attrs`.
+    `value`: a number, a list (several objectives) or None (a trial that did not complete); `more` goes
+    to create_trial (system_attrs, intermediate_values)."""
+    values = None if value is None else value if isinstance(value, list) else [value]
+    study.add_trial(
+        create_trial(
+            state=state,
+            values=values,
+            params={"model": label, **(params or {})},
+            distributions=dists or {"model": CategoricalDistribution([label])},
+            user_attrs={"pool_label": label, **(attrs or {})},
+            **more,
+        )
+    )
+    return study.get_trials(deepcopy=False)[-1]
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    """A fit's per-epoch records less what the machine's speed decides (seconds, images/s): what two
+    runs of one configuration must repeat exactly."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+
+
+def fake_network(monkeypatch, payload: bytes, fail_first: int = 0) -> list[str]:
+    """A network that serves `payload` to the data cache after `fail_first` connection resets, with no
+    waits between retries; returns the URLs asked for."""
+    from search.data import cache
+
+    calls: list[str] = []
+
+    def open_url(url, timeout=60.0):
+        calls.append(url)
+        if len(calls) <= fail_first:
+            raise urllib.error.URLError("connection reset")
+        return io.BytesIO(payload)
+
+    monkeypatch.delenv("SEARCH_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cache, "_network_up", lambda host: True)
+    monkeypatch.setattr(cache, "_open_url", open_url)
+    monkeypatch.setattr(cache.time, "sleep", lambda s: None)
+    return calls
 
 
 @pytest.fixture(scope="session")

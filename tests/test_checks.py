@@ -20,7 +20,7 @@ from search.data import records
 from search.errors import SearchError
 from search.pool import parse_entry
 from search.trials import STALE_REASON
-from tests.conftest import run_inline, tiny_recipe, write_recipe
+from tests.conftest import pool_trial, run_inline, tiny_recipe, write_recipe
 from tests.test_data import write_folder, write_medmnist
 from tests.test_storage import database
 from tests.weights_cache import torchvision_checkpoint
@@ -411,21 +411,16 @@ def test_min_trials_holds_off_every_pruner(pruner):
 
 
 def test_the_leaderboard_shows_not_counted_trials_apart_from_failures():
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState, create_trial
+    from optuna.trial import TrialState
 
     from search import report
     from search.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(tiny_recipe())
     study = optuna.create_study(direction="maximize")
-    dist = {"model": CategoricalDistribution(["mini_cnn"])}
 
     def add(state, reason=None, value=None):
-        attrs = {"pool_label": "mini_cnn", **({"fail_reason": reason} if reason else {})}
-        study.add_trial(
-            create_trial(state=state, value=value, params={"model": "mini_cnn"}, distributions=dist, user_attrs=attrs)
-        )
+        pool_trial(study, value, state=state, attrs={"fail_reason": reason} if reason else {})
 
     add(TrialState.COMPLETE, value=0.9)
     add(TrialState.FAIL, "diverged (loss nan)")  # the trial's own failure: counts

@@ -3,6 +3,7 @@ directories, discard. Real files in a temporary directory; only the network is r
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -10,6 +11,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +29,6 @@ URL = "https://example.org/files/set.bin"
 
 def remote(**checksum: str) -> Remote:
     return Remote(URL, "set.bin", **checksum)
-
-
-def network(monkeypatch, payload: bytes = PAYLOAD, fail_first: int = 0) -> list[str]:
-    return fake_network(monkeypatch, payload, fail_first)
 
 
 def visible(folder: Path) -> list[str]:
@@ -66,7 +65,7 @@ def spy_hashing(monkeypatch) -> list[Path]:
 
 
 def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeypatch, state):
-    calls = network(monkeypatch, fail_first=2)
+    calls = fake_network(monkeypatch, PAYLOAD, fail_first=2)
     md5 = hashlib.md5(PAYLOAD).hexdigest()
     path = cache.fetch("set", remote(md5=md5), tmp_path)
     assert path == tmp_path / "set.bin" and path.read_bytes() == PAYLOAD
@@ -78,7 +77,7 @@ def test_fetch_retries_verifies_records_and_renames_into_place(tmp_path, monkeyp
 
 
 def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch, state):
-    calls = network(monkeypatch)
+    calls = fake_network(monkeypatch, PAYLOAD)
     (tmp_path / "set.bin").write_bytes(PAYLOAD)
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     assert cache.fetch("set", remote(sha256=sha), tmp_path) == tmp_path / "set.bin"
@@ -86,16 +85,39 @@ def test_fetch_uses_the_file_that_is_there(tmp_path, monkeypatch, state):
     assert [r["sha256"] for r in records(state)] == [sha]
 
 
+def all_meet_at_the_lock(monkeypatch, n: int) -> None:
+    """The build lock's door holds each of `n` threads until all `n` are there: every one has found
+    the file missing before any takes the lock, so without a working lock every one would build it."""
+    barrier = threading.Barrier(n)
+    real = cache.build_lock
+
+    @contextmanager
+    def door(final: Path) -> Iterator[None]:
+        barrier.wait(timeout=30)
+        with real(final):
+            yield
+
+    monkeypatch.setattr(cache, "build_lock", door)
+
+
+def locked(final: Path) -> bool:
+    """Whether someone holds `final`'s build lock now (a lock of our own would have to wait)."""
+    with open(final.parent / f".{final.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def test_concurrent_first_downloads_fetch_once_into_one_intact_file(tmp_path, monkeypatch):
-    calls = network(monkeypatch)
-
-    class Slow(io.BytesIO):
-        def read(self, n=-1):
-            time.sleep(0.005)  # long enough for the other threads to arrive meanwhile
-            return super().read(n)
-
-    monkeypatch.setattr(cache, "_open_url", lambda url, timeout=60.0: calls.append(url) or Slow(PAYLOAD))
-    monkeypatch.setattr(cache, "CHUNK", 1024)  # many reads: the downloads would overlap
+    calls = fake_network(monkeypatch, PAYLOAD)
+    all_meet_at_the_lock(monkeypatch, 3)
+    serve, held = cache._open_url, []
+    monkeypatch.setattr(
+        cache, "_open_url", lambda url, timeout=60.0: held.append(locked(tmp_path / "set.bin")) or serve(url)
+    )
     md5 = hashlib.md5(PAYLOAD).hexdigest()
     results: list[Path] = []
     threads = [
@@ -105,13 +127,14 @@ def test_concurrent_first_downloads_fetch_once_into_one_intact_file(tmp_path, mo
         t.start()
     for t in threads:
         t.join()
+    assert held == [True]  # the others waited outside while it downloaded
     assert calls == [URL] and results == [tmp_path / "set.bin"] * 3  # one download, the others waited for it
     assert (tmp_path / "set.bin").read_bytes() == PAYLOAD
     assert visible(tmp_path) == ["set.bin"]  # no temporary file left
 
 
 def test_an_interrupted_download_leaves_no_temporary_file(tmp_path, monkeypatch):
-    network(monkeypatch)
+    fake_network(monkeypatch, PAYLOAD)
 
     class Cut(io.BytesIO):
         def read(self, n=-1):
@@ -124,7 +147,7 @@ def test_an_interrupted_download_leaves_no_temporary_file(tmp_path, monkeypatch)
 
 
 def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch):
-    network(monkeypatch, payload=b"something else")
+    fake_network(monkeypatch, b"something else")
     with pytest.raises(
         SearchError,
         match=r"set.bin has md5 [0-9a-f]{32}, expected 0{32}; the download was "
@@ -135,7 +158,7 @@ def test_fetch_discards_a_download_with_the_wrong_checksum(tmp_path, monkeypatch
 
 
 def test_fetch_gives_up_after_the_retries_with_the_last_error(tmp_path, monkeypatch):
-    calls = network(monkeypatch, fail_first=cache.RETRIES)
+    calls = fake_network(monkeypatch, PAYLOAD, fail_first=cache.RETRIES)
     with pytest.raises(SearchError, match=r"set.bin is missing \(download failed 3 times: .*connection reset"):
         cache.fetch("set", remote(), tmp_path)
     assert len(calls) == cache.RETRIES and visible(tmp_path) == []
@@ -154,7 +177,7 @@ def test_fetch_offline_names_the_file_and_the_fix_without_probing(tmp_path, monk
 
 
 def test_fetch_without_a_checksum_writes_no_record(tmp_path, monkeypatch, state):
-    network(monkeypatch)
+    fake_network(monkeypatch, PAYLOAD)
     cache.fetch("set", remote(), tmp_path)
     assert visible(tmp_path) == ["set.bin"] and records(state) == []
 
@@ -261,22 +284,24 @@ def test_atomic_dir_builds_once_and_then_returns_what_is_there(tmp_path):
     assert len(built) == 1 and (final / "a").read_text() == "1"
 
 
-def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
+def test_concurrent_builders_of_one_cache_build_it_once(tmp_path, monkeypatch):
     calls = []
-
-    def build(tmp: Path) -> None:
-        calls.append(tmp)
-        time.sleep(0.3)  # long enough for the other builders to arrive meanwhile
-        (tmp / "done").write_text("1")
+    all_meet_at_the_lock(monkeypatch, 3)
 
     final = tmp_path / "set.npy"
+
+    def build(tmp: Path) -> None:
+        calls.append((tmp, locked(final)))
+        (tmp / "done").write_text("1")
+
     results = []
     threads = [threading.Thread(target=lambda: results.append(cache.atomic_dir(final, build))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and results == [final] * 3 and (final / "done").read_text() == "1"
+    assert [held for _, held in calls] == [True]  # built once, the others waiting outside the lock
+    assert results == [final] * 3 and (final / "done").read_text() == "1"
     assert visible(tmp_path) == ["set.npy"]  # no temporary directory left
 
 

@@ -14,7 +14,7 @@ from search import confirm, text
 from search import study as st
 from search.models import build_model
 from search.recipe import recipe_from_dict
-from tests.conftest import run_inline, tiny_recipe, write_recipe
+from tests.conftest import pool_trial, run_inline, tiny_recipe, write_recipe
 
 WIDTH = 100
 LONG = "mini_cnn_with_a_label_long_enough_to_overflow_any_leaderboard_column"
@@ -54,25 +54,17 @@ def _params(i: int) -> dict:
     }
 
 
-def _add(study, i, values, **attrs):
+def _add(study, i, values):
     params = _params(i)
-    source = "none"
-    study.add_trial(
-        create_trial(
-            values=values,
-            params=params,
-            distributions={"model": CategoricalDistribution(LABELS), **HP},
-            user_attrs={
-                "pool_label": params["model"],
-                "weight_source": source,
-                "imagenet_overlap": "none",
-                "params": 123_456_789 * (i + 1),
-                "epochs": 2,
-                "sec_per_epoch": 1234.5,
-                "best_epoch": 2,
-                **attrs,
-            },
-        )
+    attrs = {"weight_source": "none", "imagenet_overlap": "none", "params": 123_456_789 * (i + 1)}
+    attrs |= {"epochs": 2, "sec_per_epoch": 1234.5, "best_epoch": 2}
+    pool_trial(
+        study,
+        values,
+        params["model"],
+        params=params,
+        dists={"model": CategoricalDistribution(LABELS), **HP},
+        attrs=attrs,
     )
 
 
@@ -257,15 +249,7 @@ def test_running_study_state_counts_and_empty_top(tmp_path):
     """No complete trial: the report says so, with the states, instead of an empty 'top 3 trials:'."""
     recipe = recipe_from_dict(tiny_recipe("empty", study={"storage": f"sqlite:///{tmp_path}/e.db"}))
     study = st.open_study(recipe)
-    study.add_trial(
-        create_trial(
-            state=TrialState.PRUNED,
-            params={"model": "mini_cnn"},
-            distributions={"model": CategoricalDistribution(["mini_cnn"])},
-            user_attrs={"pool_label": "mini_cnn"},
-            intermediate_values={1: 0.3},
-        )
-    )
+    pool_trial(study, None, state=TrialState.PRUNED, intermediate_values={1: 0.3})
     proc = run_inline("report", "empty", "--storage", f"sqlite:///{tmp_path}/e.db", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "top trials: none yet, no trial has completed (1 pruned)" in proc.stdout

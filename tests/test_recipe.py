@@ -68,7 +68,10 @@ def test_overrides_apply_and_are_validated(tmp_path):
         ),
         ({"space": {"overrides": {"optimizer": "adam"}}}, r"space.overrides.optimizer: 'adam' is not a valid value"),
         ({"data": {"dataset": "cifar1O"}}, r"data.dataset: unknown dataset 'cifar1O' \(did you mean 'cifar10'\?\)"),
-        ({"extra": 1}, r"recipe: unknown key 'extra'; allowed keys: data, hardware, pool, rank, space, study, train"),
+        (
+            {"extra": 1},
+            r"recipe: unknown key 'extra'; allowed keys: data, hardware, pool, rank, space, study, tracking, train",
+        ),
     ],
 )
 def test_bad_recipes_give_one_line(over, expected):

@@ -16,7 +16,7 @@ from search.recipe import load_recipe, recipe_from_dict
 from search.storage import open_storage
 from search.study import load_stored
 from search.text import shorten
-from tests.conftest import run_inline, tiny_recipe
+from tests.conftest import pool_trial, run_inline, tiny_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -238,18 +238,8 @@ def test_curves_show_one_epoch_trials_as_markers(tmp_path):
 
     recipe = recipe_from_dict(tiny_recipe())
     study = optuna.create_study(direction="maximize")
-    dist = {"model": optuna.distributions.CategoricalDistribution(["mini_cnn"])}
     for state, curve in ((TrialState.COMPLETE, {1: 0.5, 2: 0.7}), (TrialState.PRUNED, {1: 0.2})):
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=state,
-                value=0.7 if state == TrialState.COMPLETE else None,
-                params={"model": "mini_cnn"},
-                distributions=dist,
-                user_attrs={"pool_label": "mini_cnn"},
-                intermediate_values=curve,
-            )
-        )
+        pool_trial(study, 0.7 if state == TrialState.COMPLETE else None, state=state, intermediate_values=curve)
     fig, ax = plt.subplots()
     report.plot_curves(study, recipe, ax)
     lines = ax.get_lines()
@@ -297,14 +287,7 @@ def test_leaderboard_groups_entries_by_weight_source():
         ("c", "in1k", "full", 0.8),
         ("b", "none", "none", 0.85),
     ):
-        study.add_trial(
-            optuna.trial.create_trial(
-                value=v,
-                params={"model": label},
-                distributions=dist,
-                user_attrs={"pool_label": label, "weight_source": source, "imagenet_overlap": overlap},
-            )
-        )
+        pool_trial(study, v, label, dists=dist, attrs={"weight_source": source, "imagenet_overlap": overlap})
     lines = report.leaderboard_text(study, recipe).splitlines()
     assert [line.split()[0] if line.startswith("  ") else line for line in lines[3:]] == [
         "weight source none (ImageNet overlap none):",

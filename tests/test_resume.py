@@ -20,6 +20,7 @@ from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, finished
 from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import timeless as _metrics  # per-epoch metrics less the timings
 
 pytestmark = pytest.mark.slow  # killed, preempted and interrupted worker processes
 
@@ -39,10 +40,6 @@ def _recipe(name: str, **study) -> dict:
             "overrides": {"optimizer": "adamw", "batch_size": [16], "lr": {"low": 2e-3, "high": 5e-3, "log": True}},
         },
     )
-
-
-def _metrics(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
 
 
 def _worker(name: str, url: str, cwd) -> subprocess.Popen:

@@ -19,23 +19,10 @@ from search import study as st
 from search.errors import SearchError
 from search.recipe import recipe_from_dict
 from search.trials import counted, feasible, finished, ranked
-from tests.conftest import run_inline, tiny_recipe, write_recipe, wsgi_get
+from tests.conftest import pool_trial, run_inline, tiny_recipe, write_recipe, wsgi_get
 from tests.test_retrain import spied_test_split  # noqa: F401 - the fixture
 
 DISTS = {"model": CategoricalDistribution(["mini_cnn", "resnet_18"]), "lr": FloatDistribution(1e-4, 1e-1, log=True)}
-
-
-def _add(study, value, label="mini_cnn", lr=1e-3, system_attrs=None, **attrs):
-    study.add_trial(
-        create_trial(
-            values=value if isinstance(value, list) else [value],
-            params={"model": label, "lr": lr},
-            distributions=DISTS,
-            user_attrs={"pool_label": label, **attrs},
-            system_attrs=system_attrs,
-        )
-    )
-    return study.get_trials(deepcopy=False)[-1]
 
 
 def _constructed(tmp_path, spread):
@@ -43,7 +30,7 @@ def _constructed(tmp_path, spread):
     recipe = recipe_from_dict(tiny_recipe(study={"name": "c", "storage": f"sqlite:///{tmp_path}/c.db"}))
     study = st.open_study(recipe)
     for i, vals in enumerate(spread):
-        _add(study, vals[0], lr=1e-3 * (i + 1), seed=i)
+        pool_trial(study, vals[0], params={"lr": 1e-3 * (i + 1)}, dists=DISTS, attrs={"seed": i})
     comp = confirm.companion(study, create=True)
     for n, vals in enumerate(spread):
         for i, v in enumerate(vals[1:], start=1):
@@ -128,9 +115,9 @@ def test_infeasible_trials_are_never_best(tmp_path):
         )
     )
     study = st.open_study(recipe)
-    _add(study, 0.99, "resnet_18", system_attrs={"constraints:params": 10.2})
-    _add(study, 0.80, "mini_cnn", system_attrs={"constraints:params": -0.9})
-    _add(study, 0.75)
+    pool_trial(study, 0.99, "resnet_18", params={"lr": 1e-3}, dists=DISTS, system_attrs={"constraints:params": 10.2})
+    pool_trial(study, 0.80, "mini_cnn", params={"lr": 1e-3}, dists=DISTS, system_attrs={"constraints:params": -0.9})
+    pool_trial(study, 0.75, params={"lr": 1e-3}, dists=DISTS)
     assert selection.best_trial(study, recipe).number == 1
     assert [r["best"] for r in report.leaderboard(study, recipe)] == [0.80, None]
     assert [t.number for t in ranked(study)] == [1, 2]

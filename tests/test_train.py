@@ -17,6 +17,7 @@ from search.augment import AugmentCfg
 from search.data import Data, Split, load_data
 from search.models import build_model
 from search.recipe import DataCfg, TrainCfg
+from tests.conftest import timeless
 
 
 @pytest.fixture(scope="module")
@@ -509,10 +510,6 @@ def test_a_workers_memory_does_not_grow_trial_by_trial():
 # resuming from an epoch's state
 
 
-def _metrics(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
-
-
 @pytest.mark.parametrize(
     "kw",
     [
@@ -555,7 +552,7 @@ def test_a_fit_resumed_from_any_epochs_state_ends_exactly_as_the_uninterrupted_o
             on_epoch=lambda e, r, seen=seen: seen.append(e),
         )
         assert seen == list(range(k + 1, 5))  # only the epochs after the state run
-        assert _metrics(res.history) == _metrics(whole.history), k
+        assert timeless(res.history) == timeless(whole.history), k
         assert res.best_epoch == whole.best_epoch and res.best == whole.best
         assert all(torch.equal(res.best_state[n], v) for n, v in whole.best_state.items())
 
