@@ -21,10 +21,11 @@ import io
 import json
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import optuna
 import torch
@@ -33,11 +34,11 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
-from search import optuna_api
 from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
 from search.record import attrs, optuna_artifacts, set_attrs, versions
+from search.storage import dir_of
 from search.trials import best_first, ranked
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("search")
 
-STUDIES = Path("studies")
 CHECKPOINT_SUFFIX = "-best.pt"
 HISTORY_SUFFIX = "-history.json"
 
@@ -59,42 +59,23 @@ HISTORY_SUFFIX = "-history.json"
 # where a study's files live
 
 
-def storage_file(storage: Any) -> Path | None:
-    """The SQLite or journal file behind an Optuna storage (None for server storages)."""
-    backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache
-    url = getattr(backend, "url", None)
-    if isinstance(url, str) and url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])
-    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
-    return Path(path) if path else None
+class WholeFileStore(FileSystemArtifactStore):
+    """Optuna's file store, with each artifact written to a temporary file beside it and renamed
+    into place: a reader (the dashboard, `report`, another worker) sees no file or the whole file,
+    never a half-written one, and a write that fails (a full disk, a kill) leaves no file under
+    the artifact's id. `upload_artifact` records an artifact on its trial only after `write`
+    returned, so no record points at a missing or truncated file."""
 
-
-def url_file(url: str) -> Path | None:
-    """The SQLite or journal file of a storage URL (None for server storages)."""
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :])
-    if url.startswith("journal:"):
-        return Path(url[len("journal:") :].removeprefix("//"))
-    return None
-
-
-def study_dir(name: str, file: Path | None) -> Path:
-    """`<dir of the study file>/<name>/`: `studies/<name>/` for the default storage.
-
-    Server storages (PostgreSQL, MySQL, Redis) keep files under ./studies/<name>/
-    of the machine that writes them.
-    """
-    return (file.parent if file else STUDIES) / name
-
-
-def dir_of(study: optuna.Study) -> Path:
-    return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = Path(self._get_filepath(artifact_id))
+        with replacing(path, durable=True) as tmp, open(tmp, "wb") as f:
+            shutil.copyfileobj(content_body, f)
 
 
 def store_for(directory: Path) -> FileSystemArtifactStore:
     """The artifact store of a study directory (created on first use)."""
     (directory / "artifacts").mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(directory / "artifacts")
+    return WholeFileStore(directory / "artifacts")
 
 
 REMOVED_NOTE = (
@@ -281,7 +262,8 @@ def after_fit(
     feasible: bool = True,
 ) -> None:
     """Store the trial's metrics history; keep its best-epoch checkpoint while it is in the top-k
-    (an infeasible trial keeps none: it can never be chosen)."""
+    (an infeasible trial keeps none: it can never be chosen). The checkpoints it displaces are
+    deleted once its end is told (`prune`, from search.objective.told), not before."""
     directory = dir_of(trial.study)
     store = store_for(directory)
     metric = recipe.study.metric
@@ -316,4 +298,3 @@ def after_fit(
             device=attrs(trial).get("device"),
         )
         set_attrs(trial, checkpoint=_upload(trial, store, ckpt))
-    prune(trial.study, store, k, (trial.number, value))

@@ -74,7 +74,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         say(line, indent=" " * 21)
     missing, problems = _offline_checks(recipe, entries)
     try:
-        storage.check_storage(url)
+        if not storage.check_storage(url, connect=not args.offline):
+            say(f"not checked (--offline): that the storage at {storage.where(url)} answers; nothing was contacted")
     except SearchError as e:
         problems.insert(0, str(e))
     return _verdict(missing, problems, "validate", args.recipe)
@@ -207,6 +208,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> int:
 def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1) -> int:
     from search import report, workers
     from search import study as st
+    from search.outage import EXIT_STORAGE_GONE, StorageGone
     from search.record import study_attrs
 
     try:
@@ -222,6 +224,13 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
             file=sys.stderr,
         )
         return 130 if str(e) in ("", "SIGINT") else 143
+    except StorageGone as e:
+        print(
+            f"error: {e}; this worker stops, its running trial keeps its saved state and is queued again "
+            f"by the next sweep.\nresume with: {workers.resume_command(recipe, url)}",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE_GONE
     if not args.quiet and not getattr(args, "no_report", False):
         wide = getattr(args, "wide", False)
         print(report.leaderboard_text(study, recipe, wide=wide))
@@ -229,9 +238,10 @@ def _work(recipe, study, url: str, args: argparse.Namespace, n_workers: int = 1)
             print("\n" + report.rank_text(study, recipe, wide=wide))
         print(f"\nbrowse it (with its artifacts): {dashboard_command(recipe, url)}")
         if recipe.tracking.mlflow:
-            from search import artifacts, tracking
+            from search import tracking
+            from search.storage import dir_of
 
-            uri = tracking.mlflow_uri(recipe.tracking, artifacts.dir_of(study))
+            uri = tracking.mlflow_uri(recipe.tracking, dir_of(study))
             print(f"follow it in MLflow: {tracking.ui_command(uri or '')}")
     return 0
 
@@ -426,12 +436,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _stored(args: argparse.Namespace):
-    from search import artifacts, storage
+    from search import storage
     from search import study as st
 
     url = args.storage or storage.default_storage(args.study)
     recipe, study = st.load_stored(url, args.study)
-    return recipe, study, url, artifacts.study_dir(args.study, artifacts.url_file(url))
+    return recipe, study, url, storage.study_dir(args.study, storage.url_file(url))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -508,11 +518,46 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from search.retrain import retrain
+    from search.retrain import Stopped, retrain
 
     if args.seeds < 1:
         raise SearchError(f"retrain --seeds {args.seeds}: give 1 or more final models to train")
-    retrain(_recipe(args), args.storage, seeds=args.seeds)
+    try:
+        retrain(_recipe(args), args.storage, seeds=args.seeds, tta=args.tta)
+    except Stopped as e:
+        print(e.message, file=sys.stderr)
+        return 130 if e.signal_name == "SIGINT" else 143
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import export
+
+    if args.trial is not None:
+        src = export.from_trial(args.run, args.trial, args.storage)
+    else:
+        src = export.from_retrain(Path(args.run))
+    say = _sayer(args)
+    export.export(src, Path(args.out) if args.out else None, tolerance=args.tolerance, bench_runs=args.bench, say=say)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import predict  # onnxruntime, numpy and Pillow: no torch on this path
+
+    if args.top_k < 1:
+        raise SearchError(f"predict --top-k {args.top_k}: give 1 or more classes per image")
+    rows = predict.predict(args.model, args.images, args.top_k)
+    if args.csv:
+        predict.write_csv(rows, Path(args.csv))
+    if not args.quiet:
+        print("\n".join(predict.lines(rows)))
+    if args.csv:
+        print(f"wrote {args.csv}: {len(rows)} rows (path, top1, p1, ...)")
     return 0
 
 
@@ -521,28 +566,34 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from search.reach import is_loopback
 
     _, _, url, directory = _stored(args)
-    from optuna_dashboard import run_server
+    from search import dashboard
 
     where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"  # IPv6 bracketed
     if not is_loopback(args.host):
         # optuna-dashboard's API has no authentication: say what anyone on the network may do.
-        may = "upload and delete artifacts, " if args.allow_writes else ""
+        may = (
+            "change, finish and delete studies, trials, notes and artifacts"
+            if args.allow_writes
+            else "read every trial and artifact"
+        )
         print(
             f"warning: optuna-dashboard has no authentication; anyone who reaches {where} "
-            f"can {may}delete studies and trials and change notes in {storage.mask(url)}. Keep it on "
+            f"can {may} in {storage.mask(url)}. Keep it on "
             "a private network, or serve on 127.0.0.1 and reach it through an SSH tunnel.",
             file=sys.stderr,
         )
-    writes = "uploads and deletions allowed" if args.allow_writes else "read-only: --allow-writes to upload or delete"
+    writes = "writes allowed" if args.allow_writes else "read-only: --allow-writes to change the study or its artifacts"
     print(
         f"optuna-dashboard on http://{where}/dashboard/ with artifacts from\n"
         f"  {directory / 'artifacts'}   ({writes}; Ctrl-C to stop)"
     )
-    run_server(
+    dashboard.serve(
         storage.open_storage(url, heartbeat=None),
-        host=args.host,
-        port=args.port,
-        artifact_store=artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        artifacts.ServedStore(artifacts.store_for(directory), writable=args.allow_writes),
+        args.host,
+        args.port,
+        args.allow_writes,
+        args.allow_host,
     )
     return 0
 
@@ -570,6 +621,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "best": cmd_best,
     "confirm": cmd_confirm,
     "retrain": cmd_retrain,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "dashboard": cmd_dashboard,
     "proxy": cmd_proxy,
 }
@@ -643,7 +696,13 @@ def parser() -> argparse.ArgumentParser:
         help="local worker processes (default hardware.workers; "
         "GPUs round-robin; 0: only create the study, start workers elsewhere)",
     )
-    wide(with_recipe("validate", "check a recipe and print the resolved search space"))
+    va = with_recipe("validate", "check a recipe and print the resolved search space")
+    wide(va)
+    va.add_argument(
+        "--offline",
+        action="store_true",
+        help="contact nothing: no database server, no download, no network (says what it did not check)",
+    )
     with_recipe("prefetch", "download the pool's weights and the dataset into their caches")
     rk = with_recipe("rank", "score the pool's pretrained entries on frozen features (LogME, probe, kNN)")
     rk.add_argument("-q", "--quiet", action="store_true", help="only the ranked table")
@@ -703,9 +762,10 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("-q", "--quiet", action="store_true")
         if name == "dashboard":
             sp.description = (
-                "optuna-dashboard on a study, with its artifacts. Its API has no authentication: whoever "
-                "reaches it can delete studies and trials and change notes; artifacts are read-only "
-                "unless --allow-writes. It listens on 127.0.0.1 unless told otherwise."
+                "optuna-dashboard on a study, with its artifacts. Its API has no authentication, so it "
+                "is served read-only (pages, trials, artifacts) unless --allow-writes, and answers only "
+                "requests that name it: its address, localhost, or an --allow-host name. It listens on "
+                "127.0.0.1 unless told otherwise."
             )
             sp.add_argument(
                 "--host",
@@ -716,7 +776,16 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--allow-writes",
                 action="store_true",
-                help="let the dashboard upload and delete artifacts (default: served read-only)",
+                help="let the dashboard change the study: tell, attributes, notes, rename, delete, "
+                "artifact uploads and deletions (default: served read-only)",
+            )
+            sp.add_argument(
+                "--allow-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="a host name the dashboard is reached by besides its address and localhost "
+                "(e.g. the machine's name behind a tunnel or proxy); repeatable",
             )
     px = sub.add_parser(
         "proxy",
@@ -742,6 +811,42 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train N final models (seeds study.seed .. +N-1), each tested once (default 1)",
     )
+    rt.add_argument(
+        "--tta",
+        choices=["flip"],
+        help="also report the test metrics with test-time augmentation (flip: the image and its mirror)",
+    )
+    ex = sub.add_parser(
+        "export",
+        help="write a final model as ONNX + safetensors, checked against PyTorch (needs the export extra)",
+        description="RUN is a `retrain` output directory (studies/STUDY/retrain), or a study name with "
+        "--trial N for that trial's kept checkpoint. The ONNX model is compared with PyTorch on the whole "
+        "test split (a retrain) or validation split (a trial); a difference over --tolerance is an error.",
+    )
+    ex.add_argument("run", help="retrain output directory, or STUDY with --trial")
+    ex.add_argument("--trial", type=int, metavar="N", help="export trial N's kept checkpoint of study RUN")
+    ex.add_argument("--storage", help="storage URL of the study (with --trial; default sqlite:///studies/STUDY.db)")
+    ex.add_argument("--out", metavar="DIR", help="output directory (default: RUN, or studies/STUDY/export/trial-N)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (default 1e-4)")
+    ex.add_argument(
+        "--bench",
+        nargs="?",
+        type=int,
+        const=20,
+        default=0,
+        metavar="RUNS",
+        help="CPU latency of onnxruntime and PyTorch eager, batch 1 and 32 (median of RUNS, default 20)",
+    )
+    wide(ex)
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes of images with an exported model (onnxruntime; no PyTorch needed)",
+    )
+    pr.add_argument("model", help="model.onnx from `search export`, or its directory")
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (default 5)")
+    pr.add_argument("--csv", metavar="FILE", help="write path, top1, p1, top2, p2, ... per image")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no per-image lines (with --csv)")
     return p
 
 

@@ -29,7 +29,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import optuna_api, workers
 from search.data import load_data
-from search.objective import make_objective
+from search.errors import TrialFailed
+from search.objective import make_objective, told
+from search.outage import Patience
 from search.pool import parse_pool
 from search.recipe import Recipe, recipe_from_dict
 from search.record import attrs, new_attrs, set_attrs, set_study_attrs
@@ -119,14 +121,21 @@ def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     d["study"]["top_k"] = 0  # confirmation runs keep no checkpoints: retrain makes the final model
     run_recipe = recipe_from_dict(d, source="confirmation")
     data = load_data(recipe.data, recipe.study.seed)  # the same train/val splits as the search
+    patience = Patience(recipe.study.storage_patience)
     inner = make_objective(
-        run_recipe, data, parse_pool(recipe.pool), recipe.hardware.device, on_line=say, counting=False
+        run_recipe,
+        data,
+        parse_pool(recipe.pool),
+        recipe.hardware.device,
+        on_line=say,
+        counting=False,
+        patience=patience,
     )
 
     def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
             set_attrs(trial, fail_reason="duplicate confirmation")
-            raise workers.TrialFailed("duplicate confirmation")
+            raise TrialFailed("duplicate confirmation")
         return inner(trial, lost)
 
     def on_end(t: FrozenTrial | None) -> None:
@@ -136,7 +145,9 @@ def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
         v = f"val_{recipe.study.metric} {t.values[0]:.4f}" if t.values else (attrs(t).get("fail_reason") or "failed")
         say(f"confirm trial {k[0]:>3} seed #{k[1]}  {attrs(t).get('pool_label', ''):<24} {v}")
 
-    return workers.drain(c, objective, recipe.study.heartbeat, say=say, on_end=on_end)
+    return workers.drain(
+        c, objective, recipe.study.heartbeat, say=say, on_end=on_end, patience=patience, on_told=told(run_recipe, c)
+    )
 
 
 def confirmed(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:

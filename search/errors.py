@@ -1,4 +1,5 @@
-"""The one user-error type. The CLI prints it as one line and exits 2."""
+"""The one user-error type (the CLI prints it as one line and exits 2), and the ways a trial
+ends early, which the trial raises and the work loop handles (search.objective, search.workers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ from collections.abc import Iterable
 
 class SearchError(Exception):
     """A mistake the user can fix: the message says what, where, and how."""
+
+
+class TrialFailed(Exception):
+    """A trial that ended without a result (diverged, out of memory, invalid combination)."""
+
+
+class TrialLost(Exception):
+    """Another worker failed this trial (as stale) while it ran here: its retry runs elsewhere."""
+
+
+class TrialInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped the trial: its last epoch is saved and it is queued again."""
+
+
+class TotalReached(Exception):
+    """The study's total is taken; this trial does not count."""
 
 
 def did_you_mean(value: object, allowed: Iterable[object], cutoff: float = 0.7) -> str:

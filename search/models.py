@@ -136,9 +136,10 @@ def transfer(
             continue
         w = src[key]
         if key == f"{stem}.weight":
+            # A file trained at a small size already has the 3x3 stem (an own weights file): reduced only.
             w = (
                 morph.resnet_small_stem(w, in_chans, channel_reduce)
-                if small_stem
+                if small_stem and tuple(w.shape[-2:]) == (7, 7)
                 else morph.reduce_channels(w, in_chans, channel_reduce)
             )
         elif key.endswith("pos_embed") and w.shape != want.shape:

@@ -21,34 +21,28 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
-from search import artifacts, pack, space
+from search import artifacts, pack, space, weights
 from search.data import Data
+from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
 from search.hparams import TrainCfg
 from search.measure import measure as measure_model
 from search.models import build_model, input_resolution
 from search.optuna_api import frozen, reseed_sampler
+from search.outage import Patience
 from search.pool import PoolEntry
+from search.process import STOP, WORKER
 from search.progress import Progress
 from search.recipe import CONSTRAINABLE, Recipe
-from search.record import attrs, set_attr, set_attrs, versions
+from search.record import attrs, set_attr, set_attrs, system_attrs, versions
+from search.resume import fingerprint, forget, identity, resume_dir, save_state, study_id, take_state, tidy
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
+from search.storage import dir_of
 from search.text import shorten
 from search.tracking import Tracker
 from search.train import FitResult, fit, resolve_device, seed_everything
 from search.trials import counted
-from search.workers import (
-    STATE_FORMAT,
-    STOP,
-    WORKER,
-    TotalReached,
-    TrialFailed,
-    TrialInterrupted,
-    TrialLost,
-    resume_dir,
-    save_state,
-    take_state,
-)
 
 FIRST_ATTRS = ("pool_label", "weight_source", "imagenet_overlap", "seed", "fail_reason")  # what users filter on
 
@@ -64,6 +58,8 @@ class Setup:
     on_line: Callable[[str], None]
     counting: bool  # takes a slot of n_trials (confirmation runs do not)
     progress: Progress | None
+    patience: Patience  # with the storage (search.outage)
+    fingerprint: str  # of the recipe and data, carried by resume states (search.resume)
     tracker: Tracker | None = None  # MLflow / TensorBoard (search.tracking)
 
 
@@ -77,16 +73,19 @@ def make_objective(
     counting: bool = True,
     progress: Progress | None = None,
     tracker: Tracker | None = None,
+    patience: Patience | None = None,
 ) -> Callable[..., float | list[float]]:
     """The trial function `objective(trial, lost=None)`, returning the objective value(s).
 
     `lost` (set by the heartbeat when another worker failed the trial) and STOP (SIGTERM,
     Ctrl-C) end the training at the next step: TrialLost, or TrialInterrupted after the trial
-    is queued again. A live `progress` gets the trial's steps (search.progress).
+    is queued again. A live `progress` gets the trial's steps (search.progress). Its storage
+    calls at each epoch end and at the end wait out an outage (`patience`, default the study's).
     """
-    return functools.partial(
-        objective, setup=Setup(recipe, data, entries, device, on_line, counting, progress, tracker)
-    )
+    patience = patience or Patience(recipe.study.storage_patience)
+    fp = fingerprint(recipe, data)
+    setup = Setup(recipe, data, entries, device, on_line, counting, progress, patience, fp, tracker)
+    return functools.partial(objective, setup=setup)
 
 
 def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup: Setup) -> float | list[float]:
@@ -109,12 +108,12 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
         slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
         measures = record_measures(trial, recipe, model, s.data.in_chans, res, dev)  # before fit: pruned ones have them
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
-        state = resume(trial, recipe, path, seed, entry.label, s.on_line)
+        state = resume(trial, s, path, seed, entry.label, dev)
         result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
     except KeyboardInterrupt:
         set_attrs(trial, fail_reason="interrupted")
         raise
-    return outcome(trial, recipe, model, hp, s.data, result, measures)
+    return s.patience.call(lambda: outcome(trial, recipe, model, hp, s.data, result, measures), "recording the end")
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +143,7 @@ def trial_attrs(entry: PoolEntry, seed: int, resolution: int, channel_reduce: st
     reason is known (null is also what `counted` reads as "no reason")."""
     first = {
         **entry.attrs(),
+        **({"weights_sha256": weights.file_sha256(weights.fetch(entry))} if entry.weights else {}),
         "seed": seed,
         "fail_reason": None,
         "input_resolution": resolution,
@@ -220,24 +220,31 @@ def device_slot(
     )
 
 
-def resume(
-    trial: optuna.Trial, recipe: Recipe, path: Path, seed: int, label: str, on_line: Callable[[str], None]
-) -> dict[str, Any] | None:
+def resume(trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev: Any) -> dict[str, Any] | None:
     """For a retry (of a dead, preempted or interrupted trial): the state its predecessor saved,
-    taken over as this trial's own file, or None (and the reason recorded) to start over."""
+    taken over as this trial's own file, or None (and the reason recorded) to start over: a state
+    of another study, recipe, data, device, precision or GPU count is not restored."""
     a = attrs(trial)
-    if "retry_of" not in a or not recipe.study.resume:
+    if "retry_of" not in a or not s.recipe.study.resume:
         return None
-    state, why = take_state(path.parent, trial, seed)
+    numbers = {trial.number, *system_attrs(frozen(trial)).get("retry_history", ())}
+    state, why = take_state(path.parent, trial, state_identity(trial, s, seed, dev), numbers)
     if state is None:
         set_attrs(trial, restarted=why)
         return None
     set_attrs(trial, resumed_from_epoch=int(state["epoch"]))
-    on_line(
+    s.on_line(
         f"trial {trial.number:>3} {shorten(label, 20):<20} resumes after epoch {state['epoch']} "
         f"(trial {a.get('retry_of')}'s saved state)"
     )
     return state
+
+
+def state_identity(trial: optuna.Trial, s: Setup, seed: int, dev: Any) -> dict[str, Any]:
+    """What this trial's resume states carry (search.resume.identity), on device `dev`."""
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    precision = pack.precision_name(dev, s.recipe.hardware.amp)
+    return identity(trial, study_id(trial.study), seed, s.fingerprint, dev.type, precision, gpus)
 
 
 def fit_trial(
@@ -253,9 +260,10 @@ def fit_trial(
     state: dict[str, Any] | None,
     lost: threading.Event,
 ) -> FitResult:
-    """`fit` in the trial's slot, every epoch reported and its state saved; the saved state is
-    removed when the trial ends here (nothing will resume it)."""
-    recipe, epochs = s.recipe, Epochs(trial, s.recipe, label, s.on_line, lost, state, s.tracker)
+    """`fit` in the trial's slot, every epoch reported and its state saved. The saved state stays
+    until the trial's end is told (search.workers.run_one's `on_told`): a kill, full disk or
+    storage outage before then leaves it for the retry."""
+    recipe, epochs = s.recipe, Epochs(trial, s.recipe, label, s.on_line, lost, state, s.patience, s.tracker)
     shown = s.progress if s.progress is not None and s.progress.live else None
     if shown is not None:
         shown.trial(trial.number, label, hp.epochs, int(state["epoch"]) + 1 if state else 1)
@@ -275,21 +283,19 @@ def fit_trial(
                 compile=recipe.hardware.compile,
                 gpu_memory_share=recipe.hardware.gpu_memory_share,
                 keep_best=recipe.study.top_k > 0,
-                on_state=functools.partial(epochs.save, path, seed) if recipe.study.resume else None,
+                on_state=functools.partial(epochs.save, path, state_identity(trial, s, seed, placed))
+                if recipe.study.resume
+                else None,
                 state=state,
                 stop=lambda: lost.is_set() or STOP.is_set(),
                 on_step=shown.step if shown is not None else None,
             )
     except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
         raise TrialLost(f"trial {trial.number} was failed by another worker") from None
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
     finally:
         if shown is not None:
             shown.close_trial()
     raise_if_interrupted(trial, result, lost)
-    path.unlink(missing_ok=True)
     return result
 
 
@@ -309,10 +315,14 @@ class Epochs:
         on_line: Callable[[str], None],
         lost: threading.Event,
         state: dict[str, Any] | None,
+        patience: Patience,
         tracker: Tracker | None = None,
     ) -> None:
         self.trial, self.recipe, self.label, self.on_line, self.lost = trial, recipe, label, on_line, lost
+        self.patience = patience
         self.tracker = tracker
+        self.saved: int | None = int(state["epoch"]) if state else None  # the last epoch whose state is on disk
+        self.unsaved = False  # the last save failed (full disk): said once until one succeeds
         self.history: list[dict[str, float]] = list(state["history"]) if state else []
         self.resumed = len(self.history)  # epochs a retry takes over: trained by the trial it retries
         self.reported = set(frozen(trial).intermediate_values) if "retry_of" in attrs(trial) else set()
@@ -326,8 +336,24 @@ class Epochs:
         if self.tracker is not None:
             self.tracker.epoch(trial, epoch, record)
         fresh = self.reports and epoch not in self.reported
+        prune = self.patience.call(lambda: self.record(epoch, record, fresh), f"epoch {epoch} of trial {trial.number}")
+        self.on_line(
+            f"trial {trial.number:>3} {shorten(self.label, 20):<20} epoch {epoch:>3}  "
+            f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s"
+        )
+        if prune:
+            self.patience.call(lambda: self.pruned(epoch), f"pruning trial {trial.number}")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    def pruned(self, epoch: int) -> None:
+        set_attrs(self.trial, fail_reason=f"pruned at epoch {epoch}")
+        record_constraints(self.trial, self.recipe.study.constraints)
+
+    def record(self, epoch: int, record: dict[str, float], fresh: bool) -> bool:
+        """The epoch's storage writes (all of them safe to repeat after an outage); whether to prune."""
+        trial = self.trial
         if fresh:
-            trial.report(record[f"val_{metric}"], epoch)
+            trial.report(record[f"val_{self.recipe.study.metric}"], epoch)
         # Short attributes: the per-epoch history is in the intermediate values and, when the
         # trial ends, its history artifact; the dashboard's table stays one line a row.
         seconds = round(sum(r["seconds"] for r in self.history) / len(self.history), 3)
@@ -336,29 +362,29 @@ class Epochs:
         )
         if attrs(trial).get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
             set_attrs(trial, micro_batch=int(record["micro_batch"]))
-        self.on_line(
-            f"trial {trial.number:>3} {shorten(self.label, 20):<20} epoch {epoch:>3}  "
-            f"val_{metric} {record[f'val_{metric}']:.4f}  {record['seconds']:.1f}s"
-        )
-        if fresh and trial.should_prune():
-            set_attrs(trial, fail_reason=f"pruned at epoch {epoch}")
-            record_constraints(trial, self.recipe.study.constraints)
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        return fresh and trial.should_prune()
 
-    def save(self, path: Path, seed: int, state: dict[str, Any]) -> None:
-        """The epoch's full training state, with what identifies the run it belongs to."""
+    def save(self, path: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+        """The epoch's full training state, with what identifies the run it belongs to. A write
+        that fails (a full disk) is said once and the trial goes on: the last good state stays."""
         if self.lost.is_set():
             return
-        trial = self.trial
-        meta = {
-            "format": STATE_FORMAT,
-            "study": trial.study.study_name,
-            "number": trial.number,
-            "params": trial.params,
-            "seed": seed,
-            "versions": versions(attrs(trial).get("device")),
-        }
-        save_state(path, {"trial": meta, **state})
+        trial, epoch = self.trial, int(state["epoch"])
+        meta = {**meta, "versions": versions(attrs(trial).get("device"))}
+        try:
+            save_state(path, {"trial": meta, **state})
+        except OSError as e:
+            if not self.unsaved:
+                kept = f"epoch {self.saved}'s is kept" if self.saved is not None else "none was saved before"
+                self.on_line(
+                    f"trial {trial.number:>3} resume state of epoch {epoch} not saved "
+                    f"({e.strerror or e}: {path.parent}); {kept}; training goes on"
+                )
+            self.unsaved = True
+            return
+        if self.unsaved:
+            self.on_line(f"trial {trial.number:>3} resume state saved again (epoch {epoch})")
+        self.saved, self.unsaved = epoch, False
 
 
 def raise_if_interrupted(trial: optuna.Trial, result: FitResult, lost: threading.Event) -> None:
@@ -404,3 +430,19 @@ def outcome(
     set_attrs(trial, train_seconds=measures["train_seconds"])
     values = [result.best[n] if n in result.best else measures[n] for n in recipe.study.names]
     return values if len(values) > 1 else values[0]
+
+
+def told(recipe: Recipe, study: optuna.Study) -> Callable[[optuna.trial.FrozenTrial], None]:
+    """What follows a trial's told end (search.workers.run_one's `on_told`): its resume state
+    goes, the states nothing will resume go (search.resume.tidy), and checkpoints of finished
+    trials outside the top-k are deleted. Done only now, so a kill, full disk or storage error
+    before the tell leaves the state to resume from and the top-k whole."""
+    directory = resume_dir(study, recipe)
+
+    def after(trial: optuna.trial.FrozenTrial) -> None:
+        forget(directory, trial.number)
+        tidy(directory, study.get_trials(deepcopy=False))
+        if trial.state == optuna.trial.TrialState.COMPLETE and recipe.study.top_k > 0:
+            artifacts.prune(study, artifacts.store_for(dir_of(study)), recipe.study.top_k)
+
+    return after

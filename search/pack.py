@@ -38,7 +38,6 @@ import json
 import os
 import re
 import secrets
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from search.errors import SearchError
+from search.files import untrusted
 from search.record import MEMORY_PROBE, memory_probe, set_memory_probe
 
 PROBE_PREFIX = MEMORY_PROBE  # study user attr per (entry, resolution, batch size, precision): peak bytes
@@ -201,23 +201,6 @@ def ledger_dir() -> Path:
 def ledger_path(device: torch.device) -> Path:
     """The ledger of a physical GPU on this machine, in `ledger_dir()`."""
     return ledger_dir() / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gpu_id(device))}.json"
-
-
-def untrusted(mode: int, owner: int, uid: int, directory: bool) -> str | None:
-    """Why a ledger directory (or file in it) of this mode and owner is not user `uid`'s alone, or None.
-
-    A directory someone else owns or may write lets them plant the ledger (forged trials) or a
-    link from it to a file of the user's (which admission would then overwrite).
-    """
-    if stat.S_ISLNK(mode):
-        return "it is a symbolic link"
-    if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
-        return f"it is not a {'directory' if directory else 'regular file'}"
-    if owner != uid:
-        return f"it is owned by uid {owner}, not by you (uid {uid})"
-    if mode & 0o022:
-        return f"others may write it (mode {stat.S_IMODE(mode):o})"
-    return None
 
 
 def _refused(path: Path, why: str, directory: bool) -> SearchError:

@@ -6,6 +6,7 @@ source and an ImageNet-overlap class.
     vit_tiny.augreg_in21k                       built-in with one of its weight variants
     timm/convnext_tiny.fb_in22k                 any timm model with its pretrained tag
     {model: timm/vit_small_patch14_dinov2.lvd142m, resolution: 224}
+    {model: resnet_18, weights: ssl.safetensors, source: ssl}   your own weights file (label resnet_18+ssl)
 
 The source/overlap table follows the model specification: supervised
 ImageNet-1k overlaps fully, ImageNet-21k partially (superset labels), SSL/SWSL
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -43,14 +45,20 @@ OVERLAP_OF = {
 }
 
 
+MAX_RESOLUTION = 1024  # px, as search.data.MAX_RESOLUTION (a test holds them equal)
+
+
 class PoolEntryCfg(Section):
     """A pool entry written as a mapping (the recipe's `pool` section; a string entry is the name alone)."""
 
     model: str
     pretrained: bool | None = None  # None: the builder's default
-    resolution: int | None = Field(None, ge=8)
+    # Bounded as data.resolution (search.data.MAX_RESOLUTION, a layer above): an entry's input
+    # size sets the memory of every batch it trains on.
+    resolution: int | None = Field(None, ge=8, le=MAX_RESOLUTION)
     label: str | None = None
     source: str | None = None  # weight source, for timm tags the classifier does not know
+    weights: str | None = None  # a local weights file (.safetensors, .pt, .pth, .bin) instead of published ones
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class PoolEntry:
     source: str  # one of SOURCES
     overlap: str  # one of OVERLAPS
     resolution: int | None  # input size override; None: the builder decides
+    weights: str | None = None  # a local weights file in place of the published ones (`own_weights`)
 
     @property
     def timm_name(self) -> str:
@@ -79,6 +88,7 @@ class PoolEntry:
             "tag": self.tag or "",
             "weight_source": self.source,
             "imagenet_overlap": self.overlap,
+            **({"weights_file": self.weights} if self.weights else {}),
         }
 
 
@@ -164,6 +174,8 @@ def parse_entry(spec: Any) -> PoolEntry:
         raise SearchError(f"expected a model name or a mapping with 'model', got {spec!r}")
     written = spec["model"].strip()
     model, arch, tag, builtin = _split(written)
+    if spec.get("weights") is not None:
+        return own_weights(spec, written, model, arch, tag, builtin)
     pretrained = spec.get("pretrained")
     resolution = spec.get("resolution")
     source = spec.get("source")
@@ -224,6 +236,37 @@ def parse_entry(spec: Any) -> PoolEntry:
         overlap=overlap,
         resolution=resolution,
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def own_weights(spec: dict[str, Any], written: str, model: str, arch: str, tag: str | None, builtin: bool) -> PoolEntry:
+    """`{model: ARCH, weights: FILE, source: SOURCE}`: the architecture with the tensors of a local file.
+
+    The file is read as published weights are (search.weights: safetensors or weights-only torch.load,
+    stem and position embeddings morphed, the head dropped); the label names the file, so two files
+    of one architecture are two entries.
+    """
+    file, source = spec["weights"], spec.get("source")
+    where = f"'{written}' weights"
+    if not isinstance(file, str) or Path(file).suffix.lower() not in WEIGHT_SUFFIXES:
+        raise SearchError(f"{where}: expected a file ending in {one_of(WEIGHT_SUFFIXES)}, got {file!r}")
+    if tag is not None or spec.get("pretrained") is False:
+        raise SearchError(
+            f"{where}: a weights file replaces the published weights; write the model without a tag "
+            f"and without pretrained: false, e.g. {{model: {model}, weights: {file}, source: ssl}}"
+        )
+    if source not in SOURCES or source == "none":
+        raise SearchError(
+            f"{where}: say where the file's weights come from with source: one of "
+            f"{one_of(s for s in SOURCES if s != 'none')} (got {source!r})"
+        )
+    if not builtin:
+        check_timm_name(PoolEntry(written, model, arch, None, False, False, "none", "none", None))
+    resolution = spec.get("resolution")
+    label = spec.get("label") or f"{model}+{Path(file).stem}" + (f"@{resolution}" if resolution else "")
+    return PoolEntry(label, model, arch, None, builtin, True, source, OVERLAP_OF[source], resolution, file)
 
 
 def parse_pool(specs: Sequence[Any]) -> list[PoolEntry]:

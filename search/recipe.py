@@ -142,6 +142,7 @@ class StudyCfg(Section):
     heartbeat: int = Field(20, ge=1)  # seconds between a running trial's signs of life; stale after 10 silent
     resume: bool = True  # save each running trial's state at every epoch end; a retry goes on from there
     checkpoint_dir: str | None = None  # where those states live (default studies/NAME/resume); shared for many machines
+    storage_patience: float = Field(300.0, gt=0)  # seconds a worker waits out a storage outage, then exits
     sampler: SamplerCfg = SamplerCfg()
     pruner: PrunerCfg = PrunerCfg()
     seed: int = 0  # data carve-outs; trial seeds (training, sampler) derive from it and the number

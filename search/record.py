@@ -43,6 +43,8 @@ class TrialAttrs(TypedDict, total=False):
     fail_reason: str | None  # why it did not complete; None while running (and for a process that died)
     arch: str  # the entry's architecture
     tag: str  # its timm pretrained tag ('' for built-ins)
+    weights_file: str  # an own weights file the entry names (pool entry `weights:`)
+    weights_sha256: str  # and its sha256, read when the trial starts
     input_resolution: int  # pixels the model sees
     channel_reduce: str  # how pretrained RGB stems take 1-channel data
     device: str  # where it trained (cpu, cuda:0)
@@ -91,6 +93,7 @@ class StudyAttrs(TypedDict, total=False):
 
     recipe: dict[str, Any]  # the normalized recipe, storage password masked
     versions: dict[str, str]  # what created the study (versions())
+    study_id: str  # a UUID set at creation: resume states carry it (search.resume)
     deadline: float | None  # epoch seconds when study.timeout ends the search
     baselines_enqueued: bool
     rank: dict[str, Any]  # the pool ranking and the decision taken from it (search.rank)
@@ -207,6 +210,13 @@ def system_attrs(trial: optuna.trial.FrozenTrial) -> TrialSystemAttrs:
 def study_attrs(study: optuna.Study | optuna.study.StudySummary) -> StudyAttrs:
     """A study's user attributes as the declared record (read-only use)."""
     return cast(StudyAttrs, _checked(study.user_attrs, StudyAttrs, f"study {study.study_name}"))
+
+
+def rejected(trial: optuna.trial.FrozenTrial, name: str) -> Any:
+    """The value stored under the declared `name` that `attrs` leaves out for its type, else None
+    (for a caller that says more about it)."""
+    v = trial.user_attrs.get(name)
+    return None if v is None or fits(v, declared(TrialAttrs).get(name, Any)) else v
 
 
 def optuna_artifacts(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from search import artifacts, budget, plots, selection
 from search.files import replacing, write_text
 from search.recipe import Recipe
 from search.record import attrs, study_attrs
+from search.resume import disk_use, resume_dir
+from search.storage import dir_of
 from search.text import WIDTH, fit_line, shorten, table, wrap, wrap_items
 from search.trials import POOL_PARAM, counted, feasible, label, ranked, value
 
@@ -352,8 +354,23 @@ def report_text(study: optuna.Study, recipe: Recipe, top: int = 3, wide: bool = 
         "\n".join(top_text(study, recipe, top, wide)),
         "\n".join(retrain_text(study, recipe)),
         "\n".join(importance_text(study)),
+        disk_text(study, recipe),
     ]
     return "\n\n".join(p for p in parts if p)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def disk_text(study: optuna.Study, recipe: Recipe) -> str:
+    """The disk the study holds on this machine: resume states (about one per running or queued
+    trial) and artifacts (the top-k checkpoints and every trial's history)."""
+    (n_states, states), (n_files, files) = disk_use(resume_dir(study, recipe)), disk_use(dir_of(study) / "artifacts")
+    return (
+        f"disk held: resume states {n_states} files, {_size(states)}; "
+        f"artifacts (checkpoints, histories) {n_files} files, {_size(files)}"
+    )
 
 
 # ---------------------------------------------------------------------------

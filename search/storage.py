@@ -25,8 +25,9 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import optuna
 import sqlalchemy
-from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalRedisBackend
 
+from search import optuna_api
 from search.errors import SearchError
 from search.text import command
 
@@ -285,12 +286,59 @@ def _rdb(full: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     return storage
 
 
+# Optuna's file lock breaks a lock not released for 30 s; an NFS server that stalls longer than
+# that (failover, a loaded filer) lets a second writer append beside the first, and the
+# interleaved bytes make the journal unreadable for every reader. A lock is held only for one
+# append (milliseconds), so a long grace costs waiting only when a worker died holding it.
+JOURNAL_LOCK_GRACE_SECONDS = 600
+
+
+def complete_size(path: Path, block: int = 1 << 16) -> int | None:
+    """The size of a journal file up to the end of its last complete line, when a torn line
+    (no newline: a writer stopped mid-append) follows it; None when the file ends whole."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return None
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                return start + cut + 1
+            pos = start
+    return None if end == 0 else 0
+
+
+def _check_tail(path: Path, lock: JournalFileSymlinkLock) -> None:
+    """Refuse a journal whose last line is torn, naming the repair; the tail is judged under the
+    writers' lock, so an append in progress is not taken for a torn one."""
+    if complete_size(path) is None:
+        return
+    lock.acquire()
+    try:
+        size = complete_size(path)
+    finally:
+        lock.release()
+    if size is not None:
+        torn = path.stat().st_size - size
+        raise SearchError(
+            f"journal {path}: its last line is torn ({torn} bytes after the last complete record: a "
+            f"writer stopped mid-append); stop every worker on it, then cut it: truncate -s {size} {path}"
+        )
+
+
 def _journal_file(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     path = url[len("journal:") :].removeprefix("//")
     if not path:
         raise SearchError("study.storage: 'journal:' needs a file, e.g. journal:/shared/studies/NAME.log")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(path))
+    lock = JournalFileSymlinkLock(path, grace_period=JOURNAL_LOCK_GRACE_SECONDS)
+    backend = JournalFileBackend(path, lock_obj=lock)  # creates the file
+    _check_tail(Path(path), lock)
+    return optuna.storages.JournalStorage(backend)
 
 
 def _redis_url(full: str) -> tuple[str, str]:
@@ -485,18 +533,26 @@ REACHABLE: dict[str, Callable[[str], None]] = {
 }
 
 
-def check_storage(url: str) -> None:
-    """Scheme, ${VAR} and reachability of a storage URL, creating nothing."""
+SERVERS = ("postgresql", "postgres", "mysql", "mariadb", "redis", "rediss")  # reached over the network
+
+
+def check_storage(url: str, connect: bool = True) -> bool:
+    """Scheme, ${VAR} and reachability of a storage URL, creating nothing. With `connect` false a
+    database server is not contacted (files and addresses are still checked); returns whether
+    the storage's reachability was checked."""
     full = resolve_url(url)
     reach = REACHABLE.get(_scheme(url))
     if reach is None:
-        return
+        return True
+    if not connect and _scheme(url) in SERVERS:
+        return False
     try:
         reach(full)
     except SearchError:
         raise
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
         raise storage_error(url, full, e) from None
+    return True
 
 
 def _names_rdb(full: str) -> list[str]:
@@ -547,3 +603,39 @@ def study_names(url: str) -> list[str] | None:
         return lister(full) if lister else None
     except Exception as e:  # noqa: BLE001 - connection problems are the user's to fix
         raise storage_error(url, full, e) from None
+
+
+# ---------------------------------------------------------------------------
+# where a study's files live
+
+
+def storage_file(storage: Any) -> Path | None:
+    """The SQLite or journal file behind an Optuna storage (None for server storages)."""
+    backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache
+    url = getattr(backend, "url", None)
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
+    return Path(path) if path else None
+
+
+def url_file(url: str) -> Path | None:
+    """The SQLite or journal file of a storage URL (None for server storages)."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :].removeprefix("//"))
+    return None
+
+
+def study_dir(name: str, file: Path | None) -> Path:
+    """`<dir of the study file>/<name>/`: `studies/<name>/` for the default storage.
+
+    Server storages (PostgreSQL, MySQL, Redis) keep files under ./studies/<name>/
+    of the machine that writes them.
+    """
+    return (file.parent if file else STUDIES) / name
+
+
+def dir_of(study: optuna.Study) -> Path:
+    return study_dir(study.study_name, storage_file(optuna_api.storage_of(study)))

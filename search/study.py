@@ -24,10 +24,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import (
-    artifacts,
     budget,
     confirm,
     optuna_api,
+    process,
     rank,
     space,
     stopping,
@@ -39,13 +39,15 @@ from search import (
 from search.data import Data, load_data, load_raw
 from search.data import check as check_data
 from search.errors import SearchError
-from search.objective import make_objective
+from search.objective import make_objective, told
+from search.outage import Patience
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
 from search.progress import Progress, best_so_far, trial_line
 from search.recipe import Recipe, recipe_from_dict
 from search.record import set_study_attrs, study_attrs, versions
+from search.resume import resume_dir, study_id, tidy
 from search.sampling import make_pruner, make_sampler
-from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
+from search.storage import check_storage, default_storage, dir_of, expand, mask, open_storage, study_names
 from search.trials import counted, finished
 
 log = logging.getLogger("search")
@@ -66,7 +68,17 @@ def stored_form(recipe: Recipe) -> dict[str, Any]:
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """Parts that must agree between runs of one study (not the budget, storage or hardware)."""
     d = json.loads(json.dumps(d))
-    for key in ("storage", "timeout", "n_trials", "heartbeat", "confirm", "warm_start", "budget", "stop"):
+    for key in (
+        "storage",
+        "timeout",
+        "n_trials",
+        "heartbeat",
+        "storage_patience",
+        "confirm",
+        "warm_start",
+        "budget",
+        "stop",
+    ):
         d["study"].pop(key, None)
     d.pop("hardware", None)
     d.pop("tracking", None)
@@ -107,6 +119,7 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
         )
     if old is None:
         set_study_attrs(study, versions=versions())  # what created it; each checkpoint carries its own
+    study_id(study)  # set at creation (an older study gets one now): resume states carry it
     if old != new:
         set_study_attrs(study, recipe=new)
     if study.metric_names != recipe.study.names and len(study.directions) == len(recipe.study.names):
@@ -148,6 +161,7 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     study = optuna.load_study(
         study_name=name, storage=storage, sampler=make_sampler(recipe), pruner=make_pruner(recipe)
     )
+    study_id(study)
     return recipe, study
 
 
@@ -239,7 +253,7 @@ def work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     other workers' trials still run, this worker waits: if one of them dies, its
     retry is run here, so the study still ends with n_trials.
     """
-    with workers.stopping_on_signals():
+    with process.stopping_on_signals():
         return _work(recipe, study, quiet=quiet)
 
 
@@ -281,16 +295,25 @@ def _search(
         say(warm)
     enqueue_baselines(study, recipe, entries, data)
     hb, n_total = recipe.study.heartbeat, recipe.study.n_trials
-    workers.sweep(study, hb)
+    patience = Patience(recipe.study.storage_patience, say)
+    workers.sweep(study, hb, patience)
+    tidy(resume_dir(study, recipe), patience.call(lambda: study.get_trials(deepcopy=False), "reading the trials"))
     say(f"{data.summary()}; {n_total - finished(study)} of {n_total} trials to run")
     deadline = _deadline(study, recipe)
     tracker = None
     if recipe.tracking.mlflow or recipe.tracking.tensorboard:
-        tracker = tracking.Tracker(recipe, study, artifacts.dir_of(study))
+        tracker = tracking.Tracker(recipe, study, dir_of(study))
         for line in tracker.where():
             say(line)
     objective = make_objective(
-        recipe, data, entries, recipe.hardware.device, on_line=say, progress=progress, tracker=tracker
+        recipe,
+        data,
+        entries,
+        recipe.hardware.device,
+        on_line=say,
+        progress=progress,
+        tracker=tracker,
+        patience=patience,
     )
 
     def on_end(done: FrozenTrial | None) -> None:
@@ -317,6 +340,8 @@ def _search(
         say=say,
         on_end=on_end,
         closed=closed,
+        patience=patience,
+        on_told=told(recipe, study),
     )
     reason = closed(study.get_trials(deepcopy=False))
     if reason:

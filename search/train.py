@@ -35,10 +35,12 @@ import gc
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ from torch import nn
 from search import augment, metrics
 from search.data import Data
 from search.errors import SearchError
+from search.files import own_directory
 from search.hparams import TrainCfg
 from search.metrics import METRICS
 from search.record import FitStatus
@@ -408,9 +411,31 @@ def train_mode(model: nn.Module, head: tuple[str, ...], frozen: bool) -> None:
                 m.eval()
 
 
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_cache() -> Path:
+    """The directory inductor caches compiled kernels in: $TORCHINDUCTOR_CACHE_DIR, else
+    <temp dir>/search-inductor-<uid>, made 700 and refused unless the user's alone (as the GPU
+    ledger's). Inductor loads pickled code from it: its own default, /tmp/torchinductor_<user>,
+    is checked by nobody, and another user who creates it first decides what runs. Set in the
+    environment, where inductor and its compile workers read it (a value equal to inductor's
+    default is taken as unset: torch writes it there on import)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # torch-free module
+
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen and Path(chosen) == Path(default_cache_dir()):
+        chosen = None  # not the user's choice: importing torch._dynamo fills in inductor's default
+    path = Path(chosen) if chosen else Path(tempfile.gettempdir()) / f"search-inductor-{os.getuid()}"
+    own_directory(path.absolute(), "inductor cache directory", INDUCTOR_CACHE_ENV)
+    os.environ[INDUCTOR_CACHE_ENV] = str(path.absolute())
+    return path
+
+
 def compiled(model: nn.Module, backend: bool | str) -> nn.Module:
     """torch.compile'd forward. Dynamo caches graphs on the forward's code, so every model of
     one architecture, input shape, dropout and frozen state reuses one compilation per process."""
+    inductor_cache()
     import torch._dynamo  # noqa: F401 - loaded lazily by torch; its config is needed first
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -20,11 +20,18 @@ through torchvision's own loader, which unpickles anything). A file whose
 unpickling would import or call something else is refused, naming the file.
 A trial reads its weights file once: timm builds from the tensors read here,
 never from the path, so the bytes checked are the bytes used.
+
+A pool entry may name a local file instead (`{model: resnet_18, weights: FILE, source: ssl}`):
+it is read the same safe way, its state dict picked as timm picks one (a `retrain` model.pt
+or an `export` model.safetensors as they are), its sha256 recorded on every trial
+(`file_sha256`); a missing one is listed by `validate` and `prefetch` as a local file.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import pickle
 import re
@@ -81,8 +88,13 @@ def timm_cfg(entry: PoolEntry) -> Any:
     return cfg
 
 
+LOCAL_FIX = "copy the file there, or correct the pool entry's weights: path"
+
+
 def _location(entry: PoolEntry) -> tuple[str, str, Path, str]:
-    """(kind 'url'|'hf', URL or repo id, expected file, cache description) of an entry's weights."""
+    """(kind 'url'|'hf'|'file', URL or repo id, expected file, cache description) of an entry's weights."""
+    if entry.weights:
+        return "file", entry.weights, Path(entry.weights), "a local file"
     if _torchvision_name(entry):
         url = torchvision_weights(entry).url
         return "url", url, torch_checkpoints() / Path(urlparse(url).path).name, "$TORCH_HOME/hub/checkpoints"
@@ -97,7 +109,7 @@ def _location(entry: PoolEntry) -> tuple[str, str, Path, str]:
 def cached_file(entry: PoolEntry) -> Path | None:
     """The weight file in its cache, or None."""
     kind, where, path, _ = _location(entry)
-    if kind == "url":
+    if kind in ("url", "file"):
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
@@ -109,11 +121,15 @@ def cached_file(entry: PoolEntry) -> Path | None:
 
 
 def weights_name(entry: PoolEntry) -> str:
+    if entry.weights:
+        return entry.weights
     return f"{entry.arch}.{entry.tag}" if _torchvision_name(entry) else entry.timm_name
 
 
 def missing_error(entry: PoolEntry, why: str) -> SearchError:
-    _, _, path, cache = _location(entry)
+    kind, _, path, cache = _location(entry)
+    if kind == "file":
+        return SearchError(f"{entry.label}: weights file {path} is not on this machine; {LOCAL_FIX}")
     return SearchError(
         f"{entry.label}: pretrained weights {weights_name(entry)} are not cached ({why}): "
         f"expected {path} (cache {cache}); on a machine with internet run "
@@ -127,6 +143,8 @@ def fetch(entry: PoolEntry) -> Path:
     if found:
         return found
     kind, where, path, _ = _location(entry)
+    if kind == "file":
+        raise missing_error(entry, "not found")
     host = "huggingface.co" if kind == "hf" else urlparse(where).hostname or ""
     if offline():
         raise missing_error(entry, "offline mode is on")
@@ -153,6 +171,8 @@ def missing(entry: PoolEntry) -> Missing | None:
     if cached_file(entry) is not None:
         return None
     kind, where, path, _ = _location(entry)
+    if kind == "file":
+        return Missing(f"{entry.label} weights", path, "a local file (nothing to download)", None, LOCAL_FIX)
     if kind == "hf":
         return Missing(
             f"{entry.label} weights",
@@ -180,11 +200,13 @@ def _timm_bytes(entry: PoolEntry) -> int | None:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def safe_load(path: Path, mmap: bool = False) -> Any:
+def safe_load(path: Path, mmap: bool = False, fix: str | None = None) -> Any:
     """A weight file's contents without running code: safetensors, or torch.load(weights_only=True).
 
-    `mmap` reads the pickle but maps the tensors (a cheap check of a large file).
+    `mmap` reads the pickle but maps the tensors (a cheap check of a large file); `fix` replaces
+    the advice of the errors (a cached file is fetched again, a local file is the user's).
     """
+    fix = fix or f"delete it and run `{command('prefetch RECIPE')}` again"
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -210,29 +232,47 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
             what = f"it would call {code.group(1)}" if code.group(1) else "it holds pickled objects"
             raise SearchError(
                 f"weights file {path} needs code to be unpickled, and is refused ({what}); it is "
-                f"not a plain checkpoint: delete it and run `{command('prefetch RECIPE')}` "
-                "again"
+                f"not a plain checkpoint: {fix}"
             ) from None
-        raise _unreadable(path, e) from None
+        raise _unreadable(path, e, fix) from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise _unreadable(path, e) from None
+        raise _unreadable(path, e, fix) from None
 
 
-def _unreadable(path: Path, e: Exception) -> SearchError:
+def _unreadable(path: Path, e: Exception, fix: str) -> SearchError:
     # torch's weights_only errors are paragraphs; the unpickler's own words follow this mark.
     text = str(e).split("WeightsUnpickler error:")[-1]
     why = " ".join(text.split("Check the documentation")[0].split())[:120]
-    return SearchError(
-        f"weights file {path} cannot be read ({type(e).__name__}: {why}); delete it and run "
-        f"`{command('prefetch RECIPE')}` again"
-    )
+    return SearchError(f"weights file {path} cannot be read ({type(e).__name__}: {why}); {fix}")
+
+
+def _fix(entry: PoolEntry) -> str | None:
+    """The advice of a bad file's error: None (fetch it again) for a cache, the user's own file otherwise."""
+    if not entry.weights:
+        return None
+    return f"check that it is a plain state dict (safetensors, or torch.save of tensors) at {entry.weights}"
 
 
 def check(entry: PoolEntry) -> Path:
     """Fetch an entry's weights if needed and refuse a cached file that is not plain data."""
     path = fetch(entry)
-    safe_load(path, mmap=True)
+    safe_load(path, mmap=True, fix=_fix(entry))
     return path
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256 (hex), read once per process while its size and mtime stay the same."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def timm_state(checkpoint: Any, path: Path) -> dict[str, Any]:
@@ -247,7 +287,8 @@ def timm_state(checkpoint: Any, path: Path) -> dict[str, Any]:
             f"`{command('prefetch RECIPE')}` again"
         )
     key = next((k for k in ("state_dict_ema", "model_ema") if checkpoint.get(k) is not None), None)
-    key = key or next((k for k in ("state_dict", "model") if k in checkpoint), None)
+    # "model" holds the state dict in timm's files; in a `retrain` model.pt it is the build record.
+    key = key or next((k for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), None)
     return timm.models.clean_state_dict(checkpoint[key] if key else checkpoint)
 
 
@@ -260,6 +301,8 @@ def source_state(entry: PoolEntry) -> dict[str, Any]:
     family's checkpoint filter, the stem's channels, the classifier).
     """
     path = fetch(entry)
+    if entry.weights:  # the user's own tensors, as the file holds them: build_model morphs them
+        return timm_state(safe_load(path, fix=_fix(entry)), path)
     if _torchvision_name(entry):
         return safe_load(path)
     import timm

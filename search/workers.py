@@ -1,5 +1,5 @@
-"""Workers: heartbeats, stale trials and their retries, the saved state a retry resumes from,
-counting towards the total, one trial's ask/run/tell, stopping on a signal, the local process pool.
+"""Workers: heartbeats, stale trials and their retries, counting towards the total, one trial's
+ask/run/tell, the work loop, the local process pool.
 
 Dead workers: every running trial records a sign of life from a thread of its own, independent
 of training progress (Optuna's heartbeat on RDB storages, a `heartbeat_at` attr everywhere). A
@@ -8,49 +8,43 @@ queued again as a WAITING copy (same params, seed and intermediate values); the 
 slot, so the dead trial does not count. Workers wait for the last running trials before they
 exit, so a retry is always picked up.
 
-Resuming: a running trial saves its full training state at every epoch end, atomically, to
-`trial-N.pt` under the study's resume directory (`study.checkpoint_dir`/NAME, default
-`studies/NAME/resume`; a shared path for many machines). A retry (of a dead, preempted or
-interrupted trial) takes that file over and goes on from the epoch after it: at most the epoch
-in progress is lost, and on the CPU the history is exactly the uninterrupted one's. The file is
-removed when the trial ends. SIGTERM or Ctrl-C stops the running trial at the next step, queues
-it again and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was
-failed by another (as stale) drops it and goes on: the retry is someone else's.
-
-About 470 lines: the life cycle of a trial across processes is one subject; splitting the
-heartbeat from the retry it triggers, or the retry from the state it resumes, would scatter it.
+Resuming: a running trial saves its full training state at every epoch end (search.resume); a
+retry (of a dead, preempted or interrupted trial) takes it over and goes on from the epoch after
+it. SIGTERM or Ctrl-C (search.process) stops the running trial at the next step, queues it again
+and exits without a traceback; a second Ctrl-C exits at once. A worker whose trial was failed by
+another (as stale) drops it and goes on: the retry is someone else's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from search import artifacts, optuna_api, pack
-from search.files import replacing
+from search import optuna_api, pack
+from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
+from search.outage import DEFAULT_PATIENCE, Patience, StorageGone, unreachable
+from search.process import STOP, STOPPED_BY, raise_if_stopped
 from search.recipe import Recipe
 from search.record import (
     attrs,
     new_attrs,
     new_system_attrs,
     omit,
+    rejected,
     set_attrs,
     set_stored_attrs,
     system_attrs,
@@ -67,25 +61,6 @@ HEARTBEAT_ATTR: Final = "heartbeat_at"  # epoch seconds of a running trial's las
 MAX_RETRIES = 3  # a trial whose workers keep dying is not queued again after this (preemptions do not count)
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: which process ran it
-
-
-class TrialFailed(Exception):
-    """A trial that ended without a result (diverged, out of memory, invalid combination)."""
-
-
-class TrialLost(Exception):
-    """Another worker failed this trial (as stale) while it ran here: its retry runs elsewhere."""
-
-
-class TrialInterrupted(Exception):
-    """SIGTERM or Ctrl-C stopped the trial: its last epoch is saved and it is queued again."""
-
-
-class TotalReached(Exception):
-    """The study's total is taken; this trial does not count."""
-
-
 RESUME_ATTRS = ("fail_reason", HEARTBEAT_ATTR, "resumed_from_epoch", "restarted", "trained_epochs")  # not carried
 
 
@@ -93,11 +68,14 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     """Queue a WAITING copy of a dead (or, died=False, preempted) worker's trial: same params and
     seed, its intermediate values kept; it resumes from the trial's last saved epoch.
 
-    `fail_stale` calls this for each trial it fails as stale. The copy records the original in
-    the system attrs Optuna's RetryHeartbeatStaleTrialCallback uses (`failed_trial`,
-    `retry_history`), so its helpers work; `deaths` counts the dead workers only, so a trial
-    preempted any number of times is always queued again.
+    Idempotent: a trial is queued again once. `fail_stale` calls this for each trial it fails as
+    stale. The copy records the original in the system attrs Optuna's
+    RetryHeartbeatStaleTrialCallback uses (`failed_trial`, `retry_history`), so its helpers work;
+    `deaths` counts the dead workers only, so a trial preempted any number of times is always
+    queued again.
     """
+    if any(attrs(t).get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        return  # queued already: by a call tried again after its write went through, or by another worker
     past = system_attrs(trial)
     history = [*past.get("retry_history", []), trial.number]
     deaths = past.get("deaths", 0) + int(died)
@@ -117,12 +95,18 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     )
 
 
-def sweep(study: optuna.Study, heartbeat: int) -> list[int]:
+def sweep(study: optuna.Study, heartbeat: int, patience: Patience | None = None) -> list[int]:
     """Fail and retry the stale trials of dead workers, judged by the storage's heartbeat if it
-    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats)."""
-    return fail_stale(
-        study, None if optuna_api.heartbeat_enabled(optuna_api.storage_of(study)) else STALE_BEATS * heartbeat
-    )
+    has one, else by our `heartbeat_at` attr (stale after STALE_BEATS heartbeats).
+
+    Within STALE_BEATS heartbeats of the storage coming back after an outage nothing is judged:
+    the live workers' beats were refused too, and need time to reach the storage again.
+    """
+    patience = patience or Patience(DEFAULT_PATIENCE)
+    if time.time() - patience.back_at < STALE_BEATS * heartbeat:
+        return []
+    rdb = optuna_api.heartbeat_enabled(optuna_api.storage_of(study))
+    return patience.call(lambda: fail_stale(study, None if rdb else STALE_BEATS * heartbeat), "sweep")
 
 
 def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
@@ -137,8 +121,24 @@ def _stale_ids(study: optuna.Study, older_than: float | None) -> list[int]:
     return [
         optuna_api.trial_id(t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if now - (attrs(t).get(HEARTBEAT_ATTR) or (t.datetime_start or datetime.now()).timestamp()) > older_than
+        if now - last_sign_of_life(t, now, older_than) > older_than
     ]
+
+
+def last_sign_of_life(t: optuna.trial.FrozenTrial, now: float, older_than: float) -> float:
+    """Epoch seconds of a running trial's last heartbeat (`heartbeat_at`), else of its start.
+
+    Anyone with access to the storage can write the attribute: one that is not a finite number,
+    or that lies further in the future than a clock can be off (it would pin a dead trial as
+    alive), is ignored with a warning, and the trial is judged by its start."""
+    start = (t.datetime_start or datetime.now()).timestamp()
+    beat = attrs(t).get(HEARTBEAT_ATTR, rejected(t, HEARTBEAT_ATTR))
+    if beat is None:
+        return start
+    if type(beat) not in (int, float) or not (0 < beat <= now + older_than):  # NaN fails both
+        log.warning("trial %d: %s is %.40r, not a time up to now; judged by its start", t.number, HEARTBEAT_ATTR, beat)
+        return start
+    return float(beat)
 
 
 def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int]:
@@ -165,13 +165,17 @@ def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int
 
 
 @contextlib.contextmanager
-def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None = None) -> Iterator[None]:
+def beating(
+    trial: optuna.Trial, interval: float, lost: threading.Event | None = None, patience: Patience | None = None
+) -> Iterator[None]:
     """Record a sign of life on the trial every `interval` s, from a thread of its own: Optuna's
     heartbeat on RDB storages, and the user attr `heartbeat_at` (epoch seconds) everywhere.
 
     Journal and gRPC storages have no heartbeat of their own; on RDB storages the attr lets
     `fail-stale` judge any storage the same way. When the storage refuses the beat because the
-    trial has finished (another worker failed it as stale), `lost` is set and beating stops.
+    trial has finished (another worker failed it as stale), `lost` is set and beating stops. A
+    beat the storage could not take is noted on `patience` (one line an outage) and tried at the
+    next interval.
     """
     stop = threading.Event()
     storage, trial_id = optuna_api.storage_of(trial.study), optuna_api.trial_id(trial)
@@ -183,12 +187,17 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
                 if rdb:
                     optuna_api.record_heartbeat(storage, trial_id)
                 set_stored_attrs(storage, trial_id, heartbeat_at=time.time())
+                if patience is not None:
+                    patience.up()
             except optuna.exceptions.UpdateFinishedTrialError:
                 if lost is not None:
                     lost.set()
                 return
             except Exception as e:  # noqa: BLE001 - a missed beat is not worth killing the trial
-                log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
+                if patience is not None and unreachable(e):
+                    patience.down(e, "heartbeat")
+                else:
+                    log.warning("heartbeat of trial %d not recorded: %s", trial.number, e)
             if stop.wait(interval):
                 return
 
@@ -201,53 +210,13 @@ def beating(trial: optuna.Trial, interval: float, lost: threading.Event | None =
         thread.join()
 
 
-STOP = threading.Event()  # set by the first SIGTERM / SIGINT: the running trial stops at its next step
-
-
-_STOPPED_BY: list[str] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    name = signal.Signals(signum).name
-    if STOP.is_set():  # the second one: now
-        raise KeyboardInterrupt(name)
-    _STOPPED_BY[:] = [name]
-    STOP.set()
-    again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
-    print(
-        f"\n{name}: stopping at the next step; the running trial keeps its last finished epoch and is "
-        f"queued again ({again} quits at once)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-@contextlib.contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT set STOP (the second raises KeyboardInterrupt) while the block runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    STOP.clear()
-    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def raise_if_stopped() -> None:
-    """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
-    if STOP.is_set():
-        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else "SIGINT")
-
-
 def run_one(
     study: optuna.Study,
     objective: Callable[..., float | list[float]],
     heartbeat: int,
     say: Callable[[str], None] = print,
+    patience: Patience | None = None,
+    on_told: Callable[[optuna.trial.FrozenTrial], None] = lambda t: None,
 ) -> optuna.trial.FrozenTrial | None:
     """Ask for a trial (a queued one first), run it with a heartbeat, tell its end.
 
@@ -256,14 +225,20 @@ def run_one(
     trial"), and an interrupted trial is queued again. Returns the finished trial, or None
     when it was lost to another worker. KeyboardInterrupt (a signal) propagates after the
     trial is queued again; an unexpected error after the trial is failed with its reason.
+
+    Every storage call waits out an outage (`patience`). A trial the storage failed under is
+    queued again, never failed: its retry resumes from the saved state. StorageGone (past the
+    patience) propagates with the trial left RUNNING and its state kept, for a sweep to queue.
+    `on_told` gets each trial once its end is told (its saved state may go then, not before).
     """
-    trial = optuna_api.ask(study)
+    patience = patience or Patience(DEFAULT_PATIENCE)
+    trial = patience.call(lambda: optuna_api.ask(study), "ask")
     lost = threading.Event()
     values: float | list[float] | None = None
     state = TrialState.FAIL
     try:
         try:
-            with beating(trial, heartbeat, lost):
+            with beating(trial, heartbeat, lost, patience):
                 values = objective(trial, lost)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
@@ -271,10 +246,15 @@ def run_one(
         except (TrialFailed, TotalReached):
             pass
         except (TrialInterrupted, KeyboardInterrupt):
-            retry(study, optuna_api.frozen(trial), died=False)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _again(study, trial, patience, "interrupted")
+            raise
+        except StorageGone:
             raise
         except Exception as e:
+            if unreachable(e):  # a storage call of the trial that did not wait: queued again, not failed
+                say(f"trial {trial.number:>3} stopped by the storage outage ({type(e).__name__}); queued again")
+                _again(study, trial, patience, "storage unreachable")
+                return None
             if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     if attrs(trial).get("fail_reason") is None:
@@ -282,17 +262,35 @@ def run_one(
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
     except TrialInterrupted as e:
-        raise KeyboardInterrupt(_STOPPED_BY[0] if _STOPPED_BY else str(e)) from None
+        raise KeyboardInterrupt(STOPPED_BY[0] if STOPPED_BY else str(e)) from None
     finally:
         gc.collect()
-    frozen = optuna_api.frozen(trial)
+    frozen = patience.call(lambda: optuna_api.frozen(trial), "reading the trial")
     if frozen.state != TrialState.RUNNING:  # failed meanwhile by another worker: its retry is theirs
         say(
             f"trial {trial.number:>3} was failed by another worker ({attrs(frozen).get('fail_reason')}); "
             "dropped here, its retry runs from its saved state"
         )
         return None
-    return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    told = patience.call(
+        lambda: study.tell(trial, values if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True),
+        "tell",
+    )
+    patience.call(lambda: on_told(told), "after the tell")
+    return told
+
+
+def _again(study: optuna.Study, trial: optuna.Trial, patience: Patience, reason: str) -> None:
+    """Queue a running trial again (its retry resumes from the saved state) and fail this copy,
+    which then frees its slot; both writes wait out an outage, and `retry` is idempotent."""
+
+    def write() -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            set_attrs(trial, fail_reason=reason)
+        retry(study, optuna_api.frozen(trial), died=False)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+    patience.call(write, "queueing the trial again")
 
 
 def drain(
@@ -305,6 +303,8 @@ def drain(
     say: Callable[[str], None] = print,
     on_end: Callable[[optuna.trial.FrozenTrial | None], None] = lambda t: None,
     closed: Callable[[list[optuna.trial.FrozenTrial]], str | None] = lambda trials: None,
+    patience: Patience | None = None,
+    on_told: Callable[[optuna.trial.FrozenTrial], None] = lambda t: None,
 ) -> int:
     """Run trials in this process until none is left to run; returns how many ran here.
 
@@ -312,17 +312,19 @@ def drain(
     search, below its total). When none is, but other workers' trials still run, this worker
     waits (a SIGTERM or Ctrl-C ends the wait): if one of them dies, its retry is queued and run
     here. Stale trials are swept before each; `deadline` (epoch seconds) stops the loop between
-    trials; `on_end` gets each finished trial (None: lost to another worker). While `closed(trials)`
-    gives a reason (a budget spent, a stop rule), no trial is taken, queued ones neither; the loop
-    waits for running trials (their end may reopen it) and then ends.
+    trials; `on_end` gets each finished trial (None: lost to another worker); `on_told` each
+    trial told. While `closed(trials)` gives a reason (a budget spent, a stop rule), no trial is
+    taken, queued ones neither; the loop waits for running trials (their end may reopen it) and
+    then ends. Storage calls wait out an outage for `patience`; past it StorageGone propagates.
     """
+    patience = patience or Patience(DEFAULT_PATIENCE)
     ran = 0
     while deadline is None or time.time() < deadline:
         raise_if_stopped()
-        sweep(study, heartbeat)
-        trials = study.get_trials(deepcopy=False)
+        sweep(study, heartbeat, patience)
+        trials = patience.call(lambda: study.get_trials(deepcopy=False), "reading the trials")
         if closed(trials) is None and (more(trials) or any(t.state == TrialState.WAITING for t in trials)):
-            on_end(run_one(study, objective, heartbeat, say))
+            on_end(run_one(study, objective, heartbeat, say, patience, on_told))
             ran += 1
         elif any(t.state == TrialState.RUNNING for t in trials):
             STOP.wait(min(heartbeat, 5))
@@ -434,47 +436,3 @@ def run_workers(recipe: Recipe, storage_url: str, n_workers: int, *, quiet: bool
         )
         return 1
     return 0
-
-
-STATE_FORMAT = 1  # of the per-epoch resume files
-
-
-def resume_dir(study: optuna.Study, recipe: Recipe) -> Path:
-    """Where a study's running trials keep their last epoch's state."""
-    if recipe.study.checkpoint_dir:
-        return Path(recipe.study.checkpoint_dir).expanduser() / study.study_name
-    return artifacts.dir_of(study) / "resume"
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (a crash leaves the previous file whole) and durably (a shared filesystem
-    sees all of it once the name does)."""
-    with replacing(path, durable=True) as tmp:
-        torch.save(state, tmp)
-
-
-def take_state(directory: Path, trial: optuna.Trial, seed: int) -> tuple[dict[str, Any] | None, str]:
-    """For a retry: the state its predecessor saved, moved to this trial's own file (so a retry
-    that dies in turn leaves it to the next), or None and why it starts over."""
-    mine = directory / f"trial-{trial.number}.pt"
-    source = directory / f"trial-{attrs(trial).get('retry_of')}.pt"
-    path = mine if mine.exists() else source
-    if not path.exists():
-        return None, f"no saved state at {source}: trained from the first epoch"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, and say so
-        return None, f"saved state {path} unreadable ({type(e).__name__}: {e}): trained from the first epoch"
-    meta = state.get("trial", {}) if isinstance(state, dict) else {}
-    if (
-        meta.get("format") != STATE_FORMAT
-        or meta.get("seed") != seed
-        or json.dumps(meta.get("params"), sort_keys=True) != json.dumps(trial.params, sort_keys=True)
-    ):
-        return (
-            None,
-            f"saved state {path} is of another run (params, seed or format differ): trained from the first epoch",
-        )
-    if path != mine:
-        os.replace(path, mine)
-    return state, ""

@@ -95,6 +95,16 @@ def test_without_a_beat_the_start_time_judges(study):
     assert workers.fail_stale(study, older_than=0) == [t.number]
 
 
+@pytest.mark.parametrize("beat", ["x", 1e12, float("nan"), True, [1.0], -5])
+def test_a_heartbeat_that_is_not_a_time_is_ignored_not_trusted(study, beat, caplog):
+    """Written by anyone with access to the storage: not a time (a sweep that crashed on it
+    would stop every worker), or far in the future (a dead trial pinned as alive)."""
+    t = _running(study, beat=beat)
+    assert workers.fail_stale(study, older_than=3600) == []  # judged by its start, a moment ago
+    assert workers.fail_stale(study, older_than=0) == [t.number]
+    assert f"trial {t.number}: heartbeat_at is " in caplog.text and "judged by its start" in caplog.text
+
+
 def test_sqlite_heartbeat_table_judges_with_its_grace_period(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=1)
     study = optuna.create_study(study_name="h", storage=storage)

@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import errno
+import io
 import json
+import uuid
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from optuna.artifacts import upload_artifact
 
-from search import artifacts
+from search import artifacts, storage
 from search.data import load_data
 from search.models import build_model
 from search.recipe import recipe_from_dict
@@ -30,12 +35,12 @@ def kept(trial, store) -> bool:
 
 
 def test_study_dir_follows_the_storage_file(tmp_path):
-    assert artifacts.study_dir("x", artifacts.url_file("sqlite:///studies/x.db")) == artifacts.STUDIES / "x"
-    assert artifacts.study_dir("x", artifacts.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
-    assert artifacts.study_dir("x", artifacts.url_file("journal:///shared/j.log")) == artifacts.Path("/shared/x")
-    assert artifacts.study_dir("x", artifacts.url_file("postgresql+psycopg://u@h/db")) == artifacts.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file("sqlite:///studies/x.db")) == storage.STUDIES / "x"
+    assert storage.study_dir("x", storage.url_file(f"sqlite:///{tmp_path}/a/x.db")) == tmp_path / "a" / "x"
+    assert storage.study_dir("x", storage.url_file("journal:///shared/j.log")) == Path("/shared/x")
+    assert storage.study_dir("x", storage.url_file("postgresql+psycopg://u@h/db")) == storage.STUDIES / "x"
     study = optuna.create_study(study_name="x", storage=open_storage(f"sqlite:///{tmp_path}/a/x.db", heartbeat=None))
-    assert artifacts.dir_of(study) == tmp_path / "a" / "x"
+    assert storage.dir_of(study) == tmp_path / "a" / "x"
 
 
 def _finishing(tmp_path, top_k: int):
@@ -60,6 +65,7 @@ def test_only_the_top_k_checkpoints_stay_on_disk(tmp_path):
         res = FitResult("ok", "", 1, {"accuracy": v}, {"accuracy": v}, hist, state)
         artifacts.after_fit(trial, recipe, model, recipe.train, data, res)
         study.tell(trial, v)
+        artifacts.prune(study, artifacts.store_for(tmp_path / "tiny"), 2)  # once the end is told
     store = artifacts.store_for(tmp_path / "tiny")
     live = {t.number for t in study.get_trials() if kept(t, store)}
     assert live == {3, 5}  # 0.9 and 0.8
@@ -172,3 +178,55 @@ def test_malformed_artifact_records_are_skipped_with_a_warning(tmp_path, caplog)
         assert artifacts.prune(study, artifacts.store_for(tmp_path / "s"), k=0) == []  # the good one: not there
     assert sum("malformed" in r.message for r in caplog.records) == 6  # three bad records, read twice
     assert not (tmp_path / "etc").exists()
+
+
+class Source(io.RawIOBase):
+    """Bytes to upload that check, as they are read, that nothing is at `final` yet; and fail
+    with a full disk after `fail_after` bytes when given."""
+
+    def __init__(self, data: bytes, final, fail_after: int | None = None) -> None:
+        self.data, self.final, self.fail_after, self.pos = data, final, fail_after, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        assert not self.final.exists(), "a reader could see a partial artifact"
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(b), len(self.data) - self.pos, 1000)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_an_artifact_appears_whole_or_not_at_all(tmp_path):
+    store = artifacts.store_for(tmp_path)
+    data = bytes(range(256)) * 40  # 10 kB, read in 1 kB pieces
+    aid = str(uuid.uuid4())
+    final = tmp_path / "artifacts" / aid
+    with pytest.raises(OSError, match="No space left"):  # a full disk half-way: no file, no temporary file
+        store.write(aid, Source(data, final, fail_after=5000))
+    assert list(final.parent.iterdir()) == []
+    store.write(aid, Source(data, final))  # checks at every read that nothing is at `final` yet
+    assert [p.name for p in final.parent.iterdir()] == [aid] and final.read_bytes() == data
+
+
+def test_an_artifact_is_recorded_only_once_written(tmp_path, monkeypatch):
+    store = artifacts.store_for(tmp_path / "x")
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/x.db", heartbeat=None))
+    trial = study.ask()
+    (tmp_path / "upload.bin").write_bytes(b"x" * 1000)
+
+    def full_disk(src, dst, *args):
+        dst.write(src.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts.shutil, "copyfileobj", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        upload_artifact(artifact_store=store, file_path=str(tmp_path / "upload.bin"), study_or_trial=trial)
+    assert list((tmp_path / "x" / "artifacts").iterdir()) == [] and artifacts.records(study.trials[0]) == []
+    monkeypatch.undo()
+    aid = upload_artifact(artifact_store=store, file_path=str(tmp_path / "upload.bin"), study_or_trial=trial)
+    [record] = artifacts.records(study.trials[0])
+    assert record["artifact_id"] == aid and (tmp_path / "x" / "artifacts" / aid).read_bytes() == b"x" * 1000

@@ -50,6 +50,8 @@ RECIPES = [
     ({"data": {"val_split": 1.5}}, r"data.val_split: .*less than 1"),
     ({"pool": [{"model": "mini_cnn", "pretrained": True}]}, r"'mini_cnn' has no pretrained weights"),
     ({"pool": [{"model": "mini_cnn", "resolution": 4}]}, r"pool\[0\].resolution: .*greater than or equal to 8"),
+    ({"pool": [{"model": "mini_cnn", "resolution": 100000}]}, r"pool\[0\].resolution: .*less than or equal to 1024"),
+    ({"data": {"resolution": 100000}}, r"data.resolution: .*less than or equal to 1024"),
     ({"train": {"optimizer": "adam"}}, r"train.optimizer: 'adam' is not allowed"),
     (
         {"study": {"metric": "acc"}},
@@ -139,3 +141,9 @@ def test_cli_bad_recipes_exit_2_with_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], (args, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "ok.yaml"]  # no study, no database
+
+
+def test_a_pool_entry_is_bounded_as_the_data_is():
+    from search import data, pool
+
+    assert pool.MAX_RESOLUTION == data.MAX_RESOLUTION

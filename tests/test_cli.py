@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests.conftest import run_cli, run_inline, tiny_recipe, write_recipe
@@ -31,6 +33,35 @@ def test_validate_prints_space(tmp_path):
     assert not (tmp_path / "studies").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://u:${SEARCH_PW}@db.example.org/x", "postgresql+psycopg://u:***@db.example.org/x"),
+        ("redis://cache.example.org:6379/0", "redis://cache.example.org:6379/0"),
+    ],
+)
+def test_validate_offline_contacts_nothing_and_says_so(tmp_path, monkeypatch, url, shown):
+    """A shared recipe's storage host is shown but never contacted: no connection is even tried."""
+    tried = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: tried.append(addr))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: tried.append(a) or [])
+    f = write_recipe(tmp_path / "ok.yaml", tiny_recipe(study={"storage": url}))
+    proc = run_inline("validate", str(f), "--offline", cwd=tmp_path, env={"SEARCH_PW": "pw"})
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"not checked (--offline): that the storage at {shown} answers; nothing was contacted"
+    ) in proc.stdout.replace("\n  ", " ")
+    assert tried == [] and not (tmp_path / "studies").exists()
+
+
+def test_validate_offline_still_checks_a_local_file_storage(tmp_path):
+    f = write_recipe(tmp_path / "ok.yaml", tiny_recipe(study={"storage": "sqlite:///no/such/dir/x.db"}))
+    (tmp_path / "no").write_text("a file, not a directory")
+    proc = run_inline("validate", str(f), "--offline", cwd=tmp_path)
+    assert proc.returncode == 2 and "study.storage: cannot create" in proc.stderr
+    assert "not checked" not in proc.stdout
+
+
 def test_missing_recipe_file(tmp_path):
     proc = run_inline("run", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2
@@ -46,7 +77,8 @@ def test_usage_mistakes_are_one_line_with_the_closest_match(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: python -m search: unknown command 'rnu' (did you mean 'run'?); allowed: run, validate, "
-        "prefetch, rank, worker, fail-stale, models, report, best, dashboard, confirm, proxy, retrain"
+        "prefetch, rank, worker, fail-stale, models, report, best, dashboard, confirm, proxy, retrain, export, "
+        "predict"
     ]
     proc = run_cli("run", "r.yaml", "--workers", "abc", cwd=tmp_path)
     assert proc.returncode == 2

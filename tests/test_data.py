@@ -411,6 +411,43 @@ def test_image_folder_mixed_sizes_need_a_resolution(tmp_path):
         load_data(DataCfg(dataset=f"folder:{tmp_path}"))
 
 
+def _sideways(path: Path, upright: bool = False) -> None:
+    """A 16x24 photo, red on top and blue below as shown. `upright`: stored so, with no EXIF; else
+    stored lying on its side (24x16, red on the left) with EXIF orientation 6 (turn clockwise
+    to show), as a camera held upright writes it."""
+    red, blue = (255, 0, 0), (0, 0, 255)
+    if upright:
+        im = Image.new("RGB", (16, 24), blue)
+        im.paste(red, (0, 0, 16, 12))
+        im.save(path, quality=95)
+        return
+    im = Image.new("RGB", (24, 16), blue)
+    im.paste(red, (0, 0, 12, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+def test_image_folder_applies_the_exif_orientation(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            _sideways(tmp_path / c / f"{i}.jpg")
+            _sideways(tmp_path / c / f"{i}.png")
+            _sideways(tmp_path / c / f"up{i}.jpg", upright=True)
+    with Image.open(tmp_path / "a" / "0.png") as im:  # the PNG carries the tag (eXIf chunk) as the JPEG does
+        assert im.size == (24, 16) and im.getexif()[0x0112] == 6
+    d = load_data(DataCfg(dataset=f"folder:{tmp_path}"), seed=0)
+    x = torch.cat([d.train.x, d.val.x, d.test.x]).int()
+    assert x.shape == (24, 3, 24, 16)  # (N, C, H, W): upright, as the upright copies are
+    top, bottom = x[:, :, :10], x[:, :, 14:]
+    assert (top[:, 0] > 200).all() and (top[:, 2] < 60).all()  # red on top in every image
+    assert (bottom[:, 2] > 200).all() and (bottom[:, 0] < 60).all()
+    d = load_data(DataCfg(dataset=f"folder:{tmp_path}", resolution=8), seed=0)  # decoded at a reduced scale
+    x = torch.cat([d.train.x, d.val.x, d.test.x]).int()
+    assert (x[:, 0, :2] > 200).all() and (x[:, 2, -2:] > 200).all()
+
+
 def test_unknown_dataset_suggests_a_name():
     with pytest.raises(
         SearchError, match=r"unknown dataset 'cifar-10'.*allowed: .*pathmnist\[_64\|_128\|_224\].*folder:PATH"

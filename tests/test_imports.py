@@ -42,15 +42,18 @@ LOCAL_LIBRARIES = {
     "optuna_dashboard",
     "grpc",
     "redis",
+    "onnx",
+    "onnxruntime",
     "fcntl",
     "mlflow",
     "tensorboard",
 }
-# ... and torch's modules that `import torch` leaves unloaded: the compiler (a second of imports, only
-# under hardware.compile), the FLOP counter (only for a `flops` objective) and TensorBoard's writer
-# (the optional tensorboard package, only under tracking.tensorboard).
+# ... and torch's modules that `import torch` leaves unloaded: the compiler and its cache directory (a
+# second of imports, only under hardware.compile), the FLOP counter (only for a `flops` objective)
+# and TensorBoard's writer (the optional tensorboard package, only under tracking.tensorboard).
 LOCAL_TORCH_MODULES = {
     "torch._dynamo",
+    "torch._inductor.runtime.cache_dir_utils",
     "torch.utils.flop_counter",
     "torch.utils.tensorboard",
     "torch.utils.tensorboard.summary",
@@ -190,3 +193,12 @@ def test_the_data_package_imports_no_recipe_and_the_space_no_recipe():
                 todo += g.get(n, ())
     for m in ("search.data", "search.space", "search.pool", "search.hparams", "search.metrics"):
         assert "search.recipe" not in reach[m], m
+
+
+def test_one_trial_runs_without_the_worker_loop():
+    """The objective takes its resume state and trial exceptions from search.resume and
+    search.errors, and the worker loop finds the resume directory without the artifacts."""
+    g = graph()
+    assert "search.workers" not in g["search.objective"]
+    assert not g["search.workers"] & {"search.artifacts", "search.models", "search.objective"}
+    assert not g["search.resume"] & {"search.workers", "search.artifacts", "search.models"}

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from search import artifacts, record
+from search import artifacts, record, storage
 from tests.conftest import run_inline
 
 ROOT = Path(record.__file__).parent
@@ -38,7 +38,7 @@ def test_every_attribute_of_a_real_study_is_declared_in_the_record(demo_study):
 def test_checkpoints_carry_the_versions_and_device_and_report_shows_the_study_s(demo_study):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{demo_study}/studies/tiny.db")
     best = study.best_trial
-    store = artifacts.store_for(artifacts.dir_of(study))
+    store = artifacts.store_for(storage.dir_of(study))
     with store.open_reader(best.user_attrs["checkpoint"]) as f:
         ckpt = torch.load(f, weights_only=True)
     assert ckpt["versions"]["device"] == "cpu" and ckpt["versions"]["optuna"] == optuna.__version__

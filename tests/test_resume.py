@@ -15,7 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search import artifacts, workers
+from search import artifacts, resume, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, finished
@@ -29,10 +29,11 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_
 
 
 def _recipe(name: str, **study) -> dict:
-    # ~0.3 s an epoch on one core: long enough to signal a trial between two epochs
+    # ~0.3 s an epoch on one core: long enough to signal a trial between two epochs. A heartbeat of
+    # 2 s: a killed trial is stale after 20 s, longer than a worker takes to start on a busy machine
     return tiny_recipe(
         name=name,
-        study={"n_trials": 2, "heartbeat": 1, **study},
+        study={"n_trials": 2, "heartbeat": 2, **study},
         data={"max_samples": 1000},
         train={"epochs": 6},
         space={
@@ -91,7 +92,7 @@ def test_a_killed_and_a_preempted_trial_resume_with_the_uninterrupted_histories(
     url = f"sqlite:///{tmp_path}/pre.db"
     recipe = recipe_from_dict(_recipe("pre"))
     study = st.open_study(recipe, url)
-    resume_dir = workers.resume_dir(study, recipe)
+    resume_dir = resume.resume_dir(study, recipe)
 
     first = _worker("pre", url, tmp_path)
     killed = _until_epoch(first, 3)
@@ -168,7 +169,7 @@ def test_a_retry_without_a_readable_state_starts_over_and_says_so(tmp_path):
     trial = study.ask({"model": optuna.distributions.CategoricalDistribution(["mini_cnn"])})
     study.tell(trial, state=TrialState.FAIL)
     workers.retry(study, study.get_trials()[0])
-    where = workers.resume_dir(study, recipe)
+    where = resume.resume_dir(study, recipe)
     where.mkdir(parents=True)
     (where / "trial-0.pt").write_bytes(b"torn")
     st.work(recipe, study, quiet=True)

@@ -1,21 +1,28 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import matplotlib.image
 import optuna
 import pytest
 import torch
 
-from search import artifacts, cli, retrain
+from search import artifacts, cli, metrics, retrain
 from search import data as datamod
 from search import study as st
+from search.augment import AugmentCfg
 from search.data import Split
+from search.models import build_model
 from search.recipe import load_recipe, recipe_from_dict
 from search.train import predict
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
 
 
 class SpySplit(Split):
@@ -146,3 +153,115 @@ def test_retrain_needs_its_origin_study(tmp_path):
     optuna.create_study(study_name="y", storage=f"sqlite:///{tmp_path}/s.db")
     with pytest.raises(retrain.SearchError, match=r"study.origin: no study 'x' in sqlite:///.*studies there: y"):
         retrain.retrain(load_recipe(f), storage=f"sqlite:///{tmp_path}/s.db")
+
+
+FIXED = {
+    "optimizer": "adamw",
+    "lr": 0.003,
+    "weight_decay": 0.0,
+    "batch_size": 32,
+    "dropout": 0.0,
+    "momentum": None,
+    "backbone_lr_mult": None,
+}
+
+
+def fixed_recipe(path, epochs: int = 1):
+    """A recipe as `best` exports it: one pool entry, nothing sampled."""
+    space = {"preset": "quick", "overrides": FIXED}
+    return write_recipe(path, tiny_recipe(study={"name": "fixed"}, space=space, train={"epochs": epochs}))
+
+
+@pytest.mark.slow  # two retrain processes
+def test_retrain_stopped_by_sigterm_goes_on_with_the_next_seed(tmp_path):
+    fixed_recipe(tmp_path / "fixed.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "search", "retrain", "fixed.yaml", "--seeds", "3"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("test, seed 0"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    partial = tmp_path / "studies/fixed/retrain.partial"
+    assert err.strip().splitlines() == [
+        "retrain stopped (SIGTERM): seed 0 kept in studies/fixed/retrain.partial; run the same command again to go on"
+    ]
+    assert "test, seed 1" not in rest  # stopped inside seed 1
+    assert sorted(p.name for p in partial.iterdir()) == ["seed-0.json", "seed-0.pt"]
+    assert not (tmp_path / "studies/fixed/retrain").exists()  # nothing half written
+    first = json.loads((partial / "seed-0.json").read_text())["test_metrics"]
+
+    again = run_cli("retrain", "fixed.yaml", "--seeds", "3", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    assert "seed 0: tested in an earlier run; kept, not trained again" in again.stdout
+    assert "seed 0 epoch" not in again.stdout and "seed 1 epoch   1/1" in again.stdout
+    assert "seed 2 epoch   1/1" in again.stdout
+    out = tmp_path / "studies/fixed/retrain"
+    record = json.loads((out / "test_metrics.json").read_text())
+    assert [r["seed"] for r in record["seeds"]] == [0, 1, 2] and record["test_metrics"] == first
+    assert not partial.exists() and sorted(p.name for p in out.parent.iterdir()) == ["artifacts", "retrain"]
+
+    # model.pt is the model the record describes: its digest, and its score on the test split.
+    assert hashlib.sha256((out / "model.pt").read_bytes()).hexdigest() == record["model_sha256"]
+    model, _ = artifacts.load_checkpoint(out / "model.pt")
+    d = datamod.load_data(load_recipe(tmp_path / "fixed.yaml").data, 0)
+    logits = predict(
+        model, d.test.x, model.info.resolution, model.info.mean, model.info.std, torch.device("cpu"), None, False
+    )
+    assert float((logits.argmax(1) == d.test.y).float().mean()) == pytest.approx(first["test_accuracy"], abs=1e-6)
+
+
+def test_a_seed_kept_for_another_recipe_is_trained_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = fixed_recipe(tmp_path / "fixed.yaml")
+    partial = tmp_path / "studies/fixed/retrain.partial"
+    partial.mkdir(parents=True)
+    (partial / "seed-0.json").write_text(json.dumps({"key": "another", "seed": 0, "test_metrics": {}}))
+    said = []
+    record = retrain.retrain(load_recipe(f), say=said.append)
+    assert not any("earlier run" in line for line in said) and any("seed 0 epoch   1/1" in line for line in said)
+    assert record["epochs"] == 1 and not partial.exists()
+    assert (tmp_path / "studies/fixed/retrain/model.pt").is_file()
+
+
+def test_retrain_tta_flip_reports_both_sets_and_the_plain_one_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_from_dict(
+        tiny_recipe(space={"preset": "quick", "overrides": FIXED}, data={"max_samples": 150}, train={"epochs": 1})
+    )
+    plain = retrain.retrain(recipe, storage="sqlite:///plain.db", say=lambda _: None)
+    lines: list[str] = []
+    with_tta = retrain.retrain(recipe, storage="sqlite:///tta.db", say=lines.append, tta="flip")
+    assert with_tta["test_metrics"] == plain["test_metrics"]  # bit for bit: the same floats
+    assert "tta" not in plain and "test_metrics_tta" not in plain
+    tta = with_tta["test_metrics_tta"]
+    assert with_tta["tta"] == "flip" and set(tta) == set(plain["test_metrics"])
+    assert tta != plain["test_metrics"] and 0.0 <= tta["test_accuracy"] <= 1.0
+    assert with_tta["seeds"][0]["test_metrics_tta"] == tta
+    text = "\n".join(lines)
+    assert "test, seed 0 (official split, evaluated once):" in text
+    assert "test with TTA flip, seed 0 (image and mirror image, probabilities averaged; never selected on):" in text
+    assert "note: digits trains without flips" in text and all(len(x) <= 100 for x in text.splitlines())
+    saved = json.loads((Path(with_tta["dir"]) / "test_metrics.json").read_text())
+    assert saved["test_metrics_tta"] == tta
+    with pytest.raises(retrain.SearchError, match="retrain --tta crop: unknown test-time augmentation; allowed: flip"):
+        retrain.retrain(recipe, storage="sqlite:///tta.db", tta="crop")
+
+
+def test_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("mini_cnn", num_classes=3, in_chans=1, resolution=8).eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    split = Split(x, torch.arange(6) % 3)
+    data = datamod.Data("d", split, split, split, ("a", "b", "c"), "none", AugmentCfg(), 8)
+    plain, cm, tta = retrain.evaluate_test(model, data, torch.device("cpu"), "flip")
+    info = model.info
+    p = [
+        predict(model, v, 8, info.mean, info.std, torch.device("cpu"), None, False).softmax(1) for v in (x, x.flip(-1))
+    ]
+    want = metrics.evaluate(((p[0] + p[1]) / 2).log(), data.test.y)
+    assert tta == pytest.approx(want, abs=1e-6) and plain == retrain.evaluate_test(model, data, torch.device("cpu"))[0]

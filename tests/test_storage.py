@@ -14,16 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import optuna
 import pytest
 import sqlalchemy
+from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from search import storage, workers
 from search import study as st
+from search.errors import SearchError
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, remaining
 from tests.conftest import ROOT, run_cli, run_inline, tiny_recipe, write_recipe
@@ -359,3 +362,57 @@ def test_proxy_serves_loopback_only_and_stops_cleanly_on_ctrl_c(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err and "stopped" in out, err
     assert len(optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/a.db").get_trials()) == 3
+
+
+# ---------------------------------------------------------------------------
+# journal file: the lock's grace, a torn last line
+
+
+def _journal_with_a_trial(path) -> str:
+    url = f"journal:{path}"
+    study = optuna.create_study(study_name="j", storage=storage.open_storage(url, heartbeat=None))
+    study.tell(study.ask(), 1.0)
+    return url
+
+
+def test_the_journal_lock_outlasts_an_nfs_stall(tmp_path):
+    opened = storage.open_storage(_journal_with_a_trial(tmp_path / "j.log"), heartbeat=None)
+    assert opened._backend._lock.grace_period == storage.JOURNAL_LOCK_GRACE_SECONDS == 600  # Optuna's: 30
+
+
+def test_a_torn_last_line_is_refused_with_its_repair(tmp_path):
+    path = tmp_path / "j.log"
+    url = _journal_with_a_trial(path)
+    whole = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"x","stu')  # a writer killed mid-append
+    with pytest.raises(SearchError) as e:
+        storage.open_storage(url, heartbeat=None)
+    assert str(e.value) == (
+        f"journal {path}: its last line is torn (33 bytes after the last complete record: a writer stopped "
+        f"mid-append); stop every worker on it, then cut it: truncate -s {whole} {path}"
+    )
+    subprocess.run(["truncate", "-s", str(whole), str(path)], check=True)  # the repair, as printed
+    [trial] = optuna.load_study(study_name="j", storage=storage.open_storage(url, heartbeat=None)).trials
+    assert trial.value == 1.0
+
+
+def test_an_append_in_progress_is_not_taken_for_a_torn_line(tmp_path):
+    path = tmp_path / "j.log"
+    url = _journal_with_a_trial(path)
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()  # a writer, half-way through its append
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":4,"worker_id":"x","study_id":0,')
+
+    def finish():
+        time.sleep(0.5)
+        with open(path, "ab") as f:
+            f.write(b'"datetime_start":"2026-01-01T00:00:00.000000+00:00"}\n')
+        lock.release()
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    study = optuna.load_study(study_name="j", storage=storage.open_storage(url, heartbeat=None))
+    writer.join()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]

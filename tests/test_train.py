@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import stat
+import tempfile
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from search import train
 from search.augment import AugmentCfg
 from search.data import Data, Split, load_data
+from search.errors import SearchError
 from search.models import build_model
 from search.recipe import DataCfg, TrainCfg
 from tests.conftest import timeless
@@ -573,3 +577,24 @@ def test_stop_ends_the_fit_at_a_step_boundary_as_interrupted(digits):
     assert res.status == "interrupted" and res.reason == "stopped in epoch 2; 1 epochs done"
     assert [r["epoch"] for r in res.history] == [1] and states == [1]
     assert not res.failed
+
+
+def test_the_inductor_cache_is_the_users_own(tmp_path, monkeypatch):
+    monkeypatch.delenv(train.INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = train.inductor_cache()
+    assert path == tmp_path / f"search-inductor-{os.getuid()}"  # not /tmp/torchinductor_<user>
+    assert os.environ[train.INDUCTOR_CACHE_ENV] == str(path) and stat.S_IMODE(os.lstat(path).st_mode) == 0o700
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(path)  # where inductor then writes and reads
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(train.INDUCTOR_CACHE_ENV, default_cache_dir())  # as importing torch._dynamo sets it
+    assert train.inductor_cache() == path
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv(train.INDUCTOR_CACHE_ENV, str(shared))
+    with pytest.raises(SearchError, match=r"inductor cache directory .*/shared is refused: others may write it"):
+        train.compiled(torch.nn.Linear(2, 2), "eager")

@@ -130,10 +130,16 @@ def _opened(name: str, path: Path) -> Iterator[Image.Image]:
         raise _undecodable(name, path, e) from None
 
 
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)  # orientations that turn the image by 90 or 270 degrees (width and height swap)
+
+
 def _header(name: str, path: Path) -> tuple[tuple[int, int], str]:
     """(size, mode) from the file's header, without decoding its pixels."""
     with _opened(name, path) as im:
         size, mode = im.size, im.mode
+        if im.getexif().get(EXIF_ORIENTATION) in TURNED:  # shown turned by a quarter: as decoded below
+            size = size[::-1]
     if mode == "F":
         raise SearchError(
             f"data.dataset '{name}': {path} holds 32-bit float pixels, which have no fixed range to map to "
@@ -180,13 +186,19 @@ def _wide_gray(name: str, path: Path, im: Image.Image, resolution: int | None) -
 
 
 def _decoded(name: str, path: Path, mode: str, resolution: int | None) -> np.ndarray:
-    """One image as uint8 (C, H, W) in `mode` ("L" or "RGB"), fitted to `resolution`."""
+    """One image as uint8 (C, H, W) in `mode` ("L" or "RGB"), upright by its EXIF orientation,
+    fitted to `resolution`."""
+    from PIL import ImageOps
+
     with _opened(name, path) as im:
         if resolution is not None:
             # A JPEG decodes at 1/2, 1/4 or 1/8 scale where that still covers the fitted size:
             # a 12-megapixel photo fitted to 64 px decodes to 1/64 of its pixels.
             im.draft(None, _scaled(im.size, resolution))
         im.load()
+        # As the photo is shown: a camera held upright stores landscape pixels and an EXIF
+        # orientation; decoding the pixels alone would train on images lying on their side.
+        im = ImageOps.exif_transpose(im)
         if im.mode in SIXTEEN_BIT or im.mode == "I":
             gray = _wide_gray(name, path, im, resolution)
             return np.repeat(gray[None], 1 if mode == "L" else 3, axis=0)
@@ -242,7 +254,7 @@ def folder_parts(name: str, path: Path) -> dict[str, Path]:
 
 def folder_signature(parts: dict[str, Path]) -> str:
     """Digest of what decoding reads: each class folder's file names, sizes and mtimes."""
-    h = hashlib.sha256(b"v1")
+    h = hashlib.sha256(b"v2")  # v2: EXIF orientation applied (v1 copies decoded without it)
     for part, folder in parts.items():
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(d.iterdir()):
