@@ -37,9 +37,9 @@ from optuna.trial import TrialState
 from search.files import replacing
 from search.models import build_model, info_of
 from search.pool import parse_entry
-from search.record import attrs, versions
+from search.record import attrs, optuna_artifacts, set_attrs, versions
 from search.storage import dir_of
-from search.trials import order, ranked
+from search.trials import best_first, ranked
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,7 +187,7 @@ def top_numbers(study: optuna.Study, k: int, extra: tuple[int, float] | None = N
     """Numbers of the k best ranked trials (complete and feasible: search.trials.ranked), with
     `extra`, a feasible trial finishing now as (number, primary value), placed among them."""
     scored = [(t.number, t.values[0]) for t in ranked(study)] + ([extra] if extra else [])
-    return set(order(study, scored)[:k])
+    return set(best_first(study, scored)[:k])
 
 
 ARTIFACT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # Optuna's: uuid4
@@ -199,8 +199,8 @@ def records(trial: optuna.trial.FrozenTrial) -> list[dict[str, str]]:
     worker and anyone with access to it; a malformed record (no filename, an id like '../x') is
     skipped with a warning rather than failing every trial that reads it."""
     out = []
-    for key, raw in trial.system_attrs.items():
-        if not key.startswith("artifacts:") or raw is None:
+    for key, raw in optuna_artifacts(trial).items():
+        if raw is None:
             continue
         try:
             meta = json.loads(raw) if isinstance(raw, str) else raw
@@ -297,4 +297,4 @@ def after_fit(
             metrics=result.best,
             device=attrs(trial).get("device"),
         )
-        trial.set_user_attr("checkpoint", _upload(trial, store, ckpt))
+        set_attrs(trial, checkpoint=_upload(trial, store, ckpt))

@@ -121,7 +121,7 @@ def _verdict(missing: list, problems: list[str], command: str, recipe: str) -> i
     `validate`, MISSING_FILES (3) when the recipe is valid and only files are missing here, so a
     script can tell "fix the recipe" (2) from "fetch first" (3).
     """
-    from search.net import checklist
+    from search.reach import checklist
     from search.text import command as cmd
     from search.text import wrap
 
@@ -522,7 +522,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from search import artifacts, storage
-    from search.net import is_loopback
+    from search.reach import is_loopback
 
     _, _, url, directory = _stored(args)
     from search import dashboard

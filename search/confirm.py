@@ -35,7 +35,7 @@ from search.objective import make_objective, told
 from search.outage import Patience
 from search.pool import parse_pool
 from search.recipe import Recipe, recipe_from_dict
-from search.record import attrs
+from search.record import attrs, new_attrs, set_attrs, set_study_attrs
 from search.trials import counted, ranked
 
 
@@ -53,7 +53,7 @@ def create_companion(study: optuna.Study) -> optuna.Study:
     )
     if study.metric_names:
         c.set_metric_names(study.metric_names)
-    c.set_user_attr("confirms_study", study.study_name)
+    set_study_attrs(c, confirms_study=study.study_name)
     return c
 
 
@@ -80,7 +80,7 @@ def enqueue(study: optuna.Study, top_k: int, seeds: int) -> int:
                 continue
             c.enqueue_trial(
                 t.params,
-                user_attrs={"confirms": t.number, "seed_index": i, "seed": confirm_seed(seed, i), "source_seed": seed},
+                user_attrs=new_attrs(confirms=t.number, seed_index=i, seed=confirm_seed(seed, i), source_seed=seed),
             )
             n += 1
     return n
@@ -114,7 +114,7 @@ def run(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
 
     def objective(trial: optuna.Trial, lost: threading.Event | None = None) -> float | list[float]:
         if _duplicate(trial):
-            trial.set_user_attr("fail_reason", "duplicate confirmation")
+            set_attrs(trial, fail_reason="duplicate confirmation")
             raise TrialFailed("duplicate confirmation")
         return inner(trial, lost)
 

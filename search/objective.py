@@ -36,7 +36,7 @@ from search.pool import PoolEntry
 from search.process import STOP, WORKER
 from search.progress import Progress
 from search.recipe import CONSTRAINABLE, Recipe
-from search.record import attrs, set_attrs, versions
+from search.record import attrs, set_attr, set_attrs, system_attrs, versions
 from search.resume import fingerprint, forget, identity, resume_dir, save_state, study_id, take_state, tidy
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
 from search.storage import dir_of
@@ -101,16 +101,16 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
     seed = seed_of(trial, recipe)
     res, dev = input_resolution(entry, s.data.resolution), resolve_device(s.device)
     for k, v in trial_attrs(entry, seed, res, hp.channel_reduce, str(dev)).items():
-        trial.set_user_attr(k, v)
+        set_attr(trial, k, v)
     if s.tracker is not None:
         s.tracker.start(trial)
     try:
         model = build(trial, entry, hp, s.data, res, seed)
-        slot = gpu_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
-        measures = measure(trial, recipe, model, s.data.in_chans, res, dev)  # before training: pruned trials have them
+        slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
+        measures = record_measures(trial, recipe, model, s.data.in_chans, res, dev)  # before fit: pruned ones have them
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
         state = resume(trial, s, path, seed, entry.label, dev)
-        result = train(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
+        result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
     except KeyboardInterrupt:
         set_attrs(trial, fail_reason="interrupted")
         raise
@@ -173,16 +173,18 @@ def build(trial: optuna.Trial, entry: PoolEntry, hp: TrainCfg, data: Data, res: 
         raise TrialFailed(f"invalid combination: {e}") from None
 
 
-def measure(trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res: int, dev: Any) -> dict[str, Any]:
+def record_measures(
+    trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res: int, dev: Any
+) -> dict[str, Any]:
     """The measures an objective or constraint of the study needs (params, flops, latency, ...), recorded."""
     wanted = [n for n in (*recipe.study.names, *recipe.study.constraints) if n in CONSTRAINABLE]
     measures = measure_model(model, wanted, in_chans, res, dev)
     for k, v in measures.items():
-        trial.set_user_attr(k, v)
+        set_attr(trial, k, v)
     return measures
 
 
-def gpu_slot(
+def device_slot(
     trial: optuna.Trial,
     recipe: Recipe,
     data: Data,
@@ -201,13 +203,13 @@ def gpu_slot(
     precision = pack.precision_name(dev, recipe.hardware.amp)
     key = pack.probe_key(entry.label, res, batch_size, precision)
 
-    def measure() -> int:
+    def probe_step() -> int:
         shape = build_model(
             entry, num_classes=data.num_classes, in_chans=data.in_chans, resolution=res, pretrained=False
         )  # the same shapes, no weights to load
         return pack.measure_step(shape, data.in_chans, res, batch_size, data.num_classes, dev, precision)
 
-    peak = pack.probe(trial.study, key, measure, pack.ledger_path(dev))
+    peak = pack.probe(trial.study, key, probe_step, pack.ledger_path(dev))
     need = peak + data.train.x.numel() + data.val.x.numel()  # uint8 images, kept on the GPU when they fit
     set_attrs(trial, memory_probe_mb=round(peak / 2**20, 1))
     return pack.gpu_slot(
@@ -226,7 +228,7 @@ def resume(trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev
     a = attrs(trial)
     if "retry_of" not in a or not s.recipe.study.resume:
         return None
-    numbers = {trial.number, *frozen(trial).system_attrs.get("retry_history", ())}
+    numbers = {trial.number, *system_attrs(frozen(trial)).get("retry_history", ())}
     state, why = take_state(path.parent, trial, state_identity(trial, s, seed, dev), numbers)
     if state is None:
         set_attrs(trial, restarted=why)
@@ -246,7 +248,7 @@ def state_identity(trial: optuna.Trial, s: Setup, seed: int, dev: Any) -> dict[s
     return identity(trial, study_id(trial.study), seed, s.fingerprint, dev.type, precision, gpus)
 
 
-def train(
+def fit_trial(
     trial: optuna.Trial,
     s: Setup,
     model: Any,
@@ -294,7 +296,7 @@ def train(
     finally:
         if shown is not None:
             shown.close_trial()
-    stopped(trial, result, lost)
+    raise_if_interrupted(trial, result, lost)
     return result
 
 
@@ -386,7 +388,7 @@ class Epochs:
         self.saved, self.unsaved = epoch, False
 
 
-def stopped(trial: optuna.Trial, result: FitResult, lost: threading.Event) -> None:
+def raise_if_interrupted(trial: optuna.Trial, result: FitResult, lost: threading.Event) -> None:
     """A fit that stopped early: lost to another worker, or interrupted (queued again by the loop)."""
     if result.status != "interrupted":
         return
@@ -406,7 +408,7 @@ def outcome(
     measures: dict[str, Any],
 ) -> float | list[float]:
     """Record how the trial ended; its value(s), or PRUNED (out of memory) / FAIL (diverged)."""
-    ok = all(v <= 0 for v in constraints(trial.user_attrs, recipe.study.constraints).values())
+    ok = all(v <= 0 for v in constraints(attrs(trial), recipe.study.constraints).values())
     artifacts.after_fit(trial, recipe, model, hp, data, result, ok)  # history; checkpoint while in the top-k
     set_attrs(trial, status=result.status)
     peak = max((r["peak_memory_mb"] for r in result.history), default=0.0)
@@ -423,7 +425,7 @@ def outcome(
         raise TrialFailed(result.reason)
     set_attrs(trial, best_epoch=result.best_epoch)
     for k, v in result.best.items():
-        trial.set_user_attr(f"best_{k}", round(v, 6))  # a short cell; full values in the history
+        set_attr(trial, f"best_{k}", round(v, 6))  # a short cell; full values in the history
     record_constraints(trial, recipe.study.constraints)
     measures["train_seconds"] = round(sum(r["seconds"] for r in result.history), 3)
     set_attrs(trial, train_seconds=measures["train_seconds"])

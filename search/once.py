@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
 from optuna.study import StudyDirection
 
 from search import optuna_api
+from search.record import set_study_attr, study_attrs
 
 log = logging.getLogger("search")
 
@@ -52,11 +53,13 @@ def locked(study: optuna.Study, key: str, wait: float = LOCK_WAIT) -> Iterator[N
 def once(study: optuna.Study, key: str, work: Callable[[], Any]) -> tuple[Any, bool]:
     """`work()` stored as the study attribute `key`, run by one worker of all that call this:
     (the stored value, whether this call ran it)."""
-    if key in study.user_attrs:
-        return study.user_attrs[key], False
+    stored: Mapping[str, Any] = study_attrs(study)
+    if key in stored:
+        return stored[key], False
     with locked(study, key):
-        if key in study.user_attrs:  # another worker did it while this one waited
-            return study.user_attrs[key], False
+        again: Mapping[str, Any] = study_attrs(study)
+        if key in again:  # another worker did it while this one waited
+            return again[key], False
         value = work()
-        study.set_user_attr(key, value)
+        set_study_attr(study, key, value)
         return value, True

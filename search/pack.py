@@ -49,8 +49,9 @@ from torch import nn
 
 from search.errors import SearchError
 from search.files import untrusted
+from search.record import MEMORY_PROBE, memory_probe, set_memory_probe
 
-PROBE_PREFIX = "memory_probe:"  # study user attr per (entry, resolution, batch size, precision): peak bytes
+PROBE_PREFIX = MEMORY_PROBE  # study user attr per (entry, resolution, batch size, precision): peak bytes
 POLL_SECONDS = 1.0  # how often a waiting worker measures its GPU's free memory again
 AUTO_WORKERS_PER_GPU = 8  # local workers started per GPU under trials_per_gpu: auto (at most)
 GIB = 2**30
@@ -151,9 +152,9 @@ def probe(study: Any, key: str, measure: Callable[[], int], ledger: Path | None 
     With the GPU's `ledger`, it is measured under the GPU's lock (no trial is admitted meanwhile);
     a GPU too full for the probe step is measured again once memory has been freed.
     """
-    stored = study.user_attrs.get(key)
+    stored = memory_probe(study, key)
     if stored is not None:
-        return int(stored)
+        return stored
     while True:
         with _locked(ledger) if ledger else contextlib.nullcontext():
             try:
@@ -164,7 +165,7 @@ def probe(study: Any, key: str, measure: Callable[[], int], ledger: Path | None 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # outside the except: the failed step's tensors are released
         time.sleep(POLL_SECONDS)
-    study.set_user_attr(key, peak)
+    set_memory_probe(study, key, peak)
     return peak
 
 

@@ -53,7 +53,7 @@ def stopping_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def stopped() -> None:
+def raise_if_stopped() -> None:
     """Raise KeyboardInterrupt (named after the signal) once a signal asked to stop."""
     if STOP.is_set():
         raise KeyboardInterrupt(STOPPED_BY[0] if STOPPED_BY else "SIGINT")

@@ -20,8 +20,8 @@ from typing import Any
 import optuna
 
 from search.errors import SearchError
-from search.net import is_loopback
 from search.optuna_api import grpc_server
+from search.reach import is_loopback
 from search.storage import mask, needs_grpc, open_storage, where
 
 # What the proxy can stand in front of, and why the others are refused.

@@ -422,10 +422,10 @@ def rank_pool(
         rows.append(row)
         if on_row:
             on_row(row)
-    return order(rows, cfg.by)
+    return sort_rows(rows, cfg.by)
 
 
-def order(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+def sort_rows(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
     """Ranked rows first (best `by` score first; ties keep pool order), then the unrankable ones."""
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r[by])
     return ok + [r for r in rows if r["status"] != "ok"]

@@ -1,8 +1,14 @@
-"""The records the harness keeps in a study: every user attribute of a trial and of a study,
-with its type and meaning, in one place. Code reads and writes them by these names;
-tests/test_record.py checks that a real study stores nothing undeclared here. `attrs(trial)`
-and `study_attrs(study)` read the attributes as the typed records and `set_attrs(trial, ...)`
-writes a trial's, so a misspelt name or a wrong type is a type error, not a silent None.
+"""The records the harness keeps in a study: every user attribute of a trial and of a study, and
+the system attributes of a retry, with its type and meaning, in one place. Nothing else in the
+package touches `user_attrs` or `system_attrs` (tests/test_record.py holds that, and checks that
+a real study stores nothing undeclared here).
+
+Reading: `attrs(trial)`, `system_attrs(trial)`, `study_attrs(study)` give the typed records; a
+value of the wrong type (written by another version or by hand) reads as absent, with a warning
+once per process, never a crash. Writing: `set_attrs(trial, ...)`, `set_study_attrs(study, ...)`
+and `set_stored_attrs(storage, trial_id, ...)` take the declared names as keywords, so a misspelt
+name or a wrong type is a type error, not a silent None; `set_attr` checks a name chosen at run
+time (a measure, a `best_` metric) when it is written.
 
 Also the versions that made a study or a checkpoint (`versions()`), stamped on both.
 """
@@ -10,12 +16,18 @@ Also the versions that made a study or a checkpoint (`versions()`), stamped on b
 from __future__ import annotations
 
 import functools
+import logging
 import platform
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, cast
 
 if TYPE_CHECKING:
     import optuna
+
+log = logging.getLogger("search")
 
 FitStatus = Literal["ok", "early_stopped", "diverged", "oom", "interrupted"]
 
@@ -64,6 +76,16 @@ class TrialAttrs(TypedDict, total=False):
     mlflow_run_id: str  # its MLflow run (tracking.mlflow); a retry continues it
     confirms: int  # a confirmation run (companion study NAME/confirm): the trial it confirms
     seed_index: int  # and which of its seeds (0: the search's own run)
+    source_seed: int  # and the seed of the trial it confirms
+
+
+class TrialSystemAttrs(TypedDict, total=False):
+    """System attributes of a retry (search.workers.retry); Optuna's RetryHeartbeatStaleTrialCallback
+    and its helpers read the first two."""
+
+    failed_trial: int  # the first trial of the chain of retries this one continues
+    retry_history: list[int]  # the trials of that chain before this one, oldest first
+    deaths: int  # how many of them a dead worker ended (preemptions do not count)
 
 
 class StudyAttrs(TypedDict, total=False):
@@ -83,20 +105,200 @@ class StudyAttrs(TypedDict, total=False):
     confirms_study: str  # on a companion study: the study whose configurations it confirms
 
 
+MEMORY_PROBE = "memory_probe:"  # a study attr per probed configuration (search.pack.probe_key): peak bytes
+
+# ---------------------------------------------------------------------------
+# reading: the declared records, values of the wrong type left out
+
+
+def fits(value: Any, tp: Any) -> bool:
+    """Whether a stored (JSON) value is of the declared type `tp` (an int is a float; a bool is no int)."""
+    return _checker(tp)(value)
+
+
+@functools.cache
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    """A predicate for values of type `tp`, built once per type (attrs() runs for every trial read)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return lambda v: True
+    if tp is type(None):
+        return lambda v: v is None
+    if origin in (typing.Union, types.UnionType):
+        alternatives = [_checker(a) for a in args]
+        return lambda v: any(c(v) for c in alternatives)
+    if origin is Literal:
+        return lambda v: isinstance(v, str | int) and v in args
+    if origin is dict:
+        key, item = _checker(args[0]), _checker(args[1])
+        return lambda v: isinstance(v, dict) and all(key(k) and item(x) for k, x in v.items())
+    if origin is list:
+        item = _checker(args[0])
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    kinds = (int, float) if tp is float else tp
+    if tp is bool:
+        return lambda v: isinstance(v, bool)
+    return lambda v: isinstance(v, kinds) and not isinstance(v, bool)
+
+
+@functools.cache
+def declared(record: type) -> dict[str, Any]:
+    """The names and types of a record (TrialAttrs, TrialSystemAttrs, StudyAttrs)."""
+    return typing.get_type_hints(record)
+
+
+@functools.cache
+def _exact(record: type) -> dict[str, frozenset[type]]:
+    """The plain types each name's value may have (str, int, float, None), for a quick first look."""
+    plain = {str, int, float, bool, type(None)}
+    out = {}
+    for k, tp in declared(record).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        out[k] = frozenset(a for a in args if a in plain) | ({int} if float in args else set())
+    return out
+
+
+@functools.cache
+def _checkers(record: type) -> dict[str, Callable[[Any], bool]]:
+    return {k: _checker(tp) for k, tp in declared(record).items()}
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _checked(values: Mapping[str, Any], record: type, where: str) -> Any:
+    """`values` without the declared names whose value is of another type (each warned once)."""
+    exact, checks, probe = _exact(record), _checkers(record), _checker(int)
+    wrong = [
+        k
+        for k, v in values.items()
+        if type(v) not in exact.get(k, ())
+        and not (checks[k](v) if k in checks else probe(v) if k.startswith(MEMORY_PROBE) else True)
+    ]
+    if not wrong:
+        return values
+    types_of = declared(record)
+    for k in wrong:
+        if (where, k) not in _WARNED:
+            _WARNED.add((where, k))
+            log.warning(
+                "%s: attribute %r holds %r (%s), not %s; read as absent",
+                where,
+                k,
+                values[k],
+                type(values[k]).__name__,
+                _type_name(types_of.get(k, int)),
+            )
+    return {k: v for k, v in values.items() if k not in wrong}
+
+
 def attrs(trial: optuna.trial.FrozenTrial | optuna.Trial) -> TrialAttrs:
     """A trial's user attributes as the declared record (read-only use)."""
-    return cast(TrialAttrs, trial.user_attrs)
+    return cast(TrialAttrs, _checked(trial.user_attrs, TrialAttrs, f"trial {trial.number}"))
+
+
+def system_attrs(trial: optuna.trial.FrozenTrial) -> TrialSystemAttrs:
+    """A trial's system attributes of retries as the declared record (read-only use)."""
+    mine = {k: v for k, v in trial.system_attrs.items() if k in declared(TrialSystemAttrs)}
+    return cast(TrialSystemAttrs, _checked(mine, TrialSystemAttrs, f"trial {trial.number}"))
 
 
 def study_attrs(study: optuna.Study | optuna.study.StudySummary) -> StudyAttrs:
     """A study's user attributes as the declared record (read-only use)."""
-    return cast(StudyAttrs, study.user_attrs)
+    return cast(StudyAttrs, _checked(study.user_attrs, StudyAttrs, f"study {study.study_name}"))
+
+
+def rejected(trial: optuna.trial.FrozenTrial, name: str) -> Any:
+    """The value stored under the declared `name` that `attrs` leaves out for its type, else None
+    (for a caller that says more about it)."""
+    v = trial.user_attrs.get(name)
+    return None if v is None or fits(v, declared(TrialAttrs).get(name, Any)) else v
+
+
+def optuna_artifacts(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """Optuna's own `artifacts:*` system attributes of a trial, as stored (search.artifacts checks each)."""
+    return {k: v for k, v in trial.system_attrs.items() if k.startswith("artifacts:")}
+
+
+def number(a: TrialAttrs, name: str) -> float | None:
+    """The numeric attribute `name` (chosen at run time: a measure, `best_` + a metric), or None."""
+    v = cast(Mapping[str, Any], a).get(name)
+    return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def omit(a: TrialAttrs, names: Iterable[str]) -> TrialAttrs:
+    """A copy of the record without `names`."""
+    left = set(names)
+    return cast(TrialAttrs, {k: v for k, v in a.items() if k not in left})
+
+
+def memory_probe(study: optuna.Study, key: str) -> int | None:
+    """The probed peak bytes under `key` (MEMORY_PROBE + configuration, search.pack.probe_key), if
+    a worker stored them."""
+    v = _checked(study.user_attrs, StudyAttrs, f"study {study.study_name}").get(key)
+    return None if v is None else int(v)
+
+
+# ---------------------------------------------------------------------------
+# writing: declared names only
+
+
+def new_attrs(base: TrialAttrs | None = None, /, **values: Unpack[TrialAttrs]) -> dict[str, Any]:
+    """The user attributes of a trial to create (`create_trial`, `enqueue_trial`): `base`'s, then `values`."""
+    return {**(base or {}), **values}
+
+
+def new_system_attrs(**values: Unpack[TrialSystemAttrs]) -> dict[str, Any]:
+    """The system attributes of a retry to create (`create_trial`)."""
+    return dict(values)
 
 
 def set_attrs(trial: optuna.Trial, **values: Unpack[TrialAttrs]) -> None:
     """Set declared user attributes of a running trial, in the order given."""
     for key, v in values.items():
         trial.set_user_attr(key, v)
+
+
+def set_attr(trial: optuna.Trial, name: str, value: Any) -> None:
+    """Set one declared user attribute named at run time; TypeError for an undeclared name or a
+    value of another type (a bug here, not the user's)."""
+    types_of = declared(TrialAttrs)
+    if name not in types_of or not fits(value, types_of[name]):
+        raise TypeError(f"trial attribute {name!r} = {value!r}: not declared as such in search.record.TrialAttrs")
+    trial.set_user_attr(name, value)
+
+
+def set_stored_attrs(storage: optuna.storages.BaseStorage, trial_id: int, **values: Unpack[TrialAttrs]) -> None:
+    """Set declared user attributes through the storage, for a trial this process does not run
+    (a heartbeat thread, a sweep failing another worker's trial)."""
+    for key, v in values.items():
+        storage.set_trial_user_attr(trial_id, key, v)
+
+
+def set_study_attrs(study: optuna.Study, **values: Unpack[StudyAttrs]) -> None:
+    """Set declared user attributes of a study, in the order given."""
+    for key, v in values.items():
+        study.set_user_attr(key, v)
+
+
+def set_study_attr(study: optuna.Study, name: str, value: Any) -> None:
+    """Set one declared study attribute named at run time (search.once); TypeError for an
+    undeclared name or a value of another type."""
+    types_of = declared(StudyAttrs)
+    if name not in types_of or not fits(value, types_of[name]):
+        raise TypeError(f"study attribute {name!r} = {value!r}: not declared as such in search.record.StudyAttrs")
+    study.set_user_attr(name, value)
+
+
+def set_memory_probe(study: optuna.Study, key: str, peak: int) -> None:
+    """Store one configuration's probed peak bytes (one attr per key: workers never overwrite each other)."""
+    if not key.startswith(MEMORY_PROBE):
+        raise TypeError(f"study attribute {key!r}: a memory probe's name starts with {MEMORY_PROBE!r}")
+    study.set_user_attr(key, int(peak))
 
 
 @functools.cache

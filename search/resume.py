@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from search.files import replacing
 from search.recipe import Recipe
-from search.record import attrs, study_attrs
+from search.record import attrs, set_study_attrs, study_attrs
 from search.storage import dir_of
 
 STATE_NAME = re.compile(r"trial-(\d+)\.pt")
@@ -62,7 +62,7 @@ def study_id(study: optuna.Study) -> str:
     sid = study_attrs(study).get("study_id")
     if not isinstance(sid, str):
         sid = str(uuid.uuid4())
-        study.set_user_attr("study_id", sid)
+        set_study_attrs(study, study_id=sid)
     return sid
 
 

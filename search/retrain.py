@@ -51,7 +51,7 @@ from search.hparams import TrainCfg
 from search.models import build_model, info_of, input_resolution
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe
-from search.record import study_attrs
+from search.record import set_study_attrs, study_attrs
 from search.stats import summarize
 from search.storage import default_storage, open_storage, study_dir, url_file
 from search.text import command, wrap, wrap_items
@@ -451,7 +451,7 @@ def _finish(
     store = artifacts.store_for(out.parent)
     for name in ("test_metrics.json", "confusion.png", "model.pt"):
         optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(out / name), study_or_trial=study)
-    study.set_user_attr("retrain", record)
+    set_study_attrs(study, retrain=record)
     if len(runs) > 1:
         _say_summary(record, recipe.study.metric, say)
     say(

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from search.optuna_api import NumberedQMC
 from search.recipe import BoundCfg, Recipe
+from search.record import TrialAttrs, attrs, number
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -120,7 +121,7 @@ def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
 OUT_OF_MEMORY = "out_of_memory"  # the constraint an OOM result violates
 
 
-def constraints(user_attrs: dict[str, Any], bounds: dict[str, BoundCfg] | None = None) -> dict[str, float]:
+def constraints(a: TrialAttrs, bounds: dict[str, BoundCfg] | None = None) -> dict[str, float]:
     """The constraint values of a trial that reaches the sampler, by name (<= 0: feasible).
 
     Read from what the trial recorded (its user attrs); `record_constraints` stores them as
@@ -130,13 +131,14 @@ def constraints(user_attrs: dict[str, Any], bounds: dict[str, BoundCfg] | None =
     The recipe's study.constraints (`bounds`) on measures recorded before training (params,
     flops, latency_ms, throughput): see `constraint_values`.
     """
-    out = {OUT_OF_MEMORY: 1.0 if user_attrs.get("status") == "oom" else 0.0}
-    if bounds and all(n in user_attrs for n in bounds):
-        out.update(constraint_values(bounds, user_attrs))
+    out = {OUT_OF_MEMORY: 1.0 if a.get("status") == "oom" else 0.0}
+    measured = {n: number(a, n) for n in bounds or {}}
+    if bounds and all(v is not None for v in measured.values()):
+        out.update(constraint_values(bounds, measured))
     return out
 
 
 def record_constraints(trial: optuna.Trial, bounds: dict[str, BoundCfg] | None = None) -> None:
     """Store `constraints` on a trial about to end COMPLETE or PRUNED (once: Optuna keeps the first)."""
-    for name, value in constraints(trial.user_attrs, bounds).items():
+    for name, value in constraints(attrs(trial), bounds).items():
         trial.set_constraint(name, value)

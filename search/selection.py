@@ -20,7 +20,7 @@ from search import confirmed, plots, space
 from search.artifacts import spec_of
 from search.errors import SearchError
 from search.recipe import Recipe
-from search.record import attrs
+from search.record import attrs, number
 from search.stats import winner_stability
 from search.text import WIDTH, command, table, wrap
 from search.trials import feasible, label, ranked, value
@@ -341,8 +341,8 @@ def _measure(t: FrozenTrial, name: str, recipe: Recipe) -> float | None:
     names = recipe.study.names
     if name in names and t.values:
         return t.values[names.index(name)]
-    v = t.user_attrs.get(name, t.user_attrs.get(f"best_{name}"))  # a measure or a best_ metric: named at run time
-    return v if isinstance(v, (int, float)) else None
+    v = number(attrs(t), name)  # a measure or a best_ metric: named at run time
+    return v if v is not None else number(attrs(t), f"best_{name}")
 
 
 def pick(study: optuna.Study, recipe: Recipe, text: str) -> FrozenTrial:

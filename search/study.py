@@ -44,7 +44,7 @@ from search.outage import Patience
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
 from search.progress import Progress, best_so_far, trial_line
 from search.recipe import Recipe, recipe_from_dict
-from search.record import study_attrs, versions
+from search.record import set_study_attrs, study_attrs, versions
 from search.resume import resume_dir, study_id, tidy
 from search.sampling import make_pruner, make_sampler
 from search.storage import check_storage, default_storage, dir_of, expand, mask, open_storage, study_names
@@ -118,10 +118,10 @@ def open_study(recipe: Recipe, storage_url: str | None = None, force: bool = Fal
             "or --force to continue with the new recipe"
         )
     if old is None:
-        study.set_user_attr("versions", versions())  # what created it; each checkpoint carries its own
+        set_study_attrs(study, versions=versions())  # what created it; each checkpoint carries its own
     study_id(study)  # set at creation (an older study gets one now): resume states carry it
     if old != new:
-        study.set_user_attr("recipe", new)
+        set_study_attrs(study, recipe=new)
     if study.metric_names != recipe.study.names and len(study.directions) == len(recipe.study.names):
         study.set_metric_names(recipe.study.names)  # the dashboard's axes and the report's columns
     return study
@@ -223,7 +223,7 @@ def ranked_entries(
         decision = {"rows": rows, **rank.decide(rows, recipe.study.rank.keep, recipe.rank.by)}
         stored = study_attrs(study).get("rank")  # another worker may have stored its ranking meanwhile
         if stored is None:
-            study.set_user_attr("rank", decision)
+            set_study_attrs(study, rank=decision)
             stored = decision
     say(rank.table(stored["rows"], stored["by"]))
     say(rank.decision_text(stored))
@@ -233,14 +233,14 @@ def ranked_entries(
 
 def start_clock(study: optuna.Study, recipe: Recipe) -> None:
     """A `run` starts the study-wide timeout afresh (or clears it); workers share its deadline."""
-    study.set_user_attr("deadline", time.time() + recipe.study.timeout if recipe.study.timeout else None)
+    set_study_attrs(study, deadline=time.time() + recipe.study.timeout if recipe.study.timeout else None)
 
 
 def _deadline(study: optuna.Study, recipe: Recipe) -> float | None:
     deadline = study_attrs(study).get("deadline")
     if deadline is None and recipe.study.timeout:  # workers started without `run`: the first starts the clock
         deadline = time.time() + recipe.study.timeout
-        study.set_user_attr("deadline", deadline)
+        set_study_attrs(study, deadline=deadline)
     return deadline if recipe.study.timeout else None
 
 
@@ -345,7 +345,7 @@ def _search(
     )
     reason = closed(study.get_trials(deepcopy=False))
     if reason:
-        study.set_user_attr("ended", reason)  # for the report: why the study ended before n_trials
+        set_study_attrs(study, ended=reason)  # for the report: why the study ended before n_trials
         say(f"the search stopped taking trials: {reason}")
     if tracker is not None:
         tracker.finish(done=bool(reason) or finished(study) >= n_total)
@@ -365,10 +365,13 @@ def enqueue_baselines(study: optuna.Study, recipe: Recipe, entries: list[PoolEnt
     """Once per study: one trial per entry with the `train` defaults, queued first (study.baselines),
     or, under study.rank with `order`, one per kept entry in rank order (replacing the former)."""
     ordered = recipe.study.rank is not None and recipe.study.rank.order
-    flag = "rank_enqueued" if ordered else "baselines_enqueued"
-    if not (ordered or recipe.study.baselines) or study.user_attrs.get(flag):
+    done = study_attrs(study).get("rank_enqueued" if ordered else "baselines_enqueued")
+    if not (ordered or recipe.study.baselines) or done:
         return
-    study.set_user_attr(flag, True)
+    if ordered:
+        set_study_attrs(study, rank_enqueued=True)
+    else:
+        set_study_attrs(study, baselines_enqueued=True)
     for e in entries:  # best ranked first under `order`
         params = space.baseline_params(recipe.space, recipe.train, e, data.in_chans)
         study.enqueue_trial(params, skip_if_exists=True)

@@ -33,7 +33,7 @@ from search.errors import SearchError
 from search.once import locked, once
 from search.optuna_api import frozen
 from search.recipe import Recipe, TrackingCfg
-from search.record import attrs, set_attrs
+from search.record import attrs, set_attrs, set_study_attrs, system_attrs
 from search.storage import mask
 
 log = logging.getLogger("search")
@@ -133,7 +133,7 @@ class Tracker:
             parent, _ = once(self.study, "mlflow_run_id", self._new_parent)
             if not self._exists(parent):  # the study was tracked at another URI before: a parent here
                 parent = self._new_parent()
-                self.study.set_user_attr("mlflow_run_id", parent)
+                set_study_attrs(self.study, mlflow_run_id=parent)
             self.parent = parent
 
     def _exists(self, run_id: str) -> bool:
@@ -170,7 +170,7 @@ class Tracker:
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            first = frozen(trial).system_attrs.get("failed_trial", trial.number)  # a retry writes beside its original
+            first = system_attrs(frozen(trial)).get("failed_trial", trial.number)  # a retry writes beside its original
             self.writers[trial.number] = SummaryWriter(str(Path(self.cfg.tensorboard) / f"trial-{first}"))
 
     def _start_run(self, trial: optuna.Trial) -> None:

@@ -19,10 +19,10 @@ Speed (scripts/bench_train.py, 32 px, batch 64, 2 AVX-512 CPU cores, medians
 of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
 (0.45 s per 1,024-image epoch) and 1.00 for resnet_18 (2.7 s per 256 images);
 on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
-images/s. Measured again after `fit` was split into Run/FitState/train_step (2 AMD EPYC cores,
+images/s. Measured again after `fit` was split into FitContext/FitState/train_step (2 AMD EPYC cores,
 medians of 5): 0.994 for mini_cnn, 0.983 for resnet_18.
 
-About 870 lines, read top to bottom: pure schedule and loss functions first, then the loop: `Run`
+About 870 lines, read top to bottom: pure schedule and loss functions first, then the loop: `FitContext`
 (what every step uses), `FitState` (what goes from epoch to epoch, and what a resume restores),
 `train_step` (one optimizer step and its out-of-memory retry), `train_epoch`, and `fit`, whose
 epoch loop stays in view (108 lines, tests/test_shape.py).
@@ -515,7 +515,7 @@ def predict(
 
 
 @dataclass
-class Run:
+class FitContext:
     """What every step of one fit uses, fixed for the whole fit: the model and its optimizer, the
     data where it lives (uint8), the input pipeline's constants and the random generators."""
 
@@ -564,17 +564,17 @@ class FitState:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights (keep_best)
 
-    def snapshot(self, run: Run) -> dict[str, Any]:
+    def snapshot(self, ctx: FitContext) -> dict[str, Any]:
         """The resume state after epoch `self.epoch`: plain types `torch.load(weights_only=True)` reads."""
         return {
             "epoch": self.epoch,
             "step": self.step,
             "micro_batch": self.micro,
             "frozen": self.frozen,
-            "model": run.model.state_dict(),
-            "optimizer": run.opt.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "rng": rng_states(run.gen, run.rng, run.cuda),
+            "model": ctx.model.state_dict(),
+            "optimizer": ctx.opt.state_dict(),
+            "scaler": ctx.scaler.state_dict(),
+            "rng": rng_states(ctx.gen, ctx.rng, ctx.cuda),
             "history": self.history,
             "best": self.best,
             "best_epoch": self.best_epoch,
@@ -582,12 +582,12 @@ class FitState:
         }
 
     @classmethod
-    def restore(cls, state: dict[str, Any], run: Run) -> FitState:
+    def restore(cls, state: dict[str, Any], ctx: FitContext) -> FitState:
         """Weights, optimizer, scaler and every random state back as `snapshot` left them."""
-        run.model.load_state_dict(state["model"])
-        run.opt.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"], run.gen, run.rng, run.cuda)
+        ctx.model.load_state_dict(state["model"])
+        ctx.opt.load_state_dict(state["optimizer"])
+        ctx.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], ctx.gen, ctx.rng, ctx.cuda)
         return cls(
             micro=int(state["micro_batch"]),
             frozen=bool(state["frozen"]),
@@ -609,7 +609,7 @@ def prepare(
     amp: bool,
     compile: bool | str,
     gpu_memory_share: float,
-) -> Run:
+) -> FitContext:
     """The model on the device (channels_last on CUDA), its precision, the data where it will live,
     the generators and the optimizer over the parameter groups."""
     cuda = dev.type == "cuda"
@@ -629,7 +629,7 @@ def prepare(
         train_x, val_x = train_x.to(dev), val_x.to(dev)
     weights = class_weights(data.train.y, data.num_classes)
     set_backbone_frozen(model, head, frozen_at_start(hp, pretrained))
-    return Run(
+    return FitContext(
         model=model,
         net=compiled(model, compile) if compile else model,
         opt=make_optimizer(param_groups(model, hp, head, pretrained), hp, fused=cuda),
@@ -677,31 +677,31 @@ def schedule(hp: TrainCfg, steps_per_epoch: int) -> Callable[[int, int], float]:
 
 
 def train_step(
-    run: Run, fs: FitState, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float
+    ctx: FitContext, fs: FitState, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float
 ) -> torch.Tensor:
     """One optimizer step on a batch; out of memory retries the same step in micro-batches half as
     large (`fs.micro`, kept for the rest of the fit) until MIN_MICRO_BATCH fails too (raised)."""
     while True:
-        run.opt.zero_grad(set_to_none=True)
+        ctx.opt.zero_grad(set_to_none=True)
         try:
-            loss = backward(run.net, xb, ya, yb, lam, run.hp, run.weight, fs.micro, run.scaler, run.dev, run.amp_dtype)
-            if run.hp.grad_clip:
-                run.scaler.unscale_(run.opt)
-                torch.nn.utils.clip_grad_norm_(run.clip_params, run.hp.grad_clip)
-            run.scaler.step(run.opt)
-            run.scaler.update()
+            loss = backward(ctx.net, xb, ya, yb, lam, ctx.hp, ctx.weight, fs.micro, ctx.scaler, ctx.dev, ctx.amp_dtype)
+            if ctx.hp.grad_clip:
+                ctx.scaler.unscale_(ctx.opt)
+                torch.nn.utils.clip_grad_norm_(ctx.clip_params, ctx.hp.grad_clip)
+            ctx.scaler.step(ctx.opt)
+            ctx.scaler.update()
             return loss
         except torch.OutOfMemoryError:  # in practice in forward/backward, before the update
             if fs.micro <= MIN_MICRO_BATCH:
                 raise
         # outside the except: its traceback no longer pins the failed step's tensors
-        run.opt.zero_grad(set_to_none=True)
-        release_step(run.cuda)
+        ctx.opt.zero_grad(set_to_none=True)
+        release_step(ctx.cuda)
         fs.micro = max(MIN_MICRO_BATCH, fs.micro // 2)
 
 
 def train_epoch(
-    run: Run,
+    ctx: FitContext,
     fs: FitState,
     epoch: int,
     bs: int,
@@ -713,33 +713,33 @@ def train_epoch(
     """One epoch of steps over a fresh order of the training images; the mean training loss.
 
     Stopped is raised at a step boundary when `stop()` says so."""
-    hp, n = run.hp, len(run.train_y)
+    hp, n = ctx.hp, len(ctx.train_y)
     steps = n // bs  # the last partial batch is dropped: constant shapes, no tiny noisy steps
     mixing = epoch <= hp.epochs - hp.mix_off_epochs
-    if run.sample_w is not None:
-        order = torch.multinomial(run.sample_w, n, replacement=True, generator=run.gen)
+    if ctx.sample_w is not None:
+        order = torch.multinomial(ctx.sample_w, n, replacement=True, generator=ctx.gen)
     else:
-        order = torch.randperm(n, generator=run.gen, device=run.dev)
-    order_x = order.to(run.train_x.device)  # host-resident data: one copy per epoch, no per-step sync
-    loss_sum = torch.zeros((), device=run.dev)
+        order = torch.randperm(n, generator=ctx.gen, device=ctx.dev)
+    order_x = order.to(ctx.train_x.device)  # host-resident data: one copy per epoch, no per-step sync
+    loss_sum = torch.zeros((), device=ctx.dev)
     for i in range(steps):
         if stop is not None and stop():
             raise Stopped
         f = lr_at(fs.step, decays)
-        for g in run.opt.param_groups:
+        for g in ctx.opt.param_groups:
             g["lr"] = g["base_lr"] * f
-        xb = run.train_x.index_select(0, order_x[i * bs : (i + 1) * bs])  # a row copy; [idx] is far slower
-        if xb.device != run.dev:  # host-resident data (too big for its GPU share): pin this batch only
+        xb = ctx.train_x.index_select(0, order_x[i * bs : (i + 1) * bs])  # a row copy; [idx] is far slower
+        if xb.device != ctx.dev:  # host-resident data (too big for its GPU share): pin this batch only
             xb = xb.pin_memory()
-        xb = xb.to(run.dev, non_blocking=True)
-        yb = run.train_y[order[i * bs : (i + 1) * bs]]
+        xb = xb.to(ctx.dev, non_blocking=True)
+        yb = ctx.train_y[order[i * bs : (i + 1) * bs]]
         xb = augment.augment(
-            xb, run.aug, run.size, run.gen, mean=run.mean, std=run.std, channels_last=run.channels_last
+            xb, ctx.aug, ctx.size, ctx.gen, mean=ctx.mean, std=ctx.std, channels_last=ctx.channels_last
         )
         ya, yb2, lam = yb, yb, 1.0
         if mixing:
-            xb, ya, yb2, lam = mix_batch(xb, yb, hp, run.gen, run.rng)
-        loss_sum += train_step(run, fs, xb, ya, yb2, lam)
+            xb, ya, yb2, lam = mix_batch(xb, yb, hp, ctx.gen, ctx.rng)
+        loss_sum += train_step(ctx, fs, xb, ya, yb2, lam)
         fs.step += 1
         if on_step is not None:
             on_step(epoch, i + 1, steps, bs)
@@ -795,32 +795,32 @@ def fit(
         raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
     dev = resolve_device(device)
     seed_everything(seed)
-    run = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share)
-    bs = min(hp.batch_size, len(run.train_y))
-    lr_at = schedule(hp, len(run.train_y) // bs)
+    ctx = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share)
+    bs = min(hp.batch_size, len(ctx.train_y))
+    lr_at = schedule(hp, len(ctx.train_y) // bs)
     micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))
-    fs = FitState(micro, frozen_at_start(hp, run.pretrained))
+    fs = FitState(micro, frozen_at_start(hp, ctx.pretrained))
     if state is not None:
-        fs = FitState.restore(state, run)
-        set_backbone_frozen(model, run.head, fs.frozen)
+        fs = FitState.restore(state, ctx)
+        set_backbone_frozen(model, ctx.head, fs.frozen)
     status: FitStatus = "ok"
     reason, t_start = "", time.perf_counter()
-    with determinism(hp.deterministic, run.cuda), host_memory(dev):
+    with determinism(hp.deterministic, ctx.cuda), host_memory(dev):
         for epoch in range(fs.epoch + 1, hp.epochs + 1):
             if fs.frozen and hp.finetune == "lp_ft" and epoch > hp.lp_epochs:
                 fs.frozen = False
-                set_backbone_frozen(model, run.head, False)
-            train_mode(model, run.head, fs.frozen)
+                set_backbone_frozen(model, ctx.head, False)
+            train_mode(model, ctx.head, fs.frozen)
             values = [h[f"val_{monitor}"] for h in fs.history]
             decays = plateau_decays(values, monitor) if hp.schedule == "plateau" else 0
-            if run.cuda:
+            if ctx.cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
             t0, phase = time.perf_counter(), "train"
             try:
-                train_loss = train_epoch(run, fs, epoch, bs, lr_at, decays, stop, on_step)
+                train_loss = train_epoch(ctx, fs, epoch, bs, lr_at, decays, stop, on_step)
                 seconds, phase = time.perf_counter() - t0, "validation"
                 val_logits = predict(
-                    model, run.val_x, run.size, run.mean, run.std, dev, run.amp_dtype, run.channels_last
+                    model, ctx.val_x, ctx.size, ctx.mean, ctx.std, dev, ctx.amp_dtype, ctx.channels_last
                 )
             except torch.OutOfMemoryError:
                 status, reason = "oom", oom_reason(phase, bs, fs.micro)
@@ -828,13 +828,13 @@ def fit(
                 status, reason = "interrupted", f"stopped in epoch {epoch}; {epoch - 1} epochs done"
                 break
             if status == "oom":  # outside the except: its traceback no longer pins the step's tensors
-                free_memory(model, run.opt, run.cuda)
+                free_memory(model, ctx.opt, ctx.cuda)
                 break
             val = metrics.evaluate(val_logits, data.val.y)
             if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
                 status, reason = "diverged", f"diverged at epoch {epoch}"
                 break
-            record = epoch_record(run, fs, epoch, train_loss, val, seconds, len(run.train_y) // bs * bs)
+            record = epoch_record(ctx, fs, epoch, train_loss, val, seconds, len(ctx.train_y) // bs * bs)
             fs.history.append(record)
             fs.epoch = epoch
             if not fs.best or better(val[monitor], fs.best[monitor], monitor):
@@ -846,7 +846,7 @@ def fit(
                 status, reason = "early_stopped", f"no improvement of {monitor} for {hp.patience} epochs"
                 break
             if on_state is not None and epoch < hp.epochs:
-                on_state(fs.snapshot(run))
+                on_state(fs.snapshot(ctx))
             if stop is not None and epoch < hp.epochs and stop():
                 status, reason = "interrupted", f"stopped after epoch {epoch}"
                 break
@@ -863,18 +863,18 @@ def oom_reason(phase: str, bs: int, micro: int) -> str:
 
 
 def epoch_record(
-    run: Run, fs: FitState, epoch: int, train_loss: float, val: dict[str, float], seconds: float, images: int
+    ctx: FitContext, fs: FitState, epoch: int, train_loss: float, val: dict[str, float], seconds: float, images: int
 ) -> dict[str, float]:
     """What an epoch reports: losses, validation metrics, learning rate, speed, memory, micro-batch."""
     return {
         "epoch": epoch,
         "train_loss": train_loss,
         **{f"val_{k}": v for k, v in val.items()},
-        "lr": run.opt.param_groups[0]["lr"],
+        "lr": ctx.opt.param_groups[0]["lr"],
         "backbone_frozen": float(fs.frozen),
         "seconds": seconds,
         "images_per_s": images / max(seconds, 1e-9),
-        "peak_memory_mb": (torch.cuda.max_memory_allocated(run.dev) if run.cuda else 0) / 2**20,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(ctx.dev) if ctx.cuda else 0) / 2**20,
         "micro_batch": fs.micro,
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.record import attrs
+from search.record import attrs, system_attrs
 
 POOL_PARAM = "model"  # the categorical parameter of pool labels (search.space samples it)
 
@@ -41,7 +41,7 @@ def maximizing(study: optuna.Study) -> bool:
     return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
 
 
-def order(study: optuna.Study, scored: list[tuple[int, float]]) -> list[int]:
+def best_first(study: optuna.Study, scored: list[tuple[int, float]]) -> list[int]:
     """Trial numbers by primary value, best first; ties: the earlier trial (the rule of `ranked`)."""
     sign = -1 if maximizing(study) else 1
     return [n for n, _ in sorted(scored, key=lambda nv: (sign * nv[1], nv[0]))]
@@ -56,7 +56,7 @@ def ranked(study: optuna.Study) -> list[FrozenTrial]:
     done = {
         t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and feasible(t)
     }
-    return [done[n] for n in order(study, [(n, t.values[0]) for n, t in done.items()])]
+    return [done[n] for n in best_first(study, [(n, t.values[0]) for n, t in done.items()])]
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -67,7 +67,7 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     slot (interrupted, total reached, worker died), has no reason (its process died before
     writing one), or was retried: the retry holds the slot instead.
     """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = {n for t in trials for n in system_attrs(t).get("retry_history", ())}
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     return [
         t

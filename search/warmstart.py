@@ -23,6 +23,7 @@ from search.errors import SearchError
 from search.once import once
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe, WarmStartCfg, load_recipe
+from search.record import new_attrs
 from search.space import Param, reachable
 from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
 from search.text import WIDTH, wrap
@@ -126,7 +127,7 @@ def _queue(
         fitted, notes = fit(params, space, labels)
         changes += [f"{ref} {n}" for n in notes]
         if fitted is not None:
-            study.enqueue_trial(fitted, user_attrs={"warm_start_of": ref}, skip_if_exists=True)
+            study.enqueue_trial(fitted, user_attrs=new_attrs(warm_start_of=ref), skip_if_exists=True)
             queued.append(ref)
     name, at, url = cfg.source.partition("@")
     line = f"warm start from {name}{at}{mask(url)}: {len(queued)} configuration(s) queued first "

@@ -44,8 +44,8 @@ import torch
 
 from search.archs import BUILTINS
 from search.errors import SearchError
-from search.net import Missing, network_up, offline
 from search.pool import PoolEntry
+from search.reach import Missing, network_up, offline
 from search.text import command
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -37,9 +37,18 @@ from optuna.trial import TrialState
 from search import optuna_api, pack
 from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
 from search.outage import DEFAULT_PATIENCE, Patience, StorageGone, unreachable
-from search.process import STOP, STOPPED_BY, stopped
+from search.process import STOP, STOPPED_BY, raise_if_stopped
 from search.recipe import Recipe
-from search.record import attrs
+from search.record import (
+    attrs,
+    new_attrs,
+    new_system_attrs,
+    omit,
+    rejected,
+    set_attrs,
+    set_stored_attrs,
+    system_attrs,
+)
 from search.storage import STALE_BEATS, mask
 from search.text import command
 from search.trials import STALE_REASON
@@ -67,22 +76,20 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, died: bool = Tru
     """
     if any(attrs(t).get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
         return  # queued already: by a call tried again after its write went through, or by another worker
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    deaths = trial.system_attrs.get("deaths", 0) + int(died)
+    past = system_attrs(trial)
+    history = [*past.get("retry_history", []), trial.number]
+    deaths = past.get("deaths", 0) + int(died)
     if deaths > MAX_RETRIES:
         return
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in RESUME_ATTRS}
     study.add_trial(
         optuna.create_trial(
             state=TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
-            user_attrs={**user_attrs, "retry_of": trial.number},
-            system_attrs={
-                "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                "retry_history": history,
-                "deaths": deaths,
-            },
+            user_attrs=new_attrs(omit(attrs(trial), RESUME_ATTRS), retry_of=trial.number),
+            system_attrs=new_system_attrs(
+                failed_trial=past.get("failed_trial", trial.number), retry_history=history, deaths=deaths
+            ),
             intermediate_values=trial.intermediate_values,
         )
     )
@@ -125,7 +132,7 @@ def last_sign_of_life(t: optuna.trial.FrozenTrial, now: float, older_than: float
     or that lies further in the future than a clock can be off (it would pin a dead trial as
     alive), is ignored with a warning, and the trial is judged by its start."""
     start = (t.datetime_start or datetime.now()).timestamp()
-    beat = attrs(t).get(HEARTBEAT_ATTR)
+    beat = attrs(t).get(HEARTBEAT_ATTR, rejected(t, HEARTBEAT_ATTR))
     if beat is None:
         return start
     if type(beat) not in (int, float) or not (0 < beat <= now + older_than):  # NaN fails both
@@ -145,7 +152,7 @@ def fail_stale(study: optuna.Study, older_than: float | None = None) -> list[int
     for trial_id in _stale_ids(study, older_than):
         # A finished trial takes no attrs, so the reason goes on while it is still RUNNING.
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+            set_stored_attrs(storage, trial_id, fail_reason=STALE_REASON)
         try:
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
@@ -179,7 +186,7 @@ def beating(
             try:
                 if rdb:
                     optuna_api.record_heartbeat(storage, trial_id)
-                storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                set_stored_attrs(storage, trial_id, heartbeat_at=time.time())
                 if patience is not None:
                     patience.up()
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -251,7 +258,7 @@ def run_one(
             if not isinstance(e, TrialLost | optuna.exceptions.UpdateFinishedTrialError):
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     if attrs(trial).get("fail_reason") is None:
-                        trial.set_user_attr("fail_reason", f"error: {type(e).__name__}: {e}"[:500])
+                        set_attrs(trial, fail_reason=f"error: {type(e).__name__}: {e}"[:500])
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
     except TrialInterrupted as e:
@@ -279,7 +286,7 @@ def _again(study: optuna.Study, trial: optuna.Trial, patience: Patience, reason:
 
     def write() -> None:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            trial.set_user_attr("fail_reason", reason)
+            set_attrs(trial, fail_reason=reason)
         retry(study, optuna_api.frozen(trial), died=False)
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
@@ -313,7 +320,7 @@ def drain(
     patience = patience or Patience(DEFAULT_PATIENCE)
     ran = 0
     while deadline is None or time.time() < deadline:
-        stopped()
+        raise_if_stopped()
         sweep(study, heartbeat, patience)
         trials = patience.call(lambda: study.get_trials(deepcopy=False), "reading the trials")
         if closed(trials) is None and (more(trials) or any(t.state == TrialState.WAITING for t in trials)):

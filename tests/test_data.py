@@ -137,6 +137,13 @@ def cfg(name: str, root: Path, **kw) -> DataCfg:
     return DataCfg(dataset=name, root=str(root), **kw)
 
 
+def refusal(name: str, root: Path) -> str:
+    """The message of the SearchError loading dataset `name` from `root` raises."""
+    with pytest.raises(SearchError) as e:
+        load_data(cfg(name, root))
+    return str(e.value)
+
+
 @pytest.fixture
 def published(monkeypatch):
     """`published(name, path)`: the file just written becomes the official one (its checksum the
@@ -205,9 +212,7 @@ def test_a_crafted_cifar_pickle_is_refused_before_anything_in_it_runs(tmp_path, 
     marker = tmp_path / "MARKER"
     key = b"label_names" if victim == "batches.meta" else b"data"
     (folder / victim).write_bytes(py2_pickle({key: Runs(f"touch {marker}"), b"labels": [0]}))
-    with pytest.raises(SearchError) as e:
-        load_data(cfg("cifar10", tmp_path))
-    assert str(e.value) == (
+    assert refusal("cifar10", tmp_path) == (
         f"data.dataset 'cifar10': {folder / victim} is not an official CIFAR batch: it asks for "
         f"{os.system.__module__}.system, which an official batch never does, and was refused before anything in "
         f"it ran; delete {folder} and run `python -m search prefetch RECIPE` to fetch the official archive"
@@ -315,9 +320,7 @@ def test_medmnist_members_other_than_the_official_arrays_are_refused(tmp_path, o
             z.writestr(f"{key}.npy", npy_bytes(a))
         z.writestr("../escape.npy", npy_bytes(np.zeros(3, dtype=np.uint8)))  # a name that is a path out
     published("pathmnist", npz)  # even a file with the published checksum
-    with pytest.raises(SearchError) as e:
-        load_data(cfg("pathmnist", root))
-    assert str(e.value) == (
+    assert refusal("pathmnist", root) == (
         f"data.dataset 'pathmnist': {npz} holds a member '../escape.npy', and an official MedMNIST .npz holds "
         f"only {', '.join(medmnist.MEMBERS)}; not the official file: delete it and run "
         "`python -m search prefetch RECIPE`"
@@ -473,9 +476,7 @@ def test_missing_dataset_offline_names_path_and_prefetch(tmp_path, monkeypatch, 
     monkeypatch.setenv("SEARCH_OFFLINE", "1")
     monkeypatch.setattr(cache, "_network_up", lambda host: pytest.fail("probed the network in offline mode"))
     root = tmp_path / "root"
-    with pytest.raises(SearchError) as e:
-        load_data(cfg(name, root))
-    msg = str(e.value)
+    msg = refusal(name, root)
     assert str(root / file) in msg and "python -m search prefetch RECIPE" in msg
     assert "\n" not in msg
     assert not root.exists()  # refused before anything was written
@@ -698,9 +699,7 @@ def test_a_swapped_file_in_an_unpacked_cache_is_refused(tmp_path, offline_networ
     labels = tmp_path / "pathmnist.npy" / "train_labels.npy"
     np.save(labels, np.roll(arrays["train_labels"], 1))  # other labels, same shape and dtype
     data._raw.cache_clear()  # a new process of the same machine: its record no longer vouches for it
-    with pytest.raises(SearchError) as e:
-        load_data(cfg("pathmnist", tmp_path))
-    assert str(e.value) == (
+    assert refusal("pathmnist", tmp_path) == (
         f"data.dataset 'pathmnist': {labels} differs from what pathmnist.npz (md5 "
         f"{medmnist.remote('pathmnist').md5}) gives (it was not built on this machine, or was changed since); "
         f"nothing of it was used: delete {tmp_path / 'pathmnist.npy'} so that it is built again"
@@ -729,9 +728,7 @@ def test_another_machines_cache_is_checked_against_the_source_and_never_replaced
     # A third machine without the .npz cannot check the cache: refused, naming the file to copy.
     (tmp_path / "bloodmnist.npz").unlink()
     machine()
-    with pytest.raises(SearchError) as e:
-        load_data(cfg("bloodmnist", tmp_path))
-    assert str(e.value) == (
+    assert refusal("bloodmnist", tmp_path) == (
         f"data.dataset 'bloodmnist': {tmp_path / 'bloodmnist.npz'} is missing (no network: zenodo.org "
         f"unreachable), and {cache_dir}, which was not built on this machine, is only used once checked against "
         f"it; on a machine with internet run `python -m search prefetch RECIPE` and copy {tmp_path} over, or "

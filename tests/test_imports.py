@@ -228,7 +228,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "search.optuna_api",
             "search.trials",
             "search.confirmed",
-            "search.net",
+            "search.reach",
             "search.once",
             "search.outage",
             "search.process",

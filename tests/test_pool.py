@@ -6,81 +6,86 @@ import timm
 from search.errors import SearchError
 from search.pool import OVERLAPS, SOURCES, classify_tag, parse_entry, parse_pool
 
-# Every pretrained tag timm lists for the specification's families, and what it is.
+# Every pretrained tag timm lists for the specification's families, its weight source and ImageNet
+# overlap ("-": pretrained on data that cannot be placed, so the entry must state its source).
+TABLE = """
+resnet18.a1_in1k                                 in1k           full
+resnet18.a2_in1k                                 in1k           full
+resnet18.a3_in1k                                 in1k           full
+resnet18.fb_ssl_yfcc100m_ft_in1k                 ssl            low
+resnet18.fb_swsl_ig1b_ft_in1k                    swsl           low
+resnet18.gluon_in1k                              in1k           full
+resnet18.tv_in1k                                 in1k           full
+resnet50.a1_in1k                                 in1k           full
+resnet50.a1h_in1k                                in1k           full
+resnet50.a2_in1k                                 in1k           full
+resnet50.a3_in1k                                 in1k           full
+resnet50.am_in1k                                 in1k           full
+resnet50.b1k_in1k                                in1k           full
+resnet50.b2k_in1k                                in1k           full
+resnet50.bamboo                                  -              -
+resnet50.bt_in1k                                 in1k           full
+resnet50.c1_in1k                                 in1k           full
+resnet50.c2_in1k                                 in1k           full
+resnet50.d_in1k                                  in1k           full
+resnet50.fb_ssl_yfcc100m_ft_in1k                 ssl            low
+resnet50.fb_swsl_ig1b_ft_in1k                    swsl           low
+resnet50.gluon_in1k                              in1k           full
+resnet50.ra_in1k                                 in1k           full
+resnet50.ram_in1k                                in1k           full
+resnet50.tv2_in1k                                in1k           full
+resnet50.tv_in1k                                 in1k           full
+convnext_tiny.dinov3_lvd1689m                    dinov2         none
+convnext_tiny.eupe_lvd1689m                      -              -
+convnext_tiny.fb_in1k                            in1k           full
+convnext_tiny.fb_in22k                           in21k          partial
+convnext_tiny.fb_in22k_ft_in1k                   in21k_ft_in1k  full
+convnext_tiny.fb_in22k_ft_in1k_384               in21k_ft_in1k  full
+convnext_tiny.in12k                              in21k          partial
+convnext_tiny.in12k_ft_in1k                      in21k_ft_in1k  full
+convnext_tiny.in12k_ft_in1k_384                  in21k_ft_in1k  full
+vit_tiny_patch16_224.augreg_in21k                in21k          partial
+vit_tiny_patch16_224.augreg_in21k_ft_in1k        in21k_ft_in1k  full
+vit_small_patch16_224.augreg_in1k                in1k           full
+vit_small_patch16_224.augreg_in21k               in21k          partial
+vit_small_patch16_224.augreg_in21k_ft_in1k       in21k_ft_in1k  full
+vit_small_patch16_224.dino                       ssl            low
+vit_base_patch16_224.augreg2_in21k_ft_in1k       in21k_ft_in1k  full
+vit_base_patch16_224.augreg_in1k                 in1k           full
+vit_base_patch16_224.augreg_in21k                in21k          partial
+vit_base_patch16_224.augreg_in21k_ft_in1k        in21k_ft_in1k  full
+vit_base_patch16_224.bamboo                      -              -
+vit_base_patch16_224.dino                        ssl            low
+vit_base_patch16_224.mae                         ssl            low
+vit_base_patch16_224.orig_in21k                  in21k          partial
+vit_base_patch16_224.orig_in21k_ft_in1k          in21k_ft_in1k  full
+vit_base_patch16_224.sam_in1k                    in1k           full
+efficientnet_b0.ra4_e3600_r224_in1k              in1k           full
+efficientnet_b0.ra_in1k                          in1k           full
+vit_base_patch16_clip_224.datacompxl             clip           none
+vit_base_patch16_clip_224.dfn2b                  clip           none
+vit_base_patch16_clip_224.laion2b                clip           none
+vit_base_patch16_clip_224.laion2b_ft_in1k        clip           low
+vit_base_patch16_clip_224.laion2b_ft_in12k       clip           low
+vit_base_patch16_clip_224.laion2b_ft_in12k_in1k  clip           low
+vit_base_patch16_clip_224.laion400m_e32          clip           none
+vit_base_patch16_clip_224.metaclip_2pt5b         clip           none
+vit_base_patch16_clip_224.metaclip_400m          clip           none
+vit_base_patch16_clip_224.openai                 clip           none
+vit_base_patch16_clip_224.openai_ft_in1k         clip           low
+vit_base_patch16_clip_224.openai_ft_in12k        clip           low
+vit_base_patch16_clip_224.openai_ft_in12k_in1k   clip           low
+vit_small_patch14_dinov2.lvd142m                 dinov2         none
+vit_base_patch14_dinov2.lvd142m                  dinov2         none
+resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k         ssl            low
+resnext101_32x8d.fb_swsl_ig1b_ft_in1k            swsl           low
+resnext101_32x8d.fb_wsl_ig1b_ft_in1k             swsl           low
+resnext101_32x8d.tv2_in1k                        in1k           full
+resnext101_32x8d.tv_in1k                         in1k           full
+"""
 EXPECTED = {
-    "resnet18.a1_in1k": ("in1k", "full"),
-    "resnet18.a2_in1k": ("in1k", "full"),
-    "resnet18.a3_in1k": ("in1k", "full"),
-    "resnet18.fb_ssl_yfcc100m_ft_in1k": ("ssl", "low"),
-    "resnet18.fb_swsl_ig1b_ft_in1k": ("swsl", "low"),
-    "resnet18.gluon_in1k": ("in1k", "full"),
-    "resnet18.tv_in1k": ("in1k", "full"),
-    "resnet50.a1_in1k": ("in1k", "full"),
-    "resnet50.a1h_in1k": ("in1k", "full"),
-    "resnet50.a2_in1k": ("in1k", "full"),
-    "resnet50.a3_in1k": ("in1k", "full"),
-    "resnet50.am_in1k": ("in1k", "full"),
-    "resnet50.b1k_in1k": ("in1k", "full"),
-    "resnet50.b2k_in1k": ("in1k", "full"),
-    "resnet50.bamboo": None,
-    "resnet50.bt_in1k": ("in1k", "full"),
-    "resnet50.c1_in1k": ("in1k", "full"),
-    "resnet50.c2_in1k": ("in1k", "full"),
-    "resnet50.d_in1k": ("in1k", "full"),
-    "resnet50.fb_ssl_yfcc100m_ft_in1k": ("ssl", "low"),
-    "resnet50.fb_swsl_ig1b_ft_in1k": ("swsl", "low"),
-    "resnet50.gluon_in1k": ("in1k", "full"),
-    "resnet50.ra_in1k": ("in1k", "full"),
-    "resnet50.ram_in1k": ("in1k", "full"),
-    "resnet50.tv2_in1k": ("in1k", "full"),
-    "resnet50.tv_in1k": ("in1k", "full"),
-    "convnext_tiny.dinov3_lvd1689m": ("dinov2", "none"),
-    "convnext_tiny.eupe_lvd1689m": None,
-    "convnext_tiny.fb_in1k": ("in1k", "full"),
-    "convnext_tiny.fb_in22k": ("in21k", "partial"),
-    "convnext_tiny.fb_in22k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "convnext_tiny.fb_in22k_ft_in1k_384": ("in21k_ft_in1k", "full"),
-    "convnext_tiny.in12k": ("in21k", "partial"),
-    "convnext_tiny.in12k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "convnext_tiny.in12k_ft_in1k_384": ("in21k_ft_in1k", "full"),
-    "vit_tiny_patch16_224.augreg_in21k": ("in21k", "partial"),
-    "vit_tiny_patch16_224.augreg_in21k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "vit_small_patch16_224.augreg_in1k": ("in1k", "full"),
-    "vit_small_patch16_224.augreg_in21k": ("in21k", "partial"),
-    "vit_small_patch16_224.augreg_in21k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "vit_small_patch16_224.dino": ("ssl", "low"),
-    "vit_base_patch16_224.augreg2_in21k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "vit_base_patch16_224.augreg_in1k": ("in1k", "full"),
-    "vit_base_patch16_224.augreg_in21k": ("in21k", "partial"),
-    "vit_base_patch16_224.augreg_in21k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "vit_base_patch16_224.bamboo": None,
-    "vit_base_patch16_224.dino": ("ssl", "low"),
-    "vit_base_patch16_224.mae": ("ssl", "low"),
-    "vit_base_patch16_224.orig_in21k": ("in21k", "partial"),
-    "vit_base_patch16_224.orig_in21k_ft_in1k": ("in21k_ft_in1k", "full"),
-    "vit_base_patch16_224.sam_in1k": ("in1k", "full"),
-    "efficientnet_b0.ra4_e3600_r224_in1k": ("in1k", "full"),
-    "efficientnet_b0.ra_in1k": ("in1k", "full"),
-    "vit_base_patch16_clip_224.datacompxl": ("clip", "none"),
-    "vit_base_patch16_clip_224.dfn2b": ("clip", "none"),
-    "vit_base_patch16_clip_224.laion2b": ("clip", "none"),
-    "vit_base_patch16_clip_224.laion2b_ft_in1k": ("clip", "low"),
-    "vit_base_patch16_clip_224.laion2b_ft_in12k": ("clip", "low"),
-    "vit_base_patch16_clip_224.laion2b_ft_in12k_in1k": ("clip", "low"),
-    "vit_base_patch16_clip_224.laion400m_e32": ("clip", "none"),
-    "vit_base_patch16_clip_224.metaclip_2pt5b": ("clip", "none"),
-    "vit_base_patch16_clip_224.metaclip_400m": ("clip", "none"),
-    "vit_base_patch16_clip_224.openai": ("clip", "none"),
-    "vit_base_patch16_clip_224.openai_ft_in1k": ("clip", "low"),
-    "vit_base_patch16_clip_224.openai_ft_in12k": ("clip", "low"),
-    "vit_base_patch16_clip_224.openai_ft_in12k_in1k": ("clip", "low"),
-    "vit_small_patch14_dinov2.lvd142m": ("dinov2", "none"),
-    "vit_base_patch14_dinov2.lvd142m": ("dinov2", "none"),
-    "resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k": ("ssl", "low"),
-    "resnext101_32x8d.fb_swsl_ig1b_ft_in1k": ("swsl", "low"),
-    "resnext101_32x8d.fb_wsl_ig1b_ft_in1k": ("swsl", "low"),
-    "resnext101_32x8d.tv2_in1k": ("in1k", "full"),
-    "resnext101_32x8d.tv_in1k": ("in1k", "full"),
+    name: None if source == "-" else (source, overlap)
+    for name, source, overlap in (line.split() for line in TABLE.strip().splitlines())
 }
 FAMILIES = [
     "resnet18",

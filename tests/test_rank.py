@@ -184,7 +184,7 @@ def test_order_and_decision_keep_unranked_entries():
         {"entry": "d", "status": "failed", "logme": None, "note": "weights missing"},
         {"entry": "e", "status": "ok", "logme": 0.3, "note": ""},
     ]
-    ranked = rank.order(rows, "logme")
+    ranked = rank.sort_rows(rows, "logme")
     assert [r["entry"] for r in ranked] == ["c", "e", "a", "b", "d"]
     d = rank.decide(ranked, keep=2, by="logme")
     assert d["order"] == ["c", "e", "b", "d"] and d["dropped"] == ["a"]

@@ -343,7 +343,7 @@ def test_proxy_command_refuses_what_it_cannot_serve_in_one_line(tmp_path):
 
 
 def test_proxy_serves_loopback_only_and_stops_cleanly_on_ctrl_c(tmp_path):
-    from search.net import is_loopback
+    from search.reach import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("db.internal")

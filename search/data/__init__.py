@@ -46,7 +46,7 @@ from search.datasets import (
     medmnist_parts,
 )
 from search.errors import SearchError
-from search.net import Missing
+from search.reach import Missing
 
 __all__ = [
     "Data",

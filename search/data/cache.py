@@ -52,8 +52,8 @@ from tqdm import tqdm
 from search.data.records import CHUNK, checked, content_digest, forget_record, identity, read_record, write_record
 from search.errors import SearchError
 from search.files import new_beside
-from search.net import network_up as _network_up
-from search.net import offline as _offline
+from search.reach import network_up as _network_up
+from search.reach import offline as _offline
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +147,15 @@ def _download(name: str, remote: Remote, path: Path) -> None:
     try:
         for attempt in range(1, RETRIES + 1):
             try:
-                h = hashlib.new(check[0]) if check else None
-                with _open_url(remote.url) as resp, open(tmp, "wb") as out, _progress(resp, remote.file) as bar:
-                    for block in iter(lambda: resp.read(CHUNK), b""):
-                        out.write(block)
-                        bar.update(len(block))
-                        if h:
-                            h.update(block)
+                digest = _stream(remote, tmp, check[0] if check else None)
             except OSError as e:  # URLError, timeouts, resets: try again
                 last = e
                 log.warning("download of %s failed (attempt %d/%d): %s", remote.url, attempt, RETRIES, e)
                 time.sleep(min(2**attempt, 10) if attempt < RETRIES else 0)
                 continue
-            if check and h is not None and h.hexdigest() != check[1]:
+            if check and digest != check[1]:
                 raise SearchError(
-                    f"data.dataset '{name}': {remote.url} has {check[0]} {h.hexdigest()}, expected {check[1]}; "
+                    f"data.dataset '{name}': {remote.url} has {check[0]} {digest}, expected {check[1]}; "
                     f"the download was discarded and {path} not written; retry `python -m search prefetch RECIPE`, "
                     "or place a good copy there"
                 )
@@ -172,6 +166,18 @@ def _download(name: str, remote: Remote, path: Path) -> None:
         raise missing_error(name, path, f"download failed {RETRIES} times: {last}")
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted download leaves nothing behind
+
+
+def _stream(remote: Remote, tmp: Path, algorithm: str | None) -> str | None:
+    """One try: the URL's bytes streamed into `tmp`, and their hex digest under `algorithm` (if any)."""
+    h = hashlib.new(algorithm) if algorithm else None
+    with _open_url(remote.url) as resp, open(tmp, "wb") as out, _progress(resp, remote.file) as bar:
+        for block in iter(lambda: resp.read(CHUNK), b""):
+            out.write(block)
+            bar.update(len(block))
+            if h:
+                h.update(block)
+    return h.hexdigest() if h else None
 
 
 def _progress(resp: Any, label: str) -> Any:

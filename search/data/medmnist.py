@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -62,42 +63,45 @@ def _npz_to_npy(name: str, npz: Path, out: Path) -> None:
     try:
         with zipfile.ZipFile(npz) as z:
             for member in _members(name, npz, z):
-                key = member.removesuffix(".npy")
                 with z.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    shape, fortran, dtype = (
-                        np.lib.format.read_array_header_1_0(f)
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0(f)
-                    )
-                    images = key.endswith("_images")
-                    if fortran:
-                        raise ValueError(f"{member} is Fortran-ordered")
-                    if (dtype != np.uint8) if images else (dtype.kind not in "iu"):  # as published
-                        raise ValueError(f"{member} holds {dtype}, not {'uint8' if images else 'integers'}")
-                    if len(shape) not in ((3, 4) if images else (1, 2)) or images and shape[3:] not in ((), (3,)):
-                        raise ValueError(f"{member} has shape {shape}")
-                    target = (shape[0], 1, *shape[1:3]) if images and len(shape) == 3 else shape
-                    if images and len(shape) == 4:
-                        target = (shape[0], shape[3], shape[1], shape[2])
-                    dst = np.lib.format.open_memmap(out / f"{key}.npy", mode="w+", dtype=dtype, shape=target)
-                    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-                    per = max(1, (64 << 20) // max(row, 1))
-                    for i in range(0, shape[0], per):
-                        k = min(per, shape[0] - i)
-                        buf = f.read(k * row)
-                        if len(buf) != k * row:
-                            raise EOFError(f"{member} ends after {i + len(buf) // row} of {shape[0]} rows")
-                        a = np.frombuffer(buf, dtype=dtype).reshape(k, *shape[1:])
-                        if images and len(shape) == 4:
-                            a = a.transpose(0, 3, 1, 2)
-                        elif images:
-                            a = a[:, None]
-                        dst[i : i + k] = a
-                    dst.flush()
-                    del dst
+                    _member_to_npy(member, f, out)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
         raise unreadable(name, npz, e) from None
+
+
+def _member_to_npy(member: str, f: IO[bytes], out: Path) -> None:
+    """One array of the .npz, read from `f` as published, written to OUT/KEY.npy in 64 MB chunks."""
+    key = member.removesuffix(".npy")
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = (
+        np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+    )
+    images = key.endswith("_images")
+    if fortran:
+        raise ValueError(f"{member} is Fortran-ordered")
+    if (dtype != np.uint8) if images else (dtype.kind not in "iu"):  # as published
+        raise ValueError(f"{member} holds {dtype}, not {'uint8' if images else 'integers'}")
+    if len(shape) not in ((3, 4) if images else (1, 2)) or images and shape[3:] not in ((), (3,)):
+        raise ValueError(f"{member} has shape {shape}")
+    target = (shape[0], 1, *shape[1:3]) if images and len(shape) == 3 else shape
+    if images and len(shape) == 4:
+        target = (shape[0], shape[3], shape[1], shape[2])
+    dst = np.lib.format.open_memmap(out / f"{key}.npy", mode="w+", dtype=dtype, shape=target)
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    per = max(1, (64 << 20) // max(row, 1))
+    for i in range(0, shape[0], per):
+        k = min(per, shape[0] - i)
+        buf = f.read(k * row)
+        if len(buf) != k * row:
+            raise EOFError(f"{member} ends after {i + len(buf) // row} of {shape[0]} rows")
+        a = np.frombuffer(buf, dtype=dtype).reshape(k, *shape[1:])
+        if images and len(shape) == 4:
+            a = a.transpose(0, 3, 1, 2)
+        elif images:
+            a = a[:, None]
+        dst[i : i + k] = a
+    dst.flush()
+    del dst
 
 
 def remote(name: str) -> Remote:
