@@ -9,7 +9,6 @@ other users of a shared directory out.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import secrets
@@ -73,15 +72,21 @@ def untrusted(mode: int, owner: int, uid: int, directory: bool) -> str | None:
     return None
 
 
+def mkdir_private(path: Path) -> bool:
+    """Create directory `path` with mode 700 (its parents as usual); True when this call created it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
 def own_directory(path: Path, what: str, env: str) -> Path:
     """`path`, a directory that only this user may write: created with mode 700 when missing; a
     link, a file, another user's directory or one others may write is refused (SearchError that
     names `what` and the variable `env` that chooses another)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    created = False
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-        created = True
+    created = mkdir_private(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from search.errors import SearchError
-from search.files import untrusted
+from search.files import mkdir_private, untrusted
 from search.record import MEMORY_PROBE, memory_probe, set_memory_probe
 
 PROBE_PREFIX = MEMORY_PROBE  # study user attr per (entry, resolution, batch size, precision): peak bytes
@@ -234,11 +234,7 @@ def _checked(fd: int, path: Path, directory: bool) -> int:
 def _open_dir(path: Path) -> int:
     """A descriptor of the ledger directory, created with mode 700 if missing, refused if not the
     user's alone. Ledger files are opened relative to it: nothing is looked up by path again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    created = False
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-        created = True
+    created = mkdir_private(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
     except OSError as e:

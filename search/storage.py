@@ -609,6 +609,21 @@ def study_names(url: str) -> list[str] | None:
 # where a study's files live
 
 
+def require_study(name: str, url: str, *, where: str = "", no_file: str, no_study: str) -> None:
+    """Refuse a study that is not in `url` before anything is opened for writing: a misspelt
+    SQLite path gets no database, a server no schema. `where` leads each message (a key path),
+    `no_file` and `no_study` end them (how to fix)."""
+    path = url.removeprefix("sqlite:///")
+    if url.startswith("sqlite:///") and not Path(expand(path)).is_file():
+        raise SearchError(f"{where}no study database at {path}{no_file}")
+    check_storage(url)
+    names = study_names(url)
+    if names is not None and name not in names:
+        raise SearchError(
+            f"{where}no study '{name}' in {mask(url)}; studies there: {', '.join(names) or 'none'}; {no_study}"
+        )
+
+
 def storage_file(storage: Any) -> Path | None:
     """The SQLite or journal file behind an Optuna storage (None for server storages)."""
     backend = getattr(storage, "_backend", storage)  # create_study wraps RDB storages in a cache

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -47,7 +46,14 @@ from search.recipe import Recipe, recipe_from_dict
 from search.record import set_study_attrs, study_attrs, versions
 from search.resume import resume_dir, study_id, tidy
 from search.sampling import make_pruner, make_sampler
-from search.storage import check_storage, default_storage, dir_of, expand, mask, open_storage, study_names
+from search.storage import (
+    check_storage,
+    default_storage,
+    dir_of,
+    mask,
+    open_storage,
+    require_study,
+)
 from search.trials import counted, finished
 
 log = logging.getLogger("search")
@@ -133,16 +139,12 @@ def load_stored(storage_url: str, name: str) -> tuple[Recipe, optuna.Study]:
     A missing study is refused before the storage is opened for writing: a fresh
     database gets no schema, a journal path no file.
     """
-    path = storage_url.removeprefix("sqlite:///")
-    if storage_url.startswith("sqlite:///") and not Path(expand(path)).is_file():
-        raise SearchError(f"no study database at {path}; check --storage, or create the study with `search run RECIPE`")
-    check_storage(storage_url)
-    names = study_names(storage_url)
-    if names is not None and name not in names:
-        raise SearchError(
-            f"no study '{name}' in {mask(storage_url)}; studies there: {', '.join(names) or 'none'}; "
-            "create it with `python -m search run RECIPE`"
-        )
+    require_study(
+        name,
+        storage_url,
+        no_file="; check --storage, or create the study with `search run RECIPE`",
+        no_study="create it with `python -m search run RECIPE`",
+    )
     storage = open_storage(storage_url, heartbeat=None)
     try:
         summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)

@@ -19,13 +19,12 @@ from typing import Any
 
 import optuna
 
-from search.errors import SearchError
 from search.once import once
 from search.pool import PoolEntry, parse_pool
 from search.recipe import Recipe, WarmStartCfg, load_recipe
 from search.record import new_attrs
 from search.space import Param, reachable
-from search.storage import check_storage, default_storage, expand, mask, open_storage, study_names
+from search.storage import default_storage, mask, open_storage, require_study
 from search.text import WIDTH, wrap
 from search.trials import POOL_PARAM, ranked
 
@@ -43,19 +42,13 @@ def source_configurations(cfg: WarmStartCfg, recipe: Recipe) -> list[tuple[str, 
 
 
 def _source_study(name: str, url: str) -> optuna.Study:
-    where = "study.warm_start.from"
-    path = url.removeprefix("sqlite:///")
-    if url.startswith("sqlite:///") and not Path(expand(path)).is_file():
-        raise SearchError(
-            f"{where}: no study database at {path} for study '{name}'; give NAME@STORAGE-URL, or a best.yaml"
-        )
-    check_storage(url)
-    names = study_names(url)
-    if names is not None and name not in names:
-        raise SearchError(
-            f"{where}: no study '{name}' in {mask(url)}; studies there: {', '.join(names) or 'none'}; "
-            "give NAME@STORAGE-URL for another storage"
-        )
+    require_study(
+        name,
+        url,
+        where="study.warm_start.from: ",
+        no_file=f" for study '{name}'; give NAME@STORAGE-URL, or a best.yaml",
+        no_study="give NAME@STORAGE-URL for another storage",
+    )
     return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=None))
 
 

@@ -72,6 +72,18 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return path
 
 
+def start_worker(name: str, url: str, cwd: Path, env: dict, stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    """A `search worker` process on study `name` at `url`, its output piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
+        cwd=cwd,
+        env={**env, "SEARCH_STORAGE": url},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

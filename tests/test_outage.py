@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from search import resume
 from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import ROOT, start_worker, tiny_recipe
 from tests.test_storage import free_port
 
 pytestmark = pytest.mark.slow  # a database server stopped and started under worker processes
@@ -84,15 +83,8 @@ def private_postgres() -> Iterator[Server]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _worker(name: str, url: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
-        cwd=cwd,
-        env={**ENV, "SEARCH_STORAGE": url},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+def _worker(name: str, url: str, cwd) -> subprocess.Popen:
+    return start_worker(name, url, cwd, ENV, subprocess.STDOUT)
 
 
 def _read(proc: subprocess.Popen, lines: list[str], seen: threading.Event, mark: str) -> None:

@@ -19,7 +19,7 @@ from search import artifacts, resume, workers
 from search import study as st
 from search.recipe import recipe_from_dict
 from search.trials import STALE_REASON, counted, finished
-from tests.conftest import ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_cli, start_worker, tiny_recipe, write_recipe
 from tests.conftest import timeless as _metrics  # per-epoch metrics less the timings
 
 pytestmark = pytest.mark.slow  # killed, preempted and interrupted worker processes
@@ -44,14 +44,7 @@ def _recipe(name: str, **study) -> dict:
 
 
 def _worker(name: str, url: str, cwd) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "search", "worker", "--study", name, "--no-report"],
-        cwd=cwd,
-        env={**ENV, "SEARCH_STORAGE": url},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return start_worker(name, url, cwd, ENV)
 
 
 def _reference(tmp_path, name: str) -> dict[int, tuple[list[dict], dict]]:

@@ -133,18 +133,7 @@ def test_retrain_needs_its_origin_study(tmp_path):
         tmp_path / "b.yaml",
         tiny_recipe(
             study={"name": "x-best", "origin": "x"},
-            space={
-                "preset": "quick",
-                "overrides": {
-                    "optimizer": "adamw",
-                    "lr": 0.003,
-                    "weight_decay": 0.0,
-                    "batch_size": 32,
-                    "dropout": 0.0,
-                    "momentum": None,
-                    "backbone_lr_mult": None,
-                },
-            },
+            space={"preset": "quick", "overrides": FIXED},
         ),
     )
     with pytest.raises(retrain.SearchError, match=r"study.origin: no study database at .*s\.db; .*remove study.origin"):
