@@ -1,6 +1,7 @@
 """A storage outage under real workers: a private PostgreSQL server (its own cluster in a temporary
-directory, never the machine's shared one) stopped mid-epoch for 20 s and started again while two
-`worker` processes run a study. Both ride it out; every trial completes, none fails or is lost."""
+directory, never the machine's shared one) stopped mid-epoch for 20 s, or the `search proxy` in
+front of a private SQLite file stopped for 30 s, and started again while two `worker` processes
+run a study. Both ride it out; every trial completes, none fails or is lost."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -94,46 +97,128 @@ def _read(proc: subprocess.Popen, lines: list[str], seen: threading.Event, mark:
             seen.set()
 
 
-def test_two_workers_ride_out_a_database_restart_mid_epoch(tmp_path):
-    n, epochs = 6, 6
-    with private_postgres() as pg:
-        recipe = recipe_from_dict(
-            tiny_recipe(
-                name="outage",
-                study={"n_trials": n, "heartbeat": 2, "storage_patience": 120},
-                data={"max_samples": 600},
-                train={"epochs": epochs},
-                space={"preset": "quick", "overrides": {"optimizer": "adamw", "batch_size": [16]}},
-            )
+N_TRIALS, EPOCHS = 6, 6
+
+
+def _recipe(name: str):
+    return recipe_from_dict(
+        tiny_recipe(
+            name=name,
+            study={"n_trials": N_TRIALS, "heartbeat": 2, "storage_patience": 120},
+            data={"max_samples": 600},
+            train={"epochs": EPOCHS},
+            space={"preset": "quick", "overrides": {"optimizer": "adamw", "batch_size": [16]}},
         )
-        study = st.open_study(recipe, pg.url)
-        procs = [_worker("outage", pg.url, tmp_path) for _ in range(2)]
-        lines: list[list[str]] = [[], []]
-        at_epoch_2 = threading.Event()
-        readers = [
-            threading.Thread(target=_read, args=(p, out, at_epoch_2, " epoch   2 "), daemon=True)
-            for p, out in zip(procs, lines, strict=True)
+    )
+
+
+class Workers:
+    """Two `worker` processes on study `name` at `url`; `at_epoch_2` is set once either prints epoch 2."""
+
+    def __init__(self, name: str, url: str, cwd) -> None:
+        self.procs = [_worker(name, url, cwd) for _ in range(2)]
+        self.lines: list[list[str]] = [[], []]
+        self.at_epoch_2 = threading.Event()
+        self.readers = [
+            threading.Thread(target=_read, args=(p, out, self.at_epoch_2, " epoch   2 "), daemon=True)
+            for p, out in zip(self.procs, self.lines, strict=True)
         ]
-        for r in readers:
+        for r in self.readers:
             r.start()
-        assert at_epoch_2.wait(240), "".join(lines[0] + lines[1])[-3000:]
-        pg.ctl("stop", "-m", "fast", "-w")  # mid-epoch: the next epoch end finds no server
-        time.sleep(20)
-        pg.ctl("start", "-w")
-        codes = [p.wait(timeout=300) for p in procs]
-        for r in readers:
+
+    def wait_for_epoch_2(self) -> None:
+        assert self.at_epoch_2.wait(240), "".join(self.lines[0] + self.lines[1])[-3000:]
+
+    def finish(self) -> list[str]:
+        """Both exit 0 with no traceback, each having said when the storage went away and came back."""
+        codes = [p.wait(timeout=300) for p in self.procs]
+        for r in self.readers:
             r.join(timeout=10)
-        out = ["".join(x) for x in lines]
+        out = ["".join(x) for x in self.lines]
         assert codes == [0, 0], out
         assert all("Traceback" not in o for o in out), out
-        assert any("storage unreachable" in o for o in out) and any("storage back after" in o for o in out), out
-        trials = study.get_trials()
-        assert [t.state for t in trials] == [TrialState.COMPLETE] * n, [
-            (t.number, t.state, t.user_attrs) for t in trials
-        ]
-        assert len(counted(trials)) == n
-        assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in trials)
-        assert not list(resume.resume_dir(study, recipe).glob("*"))  # no state or temp file left
+        assert all("storage unreachable" in o and "storage back after" in o for o in out), out
+        return out
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+
+def _all_complete(trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Exactly the study's trials, each COMPLETE with every epoch: none failed, queued again or lost."""
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS, [
+        (t.number, t.state, t.user_attrs) for t in trials
+    ]
+    assert len(counted(trials)) == N_TRIALS
+    assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in trials)
+
+
+def test_two_workers_ride_out_a_database_restart_mid_epoch(tmp_path):
+    with private_postgres() as pg:
+        recipe = _recipe("outage")
+        study = st.open_study(recipe, pg.url)
+        workers = Workers("outage", pg.url, tmp_path)
+        try:
+            workers.wait_for_epoch_2()
+            pg.ctl("stop", "-m", "fast", "-w")  # mid-epoch: the next epoch end finds no server
+            time.sleep(20)
+            pg.ctl("start", "-w")
+            workers.finish()
+        finally:
+            workers.kill()
+        _all_complete(study.get_trials())
+        states = tmp_path / resume.resume_dir(study, recipe)  # the workers' directory (a server: under their cwd)
+        assert states.is_dir() and not list(states.glob("*"))  # no state or temp file left
+
+
+def _proxy(db_url: str, port: int) -> subprocess.Popen:
+    """`python -m search proxy` in front of db_url on `port`, once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search", "proxy", "--storage", db_url, "--port", str(port)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    line = proc.stdout.readline()
+    if f"listening on grpc://127.0.0.1:{port}" not in line:
+        proc.kill()
+        raise AssertionError(line + proc.communicate(timeout=30)[0])
+    return proc
+
+
+def _stop(proxy: subprocess.Popen) -> None:
+    """SIGTERM, as `systemctl stop` or `kill` sends it: the proxy ends cleanly."""
+    proxy.send_signal(signal.SIGTERM)
+    out, _ = proxy.communicate(timeout=60)
+    assert proxy.returncode == 0 and "storage proxy stopped" in out and "Traceback" not in out, out
+
+
+def test_two_workers_ride_out_the_storage_proxy_stopped_for_30_s(tmp_path):
+    db, port = f"sqlite:///{tmp_path}/proxied.db", free_port()
+    url = f"grpc://127.0.0.1:{port}"
+    recipe = _recipe("proxied")
+    st.open_study(recipe, db)  # the study on the file the proxy serves
+    proxy = _proxy(db, port)
+    workers = Workers("proxied", url, tmp_path)
+    try:
+        workers.wait_for_epoch_2()
+        _stop(proxy)  # mid-epoch: the next epoch end and heartbeats find no proxy
+        time.sleep(30)
+        proxy = _proxy(db, port)  # the same address, as a restarted service
+        workers.finish()
+        _stop(proxy)
+    finally:
+        workers.kill()
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.wait(timeout=30)
+    _all_complete(optuna.load_study(study_name="proxied", storage=db).get_trials())
+    states = tmp_path / "studies" / "proxied" / "resume"  # a proxy has no file: under the workers' cwd
+    assert states.is_dir() and not list(states.glob("*"))
 
 
 def _until(proc: subprocess.Popen, mark: str) -> None:
