@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import optuna
+from optuna.storages._grpc import client as grpc_client
 from optuna.storages._grpc.server import make_server
 from optuna.storages._heartbeat import is_heartbeat_enabled
 
@@ -52,6 +53,24 @@ def grpc_server(storage: optuna.storages.BaseStorage, host: str, port: int, exec
     but blocks until it ends and takes no thread pool, and `search proxy` needs to stop it on
     SIGTERM and bound its database connections by the pool's threads."""
     return make_server(storage, host, port, executor)
+
+
+class GrpcClient(optuna.storages.GrpcStorageProxy):
+    """Optuna's gRPC storage client on a channel with `options` besides Optuna's own:
+    GrpcStorageProxy builds its channel in `_setup` (optuna.storages._grpc.client) and takes no
+    options, and its default reconnect backoff (up to 120 s) keeps a worker from seeing a
+    restarted proxy (see search.storage.GRPC_RECONNECT)."""
+
+    def __init__(self, *, host: str, port: int, options: list[tuple[str, int]]) -> None:
+        self._options = options
+        super().__init__(host=host, port=port)
+
+    def _setup(self) -> None:
+        # Optuna's _setup with the options added; grpc and the stubs are its lazy imports (an extra).
+        own = [("grpc.max_receive_message_length", -1)]  # Optuna's one option (create_insecure_channel)
+        self._channel = grpc_client.grpc.insecure_channel(f"{self._host}:{self._port}", options=own + self._options)
+        self._stub = grpc_client.api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = grpc_client.GrpcClientCache(self._stub)
 
 
 def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:

@@ -35,6 +35,11 @@ STALE_BEATS = 10  # heartbeats of silence before a running trial is judged dead 
 
 STUDIES = Path("studies")
 READY_TIMEOUT = 10.0  # seconds a client waits for the storage proxy before giving up
+# A gRPC channel that cannot connect waits 1 s, then 1.6 times longer after each failure, up to
+# 120 s, failing every call meanwhile without trying: a worker would see a proxy restarted after
+# a minute's outage up to a minute late, and its trials look stale to workers that saw it at once.
+# Capped at 5 s, each worker finds the proxy within a few seconds of its return.
+GRPC_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 def default_storage(name: str) -> str:
@@ -387,7 +392,7 @@ def _grpc(url: str, heartbeat: int | None) -> optuna.storages.BaseStorage:
     host, port = parse_address(url)
     with warnings.catch_warnings():  # experimental since 4.2, stable in use; the warning is noise
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.GrpcStorageProxy(host=host, port=port)
+        storage = optuna_api.GrpcClient(host=host, port=port, options=GRPC_RECONNECT)
     try:
         storage.wait_server_ready(timeout=READY_TIMEOUT)
     except ConnectionError:

@@ -5,6 +5,7 @@ that are not this run's refused, and the states nothing will resume removed."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import optuna
@@ -13,8 +14,9 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search import outage, resume, workers
+from search import optuna_api, outage, resume, storage, workers
 from search.trials import counted
+from tests.test_storage import free_port
 
 DIST = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 DOWN = optuna.exceptions.StorageInternalError("could not connect to server: Connection refused")
@@ -73,6 +75,40 @@ def test_what_counts_as_unreachable():
     assert outage.unreachable(sqlalchemy.exc.OperationalError("select", {}, Exception("server closed")))
     assert not outage.unreachable(sqlalchemy.exc.IntegrityError("insert", {}, Exception("duplicate")))
     assert not outage.unreachable(optuna.exceptions.DuplicatedStudyError())
+
+
+def _proxy_in_process(port: int):
+    server = optuna_api.grpc_server(optuna.storages.InMemoryStorage(), "127.0.0.1", port, ThreadPoolExecutor(2))
+    server.start()
+    return server
+
+
+def test_a_stopped_proxy_is_unreachable_its_refusals_are_not_and_its_return_is_seen():
+    """The errors of the real gRPC client: the proxy gone (UNAVAILABLE) is waited out, a refused
+    write is not, and the same client reaches the proxy again once it is back on its port."""
+    grpc = pytest.importorskip("grpc")
+
+    port = free_port()
+    server = _proxy_in_process(port)
+    client = storage.open_storage(f"grpc://127.0.0.1:{port}", heartbeat=None)
+    try:
+        study = optuna.create_study(storage=client, study_name="p")
+        trial = study.ask()
+        study.tell(trial, 1.0)
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError) as refused:
+            client.set_trial_user_attr(optuna_api.trial_id(trial), "x", 1)
+        assert not outage.unreachable(refused.value)
+        server.stop(None).wait()
+        with pytest.raises(grpc.RpcError) as gone:
+            client.get_all_studies()
+        assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert outage.unreachable(gone.value)
+        server = _proxy_in_process(port)  # a fresh, empty storage on the same port
+        studies = outage.Patience(30, lambda line: None).call(client.get_all_studies, "reading the studies")
+        assert studies == []
+    finally:
+        server.stop(None)
+        client.close()
 
 
 def _study() -> optuna.Study:
