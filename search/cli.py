@@ -600,7 +600,9 @@ def usage_error(prog: str, message: str) -> str:
     choice = re.fullmatch(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
     if choice:
         allowed = [c.strip(" '") for c in choice.group(3).split(",")]
-        what = "command" if choice.group(1) in ("command", "{" + ",".join(allowed) + "}") else choice.group(1)
+        what = (
+            "command" if choice.group(1) in ("COMMAND", "command", "{" + ",".join(allowed) + "}") else choice.group(1)
+        )
         bad = choice.group(2)
         hint = did_you_mean(bad, allowed, cutoff=0.6)  # short words: a swapped pair of letters is 0.67 alike
         return f"{prog}: unknown {what} '{bad}'{hint}; allowed: {one_of(allowed)}"
@@ -862,7 +864,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m search", description="Architecture and hyperparameter search for image classifiers.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")  # the list fits 100 columns
     for name, (help, arguments) in SUBCOMMANDS.items():
         arguments(sub.add_parser(name, help=help))
     return p
