@@ -8,8 +8,8 @@ of val (`rank.max_val_images`). Three scores, higher is better:
 - **LogME** (You et al., ICML 2021): the log marginal evidence of a Bayesian
   linear model from the train features to each one-hot label column, with the
   prior precision alpha and noise precision beta that maximise it (a one-dimensional
-  search over alpha / beta, beta closed-form), divided by n and averaged over classes. Invariant to a global scale
-  and to rotations of the features, not to per-dimension scaling.
+  search over alpha / beta, beta closed-form), divided by n and averaged over classes.
+  Invariant to a global scale and to rotations of the features, not to per-dimension scaling.
 - **probe**: validation accuracy of a closed-form ridge classifier on the
   standardised train features (one-hot targets); the ridge strength is picked
   from a fixed grid by generalised cross-validation on train, so it is
@@ -86,8 +86,8 @@ def _profile(s: np.ndarray, sigma: np.ndarray, x2: np.ndarray, res: float, n: in
     return (-0.5 * np.log1p(ratio).sum(-1) - n / 2 * np.log(e / n) - n / 2 * (1 + np.log(2 * np.pi))) / n
 
 
-def _golden(f: Any, lo: float, hi: float, steps: int = 60) -> tuple[float, float]:
-    """(argmax, max) of a function unimodal on [lo, hi], by golden-section search."""
+def _golden_max(f: Callable[[float], float], lo: float, hi: float, steps: int = 60) -> float:
+    """The maximum of a function unimodal on [lo, hi], by golden-section search."""
     g = (np.sqrt(5.0) - 1) / 2
     a, b = lo + (1 - g) * (hi - lo), lo + g * (hi - lo)
     fa, fb = f(a), f(b)
@@ -100,7 +100,7 @@ def _golden(f: Any, lo: float, hi: float, steps: int = 60) -> tuple[float, float
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
             fb = f(b)
-    return (a, fa) if fa >= fb else (b, fb)
+    return max(fa, fb)
 
 
 def _max_evidence(sigma: np.ndarray, x2: np.ndarray, res: float, y2: float, n: int) -> float:
@@ -121,7 +121,7 @@ def _max_evidence(sigma: np.ndarray, x2: np.ndarray, res: float, y2: float, n: i
     padded = np.concatenate([[-np.inf], p, [-np.inf]])
     for i in np.flatnonzero((p >= padded[:-2]) & (p >= padded[2:])).tolist():  # the ends included
         lo, hi = float(u[max(i - 1, 0)]), float(u[min(i + 1, len(u) - 1)])
-        _, top = _golden(lambda v: float(_profile(10.0**v, sigma, x2, res, n)), lo, hi)
+        top = _golden_max(lambda v: float(_profile(10.0**v, sigma, x2, res, n)), lo, hi)
         best = max(best, top, float(p[i]))
     return best
 
