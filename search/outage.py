@@ -31,7 +31,6 @@ EXIT_STORAGE_GONE = 75  # sysexits' EX_TEMPFAIL: try again later, nothing is los
 FIRST_WAIT, LONGEST_WAIT = 0.5, 15.0  # seconds between tries: doubling from the first to the longest
 
 _UNREACHABLE = (
-    optuna.exceptions.StorageInternalError,  # Optuna's RDB storage wraps SQLAlchemy's errors in it
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     ConnectionError,  # the gRPC client's connect timeout, sockets, Redis (its errors derive from it)
@@ -46,6 +45,8 @@ class StorageGone(Exception):
 
 def unreachable(e: BaseException) -> bool:
     """Whether `e` says the storage could not be reached (worth trying again), not that it refused."""
+    if isinstance(e, optuna.exceptions.StorageInternalError):  # wraps every SQLAlchemy error: refusals too
+        return e.__cause__ is None or unreachable(e.__cause__)
     if isinstance(e, _UNREACHABLE):
         return True
     code = getattr(e, "code", None)

@@ -96,21 +96,22 @@ def _fit(im: Any, size: int) -> Any:
 
 def pixels(path: Path, channels: int, fit: int | None) -> np.ndarray:
     """An image file as uint8 (C, H, W) as the image-folder source decodes it."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
             if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise SearchError(f"{path} has {im.size[0]}x{im.size[1]} pixels, over the limit of {MAX_PIXELS}")
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit gray: v * 255 / 65535, rounded
-                wide = im if im.mode == "I" else im.convert("I")
+            upright = ImageOps.exif_transpose(im)  # by its EXIF orientation, as training decoded it
+            if upright.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit gray: v * 255 / 65535, rounded
+                wide = upright if upright.mode == "I" else upright.convert("I")
                 gray = ((np.asarray(_fit(wide, fit) if fit else wide, dtype=np.int64) + 128) // 257).astype(np.uint8)
                 return np.repeat(gray[None], channels, axis=0)
             mode = "L" if channels == 1 else "RGB"
-            plain = im if im.mode == mode else im.convert(mode)
+            plain = upright if upright.mode == mode else upright.convert(mode)
             arr = np.asarray(_fit(plain, fit) if fit else plain, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SearchError(f"cannot decode {path} ({type(e).__name__}: {e}); give PNG or JPEG images") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -13,6 +13,7 @@ its trial's end is told (`forget`); the sweep removes any left by trials that en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -170,9 +171,10 @@ def tidy(directory: Path, trials: list[optuna.trial.FrozenTrial], now: float | N
     for path in directory.iterdir():
         m = STATE_NAME.fullmatch(path.name)
         if m is None:
-            if TEMP_NAME.fullmatch(path.name) and now - path.stat().st_mtime > STALE_TEMP:
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile by its writer
+                if TEMP_NAME.fullmatch(path.name) and now - path.stat().st_mtime > STALE_TEMP:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
             continue
         t = by_number.get(int(m.group(1)))
         if t is None or not _abandoned(t, retried.get(t.number), now):

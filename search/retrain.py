@@ -199,7 +199,7 @@ def _train_once(
             "train.batch_size in the recipe and run it again"
         )
     values, cm, with_tta = evaluate_test(model, data, dev, tta)
-    tested = {f"test_{k}": v for k, v in (with_tta or {}).items()} if tta else None
+    tested = {f"test_{k}": v for k, v in with_tta.items()} if with_tta is not None else None
     return model, result, {f"test_{k}": v for k, v in values.items()}, cm, tested
 
 

@@ -538,9 +538,6 @@ REACHABLE: dict[str, Callable[[str], None]] = {
 }
 
 
-SERVERS = ("postgresql", "postgres", "mysql", "mariadb", "redis", "rediss")  # reached over the network
-
-
 def check_storage(url: str, connect: bool = True) -> bool:
     """Scheme, ${VAR} and reachability of a storage URL, creating nothing. With `connect` false a
     database server is not contacted (files and addresses are still checked); returns whether
@@ -635,7 +632,8 @@ def storage_file(storage: Any) -> Path | None:
     url = getattr(backend, "url", None)
     if isinstance(url, str) and url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///") :])
-    path = getattr(getattr(backend, "_backend", None), "_file_path", None)  # journal file backend
+    journal = backend if hasattr(backend, "_file_path") else getattr(backend, "_backend", None)  # JournalStorage
+    path = getattr(journal, "_file_path", None)
     return Path(path) if path else None
 
 

@@ -75,6 +75,15 @@ def test_what_counts_as_unreachable():
     assert outage.unreachable(sqlalchemy.exc.OperationalError("select", {}, Exception("server closed")))
     assert not outage.unreachable(sqlalchemy.exc.IntegrityError("insert", {}, Exception("duplicate")))
     assert not outage.unreachable(optuna.exceptions.DuplicatedStudyError())
+    # Optuna wraps every SQLAlchemy error in StorageInternalError: only a lost connection is waited out
+    for cause, waited in (
+        (sqlalchemy.exc.OperationalError("select", {}, Exception("closed")), True),
+        (sqlalchemy.exc.DataError("insert", {}, Exception("value too long")), False),
+    ):
+        try:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
+        except optuna.exceptions.StorageInternalError as e:
+            assert outage.unreachable(e) is waited
 
 
 def _proxy_in_process(port: int):
