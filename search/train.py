@@ -53,7 +53,7 @@ from search.device import resolve_device
 from search.errors import SearchError
 from search.files import own_directory
 from search.hparams import TrainCfg
-from search.recipe import METRICS
+from search.recipe import CPU_FORMATS, METRICS
 from search.record import FitStatus
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
@@ -609,17 +609,21 @@ def prepare(
     amp: bool,
     compile: bool | str,
     gpu_memory_share: float,
+    cpu_format: str = "nchw",
 ) -> FitContext:
-    """The model on the device (channels_last on CUDA), its precision, the data where it will live,
-    the generators and the optimizer over the parameter groups."""
+    """The model on the device (channels_last on CUDA; on the CPU as `cpu_format` says), its
+    precision, the data where it will live, the generators and the optimizer over the parameter
+    groups."""
     cuda = dev.type == "cuda"
     info = getattr(model, "info", None)
     head = info.head if info else ()
     pretrained = bool(info and info.pretrained)
-    channels_last = cuda  # on CPU, oneDNN's default layout is as fast and skips the conversions
+    channels_last = cuda or (dev.type == "cpu" and cpu_format.startswith("channels_last"))
     amp_dtype = None
     if amp and cuda:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    elif dev.type == "cpu" and cpu_format.endswith("bf16"):
+        amp_dtype = torch.bfloat16  # autocast around the forward only: loss, weights, optimizer in float32
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
     # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
@@ -764,6 +768,7 @@ def fit(
     state: dict[str, Any] | None = None,
     stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, int, int], None] | None = None,
+    cpu_format: str = "nchw",
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
@@ -789,13 +794,20 @@ def fit(
     aside). `stop()` true at a step boundary ends the fit as 'interrupted'; the
     epoch in progress is lost, the last state stands. `on_step(epoch, i, steps,
     batch)` after each step (live progress; nothing is read from the device).
+
+    `cpu_format` (on the CPU only; search.cpu_format chooses it): the memory format and precision
+    of the model and its inputs, one of CPU_FORMATS: `nchw` (float32, the default),
+    `channels_last`, `bf16` (bf16 autocast around the forward, the loss in float32) or
+    `channels_last_bf16`.
     """
     hp = hparams
     if monitor not in METRICS:
         raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
+    if cpu_format not in CPU_FORMATS:
+        raise SearchError(f"cpu_format '{cpu_format}' is not a format; allowed: {', '.join(CPU_FORMATS)}")
     dev = resolve_device(device)
     seed_everything(seed)
-    ctx = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share)
+    ctx = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share, cpu_format)
     bs = min(hp.batch_size, len(ctx.train_y))
     lr_at = schedule(hp, len(ctx.train_y) // bs)
     micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))
