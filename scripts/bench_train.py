@@ -3,7 +3,8 @@
 Both loops get the same model (same initial weights), the same uint8 data
 already in memory (on the GPU when training there), the same batch size,
 AdamW at the same lr and weight decay, the same precision (bf16 autocast +
-channels_last on CUDA, float32 on CPU), the same batched augmentation
+channels_last on CUDA; on the CPU each --formats entry, default float32
+NCHW), the same batched augmentation
 (`search.augment.augment`, or none with --aug off) and one validation pass per
 epoch. `fit` additionally does what a trial needs: warm-up/cosine schedule,
 parameter groups, per-epoch metrics (accuracy, balanced accuracy, F1, AUC),
@@ -13,9 +14,10 @@ records and the divergence check. Runs are interleaved (fit, minimal, fit,
     python scripts/bench_train.py                          # mini_cnn and resnet_18 at 32 px on the CPU
     python scripts/bench_train.py --scale 4 --runs 5       # more images per epoch, more runs
     python scripts/bench_train.py --formats nchw channels_last bf16 channels_last_bf16   # CPU formats
+    python scripts/bench_train.py --formats nchw channels_last bf16 channels_last_bf16 --probe 20   # probe steps
     python scripts/bench_train.py --device cuda --models resnet_18 --n 50000 --val 10000 --batch-size 512
 
-Acceptance: fit / minimal <= 1.10 for both models.
+Acceptance: fit / minimal <= 1.10 for both models (<= 1.02 on an idle CPU), in every format.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from search import augment  # noqa: E402
+from search import augment, cpu_format  # noqa: E402
 from search.data import Data, Split  # noqa: E402
 from search.datasets import AugmentCfg  # noqa: E402
 from search.hparams import TrainCfg  # noqa: E402
@@ -116,14 +118,17 @@ def minimal_loop(model: nn.Module, data: Data, hp: TrainCfg, dev: torch.device, 
     return acc
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, the CPU seconds of this process
+
+
 def timed(fn, dev: torch.device) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def bench(name: str, n: int, n_val: int, args: argparse.Namespace, dev: torch.device) -> float:
@@ -184,6 +189,33 @@ def bench(name: str, n: int, n_val: int, args: argparse.Namespace, dev: torch.de
     return worst
 
 
+def probe_steps(name: str, args: argparse.Namespace) -> None:
+    """The probe's view (search.cpu_format.step_times): one forward/backward of the model per format,
+    `--probe` rounds interleaved; the fastest and the median step of each, and the speed-up over the first."""
+    torch.manual_seed(0)
+    proto = build_model({"model": name, "pretrained": False}, num_classes=NUM_CLASSES, in_chans=3, resolution=RES)
+    step = cpu_format.training_step(proto, 3, RES, args.batch_size, NUM_CLASSES)
+    times: dict[str, list[float]] = {f: [] for f in args.formats}
+
+    def timer_of(fmt: str) -> None:
+        t0 = CLOCK()
+        step(fmt)
+        times[fmt].append(CLOCK() - t0)
+
+    cpu_format.step_times(step, args.formats, steps=1)  # warm-up
+    for _ in range(args.probe):
+        for fmt in args.formats:
+            timer_of(fmt)
+    first = min(times[args.formats[0]])
+    for fmt in args.formats:
+        best, med = min(times[fmt]), statistics.median(times[fmt])
+        print(
+            f"probe {name:<10} {fmt:<18} batch {args.batch_size}: fastest {best * 1e3:8.1f} ms "
+            f"({args.batch_size / best:6.0f} im/s), median {med * 1e3:8.1f} ms, speed-up {first / best:5.2f}",
+            flush=True,
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mini_cnn", "resnet_18"])
@@ -204,11 +236,27 @@ def main() -> int:
         help="CPU formats to compare, each in both loops; 'vs first' is the first format's fit time over "
         "this one's (nchw first: the speed-up over the float32 NCHW loop). Ignored on CUDA",
     )
+    p.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        help="instead of the loops: this many interleaved forward/backward steps per format (the probe's step)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time by the CPU seconds of this process (with --threads 1, little moved by other work on "
+        "a busy machine; images/s are then per CPU second)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-ratio", type=float, default=1.10, help="exit 1 when a ratio is above this")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn("no CUDA device visible: running on the CPU instead", stacklevel=1)
@@ -217,13 +265,19 @@ def main() -> int:
     print(
         f"device: {name}; torch {torch.__version__}; "
         f"precision: {'bf16 autocast' if dev.type == 'cuda' else 'per format'}; "
-        f"augmentation: {args.aug}; compile: {args.compile}; epochs per run: {args.epochs}; runs: {args.runs}; "
+        f"augmentation: {args.aug}; compile: {args.compile}; clock: {args.clock}; "
+        f"epochs per run: {args.epochs}; runs: {args.runs}; "
         f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
         f"{'model':<10} {'format':<18} {'images':>6} {'batch':>5} {'fit s/ep':>8} {'min s/ep':>8} "
         f"{'fit im/s':>8} {'min im/s':>8} {'ratio':>6} {'vs first':>7}"
     )
+    if args.probe:
+        for model in args.models:
+            probe_steps(model, args)
+        print(f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
     worst = 0.0
     for model in args.models:
         n = args.n or math.ceil(DEFAULT_N.get(model, 512) * args.scale)
