@@ -43,6 +43,7 @@ log = logging.getLogger("search")
 
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # native bf16 dot products (Cooper Lake, Zen 4, AMX)
 PROBE_WARMUP = 1  # steps per format before timing: oneDNN builds its kernels on the first
+BF16_MARGIN = 1.15  # a bf16 format must be this much faster than float32 to be chosen
 PROBE_STEPS = 3  # timed steps per format, interleaved; the fastest of them counts
 
 _decided: dict[str, str] = {}  # this process's decisions by probe key
@@ -128,9 +129,19 @@ def step_times(
 
 
 def pick(step: Callable[[str], None], formats: list[str], timer: Callable[[], float] = time.perf_counter) -> str:
-    """The format whose step is fastest by `step_times` (ties: the earlier format, nchw first)."""
+    """The format whose step is fastest by `step_times` (ties: the earlier format, nchw first); a bf16
+    one only when BF16_MARGIN times faster than the fastest float32 one (it changes the numerics:
+    not for a gain that timing noise could make)."""
     times = step_times(step, formats, timer)
-    return min(formats, key=lambda f: (times[f], formats.index(f)))
+
+    def fastest(fmts: list[str]) -> str | None:
+        return min(fmts, key=lambda f: (times[f], formats.index(f))) if fmts else None
+
+    fp32 = fastest([f for f in formats if not f.endswith("bf16")])
+    bf16 = fastest([f for f in formats if f.endswith("bf16")])
+    if fp32 is None or (bf16 is not None and times[bf16] * BF16_MARGIN < times[fp32]):
+        return str(bf16)
+    return fp32
 
 
 def choose(

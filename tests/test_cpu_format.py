@@ -63,6 +63,13 @@ def test_pick_takes_the_fastest_candidate_after_a_warm_up():
     assert cpu_format.pick(clock.step, ["nchw", "channels_last"], clock) == "nchw"
 
 
+@pytest.mark.parametrize(("bf16_cost", "want"), [(1.9, "channels_last"), (1.5, "bf16")])
+def test_bf16_is_picked_only_when_clearly_faster(bf16_cost, want):
+    clock = FakeClock({**COST, "bf16": bf16_cost})  # channels_last (float32) takes 2.0
+    assert cpu_format.pick(clock.step, list(CPU_FORMATS), clock) == want
+    assert cpu_format.pick(clock.step, ["bf16"], clock) == "bf16"
+
+
 def test_auto_probes_once_then_reads_the_memory_and_the_disk_cache(tmp_path):
     clock, cache = FakeClock(COST), tmp_path / "formats.json"
     first = cpu_format.choose("auto", "k", clock.step, flags=BF16, timer=clock, cache=cache)
