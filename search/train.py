@@ -2,7 +2,8 @@
 
 Reads top to bottom: the data goes to the device once as uint8, each batch is
 augmented there, the model runs in `channels_last` with bf16 autocast on CUDA
-(fp16 with a grad scaler where bf16 is not native), the step never waits for
+(fp16 with a grad scaler where bf16 is not native) and on the CPU in the
+`cpu_format` given (search.cpu_format chooses it), the step never waits for
 the host (losses are summed on the device and read once per epoch; only the
 fp16 scaler checks for inf each step), and evaluation runs under
 `inference_mode`. A step that runs out of memory is retried in smaller
