@@ -192,9 +192,9 @@ def training_step(
     model: nn.Module, in_chans: int, resolution: int, batch_size: int, num_classes: int
 ) -> Callable[[str], None]:
     """One forward and backward of a copy of `model` on a random batch, in a given format (the probe's
-    step). The copy is made once per format; the model, its weights and the random state are left
-    as they were."""
-    copies: dict[str, nn.Module] = {}
+    step). One copy per memory layout (bf16 autocast leaves the weights float32, so two at most);
+    the model, its weights and the random state are left as they were."""
+    copies: dict[bool, nn.Module] = {}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, in_chans, resolution, resolution, generator=gen)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen)
@@ -202,9 +202,9 @@ def training_step(
     def step(fmt: str) -> None:
         last = fmt.startswith("channels_last")
         memory_format = torch.channels_last if last else torch.contiguous_format
-        if fmt not in copies:
-            copies[fmt] = copy.deepcopy(model).to(memory_format=memory_format).train()
-        net = copies[fmt]
+        if last not in copies:
+            copies[last] = copy.deepcopy(model).to(memory_format=memory_format).train()
+        net = copies[last]
         with torch.random.fork_rng(devices=[]):  # dropout, drop-path: the caller's random state is kept
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fmt.endswith("bf16")):
                 out = net(x.contiguous(memory_format=memory_format))
