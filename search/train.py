@@ -21,7 +21,10 @@ of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
 (0.45 s per 1,024-image epoch) and 1.00 for resnet_18 (2.7 s per 256 images);
 on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
 images/s. Measured again after `fit` was split into FitContext/FitState/train_step (2 AMD EPYC cores,
-medians of 5): 0.994 for mini_cnn, 0.983 for resnet_18.
+medians of 5): 0.994 for mini_cnn, 0.983 for resnet_18. CPU formats (--formats, 1 thread, CPU
+seconds, a Xeon with avx512_bf16 but no AMX, under load ~20): channels_last 1.57x NCHW for
+mini_cnn (1,100 vs 700 images per CPU second), 1.06x for resnet_18's probe step; bf16 0.87x
+and 0.74x, so `auto` takes channels_last there.
 
 About 870 lines, read top to bottom: pure schedule and loss functions first, then the loop: `FitContext`
 (what every step uses), `FitState` (what goes from epoch to epoch, and what a resume restores),
