@@ -108,7 +108,8 @@ def test_a_killed_and_resumed_trial_keeps_one_run(tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_cli("worker", "--storage", "sqlite:///studies/kill.db", "--study", "kill", cwd=tmp_path, env=env)
+    # the worker that resumes it: in this process (the killed one is the process under test)
+    again = run_inline("worker", "--storage", "sqlite:///studies/kill.db", "--study", "kill", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = optuna.load_study(study_name="kill", storage=f"sqlite:///{tmp_path}/studies/kill.db").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
