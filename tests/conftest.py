@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import io
 import logging
 import os
@@ -227,6 +228,15 @@ def demo_study(tmp_path_factory) -> Path:
     proc = run_inline("run", "tiny.yaml", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd
+
+
+def pytest_collection_finish(session):
+    """Everything the collection imported (torch, Optuna, the test modules: millions of objects)
+    moves to the collector's permanent generation: the full collections the harness makes after
+    every trial and every out-of-memory step (search.workers.run_one, search.train) then scan
+    what the tests made, not all that once more (seconds a collection in a test process)."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
