@@ -72,10 +72,14 @@ def main() -> int:
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(args.runs):
         for wal in (True, False):
-            times[wal].append(one_run(base / f"run{i}-{'wal' if wal else 'rollback'}.db", wal, args.trials, args.epochs))
+            times[wal].append(
+                one_run(base / f"run{i}-{'wal' if wal else 'rollback'}.db", wal, args.trials, args.epochs)
+            )
     writes = 1 + 7 + 3 * args.epochs + 2  # ask, start attributes, per epoch, end
     wal, rb = statistics.median(times[True]), statistics.median(times[False])
-    print(f"{args.trials} trials x {args.epochs} epochs ({writes} writes a trial), median of {args.runs} runs, in {base}")
+    print(
+        f"{args.trials} trials x {args.epochs} epochs ({writes} writes a trial), median of {args.runs} runs, in {base}"
+    )
     print(f"  write-ahead log:  {wal * 1000:7.1f} ms a trial")
     print(f"  rollback journal: {rb * 1000:7.1f} ms a trial")
     print(f"  rollback / WAL = {rb / wal:.1f}x")
