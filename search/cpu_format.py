@@ -181,7 +181,11 @@ def choose(
         with build_lock(path):  # one probe per key on the machine: concurrent studies agree
             fmt = _read_cache(path).get(key)
             if fmt not in formats:
-                fmt = pick(step, formats, timer)
+                try:
+                    fmt = pick(step, formats, timer)
+                except RuntimeError as e:  # out of memory, a model that cannot train: fit says so
+                    log.warning("cpu_format: the probe of %s failed (%s); nchw, not cached", key, str(e)[:200])
+                    return "nchw"
                 log.info("cpu_format: %s for %s (probed)", fmt, key)
                 _remember(path, key, fmt)
     _decided[key] = fmt

@@ -179,6 +179,8 @@ def record_measures(
 ) -> dict[str, Any]:
     """The measures an objective or constraint of the study needs (params, flops, latency, ...), recorded."""
     wanted = [n for n in (*recipe.study.names, *recipe.study.constraints) if n in CONSTRAINABLE]
+    if recipe.study.pruner.compare == "compute" and "flops" not in wanted:
+        wanted.append("flops")  # the pruner's cost of an epoch (search.sampling.EqualComputePruner)
     measures = measure_model(model, wanted, in_chans, res, dev)
     for k, v in measures.items():
         set_attr(trial, k, v)

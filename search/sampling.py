@@ -97,42 +97,45 @@ HeldSuccessiveHalving = _held(optuna.pruners.SuccessiveHalvingPruner)
 HeldHyperband = _held(optuna.pruners.HyperbandPruner)
 
 
-def value_at(values: dict[int, float], sec_per_epoch: float, compute: float) -> float | None:
-    """A trial's intermediate value once it had spent `compute` device-seconds: the value of its
-    last epoch k with k * sec_per_epoch <= compute (its final one when it ended sooner); None
-    when even its first epoch cost more."""
-    steps = [k for k in values if k * sec_per_epoch <= compute * (1 + 1e-9)]
+def value_at(values: dict[int, float], cost_per_epoch: float, compute: float) -> float | None:
+    """A trial's intermediate value once it had spent `compute`: the value of its last epoch k with
+    k * cost_per_epoch <= compute (its final one when it ended sooner); None when even its first
+    epoch cost more."""
+    steps = [k for k in values if k * cost_per_epoch <= compute * (1 + 1e-9)]
     return values[max(steps)] if steps else None
 
 
 class EqualComputePruner(optuna.pruners.BasePruner):
     """Percentile pruning (the median at 50) where trials are compared at equal compute: a trial at
-    epoch k, having spent c = k x its seconds per epoch, is stopped when the best value it reached
-    is worse than the `percentile` of the other trials' values at c (`value_at`). A slow pool
-    entry thus meets what a fast one reached with as much compute, and is stopped early unless it
-    is better at equal cost; among entries of one speed it prunes as the epoch-wise pruner does.
+    epoch k, having spent c = k x its cost per epoch, is stopped when the best value it reached is
+    worse than the `percentile` of the other trials' values at c (`value_at`). A slow pool entry
+    thus meets what a fast one reached with as much compute, and goes on only where it is better
+    at equal cost; among trials of one cost it prunes as the epoch-wise pruner does.
 
-    Seconds per epoch come from the trials' records (`sec_per_epoch`); trials without one are left
-    out. Nothing is pruned before `warmup_epochs` nor until `min_trials` trials completed.
+    The cost of an epoch is the model's recorded `flops` (one image's forward pass): every trial
+    of a study sees the same images, so its epochs cost in proportion. Counted, not timed, so a
+    decision is the same on any machine and in every run (timings would make pruning, and with it
+    the trials that follow, depend on the machine's load). Where a trial has no `flops` (they could
+    not be counted), all are compared at equal epochs. As Optuna's pruners do, it compares with
+    completed trials; nothing is pruned before `warmup_epochs` nor until `min_trials` completed.
     """
 
     def __init__(self, percentile: float, min_trials: int, warmup_epochs: int) -> None:
         self.percentile, self.min_trials, self.warmup_epochs = percentile, min_trials, warmup_epochs
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step, sec = trial.last_step, number(attrs(trial), "sec_per_epoch")
-        if step is None or step < max(1, self.warmup_epochs) or not sec:
+        step = trial.last_step
+        if step is None or step < max(1, self.warmup_epochs):
             return False
-        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if sum(t.state == TrialState.COMPLETE for t in ended) < max(1, self.min_trials):
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number]
+        if len(done) < max(1, self.min_trials):
             return False
-        compute = step * sec
-        others = []
-        for t in ended:
-            s = number(attrs(t), "sec_per_epoch")
-            v = value_at(t.intermediate_values, s, compute) if s else None
-            if v is not None and t.number != trial.number:
-                others.append(v)
+        costs = [number(attrs(t), "flops") for t in (trial, *done)]
+        if not all(costs):  # a model whose operations were not counted: every epoch costs alike
+            costs = [1.0] * len(costs)
+        compute = step * costs[0]
+        held = [value_at(t.intermediate_values, c, compute) for t, c in zip(done, costs[1:], strict=True)]
+        others = [v for v in held if v is not None]
         mine = [v for k, v in trial.intermediate_values.items() if k <= step]
         if not others or not mine:
             return False

@@ -88,6 +88,18 @@ def test_auto_probes_once_then_reads_the_memory_and_the_disk_cache(tmp_path):
     assert json.loads(cache.read_text()) == {"k": "channels_last", "k2": "bf16"}
 
 
+def test_a_probe_that_fails_leaves_nchw_undecided(tmp_path):
+    """A model whose training step fails (out of memory) gets nchw, and nothing is cached: the
+    trial's own fit meets the error and ends as it would without the probe."""
+    cache = tmp_path / "formats.json"
+
+    def step(fmt: str) -> None:
+        raise torch.OutOfMemoryError("out of memory (64 images)")
+
+    assert cpu_format.choose("auto", "oom", step, flags=BF16, cache=cache) == "nchw"
+    assert not cache.exists() and "oom" not in cpu_format._decided
+
+
 def test_a_damaged_cache_or_a_cached_format_not_a_candidate_is_probed_again(tmp_path):
     cache = tmp_path / "formats.json"
     cache.write_text("{not json")
