@@ -130,9 +130,9 @@ class EqualComputePruner(optuna.pruners.BasePruner):
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number != trial.number]
         if len(done) < max(1, self.min_trials):
             return False
-        costs = [number(attrs(t), "flops") for t in (trial, *done)]
-        if not all(costs):  # a model whose operations were not counted: every epoch costs alike
-            costs = [1.0] * len(costs)
+        counted = [number(attrs(t), "flops") for t in (trial, *done)]
+        # a model whose operations were not counted: every epoch costs alike
+        costs = [float(c) for c in counted if c] if all(counted) else [1.0] * len(counted)
         compute = step * costs[0]
         held = [value_at(t.intermediate_values, c, compute) for t, c in zip(done, costs[1:], strict=True)]
         others = [v for v in held if v is not None]
