@@ -112,20 +112,25 @@ def _hwm_mb() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-@contextmanager
-def measured(name: str, phases: list[Phase]):
-    """Measure the block; its peak RSS counts from the resident memory at its start (Linux clear_refs 5)."""
+def _reset_hwm() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         print("(peak RSS not reset: /proc/self/clear_refs not writable; the process's peak so far counts)")
+
+
+@contextmanager
+def measured(name: str, phases: list[Phase]):
+    """Measure the block; its peak RSS counts from the resident memory at its start (Linux clear_refs 5)."""
+    _reset_hwm()
+    ENTRY_PEAKS.clear()
     ph = Phase(name)
     r0, t0, l0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), _load()
     yield ph
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     ph.wall, ph.load = time.perf_counter() - t0, (l0, _load())
     ph.user, ph.sys = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
-    ph.peak_mb = _hwm_mb()
+    ph.peak_mb = max([_hwm_mb(), *ENTRY_PEAKS])
     phases.append(ph)
     print(ph.line(), flush=True)
 
@@ -185,8 +190,13 @@ def fair_epochs(specs: list, data: Any, recipe: Any, device: Any, batch: int, st
     return total
 
 
+ENTRY_PEAKS: list[float] = []  # peak RSS (MB) of each ranked entry, VmHWM reset after each
+
+
 def _print_row(r: dict) -> None:
-    print(f"  {r['entry']}: {r['status']} {r['seconds']:.1f} s", flush=True)
+    ENTRY_PEAKS.append(_hwm_mb())
+    _reset_hwm()
+    print(f"  {r['entry']}: {r['status']} {r['seconds']:.1f} s, peak RSS {ENTRY_PEAKS[-1] / 1024:.2f} GB", flush=True)
 
 
 def _args() -> argparse.Namespace:
@@ -196,6 +206,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="input size of the four 224-px entries (default 224)")
     p.add_argument("--batch", type=int, default=None, help="images per forward (default: sized by memory)")
     p.add_argument("--old", action="store_true", help="rank and validate as before: 256 / 512 images per forward")
+    p.add_argument("--budget-mb", type=int, default=None, help="CPU bytes of activations per forward (search.infer)")
     p.add_argument("--rank-only", action="store_true", help="skip the fine-tuning epochs (no ratios)")
     p.add_argument("--ft-batch", type=int, default=16, help="images per step of the measured fine-tuning")
     p.add_argument("--ft-steps", type=int, default=3, help="steps of each entry's measured fine-tuning")
@@ -219,13 +230,15 @@ def main() -> int:
     )
     import torch
 
-    from search import rank, train
+    from search import infer, rank, train
     from search.data import load_data
     from search.models import build_model, input_resolution
     from search.pool import parse_entry
     from search.recipe import recipe_from_dict
 
     batch = 256 if args.old else args.batch
+    if args.budget_mb:
+        infer.CPU_BUDGET = args.budget_mb * 2**20
     train.EVAL_BATCH = 512 if args.old else args.batch
     per_class = int(np.ceil(args.images / 0.7 / 10)) + 2  # 15 % val and 15 % test are carved out
     folder = write_folder(tmp, per_class)
@@ -241,7 +254,8 @@ def main() -> int:
     )
     data = load_data(recipe.data, recipe.study.seed)
     device = torch.device(args.device)
-    mode = "old: 256 images per forward, contiguous, default malloc" if args.old else f"batch {batch or 'by memory'}"
+    mode = f"batch {batch or f'by memory, {infer.CPU_BUDGET >> 20} MB on the CPU'}"
+    mode = "old: 256 images per forward, contiguous, default malloc" if args.old else mode
     print(f"{torch.__version__=} threads={torch.get_num_threads()} device={args.device} ({mode})")
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{data.summary()}\nweights: RANDOM-INITIALISED files in the real cache layouts", flush=True)
