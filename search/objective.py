@@ -357,9 +357,13 @@ class Epochs:
             trial.report(record[f"val_{self.recipe.study.metric}"], epoch)
         # Short attributes: the per-epoch history is in the intermediate values and, when the
         # trial ends, its history artifact; the dashboard's table stays one line a row.
-        seconds = round(sum(r["seconds"] for r in self.history) / len(self.history), 3)
+        spent = sum(r["seconds"] for r in self.history)  # device-seconds so far: a pruned trial has them too
         set_attrs(
-            trial, epochs=len(self.history), sec_per_epoch=seconds, trained_epochs=len(self.history) - self.resumed
+            trial,
+            epochs=len(self.history),
+            sec_per_epoch=round(spent / len(self.history), 3),
+            train_seconds=round(spent, 3),
+            trained_epochs=len(self.history) - self.resumed,
         )
         if attrs(trial).get("micro_batch") != record["micro_batch"]:  # smaller after out of memory
             set_attrs(trial, micro_batch=int(record["micro_batch"]))

@@ -73,11 +73,23 @@ class PrunerCfg(Section):
     min_trials: int = Field(3, ge=0)  # never prune until this many trials finished
     percentile: float = Field(25.0, gt=0, lt=100)  # percentile pruner
     reduction_factor: int = Field(3, ge=2)  # successive halving, hyperband
+    # median, percentile: compare a trial with the others at its epoch, or at the compute it has
+    # spent (device-seconds: a slow entry meets what a fast one reached with as much compute)
+    compare: Literal["epoch", "compute"] = "epoch"
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _compare(self) -> PrunerCfg:
+        if self.compare == "compute" and self.name not in ("median", "percentile"):
+            raise ValueError(
+                f"compare: compute works with the median and percentile pruners, not '{self.name}'; "
+                "set compare: epoch or name: median"
+            )
+        return self
 
 
 class StudyRankCfg(Section):

@@ -69,7 +69,7 @@ class TrialAttrs(TypedDict, total=False):
     best_f1: float
     best_auc: float
     best_loss: float
-    train_seconds: float
+    train_seconds: float  # device-seconds of its epochs so far (training and validation)
     checkpoint: str  # artifact id of the best-epoch weights, while the trial is in the top-k
     warm_start_of: str  # a configuration queued by study.warm_start: SOURCE#N (trial N of study SOURCE)
     trained_epochs: int  # epochs this trial trained itself (a retry's resumed ones not included)

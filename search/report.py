@@ -25,12 +25,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import artifacts, budget, plots, selection
 from search.files import replacing, write_text
+from search.progress import compute_text
 from search.recipe import Recipe
 from search.record import attrs, study_attrs
 from search.resume import disk_use, resume_dir
 from search.storage import dir_of
 from search.text import WIDTH, fit_line, shorten, table, wrap, wrap_items
-from search.trials import POOL_PARAM, counted, feasible, label, ranked, value
+from search.trials import POOL_PARAM, counted, feasible, label, ranked, spent_seconds, value
 
 STATE_KEYS = {
     TrialState.COMPLETE: "complete",
@@ -49,6 +50,7 @@ COLUMNS = (
     "not_counted",
     "running",
     "sec_per_epoch",
+    "device_seconds",
     "params",
     "source",
     "overlap",
@@ -77,6 +79,7 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
                 "not_counted": 0,
                 "running": 0,
                 "epoch_seconds": [],
+                "device_seconds": 0.0,
                 "params": None,
                 "source": a.get("weight_source", ""),
                 "overlap": a.get("imagenet_overlap", ""),
@@ -93,6 +96,7 @@ def leaderboard(study: optuna.Study, recipe: Recipe) -> list[dict[str, Any]]:
         sec = a.get("sec_per_epoch")
         if n and sec is not None:
             r["epoch_seconds"].append((n, n * sec))
+        r["device_seconds"] += spent_seconds(a)
         r["params"] = r["params"] or a.get("params")
     out = []
     for r in rows.values():
@@ -162,6 +166,7 @@ def _board_cells(r: dict[str, Any], wide: bool) -> list[Any]:
         r["not_counted"],
         r["running"],
         _fmt(r["sec_per_epoch"], ".2f"),
+        _elapsed(r["device_seconds"]),
         _fmt(r["params"], ",") if wide else short_count(r["params"]),
     ]
 
@@ -191,10 +196,11 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bo
                 "n/c",
                 "running",
                 "s/epoch",
+                "spent",
                 "params",
             ],
             [_board_cells(r, wide) for r in ordered],
-            right=[False] + [True] * 9,
+            right=[False] + [True] * 10,
             wide=wide,
             indent="  ",
             sep="  ",
@@ -334,12 +340,16 @@ def importance_text(study: optuna.Study) -> list[str]:
 
 
 def ending_text(study: optuna.Study, recipe: Recipe) -> list[str]:
-    """The budget used (study.budget) and why the search ended before n_trials, if it did."""
+    """The budget used (study.budget), compute per pool entry, and why the search ended before
+    n_trials, if it did."""
     lines = []
     if recipe.study.budget is not None:
         lines.append(
             budget.text(recipe.study.budget, budget.used(study.get_trials(deepcopy=False), recipe.train.epochs))
         )
+    spent = compute_text(study.get_trials(deepcopy=False))
+    if spent:
+        lines += spent.splitlines()
     ended = study_attrs(study).get("ended")
     if ended:
         lines.append(f"ended before {recipe.study.n_trials} trials: {ended}")

@@ -97,8 +97,55 @@ HeldSuccessiveHalving = _held(optuna.pruners.SuccessiveHalvingPruner)
 HeldHyperband = _held(optuna.pruners.HyperbandPruner)
 
 
+def value_at(values: dict[int, float], sec_per_epoch: float, compute: float) -> float | None:
+    """A trial's intermediate value once it had spent `compute` device-seconds: the value of its
+    last epoch k with k * sec_per_epoch <= compute (its final one when it ended sooner); None
+    when even its first epoch cost more."""
+    steps = [k for k in values if k * sec_per_epoch <= compute * (1 + 1e-9)]
+    return values[max(steps)] if steps else None
+
+
+class EqualComputePruner(optuna.pruners.BasePruner):
+    """Percentile pruning (the median at 50) where trials are compared at equal compute: a trial at
+    epoch k, having spent c = k x its seconds per epoch, is stopped when the best value it reached
+    is worse than the `percentile` of the other trials' values at c (`value_at`). A slow pool
+    entry thus meets what a fast one reached with as much compute, and is stopped early unless it
+    is better at equal cost; among entries of one speed it prunes as the epoch-wise pruner does.
+
+    Seconds per epoch come from the trials' records (`sec_per_epoch`); trials without one are left
+    out. Nothing is pruned before `warmup_epochs` nor until `min_trials` trials completed.
+    """
+
+    def __init__(self, percentile: float, min_trials: int, warmup_epochs: int) -> None:
+        self.percentile, self.min_trials, self.warmup_epochs = percentile, min_trials, warmup_epochs
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step, sec = trial.last_step, number(attrs(trial), "sec_per_epoch")
+        if step is None or step < max(1, self.warmup_epochs) or not sec:
+            return False
+        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if sum(t.state == TrialState.COMPLETE for t in ended) < max(1, self.min_trials):
+            return False
+        compute = step * sec
+        others = []
+        for t in ended:
+            s = number(attrs(t), "sec_per_epoch")
+            v = value_at(t.intermediate_values, s, compute) if s else None
+            if v is not None and t.number != trial.number:
+                others.append(v)
+        mine = [v for k, v in trial.intermediate_values.items() if k <= step]
+        if not others or not mine:
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        q = 100 - self.percentile if maximize else self.percentile  # the cut, measured from the worst
+        cut = float(np.percentile(others, q))
+        return max(mine) < cut if maximize else min(mine) > cut
+
+
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     p = recipe.study.pruner
+    if p.compare == "compute":
+        return EqualComputePruner(50.0 if p.name == "median" else p.percentile, p.min_trials, p.warmup_epochs)
     builders: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_epochs),
         "percentile": lambda: optuna.pruners.PercentilePruner(

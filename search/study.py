@@ -41,7 +41,7 @@ from search.errors import SearchError
 from search.objective import make_objective, told
 from search.outage import Patience
 from search.pool import IMAGENET_SOURCES, PoolEntry, parse_pool
-from search.progress import Progress, best_so_far, trial_line
+from search.progress import Progress, best_so_far, compute_text, trial_line
 from search.recipe import Recipe, recipe_from_dict
 from search.record import set_study_attrs, study_attrs, versions
 from search.resume import resume_dir, study_id, tidy
@@ -346,6 +346,9 @@ def _search(
         patience=patience,
         on_told=told(recipe, study),
     )
+    spent = compute_text(study.get_trials(deepcopy=False))
+    if spent and ran:
+        say(spent)
     reason = closed(study.get_trials(deepcopy=False))
     if reason:
         set_study_attrs(study, ended=reason)  # for the report: why the study ended before n_trials

@@ -11,7 +11,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.record import attrs, system_attrs
+from search.record import TrialAttrs, attrs, system_attrs
 
 POOL_PARAM = "model"  # the categorical parameter of pool labels (search.space samples it)
 
@@ -22,6 +22,25 @@ NOT_COUNTED = ("interrupted", "study total reached", STALE_REASON)  # FAIL reaso
 def label(t: FrozenTrial) -> str | None:
     """The trial's pool entry: recorded when it started, else its sampled categorical."""
     return attrs(t).get("pool_label") or t.params.get(POOL_PARAM)
+
+
+def spent_seconds(a: TrialAttrs) -> float:
+    """Device-seconds a trial spent on its epochs (training and validation), from its record:
+    `train_seconds`, or epochs x seconds per epoch where a trial recorded only those."""
+    if a.get("train_seconds") is not None:
+        return float(a["train_seconds"])
+    return float(a.get("epochs") or 0) * float(a.get("sec_per_epoch") or 0.0)
+
+
+def compute_by_entry(trials: list[FrozenTrial]) -> dict[str, float]:
+    """Device-seconds spent per pool entry, most first (every trial that trained counts: pruned,
+    failed and retried ones too, as their compute was spent)."""
+    out: dict[str, float] = {}
+    for t in trials:
+        name, spent = label(t), spent_seconds(attrs(t))
+        if name is not None and spent > 0:
+            out[name] = out.get(name, 0.0) + spent
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def value(t: FrozenTrial) -> float | None:

@@ -19,6 +19,10 @@ RECIPES = [
     ({"study": {"pruner": {"name": "percentile", "percentile": 150}}}, r"study.pruner.percentile: .*less than 100"),
     ({"study": {"pruner": {"name": "hyperband", "reduction_factor": 1}}}, r"study.pruner.reduction_factor"),
     (
+        {"study": {"pruner": {"name": "hyperband", "compare": "compute"}}},
+        r"study.pruner: compare: compute works with the median and percentile pruners, not 'hyperband'",
+    ),
+    (
         {"study": {"sampler": {"name": "qmc", "qmc_type": "lattice"}}},
         r"study.sampler.qmc_type: 'lattice' is not allowed",
     ),

@@ -87,3 +87,24 @@ def test_quiet_and_plain_modes_never_draw_bars(capsys):
     assert not q.live
     q.say("nothing")
     assert capsys.readouterr().out == ""
+
+
+def test_compute_per_entry_counts_every_trial_that_trained():
+    """Device-seconds per pool entry, most first: pruned trials count, a trial that recorded only
+    epochs and seconds per epoch counts as their product, one that never trained not at all."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.progress import compute_text
+    from tests.conftest import pool_trial
+
+    study = optuna.create_study(direction="maximize")
+    dists = {"model": optuna.distributions.CategoricalDistribution(["mini_cnn", "resnet_18-scratch"])}
+    pool_trial(study, 0.9, "mini_cnn", dists=dists, attrs={"train_seconds": 30.0})
+    pool_trial(study, None, "mini_cnn", dists=dists, attrs={"train_seconds": 10.0}, state=TrialState.PRUNED)
+    pool_trial(study, 0.8, "resnet_18-scratch", dists=dists, attrs={"epochs": 4, "sec_per_epoch": 30.0})
+    pool_trial(study, None, "resnet_18-scratch", dists=dists, state=TrialState.FAIL)
+    assert compute_text(study.get_trials()) == (
+        "compute per pool entry (2m40s in all): resnet_18-scratch 2m00s (75%), mini_cnn 40s (25%)"
+    )
+    assert compute_text([]) == ""

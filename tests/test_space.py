@@ -12,7 +12,8 @@ from search import space
 from search.datasets import channels
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
-from search.sampling import make_pruner, make_sampler
+from search.record import set_attrs
+from search.sampling import EqualComputePruner, make_pruner, make_sampler, value_at
 from tests.conftest import tiny_recipe
 
 POOL = ["mini_cnn", {"model": "resnet_18", "pretrained": False}, "resnet_18"]  # scratch, scratch, pretrained
@@ -164,6 +165,68 @@ def test_every_pruner_runs_and_prunes_bad_curves(name):
     else:
         assert TrialState.PRUNED in states[4:], states
         assert all(s == TrialState.COMPLETE for s in states[:4]), states
+
+
+def test_value_at_reads_the_last_epoch_within_the_compute():
+    values = {1: 0.5, 2: 0.7, 3: 0.8}
+    assert value_at(values, 2.0, 4.0) == 0.7  # epochs 1 and 2 cost 2 and 4 s
+    assert value_at(values, 2.0, 5.9) == 0.7
+    assert value_at(values, 2.0, 100.0) == 0.8  # ended sooner: its final value
+    assert value_at(values, 2.0, 1.9) is None  # even its first epoch cost more
+
+
+def _timed_trial(values: dict[int, float], sec: float, state=TrialState.COMPLETE):
+    return optuna.trial.create_trial(
+        state=state,
+        value=max(values.values()) if state == TrialState.COMPLETE else None,
+        intermediate_values=values,
+        user_attrs={"sec_per_epoch": sec},
+    )
+
+
+@pytest.mark.parametrize("compare", ["epoch", "compute"])
+def test_a_slow_entry_is_judged_at_equal_compute(compare):
+    """Fast trials (1 s an epoch) reach 0.9 by epoch 4; a slow one (4 s an epoch) has 0.6 after its
+    first epoch, better than the fast ones' epoch 1 (0.5) but worse than what they held after the
+    same 4 s: the epoch-wise median keeps it, the equal-compute one stops it. A slow trial better
+    than that (0.95) is kept by both."""
+    r = _recipe("quick", pruner={"name": "median", "warmup_epochs": 1, "min_trials": 2, "compare": compare})
+    pruner = make_pruner(r)
+    assert isinstance(pruner, EqualComputePruner) == (compare == "compute")
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(3):
+        study.add_trial(_timed_trial({1: 0.5, 2: 0.7, 3: 0.8, 4: 0.9}, 1.0))
+    study.add_trial(_timed_trial({1: 0.3, 2: 0.4}, 1.0, TrialState.PRUNED))
+    verdicts = []
+    for first in (0.6, 0.95):
+        trial = study.ask()
+        set_attrs(trial, sec_per_epoch=4.0)
+        trial.report(first, 1)
+        verdicts.append(trial.should_prune())
+        study.tell(trial, state=TrialState.PRUNED)
+    assert verdicts == ([True, False] if compare == "compute" else [False, False])
+
+
+def test_equal_compute_waits_for_min_trials_and_warmup():
+    r = _recipe("quick", pruner={"name": "median", "warmup_epochs": 2, "min_trials": 2, "compare": "compute"})
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(r))
+    study.add_trial(_timed_trial({1: 0.9, 2: 0.9, 3: 0.9}, 1.0))
+    trial = study.ask()
+    set_attrs(trial, sec_per_epoch=1.0)
+    for epoch in (1, 2):
+        trial.report(0.1, epoch)
+        assert not trial.should_prune()  # epoch 1: warm-up; epoch 2: one trial completed of 2
+    study.add_trial(_timed_trial({1: 0.9, 2: 0.9, 3: 0.9}, 1.0))
+    assert trial.should_prune()
+    minimize = optuna.create_study(direction="minimize", pruner=make_pruner(r))
+    for _ in range(2):
+        minimize.add_trial(_timed_trial({1: 0.5, 2: 0.3, 3: 0.2}, 1.0))
+    low, high = minimize.ask(), minimize.ask()
+    for t, v in ((low, 0.25), (high, 0.4)):
+        set_attrs(t, sec_per_epoch=1.0)
+        t.report(v, 1)
+        t.report(v, 2)
+    assert (low.should_prune(), high.should_prune()) == (False, True)  # losses: lower is better
 
 
 def test_baseline_params_use_train_defaults_where_they_fit():
