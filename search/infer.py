@@ -20,7 +20,8 @@ are not seen, which the budgets leave room for.
   12.6 MB counted per image, batches of 21 grew it by 430-540 MB): oneDNN's scratch space and
   the gaps between freed blocks of the heap. On a 2-core CPU whose cores other processes
   also use, OpenMP's spinning threads make every operator cost a scheduler slice or so, which
-  favours large batches; with OMP_WAIT_POLICY=PASSIVE batches of 8 images ran as fast as 64.
+  favours large batches; with OMP_WAIT_POLICY=PASSIVE batches of 8 images ran as fast as 64, and
+  rank of the benchmark's pool took 173 s at 64 MB, 189-245 s at 128 MB (peak RSS 1.16 vs 1.30-1.66 GB).
 - CUDA: the budget is GPU_SHARE of the free memory when the batch size is chosen.
 
 A fixed `batch` (a number of images) skips the measurement: the behaviour of a fixed batch size.
@@ -41,7 +42,7 @@ from torch.utils._pytree import tree_flatten
 from search import augment
 
 MIB = 2**20
-CPU_BUDGET = 128 * MIB  # live bytes of one CPU forward: the process grows by about twice that (see above)
+CPU_BUDGET = 64 * MIB  # live bytes of one CPU forward: the process grows by about twice that (see above)
 GPU_SHARE = 0.5  # of the free GPU memory one forward may take
 PROBE_IMAGES = 4  # images of the measured first batch
 MAX_BATCH = 1024  # images per forward, whatever the budget
