@@ -31,6 +31,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,13 @@ def main() -> int:
         write_random_weights(args.write_weights / "torch", args.write_weights / "hf")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-rank-"))
+    try:
+        return run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # about 250 MB of weights, images and features
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
     subprocess.run([sys.executable, __file__, "--write-weights", str(tmp)], check=True)
     os.environ.update(
         TORCH_HOME=str(tmp / "torch"),
