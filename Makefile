@@ -2,11 +2,12 @@
 # make test: create .venv (first time), install with dev extras, run the whole suite.
 # make test-fast: the suite without the end-to-end tests marked slow (under 90 s on 2 cores).
 # make lint: formatting, lint and type checks (what CI runs before the tests).
+# make bench-search: the search-efficiency benchmark (about 25 min on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo pareto test test-fast lint clean
+.PHONY: demo pareto test test-fast lint clean bench-search
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ demo: $(VENV)/.installed
 pareto: $(VENV)/.installed
 	$(BIN)/python -m search run recipes/digits_pareto.yaml
 	$(BIN)/python -m search report digits_pareto
+
+# Compute to the winner: whole studies of each strategy under one budget (docs/search-efficiency.md).
+bench-search: $(VENV)/.installed-dev
+	$(BIN)/python scripts/bench_search.py
 
 # JOBS=2: pytest-xdist over 2 processes, test by test, an idle one taking tests from the other's queue
 # (expensive fixtures are built once per run: tests/conftest.py built_once). CI runs JOBS=2 (.ci/run) and

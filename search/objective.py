@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import torch
 
-from search import artifacts, pack, space, weights
+from search import artifacts, cpu_format, pack, space, weights
 from search.data import Data
 from search.device import resolve_device
 from search.errors import TotalReached, TrialFailed, TrialInterrupted, TrialLost
@@ -35,7 +35,7 @@ from search.outage import Patience
 from search.pool import PoolEntry
 from search.process import STOP, WORKER
 from search.progress import Progress
-from search.recipe import CONSTRAINABLE, Recipe
+from search.recipe import CONSTRAINABLE, CPU_FORMATS, Recipe
 from search.record import attrs, set_attr, set_attrs, system_attrs, versions
 from search.resume import fingerprint, forget, identity, resume_dir, save_state, study_id, take_state, tidy
 from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
@@ -108,9 +108,10 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
         model = build(trial, entry, hp, s.data, res, seed)
         slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
         measures = record_measures(trial, recipe, model, s.data.in_chans, res, dev)  # before fit: pruned ones have them
+        fmt = cpu_format_of(trial, recipe, entry.label, model, s.data, res, hp.batch_size, dev)
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
-        state = resume(trial, s, path, seed, entry.label, dev)
-        result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost)
+        state = resume(trial, s, path, seed, entry.label, dev, fmt)
+        result = fit_trial(trial, s, model, hp, entry.label, seed, slot, dev, path, state, lost, fmt)
     except KeyboardInterrupt:
         set_attrs(trial, fail_reason="interrupted")
         raise
@@ -221,7 +222,26 @@ def device_slot(
     )
 
 
-def resume(trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev: Any) -> dict[str, Any] | None:
+def cpu_format_of(
+    trial: optuna.Trial, recipe: Recipe, label: str, model: Any, data: Data, res: int, batch_size: int, dev: Any
+) -> str:
+    """On the CPU, the format the trial trains in (search.cpu_format), recorded on the trial: the one
+    already recorded (a retry: the run it continues trained in it), else `hardware.cpu_format`
+    (`auto`: the cached or probed fastest). 'nchw' elsewhere, unrecorded."""
+    if dev.type != "cpu":
+        return "nchw"
+    fmt = attrs(trial).get("cpu_format")
+    if fmt not in CPU_FORMATS:
+        key = cpu_format.probe_key(label, res, batch_size)
+        step = cpu_format.training_step(model, data.in_chans, res, batch_size, data.num_classes)
+        fmt = cpu_format.choose(recipe.hardware.cpu_format, key, step, amp=recipe.hardware.amp)
+        set_attrs(trial, cpu_format=fmt)
+    return str(fmt)
+
+
+def resume(
+    trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev: Any, fmt: str = "nchw"
+) -> dict[str, Any] | None:
     """For a retry (of a dead, preempted or interrupted trial): the state its predecessor saved,
     taken over as this trial's own file, or None (and the reason recorded) to start over: a state
     of another study, recipe, data, device, precision or GPU count is not restored."""
@@ -229,7 +249,7 @@ def resume(trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev
     if "retry_of" not in a or not s.recipe.study.resume:
         return None
     numbers = {trial.number, *system_attrs(frozen(trial)).get("retry_history", ())}
-    state, why = take_state(path.parent, trial, state_identity(trial, s, seed, dev), numbers)
+    state, why = take_state(path.parent, trial, state_identity(trial, s, seed, dev, fmt), numbers)
     if state is None:
         set_attrs(trial, restarted=why)
         return None
@@ -241,10 +261,13 @@ def resume(trial: optuna.Trial, s: Setup, path: Path, seed: int, label: str, dev
     return state
 
 
-def state_identity(trial: optuna.Trial, s: Setup, seed: int, dev: Any) -> dict[str, Any]:
-    """What this trial's resume states carry (search.resume.identity), on device `dev`."""
+def state_identity(trial: optuna.Trial, s: Setup, seed: int, dev: Any, fmt: str = "nchw") -> dict[str, Any]:
+    """What this trial's resume states carry (search.resume.identity), on device `dev` (and, on the
+    CPU, in format `fmt`: a state of another format is not restored)."""
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     precision = pack.precision_name(dev, s.recipe.hardware.amp)
+    if dev.type == "cpu" and fmt != "nchw":
+        precision = fmt
     return identity(trial, study_id(trial.study), seed, s.fingerprint, dev.type, precision, gpus)
 
 
@@ -260,6 +283,7 @@ def fit_trial(
     path: Path,
     state: dict[str, Any] | None,
     lost: threading.Event,
+    fmt: str = "nchw",
 ) -> FitResult:
     """`fit` in the trial's slot, every epoch reported and its state saved. The saved state stays
     until the trial's end is told (search.workers.run_one's `on_told`): a kill, full disk or
@@ -284,12 +308,13 @@ def fit_trial(
                 compile=recipe.hardware.compile,
                 gpu_memory_share=recipe.hardware.gpu_memory_share,
                 keep_best=recipe.study.top_k > 0,
-                on_state=functools.partial(epochs.save, path, state_identity(trial, s, seed, placed))
+                on_state=functools.partial(epochs.save, path, state_identity(trial, s, seed, placed, fmt))
                 if recipe.study.resume
                 else None,
                 state=state,
                 stop=lambda: lost.is_set() or STOP.is_set(),
                 on_step=shown.step if shown is not None else None,
+                cpu_format=fmt,
             )
     except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
         raise TrialLost(f"trial {trial.number} was failed by another worker") from None

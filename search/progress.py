@@ -173,13 +173,14 @@ def seconds_text(s: float) -> str:
     return f"{n // 3600}h{n % 3600 // 60:02d}m" if n >= 3600 else f"{n // 60}m{n % 60:02d}s" if n >= 60 else f"{n}s"
 
 
-def compute_text(trials: list[FrozenTrial]) -> str:
+def compute_text(trials: list[FrozenTrial], wide: bool = False) -> str:
     """'compute per pool entry: mini_cnn 1m02s (58%), resnet_18-scratch 45s (42%)' ('' before any epoch):
-    the device-seconds each entry's trials spent, pruned and failed ones included."""
+    the device-seconds each entry's trials spent, pruned and failed ones included; names shortened
+    to 30 characters unless `wide`."""
     spent = compute_by_entry(trials)
     total = sum(spent.values())
     if not total:
         return ""
-    items = [f"{shorten(k, 30)} {seconds_text(v)} ({v / total:.0%})" for k, v in spent.items()]
+    items = [f"{k if wide else shorten(k, 30)} {seconds_text(v)} ({v / total:.0%})" for k, v in spent.items()]
     items = [f"{x}," for x in items[:-1]] + items[-1:]
     return "\n".join(wrap_items(f"compute per pool entry ({seconds_text(total)} in all):", items, sep=" "))

@@ -278,9 +278,16 @@ PoolSpec = Annotated[str | PoolEntryCfg, Field(union_mode="left_to_right")]
 MAX_WORKERS = 256
 
 
+# How `fit` lays out and computes on the CPU (search.cpu_format): float32 NCHW, float32 channels_last,
+# bf16 autocast around the forward, or both; `hardware.cpu_format: auto` probes which is fastest.
+CPU_FORMATS = ("nchw", "channels_last", "bf16", "channels_last_bf16")
+
+
 class HardwareCfg(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-    amp: bool = True  # bf16 autocast on CUDA; always off on CPU
+    amp: bool = True  # bf16 autocast on CUDA; on the CPU, lets cpu_format auto try bf16
+    # on the CPU: auto (a probe per model, input size and batch; cached) or one of CPU_FORMATS
+    cpu_format: Literal["auto", "nchw", "channels_last", "bf16", "channels_last_bf16"] = "auto"
     compile: bool = False  # torch.compile, once per architecture and input shape
     workers: int = Field(1, ge=1, le=MAX_WORKERS)  # local worker processes for `run`
     gpu_memory_share: float = Field(0.5, gt=0, le=1)  # keep data on GPU if it fits this share

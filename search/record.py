@@ -48,6 +48,7 @@ class TrialAttrs(TypedDict, total=False):
     input_resolution: int  # pixels the model sees
     channel_reduce: str  # how pretrained RGB stems take 1-channel data
     device: str  # where it trained (cpu, cuda:0)
+    cpu_format: str  # on the CPU: nchw, channels_last, bf16, channels_last_bf16 (search.cpu_format)
     worker: str  # host:pid of the process that ran it
     heartbeat_at: float  # epoch seconds of its last sign of life
     memory_probe_mb: float  # the probed peak of one step (hardware.trials_per_gpu)

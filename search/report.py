@@ -217,7 +217,7 @@ def leaderboard_text(study: optuna.Study, recipe: Recipe, top: int = 0, wide: bo
             i += len(group)
     if any(r["not_counted"] for r in rows):
         lines.append("n/c: not counted toward n_trials (retried after a dead worker, interrupted, or past the total)")
-    lines += ending_text(study, recipe)
+    lines += ending_text(study, recipe, wide)
     if top:
         lines += ["", *top_text(study, recipe, top, wide)]
     return "\n".join(lines)
@@ -339,7 +339,7 @@ def importance_text(study: optuna.Study) -> list[str]:
     )
 
 
-def ending_text(study: optuna.Study, recipe: Recipe) -> list[str]:
+def ending_text(study: optuna.Study, recipe: Recipe, wide: bool = False) -> list[str]:
     """The budget used (study.budget), compute per pool entry, and why the search ended before
     n_trials, if it did."""
     lines = []
@@ -347,7 +347,7 @@ def ending_text(study: optuna.Study, recipe: Recipe) -> list[str]:
         lines.append(
             budget.text(recipe.study.budget, budget.used(study.get_trials(deepcopy=False), recipe.train.epochs))
         )
-    spent = compute_text(study.get_trials(deepcopy=False))
+    spent = compute_text(study.get_trials(deepcopy=False), wide)
     if spent:
         lines += spent.splitlines()
     ended = study_attrs(study).get("ended")

@@ -39,7 +39,7 @@ from typing import Any
 import optuna
 import torch
 
-from search import artifacts, metrics, plots, space
+from search import artifacts, cpu_format, metrics, plots, space
 from search import data as datamod
 from search import study as st
 from search.data import Data, Split
@@ -181,6 +181,12 @@ def _train_once(
             f"train_loss {record['train_loss']:.4f}  {record['seconds']:.1f}s"
         )
 
+    fmt = "nchw"
+    if dev.type == "cpu":  # the format hardware.cpu_format says (auto: the cached or probed fastest)
+        res = input_resolution(entry, data.resolution)
+        step = cpu_format.training_step(model, data.in_chans, res, hp.batch_size, data.num_classes)
+        key = cpu_format.probe_key(entry.label, res, hp.batch_size)
+        fmt = cpu_format.choose(recipe.hardware.cpu_format, key, step, amp=recipe.hardware.amp)
     result = fit(
         model,
         fit_data,
@@ -192,6 +198,7 @@ def _train_once(
         amp=recipe.hardware.amp,
         compile=recipe.hardware.compile,
         gpu_memory_share=recipe.hardware.gpu_memory_share,
+        cpu_format=fmt,
     )
     if result.failed:
         raise SearchError(

@@ -63,8 +63,9 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
     Every value is in `train:`, the trial's sampled ones first, then what the recipe fixed in
     `space.overrides`, then the recipe's `train`; parameters that did not take effect in that
     trial keep their `train` value, as in the trial. `space` samples nothing (preset none), the
-    pool is the winning entry, `study.trial_seed` pins the trial's seed (the same curve), and
-    `study.origin` names the study, so `retrain` records its test metrics there.
+    pool is the winning entry, `study.trial_seed` pins the trial's seed and `hardware.cpu_format`
+    the CPU format it trained in (the same curve), and `study.origin` names the study, so
+    `retrain` records its test metrics there.
     """
     t = t or best_trial(study, recipe)
     d = recipe.normalized()
@@ -86,6 +87,9 @@ def best_recipe(study: optuna.Study, recipe: Recipe, t: FrozenTrial | None = Non
         trial_seed=attrs(t).get("seed"),
         confirm=None,
     )  # the same seed: the same curve
+    fmt = attrs(t).get("cpu_format")
+    if fmt and recipe.hardware.cpu_format == "auto" and "hardware" in d:
+        d["hardware"]["cpu_format"] = fmt  # on the CPU, the format the trial trained in: the same curve
     if len(recipe.study.names) > 1:  # one configuration: its own run has nothing to trade off
         d["study"].update(objectives=None, constraints={})
     return d

@@ -249,6 +249,12 @@ DRIVERS = {
 
 def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
     dbapi_connection.isolation_level = None  # SQLAlchemy's begin event issues BEGIN, not pysqlite
+    # Write-ahead log, synced at checkpoints: a commit appends to the log instead of syncing the
+    # database file (a trial commits some 60 times; each sync cost 10-15 ms here). A killed
+    # process loses nothing (the log is in the OS's cache); only a power cut may lose the last
+    # commits, never the database. Readers no longer wait for a writer.
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def _sqlite_begin(conn: Any) -> None:

@@ -13,6 +13,7 @@ resumes finish exactly `n_trials`.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -268,6 +269,9 @@ def _work(recipe: Recipe, study: optuna.Study, *, quiet: bool = False) -> int:
     warning = leakage_warning(entries, data)
     if warning:
         log.warning(warning)
+    # What lives for the whole process (modules, the data) leaves the collector's scans: the
+    # collection after every trial then looks at that trial's objects only.
+    gc.freeze()
     progress = Progress(recipe.study.n_trials, quiet=quiet)
     try:
         return _search(recipe, study, entries, data, progress, quiet)

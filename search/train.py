@@ -2,7 +2,8 @@
 
 Reads top to bottom: the data goes to the device once as uint8, each batch is
 augmented there, the model runs in `channels_last` with bf16 autocast on CUDA
-(fp16 with a grad scaler where bf16 is not native), the step never waits for
+(fp16 with a grad scaler where bf16 is not native) and on the CPU in the
+`cpu_format` given (search.cpu_format chooses it), the step never waits for
 the host (losses are summed on the device and read once per epoch; only the
 fp16 scaler checks for inf each step), and evaluation runs under
 `inference_mode`. A step that runs out of memory is retried in smaller
@@ -20,7 +21,10 @@ of 5 interleaved runs): fit / minimal hand-written loop = 0.99 for mini_cnn
 (0.45 s per 1,024-image epoch) and 1.00 for resnet_18 (2.7 s per 256 images);
 on an H200 (bf16, 50k images, batch 512) 0.94 for resnet_18 at 51,900
 images/s. Measured again after `fit` was split into FitContext/FitState/train_step (2 AMD EPYC cores,
-medians of 5): 0.994 for mini_cnn, 0.983 for resnet_18.
+medians of 5): 0.994 for mini_cnn, 0.983 for resnet_18. CPU formats (--formats, 1 thread, CPU
+seconds, a Xeon with avx512_bf16 but no AMX, under load ~20): channels_last 1.57x NCHW for
+mini_cnn (1,100 vs 700 images per CPU second), 1.06x for resnet_18's probe step; bf16 0.87x
+and 0.74x, so `auto` takes channels_last there.
 
 About 870 lines, read top to bottom: pure schedule and loss functions first, then the loop: `FitContext`
 (what every step uses), `FitState` (what goes from epoch to epoch, and what a resume restores),
@@ -53,7 +57,7 @@ from search.device import resolve_device
 from search.errors import SearchError
 from search.files import own_directory
 from search.hparams import TrainCfg
-from search.recipe import METRICS
+from search.recipe import CPU_FORMATS, METRICS
 from search.record import FitStatus
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
@@ -606,17 +610,21 @@ def prepare(
     amp: bool,
     compile: bool | str,
     gpu_memory_share: float,
+    cpu_format: str = "nchw",
 ) -> FitContext:
-    """The model on the device (channels_last on CUDA), its precision, the data where it will live,
-    the generators and the optimizer over the parameter groups."""
+    """The model on the device (channels_last on CUDA; on the CPU as `cpu_format` says), its
+    precision, the data where it will live, the generators and the optimizer over the parameter
+    groups."""
     cuda = dev.type == "cuda"
     info = getattr(model, "info", None)
     head = info.head if info else ()
     pretrained = bool(info and info.pretrained)
-    channels_last = cuda  # on CPU, oneDNN's default layout is as fast and skips the conversions
+    channels_last = cuda or (dev.type == "cpu" and cpu_format.startswith("channels_last"))
     amp_dtype = None
     if amp and cuda:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    elif dev.type == "cpu" and cpu_format.endswith("bf16"):
+        amp_dtype = torch.bfloat16  # autocast around the forward only: loss, weights, optimizer in float32
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # fp16 underflows without it
     # torch accepts Module.to(device, memory_format=...); its stubs lack that form.
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
@@ -761,6 +769,7 @@ def fit(
     state: dict[str, Any] | None = None,
     stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, int, int], None] | None = None,
+    cpu_format: str = "nchw",
 ) -> FitResult:
     """Train `model` on data.train, validate on data.val every epoch.
 
@@ -786,13 +795,20 @@ def fit(
     aside). `stop()` true at a step boundary ends the fit as 'interrupted'; the
     epoch in progress is lost, the last state stands. `on_step(epoch, i, steps,
     batch)` after each step (live progress; nothing is read from the device).
+
+    `cpu_format` (on the CPU only; search.cpu_format chooses it): the memory format and precision
+    of the model and its inputs, one of CPU_FORMATS: `nchw` (float32, the default),
+    `channels_last`, `bf16` (bf16 autocast around the forward, the loss in float32) or
+    `channels_last_bf16`.
     """
     hp = hparams
     if monitor not in METRICS:
         raise SearchError(f"monitor '{monitor}' is not a metric; allowed: {', '.join(METRICS)}")
+    if cpu_format not in CPU_FORMATS:
+        raise SearchError(f"cpu_format '{cpu_format}' is not a format; allowed: {', '.join(CPU_FORMATS)}")
     dev = resolve_device(device)
     seed_everything(seed)
-    ctx = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share)
+    ctx = prepare(model, data, hp, dev, seed, amp, compile, gpu_memory_share, cpu_format)
     bs = min(hp.batch_size, len(ctx.train_y))
     lr_at = schedule(hp, len(ctx.train_y) // bs)
     micro = bs if micro_batch is None else max(MIN_MICRO_BATCH, min(micro_batch, bs))

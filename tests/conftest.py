@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import io
 import logging
 import os
@@ -229,9 +230,34 @@ def demo_study(tmp_path_factory) -> Path:
     return cwd
 
 
+def pytest_collection_finish(session):
+    """Everything the collection imported (torch, Optuna, the test modules: millions of objects)
+    moves to the collector's permanent generation: the full collections the harness makes after
+    every trial and every out-of-memory step (search.workers.run_one, search.train) then scan
+    what the tests made, not all that once more (seconds a collection in a test process)."""
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist the end-to-end tests (marked slow) are handed out first, so that the many
-    short ones fill both processes' last minutes instead of one long test running alone at the end
-    (the same stable order in every process, as xdist requires)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Under pytest-xdist the end-to-end tests (marked slow) run first in every test process, and
+    the many short ones fill their last minutes, instead of one long test running alone at the
+    end. `--dist worksteal` hands each of the n processes one contiguous share of the list (sizes
+    as its scheduler cuts them), and an idle process takes work from the end of another's share:
+    each share is its turn of the slow tests (dealt round-robin in file order) followed by short
+    ones. The same stable order in every process, as xdist requires."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    n = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    quick = [item for item in items if item.get_closest_marker("slow") is None]
+    ordered: list[pytest.Item] = []
+    left = len(items)
+    for i in range(n):
+        size = left // (n - i)  # what worksteal's first distribution sends to its i-th process
+        share = slow[i::n][:size]
+        ordered += share + quick[: size - len(share)]
+        del quick[: size - len(share)]
+        left -= size
+    ordered += quick + [item for item in slow if item not in ordered]
+    items[:] = ordered

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from search.budget import Used, spent, text, used
 from search.recipe import BudgetCfg
-from tests.conftest import run_cli, run_inline, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_inline, tiny_recipe, write_recipe
 
 
 def _trial(state: TrialState, hours: float | None, **user_attrs) -> optuna.trial.FrozenTrial:
@@ -53,7 +53,8 @@ def test_a_budget_names_what_it_counts(tmp_path):
 @pytest.mark.slow
 def test_an_epoch_budget_with_two_workers_ends_within_one_trial(tmp_path):
     write_recipe(tmp_path / "b.yaml", tiny_recipe("b", study={"n_trials": 40, "budget": {"epochs": 20}}))
-    proc = run_cli("run", "b.yaml", "--workers", "2", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = run_inline("run", "b.yaml", "--workers", "2", cwd=tmp_path, env=env)  # real worker processes
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path}/studies/b.db")
     trials = study.get_trials()

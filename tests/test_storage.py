@@ -416,3 +416,28 @@ def test_an_append_in_progress_is_not_taken_for_a_torn_line(tmp_path):
     study = optuna.load_study(study_name="j", storage=storage.open_storage(url, heartbeat=None))
     writer.join()
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+
+
+def test_a_sqlite_study_keeps_a_write_ahead_log_that_closes_with_it(tmp_path):
+    """WAL with normal syncs on every connection; a reader sees what a writer committed while the
+    writer's connection is still open; the log is folded back once the last connection closes."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    store = storage.open_storage(f"sqlite:///{path}", heartbeat=None)
+    study = optuna.create_study(study_name="wal", storage=store, direction="maximize")
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        c.rollback()
+    trial = study.ask()
+    trial.report(0.5, 1)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (tmp_path / "s.db-wal").exists()
+    other = storage.open_storage(f"sqlite:///{path}", heartbeat=None)
+    reader = optuna.load_study(study_name="wal", storage=other)
+    assert reader.trials[0].intermediate_values == {1: 0.5}
+    study.tell(trial, 0.7)
+    other.engine.dispose()
+    store.engine.dispose()
+    assert not (tmp_path / "s.db-wal").exists()
+    assert sqlite3.connect(path).execute("SELECT value FROM trial_values").fetchall() == [(0.7,)]

@@ -65,10 +65,9 @@ def test_six_trials_two_workers_one_parent_six_nested_runs_and_event_files(tmp_p
 
     recipe = tiny_recipe("trk", study={"n_trials": 6, "pruner": {"name": "median", "min_trials": 2}})
     write_recipe(tmp_path / "r.yaml", recipe)
-    proc = run_cli(
-        "run", "r.yaml", "--workers", "2", "--set", "tracking.mlflow=true", "--set", "tracking.tensorboard=tb",
-        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    sets = ("--set", "tracking.mlflow=true", "--set", "tracking.tensorboard=tb")
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = run_inline("run", "r.yaml", "--workers", "2", *sets, cwd=tmp_path, env=env)  # real worker processes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "follow it in MLflow: mlflow ui --backend-store-uri sqlite:///studies/trk/mlflow.db" in proc.stdout
     uri = f"sqlite:///{tmp_path}/studies/trk/mlflow.db"
@@ -109,7 +108,8 @@ def test_a_killed_and_resumed_trial_keeps_one_run(tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_cli("worker", "--storage", "sqlite:///studies/kill.db", "--study", "kill", cwd=tmp_path, env=env)
+    # the worker that resumes it: in this process (the killed one is the process under test)
+    again = run_inline("worker", "--storage", "sqlite:///studies/kill.db", "--study", "kill", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = optuna.load_study(study_name="kill", storage=f"sqlite:///{tmp_path}/studies/kill.db").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -12,7 +12,7 @@ import pytest
 from search.space import Param
 from search.trials import ranked
 from search.warmstart import fit
-from tests.conftest import ROOT, run_cli, run_inline, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_inline, tiny_recipe, write_recipe
 
 SPACE = {
     "lr": Param("float", 0.003, 0.004, log=True),
@@ -114,4 +114,4 @@ def test_two_workers_starting_together_queue_it_once(demo_study, tmp_path):
     assert [t.user_attrs.get("warm_start_of") for t in trials[:2]] == [f"tiny#{t.number}" for t in top]
     assert sum("warm_start_of" in t.user_attrs for t in trials) == 2
     assert len(trials) == 4
-    assert run_cli("report", "warm", cwd=tmp_path).returncode == 0
+    assert run_inline("report", "warm", cwd=tmp_path).returncode == 0
