@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search import weights
-from search.augment import eval_input
+from search import infer, weights
 from search.data import Data, data_root, load_data, stratified_split
 from search.device import resolve_device
 from search.errors import SearchError
@@ -52,6 +51,7 @@ from search.files import replacing
 from search.models import build_model, info_of, input_resolution
 from search.pool import parse_pool
 from search.recipe import RankCfg, Recipe
+from search.train import host_memory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ RIDGE_GRID = tuple(10.0**k for k in range(-4, 5))  # x mean eigenvalue of the tr
 TIE = 1e-9  # relative difference below which two criteria are a tie (decided the same way on every host)
 WIDTH = 100  # columns of the table
 CACHE_VERSION = 1  # bump when the features of an unchanged key would change
+KNN_BYTES = 256 * 2**20  # similarities held at once by the kNN vote (rows of val x all of train)
+CHANNELS_LAST = True  # frozen forwards in channels_last on every device (scripts/bench_rank.py)
 
 
 # ---------------------------------------------------------------------------
@@ -219,14 +221,15 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, va
     classes, yi = np.unique(train_y, return_inverse=True)
     k = max(1, min(k, len(tr)))
     correct = 0
-    for start in range(0, len(va), 1024):  # (1024, n_train) similarities at a time
-        sim = np.round(va[start : start + 1024] @ tr.T, 12)
+    chunk = max(1, min(1024, KNN_BYTES // (24 * len(tr))))  # similarities, their rounding and order: 24 B each
+    for start in range(0, len(va), chunk):  # (chunk, n_train) similarities at a time
+        sim = np.round(va[start : start + chunk] @ tr.T, 12)
         nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         near = np.take_along_axis(sim, nn, axis=1)
         votes = np.zeros((len(sim), len(classes)))
         rows = np.repeat(np.arange(len(sim)), k)
         np.add.at(votes, (rows, yi[nn].ravel()), 1.0 + near.ravel() / (2 * (k + 1)))
-        correct += int((classes[votes.argmax(1)] == np.asarray(val_y)[start : start + 1024]).sum())
+        correct += int((classes[votes.argmax(1)] == np.asarray(val_y)[start : start + chunk]).sum())
     return correct / len(va)
 
 
@@ -252,24 +255,47 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.inference_mode()
 def embed(
-    model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256, amp: bool = True
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int | None = None,
+    amp: bool = True,
+    channels_last: bool | None = None,
 ) -> np.ndarray:
-    """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation."""
+    """Backbone features (N, D) float32 of uint8 images (N, C, H, W), at the model's size and normalisation.
+
+    Batches of `batch_size` images, or (None) as many as fit the memory budget (`search.infer`);
+    channels_last by default on CUDA and on the CPU (measured faster there for convolutions, the same
+    features to float rounding). Freed CPU batches are reused, not handed back to the system.
+    """
     info = info_of(model)
     cuda = device.type == "cuda"
+    layout = CHANNELS_LAST if channels_last is None else channels_last
     model.to(device)
-    if cuda:
+    if layout:
         model.to(memory_format=torch.channels_last)
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device, non_blocking=True)
-        xb = eval_input(xb, info.resolution, mean=info.mean, std=info.std, channels_last=cuda)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
-            f = model(xb)
-        out.append(f.float().flatten(1).cpu())
-    return torch.cat(out).numpy()
+    out = np.empty((len(x), 0), np.float32)
+    done = 0
+    with host_memory(device):
+        for f in infer.forward_batches(
+            model,
+            x,
+            info.resolution,
+            mean=info.mean,
+            std=info.std,
+            device=device,
+            amp_dtype=torch.bfloat16 if cuda and amp else None,
+            channels_last=layout,
+            batch=batch_size,
+        ):
+            f = f.float().flatten(1).cpu()
+            if out.shape[1] != f.shape[1]:
+                out = np.empty((len(x), f.shape[1]), np.float32)  # filled batch by batch: no list, no concatenation
+            out[done : done + len(f)] = f.numpy()
+            done += len(f)
+    return out
 
 
 def sample(split: Any, max_images: int, seed: int) -> Any:

@@ -109,7 +109,7 @@ class RankCfg(Section):
     max_val_images: int = Field(2000, ge=10)  # stratified sample of val the probe and kNN are scored on
     by: Literal["logme", "probe", "knn"] = "logme"  # the score that orders the entries
     knn_k: int = Field(10, ge=1)  # neighbours of the cosine kNN vote
-    batch_size: int = Field(256, ge=1)  # images per forward pass
+    batch_size: int | None = Field(None, ge=1)  # images per forward pass; None: as many as fit memory (search.infer)
 
 
 class BoundCfg(Section):

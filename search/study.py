@@ -89,6 +89,7 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
         d["study"].pop(key, None)
     d.pop("hardware", None)
     d.pop("tracking", None)
+    d.get("rank", {}).pop("batch_size", None)  # images per frozen forward: the same features to float rounding
     return d
 
 

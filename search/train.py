@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search import augment, metrics
+from search import augment, infer, metrics
 from search.data import Data
 from search.device import resolve_device
 from search.errors import SearchError
@@ -61,7 +61,7 @@ from search.recipe import CPU_FORMATS, METRICS
 from search.record import FitStatus
 
 PLATEAU_EPOCHS = 2  # plateau schedule: epochs without improvement before each decay
-EVAL_BATCH = 512  # images per evaluation forward (no activations kept, so larger than training)
+EVAL_BATCH: int | None = None  # images per validation forward; None: as many as fit the budget (search.infer)
 MIN_MICRO_BATCH = 1  # out of memory here too: the configuration does not fit this device
 RECOMPILE_LIMIT = 64  # torch.compile graphs kept per forward (architecture x shape x dropout x frozen)
 
@@ -505,17 +505,14 @@ def predict(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
+    batch: int | None = None,
 ) -> torch.Tensor:
-    """Logits (N, K) in float32 for uint8 images x (N, C, H, W), batched."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), EVAL_BATCH):
-        xb = augment.eval_input(
-            x[i : i + EVAL_BATCH].to(device, non_blocking=True), size, mean=mean, std=std, channels_last=channels_last
-        )
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model(xb).float())
-    return torch.cat(out)
+    """Logits (N, K) in float32 for uint8 images x (N, C, H, W), in batches of `batch` images or
+    (None) as many as fit the memory budget, measured once per model and size (`search.infer`)."""
+    outs = infer.forward_batches(
+        model, x, size, mean=mean, std=std, device=device, amp_dtype=amp_dtype, channels_last=channels_last, batch=batch
+    )
+    return torch.cat([out.float() for out in outs])
 
 
 @dataclass
@@ -836,7 +833,7 @@ def fit(
                 train_loss = train_epoch(ctx, fs, epoch, bs, lr_at, decays, stop, on_step)
                 seconds, phase = time.perf_counter() - t0, "validation"
                 val_logits = predict(
-                    model, ctx.val_x, ctx.size, ctx.mean, ctx.std, dev, ctx.amp_dtype, ctx.channels_last
+                    model, ctx.val_x, ctx.size, ctx.mean, ctx.std, dev, ctx.amp_dtype, ctx.channels_last, EVAL_BATCH
                 )
             except torch.OutOfMemoryError:
                 status, reason = "oom", oom_reason(phase, bs, fs.micro)
@@ -875,7 +872,7 @@ def fit(
 def oom_reason(phase: str, bs: int, micro: int) -> str:
     if phase == "train":
         return f"out of memory at batch size {bs} in micro-batches of {micro}"
-    return f"out of memory in validation (batches of {EVAL_BATCH})"
+    return "out of memory in validation (batches sized by measured memory)"
 
 
 def epoch_record(

@@ -247,7 +247,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "search.device",
         },
     ),
-    ("train", {"search.train", "search.measure", "search.rank", "search.cpu_format"}),
+    ("train", {"search.infer", "search.train", "search.measure", "search.rank", "search.cpu_format"}),
     # progress: the live trial lines, which the objective feeds and the workers print
     (
         "trial",

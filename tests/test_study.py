@@ -270,3 +270,19 @@ def test_fail_stale_and_confirm_refuse_values_that_would_hurt_the_study(demo_stu
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
     assert [(t.number, t.state) for t in optuna.load_study(study_name="tiny", storage=url).trials] == before
     assert "tiny/confirm" not in {s.study_name for s in optuna.get_all_study_summaries(url)}
+
+
+def test_rank_batch_size_is_not_a_recipe_change(tmp_path):
+    """Images per frozen forward change no feature beyond rounding: a study stored with a fixed
+    rank.batch_size opens with the default (sized by memory); other changes are still refused."""
+    from search.errors import SearchError
+    from search.recipe import recipe_from_dict
+    from search.study import open_study
+    from tests.conftest import tiny_recipe
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    open_study(recipe_from_dict(tiny_recipe(rank={"batch_size": 256})), url)
+    study = open_study(recipe_from_dict(tiny_recipe()), url)  # not refused
+    assert study.study_name == "tiny" and study.user_attrs["recipe"]["rank"]["batch_size"] is None
+    with pytest.raises(SearchError, match="different recipe"):
+        open_study(recipe_from_dict(tiny_recipe(train={"epochs": 7})), url)
