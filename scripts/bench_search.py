@@ -64,7 +64,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "compute-tpe-4": {"sampler": {"n_startup_trials": 4}, "pruner": {"compare": "compute"}},
 }
 QUICK = ["random", "orchard", "defaults"]
-QUICK_BUDGET = 15.0  # device-seconds per study under --quick
+QUICK_BUDGET = 10.0  # device-seconds per study under --quick
 DEFAULT = ["random", "orchard", "defaults", "defaults-2w", "epoch"]
 
 # Per dataset: the data section, the pool (a fast entry and a slower one), epochs per trial and the
@@ -192,17 +192,39 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Run `job` in a fresh process (its own study directory, one thread); its JSON result."""
+def run_jobs(jobs: list[dict[str, Any]], workdir: Path) -> None:
+    """Each study of `jobs` in turn, in this process (one data load per dataset, one import of
+    torch), each in its own directory under `workdir`; a JSON line per study on stdout."""
+    for job in jobs:
+        wd = workdir / job["recipe"]["study"]["name"]
+        wd.mkdir(parents=True, exist_ok=True)
+        os.chdir(wd)
+        print(json.dumps({"name": job["recipe"]["study"]["name"], **run_job(job)}), flush=True)
+
+
+def child(jobs: list[tuple[tuple[str, str, int], dict[str, Any]]], workdir: Path) -> dict[tuple, dict[str, Any]]:
+    """Run `jobs` one after the other in a fresh process (one CPU thread); their results by key,
+    each reported on a line as it ends."""
+    if not jobs:
+        return {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    wd = workdir / job["recipe"]["study"]["name"]
-    wd.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(
-        [sys.executable, __file__, "--job", json.dumps(job)], cwd=wd, env=env, capture_output=True, text=True
-    )
-    if p.returncode != 0:
-        raise SystemExit(f"{job['recipe']['study']['name']} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    spec = workdir / f"jobs-{jobs[0][1]['recipe']['study']['name']}.json"
+    spec.write_text(json.dumps([j for _, j in jobs]))
+    keys = {j["recipe"]["study"]["name"]: k for k, j in jobs}
+    cmd = [sys.executable, __file__, "--run-jobs", str(spec), "--workdir", str(workdir)]
+    out: dict[tuple, dict[str, Any]] = {}
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stdout is not None and p.stderr is not None
+        for line in p.stdout:
+            if line.startswith("{"):
+                res = json.loads(line)
+                k = keys[res.pop("name")]
+                out[k] = res
+                print(f"  {'/'.join(map(str, k))}: {len(res['trials'])} trials, test {res['test']:.4f}", flush=True)
+        err = p.stderr.read()
+    if p.returncode != 0 or len(out) != len(jobs):
+        raise SystemExit(f"studies {', '.join(keys)} failed:\n{err[-3000:]}")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +327,7 @@ def plot(results: dict[tuple[str, str, int], dict[str, Any]], budget: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="digits, 2 seeds, random/orchard/defaults, 15 s budget")
+    ap.add_argument("--quick", action="store_true", help="digits, 2 seeds, random/orchard/defaults, 10 s budget")
     ap.add_argument("--datasets", default=None, help="comma-separated: digits, mnist")
     ap.add_argument("--strategies", default=None, help="comma-separated names (--list shows them)")
     ap.add_argument("--seeds", type=int, default=None)
@@ -314,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=str(ROOT / "docs" / "search-efficiency.png"))
     ap.add_argument("--json", default=None, help="also write every study's trials here")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--run-jobs", help=argparse.SUPPRESS)  # a child: the studies in this JSON file
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.job:
-        print(json.dumps(run_job(json.loads(args.job))))
+    if args.run_jobs:
+        run_jobs(json.loads(Path(args.run_jobs).read_text()), Path(args.workdir))
         return 0
     if args.list:
         for name, spec in STRATEGIES.items():
@@ -342,16 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     print(f"{len(jobs)} studies ({', '.join(datasets)}; {', '.join(strategies)}; {seeds} seeds), {args.jobs} at a time")
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
-    # A two-worker study takes both cores: run it alone.
+    # One process per core, each running its share of the one-worker studies (dealt in turn, so
+    # every share holds every strategy); then each two-worker study alone, on both cores.
     single = [(k, j) for k, j in jobs if j["workers"] == 1]
-    multi = [(k, j) for k, j in jobs if j["workers"] > 1]
+    shares = [single[i :: args.jobs] for i in range(args.jobs)]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for (k, _), res in zip(single, pool.map(lambda kj: child(kj[1], work), single), strict=True):
-            results[k] = res
-            print(f"  {'/'.join(map(str, k))}: {len(res['trials'])} trials, test {res['test']:.4f}", flush=True)
-    for k, j in multi:
-        results[k] = child(j, work)
-        print(f"  {'/'.join(map(str, k))}: {len(results[k]['trials'])} trials, test {results[k]['test']:.4f}")
+        for part in pool.map(lambda share: child(share, work), shares):
+            results.update(part)
+    for kj in [(k, j) for k, j in jobs if j["workers"] > 1]:
+        results.update(child([kj], work))
     results = {k: results[k] for k, _ in jobs}  # the table in strategy order
     for line in summarize(results, budget):
         print(line)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import csv
-import shutil
+import sqlite3
 import statistics
 
 import matplotlib.image
@@ -98,7 +98,8 @@ def test_report_command_writes_tables_and_plots(demo_study):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_report_on_a_running_study(demo_study, tmp_path):
     """A trial still running (with two epochs reported) shows up in the counts and the curves."""
-    shutil.copy(demo_study / "studies" / "tiny.db", tmp_path / "tiny.db")
+    with sqlite3.connect(demo_study / "studies" / "tiny.db") as src, sqlite3.connect(tmp_path / "tiny.db") as dst:
+        src.backup(dst)  # a live SQLite file is copied whole, its write-ahead log included
     url = f"sqlite:///{tmp_path}/tiny.db"
     recipe, study = load_stored(url, "tiny")
     trial = study.ask()
