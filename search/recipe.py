@@ -52,7 +52,7 @@ class SamplerCfg(Section):
     """Optuna sampler and its main options (unused options are ignored by samplers without them)."""
 
     name: Literal["tpe", "nsga2", "random", "gp", "cmaes", "qmc"] = "tpe"
-    n_startup_trials: int = Field(5, ge=0)  # tpe, gp, cmaes: random trials before modelling
+    n_startup_trials: int = Field(10, ge=0)  # tpe, gp, cmaes: random trials before modelling
     population_size: int = Field(20, ge=2)  # nsga2: trials per generation
     multivariate: bool = True  # tpe
     group: bool = True  # tpe: separate models for conditional sub-spaces
@@ -73,17 +73,14 @@ class PrunerCfg(Section):
     min_trials: int = Field(3, ge=0)  # never prune until this many trials finished
     percentile: float = Field(25.0, gt=0, lt=100)  # percentile pruner
     reduction_factor: int = Field(3, ge=2)  # successive halving, hyperband
-    # median, percentile: compare a trial with the others at the compute it has spent (epochs x the
-    # model's flops: a costly entry meets what a cheap one reached with as much), or at its epoch
-    compare: Literal["epoch", "compute"] = "compute"
+    # median, percentile: compare a trial with the others at its epoch, or at the compute it has
+    # spent (epochs x the model's flops: a costly entry meets what a cheap one reached with as much)
+    compare: Literal["epoch", "compute"] = "epoch"
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, v: Any) -> Any:
-        v = {"name": v} if isinstance(v, str) else v
-        if isinstance(v, dict) and "compare" not in v and v.get("name", "median") not in ("median", "percentile"):
-            v = {**v, "compare": "epoch"}  # the others compare at epochs (rungs) of their own
-        return v
+        return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _compare(self) -> PrunerCfg:
