@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import artifacts, budget, plots, selection
 from search.files import replacing, write_text
-from search.progress import compute_text
+from search.progress import compute_text, seconds_text
 from search.recipe import Recipe
 from search.record import attrs, study_attrs
 from search.resume import disk_use, resume_dir
@@ -166,7 +166,7 @@ def _board_cells(r: dict[str, Any], wide: bool) -> list[Any]:
         r["not_counted"],
         r["running"],
         _fmt(r["sec_per_epoch"], ".2f"),
-        _elapsed(r["device_seconds"]),
+        seconds_text(r["device_seconds"]),
         _fmt(r["params"], ",") if wide else short_count(r["params"]),
     ]
 
