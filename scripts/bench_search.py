@@ -135,7 +135,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from search import selection
+    from search import selection, workers
     from search import study as st
     from search.recipe import recipe_from_dict
     from search.retrain import retrain
@@ -147,29 +147,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["workers"] == 1:
         st.work(recipe, study, quiet=True)
     else:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "search",
-                    "worker",
-                    "--study",
-                    recipe.study.name,
-                    "--storage",
-                    url,
-                    "--no-report",
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(job["workers"])
-        ]
-        for p in procs:
-            if p.wait() != 0:
-                raise SystemExit(f"worker exited with {p.returncode}")
+        # the product's local workers (`run --workers N`), one CPU thread each (this child's setting)
+        if workers.run_workers(recipe, url, job["workers"], quiet=True) != 0:
+            raise SystemExit(f"{recipe.study.name}: a worker failed")
     trials = study.get_trials(deepcopy=False)
     rows = [
         {
