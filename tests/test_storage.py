@@ -182,17 +182,21 @@ def _killed_one(rdb_url: str, tmp_path) -> None:
     # heartbeat 2: a beat through a proxy on a loaded 2-core box can land over a second late
     recipe, study = _create(rdb_url, "shared", study={"n_trials": n, "heartbeat": 2}, train={"epochs": 3})
     procs = _workers(rdb_url, "shared", 3, tmp_path)
-    victim = None
+    seen = None
     deadline = time.time() + 180
-    while victim is None and time.time() < deadline:  # a trial past its first epoch: kill its worker
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.intermediate_values and "worker" in t.user_attrs:
-                victim = t
-                break
-        time.sleep(0.2)
-    assert victim is not None, _finish(procs)
-    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-    os.kill(pid, signal.SIGKILL)
+    while seen is None and time.time() < deadline:  # a trial past its first epoch: kill its worker
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        seen = next((t for t in running if t.intermediate_values and "worker" in t.user_attrs), None)
+        if seen is None:
+            time.sleep(0.2)
+    assert seen is not None, _finish(procs)
+    os.kill(int(seen.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    # The trial it was running when killed: the one seen may have finished in between. A dead trial
+    # stays RUNNING until 10 beats (20 s) went missing, so this read finds it.
+    held = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    dying = [t for t in held if t.user_attrs.get("worker") == seen.user_attrs["worker"]]
+    assert len(dying) == 1, (seen.number, [t.number for t in held], _finish(procs))
+    victim = dying[0]
     results = _finish(procs)
     codes = sorted(rc for rc, _ in results)
     assert codes == [-signal.SIGKILL, 0, 0], results
