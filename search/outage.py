@@ -5,7 +5,9 @@ the trials) goes through one `Patience`: a call that fails because the storage i
 is tried again with exponential backoff (0.5 s doubling to 15 s) for up to `study.storage_patience`
 seconds, counted from the first failure of the outage. One line says when the storage went
 away and one when it is back; past the patience the call raises StorageGone, and the worker
-exits with EXIT_STORAGE_GONE, its trial's resume state kept for the next worker.
+exits with EXIT_STORAGE_GONE, its trial's resume state kept for the next worker. A worker asked
+to stop (SIGTERM, Ctrl-C: search.process) stops waiting at once the same way: a preempted node
+has seconds, not the patience, before it is killed.
 
 Only errors that mean "unreachable" are retried (see `unreachable`); a refused write (a
 finished trial, a duplicate) raises at once as before.
@@ -21,6 +23,8 @@ from typing import TypeVar
 
 import optuna
 import sqlalchemy.exc
+
+from search.process import STOP, STOPPED_BY
 
 log = logging.getLogger("search")
 
@@ -78,12 +82,15 @@ class Patience:
                 if not unreachable(e):
                     raise
                 left = self.down(e, what)
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if left <= 0:
                     raise StorageGone(
                         f"the storage has been unreachable for {self.seconds:g} s (study.storage_patience) "
-                        f"at {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                        f"at {what}: {error}"[:300]
                     ) from e
-                time.sleep(min(wait, left))
+                if STOP.wait(min(wait, left)):  # asked to stop: no waiting out the outage
+                    signal = STOPPED_BY[0] if STOPPED_BY else "a signal"
+                    raise StorageGone(f"{signal} while the storage was unreachable at {what}: {error}"[:300]) from e
                 wait = min(wait * 2, LONGEST_WAIT)
                 continue
             self.up()

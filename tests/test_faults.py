@@ -4,6 +4,9 @@ that are not this run's refused, and the states nothing will resume removed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -14,7 +17,7 @@ import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search import optuna_api, outage, resume, storage, workers
+from search import optuna_api, outage, process, resume, storage, workers
 from search.trials import counted
 from tests.test_storage import free_port
 
@@ -57,6 +60,19 @@ def test_past_the_patience_the_call_gives_up_with_storage_gone():
     with pytest.raises(outage.StorageGone, match=r"unreachable for 0.2 s \(study.storage_patience\) at ask"):
         outage.Patience(0.2, lines.append).call(_flaky(10**6), "ask")
     assert 0.2 <= time.time() - start < 5 and len(lines) == 1
+
+
+def test_a_stop_signal_ends_the_wait_at_once():
+    """A preempted node has seconds before it is killed, not the patience: SIGTERM during an outage
+    gives up at once, as past the patience (the trial keeps its saved state for a sweep)."""
+    lines: list[str] = []
+    start = time.time()
+    with process.stopping_on_signals():
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(outage.StorageGone, match=r"^SIGTERM while the storage was unreachable at report: "):
+            outage.Patience(60, lines.append).call(_flaky(10**6), "report")
+    process.STOP.clear()  # as the next run's stopping_on_signals does
+    assert 0.3 <= time.time() - start < 5 and len(lines) == 1
 
 
 @pytest.mark.parametrize(

@@ -225,6 +225,35 @@ def test_two_workers_ride_out_the_storage_proxy_stopped_for_12_s(tmp_path):
     assert states.is_dir() and not list(states.glob("*"))
 
 
+def test_a_worker_stopped_during_an_outage_exits_at_once_and_keeps_its_trial(tmp_path):
+    """SIGTERM while the proxy is away (a preempted node in a network outage): the worker does not
+    wait out its 120 s of patience; it exits at once with EX_TEMPFAIL, says why and how to resume,
+    and its trial stays RUNNING with its saved state, for the next worker's sweep to queue."""
+    db, port = f"sqlite:///{tmp_path}/stopped.db", free_port()
+    recipe = _recipe("stopped")
+    study = st.open_study(recipe, db)
+    proxy = _proxy(db, port)
+    worker = _worker("stopped", f"grpc://127.0.0.1:{port}", tmp_path)
+    try:
+        _until(worker, " epoch   2 ")
+        _stop(proxy)
+        worker.send_signal(signal.SIGTERM)
+        start = time.time()
+        out, _ = worker.communicate(timeout=100)
+        assert worker.returncode == 75 and time.time() - start < 30, out[-3000:]
+    finally:
+        for p in (worker, proxy):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    assert "error: SIGTERM while the storage was unreachable at " in out and "Traceback" not in out, out[-3000:]
+    assert "resume with: " in out
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    assert len(running) == 1 and len(running[0].intermediate_values) >= 2
+    states = tmp_path / "studies" / "stopped" / "resume"  # a proxy has no file: under the worker's cwd
+    assert (states / f"trial-{running[0].number}.pt").is_file()
+
+
 def _until(proc: subprocess.Popen, mark: str) -> None:
     for line in proc.stdout:
         if mark in line:
