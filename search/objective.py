@@ -38,7 +38,7 @@ from search.progress import Progress
 from search.recipe import CONSTRAINABLE, CPU_FORMATS, Recipe
 from search.record import attrs, set_attr, set_attrs, system_attrs, versions
 from search.resume import fingerprint, forget, identity, resume_dir, save_state, study_id, take_state, tidy
-from search.sampling import constraints, record_constraints, sampler_seed, trial_seed
+from search.sampling import constraints, counts_flops, record_constraints, sampler_seed, trial_seed
 from search.storage import dir_of
 from search.text import shorten
 from search.tracking import Tracker
@@ -107,7 +107,7 @@ def objective(trial: optuna.Trial, lost: threading.Event | None = None, *, setup
     try:
         model = build(trial, entry, hp, s.data, res, seed)
         slot = device_slot(trial, recipe, s.data, entry, res, hp.batch_size, dev, s.on_line)
-        measures = record_measures(trial, recipe, model, s.data.in_chans, res, dev)  # before fit: pruned ones have them
+        measures = record_measures(trial, recipe, len(s.entries), model, s.data.in_chans, res, dev)  # before fit
         fmt = cpu_format_of(trial, recipe, entry.label, model, s.data, res, hp.batch_size, dev)
         path = resume_dir(trial.study, recipe) / f"trial-{trial.number}.pt"
         state = resume(trial, s, path, seed, entry.label, dev, fmt)
@@ -175,12 +175,13 @@ def build(trial: optuna.Trial, entry: PoolEntry, hp: TrainCfg, data: Data, res: 
 
 
 def record_measures(
-    trial: optuna.Trial, recipe: Recipe, model: Any, in_chans: int, res: int, dev: Any
+    trial: optuna.Trial, recipe: Recipe, n_entries: int, model: Any, in_chans: int, res: int, dev: Any
 ) -> dict[str, Any]:
-    """The measures an objective or constraint of the study needs (params, flops, latency, ...), recorded."""
+    """The measures an objective or constraint of the study needs (params, flops, latency, ...), recorded
+    before training, so pruned trials have them too."""
     wanted = [n for n in (*recipe.study.names, *recipe.study.constraints) if n in CONSTRAINABLE]
-    if recipe.study.pruner.compare == "compute" and "flops" not in wanted:
-        wanted.append("flops")  # the pruner's cost of an epoch (search.sampling.EqualComputePruner)
+    if counts_flops(recipe, n_entries) and "flops" not in wanted:
+        wanted.append("flops")  # the cost of an epoch to the pruner and the start-up (search.sampling)
     measures = measure_model(model, wanted, in_chans, res, dev)
     for k, v in measures.items():
         set_attr(trial, k, v)

@@ -53,6 +53,9 @@ class SamplerCfg(Section):
 
     name: Literal["tpe", "nsga2", "random", "gp", "cmaes", "qmc"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)  # tpe, gp, cmaes: random trials before modelling
+    # tpe, gp, cmaes: how the start-up trials pick their pool entry: the one that has had the least
+    # compute (epochs x flops; an entry never tried first), or at random
+    startup_pool: Literal["compute", "random"] = "compute"
     population_size: int = Field(20, ge=2)  # nsga2: trials per generation
     multivariate: bool = True  # tpe
     group: bool = True  # tpe: separate models for conditional sub-spaces

@@ -4,7 +4,8 @@ and the constraints (the recipe's bounds, out of memory) every trial stores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -14,6 +15,7 @@ from optuna.trial import TrialState
 from search.optuna_api import NumberedQMC
 from search.recipe import BoundCfg, Recipe
 from search.record import TrialAttrs, attrs, number
+from search.trials import POOL_PARAM, label
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -42,10 +44,18 @@ def constraint_values(bounds: dict[str, BoundCfg], measures: dict[str, Any]) -> 
 
 
 def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
-    """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples."""
+    """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples.
+    TPE, GP and CMA-ES share their start-up trials out over the pool by compute (`_sharing`)
+    unless study.sampler.startup_pool is random."""
     s, seed = recipe.study.sampler, recipe.study.seed
+    share: dict[str, Any] = {
+        "share": s.startup_pool == "compute",
+        "epochs": recipe.train.epochs,
+        "n_startup": s.n_startup_trials,
+    }
     builders: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        "tpe": lambda: optuna.samplers.TPESampler(
+        "tpe": lambda: SharingTPE(
+            **share,
             seed=seed,
             n_startup_trials=s.n_startup_trials,
             multivariate=s.multivariate,
@@ -54,13 +64,106 @@ def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
         ),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population_size),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False
+        "gp": lambda: SharingGP(**share, seed=seed, n_startup_trials=s.n_startup_trials),
+        "cmaes": lambda: SharingCmaEs(
+            **share, seed=seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False
         ),
         "qmc": lambda: NumberedQMC(seed=seed, qmc_type=s.qmc_type, warn_independent_sampling=False),
     }
     return builders[s.name]()
+
+
+def counts_flops(recipe: Recipe, n_entries: int) -> bool:
+    """Whether every trial records its `flops`: the cost the equal-compute pruner and the
+    compute-shared start-up (on a pool of several entries) weigh epochs by."""
+    s = recipe.study.sampler
+    sharing = s.startup_pool == "compute" and s.name in ("tpe", "gp", "cmaes") and n_entries > 1
+    return recipe.study.pruner.compare == "compute" or sharing
+
+
+def least_spent(entries: Sequence[str], spent: Sequence[tuple[str, float | None, float]]) -> list[str]:
+    """The pool entries that have had the least compute, in `entries`' order: those no trial has
+    tried yet; else those whose trials' epochs x cost per epoch add up least.
+
+    `spent`: (entry, flops or None, epochs) per trial. An entry's cost per epoch is the median of
+    its trials' recorded flops (one image's forward pass: every trial of a study sees the same
+    images, so epochs cost in proportion); where an entry has trials but none recorded flops (not
+    counted, or not yet), every epoch counts alike, for every entry.
+    """
+    mine = [(e, f, k) for e, f, k in spent if e in entries]
+    fresh = [e for e in entries if all(e != x for x, _, _ in mine)]
+    if fresh:
+        return fresh
+    known = {e: [f for x, f, _ in mine if x == e and f] for e in entries}
+    cost = {e: statistics.median(v) for e, v in known.items() if v}
+    if len(cost) < len(entries):
+        cost = dict.fromkeys(entries, 1.0)
+    total = {e: cost[e] * sum(k for x, _, k in mine if x == e) for e in entries}
+    low = min(total.values())
+    return [e for e in entries if total[e] <= low * (1 + 1e-9)]
+
+
+def spent_by_trial(trials: Sequence[optuna.trial.FrozenTrial], epochs: int) -> list[tuple[str, float | None, float]]:
+    """(entry, flops, epochs) of every started trial: the epochs it reported, or all it plans
+    (`epochs`, or its own searched value) while it runs."""
+    out = []
+    for t in trials:
+        entry = label(t)
+        if entry is None or t.state == TrialState.WAITING:
+            continue
+        ran = len(t.intermediate_values) if t.state.is_finished() else t.params.get("epochs", epochs)
+        out.append((entry, number(attrs(t), "flops"), float(ran)))
+    return out
+
+
+S = TypeVar("S", bound=optuna.samplers.BaseSampler)
+
+
+def _sharing(cls: type[S]) -> type[S]:
+    """`cls` whose start-up trials (before it models anything: fewer than `n_startup` trials
+    COMPLETE or PRUNED, as TPE, GP and CMA-ES count them) take the pool entry that has had the
+    least compute (`least_spent`) instead of a random one; among equals, a draw seeded by the
+    study's seed and the trial number. A pool entry fifty times costlier then takes one start-up
+    trial while a cheap one takes many, and the model the sampler builds afterwards has seen
+    both. Every other parameter, and every draw after the start-up, is the sampler's own.
+    Counted operations, not timings: the choice is the same on any machine, in every run.
+    """
+
+    class Sharing(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, share: bool, epochs: int, n_startup: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.share, self.share_epochs, self.share_startup = share, epochs, n_startup
+            self.share_seed = kwargs.get("seed") or 0
+
+        def sample_independent(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            param_name: str,
+            param_distribution: optuna.distributions.BaseDistribution,
+        ) -> Any:
+            dist = param_distribution
+            if (
+                self.share
+                and param_name == POOL_PARAM
+                and isinstance(dist, optuna.distributions.CategoricalDistribution)
+            ):
+                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if len(done) < self.share_startup:
+                    entries = [str(c) for c in dist.choices]
+                    others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+                    low = least_spent(entries, spent_by_trial(others, self.share_epochs))
+                    rng = np.random.default_rng([self.share_seed, trial.number, 2])
+                    return dist.choices[entries.index(low[int(rng.integers(len(low)))])]
+            return super().sample_independent(study, trial, param_name, param_distribution)
+
+    Sharing.__name__ = Sharing.__qualname__ = f"Sharing{cls.__name__}"
+    return Sharing
+
+
+SharingTPE = _sharing(optuna.samplers.TPESampler)
+SharingGP = _sharing(optuna.samplers.GPSampler)
+SharingCmaEs = _sharing(optuna.samplers.CmaEsSampler)
 
 
 P = TypeVar("P", bound=optuna.pruners.BasePruner)

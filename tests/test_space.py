@@ -13,7 +13,7 @@ from search.datasets import channels
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
 from search.record import set_attrs
-from search.sampling import EqualComputePruner, make_pruner, make_sampler, value_at
+from search.sampling import EqualComputePruner, counts_flops, least_spent, make_pruner, make_sampler, value_at
 from tests.conftest import tiny_recipe
 
 POOL = ["mini_cnn", {"model": "resnet_18", "pretrained": False}, "resnet_18"]  # scratch, scratch, pretrained
@@ -231,6 +231,63 @@ def test_equal_compute_waits_for_min_trials_and_warmup():
         t.report(v, 1)
         t.report(v, 2)
     assert (low.should_prune(), high.should_prune()) == (False, True)  # losses: lower is better
+
+
+def test_least_spent_takes_untried_entries_first_then_the_least_compute():
+    assert least_spent(["a", "b", "c"], [("b", 10.0, 4.0)]) == ["a", "c"]
+    # a: 3 trials x 4 epochs x 1 = 12; b: one trial of 2 epochs (pruned) x 10 = 20; c: 4 x 5 = 20
+    spent = [("a", 1.0, 4.0)] * 3 + [("b", 10.0, 2.0), ("c", 5.0, 4.0)]
+    assert least_spent(["a", "b", "c"], spent) == ["a"]
+    assert least_spent(["b", "c"], spent) == ["b", "c"]  # equal: both
+    assert least_spent(["a", "b", "c"], [*spent, ("a", 1.0, 9.0)]) == ["b", "c"]  # a: 21
+    # a running trial of b without flops yet costs what b's others recorded (median)
+    assert least_spent(["a", "b"], [("a", 1.0, 40.0), ("b", 10.0, 1.0), ("b", None, 4.0)]) == ["a"]
+    # no flops recorded for c: every epoch counts alike (a: 12 epochs, b: 2, c: 4)
+    assert least_spent(["a", "b", "c"], [*spent[:4], ("c", None, 4.0)]) == ["b"]
+    assert least_spent(["x"], [("gone", 1.0, 4.0)]) == ["x"]  # entries outside the pool: not counted
+
+
+@pytest.mark.parametrize("share", ["compute", "random"])
+def test_start_up_trials_share_the_pool_by_compute(share):
+    """A pool of one cheap entry (1 flop an epoch) and two costly ones (50): shared by compute, the
+    first three start-up trials try each entry once, and the other seven go to the cheap one
+    (8 x 4 = 32 against 200); the costly ones get start-up trials again only once the cheap one
+    spent as much. Drawn at random, the costly entries take most of them. The same seeds give the
+    same choices; after the start-up TPE samples the pool entry itself."""
+
+    def picks(seed: int) -> list[str]:
+        r = _recipe("quick", seed=seed, sampler={"name": "tpe", "startup_pool": share})
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(r))
+        out = []
+        for _ in range(12):
+            trial = study.ask()
+            entry, _ = _suggest(trial, r)
+            set_attrs(trial, flops=1 if entry.label == "mini_cnn" else 50)
+            for epoch in range(1, 5):
+                trial.report(0.5, epoch)
+            study.tell(trial, 0.5 + 0.01 * len(out))
+            out.append(entry.label)
+        return out
+
+    first = picks(0)
+    assert first == picks(0)
+    startup = first[:10]
+    if share == "compute":
+        assert sorted(startup[:3]) == sorted(e.label for e in _entries(_recipe()))
+        assert startup.count("mini_cnn") == 8
+    else:
+        assert startup.count("mini_cnn") < 8
+        assert sorted(set(picks(1)[:10]) | set(startup)) == sorted(e.label for e in _entries(_recipe()))
+    assert isinstance(make_sampler(_recipe(sampler={"startup_pool": share})), optuna.samplers.TPESampler)
+
+
+def test_flops_are_counted_where_the_pruner_or_the_start_up_weighs_by_them():
+    tpe = {"name": "tpe"}
+    assert counts_flops(_recipe(sampler=tpe), 3)
+    assert not counts_flops(_recipe(sampler=tpe), 1)  # one entry: nothing to share
+    assert not counts_flops(_recipe(sampler={**tpe, "startup_pool": "random"}), 3)
+    assert not counts_flops(_recipe(sampler="random"), 3)
+    assert counts_flops(_recipe(sampler="random", pruner={"compare": "compute"}), 1)
 
 
 def test_baseline_params_use_train_defaults_where_they_fit():
