@@ -6,6 +6,10 @@ atomically on every Optuna storage (a unique name in RDB, the journal's lock, th
 storage), and the study is deleted when the work is done. Under the lock the worker reads the
 study attribute that records the work again (another may have done it meanwhile), does it, and
 writes the attribute; the others find it there and do nothing.
+
+A holder that died (killed between taking and deleting the lock) leaves the lock behind: the lock
+records when it was taken, and a lock older than LOCK_WAIT is taken over (deleted and taken
+afresh) by the next worker that needs it, once, rather than every later worker waiting it out.
 """
 
 from __future__ import annotations
@@ -24,30 +28,40 @@ from search.record import set_study_attr, study_attrs
 
 log = logging.getLogger("search")
 
-LOCK_WAIT = 60.0  # seconds a worker waits for another to finish; then it goes on (the holder died)
+LOCK_WAIT = 60.0  # seconds a lock may be held; an older one is taken over (its holder died)
+TAKEN_AT = "taken_at"  # the lock study's user attribute: when it was taken (epoch seconds)
 
 
 @contextlib.contextmanager
 def locked(study: optuna.Study, key: str, wait: float = LOCK_WAIT) -> Iterator[None]:
-    """Hold the study's lock `key` while the block runs (waiting for another holder up to `wait` s)."""
+    """Hold the study's lock `key` while the block runs, waiting for another holder; a lock held
+    for over `wait` s (by its record, else since this worker first met it) is taken over."""
     storage = optuna_api.storage_of(study)
     name = f"{study.study_name}/lock:{key}"
-    give_up = time.monotonic() + wait
+    met: dict[int, float] = {}  # lock study id -> when this worker first found it held
     while True:
         try:
-            storage.create_new_study([StudyDirection.MINIMIZE], name)
+            lock_id, mine = storage.create_new_study([StudyDirection.MINIMIZE], name), time.time()
+            storage.set_study_user_attr(lock_id, TAKEN_AT, mine)
             break
         except optuna.exceptions.DuplicatedStudyError:
-            if time.monotonic() > give_up:
-                log.warning("lock %s held for over %g s (its holder died?); going on without it", name, wait)
-                yield
-                return
-            time.sleep(0.2)
+            with contextlib.suppress(KeyError):  # released meanwhile: try again at once
+                held = storage.get_study_id_from_name(name)
+                taken = storage.get_study_user_attrs(held).get(TAKEN_AT, met.setdefault(held, time.time()))
+                if time.time() - taken > wait:
+                    # Read again just before: a lock another worker took over meanwhile has a new time.
+                    if storage.get_study_user_attrs(held).get(TAKEN_AT, taken) == taken:
+                        log.warning("lock %s held for over %g s (its holder died?); taking it over", name, wait)
+                        storage.delete_study(held)
+                    continue
+                time.sleep(0.2)
     try:
         yield
     finally:
         with contextlib.suppress(KeyError):
-            storage.delete_study(storage.get_study_id_from_name(name))
+            held = storage.get_study_id_from_name(name)
+            if storage.get_study_user_attrs(held).get(TAKEN_AT) == mine:  # not one taken over from this worker
+                storage.delete_study(held)
 
 
 def once(study: optuna.Study, key: str, work: Callable[[], Any]) -> tuple[Any, bool]:
