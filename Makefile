@@ -2,7 +2,7 @@
 # make test: create .venv (first time), install with dev extras, run the whole suite.
 # make test-fast: the suite without the end-to-end tests marked slow (under 90 s on 2 cores).
 # make lint: formatting, lint and type checks (what CI runs before the tests).
-# make bench-search: the search-efficiency benchmark (about 25 min on 2 cores).
+# make bench-search: the search-efficiency benchmark (about 26 min on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

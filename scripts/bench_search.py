@@ -21,7 +21,7 @@ then test), and the compute it needed to come within 0.5 points of the best any 
 on that seed; then the share of random search's budget each strategy needed to reach random's
 final best. It writes an any-time plot (median best-so-far against compute) to docs/.
 
-    python scripts/bench_search.py             # digits and MNIST, 5 seeds: about 25 min on 2 cores
+    python scripts/bench_search.py             # digits and MNIST, 5 seeds: about 26 min on 2 cores
     python scripts/bench_search.py --quick     # digits, 2 seeds, 3 strategies: about 2 min
     python scripts/bench_search.py --datasets digits --seeds 7 --strategies random,defaults,hyperband
 """
@@ -242,6 +242,22 @@ def compute_to(points: list[tuple[float, float]], target: float) -> float | None
     return next((c for c, b in points if b >= target - 1e-12), None)
 
 
+def costliest(studies: list[list[dict[str, Any]]]) -> str | None:
+    """The pool entry whose trials took the most device-seconds each (median), over `studies`."""
+    seconds: dict[str, list[float]] = {}
+    for trials in studies:
+        for t in trials:
+            if t.get("entry") is not None:
+                seconds.setdefault(t["entry"], []).append(t["seconds"])
+    return max(seconds, key=lambda e: statistics.median(seconds[e])) if len(seconds) > 1 else None
+
+
+def share_of(trials: list[dict[str, Any]], entry: str) -> float:
+    """The share of a study's device-seconds its trials of `entry` took."""
+    total = sum(t["seconds"] for t in trials)
+    return sum(t["seconds"] for t in trials if t.get("entry") == entry) / total if total else 0.0
+
+
 def spread(values: list[float | None], fmt: str = "{:.4f}") -> str:
     """'median (min-max)' of the values; 'n/a' where any is missing, with how many reached."""
     have = [v for v in values if v is not None]
@@ -260,12 +276,14 @@ def summarize(results: dict[tuple[str, str, int], dict[str, Any]], budget: dict[
         b = budget[dataset]
         curves = {(s, seed): curve(results[dataset, s, seed]["trials"]) for s in strategies for seed in seeds}
         top = {seed: max(best_at(curves[s, seed], b) or 0.0 for s in strategies) for seed in seeds}
+        costly = costliest([results[dataset, s, seed]["trials"] for s in strategies for seed in seeds])
         lines += [
             "",
-            f"{dataset}: budget {b:g} device-seconds per study, {len(seeds)} seeds; median (range) over seeds",
+            f"{dataset}: budget {b:g} device-seconds per study, {len(seeds)} seeds; median (range) over seeds; "
+            f"the costliest pool entry: {costly or '-'}",
             "| strategy | trials | best val @25% | @50% | @100% | winner's test | s to best-0.5pt "
-            "| share of random's to its best |",
-            "|---|---|---|---|---|---|---|---|",
+            "| share of random's to its best | compute on the costliest |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in strategies:
             cs = [curves[s, seed] for seed in seeds]
@@ -279,8 +297,14 @@ def summarize(results: dict[tuple[str, str, int], dict[str, Any]], budget: dict[
                     target = best_at(curves["random", seed], b)
                     reach = compute_to(c, target) if target is not None else None
                     share.append(None if reach is None or reach > b else reach / b)
+            on_costly = (
+                spread([share_of(results[dataset, s, seed]["trials"], costly) for seed in seeds], "{:.2f}")
+                if costly
+                else "-"
+            )
             lines.append(
-                f"| {s} | {n} | {' | '.join(marks)} | {tests} | {close} | {spread(share, '{:.2f}') if share else '-'} |"
+                f"| {s} | {n} | {' | '.join(marks)} | {tests} | {close} "
+                f"| {spread(share, '{:.2f}') if share else '-'} | {on_costly} |"
             )
     return lines
 

@@ -22,8 +22,10 @@ def _bench():
 bench = _bench()
 
 
-def _trials(*rows: tuple[float, float | None]) -> list[dict]:
-    return [{"seconds": s, "value": v, "state": "COMPLETE" if v is not None else "PRUNED"} for s, v in rows]
+def _trials(*rows: tuple[float, float | None], entry: str = "cheap") -> list[dict]:
+    return [
+        {"seconds": s, "value": v, "state": "COMPLETE" if v is not None else "PRUNED", "entry": entry} for s, v in rows
+    ]
 
 
 def test_curve_holds_the_best_so_far_against_compute_spent():
@@ -45,8 +47,9 @@ def test_summary_row_per_strategy_with_share_of_random():
     """Random reaches 0.9 only at the end of its 100 s; 'fast' holds 0.9 after 20 s: a share of 0.2."""
     results = {}
     for seed in (0, 1):
-        results["d", "random", seed] = {"trials": _trials((50, 0.8), (50, 0.9)), "test": 0.88}
-        results["d", "fast", seed] = {"trials": _trials((20, 0.9), (30, 0.85), (50, 0.91)), "test": 0.9}
+        results["d", "random", seed] = {"trials": _trials((50, 0.8), (50, 0.9), entry="costly"), "test": 0.88}
+        fast = _trials((20, 0.9), (30, 0.85)) + _trials((50, 0.91), entry="costly")
+        results["d", "fast", seed] = {"trials": fast, "test": 0.9}
     lines = bench.summarize(results, {"d": 100.0})
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if "| " in line}
     assert rows["random"][1:4] == ["never", "0.8000 (0.8000-0.8000)", "0.9000 (0.9000-0.9000)"]
@@ -54,6 +57,9 @@ def test_summary_row_per_strategy_with_share_of_random():
     assert rows["fast"][4] == "0.9000 (0.9000-0.9000)" and rows["random"][4] == "0.8800 (0.8800-0.8800)"
     assert rows["fast"][5] == "100 (100-100)" and rows["random"][5] == "never"  # best-0.5pt of 0.91: 0.905
     assert rows["fast"][6] == "0.20 (0.20-0.20)" and rows["random"][6] == "1.00 (1.00-1.00)"
+    assert rows["fast"][7] == "0.50 (0.50-0.50)" and rows["random"][7] == "1.00 (1.00-1.00)"  # on 'costly'
+    assert "the costliest pool entry: costly" in "\n".join(lines)
+    assert bench.costliest([_trials((5, 0.5))]) is None  # one entry: nothing to compare
 
 
 @pytest.mark.slow
