@@ -54,7 +54,8 @@ LOCAL_LIBRARIES = {
     "tensorboard",
 }
 # ... and torch's modules that `import torch` leaves unloaded: the compiler and its cache directory (a
-# second of imports, only under hardware.compile), the FLOP counter (only for a `flops` objective)
+# second of imports, only under hardware.compile), the FLOP counter (only where trials count their
+# flops: an objective or constraint on them, pruning at equal compute, a start-up shared by compute)
 # and TensorBoard's writer (the optional tensorboard package, only under tracking.tensorboard).
 LOCAL_TORCH_MODULES = {
     "torch._dynamo",
