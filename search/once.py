@@ -24,12 +24,11 @@ import optuna
 from optuna.study import StudyDirection
 
 from search import optuna_api
-from search.record import set_study_attr, study_attrs
+from search.record import set_stored_study_attrs, set_study_attr, stored_study_attrs, study_attrs
 
 log = logging.getLogger("search")
 
 LOCK_WAIT = 60.0  # seconds a lock may be held; an older one is taken over (its holder died)
-TAKEN_AT = "taken_at"  # the lock study's user attribute: when it was taken (epoch seconds)
 
 
 @contextlib.contextmanager
@@ -42,15 +41,15 @@ def locked(study: optuna.Study, key: str, wait: float = LOCK_WAIT) -> Iterator[N
     while True:
         try:
             lock_id, mine = storage.create_new_study([StudyDirection.MINIMIZE], name), time.time()
-            storage.set_study_user_attr(lock_id, TAKEN_AT, mine)
+            set_stored_study_attrs(storage, lock_id, taken_at=mine)
             break
         except optuna.exceptions.DuplicatedStudyError:
             with contextlib.suppress(KeyError):  # released meanwhile: try again at once
                 held = storage.get_study_id_from_name(name)
-                taken = storage.get_study_user_attrs(held).get(TAKEN_AT, met.setdefault(held, time.time()))
+                taken = stored_study_attrs(storage, held).get("taken_at", met.setdefault(held, time.time()))
                 if time.time() - taken > wait:
                     # Read again just before: a lock another worker took over meanwhile has a new time.
-                    if storage.get_study_user_attrs(held).get(TAKEN_AT, taken) == taken:
+                    if stored_study_attrs(storage, held).get("taken_at", taken) == taken:
                         log.warning("lock %s held for over %g s (its holder died?); taking it over", name, wait)
                         storage.delete_study(held)
                     continue
@@ -60,7 +59,7 @@ def locked(study: optuna.Study, key: str, wait: float = LOCK_WAIT) -> Iterator[N
     finally:
         with contextlib.suppress(KeyError):
             held = storage.get_study_id_from_name(name)
-            if storage.get_study_user_attrs(held).get(TAKEN_AT) == mine:  # not one taken over from this worker
+            if stored_study_attrs(storage, held).get("taken_at") == mine:  # not one taken over from this worker
                 storage.delete_study(held)
 
 

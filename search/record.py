@@ -104,6 +104,7 @@ class StudyAttrs(TypedDict, total=False):
     ended: str  # why the search stopped taking trials before n_trials (budget spent, a stop rule)
     mlflow_run_id: str  # the study's parent run (tracking.mlflow)
     confirms_study: str  # on a companion study: the study whose configurations it confirms
+    taken_at: float  # on a lock study (search.once): when its holder took it, epoch seconds
 
 
 MEMORY_PROBE = "memory_probe:"  # a study attr per probed configuration (search.pack.probe_key): peak bytes
@@ -213,6 +214,11 @@ def study_attrs(study: optuna.Study | optuna.study.StudySummary) -> StudyAttrs:
     return cast(StudyAttrs, _checked(study.user_attrs, StudyAttrs, f"study {study.study_name}"))
 
 
+def stored_study_attrs(storage: optuna.storages.BaseStorage, study_id: int) -> StudyAttrs:
+    """A study's user attributes read through the storage by id (search.once's lock studies)."""
+    return cast(StudyAttrs, _checked(storage.get_study_user_attrs(study_id), StudyAttrs, f"study {study_id}"))
+
+
 def rejected(trial: optuna.trial.FrozenTrial, name: str) -> Any:
     """The value stored under the declared `name` that `attrs` leaves out for its type, else None
     (for a caller that says more about it)."""
@@ -284,6 +290,13 @@ def set_study_attrs(study: optuna.Study, **values: Unpack[StudyAttrs]) -> None:
     """Set declared user attributes of a study, in the order given."""
     for key, v in values.items():
         study.set_user_attr(key, v)
+
+
+def set_stored_study_attrs(storage: optuna.storages.BaseStorage, number: int, /, **values: Unpack[StudyAttrs]) -> None:
+    """Set declared user attributes of the study of id `number` through the storage (search.once's
+    lock studies)."""
+    for key, v in values.items():
+        storage.set_study_user_attr(number, key, v)
 
 
 def set_study_attr(study: optuna.Study, name: str, value: Any) -> None:

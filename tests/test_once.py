@@ -11,8 +11,9 @@ import pytest
 from optuna.study import StudyDirection
 
 from search import once as once_mod
-from search.once import TAKEN_AT, locked, once
+from search.once import locked, once
 
+TAKEN_AT = "taken_at"  # the lock study's record of when it was taken (search.record.StudyAttrs)
 KEY = "mlflow_run_id"  # a declared study attribute (search.record.StudyAttrs)
 LOCK = f"s/lock:{KEY}"
 
