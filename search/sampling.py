@@ -43,6 +43,9 @@ def constraint_values(bounds: dict[str, BoundCfg], measures: dict[str, Any]) -> 
     return out
 
 
+SHARING = ("tpe", "gp", "cmaes")  # the samplers whose start-up shares the pool by compute (`_sharing`)
+
+
 def make_sampler(recipe: Recipe) -> optuna.samplers.BaseSampler:
     """The recipe's sampler; `reseed_sampler` gives it each trial's own seed before it samples.
     TPE, GP and CMA-ES share their start-up trials out over the pool by compute (`_sharing`)
@@ -77,7 +80,7 @@ def counts_flops(recipe: Recipe, n_entries: int) -> bool:
     """Whether every trial records its `flops`: the cost the equal-compute pruner and the
     compute-shared start-up (on a pool of several entries) weigh epochs by."""
     s = recipe.study.sampler
-    sharing = s.startup_pool == "compute" and s.name in ("tpe", "gp", "cmaes") and n_entries > 1
+    sharing = s.startup_pool == "compute" and s.name in SHARING and n_entries > 1
     return recipe.study.pruner.compare == "compute" or sharing
 
 
@@ -104,15 +107,17 @@ def least_spent(entries: Sequence[str], spent: Sequence[tuple[str, float | None,
 
 
 def spent_by_trial(trials: Sequence[optuna.trial.FrozenTrial], epochs: int) -> list[tuple[str, float | None, float]]:
-    """(entry, flops, epochs) of every started trial: the epochs it reported, or all it plans
-    (`epochs`, or its own searched value) while it runs."""
+    """(entry, flops, epochs) of every started trial: the epochs it trained itself (`trained_epochs`,
+    recorded every epoch, also where several objectives leave no intermediate values; a retry's
+    resumed epochs count on the trial that trained them), or all it plans (`epochs`, or its own
+    searched value) while it runs."""
     out = []
     for t in trials:
-        entry = label(t)
+        entry, a = label(t), attrs(t)
         if entry is None or t.state == TrialState.WAITING:
             continue
-        ran = len(t.intermediate_values) if t.state.is_finished() else t.params.get("epochs", epochs)
-        out.append((entry, number(attrs(t), "flops"), float(ran)))
+        ran = (number(a, "trained_epochs") or 0) if t.state.is_finished() else t.params.get("epochs", epochs)
+        out.append((entry, number(a, "flops"), float(ran)))
     return out
 
 
@@ -148,10 +153,11 @@ def _sharing(cls: type[S]) -> type[S]:
                 and param_name == POOL_PARAM
                 and isinstance(dist, optuna.distributions.CategoricalDistribution)
             ):
-                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                trials = study.get_trials(deepcopy=False)
+                done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
                 if len(done) < self.share_startup:
                     entries = [str(c) for c in dist.choices]
-                    others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+                    others = [t for t in trials if t.number != trial.number]
                     low = least_spent(entries, spent_by_trial(others, self.share_epochs))
                     rng = np.random.default_rng([self.share_seed, trial.number, 2])
                     return dist.choices[entries.index(low[int(rng.integers(len(low)))])]

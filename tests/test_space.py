@@ -13,7 +13,15 @@ from search.datasets import channels
 from search.pool import parse_pool
 from search.recipe import PRUNERS, SAMPLERS, recipe_from_dict
 from search.record import set_attrs
-from search.sampling import EqualComputePruner, counts_flops, least_spent, make_pruner, make_sampler, value_at
+from search.sampling import (
+    EqualComputePruner,
+    counts_flops,
+    least_spent,
+    make_pruner,
+    make_sampler,
+    spent_by_trial,
+    value_at,
+)
 from tests.conftest import tiny_recipe
 
 POOL = ["mini_cnn", {"model": "resnet_18", "pretrained": False}, "resnet_18"]  # scratch, scratch, pretrained
@@ -247,6 +255,34 @@ def test_least_spent_takes_untried_entries_first_then_the_least_compute():
     assert least_spent(["x"], [("gone", 1.0, 4.0)]) == ["x"]  # entries outside the pool: not counted
 
 
+def test_spent_by_trial_counts_trained_epochs_or_the_planned_ones():
+    """A finished trial counts the epochs it trained itself (several objectives leave no intermediate
+    values; a retry's resumed epochs are its predecessor's), a running one all it plans, a queued none."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"model": optuna.distributions.CategoricalDistribution(["a", "b"])}
+    a = {"pool_label": "a", "flops": 3}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model": "a"}, distributions=dist, values=[0.5, 1.0], user_attrs={**a, "trained_epochs": 4}
+        )
+    )
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model": "a"},
+            distributions=dist,
+            values=[0.6, 1.0],
+            user_attrs={**a, "trained_epochs": 1, "epochs": 4},
+        )
+    )  # resumed 3
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model": "b"}, distributions=dist, state=TrialState.RUNNING, user_attrs={"pool_label": "b"}
+        )
+    )
+    study.enqueue_trial({"model": "b"})
+    assert spent_by_trial(study.get_trials(), 6) == [("a", 3, 4.0), ("a", 3, 1.0), ("b", None, 6.0)]
+
+
 @pytest.mark.parametrize("share", ["compute", "random"])
 def test_start_up_trials_share_the_pool_by_compute(share):
     """A pool of one cheap entry (1 flop an epoch) and two costly ones (50): shared by compute, the
@@ -262,9 +298,7 @@ def test_start_up_trials_share_the_pool_by_compute(share):
         for _ in range(12):
             trial = study.ask()
             entry, _ = _suggest(trial, r)
-            set_attrs(trial, flops=1 if entry.label == "mini_cnn" else 50)
-            for epoch in range(1, 5):
-                trial.report(0.5, epoch)
+            set_attrs(trial, flops=1 if entry.label == "mini_cnn" else 50, trained_epochs=4)  # as a trial records them
             study.tell(trial, 0.5 + 0.01 * len(out))
             out.append(entry.label)
         return out
